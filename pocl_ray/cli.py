@@ -1,0 +1,108 @@
+"""`pocl-ray score | train | eval | tune | run | report | parity` — thin wrappers over the Python APIs.
+
+User errors (bad config, missing files) print one clear message and exit 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pocl_ray.config import ConfigError, RunConfig, load_config
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    cfg = load_config(args.config)
+    if getattr(args, "output", None):
+        cfg = cfg.with_overrides({"output.dir": args.output})
+    return cfg
+
+
+def _score(args: argparse.Namespace) -> None:
+    from pocl_ray.scoring import format_summary, score_dataset
+
+    result = score_dataset(_config(args))
+    print(format_summary(result.manifest))
+
+
+def _train(args: argparse.Namespace) -> None:
+    from pocl_ray.training import train
+
+    result = train(_config(args), scores_dir=args.scores)
+    print(f"student saved to {result.student_dir}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from pocl_ray.evaluation import evaluate
+
+    cfg = _config(args)
+    model = args.model or str(Path(cfg.output.dir) / "train" / "student")
+    result = evaluate(cfg, model, label=args.label)
+    print(f"results written to {result.results_path}")
+
+
+def _tune(args: argparse.Namespace) -> None:
+    from pocl_ray.tuning import tune
+
+    result = tune(_config(args))
+    print(f"results: {result.results_csv}\nbest config: {result.best_config_path}")
+
+
+def _run(args: argparse.Namespace) -> None:
+    from pocl_ray.pipeline import run_distill
+
+    report = run_distill(_config(args))
+    print(f"report: {report}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from pocl_ray.report import write_report
+
+    print(f"report: {write_report(Path(args.output))}")
+
+
+def _parity(args: argparse.Namespace) -> None:
+    from pocl_ray.parity import load_parity_config, run_parity
+
+    run_parity(load_parity_config(args.config), Path(args.output))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pocl-ray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn, help_: str, *, config_required: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--config", required=config_required, help="run config YAML")
+        p.add_argument("--output", help="output directory (overrides output.dir)")
+        p.set_defaults(fn=fn)
+        return p
+
+    add("score", _score, "score difficulty, rank easy->hard, cut buckets")
+    p = add("train", _train, "distil the student along the curriculum plan")
+    p.add_argument("--scores", help="scores directory (default: OUTPUT/scores)")
+    p = add("eval", _eval, "generate on the eval sets and compute ROUGE-L")
+    p.add_argument("--model", help="model folder (default: OUTPUT/train/student)")
+    p.add_argument("--label", default=None, help="sub-folder of OUTPUT/eval for this model's results")
+    add("tune", _tune, "sweep curriculum settings with Ray Tune")
+    add("run", _run, "score -> train -> eval -> report")
+    p = sub.add_parser("report", help="write OUTPUT/report/report.md with plots")
+    p.add_argument("--output", required=True, help="run directory")
+    p.set_defaults(fn=_report)
+    add("parity", _parity, "the sparse-parity curriculum-extraction sandbox", config_required=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"pocl-ray {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""Typed run configuration: one pydantic model per section, loaded from YAML.
+
+Every section forbids unknown keys, so a typo is an error rather than a silently ignored setting,
+and every invalid value is reported with its dotted field path and the allowed values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+KDLossKind = Literal["fkl", "rkl", "js", "tvd", "skl", "srkl", "akl"]
+MetricName = Literal["student_ce", "student_rougeL", "teacher_ce", "teacher_student_kl", "length"]
+PlanKind = Literal["pocl", "baseline", "sft", "extraction", "progressive"]
+Schedule = Literal["linear", "constant", "cosine"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names each offending field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class FieldMap(_Section):
+    """Which source column feeds each role; the first present column of each list wins."""
+
+    id: list[str] = ["id"]
+    instruction: list[str] = ["instruction", "prompt"]
+    context: list[str] = ["context", "input"]
+    response: list[str] = ["response", "output"]
+
+
+class DataConfig(_Section):
+    train: str = Field(description="training data: .jsonl[.gz], .parquet, a directory of them, or a datasets save_to_disk dir")
+    dev: str | None = None
+    format: Literal["auto", "jsonl", "parquet", "hf"] = "auto"
+    fields: FieldMap = FieldMap()
+    template: Literal["dolly", "chat"] = "dolly"
+    max_prompt_length: int = Field(256, gt=0)
+    max_length: int = Field(512, gt=1)
+    max_rows: int | None = Field(None, gt=0, description="read at most this many training rows")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> DataConfig:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
+                f"({self.max_length}) so at least one response token fits"
+            )
+        return self
+
+
+class ModelsConfig(_Section):
+    teacher: str = Field(description="path to a Hugging Face causal-LM folder")
+    student: str | None = Field(None, description="student folder; None = cut from the teacher")
+    student_layers: list[int] | None = Field(
+        None, description="teacher layers kept when the student is cut from the teacher"
+    )
+    student_keep_every: int = Field(2, ge=1, description="keep every k-th teacher layer when cutting")
+    tokenizer: str | None = Field(None, description="tokenizer folder; default: the teacher's")
+    dtype: DType = "auto"
+
+
+class ScoringConfig(_Section):
+    metrics: list[MetricName] = ["student_ce", "student_rougeL"]
+    directions: dict[str, Literal["lower", "higher"]] = Field(
+        default_factory=dict, description="override a metric's easy direction"
+    )
+    rrf_k: float = Field(60.0, gt=0)
+    batch_size: int = Field(16, gt=0)
+    max_new_tokens: int = Field(128, gt=0)
+    num_actors: int = Field(1, ge=1, description="measurer actors (one model replica each)")
+    num_gpus_per_actor: float = Field(0.0, ge=0)
+    num_cpus_per_actor: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _metrics(self) -> ScoringConfig:
+        if not self.metrics:
+            raise ValueError("metrics must name at least one metric")
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ValueError(f"metrics has duplicates: {self.metrics}")
+        unknown = set(self.directions) - set(self.metrics)
+        if unknown:
+            raise ValueError(f"directions names metrics not in metrics: {sorted(unknown)}")
+        return self
+
+
+class ExtractionConfig(_Section):
+    steps_per_layer: int = Field(100, gt=0)
+    final_steps: int = Field(500, gt=0)
+    teacher_layers: list[int] | None = Field(None, description="teacher layers to match; default all")
+    layer_map: list[int] | None = Field(None, description="student layer for each teacher layer")
+    projection: Literal["gaussian", "orthogonal"] = "gaussian"
+    normalize: bool = True
+    seed: int = 0
+
+
+class ProgressiveConfig(_Section):
+    teacher_checkpoints: list[str] = Field(default_factory=list)
+    steps_per_checkpoint: int = Field(100, gt=0)
+
+
+class CurriculumConfig(_Section):
+    plan: PlanKind = "pocl"
+    num_buckets: int = Field(4, ge=1)
+    epochs_per_stage: float | None = Field(8.0, gt=0)
+    steps_per_stage: int | None = Field(None, gt=0)
+    temperature_start: float = Field(1.0, gt=0)
+    temperature_end: float = Field(2.0, gt=0)
+    temperature_shape: Schedule = "linear"
+    kd_weight_start: float = Field(0.7, ge=0, le=1)
+    kd_weight_end: float = Field(1.0, ge=0, le=1)
+    restart_optimizer: bool = True
+    advance: Literal["interval", "plateau"] = "interval"
+    patience: int = Field(2, ge=1, description="dev evaluations without improvement before moving on")
+    extraction: ExtractionConfig = ExtractionConfig()
+    progressive: ProgressiveConfig = ProgressiveConfig()
+
+    @model_validator(mode="after")
+    def _interval(self) -> CurriculumConfig:
+        if self.steps_per_stage is not None and "epochs_per_stage" in self.model_fields_set:
+            raise ValueError("set either epochs_per_stage or steps_per_stage, not both")
+        return self
+
+
+class KDConfig(_Section):
+    loss: KDLossKind = "fkl"
+    scale_by_t2: bool = True
+    skew_alpha: float = Field(0.1, ge=0, le=1, description="alpha of SKL/SRKL")
+    js_beta: float = Field(0.5, gt=0, lt=1, description="beta of the generalised JSD")
+    akl_mu: float = Field(0.5, gt=0, lt=1)
+    on_policy_fraction: float = Field(0.0, ge=0, le=1, description="GKD lambda: share of the batch the student generates")
+    on_policy_max_new_tokens: int = Field(128, gt=0)
+    chunk_size: int = Field(128, gt=0, description="sequence positions per loss chunk")
+
+
+class TrainingConfig(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    global_batch_size: int = Field(64, gt=0)
+    micro_batch_size: int = Field(8, gt=0, description="rows per worker per forward pass")
+    lr: float = Field(1e-4, gt=0)
+    min_lr: float = Field(1e-7, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    checkpoint_every: int = Field(100, gt=0, description="steps between checkpoints (also at every stage end)")
+    eval_every: int = Field(50, gt=0, description="steps between dev-loss evaluations (plateau advance)")
+    max_failures: int = Field(3, ge=-1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _batch(self) -> TrainingConfig:
+        per_step = self.micro_batch_size * self.num_workers
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"micro_batch_size x num_workers ({per_step})"
+            )
+        return self
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.num_workers)
+
+
+class EvalSet(_Section):
+    name: str
+    path: str
+    max_rows: int | None = Field(None, gt=0)
+
+
+class EvalConfig(_Section):
+    sets: list[EvalSet] = Field(default_factory=list)
+    seeds: list[int] = [10, 20, 30, 40, 50]
+    temperature: float = Field(1.0, ge=0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(512, gt=0)
+    batch_size: int = Field(16, gt=0)
+    num_actors: int = Field(1, ge=1)
+    num_gpus_per_actor: float = Field(0.0, ge=0)
+    num_cpus_per_actor: float = Field(1.0, gt=0)
+
+
+class ParamSpec(_Section):
+    type: Literal["grid", "choice", "uniform", "loguniform"]
+    values: list[Any] | None = None
+    low: float | None = None
+    high: float | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> ParamSpec:
+        if self.type in ("grid", "choice"):
+            if not self.values:
+                raise ValueError(f"type {self.type!r} needs a non-empty 'values' list")
+        else:
+            if self.low is None or self.high is None or not self.low < self.high:
+                raise ValueError(f"type {self.type!r} needs low < high")
+            if self.type == "loguniform" and self.low <= 0:
+                raise ValueError("type 'loguniform' needs low > 0")
+        return self
+
+
+class TuneConfig(_Section):
+    search_space: dict[str, ParamSpec] = Field(
+        default_factory=dict, description="dotted config path (e.g. curriculum.num_buckets) -> spec"
+    )
+    num_samples: int = Field(1, ge=1)
+    objective: Literal["dev_rougeL", "dev_kd_loss"] = "dev_kd_loss"
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    grace_stages: int = Field(1, ge=1, description="ASHA: stages a trial always gets")
+    search_alg: Literal["random", "grid", "optuna", "hyperopt"] = "random"
+    max_concurrent_trials: int = Field(1, ge=1)
+    cpus_per_trial: float = Field(0.1, gt=0)
+
+
+class OutputConfig(_Section):
+    dir: str = "runs/default"
+
+
+class RunConfig(_Section):
+    name: str = "run"
+    data: DataConfig
+    models: ModelsConfig
+    scoring: ScoringConfig = ScoringConfig()
+    curriculum: CurriculumConfig = CurriculumConfig()
+    kd: KDConfig = KDConfig()
+    training: TrainingConfig = TrainingConfig()
+    eval: EvalConfig = EvalConfig()
+    tune: TuneConfig = TuneConfig()
+    output: OutputConfig = OutputConfig()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> RunConfig:
+        """A validated copy with dotted-path overrides applied, e.g. {"kd.loss": "rkl"}."""
+        data = self.model_dump(mode="json")
+        for dotted, value in overrides.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                if not isinstance(node, dict) or key not in node:
+                    raise ConfigError(f"{dotted}: no such config field")
+                node = node[key]
+            if not isinstance(node, dict) or leaf not in node:
+                raise ConfigError(f"{dotted}: no such config field")
+            node[leaf] = value
+        return parse_config(data)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not a field of this section)"
+        got = e.get("input")
+        shown = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {loc}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config ({source}): the top level must be a mapping of sections")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    return parse_config(data or {}, source=str(path))
