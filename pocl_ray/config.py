@@ -7,7 +7,8 @@ and every invalid value is reported with its dotted field path and the allowed v
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -78,6 +79,12 @@ class ScoringConfig(_Section):
     num_actors: int = Field(1, ge=1, description="measurer actors (one model replica each)")
     num_gpus_per_actor: float = Field(0.0, ge=0)
     num_cpus_per_actor: float = Field(1.0, gt=0)
+    length_window: int = Field(
+        8, ge=1,
+        description="forward batches per Ray Data batch: rows are sorted by length within "
+        "batch_size * length_window rows so each forward pass pads little",
+    )
+    sort_output: bool = Field(True, description="write scores.parquet in rank order (a Ray Data sort); off: input order")
 
     @model_validator(mode="after")
     def _metrics(self) -> ScoringConfig:
@@ -110,7 +117,7 @@ class CurriculumConfig(_Section):
     plan: PlanKind = "pocl"
     num_buckets: int = Field(4, ge=1)
     epochs_per_stage: float | None = Field(8.0, gt=0)
-    steps_per_stage: int | None = Field(None, gt=0)
+    steps_per_stage: int | None = Field(None, gt=0, description="when set, overrides epochs_per_stage")
     temperature_start: float = Field(1.0, gt=0)
     temperature_end: float = Field(2.0, gt=0)
     temperature_shape: Schedule = "linear"
@@ -122,11 +129,15 @@ class CurriculumConfig(_Section):
     extraction: ExtractionConfig = ExtractionConfig()
     progressive: ProgressiveConfig = ProgressiveConfig()
 
-    @model_validator(mode="after")
-    def _interval(self) -> CurriculumConfig:
-        if self.steps_per_stage is not None and "epochs_per_stage" in self.model_fields_set:
-            raise ValueError("set either epochs_per_stage or steps_per_stage, not both")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _steps_replace_epochs(cls, data: Any) -> Any:
+        # Setting only steps_per_stage drops the epochs default, so the validated config (and its
+        # dump, which to_yaml / with_overrides re-validate) holds exactly one interval.
+        if isinstance(data, dict) and data.get("steps_per_stage") is not None and "epochs_per_stage" not in data:
+            return {**data, "epochs_per_stage": None}
+        return data
+
 
 
 class KDConfig(_Section):
@@ -155,6 +166,10 @@ class TrainingConfig(_Section):
     eval_every: int = Field(50, gt=0, description="steps between dev-loss evaluations (plateau advance)")
     max_failures: int = Field(3, ge=-1)
     seed: int = 0
+    storage_path: str | None = Field(
+        None, description="Ray Train checkpoint storage (shared or a URI on multi-node); default OUTPUT/train/checkpoints"
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="latest checkpoints kept in storage")
 
     @model_validator(mode="after")
     def _batch(self) -> TrainingConfig:
@@ -184,6 +199,9 @@ class EvalConfig(_Section):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(512, gt=0)
     batch_size: int = Field(16, gt=0)
+    length_sort_batches: int = Field(
+        8, ge=1, description="generation batches per actor call; rows are sorted by prompt length within it"
+    )
     num_actors: int = Field(1, ge=1)
     num_gpus_per_actor: float = Field(0.0, ge=0)
     num_cpus_per_actor: float = Field(1.0, gt=0)
@@ -212,17 +230,52 @@ class TuneConfig(_Section):
     search_space: dict[str, ParamSpec] = Field(
         default_factory=dict, description="dotted config path (e.g. curriculum.num_buckets) -> spec"
     )
-    num_samples: int = Field(1, ge=1)
-    objective: Literal["dev_rougeL", "dev_kd_loss"] = "dev_kd_loss"
-    scheduler: Literal["fifo", "asha"] = "fifo"
+    num_samples: int = Field(
+        1, ge=1, description="samples drawn (random/optuna/hyperopt); with grid specs, repeats of the whole grid"
+    )
+    objective: Literal["dev_rougeL", "dev_kd_loss"] = Field(
+        "dev_kd_loss",
+        description="dev_kd_loss: forward KL at T=1 on data.dev after training (cheap); dev_rougeL: "
+        "ROUGE-L of the student's generations on data.dev (eval settings), after training",
+    )
+    scheduler: Literal["fifo", "asha"] = Field(
+        "fifo", description="asha: stop trials at stage boundaries whose dev KD loss lags (for either objective)"
+    )
     grace_stages: int = Field(1, ge=1, description="ASHA: stages a trial always gets")
+    reduction_factor: float = Field(2.0, gt=1, description="ASHA: a rung keeps the best 1/reduction_factor")
     search_alg: Literal["random", "grid", "optuna", "hyperopt"] = "random"
     max_concurrent_trials: int = Field(1, ge=1)
-    cpus_per_trial: float = Field(0.1, gt=0)
+    cpus_per_trial: float = Field(
+        0.1, gt=0, description="CPU of the trial's driver function; its Train workers ask for their own"
+    )
+    seed: int = Field(0, description="seed of the search algorithm's sampling")
 
 
 class OutputConfig(_Section):
     dir: str = "runs/default"
+
+
+class TeacherPrepConfig(_Section):
+    """Build a small teacher from scratch and train it on the training data (SFT) when
+    models.teacher does not exist yet: the quickstart's offline stand-in for a pretrained teacher."""
+
+    arch: Literal["llama", "gpt2"] = "llama"
+    vocab_size: int = Field(1024, ge=64)
+    hidden_size: int = Field(128, gt=0)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    steps: int = Field(300, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    seed: int = 0
+
+
+class PipelineConfig(_Section):
+    prepare_teacher: TeacherPrepConfig | None = None
+    compare: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="run label -> dotted config overrides; each label trains and evaluates its own student",
+    )
+    evaluate_teacher: bool = False
 
 
 class RunConfig(_Section):
@@ -236,24 +289,33 @@ class RunConfig(_Section):
     eval: EvalConfig = EvalConfig()
     tune: TuneConfig = TuneConfig()
     output: OutputConfig = OutputConfig()
+    pipeline: PipelineConfig = PipelineConfig()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def with_overrides(self, overrides: dict[str, Any]) -> RunConfig:
         """A validated copy with dotted-path overrides applied, e.g. {"kd.loss": "rkl"}."""
-        data = self.model_dump(mode="json")
+        data = self.model_dump(mode="json", exclude_unset=True)
         for dotted, value in overrides.items():
+            model: type[BaseModel] | None = type(self)
             node = data
             *parents, leaf = dotted.split(".")
-            for key in parents:
-                if not isinstance(node, dict) or key not in node:
+            for key in [*parents, leaf]:
+                field = model.model_fields.get(key) if model else None
+                if field is None:
                     raise ConfigError(f"{dotted}: no such config field")
-                node = node[key]
-            if not isinstance(node, dict) or leaf not in node:
-                raise ConfigError(f"{dotted}: no such config field")
+                model = _section_type(field.annotation)
+                if key != leaf:
+                    node = node.setdefault(key, {})
             node[leaf] = value
         return parse_config(data)
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The section model behind a field (also an optional one), None for plain values and lists."""
+    options = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    return next((a for a in options if isinstance(a, type) and issubclass(a, BaseModel)), None)
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

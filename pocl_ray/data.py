@@ -1,0 +1,545 @@
+"""Instruction records -> prompt template -> token ids with masked labels; readers for the inputs.
+
+Pure functions over plain Python / numpy / pyarrow values, so the same code runs on the driver
+(`validate_and_tokenize`) and inside Ray Data (`read_ray_dataset(...).map_batches(prepare_batch)`).
+
+Conventions:
+- Every input row yields one output row; a bad row is not dropped but carries a human-readable
+  `reject_reason` (naming the field or the line) and empty token lists, so callers can count and
+  report it.
+- Row id: the id column's value as a string; without one, "h:" + the first 16 hex digits of
+  sha1(instruction NUL context NUL response), so exact duplicate rows share an id and the second
+  one is rejected as a duplicate.
+- The prompt is cut to `max_prompt_length` tokens by keeping its END (a leading BOS token is kept):
+  the end holds the template's "### Response:" cue (or the chat generation prompt) and, for
+  continuation tasks, the text the response continues. The response then fills the room left up to
+  `max_length`; EOS is appended and is lost only when the response itself is cut.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+IGNORE_INDEX = -100
+
+# Marker columns added by the JSONL reader. ERROR_COLUMN holds "line N: invalid JSON: ..." for a
+# line that is not a JSON object (RAW_COLUMN keeps its text); JSON_COLUMN lists, per row, the
+# columns whose value was not a string in a column that otherwise holds strings: Arrow cannot store
+# such a mixed column, so those cells hold the value's JSON text and are decoded back before use.
+ERROR_COLUMN = "_pocl_error"
+RAW_COLUMN = "_pocl_raw"
+JSON_COLUMN = "_pocl_json"
+MARKER_COLUMNS = (ERROR_COLUMN, RAW_COLUMN, JSON_COLUMN)
+
+OUTPUT_COLUMNS = (
+    "id",
+    "prompt",
+    "response",
+    "input_ids",
+    "attention_mask",
+    "labels",
+    "num_prompt_tokens",
+    "num_response_tokens",
+    "reject_reason",
+)
+
+DOLLY_WITH_CONTEXT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{context}\n\n### Response:\n"
+)
+DOLLY_NO_CONTEXT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+_JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+_PARQUET_SUFFIXES = (".parquet",)
+_HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _file_format(path: Path) -> str | None:
+    name = path.name.lower()
+    if name.endswith(_JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(_PARQUET_SUFFIXES):
+        return "parquet"
+    return None
+
+
+def resolve_source(path: str | Path, fmt: str = "auto") -> tuple[str, list[Path]]:
+    """The format of `path` ("jsonl", "parquet" or "hf") and its data files in read order.
+
+    A directory holding dataset_info.json / state.json / dataset_dict.json is a `datasets`
+    save_to_disk folder (its file list is [path]); any other directory contributes its .jsonl,
+    .jsonl.gz and .parquet files (recursively, sorted by path) of one format.
+    """
+    path = Path(path)
+    if fmt not in ("auto", "jsonl", "parquet", "hf"):
+        raise ValueError(f"unknown data format {fmt!r}; use auto, jsonl, parquet or hf")
+    if not path.exists():
+        raise FileNotFoundError(f"data path not found: {path}")
+    if path.is_dir() and (fmt == "hf" or (fmt == "auto" and any((path / m).exists() for m in _HF_MARKERS))):
+        return "hf", [path]
+    if fmt == "hf":
+        raise ValueError(f"{path} is not a datasets save_to_disk directory (no {' / '.join(_HF_MARKERS)})")
+    if path.is_file():
+        found = _file_format(path)
+        if fmt == "auto":
+            if found is None:
+                raise ValueError(
+                    f"unknown data format of {path}: expected .jsonl, .jsonl.gz or .parquet "
+                    "(or set data.format)"
+                )
+            return found, [path]
+        return fmt, [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and _file_format(p) is not None)
+    formats = {_file_format(p) for p in files}
+    if fmt != "auto":
+        files = [p for p in files if _file_format(p) == fmt]
+        formats = {fmt} if files else set()
+    if not files:
+        raise ValueError(f"no .jsonl, .jsonl.gz or .parquet data files in directory {path}")
+    if len(formats) > 1:
+        raise ValueError(f"directory {path} mixes JSONL and parquet files; set data.format to pick one")
+    return formats.pop(), files
+
+
+def _decode_lines(data: bytes) -> list[str]:
+    if data[:2] == b"\x1f\x8b":  # gzip magic: Ray may hand us the raw bytes of a .gz file
+        data = gzip.decompress(data)
+    return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="replace", newline=None).read().splitlines()
+
+
+def _column_array(values: list[Any]) -> tuple[pa.Array, list[bool]]:
+    """An Arrow array for one column, and which cells had to be stored as JSON text."""
+    try:
+        return pa.array(values), [False] * len(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        encoded = [v is not None and not isinstance(v, str) for v in values]
+        texts = [json.dumps(v, ensure_ascii=False) if enc else v for v, enc in zip(values, encoded)]
+        return pa.array(texts, type=pa.string()), encoded
+
+
+def parse_jsonl(data: bytes, source_name: str | None = None, max_rows: int | None = None) -> pa.Table:
+    """JSONL bytes (optionally gzip) -> a table with one row per non-blank line.
+
+    A line that is not a JSON object becomes a row with ERROR_COLUMN = "line N: invalid JSON: ..."
+    (prefixed by `source_name` when given) and RAW_COLUMN = the line; blank lines are skipped.
+    The marker columns are always present so tables from several files concatenate.
+    """
+    records: list[dict[str, Any]] = []
+    errors: list[str | None] = []
+    raws: list[str | None] = []
+    prefix = f"{source_name}: " if source_name else ""
+    for number, line in enumerate(_decode_lines(data), start=1):
+        if max_rows is not None and len(records) >= max_rows:
+            break
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+            problem = None if isinstance(value, dict) else f"not a JSON object (got {type(value).__name__})"
+        except json.JSONDecodeError as err:
+            value, problem = None, str(err)
+        if problem is None:
+            records.append(value)
+            errors.append(None)
+            raws.append(None)
+        else:
+            records.append({})
+            errors.append(f"{prefix}line {number}: invalid JSON: {problem}")
+            raws.append(line)
+    names: list[str] = []
+    for record in records:
+        names.extend(k for k in record if k not in names)
+    columns: dict[str, pa.Array] = {}
+    json_cells: list[list[str]] = [[] for _ in records]
+    for name in names:
+        if name in MARKER_COLUMNS:
+            raise ValueError(f"{source_name or 'JSONL data'}: column name {name!r} is reserved")
+        array, encoded = _column_array([r.get(name) for r in records])
+        columns[name] = array
+        for i, enc in enumerate(encoded):
+            if enc:
+                json_cells[i].append(name)
+    columns[ERROR_COLUMN] = pa.array(errors, type=pa.string())
+    columns[RAW_COLUMN] = pa.array(raws, type=pa.string())
+    columns[JSON_COLUMN] = pa.array([c or None for c in json_cells], type=pa.list_(pa.string()))
+    return pa.table(columns)
+
+
+def _load_hf(path: Path):
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if len(loaded) != 1:
+            raise ValueError(
+                f"{path} is a DatasetDict with splits {sorted(loaded)}; point the path at one split's "
+                f"directory (e.g. {path / sorted(loaded)[0]})"
+            )
+        loaded = next(iter(loaded.values()))
+    return loaded
+
+
+def read_table(path: str | Path, fmt: str = "auto", max_rows: int | None = None) -> pa.Table:
+    """Read instruction data on this machine (see `resolve_source` for what `path` may be)."""
+    kind, files = resolve_source(path, fmt)
+    if kind == "hf":
+        dataset = _load_hf(files[0])
+        if max_rows is not None:
+            dataset = dataset.select(range(min(max_rows, len(dataset))))
+        return dataset.with_format("arrow")[:]
+    tables: list[pa.Table] = []
+    remaining = max_rows
+    for file in files:
+        if remaining is not None and remaining <= 0:
+            break
+        if kind == "jsonl":
+            name = file.name if len(files) > 1 else None
+            table = parse_jsonl(file.read_bytes(), source_name=name, max_rows=remaining)
+        else:
+            table = pq.read_table(file)
+            if remaining is not None:
+                table = table.slice(0, remaining)
+        tables.append(table)
+        if remaining is not None:
+            remaining -= table.num_rows
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _parse_file_batch(batch: pa.Table, several_files: bool) -> pa.Table:
+    tables = []
+    for data, file_path in zip(batch.column("bytes").to_pylist(), batch.column("path").to_pylist()):
+        tables.append(parse_jsonl(data, source_name=Path(file_path).name if several_files else None))
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def read_ray_dataset(path: str | Path, fmt: str = "auto", max_rows: int | None = None):
+    """The distributed reader: a `ray.data.Dataset` with the same rows as `read_table`.
+
+    Parquet goes through `ray.data.read_parquet`, save_to_disk folders through
+    `ray.data.from_huggingface`. JSONL does not use `ray.data.read_json`: with lines=True it parses
+    with pandas and a single malformed line fails the whole read (ValueError from pandas), and
+    without lines=True pyarrow fails and Ray's fallback `json.load` of the whole file fails too.
+    Instead each file is read whole (`read_binary_files`, which also un-gzips) and parsed by
+    `parse_jsonl`, so bad lines become reject rows with their line numbers, exactly as locally.
+    Local paths only (a shared filesystem on a cluster). With `max_rows`, the dataset (and those
+    derived from it) preserve file/line order, set on the dataset's own DataContext copy, so the
+    rows are the same as `read_table`'s.
+    """
+    import ray.data
+
+    kind, files = resolve_source(path, fmt)
+    if kind == "hf":
+        dataset = _load_hf(files[0])
+        if max_rows is not None:
+            dataset = dataset.select(range(min(max_rows, len(dataset))))
+        return ray.data.from_huggingface(dataset)
+    paths = [str(f) for f in files]
+    if kind == "parquet":
+        ds = ray.data.read_parquet(paths)
+    else:
+        ds = ray.data.read_binary_files(paths, include_paths=True).map_batches(
+            _parse_file_batch,
+            batch_size=1,
+            batch_format="pyarrow",
+            fn_kwargs={"several_files": len(files) > 1},
+        )
+    if max_rows is not None:
+        ds.context.execution_options.preserve_order = True
+        ds = ds.limit(max_rows)
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# Templates
+
+
+def build_prompt(instruction: str, context: str | None, template: str, tokenizer=None) -> str:
+    """The prompt text for one example ("dolly": the MiniLLM/Dolly template; "chat": the
+    tokenizer's chat template with instruction + blank line + context as the user turn)."""
+    if template == "dolly":
+        if context:
+            return DOLLY_WITH_CONTEXT.format(instruction=instruction, context=context)
+        return DOLLY_NO_CONTEXT.format(instruction=instruction)
+    if template == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+            raise ValueError(f"template 'chat' needs a tokenizer with a chat template; {name} has none")
+        content = instruction + ("\n\n" + context if context else "")
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+    raise ValueError(f"unknown template {template!r}; use 'dolly' or 'chat'")
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and tokenisation
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars/arrays (from Ray numpy batches) -> Python values."""
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _columns(batch: Any) -> dict[str, list[Any]]:
+    if hasattr(batch, "to_dict") and hasattr(batch, "columns"):  # pandas DataFrame
+        batch = {c: batch[c] for c in batch.columns}
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"expected a dict of columns or a DataFrame, got {type(batch).__name__}")
+    out = {}
+    for name, values in batch.items():
+        values = values.tolist() if hasattr(values, "tolist") else list(values)
+        out[name] = [_plain(v) for v in values]
+    return out
+
+
+def _is_missing(value: Any) -> bool:
+    # NaN is how pandas spells a missing value in an object column.
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+class _Rows:
+    """Row access over columns, undoing the JSONL reader's JSON-text cells."""
+
+    def __init__(self, columns: dict[str, list[Any]]):
+        self.columns = columns
+        self.n = len(next(iter(columns.values()))) if columns else 0
+        self.json_cells = columns.get(JSON_COLUMN, [None] * self.n)
+
+    def value(self, column: str, i: int) -> Any:
+        value = self.columns[column][i]
+        if value is not None and column in (self.json_cells[i] or ()):
+            return json.loads(value)
+        return value
+
+    def pick(self, candidates: Sequence[str], i: int) -> tuple[Any, str | None]:
+        """The first non-missing value among the candidate columns, and its column."""
+        for column in candidates:
+            if column in self.columns:
+                value = self.value(column, i)
+                if not _is_missing(value):
+                    return value, column
+        return None, None
+
+    def record(self, i: int) -> dict[str, Any]:
+        """Row i as the original record (JSON-serialisable), without marker columns."""
+        if self.columns.get(RAW_COLUMN) and self.columns[RAW_COLUMN][i] is not None:
+            return {"raw_line": self.columns[RAW_COLUMN][i]}
+        record = {c: self.value(c, i) for c in self.columns if c not in MARKER_COLUMNS}
+        return json.loads(json.dumps(record, ensure_ascii=False, default=str))
+
+
+def content_id(*parts: str) -> str:
+    return "h:" + hashlib.sha1("\x00".join(parts).encode("utf-8")).hexdigest()[:16]
+
+
+def _id_text(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():  # pandas turns int ids with gaps into floats
+        return str(int(value))
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, sort_keys=True, ensure_ascii=False)
+    return str(value)
+
+
+def _text_field(rows: _Rows, candidates: Sequence[str], role: str, i: int, required: bool) -> tuple[str, str]:
+    """(value, reject reason) of a text field; value "" when absent."""
+    value, column = rows.pick(candidates, i)
+    if column is None:
+        if required:
+            return "", f"missing field '{role}' (no value in any of the columns {list(candidates)})"
+        return "", ""
+    if not isinstance(value, str):
+        return "", f"field '{role}' (column '{column}') must be a string, got {type(value).__name__}: {value!r:.60}"
+    if required and not value.strip():
+        return "", f"empty field '{role}' (column '{column}' is blank)"
+    return value, ""
+
+
+def _truncate_prompt(ids: list[int], limit: int, bos_id: int | None) -> list[int]:
+    if len(ids) <= limit:
+        return ids
+    if bos_id is not None and ids[0] == bos_id and limit > 1:
+        return [bos_id] + ids[len(ids) - (limit - 1):]
+    return ids[len(ids) - limit:]
+
+
+def prepare_batch(batch: Any, tokenizer, data_cfg) -> dict[str, list]:
+    """Validate, template and tokenise a batch of raw rows; one output row per input row.
+
+    `batch` is a dict of columns (lists or numpy arrays, as Ray's numpy batches) or a pandas
+    DataFrame; `data_cfg` is a `config.DataConfig` (fields, template, max_prompt_length,
+    max_length). Output columns: OUTPUT_COLUMNS. labels are -100 on the prompt tokens.
+    """
+    rows = _Rows(_columns(batch))
+    fields = data_cfg.fields
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos token")
+    errors = rows.columns.get(ERROR_COLUMN, [None] * rows.n)
+    raws = rows.columns.get(RAW_COLUMN, [None] * rows.n)
+
+    out: dict[str, list] = {name: [] for name in OUTPUT_COLUMNS}
+    good: list[int] = []
+    for i in range(rows.n):
+        if errors[i]:
+            instruction, reason = "", errors[i]
+        else:
+            instruction, reason = _text_field(rows, fields.instruction, "instruction", i, True)
+        context, response = "", ""
+        if not reason:
+            context, reason = _text_field(rows, fields.context, "context", i, False)
+        if not reason:
+            response, reason = _text_field(rows, fields.response, "response", i, True)
+        id_value, id_column = rows.pick(fields.id, i)
+        if id_column is not None:
+            row_id = _id_text(id_value)
+        elif errors[i]:
+            row_id = content_id(errors[i], raws[i] or "")
+        else:
+            parts = (rows.pick(c, i)[0] for c in (fields.instruction, fields.context, fields.response))
+            row_id = content_id(*("" if p is None else _id_text(p) for p in parts))
+        prompt = "" if reason else build_prompt(instruction, context, data_cfg.template, tokenizer)
+        out["id"].append(row_id)
+        out["prompt"].append(prompt)
+        out["response"].append(response if not reason else "")
+        out["reject_reason"].append(reason)
+        if not reason:
+            good.append(i)
+
+    for name in ("input_ids", "attention_mask", "labels"):
+        out[name] = [[] for _ in range(rows.n)]
+    out["num_prompt_tokens"] = [0] * rows.n
+    out["num_response_tokens"] = [0] * rows.n
+    if not good:
+        return out
+    # The chat template writes its own special tokens into the text; the dolly text gets the
+    # tokenizer's usual ones (e.g. Llama's BOS, none for GPT-2).
+    add_special = data_cfg.template != "chat"
+    prompt_ids = tokenizer([out["prompt"][i] for i in good], add_special_tokens=add_special)["input_ids"]
+    response_ids = tokenizer([out["response"][i] for i in good], add_special_tokens=False)["input_ids"]
+    bos_id = tokenizer.bos_token_id
+    for i, p_ids, r_ids in zip(good, prompt_ids, response_ids):
+        p_ids = _truncate_prompt(list(p_ids), data_cfg.max_prompt_length, bos_id)
+        room = data_cfg.max_length - len(p_ids)
+        r_ids = (list(r_ids) + [eos_id])[: max(room, 0)]
+        if not r_ids:
+            out["reject_reason"][i] = (
+                f"no response token left after truncation: the prompt takes {len(p_ids)} of "
+                f"max_length {data_cfg.max_length} tokens"
+            )
+            out["prompt"][i] = out["response"][i] = ""
+            continue
+        out["input_ids"][i] = p_ids + r_ids
+        out["attention_mask"][i] = [1] * (len(p_ids) + len(r_ids))
+        out["labels"][i] = [IGNORE_INDEX] * len(p_ids) + r_ids
+        out["num_prompt_tokens"][i] = len(p_ids)
+        out["num_response_tokens"][i] = len(r_ids)
+    return out
+
+
+def duplicate_reasons(ids: Sequence[str], skip: Sequence[bool] | None = None) -> list[str]:
+    """For each id, "" or "duplicate id 'x' (first seen at row i)" for its second and later
+    occurrences; rows with skip[i] set neither claim nor collide with an id."""
+    first: dict[str, int] = {}
+    reasons = []
+    for i, row_id in enumerate(ids):
+        if skip is not None and skip[i]:
+            reasons.append("")
+        elif row_id in first:
+            reasons.append(f"duplicate id '{row_id}' (first seen at row {first[row_id]})")
+        else:
+            first[row_id] = i
+            reasons.append("")
+    return reasons
+
+
+def validate_and_tokenize(records: list[dict], tokenizer, data_cfg) -> tuple[list[dict], list[dict]]:
+    """(good rows, rejects) for a list of raw records (e.g. `read_table(...).to_pylist()`).
+
+    Good rows are dicts of OUTPUT_COLUMNS (without reject_reason) plus "row" (input index).
+    Each reject is {"row", "id", "reason", "record"}; duplicate ids are rejected after the first.
+    """
+    names: list[str] = []
+    for record in records:
+        names.extend(k for k in record if k not in names)
+    columns = {name: [r.get(name) for r in records] for name in names}
+    out = prepare_batch(columns, tokenizer, data_cfg)
+    rows = _Rows(columns)
+    dup = duplicate_reasons(out["id"], skip=[bool(r) for r in out["reject_reason"]])
+    good, rejects = [], []
+    for i in range(len(records)):
+        reason = out["reject_reason"][i] or dup[i]
+        if reason:
+            rejects.append({"row": i, "id": out["id"][i], "reason": reason, "record": rows.record(i)})
+        else:
+            row = {name: out[name][i] for name in OUTPUT_COLUMNS if name != "reject_reason"}
+            row["row"] = i
+            good.append(row)
+    return good, rejects
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching
+
+
+def _sequences(rows: list[dict] | Mapping[str, Sequence], key: str) -> list[torch.Tensor]:
+    column = rows[key] if isinstance(rows, Mapping) else [r[key] for r in rows]
+    return [torch.as_tensor(np.asarray(seq, dtype=np.int64)) for seq in column]
+
+
+def _pad(seqs: list[torch.Tensor], value: int, side: str, multiple: int | None) -> torch.Tensor:
+    padded = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=value, padding_side=side)
+    if multiple and padded.shape[1] % multiple:
+        extra = multiple - padded.shape[1] % multiple
+        padded = torch.nn.functional.pad(padded, (extra, 0) if side == "left" else (0, extra), value=value)
+    return padded
+
+
+def collate(
+    rows: list[dict] | Mapping[str, Sequence], pad_token_id: int, pad_to_multiple_of: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-pad input_ids (pad_token_id), attention_mask (0) and labels (-100) to one length."""
+    input_ids = _sequences(rows, "input_ids")
+    if not input_ids:
+        raise ValueError("collate needs at least one row")
+    if any(len(s) == 0 for s in input_ids):
+        raise ValueError("collate got a row with no tokens (a rejected row?)")
+    return {
+        "input_ids": _pad(input_ids, pad_token_id, "right", pad_to_multiple_of),
+        "attention_mask": _pad(_sequences(rows, "attention_mask"), 0, "right", pad_to_multiple_of),
+        "labels": _pad(_sequences(rows, "labels"), IGNORE_INDEX, "right", pad_to_multiple_of),
+    }
+
+
+def generation_batch(prompts_token_ids: Iterable[Sequence[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """LEFT-padded input_ids / attention_mask for `model.generate` (new tokens follow each prompt)."""
+    seqs = [torch.as_tensor(np.asarray(p, dtype=np.int64)) for p in prompts_token_ids]
+    if not seqs or any(len(s) == 0 for s in seqs):
+        raise ValueError("generation_batch needs at least one non-empty prompt")
+    return {
+        "input_ids": _pad(seqs, pad_token_id, "left", None),
+        "attention_mask": _pad([torch.ones_like(s) for s in seqs], 0, "left", None),
+    }

@@ -1,0 +1,468 @@
+"""Evaluation: sample responses with a model on the eval sets, score ROUGE-L ×100 and response CE.
+
+Shell: Ray Data reads every set, tokenises prompts with the run's template (`data.prepare_batch`),
+and streams the rows through an actor pool in which each actor holds one model replica
+(`_Evaluator`). Core: `evaluate_rows` (generation + scores for a list of rows, plain torch) and the
+aggregation / formatting functions below, all usable without Ray.
+
+Sampling is seeded per row: row r of set s under seed k draws its tokens from its own
+`torch.Generator` seeded by `row_seed(k, s, id_r)`, so a row's generation depends neither on the
+rows it is batched with nor on the number of actors (up to float rounding differences between
+padded and unpadded forward passes). HF `generate` has no per-row generator argument, so the draw
+happens in a logits processor (`RowSeededSampler`) that returns a one-hot score and `generate`
+runs in greedy mode, which picks that token; temperature and top-p use HF's own warpers.
+
+Outputs in DIR/eval/<label>/ (DIR/eval/ when label is None):
+  results.json      {"model", "label", "sets": {name: {"rougeL_mean", "rougeL_std", "rougeL_per_seed",
+                    "ce_mean", "rows", "rows_rejected", "rows_in", "path"}}, "average": {"rougeL_mean",
+                    "ce_mean"}, "config": {sampling settings}, "ray_version", "wall_seconds"}
+  results.md        the same as a markdown table
+  generations.jsonl one line per (row, seed): {"set", "id", "seed", "generation", "rougeL"}
+  rejected.jsonl    one line per rejected row: {"set", "id", "reason"}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+from rouge_score.rouge_scorer import RougeScorer
+from transformers import GenerationConfig, LogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
+
+from pocl_ray.config import ConfigError, EvalConfig, RunConfig
+from pocl_ray.data import collate, duplicate_reasons, generation_batch, prepare_batch, read_ray_dataset
+from pocl_ray.losses import cross_entropy
+from pocl_ray.models import load_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+# One row of the actor's output; fixed so blocks holding only rejected rows still concatenate.
+ROW_SCHEMA = pa.schema(
+    [
+        ("set", pa.string()),
+        ("id", pa.string()),
+        ("reject_reason", pa.string()),
+        ("ce", pa.float64()),
+        ("generations", pa.list_(pa.string())),
+        ("rougeL", pa.list_(pa.float64())),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    output_dir: Path
+    results_path: Path
+    results: dict
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores
+
+
+def new_scorer() -> RougeScorer:
+    return RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, reference: str, scorer: RougeScorer | None = None) -> float:
+    """ROUGE-L F1 ×100 of a generation against its reference (rouge-score, stemming on)."""
+    scorer = scorer or new_scorer()
+    return 100.0 * scorer.score(reference, prediction)["rougeL"].fmeasure
+
+
+def row_seed(seed: int, set_name: str, row_id: str) -> int:
+    """A 63-bit generator seed fixed by (seed, set, row id) alone."""
+    digest = hashlib.sha256(f"{seed}\x00{set_name}\x00{row_id}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+class RowSeededSampler(LogitsProcessor):
+    """Samples each row's next token from temperature / top-p scores with that row's own generator.
+
+    Returns scores that are 0 at the drawn token and -inf elsewhere, so greedy decoding takes it.
+    Every row draws once per step (finished rows too), so row i's k-th token always comes from
+    the k-th draw of its generator, whatever the batch.
+    """
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float):
+        if temperature <= 0:
+            raise ValueError(f"RowSeededSampler needs temperature > 0, got {temperature}; use greedy decoding for 0")
+        self.seeds = list(seeds)
+        self.warpers = [TemperatureLogitsWarper(temperature)]
+        if top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p))
+        self.generators: list[torch.Generator] | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.shape[0] != len(self.seeds):
+            raise ValueError(f"RowSeededSampler has {len(self.seeds)} seeds for a batch of {scores.shape[0]} rows")
+        if self.generators is None:
+            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        probs = torch.softmax(scores.float(), dim=-1)
+        picks = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)])
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, picks[:, None], 0.0)
+
+
+def _max_new_tokens(model, prompt_width: int, wanted: int) -> int:
+    """`wanted`, capped so prompt + generation fits the model's position range."""
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if limit is None:
+        return wanted
+    room = limit - prompt_width
+    if room < 1:
+        raise ValueError(
+            f"a prompt of {prompt_width} tokens leaves no room to generate within the model's "
+            f"{limit} positions; lower data.max_prompt_length"
+        )
+    return min(wanted, room)
+
+
+@torch.no_grad()
+def generate(
+    model, tokenizer, prompts: Sequence[Sequence[int]], seeds: Sequence[int] | None, eval_cfg: EvalConfig
+) -> list[str]:
+    """Decoded responses for token-id prompts (one batch, LEFT-padded). seeds: one per row, or
+    None for greedy decoding (eval_cfg.temperature == 0)."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in generation_batch(prompts, tokenizer.pad_token_id).items()}
+    width = batch["input_ids"].shape[1]
+    config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=_max_new_tokens(model, width, eval_cfg.max_new_tokens),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    processors = [] if seeds is None else [RowSeededSampler(seeds, eval_cfg.temperature, eval_cfg.top_p)]
+    output = model.generate(**batch, generation_config=config, logits_processor=processors)
+    return [text.strip() for text in tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def response_ce(model, rows: Sequence[Mapping[str, Any]], pad_token_id: int) -> list[float]:
+    """Per row: mean teacher-forced cross-entropy (nats/token) on the reference response tokens."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in collate(rows, pad_token_id).items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return [float(cross_entropy(logits[i : i + 1], batch["labels"][i : i + 1])) for i in range(len(rows))]
+
+
+def evaluate_rows(
+    model, tokenizer, rows: Sequence[Mapping[str, Any]], eval_cfg: EvalConfig, scorer: RougeScorer | None = None
+) -> list[dict]:
+    """Generation, ROUGE-L per seed and response CE for prepared rows (data.prepare_batch columns
+    plus "set"); one output row per input row in input order (ROW_SCHEMA). Rejected rows pass
+    through with their reason and no scores. Rows are grouped by prompt length into batches of
+    eval_cfg.batch_size."""
+    scorer = scorer or new_scorer()
+    out = [
+        {"set": r["set"], "id": r["id"], "reject_reason": r["reject_reason"] or None, "ce": None,
+         "generations": [], "rougeL": []}
+        for r in rows
+    ]
+    good = sorted((i for i, r in enumerate(rows) if not r["reject_reason"]), key=lambda i: rows[i]["num_prompt_tokens"])
+    greedy = eval_cfg.temperature == 0
+    for start in range(0, len(good), eval_cfg.batch_size):
+        chunk = good[start : start + eval_cfg.batch_size]
+        chunk_rows = [rows[i] for i in chunk]
+        prompts = [r["input_ids"][: r["num_prompt_tokens"]] for r in chunk_rows]
+        for i, ce in zip(chunk, response_ce(model, chunk_rows, tokenizer.pad_token_id)):
+            out[i]["ce"] = ce
+        # Greedy decoding ignores the seed: decode once and repeat it for every seed.
+        once = generate(model, tokenizer, prompts, None, eval_cfg) if greedy else None
+        for seed in eval_cfg.seeds:
+            texts = once if greedy else generate(
+                model, tokenizer, prompts, [row_seed(seed, r["set"], r["id"]) for r in chunk_rows], eval_cfg
+            )
+            for i, r, text in zip(chunk, chunk_rows, texts):
+                out[i]["generations"].append(text)
+                out[i]["rougeL"].append(rouge_l(text, r["response"], scorer))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation and formatting
+
+
+def summarize(
+    rows: Sequence[Mapping[str, Any]], set_names: Sequence[str], seeds: Sequence[int]
+) -> tuple[dict, list[dict], list[Mapping[str, Any]]]:
+    """(per-set summaries, rejected rows, scored rows) from evaluate_rows output in input order.
+
+    A set's ROUGE-L per seed is the mean over its rows; rougeL_mean / rougeL_std are the mean and
+    population std of those per-seed means; ce_mean is the mean of the per-row CEs. The second and
+    later rows with an already seen id in a set are rejected as duplicates (they would repeat the
+    first one's samples).
+    """
+    sets: dict[str, dict] = {}
+    rejected: list[dict] = []
+    scored: list[Mapping[str, Any]] = []
+    for name in set_names:
+        members = [r for r in rows if r["set"] == name]
+        dup = duplicate_reasons([r["id"] for r in members], skip=[bool(r["reject_reason"]) for r in members])
+        good = []
+        for r, dup_reason in zip(members, dup):
+            reason = r["reject_reason"] or dup_reason
+            if reason:
+                rejected.append({"set": name, "id": r["id"], "reason": reason})
+            else:
+                good.append(r)
+        per_seed = {str(s): statistics.fmean(r["rougeL"][k] for r in good) for k, s in enumerate(seeds)} if good else {}
+        sets[name] = {
+            "rougeL_mean": statistics.fmean(per_seed.values()) if good else None,
+            "rougeL_std": statistics.pstdev(per_seed.values()) if good else None,
+            "rougeL_per_seed": per_seed,
+            "ce_mean": statistics.fmean(r["ce"] for r in good) if good else None,
+            "rows": len(good),
+            "rows_rejected": len(members) - len(good),
+            "rows_in": len(members),
+        }
+        scored.extend(good)
+    return sets, rejected, scored
+
+
+def average(sets: Mapping[str, Mapping[str, Any]]) -> dict:
+    """Unweighted mean over the sets that have scores (the paper's average over eval sets)."""
+    out = {}
+    for key in ("rougeL_mean", "ce_mean"):
+        values = [s[key] for s in sets.values() if s[key] is not None]
+        out[key] = statistics.fmean(values) if values else None
+    return out
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def results_markdown(results: Mapping[str, Any]) -> str:
+    cfg = results["config"]
+    seeds = [str(s) for s in cfg["seeds"]]
+    headers = ["set", "rows", "rejected", "ROUGE-L", "± std", *[f"seed {s}" for s in seeds], "CE"]
+    rows = [
+        [name, s["rows"], s["rows_rejected"], _num(s["rougeL_mean"]), _num(s["rougeL_std"]),
+         *[_num(s["rougeL_per_seed"].get(k)) for k in seeds], _num(s["ce_mean"], 3)]
+        for name, s in results["sets"].items()
+    ]
+    avg = results["average"]
+    rows.append(["**average**", "", "", _num(avg["rougeL_mean"]), "", *[""] * len(seeds), _num(avg["ce_mean"], 3)])
+    sampling = "greedy" if cfg["temperature"] == 0 else f"temperature {cfg['temperature']}, top-p {cfg['top_p']}"
+    return (
+        f"# Evaluation: {results['label'] or 'model'}\n\nmodel: `{results['model']}`  \n"
+        f"sampling: {sampling}, max new tokens {cfg['max_new_tokens']}, seeds {', '.join(seeds)}  \n"
+        f"ROUGE-L: F1 ×100 (rouge-score, stemming), mean over rows per seed, then mean ± std over seeds; "
+        f"CE: mean teacher-forced cross-entropy on the reference response (nats/token)\n\n"
+        + markdown_table(headers, rows)
+        + "\n"
+    )
+
+
+def compare_table(results_by_label: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown with the runs side by side: ROUGE-L (mean ± std over seeds) and response CE per set."""
+    labels = list(results_by_label)
+    set_names: list[str] = []
+    for res in results_by_label.values():
+        set_names.extend(n for n in res["sets"] if n not in set_names)
+
+    def cell(res: Mapping[str, Any], name: str, key: str) -> str:
+        s = res["sets"].get(name)
+        if s is None or s[key] is None:
+            return "–"
+        if key == "ce_mean":
+            return _num(s[key], 3)
+        return f"{_num(s[key])} ± {_num(s['rougeL_std'])}"
+
+    rouge = [[n, *[cell(results_by_label[lb], n, "rougeL_mean") for lb in labels]] for n in set_names]
+    rouge.append(["**average**", *[_num(results_by_label[lb]["average"]["rougeL_mean"]) for lb in labels]])
+    ce = [[n, *[cell(results_by_label[lb], n, "ce_mean") for lb in labels]] for n in set_names]
+    ce.append(["**average**", *[_num(results_by_label[lb]["average"]["ce_mean"], 3) for lb in labels]])
+    return (
+        "ROUGE-L ×100 (mean ± std over seeds)\n\n" + markdown_table(["set", *labels], rouge)
+        + "\n\nResponse cross-entropy (nats/token, lower is better)\n\n" + markdown_table(["set", *labels], ce) + "\n"
+    )
+
+
+def eval_dir(output_dir: str | Path, label: str | None) -> Path:
+    base = Path(output_dir) / "eval"
+    return base / label if label else base
+
+
+def write_results(
+    results: Mapping[str, Any],
+    directory: str | Path,
+    generations: Sequence[Mapping[str, Any]] = (),
+    rejected: Sequence[Mapping[str, Any]] = (),
+) -> Path:
+    """Write results.json, results.md, generations.jsonl and rejected.jsonl; returns results.json's path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "results.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    (directory / "results.md").write_text(results_markdown(results))
+    for name, records in (("generations.jsonl", generations), ("rejected.jsonl", rejected)):
+        with open(directory / name, "w") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
+
+
+def load_results(path: str | Path) -> dict:
+    """A results.json (or the directory holding it)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray shell
+
+
+def _prepare(batch: dict, tokenizer, data_cfg, set_name: str) -> pa.Table:
+    out = prepare_batch(batch, tokenizer, data_cfg)
+    out["set"] = [set_name] * len(out["id"])
+    return pa.Table.from_pydict(
+        out,
+        schema=pa.schema(
+            [
+                ("id", pa.string()), ("prompt", pa.string()), ("response", pa.string()),
+                ("input_ids", pa.list_(pa.int64())), ("attention_mask", pa.list_(pa.int64())),
+                ("labels", pa.list_(pa.int64())), ("num_prompt_tokens", pa.int64()),
+                ("num_response_tokens", pa.int64()), ("reject_reason", pa.string()), ("set", pa.string()),
+            ]
+        ),
+    )
+
+
+class _Evaluator:
+    """Ray Data actor: one model replica, evaluate_rows over each batch it is handed."""
+
+    def __init__(self, model_path: str, tokenizer_path: str, dtype: str, eval_cfg: EvalConfig):
+        device = "cuda" if eval_cfg.num_gpus_per_actor > 0 else "cpu"
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        self.model = load_model(model_path, dtype=dtype, device=device, frozen=True)
+        self.eval_cfg = eval_cfg
+        self.scorer = new_scorer()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = evaluate_rows(self.model, self.tokenizer, batch.to_pylist(), self.eval_cfg, self.scorer)
+        return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer_config.json").is_file()
+
+
+def _check_inputs(cfg: RunConfig, model_path: Path) -> Path:
+    """Fail before any Ray work on a bad model path or eval set; returns the tokenizer folder."""
+    if not cfg.eval.sets:
+        raise ConfigError("eval.sets is empty: list at least one {name, path} to evaluate on")
+    names = [s.name for s in cfg.eval.sets]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"eval.sets: duplicate set names {dup}")
+    if not cfg.eval.seeds:
+        raise ConfigError("eval.seeds is empty: list at least one seed")
+    for i, s in enumerate(cfg.eval.sets):
+        if not Path(s.path).exists():
+            raise FileNotFoundError(f"eval.sets[{i}].path (set {s.name!r}) not found: {s.path}")
+    if not model_path.is_dir():
+        raise FileNotFoundError(f"model_path not found (expected a Hugging Face model folder): {model_path}")
+    if _has_tokenizer(model_path):
+        return model_path
+    fallback = cfg.models.tokenizer or cfg.models.teacher
+    if not _has_tokenizer(Path(fallback)):
+        field = "models.tokenizer" if cfg.models.tokenizer else "models.teacher"
+        raise FileNotFoundError(f"no tokenizer in model_path {model_path} nor in {field} ({fallback})")
+    return Path(fallback)
+
+
+def evaluate(cfg: RunConfig, model_path: str | Path, output_dir: str | Path | None = None, label: str | None = "student") -> EvalResult:
+    """Evaluate the model in `model_path` on cfg.eval.sets; write DIR/eval/<label>/ (see module doc).
+
+    DIR is `output_dir`, default cfg.output.dir. Each set's format is detected from its path
+    (data.format is for the training data). Prompts use the run's template and lengths (cfg.data).
+    Rows the data layer rejects (and duplicate ids) are counted per set in results.json and listed
+    in rejected.jsonl.
+    """
+    import ray
+    import ray.data
+
+    started = time.time()
+    model_path = Path(model_path)
+    tokenizer_path = _check_inputs(cfg, model_path)
+    directory = eval_dir(output_dir or cfg.output.dir, label)
+    tokenizer = load_tokenizer(tokenizer_path)
+    ecfg = cfg.eval
+
+    parts = []
+    for s in ecfg.sets:
+        ds = read_ray_dataset(s.path, "auto", s.max_rows)
+        parts.append(
+            ds.map_batches(_prepare, batch_format="numpy", fn_kwargs={"tokenizer": tokenizer, "data_cfg": cfg.data, "set_name": s.name})
+        )
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    ds = ds.map_batches(
+        _Evaluator,
+        batch_size=ecfg.batch_size * ecfg.length_sort_batches,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=ecfg.num_actors),
+        num_cpus=ecfg.num_cpus_per_actor,
+        num_gpus=ecfg.num_gpus_per_actor,
+        fn_constructor_kwargs={
+            "model_path": str(model_path), "tokenizer_path": str(tokenizer_path),
+            "dtype": cfg.models.dtype, "eval_cfg": ecfg,
+        },
+    )
+    # Input order in, input order out: duplicate-id detection keeps the first occurrence.
+    ds.context.execution_options.preserve_order = True
+    tables = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    rows = pa.concat_tables(tables).to_pylist() if tables else []
+
+    sets, rejected, scored = summarize(rows, [s.name for s in ecfg.sets], ecfg.seeds)
+    for s in ecfg.sets:
+        sets[s.name]["path"] = s.path
+    results = {
+        "model": str(model_path),
+        "label": label,
+        "sets": sets,
+        "average": average(sets),
+        "config": {
+            "seeds": list(ecfg.seeds), "temperature": ecfg.temperature, "top_p": ecfg.top_p,
+            "max_new_tokens": ecfg.max_new_tokens, "batch_size": ecfg.batch_size, "num_actors": ecfg.num_actors,
+            "template": cfg.data.template, "max_prompt_length": cfg.data.max_prompt_length,
+            "max_length": cfg.data.max_length, "dtype": cfg.models.dtype,
+        },
+        "ray_version": ray.__version__,
+        "wall_seconds": time.time() - started,
+    }
+    generations = [
+        {"set": r["set"], "id": r["id"], "seed": seed, "generation": text, "rougeL": score}
+        for r in scored
+        for seed, text, score in zip(ecfg.seeds, r["generations"], r["rougeL"])
+    ]
+    path = write_results(results, directory, generations, rejected)
+    for name, s in sets.items():
+        log.info("eval %s: ROUGE-L %s ± %s, CE %s, %d rows, %d rejected", name, _num(s["rougeL_mean"]),
+                 _num(s["rougeL_std"]), _num(s["ce_mean"], 3), s["rows"], s["rows_rejected"])
+    return EvalResult(output_dir=directory, results_path=path, results=results)

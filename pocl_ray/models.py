@@ -1,0 +1,240 @@
+"""Teacher / student models and tokenizers: loading from local folders, tiny offline builds, and
+students cut from a teacher's layers."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+EOS_TOKEN = "<|endoftext|>"
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _local_dir(path: str | Path, what: str) -> Path:
+    # Checked here so a typo reads as a missing folder, not as a failed Hugging Face hub lookup.
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} path not found: {path}")
+    return path
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer in a local folder; pad_token falls back to eos_token."""
+    tokenizer = AutoTokenizer.from_pretrained(str(_local_dir(path, "model/tokenizer")))
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer at {path} has neither a pad token nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
+    """"auto" = bfloat16 on CUDA (float16 where the GPU lacks bf16), float32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if torch.device(device).type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype in ("float32", "bfloat16", "float16"):
+        return getattr(torch, dtype)
+    raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+
+
+def load_model(
+    path: str | Path, *, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", frozen: bool = False
+) -> PreTrainedModel:
+    """A causal LM from a local folder, on `device`; frozen = eval mode without gradients."""
+    folder = _local_dir(path, "model")
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=resolve_dtype(dtype, device))
+    model.to(device)
+    if frozen:
+        model.eval()
+        model.requires_grad_(False)
+    return model
+
+
+def build_tiny_tokenizer(
+    texts: Iterable[str], vocab_size: int = 512, save_dir: str | Path | None = None
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on `texts` (offline, seconds) with <|endoftext|> as eos/bos/pad,
+    the ChatML tokens and a ChatML chat template. Same texts -> same vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = [EOS_TOKEN, *CHATML_TOKENS]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(specials):
+        raise ValueError(f"vocab_size must be at least {len(alphabet) + len(specials)} (bytes + special tokens)")
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
+    )
+    backend.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=EOS_TOKEN
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    if save_dir is not None:
+        tokenizer.save_pretrained(str(save_dir))
+    return tokenizer
+
+
+def build_tiny_model(
+    arch: str,
+    vocab_size: int,
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    seed: int = 0,
+    max_positions: int = 512,
+    save_dir: str | Path | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> PreTrainedModel:
+    """A randomly initialised Llama or GPT-2 causal LM, identical for identical arguments."""
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of num_heads ({num_heads})")
+    if tokenizer is not None and len(tokenizer) > vocab_size:
+        raise ValueError(f"vocab_size ({vocab_size}) is smaller than the tokenizer's {len(tokenizer)} tokens")
+    special = {}
+    if tokenizer is not None:
+        special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+        # Llama makes pad_token_id the embedding's padding_idx (zero row, never trained): with
+        # pad == eos that would freeze EOS, so then the pad id goes to generation_config only.
+        if tokenizer.pad_token_id != tokenizer.eos_token_id:
+            special["pad_token_id"] = tokenizer.pad_token_id
+    if arch == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=4 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_heads,
+            max_position_embeddings=max_positions,
+            **special,
+        )
+    elif arch == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,
+            n_positions=max_positions, **special,
+        )
+    else:
+        raise ValueError(f"unknown arch {arch!r}; use 'llama' or 'gpt2'")
+    # A private RNG stream: the init depends on `seed` only, and the caller's RNG is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    if tokenizer is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if save_dir is not None:
+        model.save_pretrained(str(save_dir))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(save_dir))
+    return model
+
+
+def _decoder_layers(model: PreTrainedModel) -> tuple[nn.Module, str]:
+    """(parent module, attribute) of the decoder layer list: Llama-family model.model.layers,
+    GPT-2 transformer.h."""
+    base = getattr(model, model.base_model_prefix, model)
+    for attr in ("layers", "h"):
+        if isinstance(getattr(base, attr, None), nn.ModuleList):
+            return base, attr
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (expected .layers or .h)")
+
+
+def student_from_teacher(
+    teacher: PreTrainedModel, *, keep_layers: list[int] | None = None, keep_every: int = 2
+) -> PreTrainedModel:
+    """A trainable copy of the teacher with a subset of its decoder layers.
+
+    Default layers: every `keep_every`-th counting back from the last one (L=12, k=2 -> 1, 3, ...,
+    11): the last layer always stays, because the copied final norm and LM head were trained on
+    its output. Embeddings, final norm and LM head are copied; the config's layer count (and
+    per-layer lists such as layer_types) and each attention's layer_idx are renumbered so the KV
+    cache works.
+    """
+    parent, attr = _decoder_layers(teacher)
+    layers = getattr(parent, attr)
+    total = len(layers)
+    if keep_layers is None:
+        if keep_every < 1:
+            raise ValueError(f"keep_every must be >= 1, got {keep_every}")
+        keep = list(range(total - 1, -1, -keep_every))[::-1]
+    else:
+        bad = [i for i in keep_layers if not 0 <= i < total]
+        if bad:
+            raise ValueError(
+                f"student layer indices {bad} out of range: the teacher has {total} layers (0..{total - 1})"
+            )
+        if len(set(keep_layers)) != len(keep_layers):
+            raise ValueError(f"keep_layers has duplicates: {keep_layers}")
+        if not keep_layers:
+            raise ValueError("keep_layers must name at least one layer")
+        keep = sorted(keep_layers)
+    # Copy with only the kept layers attached, so the dropped ones are never duplicated.
+    setattr(parent, attr, nn.ModuleList([layers[i] for i in keep]))
+    try:
+        student = copy.deepcopy(teacher)
+    finally:
+        setattr(parent, attr, layers)
+    student.config.num_hidden_layers = len(keep)
+    if getattr(student.config, "layer_types", None) is not None:
+        student.config.layer_types = [student.config.layer_types[i] for i in keep]
+    for new_index, layer in enumerate(getattr(*_decoder_layers(student))):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+    student.requires_grad_(True)
+    student.train()
+    return student
+
+
+def _vocab_sizes(model: PreTrainedModel) -> tuple[int, int]:
+    return model.config.get_text_config().vocab_size, model.get_output_embeddings().weight.shape[0]
+
+
+def check_compatible(teacher: PreTrainedModel, student: PreTrainedModel, tokenizer=None) -> None:
+    """Raise ValueError unless teacher and student share one vocabulary that covers the tokenizer."""
+    t_config, t_rows = _vocab_sizes(teacher)
+    s_config, s_rows = _vocab_sizes(student)
+    if t_config != s_config or t_rows != s_rows:
+        raise ValueError(
+            f"teacher and student vocabularies differ: teacher vocab_size {t_config} "
+            f"(output embedding {t_rows} rows), student vocab_size {s_config} (output embedding "
+            f"{s_rows} rows); KD needs one shared vocabulary"
+        )
+    if tokenizer is not None and len(tokenizer) > min(t_config, t_rows):
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the models' vocabulary has only "
+            f"{min(t_config, t_rows)}"
+        )
+
+
+def hidden_size(model: PreTrainedModel) -> int:
+    return model.config.get_text_config().hidden_size
+
+
+def num_layers(model: PreTrainedModel) -> int:
+    return model.config.get_text_config().num_hidden_layers

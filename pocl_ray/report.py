@@ -1,0 +1,310 @@
+"""Run report: DIR/report/report.md with tables and PNG plots, from whatever outputs exist.
+
+Layout read (every part optional; a missing part gets a line saying so instead of its section):
+
+    DIR/scores/manifest.json, DIR/scores/<manifest scores_path>   shared difficulty scores
+    <run>/train/metrics.jsonl                                      one JSON object per optimizer step
+    <run>/eval/results.json, <run>/eval/<name>/results.json        pocl_ray.evaluation output
+    DIR/eval/<name>/results.json                                   shared evaluations, e.g. the teacher
+                                                                   (only when runs are sub-folders)
+
+`runs` maps a label to each compared run's folder (relative to DIR or absolute), e.g.
+{"pocl": "runs/pocl", "baseline": "runs/baseline"}. Without it, every sub-folder of DIR/runs/ is a
+run named after the folder, and without DIR/runs/ DIR itself is the one run.
+
+An evaluation is named after its run; a run with several evaluations names them "<run>/<name>"
+(DIR itself, as the one run, names them "<name>"). metrics.jsonl lines that are not JSON objects
+are skipped and counted in the report; a step logged twice (a restart replaying steps after its
+last checkpoint) keeps its last record. "step seconds" sums the per-step `seconds`; "wall seconds" is the span of the per-step
+`time` stamps (first step's start to last step's end), when the records carry them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pyarrow.dataset as pads  # noqa: E402
+
+from pocl_ray.evaluation import compare_table, load_results, markdown_table  # noqa: E402
+
+SCHEDULE_KEYS = (("pool_rows", "pool size (rows)"), ("temperature", "temperature"), ("kd_weight", "KD weight α"))
+
+
+@dataclass
+class Metrics:
+    frame: pd.DataFrame  # one row per step, sorted by step
+    skipped: int  # lines that were not JSON objects with a step
+
+
+def read_metrics(path: str | Path) -> Metrics:
+    records, skipped = [], 0
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            skipped += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
+            records.append(record)
+        else:
+            skipped += 1
+    frame = pd.DataFrame.from_records(records)
+    if not frame.empty:
+        frame = frame.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
+    return Metrics(frame, skipped)
+
+
+def resolve_runs(run_dir: Path, runs: Mapping[str, str | Path] | None) -> dict[str, Path]:
+    if runs is not None:
+        return {label: (run_dir / sub if not Path(sub).is_absolute() else Path(sub)) for label, sub in runs.items()}
+    found = sorted(p for p in (run_dir / "runs").glob("*") if p.is_dir()) if (run_dir / "runs").is_dir() else []
+    if found:
+        return {p.name: p for p in found}
+    return {run_dir.name or "run": run_dir}
+
+
+def _eval_files(eval_root: Path) -> dict[str | None, Path]:
+    """{None: eval/results.json, name: eval/<name>/results.json} for those that exist."""
+    out: dict[str | None, Path] = {}
+    if (eval_root / "results.json").is_file():
+        out[None] = eval_root / "results.json"
+    for sub in sorted(p for p in eval_root.glob("*") if p.is_dir()):
+        if (sub / "results.json").is_file():
+            out[sub.name] = sub / "results.json"
+    return out
+
+
+def collect_evals(run_dir: Path, runs: Mapping[str, Path]) -> dict[str, dict]:
+    """Evaluation results by display name (see module doc for naming)."""
+    out: dict[str, dict] = {}
+    single = list(runs.values()) == [run_dir]
+    for label, folder in runs.items():
+        files = _eval_files(folder / "eval")
+        for name, path in files.items():
+            results = load_results(path)
+            if single:
+                display = name or results.get("label") or label
+            elif len(files) == 1 or name is None:
+                display = label
+            else:
+                display = f"{label}/{name}"
+            out[display] = results
+    if not single:
+        for name, path in _eval_files(run_dir / "eval").items():
+            out[name or "shared"] = load_results(path)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_schedule(frames: Mapping[str, pd.DataFrame], path: Path) -> Path:
+    """Pool size, temperature and KD weight over steps, one line per run."""
+    fig, axes = plt.subplots(len(SCHEDULE_KEYS), 1, figsize=(8, 6.5), sharex=True)
+    for ax, (key, title) in zip(axes, SCHEDULE_KEYS):
+        for label, frame in frames.items():
+            if key in frame:
+                ax.plot(frame["step"], frame[key], drawstyle="steps-post", label=label, linewidth=1.8)
+        ax.set_ylabel(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("Curriculum schedule")
+    axes[0].legend(loc="best", fontsize="small")
+    axes[-1].set_xlabel("optimizer step")
+    return _save(fig, path)
+
+
+def plot_loss_by_stage(frames: Mapping[str, pd.DataFrame], path: Path) -> Path:
+    """Training loss over steps, one panel per run, each stage in its own colour."""
+    fig, axes = plt.subplots(len(frames), 1, figsize=(8, 3 * len(frames)), sharex=True, squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for ax, (label, frame) in zip(axes[:, 0], frames.items()):
+        for k, (stage, part) in enumerate(frame.groupby("stage", sort=True)):
+            ax.plot(part["step"], part["loss"], color=colours(int(stage) % 10), label=f"stage {stage}", linewidth=1.4)
+            if k:
+                ax.axvline(part["step"].iloc[0], color="grey", linestyle=":", linewidth=0.8)
+        ax.set_title(f"training loss: {label}")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper right", fontsize="small", ncol=min(4, frame["stage"].nunique()))
+    axes[-1, 0].set_xlabel("optimizer step")
+    return _save(fig, path)
+
+
+def plot_difficulty(fused: np.ndarray, buckets: np.ndarray, path: Path) -> Path:
+    """Histogram of the fused difficulty score, stacked by bucket (bucket 0 = easiest)."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ids = sorted(int(b) for b in np.unique(buckets))
+    ax.hist([fused[buckets == b] for b in ids], bins=40, stacked=True, label=[f"bucket {b}" for b in ids],
+            color=[plt.get_cmap("viridis")(i / max(1, len(ids) - 1)) for i in range(len(ids))])
+    ax.set_xlabel("fused score (reciprocal rank fusion; higher = easier)")
+    ax.set_ylabel("rows")
+    ax.set_title("Difficulty of the training rows by bucket")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_rouge(evals: Mapping[str, Mapping], path: Path) -> Path:
+    """Grouped bars: ROUGE-L per eval set (and the average), one bar per evaluation, ± std over seeds."""
+    names: list[str] = []
+    for res in evals.values():
+        names.extend(n for n in res["sets"] if n not in names)
+    groups = [*names, "average"]
+    labels = list(evals)
+    width = 0.8 / len(labels)
+    x = np.arange(len(groups))
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(groups) * max(1, len(labels) / 2)), 4.5))
+    for i, label in enumerate(labels):
+        res = evals[label]
+        means = [res["sets"].get(n, {}).get("rougeL_mean") for n in names] + [res["average"]["rougeL_mean"]]
+        stds = [res["sets"].get(n, {}).get("rougeL_std") for n in names] + [None]
+        heights = [np.nan if m is None else m for m in means]
+        bars = ax.bar(x + (i - (len(labels) - 1) / 2) * width, heights, width,
+                      yerr=[np.nan if s is None else s for s in stds], capsize=3, label=label)
+        ax.bar_label(bars, labels=["" if m is None else f"{m:.1f}" for m in means], fontsize=7, padding=2)
+    ax.set_xticks(x, groups)
+    ax.set_ylabel("ROUGE-L ×100")
+    ax.set_title("ROUGE-L per eval set (mean ± std over seeds)")
+    ax.legend(fontsize="small")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "–"
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _scores_section(scores_dir: Path, out_dir: Path) -> list[str]:
+    lines = ["## Difficulty scores", ""]
+    manifest_path = scores_dir / "manifest.json"
+    if not manifest_path.is_file():
+        return lines + [f"No scores yet (no {manifest_path}).", ""]
+    manifest = json.loads(manifest_path.read_text())
+    metrics = ", ".join(f"{m['name']} ({m['direction']} = easier)" for m in manifest.get("metrics", []))
+    summary = [
+        ["rows in", manifest.get("rows_in")], ["rows scored", manifest.get("rows_scored")],
+        ["rows rejected", manifest.get("rows_rejected")], ["metrics", metrics or "–"],
+        ["RRF k", manifest.get("rrf_k")], ["buckets", manifest.get("num_buckets")],
+        ["wall seconds", _fmt(manifest.get("wall_seconds"))],
+    ]
+    lines += [markdown_table(["", "value"], [[k, _fmt(v)] for k, v in summary]), ""]
+    buckets = manifest.get("buckets", [])
+    if buckets:
+        lines += [markdown_table(["bucket", "rows", "fused min", "fused max"],
+                                 [[b["id"], b["rows"], _fmt(b["fused_min"], 6), _fmt(b["fused_max"], 6)] for b in buckets]), ""]
+    scores_path = scores_dir / manifest.get("scores_path", "scores.parquet")
+    if not scores_path.exists():
+        return lines + [f"No per-row scores to plot ({scores_path} is missing).", ""]
+    table = pads.dataset(str(scores_path), format="parquet").to_table(columns=["fused_score", "bucket"])
+    plot_difficulty(table["fused_score"].to_numpy(), table["bucket"].to_numpy(), out_dir / "difficulty.png")
+    return lines + ["![fused difficulty per bucket](difficulty.png)", ""]
+
+
+def _stage_rows(frame: pd.DataFrame) -> list[list[str]]:
+    rows = []
+    for stage, part in frame.groupby("stage", sort=True):
+        first, last = part.iloc[0], part.iloc[-1]
+        rows.append([stage, len(part), _fmt(first.get("pool_rows")), _fmt(first.get("temperature")),
+                     _fmt(first.get("kd_weight")), f"{_fmt(first['loss'])} → {_fmt(last['loss'])}"])
+    return rows
+
+
+def _training_section(runs: Mapping[str, Path], out_dir: Path) -> list[str]:
+    lines = ["## Training", ""]
+    frames: dict[str, pd.DataFrame] = {}
+    notes = []
+    for label, folder in runs.items():
+        path = folder / "train" / "metrics.jsonl"
+        if not path.is_file():
+            notes.append(f"{label}: no training metrics yet (no {path}).")
+            continue
+        metrics = read_metrics(path)
+        if metrics.skipped:
+            notes.append(f"{label}: skipped {metrics.skipped} malformed line(s) of {path}.")
+        if metrics.frame.empty:
+            notes.append(f"{label}: {path} holds no steps.")
+            continue
+        frames[label] = metrics.frame
+    if not frames:
+        return lines + (notes or ["No training runs found."]) + [""]
+    summary = []
+    for label, f in frames.items():
+        step_seconds = float(f["seconds"].sum()) if "seconds" in f else None
+        # `time` stamps the end of each step: the span also counts checkpoints and stage switches.
+        wall = float(f["time"].iloc[-1] - f["time"].iloc[0] + f["seconds"].iloc[0]) if {"time", "seconds"} <= set(f) else None
+        summary.append([label, len(f), f["stage"].nunique(), _fmt(f["loss"].iloc[-1]), _fmt(step_seconds), _fmt(wall),
+                        _fmt(int(f["tokens"].sum()) if "tokens" in f else None)])
+    lines += [markdown_table(["run", "steps", "stages", "final loss", "step seconds (sum)", "wall seconds", "tokens"], summary), ""]
+    lines += [f"- {n}" for n in notes] + ([""] if notes else [])
+    plot_schedule(frames, out_dir / "schedule.png")
+    plot_loss_by_stage(frames, out_dir / "loss.png")
+    lines += ["![curriculum schedule](schedule.png)", "", "![training loss by stage](loss.png)", ""]
+    for label, f in frames.items():
+        lines += [f"### Stages: {label}", "",
+                  markdown_table(["stage", "steps", "pool rows", "temperature", "α", "loss first → last"], _stage_rows(f)), ""]
+    return lines
+
+
+def _eval_section(evals: Mapping[str, Mapping], out_dir: Path) -> list[str]:
+    lines = ["## Evaluation", ""]
+    if not evals:
+        return lines + ["No evaluation results yet (no eval/results.json or eval/<name>/results.json).", ""]
+    plot_rouge(evals, out_dir / "rouge.png")
+    settings = []
+    for label, res in evals.items():
+        cfg = res.get("config", {})
+        rejected = sum(s.get("rows_rejected", 0) for s in res["sets"].values())
+        settings.append([label, f"`{res.get('model')}`", cfg.get("temperature"), cfg.get("top_p"),
+                         cfg.get("max_new_tokens"), ", ".join(map(str, cfg.get("seeds", []))), rejected,
+                         _fmt(res.get("wall_seconds"))])
+    return lines + [compare_table(evals), "![ROUGE-L per eval set](rouge.png)", "",
+                    markdown_table(["evaluation", "model", "temperature", "top-p", "max new tokens", "seeds",
+                                    "rows rejected", "wall seconds"], settings), ""]
+
+
+def write_report(run_dir: str | Path, runs: Mapping[str, str | Path] | None = None) -> Path:
+    """Write run_dir/report/report.md and its PNGs from the parts that exist; returns report.md's path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory not found: {run_dir}")
+    resolved = resolve_runs(run_dir, runs)
+    missing = [f"{label} ({path})" for label, path in resolved.items() if not path.is_dir()]
+    if missing:
+        raise FileNotFoundError(f"runs: folders not found: {', '.join(missing)}")
+    out_dir = run_dir / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Report: {run_dir.name}", "", f"Run directory: `{run_dir}`; compared runs: "
+             + ", ".join(f"{label} (`{path}`)" for label, path in resolved.items()), ""]
+    lines += _scores_section(run_dir / "scores", out_dir)
+    lines += _training_section(resolved, out_dir)
+    lines += _eval_section(collect_evals(run_dir, resolved), out_dir)
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

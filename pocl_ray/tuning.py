@@ -1,0 +1,564 @@
+"""Ray Tune sweeps over the curriculum: one scoring pass, one Ray Train run per trial.
+
+Scores are stored, buckets are derived (DESIGN.md): the sweep scores DIR/scores once (skipped when
+already done for this config) and every trial re-cuts its buckets from the stored ranks, so the
+search space may change anything that training reads (curriculum, kd, training, eval) but nothing
+the scoring pass depends on.
+
+Per trial, a driver function (`run_trial`, the Tune trainable) builds the trial's RunConfig from
+the sampled dotted-path values, with its own output directory DIR/tune/trials/<trial id> and Train
+run name, and calls `training.train`, which builds the TorchTrainer: the trial's resources are its
+own Train workers (training.num_workers, GPUs when training.use_gpu) plus a small CPU share for the
+driver function (tune.cpus_per_trial). `Tuner(trainer)` is not used: Train V2 refuses it.
+
+Stage boundaries reach Tune through `StageEndReport`, Ray's Train-to-Tune report callback limited
+to the reports of finished stages before the last one, each carrying the dev KD loss. ASHA decides
+on those, with `stages_completed` as its clock, so it can only stop a trial between stages, never
+after its last stage (where only the student's export, and the objective, remain). With the
+dev_rougeL objective ASHA still ranks trials by their dev KD loss, the one signal there is at a
+stage boundary; the objective itself (ROUGE-L of generations on data.dev) is computed when a
+trial's training ends, and picks the best trial.
+
+Outputs in DIR/tune/:
+  results.csv       one row per trial: trial_id, status (finished / stopped / error), the searched
+                    parameters, objective, dev_kd_loss, steps, stages_completed, num_stages,
+                    stopped_early, error, output_dir
+  best.yaml         the best finished trial's full run config (output.dir = DIR, so `pocl-ray run`
+                    reuses the sweep's scoring pass; pipeline.compare cleared: one run)
+  objective.png     objective against each searched parameter
+  sweep/            the Tune experiment (restored when the sweep is re-run after an interruption)
+  trials/<id>/      each trial's run: trial.json (its parameters), train/, eval/ (dev_rougeL only)
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from ray.tune import Callback
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from pocl_ray.config import ConfigError, ParamSpec, RunConfig, TuneConfig, parse_config
+from pocl_ray.curriculum import Plan
+
+SWEEP_NAME = "sweep"
+# Sections a trial may not change: they define the shared scoring pass or the sweep's own layout.
+FIXED_SECTIONS = ("data", "models", "scoring", "output", "pipeline", "tune", "name")
+MODES = {"dev_kd_loss": "min", "dev_rougeL": "max"}
+# Discrete combinations validated one by one before any Ray work; above it, each value alone.
+MAX_CHECKED_COMBINATIONS = 4096
+DEV_SET = "dev"
+
+
+# ---------------------------------------------------------------------------------------------
+# Search space (pure)
+
+
+def _plain(value: Any) -> Any:
+    """Numpy scalars from a search algorithm as Python values (pydantic rejects np.int64)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _candidates(spec: ParamSpec) -> list[Any]:
+    """Values that stand for a spec when validating: every discrete value, or both bounds."""
+    return list(spec.values) if spec.type in ("grid", "choice") else [spec.low, spec.high]
+
+
+def check_search_space(cfg: RunConfig) -> list[RunConfig]:
+    """Validate the sweep before any Ray work; returns the configs of the checked combinations.
+
+    Every path must name a config field outside FIXED_SECTIONS and every value must validate
+    there. When the discrete combinations are few (MAX_CHECKED_COMBINATIONS), each one is
+    validated as a whole, so values that only clash together (a batch size against a worker
+    count) are reported before any trial starts.
+    """
+    tc = cfg.tune
+    if not tc.search_space:
+        raise ConfigError("tune.search_space is empty: map at least one dotted config path to a spec")
+    if tc.objective in MODES and cfg.data.dev is None:
+        raise ConfigError(f"tune.objective: {tc.objective!r} is measured on a dev set; set data.dev")
+    searcher_alg = tc.search_alg in ("optuna", "hyperopt")
+    for path, spec in tc.search_space.items():
+        if path.split(".")[0] in FIXED_SECTIONS:
+            raise ConfigError(
+                f"tune.search_space.{path}: {FIXED_SECTIONS} are shared by every trial (one scoring pass, "
+                "one sweep layout); sweep curriculum, kd, training or eval settings"
+            )
+        if tc.search_alg == "grid" and spec.type not in ("grid", "choice"):
+            raise ConfigError(f"tune.search_space.{path}: search_alg 'grid' needs grid or choice specs, got {spec.type!r}")
+        if searcher_alg and spec.type == "grid":
+            raise ConfigError(
+                f"tune.search_space.{path}: search_alg {tc.search_alg!r} samples values; use type 'choice' instead of 'grid'"
+            )
+        for value in _candidates(spec):
+            try:
+                cfg.with_overrides({path: value})
+            except ConfigError as err:
+                raise ConfigError(f"tune.search_space.{path} = {value!r}: {err}") from None
+
+    paths = list(tc.search_space)
+    grid = [_candidates(tc.search_space[p]) for p in paths]
+    if math.prod(len(values) for values in grid) > MAX_CHECKED_COMBINATIONS:
+        return [cfg.with_overrides({p: v}) for p, values in zip(paths, grid) for v in values]
+    checked = []
+    for combo in itertools.product(*grid):
+        params = dict(zip(paths, combo))
+        try:
+            checked.append(cfg.with_overrides(params))
+        except ConfigError as err:
+            raise ConfigError(f"tune.search_space: the combination {params} is not a valid config:\n{err}") from None
+    return checked
+
+
+def param_space(tc: TuneConfig) -> dict[str, Any]:
+    """Tune's param_space, keyed by dotted config path. With search_alg 'grid' choices are crossed too."""
+    from ray import tune
+
+    space = {}
+    for path, spec in tc.search_space.items():
+        if spec.type == "grid" or (spec.type == "choice" and tc.search_alg == "grid"):
+            space[path] = tune.grid_search(list(spec.values))
+        elif spec.type == "choice":
+            space[path] = tune.choice(list(spec.values))
+        elif spec.type == "uniform":
+            space[path] = tune.uniform(spec.low, spec.high)
+        else:
+            space[path] = tune.loguniform(spec.low, spec.high)
+    return space
+
+
+def trial_config(cfg: RunConfig, params: Mapping[str, Any], trial_id: str, trials_dir: Path) -> RunConfig:
+    """The trial's run: the sweep's config with the sampled values, its own output dir and run name."""
+    overrides = {p: _plain(v) for p, v in params.items()}
+    return cfg.with_overrides({
+        **overrides, "name": f"{cfg.name}-{trial_id}", "output.dir": str(Path(trials_dir) / trial_id),
+        "pipeline.compare": {},
+    })
+
+
+def dev_eval_config(cfg: RunConfig) -> RunConfig:
+    """The trial config that evaluates on data.dev alone (the dev_rougeL objective)."""
+    return cfg.with_overrides({"eval.sets": [{"name": DEV_SET, "path": cfg.data.dev}]})
+
+
+def best_config(cfg: RunConfig, params: Mapping[str, Any]) -> RunConfig:
+    """A full run config for the best trial, runnable with `pocl-ray run` in the sweep's own
+    output dir: its scoring fingerprint is the sweep's, so the scoring pass is reused."""
+    overrides = {p: _plain(v) for p, v in params.items()}
+    return cfg.with_overrides({**overrides, "name": f"{cfg.name}-best", "pipeline.compare": {}})
+
+
+# ---------------------------------------------------------------------------------------------
+# Results (pure)
+
+
+def trial_row(
+    trial_id: str, params: Mapping[str, Any], metrics: Mapping[str, Any] | None, error: str | None,
+    objective: str, num_stages: int | None, output_dir: Path,
+) -> dict[str, Any]:
+    """One results.csv row from a trial's last reported metrics (None when it reported nothing).
+
+    A trial that reported `finished` ran its whole plan; one that ended without it and without an
+    error was stopped early by the scheduler.
+    """
+    metrics = metrics or {}
+    finished = bool(metrics.get("finished"))
+    status = "error" if error else "finished" if finished else "stopped"
+    value = metrics.get(objective)
+    return {
+        "trial_id": trial_id,
+        "status": status,
+        **{p: _plain(v) for p, v in params.items()},
+        "objective": float(value) if value is not None else math.nan,
+        "dev_kd_loss": float(metrics["dev_kd_loss"]) if metrics.get("dev_kd_loss") is not None else math.nan,
+        "steps": int(metrics.get("step", 0)),
+        "stages_completed": int(metrics.get("stages_completed", 0)),
+        "num_stages": num_stages,
+        "stopped_early": status == "stopped",
+        "error": error or "",
+        "output_dir": str(output_dir),
+    }
+
+
+def best_trial(frame: pd.DataFrame, objective: str) -> pd.Series:
+    """The finished trial with the best objective (min for losses, max for ROUGE-L)."""
+    done = frame[(frame["status"] == "finished") & frame["objective"].notna()]
+    if done.empty:
+        errors = frame.loc[frame["status"] == "error", "error"].tolist()
+        raise RuntimeError(
+            f"no trial finished with a {objective}: {len(frame)} trials, "
+            f"{(frame['status'] == 'error').sum()} errors" + (f"; first error: {errors[0]}" if errors else "")
+        )
+    index = done["objective"].idxmin() if MODES[objective] == "min" else done["objective"].idxmax()
+    return done.loc[index]
+
+
+def plot_objective(frame: pd.DataFrame, tc: TuneConfig, path: Path) -> Path:
+    """Objective against each searched parameter; hollow markers are trials stopped early."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    params = list(tc.search_space)
+    fig, axes = plt.subplots(1, len(params), figsize=(4 * len(params), 3.4), squeeze=False)
+    for ax, param in zip(axes[0], params):
+        spec = tc.search_space[param]
+        values = frame[param]
+        numeric = spec.type in ("uniform", "loguniform") or all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+        )
+        if numeric:
+            x = values.astype(float).to_numpy()
+        else:
+            labels = sorted({str(v) for v in values})
+            x = np.array([labels.index(str(v)) for v in values], dtype=float)
+            ax.set_xticks(range(len(labels)), labels, rotation=20)
+        stopped = frame["stopped_early"].to_numpy(dtype=bool)
+        y = frame["objective"].to_numpy(dtype=float)
+        ax.scatter(x[~stopped], y[~stopped], color="C0", label="finished")
+        if stopped.any():
+            ax.scatter(x[stopped], y[stopped], facecolors="none", edgecolors="C3", label="stopped early")
+        if spec.type == "loguniform":
+            ax.set_xscale("log")
+        ax.set_xlabel(param)
+        ax.set_ylabel(tc.objective)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report_lines(tune_dir: str | Path, out_dir: str | Path) -> list[str]:
+    """A markdown section for the run report (empty when there was no sweep): the trials table, the
+    objective plot (copied into out_dir) and where best.yaml is."""
+    from pocl_ray.evaluation import markdown_table
+
+    tune_dir, out_dir = Path(tune_dir), Path(out_dir)
+    csv = tune_dir / "results.csv"
+    if not csv.is_file():
+        return []
+    frame = pd.read_csv(csv, dtype={"trial_id": str})
+    lines = ["## Sweep", "", f"{len(frame)} trials (`{csv}`); best config: `{tune_dir / 'best.yaml'}`.", ""]
+    shown = [c for c in frame.columns if c not in ("error", "output_dir")]
+    rows = [[f"{v:.4g}" if isinstance(v, float) else v for v in row] for row in frame[shown].itertuples(index=False)]
+    lines += [markdown_table(shown, rows), ""]
+    plot = tune_dir / "objective.png"
+    if plot.is_file():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(plot, out_dir / "tune_objective.png")
+        lines += ["![objective vs searched parameters](tune_objective.png)", ""]
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray shell
+
+
+def is_decision_point(metrics: Mapping[str, Any], num_stages: int) -> bool:
+    """Whether a training report is the end of a stage before the last one, with its dev KD loss.
+
+    Mid-stage checkpoint reports carry no dev loss and are not stage boundaries; the last stage's
+    report is held back so a scheduler never stops a trial whose training is done (its result
+    reaches Tune from `run_trial`, with the objective, once the student is saved).
+    """
+    stage_end = metrics.get("dev_kd_loss") is not None and metrics.get("stages_completed") == metrics.get("stage", -2) + 1
+    return stage_end and metrics["stages_completed"] < num_stages
+
+
+class StageEndReport(TuneReportCallback):
+    """Ray's Train-to-Tune report callback, forwarding only the reports `is_decision_point` accepts."""
+
+    def __init__(self, num_stages: int):
+        super().__init__()
+        self.num_stages = num_stages
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if is_decision_point(metrics[0], self.num_stages):
+            super().after_report(run_context, metrics, checkpoint)
+
+
+def run_trial(params: dict, *, base: dict, scores_dir: str, trials_dir: str) -> None:
+    """The Tune trainable: train one trial's config (resuming its Train run if it has one), then
+    report its final metrics and objective."""
+    from ray import tune
+
+    from pocl_ray.training import _plan, train
+
+    cfg = parse_config(base)
+    trial_id = tune.get_context().get_trial_id()
+    trial_cfg = trial_config(cfg, params, trial_id, Path(trials_dir))
+    out = Path(trial_cfg.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "trial.json").write_text(json.dumps({"trial_id": trial_id, "params": {p: _plain(v) for p, v in params.items()}}))
+    num_stages = len(_plan(trial_cfg).stages)
+    result = train(trial_cfg, scores_dir=scores_dir, callbacks=[StageEndReport(num_stages)])
+    final = {
+        "step": result.steps, "stages_completed": result.stages_completed, "num_stages": num_stages,
+        "dev_kd_loss": result.metrics.get("dev_kd_loss"), "finished": True,
+    }
+    if cfg.tune.objective == "dev_rougeL":
+        from pocl_ray.evaluation import evaluate
+
+        evaluated = evaluate(dev_eval_config(trial_cfg), result.student_dir, output_dir=out, label=DEV_SET)
+        final["dev_rougeL"] = evaluated.results["sets"][DEV_SET]["rougeL_mean"]
+    tune.report(final)
+
+
+def _trial_dirname(trial) -> str:
+    return trial.trial_id
+
+
+def _scheduler(tc: TuneConfig, max_stages: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if tc.scheduler == "fifo":
+        return FIFOScheduler()
+    if tc.grace_stages >= max_stages:
+        raise ConfigError(
+            f"tune.grace_stages ({tc.grace_stages}) leaves ASHA no stage boundary to stop at: "
+            f"the swept plans have at most {max_stages} stages"
+        )
+    return ASHAScheduler(
+        time_attr="stages_completed", metric="dev_kd_loss", mode="min", grace_period=tc.grace_stages,
+        max_t=max_stages - 1, reduction_factor=tc.reduction_factor, stop_last_trials=False,
+    )
+
+
+def _search_alg(tc: TuneConfig):
+    import importlib.util
+
+    from ray.tune.search import BasicVariantGenerator
+
+    if tc.search_alg in ("random", "grid"):
+        # Tune ignores TuneConfig.max_concurrent_trials for a generator passed in; it takes it here.
+        return BasicVariantGenerator(random_state=tc.seed, max_concurrent=tc.max_concurrent_trials)
+    if importlib.util.find_spec(tc.search_alg) is None:
+        raise ConfigError(f"tune.search_alg: {tc.search_alg!r} needs the {tc.search_alg} package (pip install {tc.search_alg})")
+    mode = MODES[tc.objective]
+    if tc.search_alg == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(metric=tc.objective, mode=mode, seed=tc.seed)
+    from ray.tune.search.hyperopt import HyperOptSearch
+
+    return HyperOptSearch(metric=tc.objective, mode=mode, random_state_seed=tc.seed)
+
+
+@contextmanager
+def _tune_env() -> Iterator[None]:
+    """Environment for the Tune run, restored afterwards.
+
+    RAY_CHDIR_TO_TRIAL_DIR=0 (propagated to the trial actors by Tune): a trial resolves relative
+    config paths like every other command does, not against Tune's trial folder.
+    TUNE_DISABLE_STRICT_METRIC_CHECKING=1: stage reports carry the dev KD loss only, the final
+    report carries the objective too; Tune would otherwise demand every metric in every report.
+    """
+    wanted = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
+    saved = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _init_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    # A laptop: each trial's driver, Train workers and (dev_rougeL) evaluation actors must fit
+    # beside the other running trials, so advertise more logical CPUs than cores (DESIGN.md).
+    ray.init(num_cpus=max(8, os.cpu_count() or 1))
+
+
+class SweepInterrupted(RuntimeError):
+    """The Tune run stopped before every trial ended; running the sweep again resumes it."""
+
+
+class EndedTrials(Callback):
+    """Appends each trial that ended (ran its plan, was stopped by the scheduler, or failed) to
+    a JSONL file in the driver.
+
+    After an interruption Tune marks the trials it had to stop TERMINATED in the ResultGrid, like
+    those the scheduler stopped (only its saved experiment state keeps them RUNNING, to be
+    resumed); this record tells the two apart, across resumes too.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def _record(self, trial, how: str) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"trial_id": trial.trial_id, "ended": how}) + "\n")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._record(trial, "complete")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._record(trial, "error")
+
+
+def ended_trials(path: Path) -> set[str]:
+    if not path.is_file():
+        return set()
+    return {json.loads(line)["trial_id"] for line in path.read_text().splitlines() if line.strip()}
+
+
+def _sweep(cfg: RunConfig, root: Path, scores_dir: Path, max_stages: int) -> None:
+    """Run (or resume) the Tune experiment, then write results.csv, best.yaml and objective.png."""
+    from ray import tune
+
+    tc = cfg.tune
+    tune_dir = root / "tune"
+    trials_dir = tune_dir / "trials"
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=cfg.model_dump(mode="json"), scores_dir=str(scores_dir), trials_dir=str(trials_dir)),
+        {"CPU": tc.cpus_per_trial},
+    )
+    experiment = tune_dir / SWEEP_NAME
+    ended_path = tune_dir / "ended.jsonl"
+    with _tune_env():
+        if tune.Tuner.can_restore(experiment):
+            print(f"[tune] resuming the interrupted sweep in {experiment}", flush=True)
+            tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space(tc),
+                tune_config=tune.TuneConfig(
+                    num_samples=tc.num_samples, scheduler=_scheduler(tc, max_stages), search_alg=_search_alg(tc),
+                    max_concurrent_trials=None if tc.search_alg in ("random", "grid") else tc.max_concurrent_trials,
+                    trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_dirname,
+                ),
+                run_config=tune.RunConfig(
+                    name=SWEEP_NAME, storage_path=str(tune_dir), failure_config=tune.FailureConfig(max_failures=0),
+                    callbacks=[EndedTrials(str(ended_path))],
+                ),
+            )
+        grid = tuner.fit()
+    ended = ended_trials(ended_path)
+    unfinished = [r for r in grid if Path(r.path).name not in ended]
+    if unfinished:
+        raise SweepInterrupted(
+            f"the sweep stopped with {len(unfinished)} of {len(grid)} trials unfinished; "
+            "run the same command again to resume it (finished trials are kept)"
+        )
+
+    rows, params_of = [], {}
+    for result in grid:
+        trial_id = Path(result.path).name
+        trial_dir = trials_dir / trial_id
+        params = result.config
+        if params is None and (trial_dir / "trial.json").is_file():
+            params = json.loads((trial_dir / "trial.json").read_text())["params"]
+        params = {p: (params or {}).get(p) for p in tc.search_space}
+        params_of[trial_id] = params
+        plan = trial_dir / "train" / "plan.json"
+        num_stages = len(json.loads(plan.read_text())["plan"]["stages"]) if plan.is_file() else None
+        error = str(result.error).strip().splitlines()[-1] if result.error else None
+        rows.append(trial_row(trial_id, params, result.metrics, error, tc.objective, num_stages, trial_dir))
+    frame = pd.DataFrame(rows).sort_values("trial_id", ignore_index=True)
+    frame.to_csv(tune_dir / "results.csv", index=False)
+    plot_objective(frame, tc, tune_dir / "objective.png")
+
+    best = best_trial(frame, tc.objective)
+    header = (
+        f"# Best trial {best['trial_id']} of the sweep in {tune_dir}: {tc.objective} = {best['objective']:.6g}\n"
+        f"# swept: {json.dumps(params_of[best['trial_id']])}\n"
+        f"# run it with: pocl-ray run --config {tune_dir / 'best.yaml'}\n"
+    )
+    (tune_dir / "best.yaml").write_text(header + best_config(cfg, params_of[best["trial_id"]]).to_yaml())
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    output_dir: Path  # DIR/tune
+    results_csv: Path
+    best_config_path: Path
+    plot_path: Path
+    best_trial_id: str
+    best_objective: float
+    objective: str
+    trials: pd.DataFrame  # results.csv
+
+
+def _prepare_teacher(cfg: RunConfig, root: Path) -> None:
+    """Build the quickstart's stand-in teacher when the config asks for it and it is missing."""
+    from pocl_ray.pipeline import fingerprint, prepare_teacher, run_stage
+
+    if (Path(cfg.models.teacher) / "config.json").is_file():
+        return
+    if cfg.pipeline.prepare_teacher is None:
+        raise FileNotFoundError(
+            f"models.teacher: {cfg.models.teacher} does not exist (set pipeline.prepare_teacher to build one)"
+        )
+    key = fingerprint(cfg, ("data",), {"prep": cfg.pipeline.prepare_teacher.model_dump(), "teacher": cfg.models.teacher})
+    run_stage("prepare teacher", root / "teacher_prep", key, lambda: prepare_teacher(cfg, root / "teacher_prep"))
+
+
+def _check_stage_lengths(plans: list[tuple[RunConfig, Plan]], scores_dir: Path) -> None:
+    """Every checked combination's plan must cut the scored rows into non-empty steps."""
+    from pocl_ray.curriculum import stage_specs
+    from pocl_ray.scoring import load_manifest
+
+    num_rows = load_manifest(scores_dir)["rows_scored"]
+    for c, plan in plans:
+        try:
+            stage_specs(plan, num_rows, c.training.global_batch_size)
+        except ValueError as err:
+            raise ConfigError(f"tune.search_space: {err} (with curriculum.num_buckets = {c.curriculum.num_buckets})") from None
+
+
+def tune(cfg: RunConfig) -> TuneResult:
+    """Sweep cfg.tune.search_space (module docstring); a re-run resumes an interrupted sweep, and a
+    finished one is not run again for the same config."""
+    from pocl_ray.pipeline import _SCORE_KEYS, _TRAIN_KEYS, fingerprint, run_stage
+    from pocl_ray.scoring import score_dataset
+
+    from pocl_ray.training import _plan
+
+    candidates = check_search_space(cfg)
+    _search_alg(cfg.tune)  # a missing optuna / hyperopt is reported before any Ray work
+    root = Path(cfg.output.dir).resolve()
+    _init_ray()
+    root.mkdir(parents=True, exist_ok=True)
+    _prepare_teacher(cfg, root)
+    plans = [(c, _plan(c)) for c in candidates]  # extraction plans read the teacher's layer count
+    max_stages = max(len(plan.stages) for _, plan in plans)
+    _scheduler(cfg.tune, max_stages)
+    scores_dir = root / "scores"
+    run_stage("score", scores_dir, fingerprint(cfg, _SCORE_KEYS), lambda: score_dataset(cfg))
+    _check_stage_lengths(plans, scores_dir)
+
+    tune_dir = root / "tune"
+    key = fingerprint(cfg, (*_TRAIN_KEYS, "eval", "tune"), {"name": cfg.name})
+    run_stage("tune", tune_dir, key, lambda: _sweep(cfg, root, scores_dir, max_stages))
+    frame = pd.read_csv(tune_dir / "results.csv", dtype={"trial_id": str})
+    best = best_trial(frame, cfg.tune.objective)
+    return TuneResult(
+        output_dir=tune_dir, results_csv=tune_dir / "results.csv", best_config_path=tune_dir / "best.yaml",
+        plot_path=tune_dir / "objective.png", best_trial_id=str(best["trial_id"]),
+        best_objective=float(best["objective"]), objective=cfg.tune.objective, trials=frame,
+    )

@@ -1,0 +1,133 @@
+"""Shared fixtures for the whole test suite.
+
+- `ray_local` (module scope): a local Ray instance for the tests of one module, started with
+  `ray.init(address="local", num_cpus=8, include_dashboard=False)` (address="local" so it never
+  attaches to another cluster running on this machine; 8 logical CPUs on 2 cores so nested Ray
+  Data / Train / Tune stages are not starved). Reused, and left running, when the test already runs
+  inside an initialised Ray.
+- `tiny_assets` (session scope): a `TinyAssets` with offline, deterministic files under one tmp dir:
+    train_path / dev_path   JSONL rows {"id", "source", "instruction", "input", "output"} of a
+                            synthetic, learnable instruction set (`synthetic_rows`): six task types
+                            with exact answers whose difficulty grows with the input length;
+                            `num_train` / `num_dev` rows.
+    tokenizer_dir           byte-level BPE (`vocab_size` tokens, <|endoftext|> = eos/bos/pad,
+                            ChatML chat template) trained on the templated rows.
+    teacher_dir             Llama, hidden 64, 4 layers, random init (seed 0), tokenizer beside it.
+                            Untrained: fine-tuning it here cost minutes on the shared 2 cores;
+                            a test that needs a teacher better than chance trains one itself.
+    student_dir             Llama, hidden 32, 2 layers, random init (seed 1) + tokenizer: a
+                            narrower student, as in hidden-state extraction.
+    cut_student_dir         teacher layers [1, 3] (`student_from_teacher`) + tokenizer.
+  `data_config(**overrides)` gives a `DataConfig` on train_path with lengths that fit these rows.
+- `synthetic_rows(n, seed)` is a plain function for tests that need their own rows.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+WORDS = (
+    "apple river stone cloud green quick brown fox lazy dog bright moon silver tree small house "
+    "north wind cold fire blue sea old road"
+).split()
+
+TASKS = ("reverse", "upper", "count", "add", "repeat", "sort")
+
+
+def _task_row(task: str, rng: random.Random, size: int) -> tuple[str, str, str]:
+    words = [rng.choice(WORDS) for _ in range(size)]
+    if task == "reverse":
+        return "Reverse the order of the words.", " ".join(words), " ".join(reversed(words))
+    if task == "upper":
+        return "Write the text in capital letters.", " ".join(words), " ".join(words).upper()
+    if task == "count":
+        return "How many words are in the text?", " ".join(words), str(size)
+    if task == "add":
+        a, b = rng.randrange(10**size), rng.randrange(10**size)
+        return "Add the two numbers.", f"{a} + {b}", str(a + b)
+    if task == "repeat":
+        return f"Repeat the word '{words[0]}' {size} times.", "", " ".join([words[0]] * size)
+    letters = sorted(rng.choice(WORDS)[: size + 1])
+    return "Sort the letters alphabetically.", "".join(rng.sample(letters, len(letters))), "".join(letters)
+
+
+def synthetic_rows(n: int, seed: int = 0) -> list[dict]:
+    """n rows cycling through TASKS; input size (difficulty) 1..6 drawn per row; ids unique."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        task = TASKS[i % len(TASKS)]
+        instruction, context, output = _task_row(task, rng, rng.randint(1, 6))
+        rows.append({"id": f"{task}-{seed}-{i:04d}", "source": task, "instruction": instruction,
+                     "input": context, "output": output})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@dataclass(frozen=True)
+class TinyAssets:
+    root: Path
+    train_path: Path
+    dev_path: Path
+    tokenizer_dir: Path
+    teacher_dir: Path
+    student_dir: Path
+    cut_student_dir: Path
+    num_train: int
+    num_dev: int
+    vocab_size: int
+
+    def data_config(self, **overrides):
+        from pocl_ray.config import DataConfig
+
+        values = {"train": str(self.train_path), "dev": str(self.dev_path), "max_prompt_length": 96, "max_length": 128}
+        return DataConfig(**{**values, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory) -> TinyAssets:
+    from pocl_ray.data import build_prompt
+    from pocl_ray.models import build_tiny_model, build_tiny_tokenizer, student_from_teacher
+
+    root = tmp_path_factory.mktemp("tiny_assets")
+    train, dev = synthetic_rows(300, seed=0), synthetic_rows(60, seed=1)
+    train_path = write_jsonl(root / "train.jsonl", train)
+    dev_path = write_jsonl(root / "dev.jsonl", dev)
+    vocab_size = 512
+    texts = [build_prompt(r["instruction"], r["input"], "dolly") + r["output"] for r in train]
+    tokenizer = build_tiny_tokenizer(texts, vocab_size=vocab_size, save_dir=root / "tokenizer")
+    assets = TinyAssets(
+        root=root, train_path=train_path, dev_path=dev_path, tokenizer_dir=root / "tokenizer",
+        teacher_dir=root / "teacher", student_dir=root / "student", cut_student_dir=root / "cut_student",
+        num_train=len(train), num_dev=len(dev), vocab_size=vocab_size,
+    )
+    teacher = build_tiny_model("llama", vocab_size, hidden_size=64, num_layers=4, num_heads=4, seed=0,
+                               save_dir=assets.teacher_dir, tokenizer=tokenizer)
+    build_tiny_model("llama", vocab_size, hidden_size=32, num_layers=2, num_heads=4, seed=1,
+                     save_dir=assets.student_dir, tokenizer=tokenizer)
+    student_from_teacher(teacher, keep_layers=[1, 3]).save_pretrained(assets.cut_student_dir)
+    tokenizer.save_pretrained(assets.cut_student_dir)
+    return assets
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(address="local", num_cpus=8, include_dashboard=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -1,0 +1,100 @@
+"""pocl_ray.config: YAML loading, field-named errors, cross-field checks, dotted overrides."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from pocl_ray.config import ConfigError, RunConfig, load_config, parse_config
+
+MINIMAL = {"data": {"train": "data/train.jsonl"}, "models": {"teacher": "models/teacher"}}
+
+
+def _with(section: str, **values) -> dict:
+    return {**MINIMAL, section: {**MINIMAL.get(section, {}), **values}}
+
+
+def test_load_yaml_fills_defaults_and_round_trips(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "name: demo\n"
+        "data: {train: data/train.jsonl, max_length: 256, max_prompt_length: 128}\n"
+        "models: {teacher: models/teacher}\n"
+        "kd: {loss: srkl}\n"
+        "training: {num_workers: 2, micro_batch_size: 4, global_batch_size: 32}\n"
+    )
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    assert (cfg.name, cfg.kd.loss, cfg.data.max_length) == ("demo", "srkl", 256)
+    assert cfg.training.grad_accum_steps == 4
+    assert cfg.curriculum.num_buckets == 4 and cfg.data.fields.response == ["response", "output"]
+    again = tmp_path / "again.yaml"
+    again.write_text(cfg.to_yaml())
+    assert load_config(again) == cfg
+
+
+def test_unknown_key_names_the_dotted_path():
+    with pytest.raises(ConfigError) as err:
+        parse_config(_with("curriculum", num_bucket=4))
+    assert "curriculum.num_bucket: unknown key" in str(err.value)
+    with pytest.raises(ConfigError, match=r"data\.fields\.answer: unknown key"):
+        parse_config({**MINIMAL, "data": {"train": "x", "fields": {"answer": ["a"]}}})
+
+
+def test_invalid_literal_names_the_field_and_the_allowed_values():
+    with pytest.raises(ConfigError) as err:
+        parse_config(_with("kd", loss="kld"))
+    message = str(err.value)
+    assert "kd.loss:" in message and "(got 'kld')" in message
+    for allowed in ("fkl", "rkl", "js", "tvd", "skl", "srkl", "akl"):
+        assert f"'{allowed}'" in message
+
+
+def test_missing_required_field_is_named():
+    with pytest.raises(ConfigError, match=r"models\.teacher: Field required"):
+        parse_config({"data": {"train": "x"}, "models": {}})
+
+
+def test_batch_size_must_divide():
+    with pytest.raises(ConfigError) as err:
+        parse_config(_with("training", global_batch_size=60, micro_batch_size=8, num_workers=2))
+    assert "training: global_batch_size (60) must be a multiple of micro_batch_size x num_workers (16)" in str(err.value)
+
+
+def test_prompt_must_leave_room_for_the_response():
+    with pytest.raises(ConfigError, match=r"max_prompt_length \(512\) must be smaller than max_length \(512\)"):
+        parse_config({**MINIMAL, "data": {"train": "x", "max_prompt_length": 512, "max_length": 512}})
+
+
+def test_steps_per_stage_replaces_the_epochs_default_and_survives_round_trips():
+    cfg = parse_config(_with("curriculum", steps_per_stage=10))
+    assert (cfg.curriculum.steps_per_stage, cfg.curriculum.epochs_per_stage) == (10, None)
+    assert cfg.with_overrides({"kd.loss": "rkl"}).curriculum.steps_per_stage == 10
+    assert parse_config(yaml.safe_load(cfg.to_yaml())) == cfg
+    default = parse_config(MINIMAL)
+    assert (default.curriculum.steps_per_stage, default.curriculum.epochs_per_stage) == (None, 8.0)
+    assert default.with_overrides({"curriculum.steps_per_stage": 5}).curriculum.steps_per_stage == 5
+
+
+def test_with_overrides():
+    cfg = parse_config(MINIMAL)
+    new = cfg.with_overrides({"kd.loss": "rkl", "curriculum.num_buckets": 8, "data.fields.id": ["uid"]})
+    assert (new.kd.loss, new.curriculum.num_buckets, new.data.fields.id) == ("rkl", 8, ["uid"])
+    assert (cfg.kd.loss, cfg.curriculum.num_buckets) == ("fkl", 4)  # the original is unchanged
+    with pytest.raises(ConfigError, match=r"kd\.temperature: no such config field"):
+        cfg.with_overrides({"kd.temperature": 2.0})
+    with pytest.raises(ConfigError, match=r"curriculum\.num_buckets: Input should be greater than or equal to 1"):
+        cfg.with_overrides({"curriculum.num_buckets": 0})
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(bad)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(listing)

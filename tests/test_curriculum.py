@@ -1,0 +1,256 @@
+"""Pure curriculum tests: plan builders, schedules, LR, budgets, pools, epochs and worker shards."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+
+from pocl_ray.config import parse_config
+from pocl_ray.curriculum import (
+    CurriculumCoordinator,
+    Plan,
+    Stage,
+    baseline_plan,
+    epoch_order,
+    epoch_shard,
+    extraction_plan,
+    lr_at,
+    plan_from_config,
+    pocl_plan,
+    pool_ranges,
+    progressive_plan,
+    schedule,
+    sft_plan,
+    stage_specs,
+    step_shard,
+    uniform_layer_map,
+    with_data_curriculum,
+)
+
+
+def _cfg(**curriculum):
+    return parse_config({
+        "data": {"train": "x.jsonl"},
+        "models": {"teacher": "t"},
+        "curriculum": curriculum,
+    })
+
+
+# -- plans and schedules -------------------------------------------------------------------------
+
+
+def test_pocl_plan_paper_defaults():
+    plan = pocl_plan()
+    assert [s.buckets for s in plan.stages] == [(0,), (0, 1), (0, 1, 2), (0, 1, 2, 3)]
+    assert [round(s.temperature, 6) for s in plan.stages] == [1.0, 1.333333, 1.666667, 2.0]
+    assert [round(s.kd_weight, 6) for s in plan.stages] == [0.7, 0.8, 0.9, 1.0]
+    assert all(s.epochs == 8.0 and s.steps is None and s.restart_optimizer for s in plan.stages)
+    # 8 epochs x (1/4 + 2/4 + 3/4 + 1) = 20 full-data epochs, the baseline's budget.
+    assert plan.sample_budget([25, 25, 25, 25]) == 20 * 100
+    assert baseline_plan().sample_budget([25, 25, 25, 25]) == 20 * 100
+
+
+def test_schedule_boundaries():
+    assert schedule(1.0, 2.0, 1) == [2.0]
+    assert schedule(1.0, 2.0, 2) == [1.0, 2.0]
+    assert schedule(0.7, 1.0, 4, "constant") == [0.7] * 4
+    cos = schedule(0.0, 1.0, 3, "cosine")
+    assert cos[0] == 0.0 and cos[-1] == 1.0 and cos[1] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="at least one stage"):
+        schedule(1, 2, 0)
+
+
+def test_lr_at_cosine_endpoints_and_warmup():
+    assert lr_at(0, 10, 1e-4, 1e-7) == pytest.approx(1e-4)
+    assert lr_at(9, 10, 1e-4, 1e-7) == pytest.approx(1e-7)
+    assert lr_at(4.5, 10, 1e-4, 1e-7) == pytest.approx((1e-4 + 1e-7) / 2)
+    assert lr_at(0, 10, 1e-4, 0.0, warmup_steps=2) == pytest.approx(5e-5)
+    assert lr_at(2, 10, 1e-4, 0.0, warmup_steps=2) == pytest.approx(1e-4)
+    values = [lr_at(s, 20, 1e-4, 1e-7) for s in range(20)]
+    assert all(a >= b for a, b in itertools.pairwise(values))
+    assert lr_at(0, 1, 1e-4, 1e-7) == pytest.approx(1e-4)  # a one-step segment trains at the peak LR
+
+
+def test_baseline_and_sft_budgets():
+    assert baseline_plan(4, steps_per_stage=10).stages[0].steps == 40
+    assert baseline_plan(4, epochs_per_stage=2).stages[0].epochs == 5.0
+    assert baseline_plan(steps=7).stages[0].steps == 7
+    sft = sft_plan(num_buckets=4, steps_per_stage=5)
+    assert sft.name == "sft" and sft.stages[0].kd_weight == 0.0 and sft.stages[0].buckets == (0, 1, 2, 3)
+
+
+def test_extraction_and_progressive_plans():
+    teacher, student = uniform_layer_map(4, 2)
+    assert (teacher, student) == ([1, 2, 3, 4], [1, 1, 2, 2])
+    plan = extraction_plan(teacher, student, steps_per_layer=3, final_steps=5)
+    assert [s.target for s in plan.stages] == ["hidden"] * 4 + ["logits"]
+    assert [s.teacher_layer for s in plan.stages[:4]] == [1, 2, 3, 4]
+    assert [s.steps for s in plan.stages] == [3, 3, 3, 3, 5]
+    prog = progressive_plan(["a", "b"], 4)
+    assert [s.teacher for s in prog.stages] == ["a", "b"] and not prog.stages[1].restart_optimizer
+    mixed = with_data_curriculum(plan, pocl_plan(2, steps_per_stage=1))
+    assert [s.buckets for s in mixed.stages] == [(0,), (0,), (0,), (0, 1), (0, 1)]
+
+
+def test_plan_from_config():
+    plan = plan_from_config(_cfg(num_buckets=3, steps_per_stage=7, advance="plateau", patience=4))
+    assert plan.name == "pocl" and len(plan.stages) == 3
+    assert all(s.steps == 7 and s.epochs is None and s.until_plateau and s.patience == 4 for s in plan.stages)
+    base = plan_from_config(_cfg(plan="baseline", num_buckets=4, epochs_per_stage=2))
+    assert base.stages[0].epochs == 5.0 and base.stages[0].kd_weight == 0.7
+    ext = plan_from_config(_cfg(plan="extraction", extraction={"steps_per_layer": 2, "final_steps": 3}), 4, 2)
+    assert [s.student_layer for s in ext.stages[:4]] == [1, 1, 2, 2]
+    with pytest.raises(ValueError, match="layer counts"):
+        plan_from_config(_cfg(plan="extraction"))
+    with pytest.raises(ValueError, match="layer_map has 1 entries"):
+        plan_from_config(_cfg(plan="extraction", extraction={"layer_map": [1]}), 4, 2)
+
+
+def test_stage_and_plan_validation():
+    with pytest.raises(ValueError, match="exactly one of epochs and steps"):
+        Stage(index=0, buckets=(0,))
+    with pytest.raises(ValueError, match="outside 0..0"):
+        Plan("p", 1, (Stage(index=0, buckets=(1,), steps=1),))
+    plan = pocl_plan(3, steps_per_stage=2)
+    assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+
+
+# -- pools, lengths, LR segments -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_rows,num_buckets", [(10, 4), (300, 4), (7, 7), (101, 3)])
+def test_pocl_pools_grow_by_one_bucket(num_rows, num_buckets):
+    specs = stage_specs(pocl_plan(num_buckets, epochs_per_stage=1), num_rows, 4)
+    for s, spec in enumerate(specs):
+        # Stage s holds buckets 0..s: the rank range [0, ceil((s+1) M / N)).
+        assert spec.pool_ranges == ((0, -(-(s + 1) * num_rows // num_buckets)),)
+        assert spec.pool_rows == math.ceil((s + 1) * num_rows / num_buckets)
+        assert spec.steps == spec.steps_per_epoch == math.ceil(spec.pool_rows / 4)
+    assert specs[-1].pool_rows == num_rows
+
+
+def test_pool_ranges_merge_and_split():
+    assert pool_ranges((0, 1, 3), 8, 4) == ((0, 4), (6, 8))
+    assert pool_ranges((2, 0), 9, 3) == ((0, 3), (6, 9))
+    with pytest.raises(ValueError, match="cuts 5 buckets from only 4"):
+        stage_specs(pocl_plan(5, steps_per_stage=1), 4, 2)
+
+
+def test_stage_lengths_and_lr_segments():
+    plan = Plan("p", 2, (
+        Stage(index=0, buckets=(0,), epochs=2.5),
+        Stage(index=1, buckets=(0, 1), steps=3, restart_optimizer=False),
+        Stage(index=2, buckets=(0, 1), epochs=1.0),
+    ))
+    specs = stage_specs(plan, 20, 4)  # pools 10 and 20 rows -> 3 and 5 steps per epoch
+    assert [s.steps_per_epoch for s in specs] == [3, 5, 5]
+    assert [s.steps for s in specs] == [8, 3, 5]  # ceil(2.5 x 3) = 8
+    # Stage 1 keeps stage 0's optimizer, so both share one cosine of 11 steps; stage 2 restarts.
+    assert [(s.lr_offset, s.lr_total) for s in specs] == [(0, 11), (8, 11), (0, 5)]
+
+
+# -- epochs and shards ---------------------------------------------------------------------------------
+
+
+def test_epoch_order_is_seeded_and_new_each_epoch():
+    a = epoch_order(50, seed=3, stage=1, epoch=0)
+    assert np.array_equal(a, epoch_order(50, seed=3, stage=1, epoch=0))
+    assert sorted(a) == list(range(50))
+    assert not np.array_equal(a, epoch_order(50, seed=3, stage=1, epoch=1))
+    assert not np.array_equal(a, epoch_order(50, seed=3, stage=2, epoch=0))
+    assert not np.array_equal(a, epoch_order(50, seed=4, stage=1, epoch=0))
+
+
+@pytest.mark.parametrize("pool", [1, 2, 3, 7, 16, 17, 31, 32, 33, 100])
+@pytest.mark.parametrize("world,micro,accum", [(1, 1, 1), (2, 2, 1), (2, 1, 3), (3, 2, 2), (4, 4, 2)])
+def test_epoch_shards_cover_the_pool_exactly_once(pool, world, micro, accum):
+    global_batch = world * micro * accum
+    order = epoch_order(pool, 0, 0, 0)
+    shards = [epoch_shard(order, global_batch, world, r, micro) for r in range(world)]
+    steps = math.ceil(pool / global_batch)
+    seen = []
+    for k in range(steps):
+        micro_counts = {len(shards[r][k]) for r in range(world)}
+        assert len(micro_counts) == 1, "every worker runs the same number of micro-batches"
+        assert micro_counts.pop() <= accum
+        step_rows = np.concatenate([m for r in range(world) for m in shards[r][k]])
+        # The step's rows are exactly the next global_batch rows of the epoch's order.
+        assert sorted(step_rows) == sorted(order[k * global_batch : (k + 1) * global_batch])
+        for r in range(world):
+            assert all(len(m) <= micro for m in shards[r][k])
+            sizes = [len(m) for m in shards[r][k]]
+            assert max(sizes) - min(sizes) <= 1
+        seen.extend(step_rows.tolist())
+    assert all(len(s) == steps for s in shards)
+    assert sorted(seen) == list(range(pool)), "each row once per epoch, none dropped, none repeated"
+
+
+def test_step_rows_do_not_depend_on_world_size():
+    order = epoch_order(40, 1, 0, 0)
+    for world, micro in [(1, 8), (2, 4), (4, 2)]:
+        step = [np.concatenate([m for r in range(world) for m in epoch_shard(order, 8, world, r, micro)[k]]) for k in range(5)]
+        assert [sorted(s) for s in step] == [sorted(order[8 * k : 8 * k + 8]) for k in range(5)]
+
+
+def test_short_step_split_evenly():
+    assert [m.tolist() for m in step_shard(np.arange(5), 2, 0, 2)] == [[0, 2], [4]]
+    assert [m.tolist() for m in step_shard(np.arange(5), 2, 1, 2)] == [[1], [3]]
+    # Fewer rows than workers: the idle worker still runs the step's one (empty) micro-batch.
+    assert [m.tolist() for m in step_shard(np.arange(1), 2, 1, 4)] == [[]]
+    with pytest.raises(ValueError, match="rank 2 outside"):
+        step_shard(np.arange(4), 2, 2, 2)
+
+
+# -- the coordinator's logic, without Ray --------------------------------------------------------------
+
+
+def _coordinator(tmp_path, plan=None, **kw):
+    plan = plan or pocl_plan(4, epochs_per_stage=2, until_plateau=True, patience=2)
+    args = {"num_rows": 40, "global_batch": 4, "micro_batch": 2, "seed": 5, "metrics_path": str(tmp_path / "m.jsonl")}
+    return CurriculumCoordinator(plan.to_dict(), **{**args, **kw})
+
+
+def test_coordinator_shards_are_disjoint_and_cover_each_pool(tmp_path):
+    c = _coordinator(tmp_path)
+    for stage in range(4):
+        spec = c.stage(stage)
+        lo, hi = spec.pool_ranges[0]
+        for epoch in range(2):
+            parts = [c.shard(stage, epoch, r, 2) for r in range(2)]
+            ranks = [np.concatenate([m for step in p for m in step]) for p in parts]
+            assert not set(ranks[0]) & set(ranks[1])
+            assert sorted(np.concatenate(ranks)) == list(range(lo, hi))
+
+
+def test_coordinator_state_roundtrip_and_metrics_truncation(tmp_path):
+    c = _coordinator(tmp_path)
+    assert c.restore(None)["position"] == {"stage": 0, "stage_step": 0, "step": 0}
+    c.log([{"step": 1, "stage": 0}, {"step": 2, "stage": 0}])
+    state = c.checkpoint({"stage": 0, "stage_step": 3, "step": 3}, [{"step": 3, "stage": 0}])
+    c.log([{"step": 4, "stage": 0}])
+    assert c.progress() == {"step": 4, "stage": 0}
+    assert not c.report_eval(0, 1.0) and not c.report_eval(0, 1.5) and c.report_eval(0, 1.2)
+
+    fresh = _coordinator(tmp_path)
+    restored = fresh.restore(json.loads(json.dumps(state)))
+    assert restored["position"] == {"stage": 0, "stage_step": 3, "step": 3}
+    steps = [json.loads(line)["step"] for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3], "records after the checkpoint are dropped on restore"
+    # Plateau tracking restarts from the checkpoint's view: no evaluation had happened by then.
+    assert not fresh.report_eval(0, 2.0)
+
+
+def test_coordinator_refuses_a_checkpoint_of_another_run(tmp_path):
+    state = _coordinator(tmp_path).restore(None)
+    with pytest.raises(ValueError, match="different plan, global_batch"):
+        _coordinator(tmp_path, plan=pocl_plan(2, epochs_per_stage=1), global_batch=8).restore(state)
+
+
+def test_plateau_resets_per_stage(tmp_path):
+    c = _coordinator(tmp_path)
+    assert [c.report_eval(0, x) for x in (3.0, 2.0, 2.5, 2.1)] == [False, False, False, True]
+    assert [c.report_eval(1, x) for x in (5.0, 5.0)] == [False, False]

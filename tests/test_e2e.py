@@ -1,0 +1,135 @@
+"""End to end as users run it: `ray start --head`, then `ray job submit --working-dir` of the distill
+pipeline on a quickstart-sized config, then assertions on everything it wrote.
+
+The head runs in its own process session and only that process group is killed at the end
+(`ray stop` would stop every Ray cluster on the machine)."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RAY = str(Path(sys.executable).with_name("ray"))
+pytestmark = pytest.mark.e2e
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    temp_dir = tmp_path_factory.mktemp("rayhead")
+    port, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=6",
+         f"--temp-dir={temp_dir}", "--include-dashboard=true"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 180
+        while subprocess.run([RAY, "job", "list", "--address", address], env=env,
+                             capture_output=True).returncode != 0:
+            assert head.poll() is None, "ray start --head exited"
+            assert time.time() < deadline, "the Ray head's job server did not come up in 180 s"
+            time.sleep(3)
+        yield address, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        time.sleep(2)
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _config(tmp_path: Path) -> dict:
+    data = ROOT / "data" / "quickstart"
+    cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    cfg["name"] = "e2e"
+    cfg["data"].update(train=str(data / "train.jsonl"), dev=str(data / "dev.jsonl"), max_rows=96,
+                       max_prompt_length=64, max_length=96)
+    cfg["models"]["teacher"] = str(tmp_path / "out" / "teacher")
+    cfg["scoring"].update(max_new_tokens=8)
+    cfg["curriculum"].update(num_buckets=2, epochs_per_stage=1)
+    cfg["training"].update(num_workers=1, global_batch_size=16, micro_batch_size=16, checkpoint_every=20)
+    cfg["eval"].update(sets=[{"name": "kjv", "path": str(data / "test_kjv.jsonl"), "max_rows": 8}],
+                       seeds=[10], max_new_tokens=8, batch_size=8)
+    cfg["pipeline"]["prepare_teacher"].update(vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, steps=8)
+    cfg["output"]["dir"] = str(tmp_path / "out")
+    return cfg
+
+
+def test_job_submit_runs_the_whole_pipeline(ray_head, tmp_path):
+    address, env = ray_head
+    work = tmp_path / "job"
+    shutil.copytree(ROOT / "pocl_ray", work / "pocl_ray", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "pipelines", work / "pipelines")
+    (work / "e2e.yaml").write_text(yaml.safe_dump(_config(tmp_path)))
+
+    submitted = subprocess.run(
+        [RAY, "job", "submit", "--address", address, "--working-dir", str(work),
+         "--submission-id", "pocl-e2e", "--", "python", "pipelines/distill.py", "--config", "e2e.yaml"],
+        env=env, capture_output=True, text=True, timeout=1200,
+    )
+    status = subprocess.run([RAY, "job", "status", "--address", address, "pocl-e2e"],
+                            env=env, capture_output=True, text=True).stdout
+    assert "SUCCEEDED" in status, f"{status}\n--- job output ---\n{submitted.stdout[-6000:]}\n{submitted.stderr[-3000:]}"
+
+    out = tmp_path / "out"
+    assert "report written to" in submitted.stdout
+
+    manifest = json.loads((out / "scores" / "manifest.json").read_text())
+    assert manifest["rows_in"] == 96 == manifest["rows_scored"] + manifest["rows_rejected"]
+    assert sum(b["rows"] for b in manifest["buckets"]) == manifest["rows_scored"]
+
+    for label, stages in (("pocl", [0, 1]), ("baseline", [0])):
+        rows = [json.loads(line) for line in (out / "runs" / label / "train" / "metrics.jsonl").read_text().splitlines()]
+        assert sorted({r["stage"] for r in rows}) == stages
+        steps = [r["step"] for r in rows]
+        assert steps == list(range(steps[0], steps[0] + len(steps))), "steps missing or repeated"
+        results = json.loads((out / "runs" / label / "eval" / "results.json").read_text())
+        for name, res in results["sets"].items():
+            assert 0.0 <= res["rougeL_mean"] <= 100.0, (label, name, res)
+        assert (out / "runs" / label / "train" / "student" / "config.json").is_file()
+    pocl = pd.read_json(out / "runs" / "pocl" / "train" / "metrics.jsonl", lines=True)
+    assert pocl.groupby("stage")["temperature"].first().tolist() == [1.0, 2.0]
+
+    report = out / "report" / "report.md"
+    text = report.read_text()
+    pngs = sorted((out / "report").glob("*.png"))
+    assert pngs, "the report has no plots"
+    for png in pngs:
+        assert png.name in text
+        image = mpimg.imread(png)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100 and image.std() > 0
+    assert "pocl" in text and "baseline" in text
+
+    # A second submission of the same config finds every stage done and only rewrites the report.
+    again = subprocess.run(
+        [RAY, "job", "submit", "--address", address, "--working-dir", str(work),
+         "--", "python", "pipelines/distill.py", "--config", "e2e.yaml"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert again.stdout.count("skipped") >= 5, again.stdout[-3000:]

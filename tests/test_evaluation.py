@@ -1,0 +1,337 @@
+"""Evaluation: ROUGE-L / CE core without Ray, then `evaluate` on a local Ray cluster.
+
+The models here use a word-level tokenizer over a small English vocabulary, so every generation is
+a sequence of real words and ROUGE-L against references built from the same words is non-trivial.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from rouge_score.rouge_scorer import RougeScorer
+
+from pocl_ray.config import ConfigError, DataConfig, EvalConfig, EvalSet, ModelsConfig, OutputConfig, RunConfig
+from pocl_ray.data import build_prompt, prepare_batch, read_table
+from pocl_ray.evaluation import (
+    RowSeededSampler,
+    average,
+    compare_table,
+    evaluate,
+    evaluate_rows,
+    load_results,
+    results_markdown,
+    rouge_l,
+    row_seed,
+    summarize,
+    write_results,
+)
+from pocl_ray.models import build_tiny_model, load_model
+
+WORDS = (
+    "apple river stone cloud green quick brown fox lazy dog bright moon silver tree small house "
+    "north wind cold fire blue sea old road tell me about the a of and write short story"
+).split()
+EOS = "<|endoftext|>"
+MAX_NEW = 6
+SCORER = RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def _word_tokenizer(save_dir):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {EOS: 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS, pad_token=EOS, unk_token="[UNK]")
+    tokenizer.save_pretrained(str(save_dir))
+    return tokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # Tiny models on a shared 2-core machine: one thread is ~10x faster than two contending ones.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def word_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("word_model")
+    tokenizer = _word_tokenizer(root)
+    build_tiny_model("gpt2", len(tokenizer), hidden_size=32, num_layers=2, num_heads=2, seed=3,
+                     max_positions=128, save_dir=root, tokenizer=tokenizer)
+    return root, tokenizer, load_model(root, frozen=True)
+
+
+def _records(n: int, offset: int) -> list[dict]:
+    return [
+        {"id": f"r{offset + i}", "instruction": f"tell me about the {WORDS[(offset + i) % 16]} " * (1 + i % 3),
+         "input": WORDS[(offset + 2 * i) % 20] if i % 2 else "",
+         "output": " ".join(WORDS[(offset + i + k) % 24] for k in range(5))}
+        for i in range(n)
+    ]
+
+
+def _as_rows(columns: dict) -> list[dict]:
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
+def _prepared(tokenizer, records: list[dict], set_name: str = "s") -> list[dict]:
+    columns = {k: [r[k] for r in records] for k in records[0]}
+    out = prepare_batch(columns, tokenizer, DataConfig(train="unused", max_prompt_length=64, max_length=96))
+    return [r | {"set": set_name} for r in _as_rows(out)]
+
+
+def _greedy(model, tokenizer, record: dict) -> str:
+    """The model's greedy response to one prompt, unbatched and unpadded."""
+    ids = tokenizer(build_prompt(record["instruction"], record["input"], "dolly"), return_tensors="pt")["input_ids"]
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=MAX_NEW,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure core
+
+
+def test_rouge_l_is_rouge_score_f1_times_100():
+    pairs = [("the quick brown fox", "the quick brown fox"), ("running dogs", "the dog ran"),
+             ("apple river", "stone cloud"), ("Jumped over THE moon!", "the moon jumps")]
+    for prediction, reference in pairs:
+        assert rouge_l(prediction, reference) == 100 * SCORER.score(reference, prediction)["rougeL"].fmeasure
+    assert rouge_l("a b c", "a b c") == 100.0
+    assert rouge_l("apple river", "stone cloud") == 0.0
+    assert 0 < rouge_l("running dogs", "the dog ran") < 100  # stemming: dogs ~ dog
+
+
+def test_row_seed_depends_on_seed_set_and_id_only():
+    assert row_seed(10, "dolly", "a") == row_seed(10, "dolly", "a")
+    seeds = {row_seed(s, n, i) for s in (10, 20) for n in ("dolly", "vicuna") for i in ("a", "b")}
+    assert len(seeds) == 8
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+def test_row_seeded_sampler_one_hot_and_follows_the_distribution():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2, 0.0]))
+    n = 3000
+    scores = RowSeededSampler(range(n), temperature=1.0, top_p=1.0)(torch.zeros(n, 1, dtype=torch.long), logits.repeat(n, 1))
+    assert torch.all((scores == 0).sum(-1) == 1)
+    assert torch.all(torch.isinf(scores).sum(-1) == 3)
+    picks = scores.argmax(-1)
+    freq = torch.bincount(picks, minlength=4).double() / n
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.2, 0.0], dtype=torch.double), atol=0.04)
+    # The same row seed draws the same token whatever the rest of the batch.
+    alone = RowSeededSampler([7], 1.0, 1.0)(torch.zeros(1, 1, dtype=torch.long), logits[None])
+    again = RowSeededSampler([5, 7], 1.0, 1.0)(torch.zeros(2, 1, dtype=torch.long), logits.repeat(2, 1))
+    assert alone.argmax() == again[1].argmax()
+    # top-p 0.4 keeps only the most likely token.
+    top = RowSeededSampler(range(50), 1.0, 0.4)(torch.zeros(50, 1, dtype=torch.long), logits.repeat(50, 1))
+    assert torch.all(top.argmax(-1) == 0)
+    with pytest.raises(ValueError, match="temperature > 0"):
+        RowSeededSampler([1], 0.0, 1.0)
+
+
+def test_evaluate_rows_greedy_matches_unbatched_generate(word_model):
+    _, tokenizer, model = word_model
+    records = _records(6, 0)
+    rows = _prepared(tokenizer, records)
+    out = evaluate_rows(model, tokenizer, rows, EvalConfig(seeds=[1, 2], temperature=0, max_new_tokens=MAX_NEW, batch_size=4))
+    for record, row in zip(records, out):
+        expected = _greedy(model, tokenizer, record)
+        assert row["generations"] == [expected, expected]
+        score = 100 * SCORER.score(record["output"], expected)["rougeL"].fmeasure
+        assert row["rougeL"] == [score, score]
+        assert row["ce"] > 0 and row["reject_reason"] is None
+
+
+def test_evaluate_rows_sampling_is_independent_of_batching(word_model):
+    _, tokenizer, model = word_model
+    rows = _prepared(tokenizer, _records(7, 3))
+    cfg = EvalConfig(seeds=[1, 2], temperature=1.0, max_new_tokens=MAX_NEW, batch_size=3)
+    batched = evaluate_rows(model, tokenizer, rows, cfg)
+    single = evaluate_rows(model, tokenizer, rows, cfg.model_copy(update={"batch_size": 1}))
+    reversed_ = evaluate_rows(model, tokenizer, rows[::-1], cfg)[::-1]
+    assert [r["generations"] for r in batched] == [r["generations"] for r in single] == [r["generations"] for r in reversed_]
+    assert all(math.isclose(a["ce"], b["ce"], rel_tol=1e-5) for a, b in zip(batched, single))
+    # Different seeds draw different samples.
+    assert any(r["generations"][0] != r["generations"][1] for r in batched)
+
+
+def test_evaluate_rows_passes_rejected_rows_through(word_model):
+    _, tokenizer, model = word_model
+    records = _records(3, 0)
+    records[1]["output"] = "   "
+    out = evaluate_rows(model, tokenizer, _prepared(tokenizer, records), EvalConfig(seeds=[1], max_new_tokens=MAX_NEW))
+    assert "empty field 'response'" in out[1]["reject_reason"]
+    assert out[1]["generations"] == [] and out[1]["ce"] is None
+    assert len(out[0]["generations"]) == len(out[2]["generations"]) == 1
+
+
+def _row(set_name, row_id, rouge, ce, reason=None):
+    return {"set": set_name, "id": row_id, "reject_reason": reason, "ce": ce, "generations": ["x"] * len(rouge), "rougeL": rouge}
+
+
+def test_summarize_means_std_rejects_and_duplicates():
+    rows = [
+        _row("a", "1", [10.0, 20.0], 2.0),
+        _row("a", "2", [30.0, 60.0], 4.0),
+        _row("a", "3", [], None, "empty field 'response'"),
+        _row("a", "2", [99.0, 99.0], 9.0),  # duplicate id: rejected, not averaged
+        _row("b", "1", [50.0, 50.0], 1.0),
+        _row("c", "1", [], None, "line 1: invalid JSON"),
+    ]
+    sets, rejected, scored = summarize(rows, ["a", "b", "c"], [10, 20])
+    a = sets["a"]
+    assert a["rougeL_per_seed"] == {"10": 20.0, "20": 40.0}
+    assert a["rougeL_mean"] == 30.0 and a["rougeL_std"] == 10.0  # population std of (20, 40)
+    assert a["ce_mean"] == 3.0
+    assert (a["rows"], a["rows_rejected"], a["rows_in"]) == (2, 2, 4)
+    assert sets["b"]["rougeL_std"] == 0.0
+    assert sets["c"]["rougeL_mean"] is None and sets["c"]["rows_rejected"] == 1
+    assert [r["reason"] for r in rejected if r["set"] == "a"] == ["empty field 'response'", "duplicate id '2' (first seen at row 1)"]
+    assert [(r["set"], r["id"]) for r in scored] == [("a", "1"), ("a", "2"), ("b", "1")]
+    assert average(sets) == {"rougeL_mean": 40.0, "ce_mean": 2.0}
+
+
+def _results(label, sets_values, seeds=(10, 20)):
+    rows = [_row(name, str(i), list(v), 1.0 + i) for name, vals in sets_values.items() for i, v in enumerate(vals)]
+    sets, _, _ = summarize(rows, list(sets_values), list(seeds))
+    return {"model": f"/models/{label}", "label": label, "sets": sets, "average": average(sets),
+            "config": {"seeds": list(seeds), "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8},
+            "wall_seconds": 1.5}
+
+
+def test_markdown_tables_hold_the_numbers(tmp_path):
+    pocl = _results("pocl", {"dolly": [(20.0, 24.0)], "vicuna": [(10.0, 10.0)]})
+    base = _results("baseline", {"dolly": [(15.0, 15.0)]})
+    md = results_markdown(pocl)
+    assert "| dolly | 1 | 0 | 22.00 | 2.00 | 20.00 | 24.00 | 1.000 |" in md
+    assert "| **average** |" in md and "16.00" in md
+    table = compare_table({"pocl": pocl, "baseline": base})
+    assert "| set | pocl | baseline |" in table
+    assert "| dolly | 22.00 ± 2.00 | 15.00 ± 0.00 |" in table
+    assert "| vicuna | 10.00 ± 0.00 | – |" in table
+    path = write_results(pocl, tmp_path / "eval" / "pocl", [{"set": "dolly", "id": "0", "seed": 10, "generation": "x", "rougeL": 20.0}])
+    assert load_results(path) == pocl == load_results(path.parent)
+    assert (path.parent / "results.md").read_text() == md
+    assert json.loads((path.parent / "generations.jsonl").read_text())["rougeL"] == 20.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Input errors (raised before any Ray work)
+
+
+def _config(model_dir, sets, out_dir, **eval_kwargs) -> RunConfig:
+    return RunConfig(
+        data=DataConfig(train=str(sets[0].path), max_prompt_length=64, max_length=96),
+        models=ModelsConfig(teacher=str(model_dir)),
+        eval=EvalConfig(sets=sets, max_new_tokens=MAX_NEW, **eval_kwargs),
+        output=OutputConfig(dir=str(out_dir)),
+    )
+
+
+def test_bad_inputs_name_the_field(tmp_path, word_model):
+    root, _, _ = word_model
+    good = tmp_path / "a.jsonl"
+    good.write_text(json.dumps(_records(1, 0)[0]) + "\n")
+    sets = [EvalSet(name="a", path=str(good)), EvalSet(name="b", path=str(tmp_path / "missing.jsonl"))]
+    with pytest.raises(FileNotFoundError, match=r"eval.sets\[1\].path \(set 'b'\)"):
+        evaluate(_config(root, sets, tmp_path), root)
+    with pytest.raises(FileNotFoundError, match="model_path not found"):
+        evaluate(_config(root, sets[:1], tmp_path), tmp_path / "no_model")
+    with pytest.raises(ConfigError, match="eval.sets is empty"):
+        evaluate(_config(root, sets[:1], tmp_path).with_overrides({"eval.sets": []}), root)
+    with pytest.raises(ConfigError, match="duplicate set names"):
+        evaluate(_config(root, [sets[0], sets[0]], tmp_path), root)
+    assert not (tmp_path / "eval").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray pipeline
+
+
+@pytest.fixture(scope="module")
+def eval_sets(tmp_path_factory, word_model):
+    """Set "chat" (JSONL with 3 bad lines) and set "facts" (parquet); references are built from the
+    model's own greedy output so ROUGE-L lands strictly between 0 and 100."""
+    root = tmp_path_factory.mktemp("eval_sets")
+    _, tokenizer, model = word_model
+    sets = {}
+    for name, n, offset in (("chat", 5, 0), ("facts", 4, 7)):
+        records = _records(n, offset)
+        for i, r in enumerate(records):
+            words = _greedy(model, tokenizer, r).split()
+            r["output"] = " ".join(words[: 1 + i % 3] + ["silver", "moon", "road"][: 1 + i % 2])
+        sets[name] = records
+    chat = root / "chat.jsonl"
+    bad = ['{"id": "bad-1", "instruction": "tell me", "output": ""}', "this is not json",
+           json.dumps(sets["chat"][0])]  # the third one repeats an id: rejected as a duplicate
+    chat.write_text("".join(json.dumps(r) + "\n" for r in sets["chat"]) + "\n".join(bad) + "\n")
+    facts = root / "facts.parquet"
+    pq.write_table(pa.Table.from_pylist(sets["facts"]), facts)
+    return sets, [EvalSet(name="chat", path=str(chat)), EvalSet(name="facts", path=str(facts))]
+
+
+def test_evaluate_greedy_matches_rouge_score(ray_local, tmp_path, word_model, eval_sets):
+    root, tokenizer, model = word_model
+    records, sets = eval_sets
+    cfg = _config(root, sets, tmp_path, seeds=[10, 20], temperature=0.0, batch_size=2, length_sort_batches=2)
+    result = evaluate(cfg, root, label="student")
+    assert result.results_path == tmp_path / "eval" / "student" / "results.json"
+    res = load_results(result.results_path)
+    assert res["label"] == "student" and res["model"] == str(root)
+    for name, rows in records.items():
+        expected = [100 * SCORER.score(r["output"], _greedy(model, tokenizer, r))["rougeL"].fmeasure for r in rows]
+        s = res["sets"][name]
+        assert 0 < statistics.fmean(expected) < 100
+        assert s["rougeL_per_seed"] == {"10": statistics.fmean(expected), "20": statistics.fmean(expected)}
+        assert s["rougeL_mean"] == statistics.fmean(expected) and s["rougeL_std"] == 0.0
+        assert s["rows"] == len(rows) and s["ce_mean"] > 0
+    assert (res["sets"]["chat"]["rows_rejected"], res["sets"]["facts"]["rows_rejected"]) == (3, 0)
+    assert res["average"]["rougeL_mean"] == statistics.fmean([res["sets"]["chat"]["rougeL_mean"], res["sets"]["facts"]["rougeL_mean"]])
+    generations = [json.loads(line) for line in (result.output_dir / "generations.jsonl").read_text().splitlines()]
+    assert len(generations) == 2 * (5 + 4)
+    by_id = {(g["set"], g["id"], g["seed"]): g for g in generations}
+    for r in records["chat"]:
+        g = by_id[("chat", r["id"], 20)]
+        assert g["generation"] == _greedy(model, tokenizer, r)
+        assert g["rougeL"] == 100 * SCORER.score(r["output"], g["generation"])["rougeL"].fmeasure
+    rejected = [json.loads(line) for line in (result.output_dir / "rejected.jsonl").read_text().splitlines()]
+    reasons = sorted(r["reason"].split(" ")[0] + " " + r["reason"].split(" ")[1] for r in rejected)
+    assert len(rejected) == 3 and {r["set"] for r in rejected} == {"chat"}
+    assert reasons == ["duplicate id", "empty field", "line 7:"]
+    assert f"{res['sets']['chat']['rougeL_mean']:.2f}" in (result.output_dir / "results.md").read_text()
+
+
+def test_evaluate_sampling_does_not_depend_on_batching_actors_or_ray(ray_local, tmp_path, word_model, eval_sets):
+    """Two actors with one row per batch give exactly what one process gives with batches of 4."""
+    root, tokenizer, model = word_model
+    _, sets = eval_sets
+    cfg = _config(root, sets, tmp_path, seeds=[1, 2, 3], batch_size=1, num_actors=2)
+    result = evaluate(cfg, root, label=None)
+    assert result.results_path == tmp_path / "eval" / "results.json"
+    res = load_results(result.results_path)
+
+    rows = []
+    for s in sets:
+        table = read_table(s.path)
+        rows += [r | {"set": s.name} for r in _as_rows(prepare_batch(table.to_pydict(), tokenizer, cfg.data))]
+    local = evaluate_rows(model, tokenizer, rows, cfg.eval.model_copy(update={"batch_size": 4}))
+    expected, _, scored = summarize(local, ["chat", "facts"], cfg.eval.seeds)
+    for name in ("chat", "facts"):
+        assert res["sets"][name]["rougeL_per_seed"] == expected[name]["rougeL_per_seed"]
+        assert math.isclose(res["sets"][name]["ce_mean"], expected[name]["ce_mean"], rel_tol=1e-5)
+        assert all(0 <= v <= 100 for v in res["sets"][name]["rougeL_per_seed"].values())
+        assert 0 <= res["sets"][name]["rougeL_std"] <= 100
+    generations = [json.loads(line) for line in (result.output_dir / "generations.jsonl").read_text().splitlines()]
+    assert [g["generation"] for g in generations] == [t for r in scored for t in r["generations"]]
+    assert len(set(res["sets"]["chat"]["rougeL_per_seed"].values())) > 1 and res["sets"]["chat"]["rougeL_std"] > 0

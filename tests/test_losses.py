@@ -1,0 +1,349 @@
+"""KD losses against a float64 brute force written from METHODS.md §3, plus identities and edge cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pocl_ray.losses import KD_KINDS, count_tokens, cross_entropy, kd_loss
+
+B, S, V = 3, 7, 11
+
+
+def reference(kind, student, teacher, labels, *, temperature=1.0, scale_by_t2=True, alpha=0.1, beta=0.5, mu=0.5, num_tokens=None):
+    """Full-tensor float64 KD loss: shift, softmax, divergence per position, masked mean."""
+    q = torch.softmax(student.double()[:, :-1] / temperature, -1)
+    p = torch.softmax(teacher.detach().double()[:, :-1] / temperature, -1)
+    scored = labels[:, 1:] != -100
+
+    def kl(a, b):
+        return torch.where(a > 0, a * torch.log(a / b), torch.zeros_like(a)).sum(-1)
+
+    if kind == "fkl":
+        per_pos = kl(p, q)
+    elif kind == "rkl":
+        per_pos = kl(q, p)
+    elif kind == "js":
+        m = beta * p + (1 - beta) * q
+        per_pos = beta * kl(p, m) + (1 - beta) * kl(q, m)
+    elif kind == "tvd":
+        per_pos = 0.5 * (p - q).abs().sum(-1)
+    elif kind == "skl":
+        per_pos = kl(p, alpha * p + (1 - alpha) * q)
+    elif kind == "srkl":
+        per_pos = kl(q, (1 - alpha) * p + alpha * q)
+    elif kind == "akl":
+        # Cumulative teacher mass from the smallest up to and including each token, without sorting:
+        # cum_i = Σ_j p_j [p_j <= p_i].
+        cum = (p.unsqueeze(-2) * (p.unsqueeze(-2) <= p.unsqueeze(-1))).sum(-1)
+        tail = cum < mu
+        gap = (p - q).abs().detach()
+        g_head, g_tail = (gap * ~tail).sum(-1), (gap * tail).sum(-1)
+        total = g_head + g_tail
+        w_head = torch.where(total > 0, g_head / total, torch.full_like(total, 0.5))
+        per_pos = w_head * kl(p, q) + (1 - w_head) * kl(q, p)
+    else:
+        raise AssertionError(kind)
+    loss = per_pos[scored].sum() * (temperature**2 if scale_by_t2 else 1.0)
+    return loss / (scored.sum() if num_tokens is None else num_tokens)
+
+
+def make_batch(seed, b=B, s=S, v=V, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    student = (torch.randn(b, s, v, generator=g) * scale).requires_grad_()
+    teacher = torch.randn(b, s, v, generator=g) * scale
+    labels = torch.randint(0, v, (b, s), generator=g)
+    labels[torch.rand(b, s, generator=g) < 0.3] = -100
+    labels[0, 1:4] = -100
+    return student, teacher, labels
+
+
+def grad_of(loss, x):
+    (g,) = torch.autograd.grad(loss, x)
+    return g
+
+
+SETTINGS = [dict(), dict(alpha=0.3, beta=0.2, mu=0.3)]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=["defaults", "alpha.3-beta.2-mu.3"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_matches_float64_reference(kind, temperature, settings):
+    student, teacher, labels = make_batch(1)
+    got = kd_loss(kind, student, teacher, labels, temperature=temperature, chunk_size=4, **settings)
+    want = reference(kind, student, teacher, labels, temperature=temperature, **settings)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-5)
+    torch.testing.assert_close(grad_of(got, student), grad_of(want, student), rtol=1e-4, atol=1e-6)
+
+
+def test_akl_weights_are_not_trivial():
+    # Guards the AKL reference comparison: the head/tail weights must differ from the 0/1 extremes and
+    # from an even split, otherwise AKL would collapse to FKL, RKL or their mean and hide bugs.
+    student, teacher, labels = make_batch(1)
+    values = {k: kd_loss(k, student, teacher, labels).item() for k in ("fkl", "rkl", "akl")}
+    assert values["akl"] != pytest.approx(values["fkl"], rel=1e-3)
+    assert values["akl"] != pytest.approx(values["rkl"], rel=1e-3)
+    assert values["akl"] != pytest.approx((values["fkl"] + values["rkl"]) / 2, rel=1e-3)
+
+
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_zero_when_student_equals_teacher(kind):
+    student, _, labels = make_batch(2)
+    loss = kd_loss(kind, student, student.detach().clone(), labels, temperature=1.5)
+    assert abs(loss.item()) < 1e-6
+    assert grad_of(loss, student).abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_non_negative_per_position(kind):
+    student, teacher, _ = make_batch(3, b=4, s=9)
+    for b in range(4):
+        for t in range(1, 9):
+            labels = torch.full((4, 9), -100)
+            labels[b, t] = 0
+            assert kd_loss(kind, student, teacher, labels).item() >= -1e-7
+
+
+def test_fkl_is_rkl_with_roles_swapped():
+    student, teacher, labels = make_batch(4)
+    fkl = kd_loss("fkl", student, teacher, labels, temperature=1.7)
+    rkl = kd_loss("rkl", teacher, student.detach(), labels, temperature=1.7)
+    assert fkl.item() == pytest.approx(rkl.item(), rel=1e-6)
+
+
+def test_js_symmetry():
+    student, teacher, labels = make_batch(5)
+    forward = kd_loss("js", student, teacher, labels, beta=0.5)
+    swapped = kd_loss("js", teacher, student.detach(), labels, beta=0.5)
+    assert forward.item() == pytest.approx(swapped.item(), rel=1e-6)
+    # The generalised JSD is symmetric only under beta -> 1 - beta.
+    skewed = kd_loss("js", student, teacher, labels, beta=0.2)
+    assert skewed.item() != pytest.approx(kd_loss("js", teacher, student.detach(), labels, beta=0.2).item(), rel=1e-3)
+    assert skewed.item() == pytest.approx(kd_loss("js", teacher, student.detach(), labels, beta=0.8).item(), rel=1e-6)
+
+
+def test_skew_limits():
+    student, teacher, labels = make_batch(6)
+    for skewed, plain in (("skl", "fkl"), ("srkl", "rkl")):
+        at_zero = kd_loss(skewed, student, teacher, labels, alpha=0.0)
+        assert at_zero.item() == pytest.approx(kd_loss(plain, student, teacher, labels).item(), rel=1e-6)
+        assert abs(kd_loss(skewed, student, teacher, labels, alpha=1.0).item()) < 1e-6
+        # A skew mixes in the other distribution, so the divergence shrinks.
+        assert kd_loss(skewed, student, teacher, labels, alpha=0.1).item() < at_zero.item()
+
+
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_t2_scaling_switch(kind):
+    student, teacher, labels = make_batch(7)
+    scaled = kd_loss(kind, student, teacher, labels, temperature=2.0)
+    unscaled = kd_loss(kind, student, teacher, labels, temperature=2.0, scale_by_t2=False)
+    assert scaled.item() == pytest.approx(4.0 * unscaled.item(), rel=1e-6)
+    assert unscaled.item() != pytest.approx(kd_loss(kind, student, teacher, labels).item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_unscored_positions_do_not_matter(kind):
+    student, teacher, labels = make_batch(8)
+    loss = kd_loss(kind, student, teacher, labels)
+    unscored = torch.zeros(B, S, dtype=torch.bool)
+    unscored[:, :-1] = labels[:, 1:] == -100
+    unscored[:, -1] = True  # the last position predicts nothing
+    noisy_student = torch.where(unscored.unsqueeze(-1), torch.randn(B, S, V) * 50, student.detach())
+    noisy_teacher = torch.where(unscored.unsqueeze(-1), torch.randn(B, S, V) * 50, teacher)
+    assert kd_loss(kind, noisy_student, noisy_teacher, labels).item() == pytest.approx(loss.item(), rel=1e-6)
+    grad = grad_of(loss, student)
+    assert grad[unscored].abs().max().item() == 0.0
+    assert grad[~unscored].abs().max().item() > 0.0
+
+
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_global_num_tokens_makes_halves_add_up(kind):
+    student, teacher, labels = make_batch(9, b=4)
+    n = count_tokens(labels)
+    assert int(n) == int((labels[:, 1:] != -100).sum())
+    whole = kd_loss(kind, student, teacher, labels, temperature=1.5)
+    halves = sum(
+        kd_loss(kind, student[rows], teacher[rows], labels[rows], temperature=1.5, num_tokens=n)
+        for rows in (slice(0, 1), slice(1, 4))
+    )
+    assert halves.item() == pytest.approx(whole.item(), rel=1e-6)
+    torch.testing.assert_close(grad_of(halves, student), grad_of(whole, student))
+    # A per-half mean (the default) does not add up when the halves score different counts.
+    assert count_tokens(labels[:1]) != count_tokens(labels[1:])
+    local = sum(kd_loss(kind, student[r], teacher[r], labels[r], temperature=1.5) for r in (slice(0, 1), slice(1, 4)))
+    assert local.item() != pytest.approx(whole.item(), rel=1e-3)
+    assert kd_loss(kind, student, teacher, labels, num_tokens=int(n) * 2).item() == pytest.approx(
+        kd_loss(kind, student, teacher, labels).item() / 2, rel=1e-6
+    )
+
+
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_chunk_size_invariance(kind):
+    student, teacher, labels = make_batch(10)
+    results = []
+    for chunk_size in (1, 3, 10_000):
+        loss = kd_loss(kind, student, teacher, labels, temperature=1.3, chunk_size=chunk_size)
+        results.append((loss, grad_of(loss, student)))
+    for loss, grad in results[1:]:
+        assert loss.item() == pytest.approx(results[0][0].item(), rel=1e-6)
+        torch.testing.assert_close(grad, results[0][1])
+
+
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_no_grad_path_matches(kind):
+    student, teacher, labels = make_batch(11)
+    with torch.no_grad():
+        plain = kd_loss(kind, student, teacher, labels, chunk_size=2)
+    assert plain.item() == pytest.approx(kd_loss(kind, student, teacher, labels).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_shared_masked_vocabulary(kind):
+    # -inf on the same entries on both sides must behave exactly like a smaller vocabulary.
+    student, teacher, labels = make_batch(12)
+    masked = torch.zeros(V, dtype=torch.bool)
+    masked[[2, 5, 9]] = True
+    s_inf = student.detach().masked_fill(masked, float("-inf")).requires_grad_()
+    t_inf = teacher.masked_fill(masked, float("-inf"))
+    loss = kd_loss(kind, s_inf, t_inf, labels, temperature=2.0)
+    want = reference(kind, student[..., ~masked], teacher[..., ~masked], labels, temperature=2.0)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+    grad = grad_of(loss, s_inf)
+    assert torch.isfinite(grad).all()
+    assert grad[..., masked].abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_one_hot_rows_from_masking(kind):
+    # Everything masked but one entry: both sides are the same one-hot distribution.
+    student, teacher, labels = make_batch(13)
+    keep = torch.zeros(V, dtype=torch.bool)
+    keep[4] = True
+    s_inf = student.detach().masked_fill(~keep, float("-inf")).requires_grad_()
+    loss = kd_loss(kind, s_inf, teacher.masked_fill(~keep, float("-inf")), labels)
+    assert abs(loss.item()) < 1e-7
+    assert torch.isfinite(grad_of(loss, s_inf)).all()
+
+
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_independent_masks_stay_finite(kind):
+    # Teacher and student mask different entries; where one side supports a token the other masks the
+    # divergence is truly infinite for some kinds, and must still come out finite, not NaN.
+    student, teacher, labels = make_batch(14)
+    g = torch.Generator().manual_seed(0)
+    s_inf = student.detach().masked_fill(torch.rand(B, S, V, generator=g) < 0.3, float("-inf"))
+    s_inf[..., 0] = 0.0  # no fully masked row
+    s_inf.requires_grad_()
+    t_inf = teacher.masked_fill(torch.rand(B, S, V, generator=g) < 0.3, float("-inf"))
+    t_inf[..., 1] = 0.0
+    loss = kd_loss(kind, s_inf, t_inf, labels, temperature=2.0)
+    assert torch.isfinite(loss) and loss.item() > 0
+    assert torch.isfinite(grad_of(loss, s_inf)).all()
+
+
+@pytest.mark.parametrize("kind", ["fkl", "js", "tvd", "skl", "srkl"])
+def test_teacher_masked_entries_match_reference(kind):
+    # These kinds stay finite when only the teacher masks entries (0·log0 = 0 on the teacher side).
+    student, teacher, labels = make_batch(15)
+    g = torch.Generator().manual_seed(1)
+    t_inf = teacher.masked_fill(torch.rand(B, S, V, generator=g) < 0.4, float("-inf"))
+    t_inf[..., 0] = 0.0
+    loss = kd_loss(kind, student, t_inf, labels)
+    want = reference(kind, student, t_inf, labels)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+    assert torch.isfinite(grad_of(loss, student)).all()
+
+
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_all_masked_returns_differentiable_zero(kind):
+    student, teacher, _ = make_batch(16)
+    labels = torch.full((B, S), -100)
+    assert int(count_tokens(labels)) == 0
+    for num_tokens in (None, 0, torch.tensor(0), 12):
+        loss = kd_loss(kind, student, teacher, labels, num_tokens=num_tokens)
+        assert loss.item() == 0.0
+        grad = grad_of(loss, student)
+        assert torch.isfinite(grad).all() and grad.abs().max().item() == 0.0
+    ce = cross_entropy(student, labels)
+    assert ce.item() == 0.0 and grad_of(ce, student).abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_bf16_inputs(kind):
+    student, teacher, labels = make_batch(17)
+    s16 = student.detach().bfloat16().requires_grad_()
+    t16 = teacher.bfloat16()
+    loss = kd_loss(kind, s16, t16, labels, temperature=2.0)
+    assert loss.dtype == torch.float32
+    # The bf16 inputs are upcast before the softmax, so the loss equals the fp32 loss of the same values.
+    want = reference(kind, s16.float(), t16.float(), labels, temperature=2.0)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-5)
+    grad = grad_of(loss, s16)
+    assert grad.dtype == torch.bfloat16 and torch.isfinite(grad).all()
+
+
+def test_gradient_reaches_student_only():
+    student, teacher, labels = make_batch(18)
+    teacher.requires_grad_()
+    for kind in KD_KINDS:
+        student.grad = None
+        teacher.grad = None
+        kd_loss(kind, student, teacher, labels, temperature=2.0).backward()
+        assert teacher.grad is None
+        assert student.grad is not None and student.grad.abs().max().item() > 0
+
+
+def test_cross_entropy_matches_torch_with_hf_shift():
+    student, _, labels = make_batch(19)
+    want = F.cross_entropy(student[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
+    want_grad = grad_of(want, student)
+    for chunk_size in (1, 5, 128):
+        got = cross_entropy(student, labels, chunk_size=chunk_size)
+        assert got.item() == pytest.approx(want.item(), rel=1e-6)
+        torch.testing.assert_close(grad_of(got, student), want_grad)
+    n = count_tokens(labels)
+    halves = sum(cross_entropy(student[r], labels[r], num_tokens=n) for r in (slice(0, 1), slice(1, 3)))
+    assert halves.item() == pytest.approx(want.item(), rel=1e-6)
+    s16 = student.detach().bfloat16()
+    want16 = F.cross_entropy(s16[:, :-1].float().reshape(-1, V), labels[:, 1:].reshape(-1))
+    assert cross_entropy(s16, labels).item() == pytest.approx(want16.item(), rel=1e-6)
+
+
+def test_bad_inputs_raise_clear_errors():
+    student, teacher, labels = make_batch(20)
+    with pytest.raises(ValueError, match="fkl, rkl, js, tvd, skl, srkl, akl"):
+        kd_loss("kl", student, teacher, labels)
+    with pytest.raises(ValueError, match="teacher vocab size 12 != student vocab size 11"):
+        kd_loss("fkl", student, torch.randn(B, S, 12), labels)
+    with pytest.raises(ValueError, match="labels shape"):
+        kd_loss("fkl", student, teacher, labels[:, :-1])
+    with pytest.raises(ValueError, match="num_tokens"):
+        kd_loss("fkl", student, teacher, labels, num_tokens=1)
+    with pytest.raises(ValueError, match="temperature"):
+        kd_loss("fkl", student, teacher, labels, temperature=0.0)
+    with pytest.raises(ValueError, match="alpha"):
+        kd_loss("skl", student, teacher, labels, alpha=1.5)
+    with pytest.raises(ValueError, match="chunk_size"):
+        cross_entropy(student, labels, chunk_size=0)
+
+
+def test_weighted_sum_of_losses_backpropagates_each_weight():
+    # The training loss is (1 - a)·CE + a·KD: each term's gradient must arrive scaled by its weight.
+    student, teacher, labels = make_batch(21)
+    kd, ce = kd_loss("js", student, teacher, labels, temperature=2.0), cross_entropy(student, labels)
+    combined = grad_of(0.3 * ce + 0.7 * kd, student)
+    kd_alone = grad_of(kd_loss("js", student, teacher, labels, temperature=2.0), student)
+    ce_alone = grad_of(cross_entropy(student, labels), student)
+    torch.testing.assert_close(combined, 0.3 * ce_alone + 0.7 * kd_alone)
+
+
+def test_second_backward_through_a_loss_fails_loudly():
+    # The stored gradient is scaled in place during backward; reusing it must raise, not mislead.
+    student, teacher, labels = make_batch(22)
+    loss = kd_loss("fkl", student, teacher, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -1,0 +1,169 @@
+"""pocl_ray.models: tiny builds, save/load round trips, students cut from a teacher, checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pocl_ray import models
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_assets):
+    return models.load_tokenizer(tiny_assets.tokenizer_dir)
+
+
+def _prompt_batch(tokenizer):
+    from pocl_ray.data import generation_batch
+
+    prompts = ["Reverse the order of the words.\n\napple river", "Add the two numbers.\n\n2 + 3"]
+    return generation_batch([tokenizer(p)["input_ids"] for p in prompts], tokenizer.pad_token_id)
+
+
+def test_tiny_tokenizer_specials_chat_template_and_determinism(tmp_path):
+    texts = ["apple river stone", "the quick brown fox", "green cloud"] * 10
+    tok = models.build_tiny_tokenizer(texts, vocab_size=300, save_dir=tmp_path / "tok")
+    assert tok.eos_token == tok.pad_token == tok.bos_token == "<|endoftext|>"
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        assert len(tok(special, add_special_tokens=False)["input_ids"]) == 1
+    assert tok.decode(tok("the quick brown fox")["input_ids"]) == "the quick brown fox"
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                   add_generation_prompt=True) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert models.build_tiny_tokenizer(texts, vocab_size=300).get_vocab() == tok.get_vocab()
+    loaded = models.load_tokenizer(tmp_path / "tok")
+    assert loaded.get_vocab() == tok.get_vocab() and loaded.chat_template == tok.chat_template
+    assert loaded.pad_token_id == tok.eos_token_id
+    with pytest.raises(ValueError, match="vocab_size must be at least 259"):
+        models.build_tiny_tokenizer(texts, vocab_size=100)
+
+
+def test_load_tokenizer_sets_a_missing_pad_token(tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    no_pad = models.load_tokenizer(tmp_path / "tok")
+    no_pad.pad_token = None
+    no_pad.save_pretrained(tmp_path / "no_pad")
+    reloaded = models.load_tokenizer(tmp_path / "no_pad")
+    assert reloaded.pad_token == reloaded.eos_token == "<|endoftext|>"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_tiny_model_save_load_round_trip(arch, tmp_path, tokenizer):
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    model = models.build_tiny_model(arch, len(tokenizer), hidden_size=32, num_layers=2, num_heads=4, seed=5,
+                                    save_dir=tmp_path / arch, tokenizer=tokenizer)
+    assert torch.equal(torch.rand(1), before)  # the caller's RNG stream is untouched
+    assert model.config.eos_token_id == tokenizer.eos_token_id
+    assert (models.hidden_size(model), models.num_layers(model)) == (32, 2)
+    assert model.generation_config.pad_token_id == tokenizer.pad_token_id
+    # pad == eos here, so no padding_idx: the EOS embedding row is initialised and trainable
+    assert model.get_input_embeddings().weight[tokenizer.eos_token_id].abs().sum() > 0
+    same = models.build_tiny_model(arch, len(tokenizer), hidden_size=32, num_layers=2, num_heads=4, seed=5,
+                                   tokenizer=tokenizer)
+    other = models.build_tiny_model(arch, len(tokenizer), hidden_size=32, num_layers=2, num_heads=4, seed=6,
+                                    tokenizer=tokenizer)
+    state, same_state, other_state = model.state_dict(), same.state_dict(), other.state_dict()
+    assert all(torch.equal(state[k], same_state[k]) for k in state)
+    assert not torch.equal(state["lm_head.weight"], other_state["lm_head.weight"])
+
+    loaded = models.load_model(tmp_path / arch, frozen=True)
+    assert loaded.dtype == torch.float32 and not loaded.training
+    assert not any(p.requires_grad for p in loaded.parameters())
+    batch = _prompt_batch(tokenizer)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, loaded(**batch).logits, atol=1e-6)
+    assert models.load_tokenizer(tmp_path / arch).get_vocab() == tokenizer.get_vocab()
+    assert models.load_model(tmp_path / arch, dtype="bfloat16").dtype == torch.bfloat16
+
+
+def test_build_tiny_model_argument_errors(tokenizer):
+    with pytest.raises(ValueError, match="multiple of num_heads"):
+        models.build_tiny_model("llama", 512, hidden_size=30, num_heads=4)
+    with pytest.raises(ValueError, match="smaller than the tokenizer's"):
+        models.build_tiny_model("llama", 100, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="unknown arch 'bert'"):
+        models.build_tiny_model("bert", 512)
+
+
+def test_missing_paths_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model path not found: .*no_such_model"):
+        models.load_model(tmp_path / "no_such_model")
+    with pytest.raises(FileNotFoundError, match="model/tokenizer path not found: .*no_such_tok"):
+        models.load_tokenizer(tmp_path / "no_such_tok")
+
+
+def test_resolve_dtype():
+    assert models.resolve_dtype("auto", "cpu") == torch.float32
+    assert models.resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert models.resolve_dtype(torch.float16, "cpu") == torch.float16
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        models.resolve_dtype("fp8", "cpu")
+
+
+def _layers(model):
+    return model.model.layers if hasattr(model, "model") else model.transformer.h
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_student_from_teacher_keeps_the_chosen_layers(arch, tokenizer):
+    teacher = models.build_tiny_model(arch, len(tokenizer), hidden_size=32, num_layers=4, num_heads=4, seed=0,
+                                      tokenizer=tokenizer)
+    teacher.requires_grad_(False)
+    student = models.student_from_teacher(teacher, keep_layers=[0, 2])
+    assert models.num_layers(student) == 2 and len(_layers(student)) == 2
+    assert len(_layers(teacher)) == 4 and models.num_layers(teacher) == 4
+    for new, old in enumerate([0, 2]):
+        s_state, t_state = _layers(student)[new].state_dict(), _layers(teacher)[old].state_dict()
+        assert s_state.keys() == t_state.keys()
+        assert all(torch.equal(s_state[k], t_state[k]) for k in s_state)
+        assert all(m.layer_idx == new for m in _layers(student)[new].modules() if hasattr(m, "layer_idx"))
+    assert torch.equal(student.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
+    assert torch.equal(student.get_output_embeddings().weight, teacher.get_output_embeddings().weight)
+    assert all(p.requires_grad for p in student.parameters()) and student.training
+    # an independent copy: training the student leaves the teacher alone
+    with torch.no_grad():
+        student.get_input_embeddings().weight.add_(1.0)
+    assert not torch.equal(student.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
+
+    student.eval()
+    batch = _prompt_batch(tokenizer)
+    assert student(**batch).logits.shape == (*batch["input_ids"].shape, len(tokenizer))
+    cached = student.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    uncached = student.generate(**batch, max_new_tokens=6, do_sample=False, use_cache=False,
+                                pad_token_id=tokenizer.pad_token_id)
+    assert cached.shape == (2, batch["input_ids"].shape[1] + 6)
+    assert torch.equal(cached, uncached)  # the renumbered KV cache gives the same tokens
+
+
+def test_default_layers_count_back_from_the_last(tokenizer):
+    teacher = models.build_tiny_model("llama", len(tokenizer), hidden_size=32, num_layers=5, num_heads=4)
+    student = models.student_from_teacher(teacher, keep_every=2)
+    expected = [0, 2, 4]
+    for new, old in enumerate(expected):
+        assert torch.equal(_layers(student)[new].self_attn.q_proj.weight, _layers(teacher)[old].self_attn.q_proj.weight)
+    assert models.num_layers(models.student_from_teacher(teacher, keep_every=3)) == 2  # layers 1, 4
+
+
+def test_student_layer_errors(tokenizer):
+    teacher = models.build_tiny_model("llama", len(tokenizer), hidden_size=32, num_layers=4, num_heads=4)
+    with pytest.raises(ValueError, match=r"indices \[4\] out of range: the teacher has 4 layers"):
+        models.student_from_teacher(teacher, keep_layers=[1, 4])
+    with pytest.raises(ValueError, match="duplicates"):
+        models.student_from_teacher(teacher, keep_layers=[1, 1])
+    with pytest.raises(ValueError, match="keep_every must be >= 1"):
+        models.student_from_teacher(teacher, keep_every=0)
+
+
+def test_check_compatible(tokenizer, tiny_assets):
+    teacher = models.load_model(tiny_assets.teacher_dir, frozen=True)
+    student = models.load_model(tiny_assets.student_dir)
+    models.check_compatible(teacher, student, tokenizer)
+    assert models.hidden_size(student) == 32 and models.num_layers(models.load_model(tiny_assets.cut_student_dir)) == 2
+    other = models.build_tiny_model("gpt2", 640, hidden_size=32, num_layers=1, num_heads=4)
+    with pytest.raises(ValueError, match="teacher vocab_size 512 .* student vocab_size 640"):
+        models.check_compatible(teacher, other)
+    small = models.build_tiny_model("llama", 300, hidden_size=32, num_layers=1, num_heads=4)
+    with pytest.raises(ValueError, match="tokenizer has 512 tokens but the models' vocabulary has only 300"):
+        models.check_compatible(small, small, tokenizer)

@@ -1,0 +1,277 @@
+"""Difficulty scoring: the torch measurers (no Ray) and the Ray Data pipeline end to end (local Ray)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pds
+import pytest
+import torch
+from conftest import synthetic_rows
+
+from pocl_ray.config import ConfigError, ModelsConfig, parse_config
+from pocl_ray.data import validate_and_tokenize
+from pocl_ray.models import load_model, load_tokenizer
+from pocl_ray.scoring import (
+    format_summary,
+    greedy_responses,
+    load_manifest,
+    load_measurer_models,
+    measure,
+    score_dataset,
+)
+
+ALL_METRICS = ["student_ce", "student_rougeL", "teacher_ce", "teacher_student_kl", "length"]
+VENV_BIN = Path(sys.executable).parent
+
+
+def _rows(tiny_assets, n=12, seed=3):
+    tokenizer = load_tokenizer(tiny_assets.tokenizer_dir)
+    good, rejects = validate_and_tokenize(synthetic_rows(n, seed=seed), tokenizer, tiny_assets.data_config())
+    assert not rejects
+    return {k: [r[k] for r in good] for k in good[0]}
+
+
+@pytest.fixture(scope="module")
+def models(tiny_assets):
+    return load_measurer_models(ModelsConfig(teacher=str(tiny_assets.teacher_dir)), ALL_METRICS, "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurers, without Ray
+
+
+def test_cut_student_is_the_initial_student(tiny_assets, models):
+    saved = load_model(tiny_assets.cut_student_dir, frozen=True)  # teacher layers [1, 3] = keep_every 2
+    for a, b in zip(models.student.state_dict().values(), saved.state_dict().values()):
+        assert torch.equal(a, b)
+    assert models.teacher is not None and models.rouge is not None
+
+
+def test_measure_matches_per_row_reference(tiny_assets, models):
+    rows = _rows(tiny_assets, n=6)
+    got = measure(models, rows, ALL_METRICS, batch_size=4, max_new_tokens=4)
+    for i, (ids, labels) in enumerate(zip(rows["input_ids"], rows["labels"])):
+        x = torch.tensor([ids])
+        y = torch.tensor([labels])
+        with torch.no_grad():
+            s = models.student(input_ids=x, labels=y)
+            t = models.teacher(input_ids=x, labels=y)
+        assert got["student_ce"][i] == pytest.approx(s.loss.item(), abs=1e-5)
+        assert got["teacher_ce"][i] == pytest.approx(t.loss.item(), abs=1e-5)
+        scored = y[0, 1:] != -100
+        logp = torch.log_softmax(t.logits[0, :-1][scored], -1)
+        logq = torch.log_softmax(s.logits[0, :-1][scored], -1)
+        kl = (logp.exp() * (logp - logq)).sum(-1).mean().item()
+        assert got["teacher_student_kl"][i] == pytest.approx(kl, abs=1e-5)
+    assert got["length"].tolist() == [float(n) for n in rows["num_response_tokens"]]
+    assert ((got["student_rougeL"] >= 0) & (got["student_rougeL"] <= 1)).all()
+    assert list(got) == ALL_METRICS
+
+
+def test_measure_does_not_depend_on_batching(tiny_assets, models):
+    rows = _rows(tiny_assets, n=6, seed=4)
+    one = measure(models, rows, ALL_METRICS, batch_size=1, max_new_tokens=4)
+    many = measure(models, rows, ALL_METRICS, batch_size=6, max_new_tokens=4)
+    for m in ALL_METRICS:
+        np.testing.assert_allclose(one[m], many[m], atol=1e-4, err_msg=m)
+
+
+def test_rouge_scores_the_greedy_generation(tiny_assets, models):
+    rows = _rows(tiny_assets, n=6, seed=5)
+    prompts = [ids[:p] for ids, p in zip(rows["input_ids"], rows["num_prompt_tokens"])]
+    generated = greedy_responses(models, prompts, max_new_tokens=6, batch_size=1)
+    # A reference equal to the student's own greedy text scores 1; the real references score less.
+    own = dict(rows, response=generated)
+    has_words = np.array([any(c.isalnum() for c in g) for g in generated])
+    assert has_words.any()
+    np.testing.assert_array_equal(measure(models, own, ["student_rougeL"], batch_size=4, max_new_tokens=6)["student_rougeL"],
+                                  np.where(has_words, 1.0, 0.0))
+    real = measure(models, rows, ["student_rougeL"], batch_size=4, max_new_tokens=6)["student_rougeL"]
+    expected = [models.rouge.score(r, g)["rougeL"].fmeasure for r, g in zip(rows["response"], generated)]
+    np.testing.assert_allclose(real, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input errors surface before any Ray work
+
+
+def _config(tiny_assets, tmp_path, data_path, **sections):
+    base = {
+        "data": {"train": str(data_path), "max_prompt_length": 96, "max_length": 128},
+        "models": {"teacher": str(tiny_assets.teacher_dir)},
+        "scoring": {"max_new_tokens": 8, "batch_size": 8, "num_actors": 1},
+        "curriculum": {"num_buckets": 4},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    return parse_config(base)
+
+
+def test_missing_inputs_name_the_field(tiny_assets, tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.train: data path not found"):
+        score_dataset(_config(tiny_assets, tmp_path, tmp_path / "nope.jsonl"))
+    with pytest.raises(FileNotFoundError, match="models.teacher: model folder not found"):
+        score_dataset(_config(tiny_assets, tmp_path, tiny_assets.train_path, models={"teacher": str(tmp_path / "no")}))
+    with pytest.raises(ConfigError, match=r"models.student_layers: \[7\] out of range"):
+        score_dataset(_config(tiny_assets, tmp_path, tiny_assets.train_path, models={"student_layers": [1, 7]}))
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The Ray Data pipeline
+
+
+BAD_LINES = [
+    json.dumps({"id": "bad-no-response", "instruction": "Say hi."}),
+    json.dumps({"id": "bad-empty-instruction", "instruction": "  ", "output": "x"}),
+    json.dumps({"id": "bad-type", "instruction": "Add the two numbers.", "output": 12}),
+    "{this is not json",
+]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """JSONL with good rows, bad rows, a repeated id and two identical id-less rows."""
+    root = tmp_path_factory.mktemp("scoring_data")
+    good = synthetic_rows(80, seed=7)
+    repeat = dict(good[5], output="a different answer")  # same id, other content
+    no_id = {"instruction": "Reverse the order of the words.", "input": "sea fox", "output": "fox sea"}
+    lines = [json.dumps(r) for r in good[:40]] + BAD_LINES[:2] + [json.dumps(repeat), ""]
+    lines += [json.dumps(r) for r in good[40:]] + BAD_LINES[2:] + [json.dumps(no_id), json.dumps(no_id)]
+    path = root / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return {"path": path, "good_ids": [r["id"] for r in good], "rows_in": sum(bool(line) for line in lines)}
+
+
+def _scores(result):
+    table = pds.dataset(str(result.scores_path), format="parquet").to_table()
+    return table.to_pandas()
+
+
+def _python_rrf(frame, metrics, directions, k=60.0):
+    ids = frame["id"].tolist()
+    fused = dict.fromkeys(ids, 0.0)
+    for m in metrics:
+        sign = 1.0 if directions[m] == "lower" else -1.0
+        ordered = sorted(zip(ids, frame[m]), key=lambda p: (sign * p[1], p[0]))
+        for rank, (i, _) in enumerate(ordered, start=1):
+            fused[i] += 1.0 / (k + rank)
+    return sorted(ids, key=lambda i: (-fused[i], i)), fused
+
+
+@pytest.fixture(scope="module")
+def scored(ray_local, tiny_assets, dataset, tmp_path_factory):
+    cfg = _config(tiny_assets, tmp_path_factory.mktemp("score_a"), dataset["path"])
+    return cfg, score_dataset(cfg)
+
+
+def test_every_row_is_bucketed_or_rejected(scored, dataset):
+    cfg, result = scored
+    m = result.manifest
+    frame = _scores(result)
+    rejected = [json.loads(line) for line in result.rejected_path.read_text().splitlines()]
+    assert m["rows_in"] == dataset["rows_in"] == m["rows_scored"] + m["rows_rejected"]
+    assert len(frame) == m["rows_scored"] and frame["id"].is_unique
+    assert len(rejected) == m["rows_rejected"] == 6
+    assert sorted(r["row"] for r in rejected) == sorted({r["row"] for r in rejected})
+    assert set(dataset["good_ids"]) <= set(frame["id"])
+    reasons = {r["id"]: r["reason"] for r in rejected}
+    assert "missing field 'response'" in reasons["bad-no-response"]
+    assert "must be a string" in reasons["bad-type"]
+    assert rejected[[r["id"] for r in rejected].index("bad-type")]["record"]["output"] == 12
+    assert any("invalid JSON" in r["reason"] and r["record"] == {"raw_line": "{this is not json"} for r in rejected)
+    # The repeated id keeps its first occurrence; the second identical id-less row is rejected.
+    dup = [r for r in rejected if r["reason"].startswith("duplicate id")]
+    assert len(dup) == 2 and dup[0]["record"]["output"] == "a different answer"
+    assert frame.loc[frame["id"] == dup[0]["id"], "response"].item() != "a different answer"
+    assert (frame["bucket"] >= 0).all() and (frame["bucket"] < 4).all()
+
+
+def test_buckets_are_equal_contiguous_and_easy_first(scored):
+    _, result = scored
+    m = result.manifest
+    frame = _scores(result)
+    n = m["rows_scored"]
+    assert sorted(frame["rank"]) == list(range(n))
+    assert (frame["bucket"] == frame["rank"] * 4 // n).all()
+    sizes = frame["bucket"].value_counts().sort_index().tolist()
+    assert sizes == [b["rows"] for b in m["buckets"]] and sum(sizes) == n and max(sizes) - min(sizes) <= 1
+    for easier, harder in zip(m["buckets"], m["buckets"][1:]):
+        assert easier["fused_min"] >= harder["fused_max"]
+    assert frame["rank"].tolist() == list(range(n))  # sort_output: written in rank order
+
+
+def test_rank_order_matches_python_rrf(scored):
+    cfg, result = scored
+    frame = _scores(result)
+    directions = {"student_ce": "lower", "student_rougeL": "higher"}
+    assert [d["name"] for d in result.manifest["metrics"]] == list(directions)
+    expected, fused = _python_rrf(frame, list(directions), directions)
+    assert frame.sort_values("rank")["id"].tolist() == expected
+    np.testing.assert_allclose(frame["fused_score"], [fused[i] for i in frame["id"]], rtol=1e-12)
+    assert frame["student_rougeL"].between(0, 1).all() and (frame["student_ce"] > 0).all()
+
+
+def test_manifest_layout(scored):
+    cfg, result = scored
+    m = load_manifest(result.output_dir)
+    assert m == json.loads(json.dumps(result.manifest))
+    assert m["rrf_k"] == 60 and m["num_buckets"] == 4 and m["scores_path"] == "scores.parquet"
+    assert m["config"]["data"]["train"] == cfg.data.train and m["ray_version"]
+    assert m["models"]["teacher"].endswith("teacher") and "cut from teacher" in m["models"]["student"]
+    summary = format_summary(m)
+    assert f"scored {m['rows_scored']} of {m['rows_in']} rows" in summary and len(summary.splitlines()) < 25
+
+
+def test_two_runs_give_identical_buckets(ray_local, scored, tiny_assets, dataset, tmp_path):
+    _, first = scored
+    cfg = _config(tiny_assets, tmp_path, dataset["path"], scoring={"sort_output": False})
+    second = score_dataset(cfg)
+    a = _scores(first).set_index("id").sort_index()
+    b = _scores(second).set_index("id").sort_index()
+    assert a[["rank", "bucket"]].equals(b[["rank", "bucket"]])
+    assert a[["student_ce", "student_rougeL", "fused_score"]].equals(b[["student_ce", "student_rougeL", "fused_score"]])
+    assert second.manifest["buckets"] == first.manifest["buckets"]
+
+
+def test_flipping_a_direction_flips_the_order(ray_local, tiny_assets, dataset, tmp_path):
+    # "length" needs no model, so this run is cheap; its default direction is lower = easier.
+    def order(direction):
+        cfg = _config(tiny_assets, tmp_path / direction, dataset["path"],
+                      scoring={"metrics": ["length"], "directions": {"length": direction}, "sort_output": False})
+        frame = _scores(score_dataset(cfg)).set_index("id")
+        assert (frame["length"] == frame["num_response_tokens"]).all()
+        return frame.sort_values("rank").index.tolist(), frame["length"]
+
+    higher, length = order("higher")
+    assert higher == sorted(length.index, key=lambda i: (-length[i], i))
+    assert length[higher[0]] == length.max() and length[higher[-1]] == length.min()
+
+
+def test_cli_and_function_agree(scored, dataset, tmp_path):
+    cfg, result = scored
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(cfg.to_yaml())
+    out = tmp_path / "cli_run"
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # a fresh local Ray, never another cluster here
+    proc = subprocess.run(
+        [str(VENV_BIN / "pocl-ray"), "score", "--config", str(config_path), "--output", str(out)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cli_manifest = load_manifest(out / "scores")
+    assert f"scored {cli_manifest['rows_scored']} of {cli_manifest['rows_in']} rows" in proc.stdout
+    for key in ("rows_in", "rows_scored", "rows_rejected", "metrics", "buckets", "num_buckets"):
+        assert cli_manifest[key] == result.manifest[key], key
+    cli_frame = pds.dataset(str(out / "scores" / "scores.parquet"), format="parquet").to_table().to_pandas()
+    a = _scores(result).set_index("id").sort_index()
+    b = cli_frame.set_index("id").sort_index()
+    assert a[["rank", "bucket", "fused_score"]].equals(b[["rank", "bucket", "fused_score"]])
+    assert (out / "scores" / "rejected.jsonl").read_text() == result.rejected_path.read_text()

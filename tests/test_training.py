@@ -1,0 +1,413 @@
+"""Training on Ray Train: 2 CPU workers (gloo), tiny Llama teacher/student, scores written here.
+
+Ray runs are few and shared through module fixtures: one undisturbed POCL run (schedule, data,
+loss, saved student), one run killed after a checkpoint and re-run (exact resume), one
+curriculum-extraction run with on-policy rows. The loss algebra (2 workers = 1 worker on the
+combined batch) is checked with two gloo processes, without Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pocl_ray.config import ConfigError, parse_config
+from pocl_ray.curriculum import epoch_order, plan_from_config, pool_ranks, stage_specs
+from pocl_ray.data import read_table, validate_and_tokenize
+from pocl_ray.difficulty import bucket_of_rank
+from pocl_ray.models import load_model, load_tokenizer
+
+ray_test = pytest.mark.ray
+
+
+# -- helpers shared with test_fault.py ---------------------------------------------------------
+
+
+def write_scores(directory: Path, assets, num_buckets: int = 4) -> Path:
+    """A scoring output as CONTRACTS.md fixes it, ranked by response length (then id) as a stand-in
+    for the fused difficulty score."""
+    tokenizer = load_tokenizer(assets.tokenizer_dir)
+    good, rejects = validate_and_tokenize(read_table(assets.train_path).to_pylist(), tokenizer, assets.data_config())
+    assert not rejects
+    good.sort(key=lambda r: (r["num_response_tokens"], r["id"]))
+    m = len(good)
+    ranks = np.arange(m)
+    scores = directory / "scores"
+    scores.mkdir(parents=True)
+    table = pa.table({
+        "id": pa.array([r["id"] for r in good], pa.string()),
+        "prompt": pa.array([r["prompt"] for r in good], pa.string()),
+        "response": pa.array([r["response"] for r in good], pa.string()),
+        "input_ids": pa.array([r["input_ids"] for r in good], pa.list_(pa.int32())),
+        "labels": pa.array([r["labels"] for r in good], pa.list_(pa.int32())),
+        "num_prompt_tokens": pa.array([r["num_prompt_tokens"] for r in good], pa.int32()),
+        "num_response_tokens": pa.array([r["num_response_tokens"] for r in good], pa.int32()),
+        "length": pa.array([float(r["num_response_tokens"]) for r in good], pa.float64()),
+        "fused_score": pa.array((1.0 / (61 + ranks)).tolist(), pa.float64()),
+        "rank": pa.array(ranks, pa.int64()),
+        "bucket": pa.array(bucket_of_rank(ranks, m, num_buckets), pa.int32()),
+    })
+    pq.write_table(table, scores / "scores.parquet", row_group_size=64)
+    buckets = bucket_of_rank(ranks, m, num_buckets)
+    (scores / "manifest.json").write_text(json.dumps({
+        "rows_in": m, "rows_scored": m, "rows_rejected": 0, "metrics": [{"name": "length", "direction": "lower"}],
+        "rrf_k": 60, "num_buckets": num_buckets,
+        "buckets": [{"id": b, "rows": int((buckets == b).sum()), "fused_min": None, "fused_max": None} for b in range(num_buckets)],
+        "models": {}, "config": {}, "ray_version": "", "wall_seconds": 0.0, "scores_path": "scores.parquet",
+    }))
+    return scores
+
+
+def run_config(assets, out: Path, name: str = "t", **overrides):
+    """A small 2-worker POCL config over the tiny assets: 4 stages of 1 epoch, global batch 16."""
+    cfg = parse_config({
+        "name": name,
+        "data": {"train": str(assets.train_path), "dev": str(assets.dev_path), "max_prompt_length": 96, "max_length": 128},
+        "models": {"teacher": str(assets.teacher_dir), "student": str(assets.student_dir)},
+        "curriculum": {"plan": "pocl", "num_buckets": 4, "epochs_per_stage": 1.0},
+        "training": {"num_workers": 2, "global_batch_size": 16, "micro_batch_size": 4, "lr": 1e-3,
+                     "min_lr": 1e-4, "checkpoint_every": 10, "max_failures": 0},
+        "output": {"dir": str(out)},
+    })
+    return cfg.with_overrides(overrides) if overrides else cfg
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def expected_tokens(cfg, scores: Path, plan=None) -> list[int]:
+    """Global response tokens of every planned step, from the seeded epoch orders: what the two
+    workers together must have trained on if each step got exactly its planned rows."""
+    table = pq.read_table(scores / "scores.parquet", columns=["rank", "num_response_tokens"])
+    tokens = np.zeros(table.num_rows, dtype=np.int64)
+    tokens[table.column("rank").to_numpy()] = table.column("num_response_tokens").to_numpy()
+    g = cfg.training.global_batch_size
+    out = []
+    for index, spec in enumerate(stage_specs(plan or plan_from_config(cfg), table.num_rows, g)):
+        pool = pool_ranks(spec.pool_ranges)
+        for k in range(spec.steps):
+            epoch, j = divmod(k, spec.steps_per_epoch)
+            order = pool[epoch_order(spec.pool_rows, cfg.training.seed, index, epoch)]
+            out.append(int(tokens[order[j * g : (j + 1) * g]].sum()))
+    return out
+
+
+def dev_fkl(model_dir, assets) -> float:
+    """Forward KL(teacher || student) at T = 1 per response token on the dev rows."""
+    from pocl_ray.data import collate
+    from pocl_ray.losses import kd_loss
+
+    tokenizer = load_tokenizer(assets.tokenizer_dir)
+    good, _ = validate_and_tokenize(read_table(assets.dev_path).to_pylist(), tokenizer, assets.data_config())
+    batch = collate(good, tokenizer.pad_token_id)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        s = load_model(model_dir, frozen=True)(**inputs).logits
+        t = load_model(assets.teacher_dir, frozen=True)(**inputs).logits
+        return float(kd_loss("fkl", s, t, batch["labels"], scale_by_t2=False))
+
+
+# -- checks before any Ray work ----------------------------------------------------------------
+
+
+def test_missing_scores_is_a_clear_error(tiny_assets, tmp_path):
+    from pocl_ray.training import train
+
+    with pytest.raises(FileNotFoundError, match=r"run `pocl-ray score` first: no scores at .*scores"):
+        train(run_config(tiny_assets, tmp_path))
+
+
+def test_bad_plans_fail_before_ray(tiny_assets, tmp_path):
+    import ray
+
+    from pocl_ray.training import train
+
+    scores = write_scores(tmp_path, tiny_assets)
+    with pytest.raises(ConfigError, match="curriculum.num_buckets: .*cuts 1000 buckets"):
+        train(run_config(tiny_assets, tmp_path, **{"curriculum.num_buckets": 1000}), scores)
+    with pytest.raises(ConfigError, match="'plateau' needs a dev set"):
+        train(run_config(tiny_assets, tmp_path, **{"curriculum.advance": "plateau", "data.dev": None}), scores)
+    with pytest.raises(ConfigError, match="student layer 9 .* outside 1..2"):
+        train(run_config(tiny_assets, tmp_path, **{"curriculum.plan": "extraction",
+                                                   "curriculum.extraction.layer_map": [1, 1, 2, 9]}), scores)
+    with pytest.raises(FileNotFoundError, match="models.student: model folder not found"):
+        train(run_config(tiny_assets, tmp_path, **{"models.student": str(tmp_path / "nope")}), scores)
+    assert not ray.is_initialized()
+
+
+# -- the undisturbed 2-worker POCL run ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pocl_run(ray_local, tiny_assets, tmp_path_factory):
+    from pocl_ray.training import train
+
+    root = tmp_path_factory.mktemp("pocl")
+    scores = write_scores(root, tiny_assets)
+    cfg = run_config(tiny_assets, root / "run")
+    result = train(cfg, scores)
+    return cfg, scores, result
+
+
+@ray_test
+def test_pocl_schedule_in_metrics(pocl_run):
+    cfg, scores, result = pocl_run
+    records = read_metrics(result.metrics_path)
+    num_rows = pq.read_metadata(scores / "scores.parquet").num_rows
+    plan = plan_from_config(cfg)
+    specs = stage_specs(plan, num_rows, cfg.training.global_batch_size)
+    assert [r["step"] for r in records] == list(range(1, sum(s.steps for s in specs) + 1))
+    assert result.steps == len(records) and result.stages_completed == 4
+    stages = [r["stage"] for r in records]
+    assert stages == sorted(stages) and set(stages) == {0, 1, 2, 3}
+    for s, spec in enumerate(specs):
+        rows = [r for r in records if r["stage"] == s]
+        assert len(rows) == spec.steps
+        # Pools are 1/4, 2/4, 3/4 and all of the data (bucket bounds of the rank order).
+        assert {r["pool_rows"] for r in rows} == {-(-(s + 1) * num_rows // 4)}
+        assert all(r["temperature"] == pytest.approx(plan.stages[s].temperature) for r in rows)
+        assert all(r["kd_weight"] == pytest.approx(plan.stages[s].kd_weight) for r in rows)
+        assert rows[0]["lr"] == pytest.approx(cfg.training.lr)  # fresh cosine every stage
+        assert rows[-1]["lr"] == pytest.approx(cfg.training.min_lr) or spec.steps == 1
+        assert rows[-1]["epoch"] == 0
+        for r in rows:
+            assert r["loss"] == pytest.approx((1 - r["kd_weight"]) * r["ce_loss"] + r["kd_weight"] * r["kd_loss"], rel=1e-5)
+    assert {"loss", "kd_loss", "ce_loss", "lr", "tokens", "seconds", "epoch"} <= set(records[0])
+
+
+@ray_test
+def test_pocl_steps_train_exactly_the_planned_rows(pocl_run):
+    cfg, scores, result = pocl_run
+    # Each step's global token count equals the planned rows' count: the two workers' shares were
+    # disjoint and together the whole step, and every epoch covered its pool.
+    assert [r["tokens"] for r in read_metrics(result.metrics_path)] == expected_tokens(cfg, scores)
+
+
+@ray_test
+def test_pocl_student_learns_and_reloads(pocl_run, tiny_assets):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg, _, result = pocl_run
+    model = AutoModelForCausalLM.from_pretrained(result.student_dir)
+    tokenizer = AutoTokenizer.from_pretrained(result.student_dir)
+    assert model.config.num_hidden_layers == 2 and len(tokenizer) == len(load_tokenizer(tiny_assets.tokenizer_dir))
+    before, after = dev_fkl(tiny_assets.student_dir, tiny_assets), dev_fkl(result.student_dir, tiny_assets)
+    assert after < 0.8 * before, (before, after)
+    assert result.metrics["dev_kd_loss"] == pytest.approx(after, rel=1e-3)
+
+
+# -- loss algebra: 2 DDP workers give the gradient of 1 worker on the combined batch -------------
+
+
+def _stages():
+    from pocl_ray.curriculum import Stage
+
+    return [
+        Stage(index=0, buckets=(0,), steps=1, temperature=2.0, kd_weight=0.8, loss="js"),
+        Stage(index=1, buckets=(0,), steps=1, target="hidden", teacher_layer=3, student_layer=1, loss="mse"),
+        Stage(index=2, buckets=(0,), steps=1, kd_weight=0.5, loss="fkl"),
+    ]
+
+
+def _gradients(student, teacher, micro_rows, stage, pad_id, projection):
+    from pocl_ray.config import KDConfig
+    from pocl_ray.training import accumulate_gradients, build_batch, unwrap
+
+    batches = [build_batch(rows, pad_id, torch.device("cpu")) for rows in micro_rows]
+    out = accumulate_gradients(student, teacher, batches, stage, KDConfig(chunk_size=16), projection=projection)
+    grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in unwrap(student).named_parameters()}
+    unwrap(student).zero_grad(set_to_none=True)
+    return out, grads
+
+
+def _ddp_worker(rank: int, world: int, init: str, assets, rows: list[dict], result_path: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from pocl_ray.extraction import layer_projection
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    teacher = load_model(assets.teacher_dir, frozen=True)
+    pad_id = load_tokenizer(assets.tokenizer_dir).pad_token_id
+    results = []
+    for stage in _stages():
+        torch.manual_seed(0)
+        student = DistributedDataParallel(load_model(assets.student_dir), find_unused_parameters=stage.target == "hidden")
+        student.eval()  # no dropout: both sides must compute the same function
+        projection = layer_projection(64, 32, 3, seed=0) if stage.target == "hidden" else None
+        mine = rows[rank * 4 : (rank + 1) * 4]  # this worker's half, as two micro-batches of 2
+        results.append(_gradients(student, teacher, [mine[:2], mine[2:]], stage, pad_id, projection))
+    if rank == 0:
+        torch.save(results, result_path)
+    dist.destroy_process_group()
+
+
+def test_two_workers_match_one_worker_on_the_combined_batch(tiny_assets, tmp_path):
+    import torch.multiprocessing as mp
+
+    from pocl_ray.extraction import layer_projection
+
+    tokenizer = load_tokenizer(tiny_assets.tokenizer_dir)
+    good, _ = validate_and_tokenize(read_table(tiny_assets.train_path).to_pylist()[:8], tokenizer, tiny_assets.data_config())
+    rows = [{k: r[k] for k in ("input_ids", "labels", "attention_mask")} for r in good]
+    # Rows of very different lengths, so a per-worker mean would weigh tokens differently.
+    assert len({len(r["input_ids"]) for r in rows}) > 3
+    result_path = tmp_path / "ddp.pt"
+    mp.spawn(_ddp_worker, args=(2, f"file://{tmp_path / 'pg'}", tiny_assets, rows, str(result_path)), nprocs=2)
+    ddp = torch.load(result_path, weights_only=False)
+
+    teacher = load_model(tiny_assets.teacher_dir, frozen=True)
+    for stage, (ddp_out, ddp_grads) in zip(_stages(), ddp):
+        torch.manual_seed(0)
+        student = load_model(tiny_assets.student_dir)
+        student.eval()
+        projection = layer_projection(64, 32, 3, seed=0) if stage.target == "hidden" else None
+        # One worker, the same 8 rows as 4 micro-batches of 2 (gradient accumulation).
+        out, grads = _gradients(student, teacher, [rows[i : i + 2] for i in range(0, 8, 2)], stage, tokenizer.pad_token_id, projection)
+        torch.testing.assert_close(ddp_out, out, rtol=1e-5, atol=1e-6)
+        assert out[3] == out[4] == sum(sum(1 for x in r["labels"][1:] if x != -100) for r in rows)
+        assert sum(float(g.abs().sum()) for g in grads.values()) > 0
+        for name, g in grads.items():
+            torch.testing.assert_close(ddp_grads[name], g, rtol=1e-4, atol=1e-7, msg=f"stage {stage.index} {name}")
+
+
+# -- exact resume: a run killed after a checkpoint, re-run with the same name --------------------
+
+
+def train_worker_pids() -> list[int]:
+    """PIDs of Ray Train workers among this test process's descendants (never another cluster's)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [os.getpid()]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            todo.append(child)
+            try:
+                if b"RayTrainWorker" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    found.append(child)
+            except OSError:
+                continue
+    return found
+
+
+def committed_checkpoints(storage: Path) -> list[str]:
+    snapshot = storage / "checkpoint_manager_snapshot.json"
+    if not snapshot.exists():
+        return []
+    try:
+        return sorted(d.name for d in storage.glob("step_*")) if json.loads(snapshot.read_text()) else []
+    except json.JSONDecodeError:
+        return []
+
+
+@ray_test
+@pytest.mark.slow
+def test_killed_run_resumes_at_the_same_step_with_the_same_data(pocl_run, tiny_assets, tmp_path):
+    from pocl_ray.training import train
+
+    _, scores, undisturbed = pocl_run
+    cfg = run_config(tiny_assets, tmp_path / "run")  # same name, seed and plan as the undisturbed run
+    storage = tmp_path / "run" / "train" / "checkpoints" / cfg.name
+    failure: list[BaseException] = []
+
+    def first_attempt():
+        try:
+            train(cfg, scores)
+        except BaseException as err:  # noqa: BLE001 - the failure is what this thread is for
+            failure.append(err)
+
+    thread = threading.Thread(target=first_attempt)
+    thread.start()
+    deadline = time.time() + 300
+    while not committed_checkpoints(storage) and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.05)
+    pids = train_worker_pids()
+    assert pids and thread.is_alive(), "the run ended before a checkpoint could be taken"
+    killed_at = time.time()
+    os.kill(pids[-1], signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive() and failure, "max_failures=0: killing a worker must fail the run"
+
+    result = train(cfg, scores)  # same RunConfig name and storage: resumes from the last checkpoint
+    resumed, reference = read_metrics(result.metrics_path), read_metrics(undisturbed.metrics_path)
+    assert [r["step"] for r in resumed] == [r["step"] for r in reference]
+    assert [r["stage"] for r in resumed] == [r["stage"] for r in reference]
+    assert [r["tokens"] for r in resumed] == [r["tokens"] for r in reference]
+    for a, b in zip(resumed, reference):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6), a["step"]
+        assert a["lr"] == pytest.approx(b["lr"])
+    # Steps up to the checkpoint were kept from the first attempt, the rest trained after the kill.
+    before = [r["step"] for r in resumed if r["time"] < killed_at]
+    assert before and before == list(range(1, len(before) + 1))
+    num_rows = pq.read_metadata(scores / "scores.parquet").num_rows
+    stage_ends = np.cumsum([s.steps for s in stage_specs(plan_from_config(cfg), num_rows, 16)]).tolist()
+    assert before[-1] % cfg.training.checkpoint_every == 0 or before[-1] in stage_ends
+    assert all(r["time"] > killed_at for r in resumed[len(before):])
+    assert len(before) < len(resumed)
+    assert result.steps == undisturbed.steps and result.stages_completed == 4
+
+
+# -- curriculum extraction with on-policy rows ------------------------------------------------------
+
+
+@ray_test
+def test_extraction_plan_runs_hidden_stages_then_output_kd(ray_local, tiny_assets, tmp_path):
+    from pocl_ray.training import train
+
+    scores = write_scores(tmp_path, tiny_assets)
+    cfg = run_config(tiny_assets, tmp_path / "run", **{
+        "curriculum.plan": "extraction", "curriculum.extraction.steps_per_layer": 3,
+        "curriculum.extraction.final_steps": 4, "kd.on_policy_fraction": 0.5, "kd.on_policy_max_new_tokens": 8,
+        "training.checkpoint_every": 100,
+    })
+    result = train(cfg, scores)
+    records = read_metrics(result.metrics_path)
+    assert [r["stage"] for r in records] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3 + [4] * 4
+    assert [r["target"] for r in records] == ["hidden"] * 12 + ["logits"] * 4
+    assert [r.get("teacher_layer") for r in records[:12:3]] == [1, 2, 3, 4]
+    assert [r.get("student_layer") for r in records[:12:3]] == [1, 1, 2, 2]
+    assert all(r["kd_weight"] == 1.0 and r["loss"] == pytest.approx(r["kd_loss"]) and r["kd_loss"] > 0 for r in records)
+    plan_tokens = expected_tokens(cfg, scores, plan_from_config(cfg, 4, 2))
+    # Hidden stages train on the reference rows; the last stage replaced half of every micro-batch
+    # by the student's own samples: CE counts only the remaining reference rows.
+    assert [r["tokens"] for r in records[:12]] == plan_tokens[:12]
+    assert all(0 < r["ce_tokens"] < plan_tokens[12 + i] for i, r in enumerate(records[12:]))
+    assert result.stages_completed == 5 and (result.student_dir / "config.json").exists()
+
+
+# -- moving on when the dev loss stops improving ----------------------------------------------------
+
+
+@ray_test
+def test_plateau_moves_on_after_patience_evaluations(ray_local, tiny_assets, tmp_path):
+    from pocl_ray.training import train
+
+    scores = write_scores(tmp_path, tiny_assets)
+    # An LR of 1e-30 leaves the weights unchanged, so the dev loss never improves after the first
+    # evaluation: each stage must stop at its third evaluation (patience 2), stage step 6 of 50.
+    cfg = run_config(tiny_assets, tmp_path / "run", **{
+        "curriculum.steps_per_stage": 50, "curriculum.advance": "plateau", "curriculum.patience": 2,
+        "training.eval_every": 2, "training.lr": 1e-30, "training.min_lr": 0.0, "training.checkpoint_every": 100,
+    })
+    result = train(cfg, scores)
+    records = read_metrics(result.metrics_path)
+    assert [r["stage"] for r in records] == [0] * 6 + [1] * 6 + [2] * 6 + [3] * 6
+    assert [r["step"] for r in records] == list(range(1, 25))
+    assert result.stages_completed == 4 and "dev_loss" in result.metrics

@@ -1,0 +1,312 @@
+"""Ray Tune sweeps: the search space and results as plain functions, then two real sweeps on local
+Ray over the tiny assets (1 Train worker per trial, 2 steps per stage).
+
+The 4-trial grid sweep is interrupted (SIGUSR1, Tune's own stop signal) once two trials finished,
+then run again: it must resume with those two kept, not re-score, and end with all four trials.
+The ASHA sweep pits a sane learning rate against a wrecking one and must stop the latter at its
+first stage boundary.
+
+Tune over Train V2 needs the State API (Train's placement-group cleaner watches the controller
+through it), so this module starts its own Ray with the dashboard instead of `ray_local`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pocl_ray.config import ConfigError, load_config, parse_config
+from pocl_ray.curriculum import schedule
+from pocl_ray.tuning import (
+    best_config,
+    best_trial,
+    check_search_space,
+    is_decision_point,
+    param_space,
+    plot_objective,
+    report_lines,
+    trial_config,
+    trial_row,
+)
+
+GRID = {
+    "curriculum.num_buckets": {"type": "grid", "values": [2, 4]},
+    "curriculum.temperature_end": {"type": "grid", "values": [1.0, 2.0]},
+}
+
+
+def sweep_config(assets, out: Path, search_space: dict | None = None, **overrides):
+    """A tiny POCL sweep: 1 Train worker per trial, 2 steps per stage, length-only scoring."""
+    cfg = parse_config({
+        "name": "sw",
+        "data": {"train": str(assets.train_path), "dev": str(assets.dev_path), "max_prompt_length": 96, "max_length": 128},
+        "models": {"teacher": str(assets.teacher_dir), "student": str(assets.student_dir)},
+        "scoring": {"metrics": ["length"], "batch_size": 64},
+        "curriculum": {"plan": "pocl", "num_buckets": 4, "steps_per_stage": 2, "temperature_start": 1.0},
+        "training": {"num_workers": 1, "global_batch_size": 16, "micro_batch_size": 16, "lr": 1e-3,
+                     "min_lr": 1e-4, "checkpoint_every": 100, "max_failures": 0},
+        "tune": {"search_space": search_space or GRID, "max_concurrent_trials": 2},
+        "output": {"dir": str(out)},
+    })
+    return cfg.with_overrides(overrides) if overrides else cfg
+
+
+# -- search space, checked before any Ray work -------------------------------------------------
+
+
+def test_search_space_errors_name_the_path(tiny_assets, tmp_path):
+    def check(space=None, **overrides):
+        check_search_space(sweep_config(tiny_assets, tmp_path, space, **overrides))
+
+    with pytest.raises(ConfigError, match=r"tune.search_space.curriculum.num_bucket = 2: .*no such config field"):
+        check({"curriculum.num_bucket": {"type": "grid", "values": [2]}})
+    with pytest.raises(ConfigError, match=r"(?s)tune.search_space.curriculum.num_buckets = 0: .*greater than or equal to 1"):
+        check({"curriculum.num_buckets": {"type": "choice", "values": [2, 0]}})
+    with pytest.raises(ConfigError, match=r"tune.search_space.scoring.rrf_k: .*shared by every trial"):
+        check({"scoring.rrf_k": {"type": "uniform", "low": 1, "high": 60}})
+    with pytest.raises(ConfigError, match=r"tune.search_space.training.lr: search_alg 'grid' needs grid or choice"):
+        check({"training.lr": {"type": "loguniform", "low": 1e-5, "high": 1e-3}}, **{"tune.search_alg": "grid"})
+    with pytest.raises(ConfigError, match=r"search_alg 'optuna' samples values; use type 'choice'"):
+        check(**{"tune.search_alg": "optuna"})
+    with pytest.raises(ConfigError, match="tune.search_space is empty"):
+        check(**{"tune.search_space": {}})
+    with pytest.raises(ConfigError, match=r"tune.objective: 'dev_kd_loss' is measured on a dev set; set data.dev"):
+        check(**{"data.dev": None})
+    # Each value alone is valid; 16 rows x 2 workers does not divide the global batch of 16.
+    clash = {"training.micro_batch_size": {"type": "grid", "values": [8, 16]},
+             "training.num_workers": {"type": "grid", "values": [1, 2]}}
+    with pytest.raises(ConfigError, match=r"(?s)combination .*'training.micro_batch_size': 16, 'training.num_workers': 2"):
+        check(clash, **{"training.micro_batch_size": 8})
+
+
+def test_missing_search_package_is_a_config_error(tiny_assets, tmp_path):
+    import importlib.util
+
+    from pocl_ray.tuning import tune
+
+    if importlib.util.find_spec("hyperopt") is not None:
+        pytest.skip("hyperopt is installed")
+    space = {"training.lr": {"type": "loguniform", "low": 1e-5, "high": 1e-3}}
+    with pytest.raises(ConfigError, match=r"'hyperopt' needs the hyperopt package \(pip install hyperopt\)"):
+        tune(sweep_config(tiny_assets, tmp_path, space, **{"tune.search_alg": "hyperopt"}))
+    assert not (tmp_path / "scores").exists()
+
+
+def test_checked_combinations_cover_the_grid(tiny_assets, tmp_path):
+    checked = check_search_space(sweep_config(tiny_assets, tmp_path))
+    assert sorted((c.curriculum.num_buckets, c.curriculum.temperature_end) for c in checked) == [
+        (2, 1.0), (2, 2.0), (4, 1.0), (4, 2.0)]
+
+
+def test_param_space_maps_each_spec_type(tiny_assets, tmp_path):
+    from ray.tune.search.sample import Categorical, Float, LogUniform
+
+    space = {
+        "curriculum.num_buckets": {"type": "grid", "values": [2, 4]},
+        "kd.loss": {"type": "choice", "values": ["fkl", "rkl"]},
+        "curriculum.kd_weight_start": {"type": "uniform", "low": 0.3, "high": 0.9},
+        "training.lr": {"type": "loguniform", "low": 1e-5, "high": 1e-3},
+    }
+    tc = sweep_config(tiny_assets, tmp_path, space).tune
+    got = param_space(tc)
+    assert got["curriculum.num_buckets"] == {"grid_search": [2, 4]}
+    assert isinstance(got["kd.loss"], Categorical) and got["kd.loss"].categories == ["fkl", "rkl"]
+    assert isinstance(got["curriculum.kd_weight_start"], Float)
+    assert (got["curriculum.kd_weight_start"].lower, got["curriculum.kd_weight_start"].upper) == (0.3, 0.9)
+    assert isinstance(got["training.lr"].get_sampler(), LogUniform)
+    discrete = {k: v for k, v in space.items() if v["type"] in ("grid", "choice")}
+    grid_tc = sweep_config(tiny_assets, tmp_path, discrete, **{"tune.search_alg": "grid"}).tune
+    assert param_space(grid_tc)["kd.loss"] == {"grid_search": ["fkl", "rkl"]}
+
+
+def test_trial_and_best_configs(tiny_assets, tmp_path):
+    cfg = sweep_config(tiny_assets, tmp_path).with_overrides({"pipeline.compare": {"b": {"curriculum.plan": "baseline"}}})
+    params = {"curriculum.num_buckets": np.int64(2), "curriculum.temperature_end": np.float64(1.5)}
+    trial = trial_config(cfg, params, "abc_00001", tmp_path / "tune" / "trials")
+    assert (trial.curriculum.num_buckets, trial.curriculum.temperature_end) == (2, 1.5)
+    assert trial.name == "sw-abc_00001" and trial.output.dir == str(tmp_path / "tune" / "trials" / "abc_00001")
+    assert trial.pipeline.compare == {} and trial.data == cfg.data and trial.training == cfg.training
+    best = best_config(cfg, params)
+    assert best.output.dir == cfg.output.dir and best.name == "sw-best" and best.pipeline.compare == {}
+    assert best.curriculum.num_buckets == 2 and best.tune == cfg.tune
+
+
+def test_only_stage_ends_before_the_last_are_decision_points():
+    assert is_decision_point({"stage": 0, "stages_completed": 1, "dev_kd_loss": 3.0}, num_stages=4)
+    assert is_decision_point({"stage": 2, "stages_completed": 3, "dev_kd_loss": 3.0}, num_stages=4)
+    assert not is_decision_point({"stage": 3, "stages_completed": 4, "dev_kd_loss": 3.0}, num_stages=4)
+    assert not is_decision_point({"stage": 1, "stages_completed": 1, "loss": 2.0}, num_stages=4)  # mid-stage
+    assert not is_decision_point({"stage": 1, "stages_completed": 1, "dev_kd_loss": 2.0}, num_stages=4)
+
+
+def test_rows_best_trial_plot_and_report_section(tmp_path):
+    p = "curriculum.num_buckets"
+    rows = [
+        trial_row("t0", {p: 2}, {"finished": True, "dev_kd_loss": 2.0, "step": 8, "stages_completed": 2}, None, "dev_kd_loss", 2, tmp_path),
+        trial_row("t1", {p: 4}, {"finished": True, "dev_kd_loss": 1.5, "step": 8, "stages_completed": 4}, None, "dev_kd_loss", 4, tmp_path),
+        trial_row("t2", {p: 4}, {"dev_kd_loss": 0.5, "step": 2, "stages_completed": 1}, None, "dev_kd_loss", 4, tmp_path),
+        trial_row("t3", {p: 8}, None, "ValueError: boom", "dev_kd_loss", None, tmp_path),
+    ]
+    frame = pd.DataFrame(rows)
+    assert frame["status"].tolist() == ["finished", "finished", "stopped", "error"]
+    assert frame["stopped_early"].tolist() == [False, False, True, False]
+    assert math.isnan(frame.loc[3, "objective"]) and frame.loc[3, "steps"] == 0
+    # A stopped trial's intermediate loss does not compete with finished trials.
+    assert best_trial(frame, "dev_kd_loss")["trial_id"] == "t1"
+    rouge = pd.DataFrame([{**r, "objective": v} for r, v in zip(rows, [30.0, 20.0, 50.0, math.nan])])
+    assert best_trial(rouge, "dev_rougeL")["trial_id"] == "t0"
+    with pytest.raises(RuntimeError, match="no trial finished with a dev_kd_loss: 1 trials, 1 errors; first error: ValueError: boom"):
+        best_trial(frame.iloc[3:], "dev_kd_loss")
+
+    tune_dir = tmp_path / "tune"
+    tc = parse_config({"data": {"train": "x"}, "models": {"teacher": "t"},
+                       "tune": {"search_space": {p: {"type": "grid", "values": [2, 4, 8]}}}}).tune
+    png = plot_objective(frame, tc, tune_dir / "objective.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    frame.to_csv(tune_dir / "results.csv", index=False)
+    lines = report_lines(tune_dir, tmp_path / "report")
+    assert lines[0] == "## Sweep" and "4 trials" in lines[2]
+    assert any(line.startswith("| t2 | stopped | 4 |") for line in "\n".join(lines).splitlines())
+    assert (tmp_path / "report" / "tune_objective.png").is_file()
+    assert report_lines(tmp_path / "nowhere", tmp_path / "report") == []
+
+
+# -- sweeps on local Ray -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_tune():
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(address="local", num_cpus=8, include_dashboard=True)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _finished_trials(experiment: Path) -> list[str]:
+    """Trials whose final result Tune has recorded (result.json lines are written by the driver)."""
+    done = []
+    for path in experiment.glob("*/result.json"):
+        if any(json.loads(line).get("finished") for line in path.read_text().splitlines() if line.strip()):
+            done.append(path.parent.name)
+    return sorted(done)
+
+
+def _interrupt_after(experiment: Path, finished: int, stop: threading.Event) -> threading.Thread:
+    """SIGUSR1 (Tune's stop signal, installed while Tuner.fit runs) once `finished` trials ended."""
+
+    def watch():
+        while not stop.wait(1.0):
+            if len(_finished_trials(experiment)) >= finished:
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(ray_tune, tiny_assets, tmp_path_factory):
+    """The 4-trial grid, interrupted after 2 finished trials and run again; (cfg, result, log, kept)."""
+    import io
+    from contextlib import redirect_stdout
+
+    from pocl_ray.tuning import SweepInterrupted, tune
+
+    root = tmp_path_factory.mktemp("grid_sweep")
+    cfg = sweep_config(tiny_assets, root)
+    experiment = root / "tune" / "sweep"
+    log = io.StringIO()
+    stop = threading.Event()
+    watcher = _interrupt_after(experiment, 2, stop)
+    try:
+        with redirect_stdout(log), pytest.raises(SweepInterrupted, match="run the same command again to resume"):
+            tune(cfg)
+    finally:
+        stop.set()
+        watcher.join()
+    kept = {t: (root / "tune" / "trials" / t / "train" / "student" / "config.json").stat().st_mtime_ns
+            for t in _finished_trials(experiment)}
+    with redirect_stdout(log):
+        result = tune(cfg)
+    return cfg, result, log.getvalue(), kept
+
+
+@pytest.mark.ray
+def test_grid_sweep_runs_every_trial_with_its_settings(grid_sweep):
+    cfg, result, _, _ = grid_sweep
+    frame = pd.read_csv(result.results_csv)
+    assert len(frame) == 4 and set(frame["status"]) == {"finished"} and not frame["stopped_early"].any()
+    assert sorted(zip(frame["curriculum.num_buckets"], frame["curriculum.temperature_end"])) == [
+        (2, 1.0), (2, 2.0), (4, 1.0), (4, 2.0)]
+    for _, row in frame.iterrows():
+        n, t_end = int(row["curriculum.num_buckets"]), float(row["curriculum.temperature_end"])
+        records = [json.loads(line) for line in (Path(row.output_dir) / "train" / "metrics.jsonl").read_text().splitlines()]
+        # The trial's own plan ran: n stages of 2 steps, temperatures rising from 1 to its T_end.
+        assert [r["stage"] for r in records] == [s for s in range(n) for _ in range(2)]
+        temps = schedule(1.0, t_end, n)
+        assert all(r["temperature"] == pytest.approx(temps[r["stage"]]) for r in records)
+        assert {r["pool_rows"] for r in records if r["stage"] == n - 1} == {records[-1]["pool_rows"]}
+        assert row.num_stages == n and row.stages_completed == n and row.steps == 2 * n
+        assert np.isfinite(row.objective) and row.objective == pytest.approx(row.dev_kd_loss)
+    assert result.best_objective == frame["objective"].min()
+    assert result.plot_path.is_file()
+
+
+@pytest.mark.ray
+def test_grid_sweep_scores_once_and_resumes_keeping_finished_trials(grid_sweep):
+    cfg, result, log, kept = grid_sweep
+    assert log.count("[pipeline] score: starting") == 1
+    assert log.count("[pipeline] score: done already") == 1
+    assert "[tune] resuming the interrupted sweep" in log
+    assert len(kept) == 2
+    trials = result.output_dir / "trials"
+    for trial_id, mtime in kept.items():
+        # Not trained again: the student saved before the interruption is untouched.
+        assert (trials / trial_id / "train" / "student" / "config.json").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.ray
+def test_best_yaml_is_a_runnable_config_of_the_best_trial(grid_sweep):
+    cfg, result, _, _ = grid_sweep
+    best = load_config(result.best_config_path)
+    frame = pd.read_csv(result.results_csv, dtype={"trial_id": str})
+    row = frame.set_index("trial_id").loc[result.best_trial_id]
+    assert best.curriculum.num_buckets == row["curriculum.num_buckets"]
+    assert best.curriculum.temperature_end == row["curriculum.temperature_end"]
+    assert best.output.dir == cfg.output.dir and best.data == cfg.data and best.training == cfg.training
+
+
+@pytest.mark.ray
+def test_asha_stops_the_clearly_worse_trial_at_a_stage_boundary(grid_sweep, tiny_assets, tmp_path):
+    from pocl_ray.tuning import tune
+
+    _, first, _, _ = grid_sweep
+    shutil.copytree(first.output_dir.parent / "scores", tmp_path / "scores")  # the same scoring pass
+    # Sequential trials, grid order: the sane learning rate sets rung 1, the wrecking one falls below it.
+    space = {"training.lr": {"type": "grid", "values": [1e-3, 0.5]}}
+    cfg = sweep_config(tiny_assets, tmp_path, space, **{
+        "curriculum.num_buckets": 2, "tune.scheduler": "asha", "tune.grace_stages": 1, "tune.max_concurrent_trials": 1,
+    })
+    result = tune(cfg)
+    frame = pd.read_csv(result.results_csv).set_index("training.lr")
+    assert frame.loc[1e-3, "status"] == "finished" and frame.loc[1e-3, "stages_completed"] == 2
+    bad = frame.loc[0.5]
+    assert bad["status"] == "stopped" and bool(bad["stopped_early"])
+    assert bad["stages_completed"] == 1 and bad["steps"] == 2 and bad["objective"] > frame.loc[1e-3, "objective"]
+    assert result.best_objective == frame.loc[1e-3, "objective"]
