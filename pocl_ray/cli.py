@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write OUTPUT/report/report.md with plots")
     p.add_argument("--output", required=True, help="run directory")
     p.set_defaults(fn=_report)
-    add("parity", _parity, "the sparse-parity curriculum-extraction sandbox", config_required=False)
+    p = add("parity", _parity, "the sparse-parity curriculum-extraction sandbox", config_required=False)
+    p.set_defaults(output="runs/parity")
     return parser
 
 
@@ -101,6 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"pocl-ray {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"pocl-ray {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except RuntimeError as err:
+        from pocl_ray.tuning import SweepInterrupted
+
+        if not isinstance(err, SweepInterrupted):
+            raise
+        print(f"pocl-ray {args.command}: {err}", file=sys.stderr)
+        return 130
     return 0
 
 

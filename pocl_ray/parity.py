@@ -74,7 +74,7 @@ class ProgressiveSettings(_Strict):
 class ParityConfig(_Strict):
     """Everything one sandbox run needs; YAML in, field-named errors out."""
 
-    n: int = Field(50, gt=0, description="input bits")
+    n: int = Field(60, gt=0, description="input bits")
     k: int = Field(5, gt=0, description="size of the secret support")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     methods: list[Method] = Field(default_factory=lambda: list(METHODS))
@@ -283,12 +283,14 @@ def student_plan(method: str, cfg: ParityConfig, checkpoint_steps: Sequence[int]
     one_shot: one output-KD stage on the final teacher. progressive: one stage per teacher
     checkpoint ("step-<teacher step>"), steps_per_checkpoint each, then the final teacher.
     extraction: match the projected teacher hidden layer (layer 1 -> student layer 1) for
-    steps_per_layer steps, then output KD on the final teacher. The last stage always runs to the
-    end of the student step budget, so every method spends exactly cfg.student_steps steps.
+    steps_per_layer steps, then output KD on the final teacher. Every method spends exactly
+    cfg.student_steps steps: the last stage reached runs to the end of the budget, and stages
+    beyond it (a long checkpoint list) are never reached.
     """
     t = cfg.temperature
     if method == "one_shot":
-        return replace(baseline_plan(num_buckets=1, steps=cfg.student_steps, temperature=t, kd_weight=1.0), name="one_shot")
+        plan = baseline_plan(num_buckets=1, steps=cfg.student_steps, temperature=t, kd_weight=1.0)
+        return replace(plan, name="one_shot")
     if method == "progressive":
         names = [f"step-{s}" for s in checkpoint_steps] + [FINAL]
         p = cfg.progressive
@@ -433,8 +435,11 @@ def format_summary(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(results: dict, path: Path) -> Path:
-    """Held-out accuracy against student steps: thin lines per seed, thick mean per method."""
+def plot_curves(runs: Sequence[dict], target: float, cfg: dict, path: Path) -> Path:
+    """Held-out accuracy against student steps: thin lines per seed, thick mean per method.
+
+    `runs` are distill_student results (with their curves); `cfg` the run config as a dict.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -443,7 +448,7 @@ def plot_curves(results: dict, path: Path) -> Path:
     colors = {"one_shot": "tab:red", "progressive": "tab:blue", "extraction": "tab:green"}
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for method in METHODS:
-        rs = [r for r in results["runs"] if r["method"] == method]
+        rs = [r for r in runs if r["method"] == method]
         if not rs:
             continue
         for r in rs:
@@ -453,8 +458,7 @@ def plot_curves(results: dict, path: Path) -> Path:
         padded = [r["curve"]["accuracy"] + [r["curve"]["accuracy"][-1]] * (len(longest) - len(r["curve"]["accuracy"]))
                   for r in rs]
         ax.plot(longest, np.mean(padded, axis=0), color=colors[method], lw=2, label=method.replace("_", "-"))
-    ax.axhline(results["target_accuracy"], color="gray", ls="--", lw=1, label="target")
-    cfg = results["config"]
+    ax.axhline(target, color="gray", ls="--", lw=1, label="target")
     ax.set(xlabel="student steps (all phases)", ylabel="held-out accuracy", ylim=(0.4, 1.02),
            title=f"({cfg['n']}, {cfg['k']})-sparse parity, width {cfg['teacher_width']} -> {cfg['student_width']}")
     ax.legend(loc="lower right")
@@ -551,8 +555,7 @@ def run_parity(cfg: ParityConfig, output_dir: str | Path) -> dict:
         "host": platform.node(),
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    plot_curves({**results, "runs": [{**a, **b} for a, b in zip(results["runs"], results["curves"])]},
-                out / "curves.png")
+    plot_curves(runs, cfg.target_accuracy, results["config"], out / "curves.png")
     print(format_summary(results))
     print(f"results: {out / 'results.json'}\nplot:    {out / 'curves.png'}")
     return results

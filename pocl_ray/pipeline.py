@@ -25,9 +25,9 @@ import ray
 from pocl_ray.config import ConfigError, RunConfig
 
 # Config sections each stage's outputs depend on (the output dir itself is not part of them).
-_SCORE_KEYS = ("data", "models", "scoring")
-_TRAIN_KEYS = ("data", "models", "scoring", "curriculum", "kd", "training")
-_EVAL_KEYS = (*_TRAIN_KEYS, "eval")
+SCORE_KEYS = ("data", "models", "scoring")
+TRAIN_KEYS = ("data", "models", "scoring", "curriculum", "kd", "training")
+EVAL_KEYS = (*TRAIN_KEYS, "eval")
 
 
 def fingerprint(cfg: RunConfig, sections: tuple[str, ...], extra: dict | None = None) -> str:
@@ -128,15 +128,31 @@ def prepare_teacher(cfg: RunConfig, work_dir: Path) -> None:
     tmp.rename(target)
 
 
-def _init_ray() -> None:
+def init_ray(min_cpus: int = 4) -> None:
+    """Join the cluster when there is one (RAY_ADDRESS, as inside `ray job submit`), else start Ray locally.
+
+    Locally, Ray Data read tasks, measurer actors, train workers (and Tune trial drivers) must fit
+    together even on 2 cores, so at least `min_cpus` logical CPUs are advertised.
+    """
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()  # inside `ray job submit`, or pointed at a cluster
+        ray.init()
         return
-    # A laptop: Ray Data read tasks, measurer actors and train workers must fit together even on
-    # 2 cores, so advertise at least 4 logical CPUs (the work is sequential by stage anyway).
-    ray.init(num_cpus=max(4, os.cpu_count() or 1))
+    ray.init(num_cpus=max(min_cpus, os.cpu_count() or 1))
+
+
+def ensure_teacher(cfg: RunConfig, root: Path, min_cpus: int = 4) -> None:
+    """Build the stand-in teacher (pipeline.prepare_teacher) when models.teacher is missing."""
+    if (Path(cfg.models.teacher) / "config.json").is_file():
+        return
+    if cfg.pipeline.prepare_teacher is None:
+        raise FileNotFoundError(
+            f"models.teacher: {cfg.models.teacher} does not exist (set pipeline.prepare_teacher to build one)"
+        )
+    key = fingerprint(cfg, ("data",), {"prep": cfg.pipeline.prepare_teacher.model_dump(), "teacher": cfg.models.teacher})
+    run_stage("prepare teacher", root / "teacher_prep", key,
+              lambda: (init_ray(min_cpus), prepare_teacher(cfg, root / "teacher_prep")))
 
 
 def run_distill(cfg: RunConfig) -> Path:
@@ -152,25 +168,22 @@ def run_distill(cfg: RunConfig) -> Path:
         raise FileNotFoundError(
             f"models.teacher: {cfg.models.teacher} does not exist (set pipeline.prepare_teacher to build one)"
         )
-    _init_ray()
+    init_ray()
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.yaml").write_text(cfg.to_yaml())
+    ensure_teacher(cfg, root)
 
-    if cfg.pipeline.prepare_teacher is not None and not (Path(cfg.models.teacher) / "config.json").is_file():
-        prep_key = fingerprint(cfg, ("data",), {"prep": cfg.pipeline.prepare_teacher.model_dump(), "teacher": cfg.models.teacher})
-        run_stage("prepare teacher", root / "teacher_prep", prep_key, lambda: prepare_teacher(cfg, root / "teacher_prep"))
-
-    run_stage("score", root / "scores", fingerprint(cfg, _SCORE_KEYS), lambda: score_dataset(cfg))
+    run_stage("score", root / "scores", fingerprint(cfg, SCORE_KEYS), lambda: score_dataset(cfg))
 
     scores_dir = root / "scores"
     for label, run in runs.items():
         run_dir = Path(run.output.dir)
         tag = f" [{label}]" if label else ""
-        run_stage(f"train{tag}", run_dir / "train", fingerprint(run, _TRAIN_KEYS),
+        run_stage(f"train{tag}", run_dir / "train", fingerprint(run, TRAIN_KEYS),
                   lambda run=run: train(run, scores_dir=scores_dir))
         if run.eval.sets:
             student = run_dir / "train" / "student"
-            run_stage(f"eval{tag}", run_dir / "eval", fingerprint(run, _EVAL_KEYS),
+            run_stage(f"eval{tag}", run_dir / "eval", fingerprint(run, EVAL_KEYS),
                       lambda run=run, student=student: evaluate(run, student, label=None))
     report_runs = {label or "student": f"runs/{label}" if label else "." for label in runs}
     if cfg.pipeline.evaluate_teacher and cfg.eval.sets:

@@ -305,6 +305,10 @@ def write_report(run_dir: str | Path, runs: Mapping[str, str | Path] | None = No
     lines += _scores_section(run_dir / "scores", out_dir)
     lines += _training_section(resolved, out_dir)
     lines += _eval_section(collect_evals(run_dir, resolved), out_dir)
+    if (run_dir / "tune").is_dir():
+        from pocl_ray.tuning import report_lines  # imports ray.tune: only when a sweep exists
+
+        lines += report_lines(run_dir / "tune", out_dir)
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -43,13 +43,12 @@ from pocl_ray.config import ConfigError, KDConfig, RunConfig
 from pocl_ray.curriculum import Plan, Stage, StageSpec, coordinator, lr_at, plan_from_config, stage_specs
 from pocl_ray.data import collate, generation_batch, read_table, validate_and_tokenize
 from pocl_ray.extraction import hidden_match_loss, layer_projection
-from pocl_ray.losses import IGNORE_INDEX, count_tokens, cross_entropy, kd_loss
+from pocl_ray.losses import IGNORE_INDEX, KD_KINDS, count_tokens, cross_entropy, kd_loss
 from pocl_ray.models import (
     check_compatible,
     hidden_size,
     load_model,
     load_tokenizer,
-    num_layers,
     resolve_dtype,
     student_from_teacher,
 )
@@ -403,7 +402,7 @@ def train_func(config: dict) -> None:
                 epoch = spec.epoch_of(stage_step)
                 epoch_steps = ray.get(coord.shard.remote(stage_index, epoch, rank, world))
                 rows = read_rows(scores, np.concatenate([m for s in epoch_steps for m in s] or [np.zeros(0, np.int64)]))
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.thread_time()
             torch.manual_seed(step_seed(t.seed, step, rank))
             micro = _micro_batches(rows, epoch_steps[stage_step % spec.steps_per_epoch])
             if kd.on_policy_fraction > 0 and stage.target == "logits":
@@ -416,7 +415,8 @@ def train_func(config: dict) -> None:
             step, stage_step = step + 1, stage_step + 1
 
             if rank == 0:
-                pending.append(_record(step, stage_step, epoch, stage, spec, out, lr, time.perf_counter() - started))
+                seconds = (time.perf_counter() - started, time.thread_time() - cpu_started)
+                pending.append(_record(step, stage_step, epoch, stage, spec, out, lr, seconds))
                 if len(pending) >= LOG_EVERY:
                     if in_flight is not None:
                         ray.get(in_flight)
@@ -450,13 +450,19 @@ def _with_on_policy(model, rows: list[dict], kd: KDConfig, pad_id: int, eos_id: 
     return sampled + rows[n:]
 
 
-def _record(step: int, stage_step: int, epoch: int, stage: Stage, spec: StageSpec, out: torch.Tensor, lr: float, seconds: float) -> dict:
+def _record(
+    step: int, stage_step: int, epoch: int, stage: Stage, spec: StageSpec, out: torch.Tensor, lr: float,
+    seconds: tuple[float, float],
+) -> dict:
+    """One metrics.jsonl line. `seconds` is the step's wall time; `cpu_seconds` the training
+    thread's CPU time in it (robust to other processes on a shared machine); `time` its end."""
     loss, kd_term, ce_term, ce_tokens, kd_tokens = out.tolist()
     record = {
         "step": step, "stage": stage.index, "epoch": epoch, "stage_step": stage_step,
         "temperature": stage.temperature, "kd_weight": stage.kd_weight, "pool_rows": spec.pool_rows,
         "loss": loss, "kd_loss": kd_term, "ce_loss": ce_term, "lr": lr, "tokens": int(kd_tokens),
-        "ce_tokens": int(ce_tokens), "seconds": seconds, "time": time.time(), "target": stage.target,
+        "ce_tokens": int(ce_tokens), "seconds": seconds[0], "cpu_seconds": seconds[1], "time": time.time(),
+        "target": stage.target,
     }
     if stage.target == "hidden":
         record.update(teacher_layer=stage.teacher_layer, student_layer=stage.student_layer)
@@ -522,19 +528,45 @@ def _check_models(cfg: RunConfig, plan: Plan) -> None:
             raise FileNotFoundError(f"{field}: model folder not found: {path}")
 
 
+def _absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Model paths made absolute here, on the driver: workers need not share its working directory."""
+    m, p = cfg.models, cfg.curriculum.progressive
+
+    def absolute(path: str | None) -> str | None:
+        return None if path is None or "://" in path else str(Path(path).resolve())
+
+    return cfg.with_overrides({
+        "models.teacher": absolute(m.teacher), "models.student": absolute(m.student),
+        "models.tokenizer": absolute(m.tokenizer),
+        "curriculum.progressive.teacher_checkpoints": [absolute(c) for c in p.teacher_checkpoints],
+    })
+
+
 def _plan(cfg: RunConfig) -> Plan:
     counts = _layer_counts(cfg) if cfg.curriculum.plan == "extraction" else (None, None)
     try:
-        plan = plan_from_config(cfg, *counts)
+        return plan_from_config(cfg, *counts)
     except ValueError as err:
         raise ConfigError(f"curriculum: {err}") from None
+
+
+def _check_plan(cfg: RunConfig, plan: Plan) -> None:
+    """Stage settings the workers would only trip over mid-run: KD loss kinds and matched layers."""
     for s in plan.stages:
-        if s.target == "hidden" and not 1 <= s.student_layer <= counts[1]:
+        if s.target == "logits" and s.kd_weight > 0 and s.loss not in KD_KINDS:
+            raise ConfigError(f"stage {s.index}: unknown KD loss {s.loss!r}; allowed: {', '.join(KD_KINDS)}")
+    hidden = [s for s in plan.stages if s.target == "hidden"]
+    if not hidden:
+        return
+    teacher_layers, student_layers = _layer_counts(cfg)
+    for s in hidden:
+        if not 0 <= s.teacher_layer <= teacher_layers:
+            raise ConfigError(f"stage {s.index}: teacher layer {s.teacher_layer} outside 0..{teacher_layers}")
+        if not 0 <= s.student_layer <= student_layers:
             raise ConfigError(
                 f"curriculum.extraction.layer_map: student layer {s.student_layer} (stage {s.index}) "
-                f"outside 1..{counts[1]}"
+                f"outside 0..{student_layers}"
             )
-    return plan
 
 
 def _num_ranked_rows(dataset: pads.Dataset, scores_dir: Path) -> int:
@@ -551,10 +583,10 @@ def _num_ranked_rows(dataset: pads.Dataset, scores_dir: Path) -> int:
     return n
 
 
-def _dev_rows(cfg: RunConfig) -> tuple[list[dict], int]:
+def _dev_rows(cfg: RunConfig, plan: Plan) -> tuple[list[dict], int]:
     """Tokenised dev rows (small; shipped to the workers with the config) and the rejected count."""
     if cfg.data.dev is None:
-        if cfg.curriculum.advance == "plateau":
+        if any(s.until_plateau for s in plan.stages):
             raise ConfigError("curriculum.advance: 'plateau' needs a dev set (data.dev) to watch")
         return [], 0
     tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.teacher)
@@ -572,8 +604,11 @@ def _storage_path(cfg: RunConfig, out: Path) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def train(cfg: RunConfig, scores_dir: str | Path | None = None, *, callbacks: list | None = None) -> TrainResult:
-    """Distil the student along the configured plan; outputs under OUTPUT/train (CONTRACTS.md).
+def train(
+    cfg: RunConfig, scores_dir: str | Path | None = None, *, plan: Plan | None = None, callbacks: list | None = None
+) -> TrainResult:
+    """Distil the student along the configured plan (or `plan`, any Plan); outputs under
+    OUTPUT/train (CONTRACTS.md).
 
     A second call with the same config `name` and output directory resumes from the latest
     checkpoint. `callbacks` go to Ray Train's RunConfig (Tune passes its report callback here).
@@ -583,19 +618,21 @@ def train(cfg: RunConfig, scores_dir: str | Path | None = None, *, callbacks: li
     from ray.train.torch import TorchTrainer
 
     started = time.time()
+    cfg = _absolute_paths(cfg)
     out = Path(cfg.output.dir).resolve() / "train"
     scores_dir = Path(scores_dir).resolve() if scores_dir is not None else out.parent / "scores"
     scores = scores_path(scores_dir)
     dataset = pads.dataset(str(scores), format="parquet")
     num_rows = _num_ranked_rows(dataset, scores_dir)
-    plan = _plan(cfg)
+    plan = plan if plan is not None else _plan(cfg)
+    _check_plan(cfg, plan)
     _check_models(cfg, plan)
     t = cfg.training
     try:
         specs = stage_specs(plan, num_rows, t.global_batch_size)
     except ValueError as err:
         raise ConfigError(f"curriculum.num_buckets: {err}") from None
-    dev_rows, dev_rejected = _dev_rows(cfg)
+    dev_rows, dev_rejected = _dev_rows(cfg, plan)
 
     out.mkdir(parents=True, exist_ok=True)
     plan_path = out / "plan.json"

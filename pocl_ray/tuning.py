@@ -26,8 +26,15 @@ Outputs in DIR/tune/:
   best.yaml         the best finished trial's full run config (output.dir = DIR, so `pocl-ray run`
                     reuses the sweep's scoring pass; pipeline.compare cleared: one run)
   objective.png     objective against each searched parameter
-  sweep/            the Tune experiment (restored when the sweep is re-run after an interruption)
-  trials/<id>/      each trial's run: trial.json (its parameters), train/, eval/ (dev_rougeL only)
+  ended.jsonl       the trials that ended (finished, stopped or failed), as Tune reported them
+  sweep/            the Tune experiment
+  trials/<id>/      each trial's run: trial.json (its parameters), train/, eval/dev/ (dev_rougeL only)
+
+Re-running the same sweep (same config fingerprint) after an interruption restores the Tune
+experiment: ended trials are kept, unfinished ones start again and their Train runs resume from
+their last checkpoint. Tune does not save scheduler state, so after a restore ASHA's rungs start
+empty (trials ended before the interruption no longer set its cut-offs). A finished sweep is not
+run again; a changed config clears DIR/tune and starts over (pipeline.run_stage).
 """
 
 from __future__ import annotations
@@ -85,7 +92,7 @@ def check_search_space(cfg: RunConfig) -> list[RunConfig]:
     tc = cfg.tune
     if not tc.search_space:
         raise ConfigError("tune.search_space is empty: map at least one dotted config path to a spec")
-    if tc.objective in MODES and cfg.data.dev is None:
+    if cfg.data.dev is None:
         raise ConfigError(f"tune.objective: {tc.objective!r} is measured on a dev set; set data.dev")
     searcher_alg = tc.search_alg in ("optuna", "hyperopt")
     for path, spec in tc.search_space.items():
@@ -204,7 +211,8 @@ def best_trial(frame: pd.DataFrame, objective: str) -> pd.Series:
 
 
 def plot_objective(frame: pd.DataFrame, tc: TuneConfig, path: Path) -> Path:
-    """Objective against each searched parameter; hollow markers are trials stopped early."""
+    """Objective against each searched parameter; hollow markers are trials stopped early, at the
+    value they had when stopped."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -220,6 +228,8 @@ def plot_objective(frame: pd.DataFrame, tc: TuneConfig, path: Path) -> Path:
         )
         if numeric:
             x = values.astype(float).to_numpy()
+            if spec.type in ("grid", "choice"):
+                ax.set_xticks(sorted(set(x[np.isfinite(x)])))
         else:
             labels = sorted({str(v) for v in values})
             x = np.array([labels.index(str(v)) for v in values], dtype=float)
@@ -228,7 +238,7 @@ def plot_objective(frame: pd.DataFrame, tc: TuneConfig, path: Path) -> Path:
         y = frame["objective"].to_numpy(dtype=float)
         ax.scatter(x[~stopped], y[~stopped], color="C0", label="finished")
         if stopped.any():
-            ax.scatter(x[stopped], y[stopped], facecolors="none", edgecolors="C3", label="stopped early")
+            ax.scatter(x[stopped], y[stopped], facecolors="none", edgecolors="C3", label="stopped early (value at the stop)")
         if spec.type == "loguniform":
             ax.set_xscale("log")
         ax.set_xlabel(param)
@@ -280,7 +290,8 @@ def is_decision_point(metrics: Mapping[str, Any], num_stages: int) -> bool:
 
 
 class StageEndReport(TuneReportCallback):
-    """Ray's Train-to-Tune report callback, forwarding only the reports `is_decision_point` accepts."""
+    """Ray's Train-to-Tune report callback, forwarding only the reports `is_decision_point` accepts,
+    with the trial's stage count added (results.csv takes it from Tune's results, on the driver)."""
 
     def __init__(self, num_stages: int):
         super().__init__()
@@ -288,7 +299,7 @@ class StageEndReport(TuneReportCallback):
 
     def after_report(self, run_context, metrics, checkpoint):
         if is_decision_point(metrics[0], self.num_stages):
-            super().after_report(run_context, metrics, checkpoint)
+            super().after_report(run_context, [{**metrics[0], "num_stages": self.num_stages}], checkpoint)
 
 
 def run_trial(params: dict, *, base: dict, scores_dir: str, trials_dir: str) -> None:
@@ -380,19 +391,6 @@ def _tune_env() -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _init_ray() -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    # A laptop: each trial's driver, Train workers and (dev_rougeL) evaluation actors must fit
-    # beside the other running trials, so advertise more logical CPUs than cores (DESIGN.md).
-    ray.init(num_cpus=max(8, os.cpu_count() or 1))
-
-
 class SweepInterrupted(RuntimeError):
     """The Tune run stopped before every trial ended; running the sweep again resumes it."""
 
@@ -475,9 +473,8 @@ def _sweep(cfg: RunConfig, root: Path, scores_dir: Path, max_stages: int) -> Non
             params = json.loads((trial_dir / "trial.json").read_text())["params"]
         params = {p: (params or {}).get(p) for p in tc.search_space}
         params_of[trial_id] = params
-        plan = trial_dir / "train" / "plan.json"
-        num_stages = len(json.loads(plan.read_text())["plan"]["stages"]) if plan.is_file() else None
         error = str(result.error).strip().splitlines()[-1] if result.error else None
+        num_stages = (result.metrics or {}).get("num_stages")
         rows.append(trial_row(trial_id, params, result.metrics, error, tc.objective, num_stages, trial_dir))
     frame = pd.DataFrame(rows).sort_values("trial_id", ignore_index=True)
     frame.to_csv(tune_dir / "results.csv", index=False)
@@ -504,20 +501,6 @@ class TuneResult:
     trials: pd.DataFrame  # results.csv
 
 
-def _prepare_teacher(cfg: RunConfig, root: Path) -> None:
-    """Build the quickstart's stand-in teacher when the config asks for it and it is missing."""
-    from pocl_ray.pipeline import fingerprint, prepare_teacher, run_stage
-
-    if (Path(cfg.models.teacher) / "config.json").is_file():
-        return
-    if cfg.pipeline.prepare_teacher is None:
-        raise FileNotFoundError(
-            f"models.teacher: {cfg.models.teacher} does not exist (set pipeline.prepare_teacher to build one)"
-        )
-    key = fingerprint(cfg, ("data",), {"prep": cfg.pipeline.prepare_teacher.model_dump(), "teacher": cfg.models.teacher})
-    run_stage("prepare teacher", root / "teacher_prep", key, lambda: prepare_teacher(cfg, root / "teacher_prep"))
-
-
 def _check_stage_lengths(plans: list[tuple[RunConfig, Plan]], scores_dir: Path) -> None:
     """Every checked combination's plan must cut the scored rows into non-empty steps."""
     from pocl_ray.curriculum import stage_specs
@@ -534,27 +517,25 @@ def _check_stage_lengths(plans: list[tuple[RunConfig, Plan]], scores_dir: Path) 
 def tune(cfg: RunConfig) -> TuneResult:
     """Sweep cfg.tune.search_space (module docstring); a re-run resumes an interrupted sweep, and a
     finished one is not run again for the same config."""
-    from pocl_ray.pipeline import _SCORE_KEYS, _TRAIN_KEYS, fingerprint, run_stage
+    from pocl_ray.pipeline import SCORE_KEYS, TRAIN_KEYS, ensure_teacher, fingerprint, init_ray, run_stage
     from pocl_ray.scoring import score_dataset
-
     from pocl_ray.training import _plan
 
     candidates = check_search_space(cfg)
     _search_alg(cfg.tune)  # a missing optuna / hyperopt is reported before any Ray work
     root = Path(cfg.output.dir).resolve()
-    _init_ray()
     root.mkdir(parents=True, exist_ok=True)
-    _prepare_teacher(cfg, root)
+    ensure_teacher(cfg, root, min_cpus=8)
     plans = [(c, _plan(c)) for c in candidates]  # extraction plans read the teacher's layer count
     max_stages = max(len(plan.stages) for _, plan in plans)
     _scheduler(cfg.tune, max_stages)
     scores_dir = root / "scores"
-    run_stage("score", scores_dir, fingerprint(cfg, _SCORE_KEYS), lambda: score_dataset(cfg))
+    run_stage("score", scores_dir, fingerprint(cfg, SCORE_KEYS), lambda: (init_ray(min_cpus=8), score_dataset(cfg)))
     _check_stage_lengths(plans, scores_dir)
 
     tune_dir = root / "tune"
-    key = fingerprint(cfg, (*_TRAIN_KEYS, "eval", "tune"), {"name": cfg.name})
-    run_stage("tune", tune_dir, key, lambda: _sweep(cfg, root, scores_dir, max_stages))
+    key = fingerprint(cfg, (*TRAIN_KEYS, "eval", "tune"), {"name": cfg.name})
+    run_stage("tune", tune_dir, key, lambda: (init_ray(min_cpus=8), _sweep(cfg, root, scores_dir, max_stages)))
     frame = pd.read_csv(tune_dir / "results.csv", dtype={"trial_id": str})
     best = best_trial(frame, cfg.tune.objective)
     return TuneResult(

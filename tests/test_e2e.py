@@ -34,7 +34,9 @@ def _free_port() -> int:
 def ray_head(tmp_path_factory):
     temp_dir = tmp_path_factory.mktemp("rayhead")
     port, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    # As in a shell with the virtual environment activated: the job's `python` is this interpreter.
+    env = {**os.environ, "RAY_AUTH_MODE": "token",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=6",
@@ -63,6 +65,28 @@ def ray_head(tmp_path_factory):
             pass
 
 
+def _submit_and_wait(address: str, env: dict, work: Path, job_id: str, timeout: float = 1500) -> str:
+    """`ray job submit` the pipeline, wait for SUCCEEDED, return the job's logs."""
+    command = [RAY, "job", "submit", "--address", address, "--working-dir", str(work), "--submission-id", job_id,
+               "--no-wait", "--", "python", "pipelines/distill.py", "--config", "e2e.yaml"]
+    for _ in range(20):  # the job server can answer before the node's agent accepts jobs
+        submitted = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        if submitted.returncode == 0 or "No available agent" not in submitted.stdout + submitted.stderr:
+            break
+        time.sleep(5)
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    deadline = time.time() + timeout
+    while True:
+        status = subprocess.run([RAY, "job", "status", "--address", address, job_id],
+                                env=env, capture_output=True, text=True).stdout
+        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")) or time.time() > deadline:
+            break
+        time.sleep(5)
+    logs = subprocess.run([RAY, "job", "logs", "--address", address, job_id], env=env, capture_output=True, text=True).stdout
+    assert "SUCCEEDED" in status, f"{status}\n--- job logs ---\n{logs[-8000:]}"
+    return logs
+
+
 def _config(tmp_path: Path) -> dict:
     data = ROOT / "data" / "quickstart"
     cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
@@ -87,17 +111,9 @@ def test_job_submit_runs_the_whole_pipeline(ray_head, tmp_path):
     shutil.copytree(ROOT / "pipelines", work / "pipelines")
     (work / "e2e.yaml").write_text(yaml.safe_dump(_config(tmp_path)))
 
-    submitted = subprocess.run(
-        [RAY, "job", "submit", "--address", address, "--working-dir", str(work),
-         "--submission-id", "pocl-e2e", "--", "python", "pipelines/distill.py", "--config", "e2e.yaml"],
-        env=env, capture_output=True, text=True, timeout=1200,
-    )
-    status = subprocess.run([RAY, "job", "status", "--address", address, "pocl-e2e"],
-                            env=env, capture_output=True, text=True).stdout
-    assert "SUCCEEDED" in status, f"{status}\n--- job output ---\n{submitted.stdout[-6000:]}\n{submitted.stderr[-3000:]}"
-
+    output = _submit_and_wait(address, env, work, "pocl-e2e")
     out = tmp_path / "out"
-    assert "report written to" in submitted.stdout
+    assert "report written to" in output
 
     manifest = json.loads((out / "scores" / "manifest.json").read_text())
     assert manifest["rows_in"] == 96 == manifest["rows_scored"] + manifest["rows_rejected"]
@@ -126,10 +142,5 @@ def test_job_submit_runs_the_whole_pipeline(ray_head, tmp_path):
     assert "pocl" in text and "baseline" in text
 
     # A second submission of the same config finds every stage done and only rewrites the report.
-    again = subprocess.run(
-        [RAY, "job", "submit", "--address", address, "--working-dir", str(work),
-         "--", "python", "pipelines/distill.py", "--config", "e2e.yaml"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert again.returncode == 0, again.stdout[-3000:]
-    assert again.stdout.count("skipped") >= 5, again.stdout[-3000:]
+    again = _submit_and_wait(address, env, work, "pocl-e2e-again")
+    assert again.count("skipped") >= 5, again[-3000:]

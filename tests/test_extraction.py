@@ -50,13 +50,11 @@ def test_projection_rejects_bad_arguments():
 def test_layer_projection_is_seeded_by_seed_and_layer():
     p = layer_projection(48, 6, 2, seed=11)
     assert torch.equal(p, layer_projection(48, 6, 2, seed=11))
-    others = [layer_projection(48, 6, 3, seed=11), layer_projection(48, 6, 2, seed=12), layer_projection(48, 6, 11, seed=2)]
+    others = [layer_projection(48, 6, 3, seed=11), layer_projection(48, 6, 2, seed=12),
+              layer_projection(48, 6, 11, seed=2)]
     assert all(not torch.equal(p, o) for o in others)
-    assert torch.allclose(
-        layer_projection(48, 6, 1, seed=0, kind="orthogonal").T @ layer_projection(48, 6, 1, seed=0, kind="orthogonal"),
-        torch.eye(6),
-        atol=1e-5,
-    )
+    q = layer_projection(48, 6, 1, seed=0, kind="orthogonal")
+    assert torch.allclose(q.T @ q, torch.eye(6), atol=1e-5)
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -101,8 +99,9 @@ def test_loss_value_matches_a_hand_computation():
         got = hidden_match_loss(s, t, p, labels, normalize=normalize)
         assert got.item() == pytest.approx(want / 3, rel=1e-5)
         # An explicit global count rescales the same sum.
-        assert hidden_match_loss(s, t, p, labels, normalize=normalize, num_tokens=12).item() == pytest.approx(want / 12, rel=1e-5)
-        assert hidden_match_loss(s, t, p, labels, normalize=normalize, num_tokens=torch.tensor(6)).item() == pytest.approx(want / 6, rel=1e-5)
+        for count in (12, torch.tensor(6)):
+            got = hidden_match_loss(s, t, p, labels, normalize=normalize, num_tokens=count)
+            assert got.item() == pytest.approx(want / int(count), rel=1e-5)
 
 
 def test_prompt_positions_are_masked():

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from pocl_ray.config import ConfigError, parse_config
-from pocl_ray.curriculum import epoch_order, plan_from_config, pool_ranks, stage_specs
+from pocl_ray.curriculum import epoch_order, lr_at, plan_from_config, pool_ranks, stage_specs
 from pocl_ray.data import read_table, validate_and_tokenize
 from pocl_ray.difficulty import bucket_of_rank
 from pocl_ray.models import load_model, load_tokenizer
@@ -129,8 +129,6 @@ def test_missing_scores_is_a_clear_error(tiny_assets, tmp_path):
 
 
 def test_bad_plans_fail_before_ray(tiny_assets, tmp_path):
-    import ray
-
     from pocl_ray.training import train
 
     scores = write_scores(tmp_path, tiny_assets)
@@ -138,12 +136,12 @@ def test_bad_plans_fail_before_ray(tiny_assets, tmp_path):
         train(run_config(tiny_assets, tmp_path, **{"curriculum.num_buckets": 1000}), scores)
     with pytest.raises(ConfigError, match="'plateau' needs a dev set"):
         train(run_config(tiny_assets, tmp_path, **{"curriculum.advance": "plateau", "data.dev": None}), scores)
-    with pytest.raises(ConfigError, match="student layer 9 .* outside 1..2"):
+    with pytest.raises(ConfigError, match="student layer 9 .* outside 0..2"):
         train(run_config(tiny_assets, tmp_path, **{"curriculum.plan": "extraction",
                                                    "curriculum.extraction.layer_map": [1, 1, 2, 9]}), scores)
     with pytest.raises(FileNotFoundError, match="models.student: model folder not found"):
         train(run_config(tiny_assets, tmp_path, **{"models.student": str(tmp_path / "nope")}), scores)
-    assert not ray.is_initialized()
+    assert not (tmp_path / "train").exists(), "nothing may be started or written before the checks pass"
 
 
 # -- the undisturbed 2-worker POCL run ---------------------------------------------------------
@@ -183,7 +181,7 @@ def test_pocl_schedule_in_metrics(pocl_run):
         assert rows[-1]["epoch"] == 0
         for r in rows:
             assert r["loss"] == pytest.approx((1 - r["kd_weight"]) * r["ce_loss"] + r["kd_weight"] * r["kd_loss"], rel=1e-5)
-    assert {"loss", "kd_loss", "ce_loss", "lr", "tokens", "seconds", "epoch"} <= set(records[0])
+    assert {"loss", "kd_loss", "ce_loss", "lr", "tokens", "seconds", "cpu_seconds", "epoch"} <= set(records[0])
 
 
 @ray_test
@@ -364,50 +362,50 @@ def test_killed_run_resumes_at_the_same_step_with_the_same_data(pocl_run, tiny_a
     assert result.steps == undisturbed.steps and result.stages_completed == 4
 
 
-# -- curriculum extraction with on-policy rows ------------------------------------------------------
+# -- curriculum extraction, then output KD from another teacher until the dev loss plateaus ----
 
 
 @ray_test
-def test_extraction_plan_runs_hidden_stages_then_output_kd(ray_local, tiny_assets, tmp_path):
+def test_extraction_stages_then_plateau_kd_with_on_policy_rows(ray_local, tiny_assets, tmp_path):
+    from dataclasses import replace
+
+    from pocl_ray.curriculum import Plan, extraction_plan, uniform_layer_map
     from pocl_ray.training import train
 
     scores = write_scores(tmp_path, tiny_assets)
+    # Teacher layers 1..4 -> student layers 1, 1, 2, 2; then output KD for at most 50 steps, from a
+    # stage-specific teacher (as progressive distillation's per-stage checkpoints: here a copy of
+    # the initial student, so its KD is exactly 0), keeping the last hidden stage's optimizer and
+    # LR cosine.
+    extraction = extraction_plan(*uniform_layer_map(4, 2), steps_per_layer=2, final_steps=50)
+    final = replace(extraction.stages[-1], until_plateau=True, patience=2, restart_optimizer=False,
+                    teacher=str(tiny_assets.student_dir))
+    plan = Plan("extraction", 1, extraction.stages[:-1] + (final,))
+    # An LR of 1e-30 leaves the weights unchanged, so the dev loss never improves after the final
+    # stage's first evaluation: it must stop at its third one (patience 2), stage step 6 of 50.
     cfg = run_config(tiny_assets, tmp_path / "run", **{
-        "curriculum.plan": "extraction", "curriculum.extraction.steps_per_layer": 3,
-        "curriculum.extraction.final_steps": 4, "kd.on_policy_fraction": 0.5, "kd.on_policy_max_new_tokens": 8,
-        "training.checkpoint_every": 100,
+        "kd.on_policy_fraction": 0.5, "kd.on_policy_max_new_tokens": 8, "training.eval_every": 2,
+        "training.lr": 1e-30, "training.min_lr": 0.0, "training.checkpoint_every": 100,
     })
-    result = train(cfg, scores)
+    result = train(cfg, scores, plan=plan)
     records = read_metrics(result.metrics_path)
-    assert [r["stage"] for r in records] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3 + [4] * 4
-    assert [r["target"] for r in records] == ["hidden"] * 12 + ["logits"] * 4
-    assert [r.get("teacher_layer") for r in records[:12:3]] == [1, 2, 3, 4]
-    assert [r.get("student_layer") for r in records[:12:3]] == [1, 1, 2, 2]
-    assert all(r["kd_weight"] == 1.0 and r["loss"] == pytest.approx(r["kd_loss"]) and r["kd_loss"] > 0 for r in records)
-    plan_tokens = expected_tokens(cfg, scores, plan_from_config(cfg, 4, 2))
-    # Hidden stages train on the reference rows; the last stage replaced half of every micro-batch
-    # by the student's own samples: CE counts only the remaining reference rows.
-    assert [r["tokens"] for r in records[:12]] == plan_tokens[:12]
-    assert all(0 < r["ce_tokens"] < plan_tokens[12 + i] for i, r in enumerate(records[12:]))
-    assert result.stages_completed == 5 and (result.student_dir / "config.json").exists()
-
-
-# -- moving on when the dev loss stops improving ----------------------------------------------------
-
-
-@ray_test
-def test_plateau_moves_on_after_patience_evaluations(ray_local, tiny_assets, tmp_path):
-    from pocl_ray.training import train
-
-    scores = write_scores(tmp_path, tiny_assets)
-    # An LR of 1e-30 leaves the weights unchanged, so the dev loss never improves after the first
-    # evaluation: each stage must stop at its third evaluation (patience 2), stage step 6 of 50.
-    cfg = run_config(tiny_assets, tmp_path / "run", **{
-        "curriculum.steps_per_stage": 50, "curriculum.advance": "plateau", "curriculum.patience": 2,
-        "training.eval_every": 2, "training.lr": 1e-30, "training.min_lr": 0.0, "training.checkpoint_every": 100,
-    })
-    result = train(cfg, scores)
-    records = read_metrics(result.metrics_path)
-    assert [r["stage"] for r in records] == [0] * 6 + [1] * 6 + [2] * 6 + [3] * 6
-    assert [r["step"] for r in records] == list(range(1, 25))
-    assert result.stages_completed == 4 and "dev_loss" in result.metrics
+    assert [r["stage"] for r in records] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 4, 4, 4, 4]
+    assert [r["step"] for r in records] == list(range(1, 15))
+    assert [r["target"] for r in records] == ["hidden"] * 8 + ["logits"] * 6
+    assert [r.get("teacher_layer") for r in records[:8:2]] == [1, 2, 3, 4]
+    assert [r.get("student_layer") for r in records[:8:2]] == [1, 1, 2, 2]
+    assert all(r["kd_weight"] == 1.0 and r["loss"] == pytest.approx(r["kd_loss"]) for r in records)
+    # The hidden stages matched the run's teacher; the final stage distilled from its own teacher,
+    # a copy of the student (the weights do not move at LR 1e-30), so every KD value there is 0.
+    assert all(r["kd_loss"] > 1e-3 for r in records[:8])
+    assert all(abs(r["kd_loss"]) < 1e-6 for r in records[8:])
+    assert abs(result.metrics["dev_kd_loss"]) < 1e-6 < dev_fkl(tiny_assets.student_dir, tiny_assets)
+    # Stages 3 and 4 share one cosine over their 2 + 50 planned steps.
+    assert [r["lr"] for r in records[6:]] == pytest.approx([lr_at(k, 52, 1e-30, 0.0) for k in range(8)], rel=1e-9)
+    plan_tokens = expected_tokens(cfg, scores, plan)
+    # Hidden stages train on the reference rows; the final stage replaced half of every micro-batch
+    # by the student's own samples, and CE counts only the remaining reference rows.
+    assert [r["tokens"] for r in records[:8]] == plan_tokens[:8]
+    assert all(0 < r["ce_tokens"] < plan_tokens[8 + i] for i, r in enumerate(records[8:]))
+    assert result.stages_completed == 5
+    assert (result.student_dir / "config.json").exists()

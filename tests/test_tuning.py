@@ -293,20 +293,27 @@ def test_best_yaml_is_a_runnable_config_of_the_best_trial(grid_sweep):
 
 
 @pytest.mark.ray
-def test_asha_stops_the_clearly_worse_trial_at_a_stage_boundary(grid_sweep, tiny_assets, tmp_path):
+def test_asha_stops_the_clearly_worse_trial_and_rouge_picks_the_best(grid_sweep, tiny_assets, tmp_path):
     from pocl_ray.tuning import tune
 
     _, first, _, _ = grid_sweep
     shutil.copytree(first.output_dir.parent / "scores", tmp_path / "scores")  # the same scoring pass
-    # Sequential trials, grid order: the sane learning rate sets rung 1, the wrecking one falls below it.
+    # Sequential trials in grid order: the sane learning rate sets rung 1 (stage 1's dev KD loss),
+    # the wrecking one falls below it there. The objective is dev ROUGE-L, generated after training.
     space = {"training.lr": {"type": "grid", "values": [1e-3, 0.5]}}
     cfg = sweep_config(tiny_assets, tmp_path, space, **{
         "curriculum.num_buckets": 2, "tune.scheduler": "asha", "tune.grace_stages": 1, "tune.max_concurrent_trials": 1,
+        "tune.objective": "dev_rougeL", "eval.seeds": [1], "eval.max_new_tokens": 8, "eval.batch_size": 32,
     })
     result = tune(cfg)
     frame = pd.read_csv(result.results_csv).set_index("training.lr")
-    assert frame.loc[1e-3, "status"] == "finished" and frame.loc[1e-3, "stages_completed"] == 2
-    bad = frame.loc[0.5]
+    good, bad = frame.loc[1e-3], frame.loc[0.5]
+    assert good["status"] == "finished" and good["stages_completed"] == 2 and not good["stopped_early"]
     assert bad["status"] == "stopped" and bool(bad["stopped_early"])
-    assert bad["stages_completed"] == 1 and bad["steps"] == 2 and bad["objective"] > frame.loc[1e-3, "objective"]
-    assert result.best_objective == frame.loc[1e-3, "objective"]
+    assert bad["stages_completed"] == 1 and bad["num_stages"] == 2 and bad["steps"] == 2 and bad["dev_kd_loss"] > good["dev_kd_loss"]
+    # Only a finished trial is evaluated; its objective is the dev set's ROUGE-L from evaluation.
+    evaluated = json.loads((Path(good["output_dir"]) / "eval" / "dev" / "results.json").read_text())
+    assert good["objective"] == pytest.approx(evaluated["sets"]["dev"]["rougeL_mean"])
+    assert evaluated["sets"]["dev"]["rows"] == tiny_assets.num_dev and 0 <= good["objective"] <= 100
+    assert math.isnan(bad["objective"]) and not (Path(bad["output_dir"]) / "eval").exists()
+    assert result.best_objective == pytest.approx(good["objective"]) and result.objective == "dev_rougeL"
