@@ -10,13 +10,17 @@ the actor pool, the uid bookkeeping, fusion, the parquet write (and the rank sor
         start-up is reported separately; with the rank sort on (the default) and off.
 
 The three variants run interleaved `--repeats` times and each reports its best time (all times are
-listed too): shared CPUs make single wall-clock figures noisy, so the machine's load average is
-recorded as well. Prints one JSON object; `ratio_*` = Ray rows/s over bare rows/s (target >= 0.9).
+listed too). Shared CPUs make wall-clock figures swing with other people's load, so the benchmark
+also records CPU seconds, which contention changes far less: the bare loop's own process time, and
+for Ray the CPU of this process plus every process it started (Ray's daemons and workers, read from
+/proc, exited workers included through their parent's child-time counters; Linux only). Prints one
+JSON object; `ratio_*` = Ray rows/s over bare rows/s (target >= 0.9); `cpu_ratio_*` = bare CPU
+seconds over Ray CPU seconds.
 
 Priority: Ray starts its workers at nice 15 while this process (the bare loop) runs at nice 0; on a
 machine shared with other work that alone cut the workers' CPU share and made the Ray path look
 slower for reasons that have nothing to do with Ray Data. The benchmark therefore starts Ray with
-RAY_worker_niceness=0 (what `ray job submit` does for its driver), unless the variable is set.
+RAY_worker_niceness=0 (as Ray's job manager does for job drivers), unless the variable is set.
 
 Threads: one torch thread by default on both sides. On a shared 2-core machine, two threads made
 this small model's loop 6x slower (OpenMP synchronisation under contention), which would swamp
@@ -73,9 +77,32 @@ def build_assets(root: Path, args) -> tuple[Path, Path]:
     return data_path, root / "teacher"
 
 
+def tree_cpu_seconds() -> float:
+    """User + system CPU of this process and all its descendants, with their reaped children."""
+    parents, cpu = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # exited while listing
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        parents[int(entry)] = int(fields[1])
+        cpu[int(entry)] = sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    tree, frontier = {os.getpid()}, [os.getpid()]
+    while frontier:
+        pid = frontier.pop()
+        for child, parent in parents.items():
+            if parent == pid and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    return sum(cpu.get(pid, 0) for pid in tree) / os.sysconf("SC_CLK_TCK")
+
+
 def bare_loop(cfg) -> dict:
     """Single process, no Ray: the same tokenisation, models and measurer over the same rows."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     tokenizer = load_tokenizer(cfg.models.teacher)
     good, rejects = validate_and_tokenize(read_table(cfg.data.train).to_pylist(), tokenizer, cfg.data)
     models = load_measurer_models(cfg.models, cfg.scoring.metrics, "cpu")
@@ -83,8 +110,9 @@ def bare_loop(cfg) -> dict:
     for i in range(0, len(good), window):
         rows = {k: [r[k] for r in good[i : i + window]] for k in ("input_ids", "labels", "num_prompt_tokens", "num_response_tokens", "response")}
         measure(models, rows, cfg.scoring.metrics, batch_size=cfg.scoring.batch_size, max_new_tokens=cfg.scoring.max_new_tokens)
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "rows": len(good), "rejected": len(rejects), "tokens": sum(len(r["input_ids"]) for r in good)}
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return {"seconds": seconds, "cpu_seconds": cpu, "rows": len(good), "rejected": len(rejects),
+            "tokens": sum(len(r["input_ids"]) for r in good)}
 
 
 def rates(seconds: float, rows: int, tokens: int) -> dict:
@@ -128,13 +156,16 @@ def main() -> None:
         ray.init(address="local", num_cpus=threads + 1, include_dashboard=False)  # +1 for Data's small tasks
         ray_init_s = time.perf_counter() - t0
         times: dict[str, list[float]] = {"bare": [], "ray_sorted": [], "ray_unsorted": []}
+        cpus: dict[str, list[float]] = {name: [] for name in times}
         for _ in range(args.repeats):
             bare = bare_loop(cfg)
             times["bare"].append(bare["seconds"])
+            cpus["bare"].append(bare["cpu_seconds"])
             for name, sort in (("ray_sorted", True), ("ray_unsorted", False)):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), tree_cpu_seconds()
                 result = score_dataset(cfg.with_overrides({"scoring.sort_output": sort}))
                 times[name].append(time.perf_counter() - t0)
+                cpus[name].append(tree_cpu_seconds() - c0)
                 assert result.manifest["rows_scored"] == bare["rows"], result.manifest
         ray.shutdown()
         load_after = os.getloadavg()
@@ -143,6 +174,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "scoring",
         "device": "cpu",
+        "cpu_count": os.cpu_count(),
         "torch_threads": threads,
         "ray_worker_niceness": int(os.environ["RAY_worker_niceness"]),
         "model": {"arch": "llama", "hidden": args.hidden, "layers": args.layers, "vocab": args.vocab,
@@ -155,9 +187,12 @@ def main() -> None:
         "tokens": bare["tokens"],
         **best,
         "all_seconds": {name: [round(x, 3) for x in t] for name, t in times.items()},
+        "cpu_seconds": {name: [round(x, 2) for x in c] for name, c in cpus.items()},
         "ray_init_seconds": round(ray_init_s, 3),
         "ratio_sorted": round(best["ray_sorted"]["rows_per_s"] / best["bare"]["rows_per_s"], 3),
         "ratio_unsorted": round(best["ray_unsorted"]["rows_per_s"] / best["bare"]["rows_per_s"], 3),
+        "cpu_ratio_sorted": round(min(cpus["bare"]) / min(cpus["ray_sorted"]), 3),
+        "cpu_ratio_unsorted": round(min(cpus["bare"]) / min(cpus["ray_unsorted"]), 3),
         "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
         "ray_version": ray.__version__,
         "torch_version": torch.__version__,

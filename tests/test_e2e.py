@@ -69,7 +69,7 @@ def _submit_and_wait(address: str, env: dict, work: Path, job_id: str, timeout: 
     """`ray job submit` the pipeline, wait for SUCCEEDED, return the job's logs."""
     command = [RAY, "job", "submit", "--address", address, "--working-dir", str(work), "--submission-id", job_id,
                "--no-wait", "--", "python", "pipelines/distill.py", "--config", "e2e.yaml"]
-    for _ in range(20):  # the job server can answer before the node's agent accepts jobs
+    for _ in range(60):  # the job server can answer before the node's agent accepts jobs (slow on a busy machine)
         submitted = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         if submitted.returncode == 0 or "No available agent" not in submitted.stdout + submitted.stderr:
             break
