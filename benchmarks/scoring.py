@@ -10,12 +10,9 @@ the actor pool, the uid bookkeeping, fusion, the parquet write (and the rank sor
         start-up is reported separately; with the rank sort on (the default) and off.
 
 The three variants run interleaved `--repeats` times and each reports its best time (all times are
-listed too). Shared CPUs make wall-clock figures swing with other people's load, so the benchmark
-also records CPU seconds, which contention changes far less: the bare loop's own process time, and
-for Ray the CPU of this process plus every process it started (Ray's daemons and workers, read from
-/proc, exited workers included through their parent's child-time counters; Linux only). Prints one
-JSON object; `ratio_*` = Ray rows/s over bare rows/s (target >= 0.9); `cpu_ratio_*` = bare CPU
-seconds over Ray CPU seconds.
+listed too): shared CPUs make wall-clock figures swing with other people's load, so the machine's
+load average is recorded as well. Prints one JSON object; `ratio_*` = Ray rows/s over bare rows/s
+(target >= 0.9).
 
 Priority: Ray starts its workers at nice 15 while this process (the bare loop) runs at nice 0; on a
 machine shared with other work that alone cut the workers' CPU share and made the Ray path look
@@ -77,32 +74,9 @@ def build_assets(root: Path, args) -> tuple[Path, Path]:
     return data_path, root / "teacher"
 
 
-def tree_cpu_seconds() -> float:
-    """User + system CPU of this process and all its descendants, with their reaped children."""
-    parents, cpu = {}, {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:  # exited while listing
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        parents[int(entry)] = int(fields[1])
-        cpu[int(entry)] = sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
-    tree, frontier = {os.getpid()}, [os.getpid()]
-    while frontier:
-        pid = frontier.pop()
-        for child, parent in parents.items():
-            if parent == pid and child not in tree:
-                tree.add(child)
-                frontier.append(child)
-    return sum(cpu.get(pid, 0) for pid in tree) / os.sysconf("SC_CLK_TCK")
-
-
 def bare_loop(cfg) -> dict:
     """Single process, no Ray: the same tokenisation, models and measurer over the same rows."""
-    start, cpu_start = time.perf_counter(), time.process_time()
+    start = time.perf_counter()
     tokenizer = load_tokenizer(cfg.models.teacher)
     good, rejects = validate_and_tokenize(read_table(cfg.data.train).to_pylist(), tokenizer, cfg.data)
     models = load_measurer_models(cfg.models, cfg.scoring.metrics, "cpu")
@@ -110,9 +84,8 @@ def bare_loop(cfg) -> dict:
     for i in range(0, len(good), window):
         rows = {k: [r[k] for r in good[i : i + window]] for k in ("input_ids", "labels", "num_prompt_tokens", "num_response_tokens", "response")}
         measure(models, rows, cfg.scoring.metrics, batch_size=cfg.scoring.batch_size, max_new_tokens=cfg.scoring.max_new_tokens)
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    return {"seconds": seconds, "cpu_seconds": cpu, "rows": len(good), "rejected": len(rejects),
-            "tokens": sum(len(r["input_ids"]) for r in good)}
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "rows": len(good), "rejected": len(rejects), "tokens": sum(len(r["input_ids"]) for r in good)}
 
 
 def rates(seconds: float, rows: int, tokens: int) -> dict:
@@ -156,16 +129,13 @@ def main() -> None:
         ray.init(address="local", num_cpus=threads + 1, include_dashboard=False)  # +1 for Data's small tasks
         ray_init_s = time.perf_counter() - t0
         times: dict[str, list[float]] = {"bare": [], "ray_sorted": [], "ray_unsorted": []}
-        cpus: dict[str, list[float]] = {name: [] for name in times}
         for _ in range(args.repeats):
             bare = bare_loop(cfg)
             times["bare"].append(bare["seconds"])
-            cpus["bare"].append(bare["cpu_seconds"])
             for name, sort in (("ray_sorted", True), ("ray_unsorted", False)):
-                t0, c0 = time.perf_counter(), tree_cpu_seconds()
+                t0 = time.perf_counter()
                 result = score_dataset(cfg.with_overrides({"scoring.sort_output": sort}))
                 times[name].append(time.perf_counter() - t0)
-                cpus[name].append(tree_cpu_seconds() - c0)
                 assert result.manifest["rows_scored"] == bare["rows"], result.manifest
         ray.shutdown()
         load_after = os.getloadavg()
@@ -187,12 +157,9 @@ def main() -> None:
         "tokens": bare["tokens"],
         **best,
         "all_seconds": {name: [round(x, 3) for x in t] for name, t in times.items()},
-        "cpu_seconds": {name: [round(x, 2) for x in c] for name, c in cpus.items()},
         "ray_init_seconds": round(ray_init_s, 3),
         "ratio_sorted": round(best["ray_sorted"]["rows_per_s"] / best["bare"]["rows_per_s"], 3),
         "ratio_unsorted": round(best["ray_unsorted"]["rows_per_s"] / best["bare"]["rows_per_s"], 3),
-        "cpu_ratio_sorted": round(min(cpus["bare"]) / min(cpus["ray_sorted"]), 3),
-        "cpu_ratio_unsorted": round(min(cpus["bare"]) / min(cpus["ray_unsorted"]), 3),
         "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
         "ray_version": ray.__version__,
         "torch_version": torch.__version__,
