@@ -119,15 +119,21 @@ def tiny_assets(tmp_path_factory) -> TinyAssets:
     return assets
 
 
-@pytest.fixture(scope="module")
-def ray_local():
+def local_ray(include_dashboard: bool):
+    """A private local Ray session (never another process's cluster), shut down afterwards;
+    an already running session is reused and left running."""
     import ray
 
     if ray.is_initialized():
         yield ray
         return
-    ray.init(address="local", num_cpus=8, include_dashboard=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=include_dashboard)
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    yield from local_ray(include_dashboard=False)

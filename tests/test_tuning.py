@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import local_ray
 from pocl_ray.config import ConfigError, load_config, parse_config
 from pocl_ray.curriculum import schedule
 from pocl_ray.tuning import (
@@ -185,16 +186,8 @@ def test_rows_best_trial_plot_and_report_section(tmp_path):
 
 @pytest.fixture(scope="module")
 def ray_tune():
-    import ray
-
-    if ray.is_initialized():
-        yield ray
-        return
-    ray.init(address="local", num_cpus=8, include_dashboard=True)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+    # Tune over Train needs the dashboard (DESIGN.md: without it, sweeps hung).
+    yield from local_ray(include_dashboard=True)
 
 
 def _finished_trials(experiment: Path) -> list[str]:
