@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # installed before the package so the package's `torch` requirement is already satisfied.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-e2e install clean
+.PHONY: demo test install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,13 +22,8 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/python pipelines/distill.py --config configs/quickstart.yaml
 
-# The `ray job submit` end-to-end test is not yet reliable on a loaded 2-core machine (the
-# job agent of a fresh head did not come up, or the job never started): run it on its own.
 test: install
-	$(BIN)/python -m pytest tests -m "not e2e"
-
-test-e2e: install
-	$(BIN)/python -m pytest tests -m e2e
+	$(BIN)/python -m pytest tests
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
