@@ -1,30 +1,34 @@
 """Throughput of the Ray Data scoring path against a bare single-process torch loop, in one run.
 
-Both sides score the same rows with the same models, device and thread count, and both run the
-same per-batch measurer (`scoring.measure` on length-sorted windows of batch_size * length_window
-rows), so the ratio is what Ray Data adds or loses: reading, validation and tokenisation in tasks,
-the actor pool, the uid bookkeeping, fusion, the parquet write (and the rank sort when on).
+Both sides do the same work on the same rows with the same models, device and thread count:
+tokenise, run the per-batch measurer (`measurers.measure` on length-sorted windows of
+batch_size * length_window rows), fuse ranks, cut buckets and write the scored rows to parquet.
+The ratio is what Ray Data adds or loses: tasks for reading and tokenisation, the actor pool (a
+fresh worker process that imports torch and loads the models), the uid bookkeeping, the rank sort
+and the distributed write.
 
-- bare: tokenise with `data.validate_and_tokenize`, load the models, loop `measure` over the rows.
+- bare: `data.validate_and_tokenize`, load the models, loop `measure`, `difficulty.fuse`, one
+        parquet file.
 - ray:  `scoring.score_dataset` end to end (read -> ... -> write), timed after `ray.init`, whose
-        start-up is reported separately; with the rank sort on (the default) and off.
+        start-up is reported separately.
 
-The three variants run interleaved `--repeats` times and each reports its best time (all times are
-listed too): shared CPUs make wall-clock figures swing with other people's load, so the machine's
-load average is recorded as well. Prints one JSON object; `ratio_*` = Ray rows/s over bare rows/s
-(target >= 0.9).
+Each path runs at two sizes (default 512 and 2048 rows) and a line seconds = fixed + rows / rate is
+put through the two points: `rows_per_s_marginal` is the steady-state rate (what scoring millions of
+rows sees) and `fixed_seconds` the start-up cost. `ratio_marginal` = Ray's marginal rows/s over the
+bare loop's; `ratio_end_to_end` = the same for whole runs at each size. Target: >= 0.9.
+
+Noise: the runs alternate and repeat `--repeats` times; the best time per path and size is used and
+all times are listed, with the load average (shared CPUs swing wall-clock figures).
 
 Priority: Ray starts its workers at nice 15 while this process (the bare loop) runs at nice 0; on a
-machine shared with other work that alone cut the workers' CPU share and made the Ray path look
-slower for reasons that have nothing to do with Ray Data. The benchmark therefore starts Ray with
-RAY_worker_niceness=0 (as Ray's job manager does for job drivers), unless the variable is set.
+machine shared with other work that alone cut the workers' CPU share. The benchmark therefore
+starts Ray with RAY_worker_niceness=0 (as Ray's job manager does for job drivers), unless set.
 
-Threads: one torch thread by default on both sides. On a shared 2-core machine, two threads made
-this small model's loop 6x slower (OpenMP synchronisation under contention), which would swamp
-what is being compared.
+Threads: one torch thread on both sides by default (the measurer actor gets `num_cpus_per_actor` =
+threads); Ray gets threads + 1 CPUs so Data's read/tokenise tasks run beside the actor.
 
-    python benchmarks/scoring.py                       # 1024 rows, Llama hidden 256 x 4 layers, vocab 4096
-    python benchmarks/scoring.py --rows 128 --repeats 3 --threads 2
+    python benchmarks/scoring.py                      # 512 and 2048 rows, Llama hidden 256 x 4 layers, vocab 4096
+    python benchmarks/scoring.py --sizes 128,512 --repeats 1
 """
 
 from __future__ import annotations
@@ -38,13 +42,19 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from pocl_ray import difficulty  # noqa: E402
 from pocl_ray.config import parse_config  # noqa: E402
 from pocl_ray.data import build_prompt, read_table, validate_and_tokenize  # noqa: E402
 from pocl_ray.models import build_tiny_model, build_tiny_tokenizer, load_tokenizer  # noqa: E402
-from pocl_ray.scoring import load_measurer_models, measure, score_dataset  # noqa: E402
+from pocl_ray.measurers import load_measurer_models, measure  # noqa: E402
+from pocl_ray.scoring import score_dataset  # noqa: E402
 
 WORDS = (
     "the a river stone cloud green quick brown fox lazy dog bright moon silver tree small house north "
@@ -63,8 +73,8 @@ def synthetic_records(n: int, seed: int) -> list[dict]:
     return out
 
 
-def build_assets(root: Path, args) -> tuple[Path, Path]:
-    records = synthetic_records(args.rows, seed=0)
+def build_assets(root: Path, args, rows: int) -> tuple[Path, Path]:
+    records = synthetic_records(rows, seed=0)
     data_path = root / "train.jsonl"
     data_path.write_text("".join(json.dumps(r) + "\n" for r in records))
     texts = [build_prompt(r["instruction"], r["context"], "dolly") + r["response"] for r in records]
@@ -75,17 +85,41 @@ def build_assets(root: Path, args) -> tuple[Path, Path]:
 
 
 def bare_loop(cfg) -> dict:
-    """Single process, no Ray: the same tokenisation, models and measurer over the same rows."""
+    """Single process, no Ray: the same tokenisation, models, measurer, fusion and buckets; one parquet file."""
     start = time.perf_counter()
+    sc = cfg.scoring
     tokenizer = load_tokenizer(cfg.models.teacher)
-    good, rejects = validate_and_tokenize(read_table(cfg.data.train).to_pylist(), tokenizer, cfg.data)
-    models = load_measurer_models(cfg.models, cfg.scoring.metrics, "cpu")
-    window = cfg.scoring.batch_size * cfg.scoring.length_window
+    records = read_table(cfg.data.train, max_rows=cfg.data.max_rows).to_pylist()
+    good, rejects = validate_and_tokenize(records, tokenizer, cfg.data)
+    models = load_measurer_models(cfg.models, sc.metrics, "cpu")
+    window = sc.batch_size * sc.length_window
+    columns = ("input_ids", "labels", "num_prompt_tokens", "num_response_tokens", "response")
+    scores: dict[str, list] = {m: [] for m in sc.metrics}
     for i in range(0, len(good), window):
-        rows = {k: [r[k] for r in good[i : i + window]] for k in ("input_ids", "labels", "num_prompt_tokens", "num_response_tokens", "response")}
-        measure(models, rows, cfg.scoring.metrics, batch_size=cfg.scoring.batch_size, max_new_tokens=cfg.scoring.max_new_tokens)
+        rows = {k: [r[k] for r in good[i : i + window]] for k in columns}
+        for m, values in measure(models, rows, sc.metrics, batch_size=sc.batch_size, max_new_tokens=sc.max_new_tokens).items():
+            scores[m].extend(values)
+    metrics = {m: np.asarray(v, dtype=np.float64) for m, v in scores.items()}
+    ids = [r["id"] for r in good]
+    fusion = difficulty.fuse(ids, metrics, difficulty.metric_directions(sc.metrics, sc.directions), sc.rrf_k)
+    table = pa.table({
+        **{k: [r[k] for r in good] for k in ("id", "prompt", "response", *columns[:-1])}, **metrics,
+        "fused_score": fusion.fused_score, "rank": fusion.rank,
+        "bucket": difficulty.rebucket(fusion.rank, cfg.curriculum.num_buckets),
+    }).sort_by("rank")
+    out = Path(cfg.output.dir) / "bare"
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out / "scores.parquet")
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "rows": len(good), "rejected": len(rejects), "tokens": sum(len(r["input_ids"]) for r in good)}
+
+
+def line_through(points: dict[int, float]) -> tuple[float, float] | None:
+    """(fixed seconds, marginal rows/s) of the line through (rows, seconds) at two sizes; None when
+    the larger size was not slower (start-up noise swamps the per-row cost: use larger sizes)."""
+    (n1, t1), (n2, t2) = sorted(points.items())
+    per_row = (t2 - t1) / (n2 - n1)
+    return (t1 - per_row * n1, 1.0 / per_row) if per_row > 0 else None
 
 
 def rates(seconds: float, rows: int, tokens: int) -> dict:
@@ -94,7 +128,7 @@ def rates(seconds: float, rows: int, tokens: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=1024)
+    parser.add_argument("--sizes", default="512,2048", help="two row counts, comma-separated")
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
@@ -106,6 +140,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads on both sides (= the actor's CPUs)")
     args = parser.parse_args()
+    sizes = sorted(int(x) for x in args.sizes.split(","))
+    if len(sizes) != 2 or sizes[0] == sizes[1]:
+        parser.error("--sizes takes two different row counts")
 
     import ray
 
@@ -113,34 +150,46 @@ def main() -> None:
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        data_path, teacher = build_assets(root, args)
-        base = {
+        data_path, teacher = build_assets(root, args, sizes[1])
+        base = parse_config({
             "data": {"train": str(data_path), "max_prompt_length": 256, "max_length": 384},
             "models": {"teacher": str(teacher)},
             "scoring": {"metrics": args.metrics.split(","), "batch_size": args.batch_size,
                         "length_window": args.length_window, "max_new_tokens": args.max_new_tokens,
                         "num_actors": 1, "num_cpus_per_actor": threads},
             "output": {"dir": str(root / "run")},
-        }
-        cfg = parse_config(base)
+        })
         load_before = os.getloadavg()
         os.environ.setdefault("RAY_worker_niceness", "0")
         t0 = time.perf_counter()
-        ray.init(address="local", num_cpus=threads + 1, include_dashboard=False)  # +1 for Data's small tasks
+        ray.init(address="local", num_cpus=threads + 1, include_dashboard=False)
         ray_init_s = time.perf_counter() - t0
-        times: dict[str, list[float]] = {"bare": [], "ray_sorted": [], "ray_unsorted": []}
+        times: dict[str, dict[int, list[float]]] = {"bare": {n: [] for n in sizes}, "ray": {n: [] for n in sizes}}
+        tokens: dict[int, int] = {}
         for _ in range(args.repeats):
-            bare = bare_loop(cfg)
-            times["bare"].append(bare["seconds"])
-            for name, sort in (("ray_sorted", True), ("ray_unsorted", False)):
+            for n in sizes:
+                cfg = base.with_overrides({"data.max_rows": n})
+                bare = bare_loop(cfg)
+                times["bare"][n].append(bare["seconds"])
+                tokens[n] = bare["tokens"]
                 t0 = time.perf_counter()
-                result = score_dataset(cfg.with_overrides({"scoring.sort_output": sort}))
-                times[name].append(time.perf_counter() - t0)
-                assert result.manifest["rows_scored"] == bare["rows"], result.manifest
+                result = score_dataset(cfg)
+                times["ray"][n].append(time.perf_counter() - t0)
+                assert result.manifest["rows_scored"] == bare["rows"] == n, (result.manifest, bare)
         ray.shutdown()
         load_after = os.getloadavg()
 
-    best = {name: rates(min(t), bare["rows"], bare["tokens"]) for name, t in times.items()}
+    best = {path: {n: min(t) for n, t in by_size.items()} for path, by_size in times.items()}
+    fits = {path: line_through(points) for path, points in best.items()}
+    per_path = {
+        path: {
+            "fixed_seconds": round(fits[path][0], 2) if fits[path] else None,
+            "rows_per_s_marginal": round(fits[path][1], 2) if fits[path] else None,
+            **{f"{n}_rows": {"seconds": round(best[path][n], 2), "rows_per_s": round(n / best[path][n], 2),
+                             "tokens_per_s": round(tokens[n] / best[path][n], 1)} for n in sizes},
+        }
+        for path in best
+    }
     print(json.dumps({
         "benchmark": "scoring",
         "device": "cpu",
@@ -153,13 +202,13 @@ def main() -> None:
         "max_new_tokens": args.max_new_tokens,
         "batch_size": args.batch_size,
         "length_window": args.length_window,
-        "rows": bare["rows"],
-        "tokens": bare["tokens"],
-        **best,
-        "all_seconds": {name: [round(x, 3) for x in t] for name, t in times.items()},
-        "ray_init_seconds": round(ray_init_s, 3),
-        "ratio_sorted": round(best["ray_sorted"]["rows_per_s"] / best["bare"]["rows_per_s"], 3),
-        "ratio_unsorted": round(best["ray_unsorted"]["rows_per_s"] / best["bare"]["rows_per_s"], 3),
+        "sizes": sizes,
+        "tokens": tokens,
+        **per_path,
+        "all_seconds": {path: {n: [round(x, 2) for x in t] for n, t in by_size.items()} for path, by_size in times.items()},
+        "ray_init_seconds": round(ray_init_s, 2),
+        "ratio_marginal": round(fits["ray"][1] / fits["bare"][1], 3) if all(fits.values()) else None,
+        "ratio_end_to_end": {n: round(best["bare"][n] / best["ray"][n], 3) for n in sizes},
         "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
         "ray_version": ray.__version__,
         "torch_version": torch.__version__,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -18,6 +18,8 @@ MetricName = Literal["student_ce", "student_rougeL", "teacher_ce", "teacher_stud
 PlanKind = Literal["pocl", "baseline", "sft", "extraction", "progressive"]
 Schedule = Literal["linear", "constant", "cosine"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+# A fixed actor pool size, or "auto": an autoscaling pool (see `data.actor_pool`).
+ActorCount = Union[Annotated[int, Field(ge=1)], Literal["auto"]]
 
 
 class ConfigError(ValueError):
@@ -76,7 +78,10 @@ class ScoringConfig(_Section):
     rrf_k: float = Field(60.0, gt=0)
     batch_size: int = Field(16, gt=0)
     max_new_tokens: int = Field(128, gt=0)
-    num_actors: int = Field(1, ge=1, description="measurer actors (one model replica each)")
+    num_actors: ActorCount = Field(
+        1, description="measurer actors (one model replica each); auto: Ray Data grows the pool from 1 to "
+        "as many as the cluster's free CPUs/GPUs hold (with an autoscaler, as GPU nodes join)",
+    )
     num_gpus_per_actor: float = Field(0.0, ge=0)
     num_cpus_per_actor: float = Field(1.0, gt=0)
     length_window: int = Field(
@@ -85,6 +90,9 @@ class ScoringConfig(_Section):
         "batch_size * length_window rows so each forward pass pads little",
     )
     sort_output: bool = Field(True, description="write scores.parquet in rank order (a Ray Data sort); off: input order")
+    rows_per_file: int | None = Field(
+        None, ge=1, description="rows per scores.parquet file; default about 64 MiB of tokens at data.max_length"
+    )
 
     @model_validator(mode="after")
     def _metrics(self) -> ScoringConfig:
@@ -202,7 +210,7 @@ class EvalConfig(_Section):
     length_sort_batches: int = Field(
         8, ge=1, description="generation batches per actor call; rows are sorted by prompt length within it"
     )
-    num_actors: int = Field(1, ge=1)
+    num_actors: ActorCount = Field(1, description="generation actors; auto as scoring.num_actors")
     num_gpus_per_actor: float = Field(0.0, ge=0)
     num_cpus_per_actor: float = Field(1.0, gt=0)
 

@@ -39,7 +39,7 @@ from rouge_score.rouge_scorer import RougeScorer
 from transformers import GenerationConfig, LogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
 
 from pocl_ray.config import ConfigError, EvalConfig, RunConfig
-from pocl_ray.data import collate, duplicate_reasons, generation_batch, prepare_batch, read_ray_dataset
+from pocl_ray.data import actor_pool, collate, duplicate_reasons, generation_batch, prepare_batch, read_ray_dataset
 from pocl_ray.losses import cross_entropy
 from pocl_ray.models import load_model, load_tokenizer
 
@@ -422,11 +422,13 @@ def evaluate(cfg: RunConfig, model_path: str | Path, output_dir: str | Path | No
             ds.map_batches(_prepare, batch_format="numpy", fn_kwargs={"tokenizer": tokenizer, "data_cfg": cfg.data, "set_name": s.name})
         )
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    ds = ds.map_batches(
+    window = ecfg.batch_size * ecfg.length_sort_batches
+    # A JSONL set is read as one block: blocks of one actor call each give every actor a share.
+    ds = ds.repartition(target_num_rows_per_block=window).map_batches(
         _Evaluator,
-        batch_size=ecfg.batch_size * ecfg.length_sort_batches,
+        batch_size=window,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=ecfg.num_actors),
+        compute=actor_pool(ecfg.num_actors),
         num_cpus=ecfg.num_cpus_per_actor,
         num_gpus=ecfg.num_gpus_per_actor,
         fn_constructor_kwargs={

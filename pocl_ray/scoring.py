@@ -14,7 +14,8 @@ Passes over the data, all in Ray Data:
    were scored and are dropped here) and puts a uid -> row lookup in the object store;
 3. rejected rows stream from the object store to ``rejected.jsonl``;
 4. fusion and buckets on the driver (``difficulty``); the per-row results go to the object store
-   and a map over the scored rows joins them by row number; optionally sorted by rank; written.
+   and a map over the scored rows joins them by row number; written in rank order (unless
+   scoring.sort_output is off) as files of at most `rows_per_file` rows.
 
 Driver memory limit: the driver holds, per input row, its id, reject reason and row number, and per
 scored row the metric values, fused score, rank and bucket (about len(id) + 8 * (metrics + 4)
@@ -31,29 +32,21 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from pocl_ray import data as data_mod
 from pocl_ray import difficulty
-from pocl_ray.config import ConfigError, ModelsConfig, RunConfig
-from pocl_ray.losses import cross_entropy, kd_loss
+from pocl_ray.config import ConfigError, RunConfig
+from pocl_ray.measurers import STUDENT_METRICS, TEACHER_METRICS, Measurer
 
 SCORES_FILE = "scores.parquet"
 MANIFEST_FILE = "manifest.json"
 REJECTED_FILE = "rejected.jsonl"
 
-TEACHER_METRICS = frozenset({"teacher_ce", "teacher_student_kl"})
-STUDENT_METRICS = frozenset({"student_ce", "student_rougeL", "teacher_student_kl"})
-_FORWARD_METRICS = frozenset({"student_ce", "teacher_ce", "teacher_student_kl"})
-
-# Columns of the prepared (validated, tokenized) rows; attention_mask is dropped (always all ones).
 _PREPARED_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -67,189 +60,16 @@ _PREPARED_SCHEMA = pa.schema(
         ("record", pa.string()),
     ]
 )
-_MEASURER_INPUT = ["input_ids", "labels", "num_prompt_tokens", "num_response_tokens", "response"]
 _OUTPUT_TEXT_COLUMNS = ["id", "prompt", "response", "input_ids", "labels", "num_prompt_tokens", "num_response_tokens"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Measurers (plain torch; the Ray actor and the benchmark's bare loop both call `measure`)
-
-
-@dataclass
-class MeasurerModels:
-    """The models a set of metrics needs, loaded once per actor."""
-
-    tokenizer: Any
-    student: torch.nn.Module | None
-    teacher: torch.nn.Module | None
-    device: torch.device
-    rouge: Any
-
-
-def load_measurer_models(models_cfg: ModelsConfig, metrics: Sequence[str], device: str | torch.device) -> MeasurerModels:
-    """Tokenizer, initial student and teacher as the metrics need them, frozen, on ``device``.
-
-    The initial student is ``models.student`` when set, else cut from the teacher
-    (``student_layers`` / ``student_keep_every``); the teacher is kept only for teacher metrics.
-    dtype "auto" = bf16 on GPU, fp32 on CPU (``models.resolve_dtype``).
-    """
-    from rouge_score import rouge_scorer
-
-    from pocl_ray.models import check_compatible, load_model, load_tokenizer, student_from_teacher
-
-    device = torch.device(device)
-    tokenizer = load_tokenizer(models_cfg.tokenizer or models_cfg.teacher)
-    need_teacher = bool(TEACHER_METRICS & set(metrics)) or (
-        bool(STUDENT_METRICS & set(metrics)) and models_cfg.student is None
-    )
-    teacher = load_model(models_cfg.teacher, dtype=models_cfg.dtype, device=device, frozen=True) if need_teacher else None
-    student = None
-    if STUDENT_METRICS & set(metrics):
-        if models_cfg.student is not None:
-            student = load_model(models_cfg.student, dtype=models_cfg.dtype, device=device, frozen=True)
-        else:
-            student = student_from_teacher(
-                teacher, keep_layers=models_cfg.student_layers, keep_every=models_cfg.student_keep_every
-            )
-            student.eval().requires_grad_(False)
-    if not TEACHER_METRICS & set(metrics):
-        teacher = None
-    if teacher is not None and student is not None:
-        check_compatible(teacher, student, tokenizer)
-    rouge = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True) if "student_rougeL" in metrics else None
-    return MeasurerModels(tokenizer=tokenizer, student=student, teacher=teacher, device=device, rouge=rouge)
-
-
-def _chunks(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Row positions sorted by length and cut into batches of similar lengths (little padding)."""
-    order = np.argsort(lengths, kind="stable")
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def _forward_metrics(models: MeasurerModels, rows: Mapping[str, Sequence], metrics: set[str], batch_size: int) -> dict[str, np.ndarray]:
-    n = len(rows["input_ids"])
-    out = {m: np.full(n, np.nan) for m in metrics & _FORWARD_METRICS}
-    lengths = np.array([len(x) for x in rows["input_ids"]])
-    pad_id = models.tokenizer.pad_token_id
-    for idx in _chunks(lengths, batch_size):
-        batch = data_mod.collate(
-            {"input_ids": [rows["input_ids"][i] for i in idx], "attention_mask": [np.ones(lengths[i], np.int64) for i in idx],
-             "labels": [rows["labels"][i] for i in idx]},
-            pad_id,
-        )
-        batch = {k: v.to(models.device) for k, v in batch.items()}
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        s_logits = models.student(**inputs).logits if metrics & {"student_ce", "teacher_student_kl"} else None
-        t_logits = models.teacher(**inputs).logits if metrics & TEACHER_METRICS else None
-        for j, i in enumerate(idx):
-            length = int(lengths[i])
-            labels = batch["labels"][j : j + 1, :length]
-            s = s_logits[j : j + 1, :length] if s_logits is not None else None
-            t = t_logits[j : j + 1, :length] if t_logits is not None else None
-            if "student_ce" in out:
-                out["student_ce"][i] = cross_entropy(s, labels).item()
-            if "teacher_ce" in out:
-                out["teacher_ce"][i] = cross_entropy(t, labels).item()
-            if "teacher_student_kl" in out:
-                out["teacher_student_kl"][i] = kd_loss("fkl", s, t, labels, temperature=1.0, scale_by_t2=False).item()
-    return out
-
-
-def greedy_responses(models: MeasurerModels, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int) -> list[str]:
-    """The student's greedy continuation of each prompt, decoded without special tokens."""
-    tok = models.tokenizer
-    texts = [""] * len(prompts)
-    for idx in _chunks(np.array([len(p) for p in prompts]), batch_size):
-        batch = data_mod.generation_batch([prompts[i] for i in idx], tok.pad_token_id)
-        batch = {k: v.to(models.device) for k, v in batch.items()}
-        generated = models.student.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
-        new_tokens = generated[:, batch["input_ids"].shape[1] :]
-        for i, text in zip(idx, tok.batch_decode(new_tokens, skip_special_tokens=True)):
-            texts[i] = text
-    return texts
-
-
-def measure(
-    models: MeasurerModels, rows: Mapping[str, Sequence], metrics: Sequence[str], *, batch_size: int, max_new_tokens: int
-) -> dict[str, np.ndarray]:
-    """Every requested metric for each row (float64 arrays aligned with the rows).
-
-    ``rows`` holds input_ids, labels (-100 on the prompt), num_prompt_tokens, num_response_tokens and
-    the reference ``response`` text. CE and KL are means over the row's response tokens; KL is
-    KL(teacher || student) at temperature 1; student_rougeL is the ROUGE-L F1 (stemmed) of the
-    student's greedy response against the reference; length counts response tokens.
-    """
-    wanted = set(metrics)
-    out: dict[str, np.ndarray] = {}
-    with torch.inference_mode():
-        if wanted & _FORWARD_METRICS:
-            out.update(_forward_metrics(models, rows, wanted, batch_size))
-        if "student_rougeL" in wanted:
-            prompts = [ids[: int(p)] for ids, p in zip(rows["input_ids"], rows["num_prompt_tokens"])]
-            generated = greedy_responses(models, prompts, max_new_tokens, batch_size)
-            out["student_rougeL"] = np.array(
-                [models.rouge.score(ref, gen)["rougeL"].fmeasure for ref, gen in zip(rows["response"], generated)],
-                dtype=np.float64,
-            )
-    if "length" in wanted:
-        out["length"] = np.asarray(rows["num_response_tokens"], dtype=np.float64)
-    return {m: out[m] for m in metrics}
-
-
-class Measurer:
-    """Ray Data actor: loads the measurer models once, then adds the metric columns to batches of
-    prepared rows (NaN on rows the data layer rejected, which pass through unscored)."""
-
-    def __init__(self, models_cfg: dict, metrics: list[str], batch_size: int, max_new_tokens: int, use_gpu: bool, num_threads: int):
-        if use_gpu and not torch.cuda.is_available():
-            raise RuntimeError("scoring.num_gpus_per_actor > 0 but this actor sees no CUDA device")
-        if not use_gpu:
-            torch.set_num_threads(num_threads)
-        self.models = load_measurer_models(ModelsConfig(**models_cfg), metrics, "cuda" if use_gpu else "cpu")
-        self.metrics = metrics
-        self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        valid = np.flatnonzero(batch.column("reject_reason").to_numpy(zero_copy_only=False) == "")
-        columns = {m: np.full(batch.num_rows, np.nan) for m in self.metrics}
-        if len(valid):
-            rows = batch.select(_MEASURER_INPUT).take(pa.array(valid))
-            scores = measure(
-                self.models, {c: rows.column(c).to_numpy(zero_copy_only=False) for c in _MEASURER_INPUT},
-                self.metrics, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens,
-            )
-            for m in self.metrics:
-                columns[m][valid] = scores[m]
-        for m in self.metrics:
-            batch = batch.append_column(m, pa.array(columns[m]))
-        return batch
 
 
 # ---------------------------------------------------------------------------------------------
 # Ray Data stages (plain functions over pyarrow batches)
 
 
-def _record_json(row: dict) -> str:
-    """The input record as the user wrote it: its JSON line if unparsable, else its fields."""
-    if row.get(data_mod.RAW_COLUMN) is not None:
-        record = {"raw_line": row[data_mod.RAW_COLUMN]}
-    else:
-        encoded = set(row.get(data_mod.JSON_COLUMN) or ())
-        record = {
-            k: json.loads(v) if k in encoded and v is not None else v
-            for k, v in row.items()
-            if k not in data_mod.MARKER_COLUMNS
-        }
-    return json.dumps(record, ensure_ascii=False, default=str)
-
-
 def _prepare(batch: pa.Table, tokenizer, data_cfg) -> pa.Table:
     out = data_mod.prepare_batch(batch.to_pydict(), tokenizer, data_cfg)
-    out["record"] = [_record_json(r) for r in batch.to_pylist()]
+    out["record"] = [json.dumps(r, ensure_ascii=False) for r in data_mod.records_of(batch.to_pydict())]
     return pa.table({name: out[name] for name in _PREPARED_SCHEMA.names}, schema=_PREPARED_SCHEMA)
 
 
@@ -268,8 +88,8 @@ def _take_rows(batch: pa.Table, lookup_ref, mask_ref) -> pa.Table:
     return batch.filter(pa.array(keep)).append_column("row", pa.array(rows[keep]))
 
 
-def _attach(batch: pa.Table, lookup_ref, results_ref, metrics: list[str]) -> pa.Table:
-    """Keep the ranked rows and add their fused score, rank and bucket."""
+def _attach(batch: pa.Table, lookup_ref, results_ref, metrics: list[str], sort: bool = False) -> pa.Table:
+    """Keep the ranked rows and add their fused score, rank and bucket (sorted by rank if asked)."""
     import ray
 
     results: dict[str, np.ndarray] = ray.get(results_ref)
@@ -279,7 +99,7 @@ def _attach(batch: pa.Table, lookup_ref, results_ref, metrics: list[str]) -> pa.
     table = batch.filter(pa.array(keep)).select(_OUTPUT_TEXT_COLUMNS + metrics)
     for name, values in results.items():
         table = table.append_column(name, pa.array(values[rows]))
-    return table
+    return table.sort_by("rank") if sort else table
 
 
 def _row_lookup(uids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -407,11 +227,55 @@ def _write_rejects(scored, lookup_ref, reasons: np.ndarray, path: Path) -> None:
                                ensure_ascii=False) + "\n")
 
 
+def rows_per_file(cfg: RunConfig) -> int:
+    """Rows per written scores file: scoring.rows_per_file, else about 64 MiB of token ids and
+    labels (int32) at data.max_length."""
+    return cfg.scoring.rows_per_file or max(1024, (64 << 20) // (8 * cfg.data.max_length))
+
+
+def measure_dataset(cfg: RunConfig, tokenizer):
+    """Pass 1, materialised: every input row with its metric columns (NaN where rejected) and a uid.
+
+    Input order is kept, so a row's position in the result is its input row number; the uid
+    column (unique, not ordered) carries that number into later passes. A JSONL file is read as
+    one block, so the rows are re-cut into blocks of one actor call each (batch_size *
+    length_window rows): every actor of the pool gets a share, and an "auto" pool grows.
+    """
+    from ray.data.expressions import monotonically_increasing_id
+
+    sc = cfg.scoring
+    use_gpu = sc.num_gpus_per_actor > 0
+    window = sc.batch_size * sc.length_window
+    source = data_mod.read_ray_dataset(cfg.data.train, cfg.data.format, cfg.data.max_rows)
+    source.context.execution_options.preserve_order = True
+    return (
+        source.map_batches(_prepare, batch_format="pyarrow", fn_kwargs={"tokenizer": tokenizer, "data_cfg": cfg.data})
+        .with_column("uid", monotonically_increasing_id())
+        .repartition(target_num_rows_per_block=window)
+        .map_batches(
+            Measurer,
+            fn_constructor_kwargs={
+                "models_cfg": cfg.models.model_dump(mode="json"),
+                "metrics": list(sc.metrics),
+                "batch_size": sc.batch_size,
+                "max_new_tokens": sc.max_new_tokens,
+                "use_gpu": use_gpu,
+                "num_threads": max(1, int(sc.num_cpus_per_actor)),
+            },
+            batch_size=window,
+            batch_format="pyarrow",
+            compute=data_mod.actor_pool(sc.num_actors),
+            num_gpus=sc.num_gpus_per_actor if use_gpu else None,
+            num_cpus=sc.num_cpus_per_actor,
+        )
+        .materialize()
+    )
+
+
 def score_dataset(cfg: RunConfig) -> ScoreResult:
     """Score, rank and bucket ``cfg.data.train`` into ``cfg.output.dir``/scores (see module docstring)."""
     import ray
     import ray.data
-    from ray.data.expressions import monotonically_increasing_id
 
     start = time.perf_counter()
     sc = cfg.scoring
@@ -426,32 +290,7 @@ def score_dataset(cfg: RunConfig) -> ScoreResult:
         scores_path.unlink()
 
     # 1. One streaming pass: read, validate + tokenize (tasks), score (actor pool), materialised once.
-    # Input order is kept, so a row's position in the result is its input row number; the uid
-    # column (unique, not ordered) carries that number into later passes.
-    use_gpu = sc.num_gpus_per_actor > 0
-    source = data_mod.read_ray_dataset(cfg.data.train, cfg.data.format, cfg.data.max_rows)
-    source.context.execution_options.preserve_order = True
-    scored = (
-        source.map_batches(_prepare, batch_format="pyarrow", fn_kwargs={"tokenizer": tokenizer, "data_cfg": cfg.data})
-        .with_column("uid", monotonically_increasing_id())
-        .map_batches(
-            Measurer,
-            fn_constructor_kwargs={
-                "models_cfg": cfg.models.model_dump(mode="json"),
-                "metrics": list(sc.metrics),
-                "batch_size": sc.batch_size,
-                "max_new_tokens": sc.max_new_tokens,
-                "use_gpu": use_gpu,
-                "num_threads": max(1, int(sc.num_cpus_per_actor)),
-            },
-            batch_size=sc.batch_size * sc.length_window,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=sc.num_actors),
-            num_gpus=sc.num_gpus_per_actor if use_gpu else None,
-            num_cpus=sc.num_cpus_per_actor,
-        )
-        .materialize()
-    )
+    scored = measure_dataset(cfg, tokenizer)
 
     # 2. On the driver: a few values per row. Rejects = the data layer's, every repeat of an id
     # (scored above, as duplicates are only known globally, and dropped here), and rows whose
@@ -487,15 +326,23 @@ def score_dataset(cfg: RunConfig) -> ScoreResult:
         results[name] = np.full(rows_in, fill, dtype=dtype)
         results[name][kept] = values
 
-    # 4. Join the results to the rows in Ray Data (looked up by row number) and write.
-    final = scored.map_batches(
-        _attach,
-        fn_kwargs={"lookup_ref": lookup_ref, "results_ref": ray.put(results), "metrics": list(sc.metrics)},
-        batch_format="pyarrow",
-    )
-    if sc.sort_output:
-        final = final.sort("rank")
-    final.write_parquet(str(scores_path))
+    # 4. Join the results to the rows in Ray Data (looked up by row number) and write files of
+    # at most `per_file` rows, in rank order unless sort_output is off. One file: joined and
+    # sorted in one task (Ray Data's sort adds a map and a reduce task per block, seconds on a
+    # small run). More: a range-partitioning sort whose boundaries, the file edges, are known
+    # from the ranks (no sampling pass).
+    per_file = rows_per_file(cfg)
+    attach = {"lookup_ref": lookup_ref, "results_ref": ray.put(results), "metrics": list(sc.metrics)}
+    if not sc.sort_output:
+        final = scored.map_batches(_attach, fn_kwargs=attach, batch_format="pyarrow")
+        final.write_parquet(str(scores_path), min_rows_per_file=per_file)
+    elif rows_scored <= per_file:
+        final = scored.repartition(1).map_batches(
+            _attach, fn_kwargs={**attach, "sort": True}, batch_format="pyarrow", batch_size=None)
+        final.write_parquet(str(scores_path))
+    else:
+        final = scored.map_batches(_attach, fn_kwargs=attach, batch_format="pyarrow")
+        final.sort("rank", boundaries=list(range(per_file, rows_scored, per_file))).write_parquet(str(scores_path))
 
     manifest = {
         "rows_in": int(rows_in),
@@ -511,6 +358,7 @@ def score_dataset(cfg: RunConfig) -> ScoreResult:
         "wall_seconds": round(time.perf_counter() - start, 3),
         "scores_path": SCORES_FILE,
         "sorted_by_rank": sc.sort_output,
+        "rows_per_file": per_file,
     }
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return ScoreResult(output_dir=out_dir, manifest=manifest)

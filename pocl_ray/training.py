@@ -542,7 +542,8 @@ def _absolute_paths(cfg: RunConfig) -> RunConfig:
     })
 
 
-def _plan(cfg: RunConfig) -> Plan:
+def run_plan(cfg: RunConfig) -> Plan:
+    """The curriculum plan `train` follows for cfg (extraction plans read the models' layer counts)."""
     counts = _layer_counts(cfg) if cfg.curriculum.plan == "extraction" else (None, None)
     try:
         return plan_from_config(cfg, *counts)
@@ -624,7 +625,7 @@ def train(
     scores = scores_path(scores_dir)
     dataset = pads.dataset(str(scores), format="parquet")
     num_rows = _num_ranked_rows(dataset, scores_dir)
-    plan = plan if plan is not None else _plan(cfg)
+    plan = plan if plan is not None else run_plan(cfg)
     _check_plan(cfg, plan)
     _check_models(cfg, plan)
     t = cfg.training

@@ -307,7 +307,7 @@ def run_trial(params: dict, *, base: dict, scores_dir: str, trials_dir: str) -> 
     report its final metrics and objective."""
     from ray import tune
 
-    from pocl_ray.training import _plan, train
+    from pocl_ray.training import run_plan, train
 
     cfg = parse_config(base)
     trial_id = tune.get_context().get_trial_id()
@@ -315,7 +315,7 @@ def run_trial(params: dict, *, base: dict, scores_dir: str, trials_dir: str) -> 
     out = Path(trial_cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "trial.json").write_text(json.dumps({"trial_id": trial_id, "params": {p: _plain(v) for p, v in params.items()}}))
-    num_stages = len(_plan(trial_cfg).stages)
+    num_stages = len(run_plan(trial_cfg).stages)
     result = train(trial_cfg, scores_dir=scores_dir, callbacks=[StageEndReport(num_stages)])
     final = {
         "step": result.steps, "stages_completed": result.stages_completed, "num_stages": num_stages,
@@ -519,14 +519,14 @@ def tune(cfg: RunConfig) -> TuneResult:
     finished one is not run again for the same config."""
     from pocl_ray.pipeline import SCORE_KEYS, TRAIN_KEYS, ensure_teacher, fingerprint, init_ray, run_stage
     from pocl_ray.scoring import score_dataset
-    from pocl_ray.training import _plan
+    from pocl_ray.training import run_plan
 
     candidates = check_search_space(cfg)
     _search_alg(cfg.tune)  # a missing optuna / hyperopt is reported before any Ray work
     root = Path(cfg.output.dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     ensure_teacher(cfg, root, min_cpus=8)
-    plans = [(c, _plan(c)) for c in candidates]  # extraction plans read the teacher's layer count
+    plans = [(c, run_plan(c)) for c in candidates]
     max_stages = max(len(plan.stages) for _, plan in plans)
     _scheduler(cfg.tune, max_stages)
     scores_dir = root / "scores"

@@ -50,6 +50,15 @@ def test_invalid_literal_names_the_field_and_the_allowed_values():
         assert f"'{allowed}'" in message
 
 
+def test_actor_counts_are_positive_or_auto():
+    assert parse_config(_with("scoring", num_actors="auto")).scoring.num_actors == "auto"
+    assert parse_config(_with("eval", num_actors=4)).eval.num_actors == 4
+    for section, bad in (("scoring", 0), ("eval", "many")):
+        with pytest.raises(ConfigError) as err:
+            parse_config(_with(section, num_actors=bad))
+        assert f"{section}.num_actors" in str(err.value) and "'auto'" in str(err.value)
+
+
 def test_missing_required_field_is_named():
     with pytest.raises(ConfigError, match=r"models\.teacher: Field required"):
         parse_config({"data": {"train": "x"}, "models": {}})

@@ -15,9 +15,9 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from training_helpers import committed_checkpoints, expected_tokens, read_metrics, run_config, write_scores
 
 from pocl_ray.curriculum import plan_from_config, stage_specs
-from test_training import committed_checkpoints, expected_tokens, read_metrics, run_config, write_scores
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

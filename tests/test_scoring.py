@@ -10,21 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pds
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import synthetic_rows
 
 from pocl_ray.config import ConfigError, ModelsConfig, parse_config
 from pocl_ray.data import validate_and_tokenize
+from pocl_ray.measurers import greedy_responses, load_measurer_models, measure
 from pocl_ray.models import load_model, load_tokenizer
-from pocl_ray.scoring import (
-    format_summary,
-    greedy_responses,
-    load_manifest,
-    load_measurer_models,
-    measure,
-    score_dataset,
-)
+from pocl_ray.scoring import check_inputs, format_summary, load_manifest, measure_dataset, score_dataset
 
 ALL_METRICS = ["student_ce", "student_rougeL", "teacher_ce", "teacher_student_kl", "length"]
 VENV_BIN = Path(sys.executable).parent
@@ -206,6 +201,7 @@ def test_buckets_are_equal_contiguous_and_easy_first(scored):
     for easier, harder in zip(m["buckets"], m["buckets"][1:]):
         assert easier["fused_min"] >= harder["fused_max"]
     assert frame["rank"].tolist() == list(range(n))  # sort_output: written in rank order
+    assert len(list(result.scores_path.glob("*.parquet"))) == 1  # fits one file (rows_per_file)
 
 
 def test_rank_order_matches_python_rrf(scored):
@@ -239,6 +235,37 @@ def test_two_runs_give_identical_buckets(ray_local, scored, tiny_assets, dataset
     assert a[["rank", "bucket"]].equals(b[["rank", "bucket"]])
     assert a[["student_ce", "student_rougeL", "fused_score"]].equals(b[["student_ce", "student_rougeL", "fused_score"]])
     assert second.manifest["buckets"] == first.manifest["buckets"]
+
+
+def test_rows_reach_the_actors_in_blocks_of_one_call(ray_local, tiny_assets, dataset, tmp_path):
+    # The JSONL file is read as one block; without re-cutting, one actor would score every row.
+    cfg = _config(tiny_assets, tmp_path, dataset["path"], scoring={"metrics": ["length"], "batch_size": 4, "length_window": 2})
+    measured = measure_dataset(cfg, check_inputs(cfg))
+    sizes = [len(b["uid"]) for b in measured.iter_batches(batch_size=None, batch_format="numpy")]
+    assert sum(sizes) == dataset["rows_in"] and max(sizes) <= 8 and len(sizes) >= dataset["rows_in"] // 8
+
+
+def test_auto_actor_pool_grows_from_one_and_scores_the_same(ray_local, scored, tiny_assets, dataset, tmp_path):
+    from pocl_ray.data import actor_pool
+
+    auto, fixed = actor_pool("auto"), actor_pool(3)
+    assert (auto.min_size, auto.max_size) == (1, float("inf")) and (fixed.min_size, fixed.max_size) == (3, 3)
+    _, first = scored
+    result = score_dataset(_config(tiny_assets, tmp_path, dataset["path"], scoring={"num_actors": "auto"}))
+    a = _scores(first).set_index("id").sort_index()
+    b = _scores(result).set_index("id").sort_index()
+    assert a[["rank", "bucket", "student_ce", "student_rougeL"]].equals(b[["rank", "bucket", "student_ce", "student_rougeL"]])
+
+
+def test_large_outputs_are_split_into_rank_ordered_files(ray_local, tiny_assets, dataset, tmp_path):
+    cfg = _config(tiny_assets, tmp_path, dataset["path"], scoring={"metrics": ["length"], "rows_per_file": 16})
+    result = score_dataset(cfg)
+    n = result.manifest["rows_scored"]
+    files = sorted(result.scores_path.glob("*.parquet"))
+    ranks = [pq.read_table(f, columns=["rank"]).column("rank").to_pylist() for f in files]
+    assert len(files) == -(-n // 16) and all(0 < len(r) <= 16 for r in ranks)
+    assert [x for r in ranks for x in r] == list(range(n)), "files are not in rank order"
+    assert _scores(result)["rank"].tolist() == list(range(n))
 
 
 def test_flipping_a_direction_flips_the_order(ray_local, tiny_assets, dataset, tmp_path):

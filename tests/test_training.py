@@ -8,7 +8,6 @@ combined batch) is checked with two gloo processes, without Ray.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -16,91 +15,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from training_helpers import committed_checkpoints, expected_tokens, read_metrics, run_config, write_scores
 
-from pocl_ray.config import ConfigError, parse_config
-from pocl_ray.curriculum import epoch_order, lr_at, plan_from_config, pool_ranks, stage_specs
+from pocl_ray.config import ConfigError
+from pocl_ray.curriculum import lr_at, plan_from_config, stage_specs
 from pocl_ray.data import read_table, validate_and_tokenize
-from pocl_ray.difficulty import bucket_of_rank
 from pocl_ray.models import load_model, load_tokenizer
 
 ray_test = pytest.mark.ray
-
-
-# -- helpers shared with test_fault.py ---------------------------------------------------------
-
-
-def write_scores(directory: Path, assets, num_buckets: int = 4) -> Path:
-    """A scoring output as CONTRACTS.md fixes it, ranked by response length (then id) as a stand-in
-    for the fused difficulty score."""
-    tokenizer = load_tokenizer(assets.tokenizer_dir)
-    good, rejects = validate_and_tokenize(read_table(assets.train_path).to_pylist(), tokenizer, assets.data_config())
-    assert not rejects
-    good.sort(key=lambda r: (r["num_response_tokens"], r["id"]))
-    m = len(good)
-    ranks = np.arange(m)
-    scores = directory / "scores"
-    scores.mkdir(parents=True)
-    table = pa.table({
-        "id": pa.array([r["id"] for r in good], pa.string()),
-        "prompt": pa.array([r["prompt"] for r in good], pa.string()),
-        "response": pa.array([r["response"] for r in good], pa.string()),
-        "input_ids": pa.array([r["input_ids"] for r in good], pa.list_(pa.int32())),
-        "labels": pa.array([r["labels"] for r in good], pa.list_(pa.int32())),
-        "num_prompt_tokens": pa.array([r["num_prompt_tokens"] for r in good], pa.int32()),
-        "num_response_tokens": pa.array([r["num_response_tokens"] for r in good], pa.int32()),
-        "length": pa.array([float(r["num_response_tokens"]) for r in good], pa.float64()),
-        "fused_score": pa.array((1.0 / (61 + ranks)).tolist(), pa.float64()),
-        "rank": pa.array(ranks, pa.int64()),
-        "bucket": pa.array(bucket_of_rank(ranks, m, num_buckets), pa.int32()),
-    })
-    pq.write_table(table, scores / "scores.parquet", row_group_size=64)
-    buckets = bucket_of_rank(ranks, m, num_buckets)
-    (scores / "manifest.json").write_text(json.dumps({
-        "rows_in": m, "rows_scored": m, "rows_rejected": 0, "metrics": [{"name": "length", "direction": "lower"}],
-        "rrf_k": 60, "num_buckets": num_buckets,
-        "buckets": [{"id": b, "rows": int((buckets == b).sum()), "fused_min": None, "fused_max": None} for b in range(num_buckets)],
-        "models": {}, "config": {}, "ray_version": "", "wall_seconds": 0.0, "scores_path": "scores.parquet",
-    }))
-    return scores
-
-
-def run_config(assets, out: Path, name: str = "t", **overrides):
-    """A small 2-worker POCL config over the tiny assets: 4 stages of 1 epoch, global batch 16."""
-    cfg = parse_config({
-        "name": name,
-        "data": {"train": str(assets.train_path), "dev": str(assets.dev_path), "max_prompt_length": 96, "max_length": 128},
-        "models": {"teacher": str(assets.teacher_dir), "student": str(assets.student_dir)},
-        "curriculum": {"plan": "pocl", "num_buckets": 4, "epochs_per_stage": 1.0},
-        "training": {"num_workers": 2, "global_batch_size": 16, "micro_batch_size": 4, "lr": 1e-3,
-                     "min_lr": 1e-4, "checkpoint_every": 10, "max_failures": 0},
-        "output": {"dir": str(out)},
-    })
-    return cfg.with_overrides(overrides) if overrides else cfg
-
-
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def expected_tokens(cfg, scores: Path, plan=None) -> list[int]:
-    """Global response tokens of every planned step, from the seeded epoch orders: what the two
-    workers together must have trained on if each step got exactly its planned rows."""
-    table = pq.read_table(scores / "scores.parquet", columns=["rank", "num_response_tokens"])
-    tokens = np.zeros(table.num_rows, dtype=np.int64)
-    tokens[table.column("rank").to_numpy()] = table.column("num_response_tokens").to_numpy()
-    g = cfg.training.global_batch_size
-    out = []
-    for index, spec in enumerate(stage_specs(plan or plan_from_config(cfg), table.num_rows, g)):
-        pool = pool_ranks(spec.pool_ranges)
-        for k in range(spec.steps):
-            epoch, j = divmod(k, spec.steps_per_epoch)
-            order = pool[epoch_order(spec.pool_rows, cfg.training.seed, index, epoch)]
-            out.append(int(tokens[order[j * g : (j + 1) * g]].sum()))
-    return out
 
 
 def dev_fkl(model_dir, assets) -> float:
@@ -303,16 +228,6 @@ def train_worker_pids() -> list[int]:
             except OSError:
                 continue
     return found
-
-
-def committed_checkpoints(storage: Path) -> list[str]:
-    snapshot = storage / "checkpoint_manager_snapshot.json"
-    if not snapshot.exists():
-        return []
-    try:
-        return sorted(d.name for d in storage.glob("step_*")) if json.loads(snapshot.read_text()) else []
-    except json.JSONDecodeError:
-        return []
 
 
 @ray_test
