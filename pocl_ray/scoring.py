@@ -275,7 +275,6 @@ def measure_dataset(cfg: RunConfig, tokenizer):
 def score_dataset(cfg: RunConfig) -> ScoreResult:
     """Score, rank and bucket ``cfg.data.train`` into ``cfg.output.dir``/scores (see module docstring)."""
     import ray
-    import ray.data
 
     start = time.perf_counter()
     sc = cfg.scoring
@@ -333,16 +332,14 @@ def score_dataset(cfg: RunConfig) -> ScoreResult:
     # from the ranks (no sampling pass).
     per_file = rows_per_file(cfg)
     attach = {"lookup_ref": lookup_ref, "results_ref": ray.put(results), "metrics": list(sc.metrics)}
-    if not sc.sort_output:
-        final = scored.map_batches(_attach, fn_kwargs=attach, batch_format="pyarrow")
-        final.write_parquet(str(scores_path), min_rows_per_file=per_file)
-    elif rows_scored <= per_file:
+    if sc.sort_output and rows_scored <= per_file:
         final = scored.repartition(1).map_batches(
             _attach, fn_kwargs={**attach, "sort": True}, batch_format="pyarrow", batch_size=None)
-        final.write_parquet(str(scores_path))
     else:
         final = scored.map_batches(_attach, fn_kwargs=attach, batch_format="pyarrow")
-        final.sort("rank", boundaries=list(range(per_file, rows_scored, per_file))).write_parquet(str(scores_path))
+        if sc.sort_output:
+            final = final.sort("rank", boundaries=list(range(per_file, rows_scored, per_file)))
+    final.write_parquet(str(scores_path), min_rows_per_file=None if sc.sort_output else per_file)
 
     manifest = {
         "rows_in": int(rows_in),
