@@ -1,5 +1,14 @@
-"""Peak memory and time of ``kd_loss`` (gather scored rows, fp32 chunks, checkpointed) against a naive
-full-tensor KD loss, forward + backward, on one realistic batch. Prints one JSON object.
+"""Peak memory and time of the KD loss three ways, forward + backward, LM head included: prints one JSON object.
+
+- naive: full (batch, seq, vocab) logits ``hidden @ head.T`` for both models, then the divergence on
+  the full fp32 log-probs, masked afterwards (the textbook loss);
+- chunked: the same full logits, then ``kd_loss`` (scored rows gathered, fp32 chunks, each chunk's
+  gradient taken at once);
+- linear: ``linear_kd_loss`` on the hidden states and head weights (logits made one chunk of scored
+  positions at a time, never for the whole batch).
+
+All three start from the same hidden states and head weights and return gradients to the student's
+hidden states and head, so the matmul to logits and its backward are inside every measurement.
 
 Peak memory is measured above what the inputs already hold:
 - CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
@@ -7,8 +16,11 @@ Peak memory is measured above what the inputs already hold:
   allocation records (every CPU allocation and free the allocator reports, in time order). Timings
   come from separate runs without the profiler.
 
-    python benchmarks/loss_memory.py                       # GPU: 8 x 512 x 49152 bf16; CPU: 4 x 256 x 16384
-    python benchmarks/loss_memory.py --kinds fkl,akl --batch 2 --seq 128 --vocab 8192
+``--chunk-sizes 64,128,256`` adds a sweep of the linear loss over chunk sizes (first kind only): how
+the default ``losses.DEFAULT_CHUNK_SIZE`` was chosen.
+
+    python benchmarks/loss_memory.py             # GPU: 2 x 8192 tokens, hidden 576, vocab 49152, bf16
+    python benchmarks/loss_memory.py --kinds fkl,js --batch 2 --seq 256 --hidden 64 --vocab 4096   # CPU, small
 """
 
 from __future__ import annotations
@@ -40,21 +52,28 @@ def naive_kd_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor, label
     return (per_pos * scored).sum() * temperature**2 / scored.sum().clamp_min(1)
 
 
-def make_inputs(batch: int, seq: int, vocab: int, dtype: torch.dtype, device: torch.device, prompt_fraction: float):
+def make_inputs(batch: int, seq: int, hidden: int, vocab: int, dtype: torch.dtype, device: torch.device, prompt_fraction: float):
+    """Student and teacher hidden states and heads (student ones trainable) and labels with prompt masks."""
     g = torch.Generator(device=device).manual_seed(0)
-    student = (torch.randn(batch, seq, vocab, generator=g, device=device) * 2).to(dtype).requires_grad_()
-    teacher = (torch.randn(batch, seq, vocab, generator=g, device=device) * 2).to(dtype)
+
+    def randn(*shape, scale):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+
+    # Scales that give logits of standard deviation about 2, as in the logits-only version of this benchmark.
+    student = (randn(batch, seq, hidden, scale=1.0).requires_grad_(), randn(vocab, hidden, scale=2 / hidden**0.5).requires_grad_())
+    teacher = (randn(batch, seq, hidden, scale=1.0), randn(vocab, hidden, scale=2 / hidden**0.5))
     labels = torch.randint(0, vocab, (batch, seq), generator=g, device=device)
     # Prompt tokens are not scored, as in instruction distillation; row lengths vary a little.
-    prompt = (seq * prompt_fraction + torch.randint(-seq // 16, seq // 16 + 1, (batch,), generator=g, device=device)).clamp(0, seq)
+    jitter = torch.randint(-seq // 16, seq // 16 + 1, (batch,), generator=g, device=device) if prompt_fraction else 0
+    prompt = (seq * prompt_fraction + jitter).clamp(0, seq) if prompt_fraction else torch.zeros(batch, device=device)
     labels[torch.arange(seq, device=device) < prompt.unsqueeze(1)] = losses.IGNORE_INDEX
     return student, teacher, labels
 
 
-def step(fn, student: torch.Tensor) -> float:
+def step(fn, trainable: tuple[torch.Tensor, ...]) -> float:
     loss = fn()
-    (grad,) = torch.autograd.grad(loss, student)
-    del grad
+    grads = torch.autograd.grad(loss, trainable)
+    del grads
     return loss.item()
 
 
@@ -90,31 +109,41 @@ def known_peak(device: torch.device) -> float:
     return (b.sum() + c.sum()).item()
 
 
-def median_ms(fn, student: torch.Tensor, device: torch.device, repeats: int) -> float:
-    step(fn, student)  # warm-up
+def median_ms(fn, trainable, device: torch.device, repeats: int) -> float:
+    step(fn, trainable)  # warm-up
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        step(fn, student)
+        step(fn, trainable)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
 
+def measure(fn, trainable, device: torch.device, repeats: int) -> dict:
+    return {
+        "loss": step(fn, trainable),
+        "peak_extra_mib": round(peak_extra_mib(lambda: step(fn, trainable), device), 1),
+        "median_ms": round(median_ms(fn, trainable, device, repeats), 2),
+    }
+
+
 def main() -> None:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kinds", default=",".join(losses.KD_KINDS))
-    parser.add_argument("--batch", type=int, default=8 if cuda else 4)
-    parser.add_argument("--seq", type=int, default=512 if cuda else 256)
-    parser.add_argument("--vocab", type=int, default=49152 if cuda else 16384)
-    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    parser.add_argument("--chunk-size", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=8192 if cuda else 512)
+    parser.add_argument("--hidden", type=int, default=576 if cuda else 128)
+    parser.add_argument("--vocab", type=int, default=49152 if cuda else 8192)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16" if cuda else "float32")
+    parser.add_argument("--chunk-size", type=int, default=losses.DEFAULT_CHUNK_SIZE)
+    parser.add_argument("--chunk-sizes", default="", help="comma-separated chunk sizes to sweep the linear loss over")
     parser.add_argument("--temperature", type=float, default=2.0)
-    parser.add_argument("--prompt-fraction", type=float, default=0.25)
+    parser.add_argument("--prompt-fraction", type=float, default=0.0, help="share of each row masked as prompt")
     parser.add_argument("--repeats", type=int, default=5 if cuda else 3)
     parser.add_argument("--threads", type=int, help="CPU threads; 1 avoids a wait per op when the cores are oversubscribed")
     args = parser.parse_args()
@@ -122,28 +151,36 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     device = torch.device("cuda" if cuda else "cpu")
-    student, teacher, labels = make_inputs(
-        args.batch, args.seq, args.vocab, getattr(torch, args.dtype), device, args.prompt_fraction
+    (s_hidden, s_head), (t_hidden, t_head), labels = make_inputs(
+        args.batch, args.seq, args.hidden, args.vocab, getattr(torch, args.dtype), device, args.prompt_fraction
     )
+    trainable = (s_hidden, s_head)
+    kinds = args.kinds.split(",")
+    opts = dict(temperature=args.temperature)
+
+    def teacher_logits():
+        with torch.no_grad():
+            return t_hidden @ t_head.T
+
     results = {}
-    for kind in args.kinds.split(","):
+    for kind in kinds:
         variants = {
-            "chunked": lambda: losses.kd_loss(kind, student, teacher, labels, temperature=args.temperature, chunk_size=args.chunk_size),
-            "naive": lambda: naive_kd_loss(kind, student, teacher, labels, args.temperature),
+            "naive": lambda: naive_kd_loss(kind, s_hidden @ s_head.T, teacher_logits(), labels, args.temperature),
+            "chunked": lambda: losses.kd_loss(kind, s_hidden @ s_head.T, teacher_logits(), labels, chunk_size=args.chunk_size, **opts),
+            "linear": lambda: losses.linear_kd_loss(kind, s_hidden, s_head, t_hidden, t_head, labels, chunk_size=args.chunk_size, **opts),
         }
-        row = {}
-        for name, fn in variants.items():
-            row[name] = {
-                "loss": step(fn, student),
-                "peak_extra_mib": round(peak_extra_mib(lambda: step(fn, student), device), 1),
-                "median_ms": round(median_ms(fn, student, device, args.repeats), 2),
-            }
-        row["memory_ratio_naive_over_chunked"] = round(row["naive"]["peak_extra_mib"] / row["chunked"]["peak_extra_mib"], 2)
-        row["time_ratio_chunked_over_naive"] = round(row["chunked"]["median_ms"] / row["naive"]["median_ms"], 2)
-        row["loss_rel_diff"] = abs(row["chunked"]["loss"] - row["naive"]["loss"]) / abs(row["naive"]["loss"])
+        row = {name: measure(fn, trainable, device, args.repeats) for name, fn in variants.items()}
+        for other in ("naive", "chunked"):
+            row[f"memory_ratio_{other}_over_linear"] = round(row[other]["peak_extra_mib"] / row["linear"]["peak_extra_mib"], 2)
+            row[f"time_ratio_linear_over_{other}"] = round(row["linear"]["median_ms"] / row[other]["median_ms"], 2)
+            row[f"loss_rel_diff_linear_vs_{other}"] = abs(row["linear"]["loss"] - row[other]["loss"]) / abs(row[other]["loss"])
         results[kind] = row
 
-    fp32_tensor_mib = args.batch * args.seq * args.vocab * 4 / MIB
+    sweep = {}
+    for size in (int(s) for s in args.chunk_sizes.split(",") if s):
+        fn = lambda: losses.linear_kd_loss(kinds[0], s_hidden, s_head, t_hidden, t_head, labels, chunk_size=size, **opts)  # noqa: E731
+        sweep[size] = {k: v for k, v in measure(fn, trainable, device, args.repeats).items() if k != "loss"}
+
     print(json.dumps({
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "torch": torch.__version__,
@@ -151,13 +188,14 @@ def main() -> None:
         "load_average_1min": round(os.getloadavg()[0], 2),
         "memory_method": "torch.cuda.max_memory_allocated" if cuda else "torch.profiler CPU allocation records",
         "memory_method_check_expect_12_mib": round(peak_extra_mib(lambda: known_peak(device), device), 2),
-        "shape": [args.batch, args.seq, args.vocab],
+        "shape": {"batch": args.batch, "seq": args.seq, "hidden": args.hidden, "vocab": args.vocab},
         "dtype": args.dtype,
         "scored_positions": int(losses.count_tokens(labels)),
         "chunk_size": args.chunk_size,
         "temperature": args.temperature,
-        "one_fp32_logits_tensor_mib": round(fp32_tensor_mib, 1),
+        "one_fp32_logits_tensor_mib": round(args.batch * args.seq * args.vocab * 4 / MIB, 1),
         "results": results,
+        **({f"linear_{kinds[0]}_chunk_size_sweep": sweep} if sweep else {}),
     }, indent=2))
 
 

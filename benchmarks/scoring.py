@@ -97,7 +97,8 @@ def bare_loop(cfg) -> dict:
     scores: dict[str, list] = {m: [] for m in sc.metrics}
     for i in range(0, len(good), window):
         rows = {k: [r[k] for r in good[i : i + window]] for k in columns}
-        for m, values in measure(models, rows, sc.metrics, batch_size=sc.batch_size, max_new_tokens=sc.max_new_tokens).items():
+        for m, values in measure(models, rows, sc.metrics, batch_size=sc.batch_size, max_new_tokens=sc.max_new_tokens,
+                                   max_length=cfg.data.max_length).items():
             scores[m].extend(values)
     metrics = {m: np.asarray(v, dtype=np.float64) for m, v in scores.items()}
     ids = [r["id"] for r in good]

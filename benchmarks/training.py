@@ -1,22 +1,18 @@
-"""Training speed: the Ray Train path against a bare single-process torch loop, and POCL's overhead.
+"""Training speed: the Ray Train path against the same step without Ray and a hand-written loop.
 
-Prints one JSON object (and writes it with --output):
-- `ray_vs_bare`: student optimizer steps/s of `pocl_ray.training.train` with 1 worker against a
-  bare loop in this process with the same models, rows, batches, loss code, optimizer, LR schedule,
-  device and thread count. Steady-state throughput over steps 2..N from each side's step timestamps
-  (data reads, logging, checkpoints in between included); Ray start-up and shutdown are reported
-  separately (`ray_fit_seconds`, `ray_startup_seconds`). Target ratio >= 0.95.
-  `ray_vs_bare_cpu` is the same ratio from the training thread's CPU time per step.
-- `pocl_vs_baseline`: the Ray path's training-loop wall time of the 4-stage POCL plan against the
-  one-stage baseline plan at the same number of optimizer steps (pool switches, per-stage optimizer
-  and LR restarts, stage-end checkpoints included). Target overhead <= 2%.
-  `pocl_switching_overhead` is the part of it spent between steps (stage switches, extra epoch
-  reads) and `pocl_vs_baseline_cpu` the per-step CPU difference: on a shared machine the wall-time
-  ratio mostly measures the neighbours, these two do not.
-Every row has the same length, so every step does the same work. Runs are interleaved (bare, ray
-baseline, ray POCL, repeated) and medians reported.
+One process, one run, the same models, rows and batches on all three paths:
+- `hand`: the plain PyTorch loop a user would write: the teacher in bf16 under `no_grad` (fp32 on
+  CPU), the student in fp32 under bf16 autocast on CUDA, full-vocabulary logits from both models, FKL
+  and CE at the scored positions, AdamW, grad clipping, a `.item()` read of the loss every step.
+- `bare`: the project's step functions (`length_grouped`, `build_batch`, `accumulate_gradients`,
+  `optimizer_step`) in a plain loop without Ray, step numbers read back every 20 steps.
+- `ray`: `pocl_ray.training.train` with one worker (the GPU when --device cuda), its step times from
+  metrics.jsonl; `fixed_seconds` is the fit's wall time outside its step loop (Ray Train start-up,
+  model loading, checkpoints, shutdown).
+tokens/s counts every non-pad input token (both models read them all). Steady state: steps 2..N.
 
-    .venv/bin/python benchmarks/training.py --steps 80 --repeats 3 --output runs/bench_training.json
+    python benchmarks/training.py --device cuda            # SmolLM2-135M-shaped 30-layer teacher, 10-layer student
+    python benchmarks/training.py --device cpu             # tiny shapes that finish in minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -25,6 +21,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,181 +30,259 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import torch.nn.functional as F
 
-from pocl_ray.config import parse_config
-from pocl_ray.curriculum import epoch_order, epoch_shard, lr_at, plan_from_config, pool_ranks, stage_specs
-from pocl_ray.models import build_tiny_model, build_tiny_tokenizer, load_model, load_tokenizer
-from pocl_ray.training import accumulate_gradients, adamw, build_batch, optimizer_step, read_rows, step_seed, train
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pocl_ray.config import parse_config  # noqa: E402
+from pocl_ray.curriculum import lr_at, plan_from_config, stage_specs  # noqa: E402
+from pocl_ray.models import build_tiny_tokenizer, load_model, load_tokenizer, resolve_dtype  # noqa: E402
+from pocl_ray.training import (  # noqa: E402
+    HiddenStatesLM, accumulate_gradients, adamw, build_batch, length_grouped, optimizer_step, plain_heads, step_seed, train,
+)
+from pocl_ray.shards import ScoresIndex, blocks, worker_shard  # noqa: E402
+
+GIB = 2**30
+SHAPES = {
+    # SmolLM2-135M: hidden 576, 9 heads (3 KV), MLP 1536, vocab 49,152, tied embeddings.
+    "cuda": {"hidden": 576, "heads": 9, "kv_heads": 3, "mlp": 1536, "vocab": 49152, "teacher_layers": 30,
+             "student_layers": 10, "rows": 1024, "min_len": 128, "max_len": 512, "batch": 64, "micro": 32, "steps": 40},
+    "cpu": {"hidden": 64, "heads": 4, "kv_heads": 2, "mlp": 176, "vocab": 2048, "teacher_layers": 4,
+            "student_layers": 2, "rows": 256, "min_len": 32, "max_len": 96, "batch": 16, "micro": 8, "steps": 24},
+}
 
 
-def make_assets(root: Path, args) -> tuple[Path, Path, Path]:
-    """Random-init Llama teacher/student, a tokenizer, and `rows` random token rows as a scores dir."""
+def make_assets(root: Path, a) -> tuple[Path, Path, Path, np.ndarray]:
+    """Random-init Llama teacher and student, a tokenizer, and `rows` random rows (prompt a quarter
+    to a half of each row) as a scores directory; returns the rows' lengths by rank too."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     tokenizer = build_tiny_tokenizer(["the quick brown fox jumps over the lazy dog"] * 4, vocab_size=300)
-    teacher, student = root / "teacher", root / "student"
-    build_tiny_model("llama", args.vocab, hidden_size=args.hidden, num_layers=2 * args.layers, num_heads=4,
-                     seed=0, save_dir=teacher, tokenizer=tokenizer)
-    build_tiny_model("llama", args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=4,
-                     seed=1, save_dir=student, tokenizer=tokenizer)
-    # Every row has the same length, so every step does the same work and runs compare step for step.
+    paths = []
+    for name, layers, seed in (("teacher", a.teacher_layers, 0), ("student", a.student_layers, 1)):
+        config = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.mlp, num_hidden_layers=layers,
+                             num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, tie_word_embeddings=True,
+                             max_position_embeddings=a.max_len, eos_token_id=tokenizer.eos_token_id,
+                             bos_token_id=tokenizer.bos_token_id)
+        torch.manual_seed(seed)
+        LlamaForCausalLM(config).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        paths.append(root / name)
     rng = np.random.default_rng(0)
-    prompt = np.full(args.rows, args.seq // 4)
-    response = np.full(args.rows, args.seq - args.seq // 4)
-    ids = [rng.integers(3, args.vocab, size=p + r).tolist() for p, r in zip(prompt, response)]
-    labels = [[-100] * p + x[p:] for p, x in zip(prompt, ids)]
+    lengths = rng.integers(a.min_len, a.max_len + 1, size=a.rows)
+    prompts = (lengths * rng.uniform(0.25, 0.5, size=a.rows)).astype(int)
+    ids = [rng.integers(3, a.vocab, size=n).tolist() for n in lengths]
+    labels = [[-100] * p + x[p:] for p, x in zip(prompts, ids)]
     scores = root / "scores"
     scores.mkdir()
     pq.write_table(pa.table({
-        "id": [str(i) for i in range(args.rows)],
+        "id": [str(i) for i in range(a.rows)],
         "input_ids": pa.array(ids, pa.list_(pa.int32())), "labels": pa.array(labels, pa.list_(pa.int32())),
-        "num_prompt_tokens": pa.array(prompt, pa.int32()), "num_response_tokens": pa.array(response, pa.int32()),
-        "rank": pa.array(np.arange(args.rows), pa.int64()),
-    }), scores / "scores.parquet")
-    (scores / "manifest.json").write_text(json.dumps({"scores_path": "scores.parquet", "num_buckets": 4}))
-    return teacher, student, scores
+        "num_prompt_tokens": pa.array(prompts, pa.int32()), "num_response_tokens": pa.array(lengths - prompts, pa.int32()),
+        "rank": pa.array(np.arange(a.rows), pa.int64()),
+    }), scores / "scores.parquet", row_group_size=256)
+    (scores / "manifest.json").write_text(json.dumps({"scores_path": "scores.parquet", "num_buckets": 1}))
+    return paths[0], paths[1], scores, lengths
 
 
-def config(args, teacher: Path, student: Path, out: Path, plan: str):
+def config(a, teacher: Path, student: Path, out: Path):
     return parse_config({
-        "name": plan,
-        "data": {"train": "unused", "max_prompt_length": args.seq // 2, "max_length": args.seq},
+        "name": "bench",
+        "data": {"train": "unused", "max_prompt_length": a.max_len // 2, "max_length": a.max_len},
         "models": {"teacher": str(teacher), "student": str(student)},
-        "curriculum": {"plan": plan, "num_buckets": 4, "steps_per_stage": args.steps // 4},
-        "training": {"num_workers": 1, "cpus_per_worker": args.threads, "global_batch_size": args.batch,
-                     "micro_batch_size": args.batch, "lr": 1e-4, "checkpoint_every": 10**6, "max_failures": 0},
+        "curriculum": {"plan": "baseline", "num_buckets": 1, "steps_per_stage": a.steps},
+        "kd": {"loss": "fkl"},
+        "training": {"num_workers": 1, "use_gpu": a.device == "cuda", "cpus_per_worker": a.threads,
+                     "global_batch_size": a.batch, "micro_batch_size": a.micro, "lr": 1e-4,
+                     "checkpoint_every": 10**6, "max_failures": 0},
         "output": {"dir": str(out)},
     })
 
 
-def bare_loop(cfg, scores: Path) -> list[dict]:
-    """The same training as one Ray worker, in this process without Ray: plan, data order, batches,
-    loss and optimizer come from the same functions; rows are read once up front. Returns step
-    records with the Ray path's timing fields."""
-    import pyarrow.dataset as pads
+def planned_steps(cfg, scores: Path) -> list[list[np.ndarray]]:
+    """The rank micro-batches of every step, as the coordinator deals them to one worker."""
+    t = cfg.training
+    index = ScoresIndex(scores / "scores.parquet")
+    (spec,) = stage_specs(plan_from_config(cfg), index.num_rows, t.global_batch_size)
+    pool = blocks(spec.pool_ranges, index.bounds)
+    steps = []
+    for epoch in range(spec.epoch_of(spec.steps - 1) + 1):
+        shard = worker_shard(pool, seed=t.seed, stage=0, epoch=epoch, world_size=1, rank=0,
+                             global_batch=t.global_batch_size, micro_batch=t.micro_batch_size)
+        steps += [shard.step(k) for k in range(len(shard))]
+    return steps[: spec.steps]
 
-    t, kd = cfg.training, cfg.kd
-    device = torch.device("cpu")
-    torch.manual_seed(t.seed)
-    tokenizer = load_tokenizer(cfg.models.teacher)
-    teacher = load_model(cfg.models.teacher, frozen=True)
-    student = load_model(cfg.models.student, dtype=torch.float32)
+
+def read_all(scores: Path) -> dict[int, dict]:
+    """Every row by rank, read up front (the hand and bare loops time compute, not reads)."""
+    table = pq.read_table(scores / "scores.parquet", columns=["rank", "input_ids", "labels", "num_prompt_tokens"])
+    return {int(r): {"input_ids": np.asarray(i), "labels": np.asarray(lab), "attention_mask": np.ones(len(i), np.int64),
+                     "num_prompt_tokens": int(p)}
+            for r, i, lab, p in zip(*(table.column(c).to_pylist() for c in table.column_names))}
+
+
+def _models(cfg, device: torch.device):
+    teacher = load_model(cfg.models.teacher, dtype=resolve_dtype("auto", device), device=device, frozen=True)
+    student = load_model(cfg.models.student, dtype=torch.float32, device=device)
     student.train()
-    num_rows = pq.read_metadata(scores / "scores.parquet").num_rows
-    rows = read_rows(pads.dataset(str(scores / "scores.parquet")), np.arange(num_rows))
-    records, step = [], 0
-    for index, spec in enumerate(stage_specs(plan_from_config(cfg), num_rows, t.global_batch_size)):
-        optimizer = adamw(student, t.lr, t.weight_decay)
-        pool = pool_ranks(spec.pool_ranges)
-        for k in range(spec.steps):
-            started, cpu_started = time.perf_counter(), time.thread_time()
-            epoch, j = divmod(k, spec.steps_per_epoch)
-            steps = epoch_shard(pool[epoch_order(spec.pool_rows, t.seed, index, epoch)], t.global_batch_size, 1, 0,
-                                t.micro_batch_size)
-            torch.manual_seed(step_seed(t.seed, step, 0))
-            batches = [build_batch([rows[int(r)] for r in m], tokenizer.pad_token_id, device) for m in steps[j]]
-            out = accumulate_gradients(student, teacher, batches, spec.stage, kd)
-            optimizer_step(student, optimizer, lr_at(spec.lr_offset + k, spec.lr_total, t.lr, t.min_lr), t.grad_clip)
-            step += 1
-            records.append({"step": step, "stage": index, "epoch": epoch, "tokens": int(out[4]),
-                            "seconds": time.perf_counter() - started, "cpu_seconds": time.thread_time() - cpu_started,
-                            "time": time.time()})
-    return records
+    return teacher, student
 
 
-def ray_run(cfg, scores: Path) -> tuple[list[dict], float]:
-    """Step records of `train` (from metrics.jsonl) and its whole wall time."""
-    started = time.time()
-    result = train(cfg, scores)
-    return [json.loads(line) for line in result.metrics_path.read_text().splitlines()], time.time() - started
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
-def between_steps(records: list[dict]) -> dict:
-    """Seconds between one step's end and the next step's start, by what happened there: a new
-    stage (stage-end checkpoint, stage settings, optimizer, shard read), a new epoch (shard read),
-    or nothing (logging)."""
-    out = {"stage_start": 0.0, "epoch_start": 0.0, "other": 0.0}
-    for prev, rec in zip(records, records[1:]):
-        kind = "stage_start" if rec["stage"] != prev["stage"] else "epoch_start" if rec["epoch"] != prev["epoch"] else "other"
-        out[kind] += rec["time"] - rec["seconds"] - prev["time"]
+def hand_loop(cfg, rows: dict, steps: list, device: torch.device) -> list[float]:
+    """What a user writes by hand: full logits, FKL + CE at the scored positions, AdamW. Returns the
+    wall-clock end time of every step."""
+    from pocl_ray.data import collate
+
+    teacher, student = _models(cfg, device)
+    t = cfg.training
+    optimizer = torch.optim.AdamW(student.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    pad = load_tokenizer(cfg.models.teacher).pad_token_id
+    alpha = 0.7
+    ends = []
+    for k, micro in enumerate(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(k, len(steps), t.lr, t.min_lr)
+        n_tokens = sum(int((np.asarray(rows[int(r)]["labels"][1:]) != -100).sum()) for m in micro for r in m)
+        for m in micro:
+            batch = {key: v.to(device) for key, v in collate([rows[int(r)] for r in m], pad).items()}
+            with autocast:
+                s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                with torch.no_grad():
+                    t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            scored = batch["labels"][:, 1:] != -100
+            s_logp = F.log_softmax(s_logits[:, :-1][scored].float(), dim=-1)
+            t_logp = F.log_softmax(t_logits[:, :-1][scored].float(), dim=-1)
+            fkl = (t_logp.exp() * (t_logp - s_logp)).sum()
+            ce = F.nll_loss(s_logp, batch["labels"][:, 1:][scored], reduction="sum")
+            loss = ((1 - alpha) * ce + alpha * fkl) / n_tokens
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), t.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+        ends.append(time.perf_counter())
+    return ends
+
+
+def bare_loop(cfg, rows: dict, steps: list, device: torch.device) -> list[float]:
+    """The project's step functions in a plain loop, as one Ray worker runs them."""
+    from pocl_ray.curriculum import Stage
+
+    teacher_lm, student_lm = _models(cfg, device)
+    student, teacher = HiddenStatesLM(student_lm), HiddenStatesLM(teacher_lm)
+    student.plain_head = teacher.plain_head = plain_heads(student, teacher)
+    t, kd = cfg.training, cfg.kd
+    stage = Stage(index=0, buckets=(0,), steps=len(steps), kd_weight=0.7, loss="fkl")
+    optimizer = adamw(student, t.lr, t.weight_decay)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")  # noqa: E731
+    pad = load_tokenizer(cfg.models.teacher).pad_token_id
+    ends, pending = [], []
+    for k, micro in enumerate(steps):
+        torch.manual_seed(step_seed(t.seed, k, 0))
+        batches = [build_batch(m, pad, device) for m in length_grouped([[rows[int(r)] for r in m] for m in micro])]
+        out = accumulate_gradients(student, teacher, batches, stage, kd, autocast=autocast)
+        pending.append(torch.cat([out, optimizer_step(student, optimizer, lr_at(k, len(steps), t.lr, t.min_lr), t.grad_clip).view(1)]))
+        if len(pending) == 20 or k == len(steps) - 1:
+            torch.stack(pending).tolist()
+            pending = []
+        ends.append(time.perf_counter())
+    return ends
+
+
+def timed(name: str, fn, device: torch.device, tokens_per_step: list[int]) -> dict:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    _sync(device)
+    started = time.perf_counter()
+    ends = fn()
+    _sync(device)
+    out = {"path": name, "steps": len(ends), "seconds": ends[-1] - started,
+           "tokens_per_second": sum(tokens_per_step[1:]) / (ends[-1] - ends[0])}
+    if device.type == "cuda":
+        out["peak_gib"] = torch.cuda.max_memory_allocated() / GIB
     return out
 
 
-def summary(records: list[dict], fit_seconds: float | None = None) -> dict:
-    times = [r["time"] for r in records]
-    loop = times[-1] - times[0] + records[0]["seconds"]  # first step's start to last step's end
-    out = {
-        "steps": len(records), "tokens": sum(r["tokens"] for r in records), "loop_seconds": loop,
-        # Steady state: steps 2..N over the time from step 1's end to step N's end.
-        "steps_per_second": (len(records) - 1) / (times[-1] - times[0]),
-        "cpu_steps_per_second": len(records) / sum(r["cpu_seconds"] for r in records),
-        "between_steps": between_steps(records),
-    }
-    if fit_seconds is not None:
-        out.update(fit_seconds=fit_seconds, startup_seconds=fit_seconds - loop)
+def ray_path(cfg, scores: Path, tokens_per_step: list[int]) -> dict:
+    started = time.time()
+    result = train(cfg, scores)
+    fit = time.time() - started
+    records = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
+    ends = [r["time"] for r in records]
+    loop = ends[-1] - ends[0] + records[0]["seconds"]
+    out = {"path": "ray", "steps": len(records), "seconds": fit,
+           "tokens_per_second": sum(tokens_per_step[1:]) / (ends[-1] - ends[0]),
+           "fit_seconds": fit, "fixed_seconds": fit - loop,
+           "data_wait_fraction": sum(r.get("data_wait", 0.0) for r in records[1:]) / (ends[-1] - ends[0])}
+    if "peak_gpu_gib" in records[-1]:
+        out["peak_gib"] = max(r["peak_gpu_gib"] for r in records)
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=80, help="optimizer steps per run (a multiple of 4)")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--rows", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2, help="student layers (the teacher has twice as many)")
-    parser.add_argument("--vocab", type=int, default=2048)
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads on both sides")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each path, interleaved; medians reported")
+    for key, value in SHAPES["cpu"].items():
+        parser.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"default {SHAPES['cuda'][key]} on cuda, {value} on cpu")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (CPU)")
     parser.add_argument("--output", type=Path)
-    args = parser.parse_args()
+    a = parser.parse_args()
+    for key, value in SHAPES[a.device].items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    device = torch.device(a.device)
+    torch.set_num_threads(a.threads)
 
     import ray
 
-    torch.set_num_threads(args.threads)
-    # The one worker gets `threads` CPUs, so Ray gives its torch the same thread count as this process.
-    ray.init(num_cpus=args.threads + 2, include_dashboard=False)
-    samples: dict[str, list[dict]] = {"bare": [], "ray_baseline": [], "ray_pocl": []}
+    ray.init(address="local", num_cpus=a.threads + 2, num_gpus=1 if a.device == "cuda" else 0, include_dashboard=False)
+    samples: dict[str, list[dict]] = {"hand": [], "bare": [], "ray": []}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        teacher, student, scores = make_assets(root, args)
-        for i in range(args.repeats):
-            samples["bare"].append(summary(bare_loop(config(args, teacher, student, root / f"bare{i}", "baseline"), scores)))
-            for plan in ("baseline", "pocl"):
-                records, fit_seconds = ray_run(config(args, teacher, student, root / f"{plan}{i}", plan), scores)
-                samples[f"ray_{plan}"].append(summary(records, fit_seconds))
+        teacher, student, scores, lengths = make_assets(root, a)
+        rows = read_all(scores)
+        for i in range(a.repeats):
+            cfg = config(a, teacher, student, root / f"run{i}")
+            steps = planned_steps(cfg, scores)
+            tokens = [int(sum(lengths[int(r)] for m in s for r in m)) for s in steps]
+            samples["hand"].append(timed("hand", lambda: hand_loop(cfg, rows, steps, device), device, tokens))
+            samples["bare"].append(timed("bare", lambda: bare_loop(cfg, rows, steps, device), device, tokens))
+            samples["ray"].append(ray_path(cfg, scores, tokens))
     ray.shutdown()
 
-    def median(name: str, key: str) -> float:
-        return statistics.median(s[key] for s in samples[name])
+    def median(path: str, key: str) -> float | None:
+        values = [s[key] for s in samples[path] if key in s]
+        return statistics.median(values) if values else None
 
-    def switching(name: str) -> float:
-        return statistics.median(sum(s["between_steps"].values()) for s in samples[name])
-
+    tps = {p: median(p, "tokens_per_second") for p in samples}
     report = {
-        "benchmark": "training",
-        "device": "cpu", "threads": args.threads, "torch": torch.__version__, "ray": ray.__version__,
-        "workload": {k: getattr(args, k) for k in ("steps", "rows", "batch", "seq", "hidden", "layers", "vocab", "repeats")},
-        "bare_steps_per_second": median("bare", "steps_per_second"),
-        "ray_steps_per_second": median("ray_baseline", "steps_per_second"),
-        "ray_vs_bare": median("ray_baseline", "steps_per_second") / median("bare", "steps_per_second"),
-        # The same ratio from the training thread's CPU time: insensitive to other processes
-        # competing for the cores, but blind to time spent waiting.
-        "ray_vs_bare_cpu": median("ray_baseline", "cpu_steps_per_second") / median("bare", "cpu_steps_per_second"),
-        "ray_fit_seconds": median("ray_baseline", "fit_seconds"),
-        "ray_startup_seconds": median("ray_baseline", "startup_seconds"),
-        "baseline_loop_seconds": median("ray_baseline", "loop_seconds"),
-        "pocl_loop_seconds": median("ray_pocl", "loop_seconds"),
-        "pocl_vs_baseline": median("ray_pocl", "loop_seconds") / median("ray_baseline", "loop_seconds") - 1,
-        # What POCL adds between steps (stage switches, extra epoch reads), over the baseline's loop.
-        "pocl_switching_overhead": (switching("ray_pocl") - switching("ray_baseline")) / median("ray_baseline", "loop_seconds"),
-        "pocl_vs_baseline_cpu": median("ray_baseline", "cpu_steps_per_second") / median("ray_pocl", "cpu_steps_per_second") - 1,
-        "targets": {"ray_vs_bare": ">= 0.95", "pocl_vs_baseline": "<= 0.02"},
+        "benchmark": "training", "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
+        "threads": a.threads, "torch": torch.__version__, "ray": ray.__version__,
+        "workload": {k: getattr(a, k) for k in SHAPES["cpu"]},
+        "tokens_per_second": tps,
+        "peak_gib": {p: median(p, "peak_gib") for p in samples},
+        "ray_vs_hand": tps["ray"] / tps["hand"], "ray_vs_bare": tps["ray"] / tps["bare"],
+        "bare_vs_hand": tps["bare"] / tps["hand"],
+        "fixed_seconds": median("ray", "fixed_seconds"), "fit_seconds": median("ray", "fit_seconds"),
+        "data_wait_fraction": median("ray", "data_wait_fraction"),
+        "targets": {"ray_vs_hand": ">= 1.2 (GPU)", "ray_vs_bare": ">= 0.97", "peak ray/hand": "<= 0.6 (GPU)",
+                    "fixed_seconds": "<= 20 (GPU)", "data_wait_fraction": "<= 0.01 (GPU)"},
         "samples": samples,
     }
+    if report["peak_gib"]["ray"] and report["peak_gib"]["hand"]:
+        report["peak_ray_vs_hand"] = report["peak_gib"]["ray"] / report["peak_gib"]["hand"]
     text = json.dumps(report, indent=1)
     print(text)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text)
+    if a.output:
+        a.output.parent.mkdir(parents=True, exist_ok=True)
+        a.output.write_text(text)
 
 
 if __name__ == "__main__":

@@ -21,22 +21,30 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 def _score(args: argparse.Namespace) -> None:
     from pocl_ray.scoring import format_summary, score_dataset
+    from pocl_ray.stages import init_ray
 
-    result = score_dataset(_config(args))
+    cfg = _config(args)
+    init_ray()
+    result = score_dataset(cfg)
     print(format_summary(result.manifest))
 
 
 def _train(args: argparse.Namespace) -> None:
+    from pocl_ray.stages import init_ray
     from pocl_ray.training import train
 
-    result = train(_config(args), scores_dir=args.scores)
+    cfg = _config(args)
+    init_ray()
+    result = train(cfg, scores_dir=args.scores)
     print(f"student saved to {result.student_dir}")
 
 
 def _eval(args: argparse.Namespace) -> None:
     from pocl_ray.evaluation import evaluate
+    from pocl_ray.stages import init_ray
 
     cfg = _config(args)
+    init_ray()
     model = args.model or str(Path(cfg.output.dir) / "train" / "student")
     result = evaluate(cfg, model, label=args.label)
     print(f"results written to {result.results_path}")
@@ -63,7 +71,8 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _parity(args: argparse.Namespace) -> None:
-    from pocl_ray.parity import load_parity_config, run_parity
+    from pocl_ray.parity_config import load_parity_config
+    from pocl_ray.parity_run import run_parity
 
     run_parity(load_parity_config(args.config), Path(args.output))
 
@@ -72,15 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pocl-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add(name: str, fn, help_: str, *, config_required: bool = True) -> argparse.ArgumentParser:
+    def add(name: str, fn, help_: str, *, config_required: bool = True, ray_data: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--config", required=config_required, help="run config YAML")
         p.add_argument("--output", help="output directory (overrides output.dir)")
+        if ray_data:
+            p.add_argument("--verbose", action="store_true", help="Ray Data's own progress display too")
         p.set_defaults(fn=fn)
         return p
 
     add("score", _score, "score difficulty, rank easy->hard, cut buckets")
-    p = add("train", _train, "distil the student along the curriculum plan")
+    p = add("train", _train, "distil the student along the curriculum plan", ray_data=False)
     p.add_argument("--scores", help="scores directory (default: OUTPUT/scores)")
     p = add("eval", _eval, "generate on the eval sets and compute ROUGE-L")
     p.add_argument("--model", help="model folder (default: OUTPUT/train/student)")
@@ -90,13 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write OUTPUT/report/report.md with plots")
     p.add_argument("--output", required=True, help="run directory")
     p.set_defaults(fn=_report)
-    p = add("parity", _parity, "the sparse-parity curriculum-extraction sandbox", config_required=False)
+    p = add("parity", _parity, "the sparse-parity curriculum-extraction sandbox", config_required=False, ray_data=False)
     p.set_defaults(output="runs/parity")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if "verbose" in args:  # the commands that run Ray Data
+        from pocl_ray.stages import quiet_ray_data
+
+        quiet_ray_data(args.verbose)
     try:
         args.fn(args)
     except (ConfigError, FileNotFoundError) as err:

@@ -6,12 +6,13 @@ and every invalid value is reported with its dotted field path and the allowed v
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 KDLossKind = Literal["fkl", "rkl", "js", "tvd", "skl", "srkl", "akl"]
 MetricName = Literal["student_ce", "student_rougeL", "teacher_ce", "teacher_student_kl", "length"]
@@ -24,6 +25,26 @@ ActorCount = Union[Annotated[int, Field(ge=1)], Literal["auto"]]
 
 class ConfigError(ValueError):
     """A config value is invalid; the message names each offending field."""
+
+
+# scheme://… (s3://, gs://, hf://, file://, …): a URI, not a local path.
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _local_path(value: str) -> str:
+    # These settings are opened with pathlib and from_pretrained on local folders, which would read
+    # "s3://b/x" as the relative path "s3:/b/x" (and `_absolute_paths` once turned a URI student
+    # into "cut from the teacher"): refuse a URI here, where the error names the field.
+    if _URI.match(value):
+        raise ValueError(
+            "a URI is not supported here: this path is opened as a local file or folder (on a cluster: a "
+            "shared filesystem mounted at the same path on every node); copy or mount it locally. "
+            "Of the path settings only training.storage_path takes a URI"
+        )
+    return value
+
+
+LocalPath = Annotated[str, AfterValidator(_local_path)]
 
 
 class _Section(BaseModel):
@@ -40,8 +61,8 @@ class FieldMap(_Section):
 
 
 class DataConfig(_Section):
-    train: str = Field(description="training data: .jsonl[.gz], .parquet, a directory of them, or a datasets save_to_disk dir")
-    dev: str | None = None
+    train: LocalPath = Field(description="training data: .jsonl[.gz], .parquet, a directory of them, or a datasets save_to_disk dir")
+    dev: LocalPath | None = None
     format: Literal["auto", "jsonl", "parquet", "hf"] = "auto"
     fields: FieldMap = FieldMap()
     template: Literal["dolly", "chat"] = "dolly"
@@ -60,13 +81,13 @@ class DataConfig(_Section):
 
 
 class ModelsConfig(_Section):
-    teacher: str = Field(description="path to a Hugging Face causal-LM folder")
-    student: str | None = Field(None, description="student folder; None = cut from the teacher")
+    teacher: LocalPath = Field(description="path to a Hugging Face causal-LM folder")
+    student: LocalPath | None = Field(None, description="student folder; None = cut from the teacher")
     student_layers: list[int] | None = Field(
         None, description="teacher layers kept when the student is cut from the teacher"
     )
     student_keep_every: int = Field(2, ge=1, description="keep every k-th teacher layer when cutting")
-    tokenizer: str | None = Field(None, description="tokenizer folder; default: the teacher's")
+    tokenizer: LocalPath | None = Field(None, description="tokenizer folder; default: the teacher's")
     dtype: DType = "auto"
 
 
@@ -76,8 +97,16 @@ class ScoringConfig(_Section):
         default_factory=dict, description="override a metric's easy direction"
     )
     rrf_k: float = Field(60.0, gt=0)
+    tie_seed: int = Field(
+        0, description="seed of the hash of the id that orders rows with exactly equal fused scores "
+        "(equal metric values always get equal fused scores; ids never order them lexically)",
+    )
     batch_size: int = Field(16, gt=0)
-    max_new_tokens: int = Field(128, gt=0)
+    max_new_tokens: int | None = Field(
+        None, gt=0,
+        description="cap on the student_rougeL greedy response; None = each row's response budget, "
+        "data.max_length minus its prompt",
+    )
     num_actors: ActorCount = Field(
         1, description="measurer actors (one model replica each); auto: Ray Data grows the pool from 1 to "
         "as many as the cluster's free CPUs/GPUs hold (with an autoscaler, as GPU nodes join)",
@@ -117,8 +146,22 @@ class ExtractionConfig(_Section):
 
 
 class ProgressiveConfig(_Section):
-    teacher_checkpoints: list[str] = Field(default_factory=list)
+    teacher_checkpoints: list[LocalPath] = Field(
+        default_factory=list, description="teacher checkpoint folders, earliest first; the plan then ends on "
+        "models.teacher (the final teacher) unless this list already ends on it",
+    )
     steps_per_checkpoint: int = Field(100, gt=0)
+    final_steps: int | None = Field(
+        None, gt=0, description="steps on the final teacher (models.teacher); default steps_per_checkpoint"
+    )
+
+
+class OutputKDConfig(_Section):
+    """The output-KD stages of the extraction and progressive plans: their own settings, not the end
+    of POCL's temperature and KD-weight schedules (METHODS.md §2)."""
+
+    temperature: float = Field(1.0, gt=0)
+    kd_weight: float = Field(1.0, ge=0, le=1, description="alpha of (1 - alpha) CE + alpha KD")
 
 
 class CurriculumConfig(_Section):
@@ -136,6 +179,30 @@ class CurriculumConfig(_Section):
     patience: int = Field(2, ge=1, description="dev evaluations without improvement before moving on")
     extraction: ExtractionConfig = ExtractionConfig()
     progressive: ProgressiveConfig = ProgressiveConfig()
+    output_kd: OutputKDConfig = OutputKDConfig()
+    data_curriculum: Literal["none", "pocl"] = Field(
+        "none", description="pocl: the extraction/progressive stages train on POCL's growing easy->hard "
+        "pools (num_buckets buckets of the scored data) instead of all data",
+    )
+
+    @field_validator("data_curriculum")
+    @classmethod
+    def _data_curriculum_needs_a_target_plan(cls, value: str, info: ValidationInfo) -> str:
+        plan = info.data.get("plan")  # absent when plan itself is invalid (reported on its own)
+        if value != "none" and plan not in (None, "extraction", "progressive"):
+            raise ValueError(
+                f"{value!r} applies to the extraction and progressive plans only; plan {plan!r} has its own pools"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _progressive_needs_checkpoints(self) -> CurriculumConfig:
+        if self.plan == "progressive" and not self.progressive.teacher_checkpoints:
+            raise ValueError(
+                "progressive.teacher_checkpoints is empty: the progressive plan distils from each listed "
+                "checkpoint in turn before the final teacher (without any, use plan 'baseline')"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -156,7 +223,8 @@ class KDConfig(_Section):
     akl_mu: float = Field(0.5, gt=0, lt=1)
     on_policy_fraction: float = Field(0.0, ge=0, le=1, description="GKD lambda: share of the batch the student generates")
     on_policy_max_new_tokens: int = Field(128, gt=0)
-    chunk_size: int = Field(128, gt=0, description="sequence positions per loss chunk")
+    # = losses.DEFAULT_CHUNK_SIZE (measured there; a test keeps the two equal).
+    chunk_size: int = Field(256, gt=0, description="scored positions per loss chunk")
 
 
 class TrainingConfig(_Section):
@@ -175,9 +243,13 @@ class TrainingConfig(_Section):
     max_failures: int = Field(3, ge=-1)
     seed: int = 0
     storage_path: str | None = Field(
-        None, description="Ray Train checkpoint storage (shared or a URI on multi-node); default OUTPUT/train/checkpoints"
+        None, description="Ray Train checkpoint storage: a local/shared folder or a URI Ray Train's pyarrow "
+        "filesystems read (s3://, gs://, ...; multi-node); default OUTPUT/train/checkpoints",
     )
     keep_checkpoints: int = Field(2, ge=1, description="latest checkpoints kept in storage")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute the student's layer activations in backward: less memory, ~30% more compute"
+    )
 
     @model_validator(mode="after")
     def _batch(self) -> TrainingConfig:
@@ -196,7 +268,7 @@ class TrainingConfig(_Section):
 
 class EvalSet(_Section):
     name: str
-    path: str
+    path: LocalPath
     max_rows: int | None = Field(None, gt=0)
 
 
@@ -260,7 +332,7 @@ class TuneConfig(_Section):
 
 
 class OutputConfig(_Section):
-    dir: str = "runs/default"
+    dir: LocalPath = "runs/default"
 
 
 class TeacherPrepConfig(_Section):

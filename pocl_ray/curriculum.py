@@ -3,12 +3,11 @@
 A Plan is a list of Stages and the trainer executes any Plan. POCL, plain KD, SFT, curriculum
 extraction and progressive distillation are only different Plan builders (DESIGN.md, "one
 curriculum abstraction"). Everything here is pure; the Ray actor that serves a plan to the
-training workers lives below the builders.
+training workers is `pocl_ray.coordinator`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -247,24 +246,30 @@ def extraction_plan(
 
 
 def progressive_plan(
-    teacher_checkpoints: list[str],
+    teacher_checkpoints: list[str | None],
     steps_per_checkpoint: int,
     *,
+    final_steps: int | None = None,
     num_buckets: int = 1,
     loss: str = "fkl",
     temperature: float = 1.0,
     kd_weight: float = 1.0,
     restart_optimizer: bool = False,
 ) -> Plan:
-    """Progressive distillation (Panigrahi et al., 2024): output KD from each teacher checkpoint in turn."""
+    """Progressive distillation (Panigrahi et al., 2024): output KD from each teacher checkpoint in turn.
+
+    A checkpoint None is the run's own (final) teacher. The last stage runs `final_steps` steps
+    (default `steps_per_checkpoint`).
+    """
     if not teacher_checkpoints:
         raise ValueError("progressive_plan needs at least one teacher checkpoint")
     pool = tuple(range(num_buckets))
+    last = len(teacher_checkpoints) - 1
     stages = tuple(
         Stage(
             index=i,
             buckets=pool,
-            steps=steps_per_checkpoint,
+            steps=final_steps if i == last and final_steps is not None else steps_per_checkpoint,
             teacher=ckpt,
             loss=loss,
             temperature=temperature,
@@ -279,11 +284,15 @@ def progressive_plan(
 def with_data_curriculum(target_plan: Plan, data_plan: Plan) -> Plan:
     """Give each stage of a target plan (extraction/progressive) the pool of a data plan (POCL).
 
-    Stage i of M takes the pool of data stage floor(i * K / M) of K, so the pool grows easy to hard
-    across the target stages and the last stage trains on the data plan's final pool.
+    Stage i of M takes the pool of data stage ceil((i + 1) * K / M) - 1 of K: the data plan's pool
+    at the point where target stage i ends. The pool grows easy to hard across the target stages and
+    the last stage always trains on the data plan's final pool (all data for POCL), also when there
+    are fewer target stages than data stages (floor(i * K / M) left the hardest buckets out then).
     """
     m, k = len(target_plan.stages), len(data_plan.stages)
-    stages = tuple(replace(s, buckets=data_plan.stages[i * k // m].buckets) for i, s in enumerate(target_plan.stages))
+    stages = tuple(
+        replace(s, buckets=data_plan.stages[-(-(i + 1) * k // m) - 1].buckets) for i, s in enumerate(target_plan.stages)
+    )
     return Plan(name=f"{target_plan.name}+{data_plan.name}", num_buckets=data_plan.num_buckets, stages=stages)
 
 
@@ -331,30 +340,33 @@ def plan_from_config(cfg: RunConfig, num_teacher_layers: int | None = None, num_
             student_layers = list(e.layer_map)
         else:
             teacher_layers, student_layers = uniform_layer_map(num_teacher_layers, num_student_layers, e.teacher_layers)
-        return extraction_plan(
+        target = extraction_plan(
             teacher_layers, student_layers, e.steps_per_layer, e.final_steps,
-            loss=kd.loss, temperature=c.temperature_end, kd_weight=c.kd_weight_end,
+            loss=kd.loss, temperature=c.output_kd.temperature, kd_weight=c.output_kd.kd_weight,
         )
-    if c.plan == "progressive":
+    elif c.plan == "progressive":
         p = c.progressive
-        return progressive_plan(p.teacher_checkpoints, p.steps_per_checkpoint, loss=kd.loss,
-                                temperature=c.temperature_end, kd_weight=c.kd_weight_end)
-    raise ValueError(f"curriculum.plan: unknown plan {c.plan!r}")
+        teachers: list[str | None] = list(p.teacher_checkpoints)
+        # The method ends on the final teacher: None (the run's teacher, models.teacher) is appended
+        # unless the list already ends on that folder.
+        if Path(teachers[-1]).resolve() != Path(cfg.models.teacher).resolve():
+            teachers.append(None)
+        target = progressive_plan(teachers, p.steps_per_checkpoint, final_steps=p.final_steps, loss=kd.loss,
+                                  temperature=c.output_kd.temperature, kd_weight=c.output_kd.kd_weight)
+    else:
+        raise ValueError(f"curriculum.plan: unknown plan {c.plan!r}")
+    # Only the pools come from the POCL plan; each stage keeps its own target, settings and length.
+    return target if c.data_curriculum == "none" else with_data_curriculum(target, pocl_plan(c.num_buckets))
 
 
 # ---------------------------------------------------------------------------------------------
-# Serving a plan to training workers: pools, epochs and shards (pure), then the coordinator actor.
+# A plan as the trainer runs it: each stage's pool and length in optimizer steps (pure).
 #
 # Rows are addressed by their difficulty rank (CONTRACTS.md): a stage's pool is a union of
 # contiguous rank ranges, so re-cutting the plan's bucket count never needs re-scoring.
-#
-# One optimizer step consumes `global_batch` rows of the pool. Each epoch is a permutation of the
-# pool seeded by (seed, stage, epoch) and cut into consecutive steps of global_batch rows; the last
-# step of an epoch takes the remainder (it is smaller, never padded with repeats and never dropped),
-# so every row is trained exactly once per epoch. A step's rows are dealt to the workers in turn
-# (row j of the step -> worker j mod world) and each worker splits its share into the same number
-# of micro-batches. Which rows make up a step depends on (seed, stage, epoch, step) alone, not on
-# the number of workers, so a restart continues with exactly the batches it would have trained.
+# One optimizer step consumes `global_batch` rows of the pool and an epoch ceil(pool /
+# global_batch) steps, the last one the remainder; which rows each worker trains on in each step is
+# `pocl_ray.shards`, and the actor that serves them is `pocl_ray.coordinator`.
 
 
 @dataclass(frozen=True)
@@ -433,200 +445,3 @@ def stage_specs(plan: Plan, num_rows: int, global_batch: int) -> tuple[StageSpec
         total = sum(pools[j][3] for j in members)
         specs.append(StageSpec(s, ranges, rows, per_epoch, steps, offset, total))
     return tuple(specs)
-
-
-def epoch_order(pool_rows: int, seed: int, stage: int, epoch: int) -> np.ndarray:
-    """The order of the pool's positions in one epoch: a permutation seeded by (seed, stage, epoch)."""
-    return np.random.default_rng([int(seed), int(stage), int(epoch)]).permutation(pool_rows)
-
-
-def step_shard(
-    step_rows: np.ndarray, world_size: int, rank: int, micro_batch: int
-) -> list[np.ndarray]:
-    """One worker's micro-batches of one optimizer step's rows.
-
-    Row j of the step goes to worker j mod world_size. Every worker gets the same number of
-    micro-batches, ceil(ceil(n / world) / micro_batch), so the DDP collectives line up; shares of a
-    short last step are split as evenly as possible, and a micro-batch may be empty only when the
-    step has fewer rows than that (the trainer runs an empty one as a zero-token batch).
-    """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
-    n = len(step_rows)
-    n_micro = max(1, math.ceil(math.ceil(n / world_size) / micro_batch))
-    return [np.asarray(m, dtype=np.int64) for m in np.array_split(step_rows[rank::world_size], n_micro)]
-
-
-def epoch_shard(
-    order: np.ndarray, global_batch: int, world_size: int, rank: int, micro_batch: int
-) -> list[list[np.ndarray]]:
-    """One worker's epoch: for each optimizer step, its micro-batches of `order`'s values."""
-    return [
-        step_shard(order[start : start + global_batch], world_size, rank, micro_batch)
-        for start in range(0, len(order), global_batch)
-    ]
-
-
-def _plateaued(best: float | None, bad: int, loss: float, patience: int) -> tuple[float, int, bool]:
-    """Update (best, evaluations without improvement) with a new dev loss; True once patience runs out."""
-    if best is None or loss < best:
-        return loss, 0, False
-    return best, bad + 1, bad + 1 >= patience
-
-
-STATE_VERSION = 1
-
-
-class CurriculumCoordinator:
-    """The single source of curriculum truth during a training run (a Ray actor; see `coordinator`).
-
-    It holds the plan, the run's position (next stage, step within it, global step) and the seeds,
-    and serves each worker, at every stage and epoch boundary, the stage's settings and that
-    worker's rows. Its state goes into every checkpoint (`checkpoint`) and comes back on a restart
-    (`restore`).
-
-    Transport (measured, DESIGN.md): the coordinator hands out rank numbers, not rows, and each
-    worker reads its own rows straight from the scores parquet with pyarrow, filtered by rank. On
-    this machine that cost 2-9 s per stage against 17-40 s for Ray Data `streaming_split` (whose
-    iterators also cannot resume mid-epoch, and which deadlocked when split inside an actor on 2
-    CPUs); the driver never materialises the data, and the actor stays tiny. The price is that the
-    scores directory must be readable from every worker node (shared filesystem or a URI pyarrow
-    reads), as Ray Train's storage_path already must be on a multi-node cluster.
-
-    Step records: rank 0 sends its per-step records in batches (`log`, fire-and-forget between
-    checkpoints, awaited at each checkpoint) and the coordinator appends them to metrics.jsonl.
-    The actor runs on the driver's node, so the file lands in the driver's output directory on any
-    cluster; a restart truncates the file back to the checkpoint's step, so every step appears
-    exactly once.
-    """
-
-    def __init__(
-        self,
-        plan: dict,
-        num_rows: int,
-        global_batch: int,
-        micro_batch: int,
-        seed: int,
-        metrics_path: str,
-    ):
-        self.plan = Plan.from_dict(plan)
-        self.num_rows = int(num_rows)
-        self.global_batch = int(global_batch)
-        self.micro_batch = int(micro_batch)
-        self.seed = int(seed)
-        self.specs = stage_specs(self.plan, self.num_rows, self.global_batch)
-        self.pools = [pool_ranks(s.pool_ranges) for s in self.specs]
-        self.metrics_path = metrics_path
-        self.position = {"stage": 0, "stage_step": 0, "step": 0}
-        self.plateau = {"stage": 0, "best": None, "bad": 0}
-        self.last_record: dict | None = None
-
-    # -- position and state ------------------------------------------------------------------
-
-    def state(self) -> dict:
-        """Everything a restart needs: plan, data settings, seeds, position, plateau tracking."""
-        return {
-            "version": STATE_VERSION,
-            "plan": self.plan.to_dict(),
-            "num_rows": self.num_rows,
-            "global_batch": self.global_batch,
-            "seed": self.seed,
-            "position": dict(self.position),
-            "plateau": dict(self.plateau),
-        }
-
-    def restore(self, state: dict | None) -> dict:
-        """Start from a checkpoint's state (None = from the beginning) and return the state.
-
-        Records in metrics.jsonl past the checkpoint's step are dropped: the steps after it are
-        about to be trained again.
-        """
-        if state is not None:
-            self._check_compatible(state)
-            self.position = dict(state["position"])
-            self.plateau = dict(state["plateau"])
-        else:
-            self.position = {"stage": 0, "stage_step": 0, "step": 0}
-            self.plateau = {"stage": 0, "best": None, "bad": 0}
-        self._truncate_metrics(self.position["step"])
-        return self.state()
-
-    def _check_compatible(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"checkpoint coordinator state has version {state.get('version')}, expected {STATE_VERSION}")
-        mismatches = [
-            name
-            for name, saved, now in (
-                ("plan", Plan.from_dict(state["plan"]), self.plan),
-                ("num_rows", state["num_rows"], self.num_rows),
-                ("global_batch", state["global_batch"], self.global_batch),
-                ("seed", state["seed"], self.seed),
-            )
-            if saved != now
-        ]
-        if mismatches:
-            raise ValueError(
-                f"the checkpoint being resumed was written with a different {', '.join(mismatches)}; "
-                "use another run name (config `name`) or output directory for a different run"
-            )
-
-    def checkpoint(self, position: dict, records: list[dict]) -> dict:
-        """Append the last records, move to `position` (the next step to train) and return the state."""
-        self.log(records)
-        self.position = dict(position)
-        return self.state()
-
-    # -- serving stages and rows -------------------------------------------------------------
-
-    def stage(self, index: int) -> StageSpec:
-        return self.specs[index]
-
-    def shard(self, stage: int, epoch: int, rank: int, world_size: int) -> list[list[np.ndarray]]:
-        """Worker `rank`'s micro-batches (as row ranks) for every step of one epoch of a stage."""
-        spec = self.specs[stage]
-        order = self.pools[stage][epoch_order(spec.pool_rows, self.seed, stage, epoch)]
-        return epoch_shard(order, self.global_batch, world_size, rank, self.micro_batch)
-
-    def report_eval(self, stage: int, dev_loss: float) -> bool:
-        """Record a dev-loss evaluation of `stage`; True when the stage has stopped improving."""
-        if self.plateau["stage"] != stage:
-            self.plateau = {"stage": stage, "best": None, "bad": 0}
-        best, bad, stop = _plateaued(self.plateau["best"], self.plateau["bad"], float(dev_loss), self.specs[stage].stage.patience)
-        self.plateau.update(best=best, bad=bad)
-        return stop
-
-    # -- step records ------------------------------------------------------------------------
-
-    def log(self, records: list[dict]) -> None:
-        if not records:
-            return
-        with open(self.metrics_path, "a") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-        self.last_record = records[-1]
-
-    def progress(self) -> dict | None:
-        """The latest step record received (stage, epoch, step, ...), None before the first."""
-        return self.last_record
-
-    def _truncate_metrics(self, step: int) -> None:
-        path = Path(self.metrics_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
-
-
-def coordinator(name: str, *, plan: Plan, num_rows: int, global_batch: int, micro_batch: int, seed: int, metrics_path: str):
-    """Start the named coordinator actor on this (the driver's) node, so its files land here.
-
-    It asks for no CPU: it only answers small calls, and a CPU slot held by it could starve the
-    training workers on a small cluster.
-    """
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    actor = ray.remote(CurriculumCoordinator).options(name=name, num_cpus=0, scheduling_strategy=here, max_restarts=0)
-    return actor.remote(plan.to_dict(), num_rows, global_batch, micro_batch, seed, metrics_path)

@@ -1,8 +1,11 @@
 """Difficulty ordering of POCL (METHODS.md §1): per-metric ranks, reciprocal rank fusion, equal buckets.
 
 Pure numpy/pandas over one value per (row, metric); the Ray scoring stage computes the metrics and
-calls these functions on the driver. Every ordering breaks ties by sample id, so the same scores
-always give the same order, whatever order the rows arrived in.
+calls these functions on the driver. Equal metric values are equal ranks (average ranks), so rows
+that measure the same get the same fused score; only the order among exactly equal fused scores is
+decided, by a hash of the sample id keyed with a seed (``scoring.tie_seed``). Never by the id's
+spelling: the testbed's ids start with their source, and an id order would sort buckets by source.
+The same scores and seed always give the same order, whatever order the rows arrived in.
 
 Buckets follow CONTRACTS.md: ``rank`` is the 0-based position in the easy->hard order over the M
 scored rows and ``bucket_of_rank(rank, M, N) = rank * N // M``. Buckets are therefore contiguous rank
@@ -11,6 +14,7 @@ ranges of sizes that differ by at most one, and any N can be re-cut from the sto
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -48,14 +52,32 @@ def metric_directions(metrics: Sequence[str], overrides: Mapping[str, str] | Non
     return out
 
 
-def _id_codes(ids: Sequence[str] | np.ndarray) -> np.ndarray:
-    """Integer codes that sort like the ids (string order); duplicates are an error."""
-    ids = np.asarray(ids, dtype=object)
-    uniq, codes = np.unique(ids.astype(str), return_inverse=True)
-    if len(uniq) != len(ids):
+def _check_ids(ids: Sequence[str] | np.ndarray) -> np.ndarray:
+    """The ids as strings; duplicates are an error (a row's place must not depend on its twin's)."""
+    ids = np.asarray(ids, dtype=object).astype(str)
+    if len(np.unique(ids)) != len(ids):
         counts = pd.Series(ids).value_counts()
         raise ValueError(f"sample ids must be unique; repeated: {counts[counts > 1].index[:5].tolist()}")
-    return codes
+    return ids
+
+
+def tie_keys(ids: Sequence[str] | np.ndarray, seed: int = 0) -> np.ndarray:
+    """A seeded pseudo-random uint64 per id: the order among exactly equal fused scores.
+
+    BLAKE2b keyed by the seed, so the order is the same on every machine and Python process (unlike
+    ``hash``) and unrelated to the ids' spelling: ids that share a prefix ("austen-…", "gcide-…")
+    spread over the tie instead of sorting by source, and another seed gives another order.
+    """
+    return _tie_keys(_check_ids(ids), seed)
+
+
+def _tie_keys(ids: np.ndarray, seed: int) -> np.ndarray:
+    key = int(seed).to_bytes(8, "little", signed=True)
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8, key=key).digest(), "little") for i in ids),
+        dtype=np.uint64,
+        count=len(ids),
+    )
 
 
 def _check_values(name: str, values: np.ndarray, n: int) -> np.ndarray:
@@ -68,27 +90,34 @@ def _check_values(name: str, values: np.ndarray, n: int) -> np.ndarray:
     return values
 
 
-def _ranks(name: str, values: np.ndarray, codes: np.ndarray, direction: Direction) -> np.ndarray:
-    values = _check_values(name, values, len(codes))
+def _average_ranks(name: str, values: np.ndarray, n: int, direction: Direction) -> np.ndarray:
+    values = _check_values(name, values, n)
     if direction not in ("lower", "higher"):
         raise ValueError(f"direction of {name!r} must be 'lower' or 'higher', got {direction!r}")
     key = values if direction == "lower" else -values
-    order = np.lexsort((codes, key))
-    ranks = np.empty(len(codes), dtype=np.int64)
-    ranks[order] = np.arange(1, len(codes) + 1)
-    return ranks
+    # A block of equal values occupying positions start+1..stop all get (start + 1 + stop) / 2.
+    _, block, counts = np.unique(key, return_inverse=True, return_counts=True)
+    stop = np.cumsum(counts)
+    return ((stop - counts + 1 + stop) / 2.0)[block.reshape(-1)]
 
 
-def ordinal_ranks(values: np.ndarray, ids: Sequence[str] | np.ndarray, direction: Direction) -> np.ndarray:
-    """1-based rank of each row on one metric (1 = easiest); equal values are ordered by id."""
-    return _ranks("values", values, _id_codes(ids), direction)
+def average_ranks(values: np.ndarray, direction: Direction) -> np.ndarray:
+    """1-based rank of each row on one metric (1 = easiest); equal values share their average rank.
+
+    The average is the rank a tied row gets in expectation under a uniformly random tie-break, so
+    a large tie (many ROUGE-L = 0) is placed neither ahead of nor behind where it belongs, and
+    flipping the direction maps rank r to M + 1 - r exactly (METHODS.md §1, ties).
+    """
+    values = np.asarray(values)
+    return _average_ranks("values", values, len(values), direction)
 
 
 def rrf(ranks: np.ndarray, k: float = 60.0) -> np.ndarray:
     """Reciprocal rank fusion of an (rows, metrics) matrix of 1-based ranks: Σ_m 1 / (k + rank_m).
 
     Terms are summed in sorted order so rows holding the same ranks in different metrics get
-    bit-identical scores (a true tie, then broken by id) rather than a rounding-order difference.
+    bit-identical scores (a true tie, then broken by the seeded tie keys) rather than a
+    rounding-order difference.
     """
     if k <= 0:
         raise ValueError(f"rrf k must be > 0, got {k}")
@@ -98,13 +127,18 @@ def rrf(ranks: np.ndarray, k: float = 60.0) -> np.ndarray:
     return np.sort(1.0 / (k + ranks), axis=1).sum(axis=1)
 
 
-def _easy_to_hard(fused: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    return np.lexsort((codes, -_check_values("fused_score", fused, len(codes))))
+def easy_to_hard(fused: np.ndarray, ids: Sequence[str] | np.ndarray, tie_seed: int = 0) -> np.ndarray:
+    """Row positions from easiest to hardest: fused score descending, exact ties by ``tie_keys``.
+
+    The id itself is the last key only so that two ids whose 64-bit keys collide (odds ~M²/2⁶⁵)
+    still get one fixed order.
+    """
+    ids = _check_ids(ids)
+    return _easy_to_hard(_check_values("fused_score", fused, len(ids)), ids, tie_seed)
 
 
-def easy_to_hard(fused: np.ndarray, ids: Sequence[str] | np.ndarray) -> np.ndarray:
-    """Row positions from easiest to hardest: fused score descending, ties by id."""
-    return _easy_to_hard(fused, _id_codes(ids))
+def _easy_to_hard(fused: np.ndarray, ids: np.ndarray, tie_seed: int) -> np.ndarray:
+    return np.lexsort((ids, _tie_keys(ids, tie_seed), -fused))
 
 
 @dataclass(frozen=True)
@@ -113,7 +147,7 @@ class Fusion:
 
     fused_score: np.ndarray  # float64, higher = easier
     rank: np.ndarray  # int64, 0 = easiest
-    metric_ranks: dict[str, np.ndarray]  # 1-based per-metric ranks
+    metric_ranks: dict[str, np.ndarray]  # 1-based per-metric average ranks (float64)
 
 
 def fuse(
@@ -121,18 +155,23 @@ def fuse(
     metrics: Mapping[str, np.ndarray],
     directions: Mapping[str, Direction],
     k: float = 60.0,
+    tie_seed: int = 0,
 ) -> Fusion:
-    """Rank every metric (1 = easiest by its direction), fuse by RRF, order easy->hard."""
+    """Rank every metric (1 = easiest by its direction, ties averaged), fuse by RRF, order easy->hard.
+
+    Rows with the same metric values get the same fused score; only the order among exactly equal
+    fused scores is decided, by ``tie_keys(ids, tie_seed)``.
+    """
     if not metrics:
         raise ValueError("fusion needs at least one metric")
     missing = [m for m in metrics if m not in directions]
     if missing:
         raise ValueError(f"no direction given for metrics {missing}")
-    codes = _id_codes(ids)
-    n = len(codes)
-    metric_ranks = {m: _ranks(m, v, codes, directions[m]) for m, v in metrics.items()}
+    ids = _check_ids(ids)
+    n = len(ids)
+    metric_ranks = {m: _average_ranks(m, v, n, directions[m]) for m, v in metrics.items()}
     fused = rrf(np.stack(list(metric_ranks.values()), axis=1), k)
-    order = _easy_to_hard(fused, codes)
+    order = _easy_to_hard(fused, ids, tie_seed)
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(n)
     return Fusion(fused_score=fused, rank=rank, metric_ranks=metric_ranks)

@@ -5,12 +5,12 @@ and streams the rows through an actor pool in which each actor holds one model r
 (`_Evaluator`). Core: `evaluate_rows` (generation + scores for a list of rows, plain torch) and the
 aggregation / formatting functions below, all usable without Ray.
 
-Sampling is seeded per row: row r of set s under seed k draws its tokens from its own
-`torch.Generator` seeded by `row_seed(k, s, id_r)`, so a row's generation depends neither on the
-rows it is batched with nor on the number of actors (up to float rounding differences between
-padded and unpadded forward passes). HF `generate` has no per-row generator argument, so the draw
-happens in a logits processor (`RowSeededSampler`) that returns a one-hot score and `generate`
-runs in greedy mode, which picks that token; temperature and top-p use HF's own warpers.
+Sampling is seeded per row: row r of set s under seed k draws its tokens with the row seed
+`row_seed(k, s, id_r)` through `sampling.generate_tokens` (one vectorised draw per token for the
+whole batch; see pocl_ray/sampling.py), so a row's generation depends neither on the rows it is
+batched with nor on the number of actors (up to float rounding differences between padded and
+unpadded forward passes). Every (row, seed) pair is one generation row: the pairs are sorted by
+prompt length and cut into batches of eval.batch_size, so batches pad little and are full.
 
 Outputs in DIR/eval/<label>/ (DIR/eval/ when label is None):
   results.json      {"model", "label", "sets": {name: {"rougeL_mean", "rougeL_std", "rougeL_per_seed",
@@ -36,12 +36,12 @@ from typing import Any
 import pyarrow as pa
 import torch
 from rouge_score.rouge_scorer import RougeScorer
-from transformers import GenerationConfig, LogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
 
 from pocl_ray.config import ConfigError, EvalConfig, RunConfig
-from pocl_ray.data import actor_pool, collate, duplicate_reasons, generation_batch, prepare_batch, read_ray_dataset
-from pocl_ray.losses import cross_entropy
+from pocl_ray.data import actor_pool, collate, duplicate_reasons, prepare_batch, read_ray_dataset
+from pocl_ray.measurers import response_means
 from pocl_ray.models import load_model, load_tokenizer
+from pocl_ray.sampling import generate_tokens
 
 log = logging.getLogger(__name__)
 
@@ -89,77 +89,33 @@ def row_seed(seed: int, set_name: str, row_id: str) -> int:
 # Generation
 
 
-class RowSeededSampler(LogitsProcessor):
-    """Samples each row's next token from temperature / top-p scores with that row's own generator.
-
-    Returns scores that are 0 at the drawn token and -inf elsewhere, so greedy decoding takes it.
-    Every row draws once per step (finished rows too), so row i's k-th token always comes from
-    the k-th draw of its generator, whatever the batch.
-    """
-
-    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float):
-        if temperature <= 0:
-            raise ValueError(f"RowSeededSampler needs temperature > 0, got {temperature}; use greedy decoding for 0")
-        self.seeds = list(seeds)
-        self.warpers = [TemperatureLogitsWarper(temperature)]
-        if top_p < 1.0:
-            self.warpers.append(TopPLogitsWarper(top_p))
-        self.generators: list[torch.Generator] | None = None
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        if scores.shape[0] != len(self.seeds):
-            raise ValueError(f"RowSeededSampler has {len(self.seeds)} seeds for a batch of {scores.shape[0]} rows")
-        if self.generators is None:
-            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
-        for warper in self.warpers:
-            scores = warper(input_ids, scores)
-        probs = torch.softmax(scores.float(), dim=-1)
-        picks = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)])
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(1, picks[:, None], 0.0)
-
-
-def _max_new_tokens(model, prompt_width: int, wanted: int) -> int:
-    """`wanted`, capped so prompt + generation fits the model's position range."""
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if limit is None:
-        return wanted
-    room = limit - prompt_width
-    if room < 1:
-        raise ValueError(
-            f"a prompt of {prompt_width} tokens leaves no room to generate within the model's "
-            f"{limit} positions; lower data.max_prompt_length"
-        )
-    return min(wanted, room)
-
-
 @torch.no_grad()
 def generate(
     model, tokenizer, prompts: Sequence[Sequence[int]], seeds: Sequence[int] | None, eval_cfg: EvalConfig
 ) -> list[str]:
     """Decoded responses for token-id prompts (one batch, LEFT-padded). seeds: one per row, or
-    None for greedy decoding (eval_cfg.temperature == 0)."""
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in generation_batch(prompts, tokenizer.pad_token_id).items()}
-    width = batch["input_ids"].shape[1]
-    config = GenerationConfig(
-        do_sample=False,
-        max_new_tokens=_max_new_tokens(model, width, eval_cfg.max_new_tokens),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+    None for greedy decoding (eval_cfg.temperature == 0). Each row gets eval_cfg.max_new_tokens,
+    capped to what its prompt leaves in the model's position range."""
+    budgets = [eval_cfg.max_new_tokens] * len(prompts)
+    tokens = generate_tokens(
+        model, prompts, budgets, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        seeds=seeds, temperature=eval_cfg.temperature, top_p=eval_cfg.top_p,
     )
-    processors = [] if seeds is None else [RowSeededSampler(seeds, eval_cfg.temperature, eval_cfg.top_p)]
-    output = model.generate(**batch, generation_config=config, logits_processor=processors)
-    return [text.strip() for text in tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)]
+    return [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
 
 @torch.no_grad()
 def response_ce(model, rows: Sequence[Mapping[str, Any]], pad_token_id: int) -> list[float]:
-    """Per row: mean teacher-forced cross-entropy (nats/token) on the reference response tokens."""
+    """Per row: mean teacher-forced cross-entropy (nats/token) on the reference response tokens,
+    computed for the whole batch at once (one read-back)."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collate(rows, pad_token_id).items()}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return [float(cross_entropy(logits[i : i + 1], batch["labels"][i : i + 1])) for i in range(len(rows))]
+    return response_means(batch["labels"], student_logits=logits)["student_ce"].tolist()
+
+
+def _batches(items: Sequence, size: int) -> list[Sequence]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def evaluate_rows(
@@ -167,31 +123,33 @@ def evaluate_rows(
 ) -> list[dict]:
     """Generation, ROUGE-L per seed and response CE for prepared rows (data.prepare_batch columns
     plus "set"); one output row per input row in input order (ROW_SCHEMA). Rejected rows pass
-    through with their reason and no scores. Rows are grouped by prompt length into batches of
-    eval_cfg.batch_size."""
+    through with their reason and no scores. Batches of eval_cfg.batch_size: rows sorted by length
+    for the CE, (row, seed) pairs sorted by prompt length for generation."""
     scorer = scorer or new_scorer()
     out = [
         {"set": r["set"], "id": r["id"], "reject_reason": r["reject_reason"] or None, "ce": None,
          "generations": [], "rougeL": []}
         for r in rows
     ]
-    good = sorted((i for i, r in enumerate(rows) if not r["reject_reason"]), key=lambda i: rows[i]["num_prompt_tokens"])
-    greedy = eval_cfg.temperature == 0
-    for start in range(0, len(good), eval_cfg.batch_size):
-        chunk = good[start : start + eval_cfg.batch_size]
-        chunk_rows = [rows[i] for i in chunk]
-        prompts = [r["input_ids"][: r["num_prompt_tokens"]] for r in chunk_rows]
-        for i, ce in zip(chunk, response_ce(model, chunk_rows, tokenizer.pad_token_id)):
+    good = [i for i, r in enumerate(rows) if not r["reject_reason"]]
+    for chunk in _batches(sorted(good, key=lambda i: len(rows[i]["input_ids"])), eval_cfg.batch_size):
+        for i, ce in zip(chunk, response_ce(model, [rows[i] for i in chunk], tokenizer.pad_token_id)):
             out[i]["ce"] = ce
-        # Greedy decoding ignores the seed: decode once and repeat it for every seed.
-        once = generate(model, tokenizer, prompts, None, eval_cfg) if greedy else None
-        for seed in eval_cfg.seeds:
-            texts = once if greedy else generate(
-                model, tokenizer, prompts, [row_seed(seed, r["set"], r["id"]) for r in chunk_rows], eval_cfg
-            )
-            for i, r, text in zip(chunk, chunk_rows, texts):
-                out[i]["generations"].append(text)
-                out[i]["rougeL"].append(rouge_l(text, r["response"], scorer))
+    # Greedy decoding ignores the seed: decode once and repeat it for every seed.
+    greedy = eval_cfg.temperature == 0
+    seeds = [None] if greedy else list(eval_cfg.seeds)
+    pairs = sorted(((i, k) for i in good for k in range(len(seeds))), key=lambda p: rows[p[0]]["num_prompt_tokens"])
+    scores: dict[tuple[int, int], tuple[str, float]] = {}
+    for chunk in _batches(pairs, eval_cfg.batch_size):
+        prompts = [rows[i]["input_ids"][: rows[i]["num_prompt_tokens"]] for i, _ in chunk]
+        row_seeds = None if greedy else [row_seed(seeds[k], rows[i]["set"], rows[i]["id"]) for i, k in chunk]
+        for (i, k), text in zip(chunk, generate(model, tokenizer, prompts, row_seeds, eval_cfg)):
+            scores[i, k] = (text, rouge_l(text, rows[i]["response"], scorer))
+    for i in good:
+        for k in range(len(eval_cfg.seeds)):
+            text, score = scores[i, 0 if greedy else k]
+            out[i]["generations"].append(text)
+            out[i]["rougeL"].append(score)
     return out
 
 

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from pocl_ray.data import IGNORE_INDEX
+
 PROJECTION_KINDS = ("gaussian", "orthogonal")
 
 
@@ -31,29 +32,30 @@ def projection_matrix(
     """A fixed random (d_teacher, d_student) map from the teacher's width down to the student's.
 
     gaussian: i.i.d. N(0, 1) / sqrt(d_student) entries. orthogonal: orthonormal columns from the QR of
-    a seeded Gaussian (needs d_teacher >= d_student), signs fixed so the draw is Haar-distributed.
+    a seeded Gaussian (`torch.nn.init.orthogonal_`; needs d_teacher >= d_student), signs fixed so
+    the draw is Haar-distributed.
     """
     if d_teacher < 1 or d_student < 1:
         raise ValueError(f"projection sizes must be positive, got d_teacher={d_teacher}, d_student={d_student}")
     if kind not in PROJECTION_KINDS:
         raise ValueError(f"projection kind {kind!r} unknown; allowed: {', '.join(PROJECTION_KINDS)}")
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    g = torch.randn(d_teacher, d_student, generator=gen, dtype=torch.float64)
     if kind == "gaussian":
-        return (g / math.sqrt(d_student)).to(dtype)
+        return (torch.randn(d_teacher, d_student, generator=gen, dtype=torch.float64) / math.sqrt(d_student)).to(dtype)
     if d_teacher < d_student:
         raise ValueError(
             f"an orthogonal projection needs d_teacher >= d_student for orthonormal columns, "
             f"got d_teacher={d_teacher} < d_student={d_student}"
         )
-    q, r = torch.linalg.qr(g)
-    # QR is unique only up to column signs; making diag(R) positive removes the solver's choice.
-    return (q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)).to(dtype)
+    # Drawn in float64 (the same Gaussian as above), then cast: the same matrix in every dtype.
+    q = torch.nn.init.orthogonal_(torch.empty(d_teacher, d_student, dtype=torch.float64), generator=gen)
+    return q.to(dtype)
 
 
-def layer_seed(seed: int, teacher_layer: int) -> int:
-    """One generator seed per (run seed, teacher layer), well mixed so nearby pairs do not collide."""
-    return int(np.random.SeedSequence([int(seed), int(teacher_layer)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+def derived_seed(seed: int, index: int) -> int:
+    """A generator seed per (run seed, index), e.g. a teacher layer or a named random stream; well
+    mixed, so nearby pairs do not collide."""
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def layer_projection(
@@ -68,7 +70,7 @@ def layer_projection(
     """The projection for one teacher layer; a function of (seed, teacher_layer) alone."""
     if teacher_layer < 0:
         raise ValueError(f"teacher_layer must be >= 0, got {teacher_layer}")
-    return projection_matrix(d_teacher, d_student, seed=layer_seed(seed, teacher_layer), kind=kind, dtype=dtype)
+    return projection_matrix(d_teacher, d_student, seed=derived_seed(seed, teacher_layer), kind=kind, dtype=dtype)
 
 
 def hidden_match_loss(

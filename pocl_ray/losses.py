@@ -1,16 +1,23 @@
-"""White-box KD losses of METHODS.md §3 and the reference cross-entropy, over causal-LM logits.
+"""White-box KD losses of METHODS.md §3 and the reference cross-entropy, from causal-LM logits or
+from final hidden states and LM-head weights.
 
 Conventions: p = teacher, q = student, both softmax(logits / T); labels follow Hugging Face (unshifted,
 -100 = ignored), so the logits at position t-1 are scored wherever labels[:, t] != -100. Every loss is
 a sum over scored positions divided by ``num_tokens``: the caller passes the global count under
 data parallelism / gradient accumulation so per-worker losses add up to the one-big-batch loss.
 
-Memory: the scored positions are found first; then ``chunk_size`` of them at a time are gathered and
-evaluated in fp32, and the student gradient of each chunk is taken at once into a buffer in the
-logits' dtype. Peak memory is that buffer plus one chunk's fp32 (chunk, vocab) intermediates, never
-several fp32 (batch, seq, vocab) tensors.
-"""
+Memory: the scored positions are found first; then ``chunk_size`` of them at a time are gathered,
+turned into logits (``hidden @ head.T`` on the hidden-state path, in the inputs' dtype), evaluated in
+fp32 and differentiated at once (the fused-linear approach of Liger-Kernel and torchtune). The
+gradients go into a buffer shaped like the student input (logits or hidden states, input dtype) and,
+on the hidden-state path, an fp32 buffer shaped like the LM head; backward only scales them. Peak
+memory is those buffers plus one chunk's (chunk, vocab) intermediates: the hidden-state path never
+holds logits for more than one chunk, nor any for prompt and padding positions.
 
+Finding the scored positions on a GPU (nonzero) makes the host wait for it; a training step passes
+them as ``scored_positions`` instead, found on the host while it builds the batch: the flattened
+(batch·seq) indices of the positions to visit, any superset of the scored ones (the rest add nothing).
+"""
 from __future__ import annotations
 
 import math
@@ -23,6 +30,16 @@ from torch.autograd.function import once_differentiable
 
 KD_KINDS = ("fkl", "rkl", "js", "tvd", "skl", "srkl", "akl")
 IGNORE_INDEX = -100
+
+# Scored positions per chunk when the caller gives none. Measured on CPU (1 thread, fp32, JS at T = 2,
+# linear_kd_loss forward + backward, 511 scored positions, hidden 576, vocab 49,152; fastest of 4
+# interleaved runs on a shared machine): 32 -> 2.45 s, 64 -> 2.20 s, 128 -> 2.36 s, 256 -> 2.39 s,
+# 512 -> 3.14 s, 1024 -> 2.91 s; extra memory 187 / 265 / 421 / 732 / 1164 / 1164 MiB (benchmarks/
+# loss_memory.py --chunk-sizes). Time is flat up to 256 and worse beyond, while memory grows with the
+# chunk, so 256 is the largest chunk before CPU time degrades: the fewest chunks (a GPU pays a kernel
+# launch per op per chunk) within about 0.75 GiB at this vocabulary. Liger-Kernel's fused-linear JSD
+# heuristic picks 256 at this shape too. Not yet measured on a GPU.
+DEFAULT_CHUNK_SIZE = 256
 
 # Log-probs are floored far below fp32's exp underflow (about -104), so masked vocabulary entries
 # (-inf logits) have probability exactly 0 and their 0·log0 terms evaluate to 0 with no inf-inf or
@@ -116,11 +133,41 @@ def count_tokens(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
+def _check_positions(name: str, tensor: torch.Tensor, last: str, labels_name: str, labels: torch.Tensor) -> None:
+    if tensor.dim() != 3:
+        raise ValueError(f"{name} must be (batch, seq, {last}), got shape {tuple(tensor.shape)}")
+    if labels.shape != tensor.shape[:2]:
+        raise ValueError(
+            f"{labels_name} shape {tuple(labels.shape)} does not match {name} (batch, seq) {tuple(tensor.shape[:2])}"
+        )
+
+
 def _check_logits(name: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
-    if logits.dim() != 3:
-        raise ValueError(f"{name} must be (batch, seq, vocab), got shape {tuple(logits.shape)}")
-    if labels.shape != logits.shape[:2]:
-        raise ValueError(f"labels shape {tuple(labels.shape)} does not match {name} (batch, seq) {tuple(logits.shape[:2])}")
+    _check_positions(name, logits, "vocab", "labels", labels)
+
+
+def _check_linear(side: str, hidden: torch.Tensor, head: torch.Tensor, labels_name: str, labels: torch.Tensor) -> None:
+    _check_positions(f"{side}_hidden", hidden, "hidden", labels_name, labels)
+    if head.dim() != 2 or head.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{side}_head must be (vocab, hidden) with hidden = {side}_hidden's last dimension {hidden.shape[-1]}, "
+            f"got shape {tuple(head.shape)}"
+        )
+
+
+def _check_same_vocab(student_vocab: int, teacher_vocab: int) -> None:
+    if teacher_vocab != student_vocab:
+        raise ValueError(
+            f"teacher vocab size {teacher_vocab} != student vocab size {student_vocab}; "
+            "token-level KD needs a shared vocabulary"
+        )
+
+
+def _check_kd_options(kind: str, temperature: float, alpha: float, beta: float, mu: float):
+    divergence = _divergence(kind, alpha, beta, mu)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return divergence
 
 
 def _next_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -128,63 +175,167 @@ def _next_labels(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
 
 
-def _scored_rows(labels: torch.Tensor) -> torch.Tensor:
-    """Indices into the (batch·seq) flattened logits of the positions that predict a scored label."""
-    return (_next_labels(labels) != IGNORE_INDEX).nonzero().squeeze(1)
+def _row_logits(x: torch.Tensor, head: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """rows -> the logits of those rows of the flattened ``x``, which holds logits itself when head is None."""
+    if head is None:
+        return lambda rows: x.index_select(0, rows)
+    return lambda rows: F.linear(x.index_select(0, rows), head)
 
 
-class _ChunkedRowSum(torch.autograd.Function):
-    """Σ over chunks of ``chunk_size`` scored rows of fn(student rows, row indices) -> fp32 scalar.
+class _ChunkedTerms(torch.autograd.Function):
+    """Σ_k scales[k]·Σ_chunks term_k over chunks of ``chunk_size`` scored rows, with each chunk's backward done at once.
 
-    Each chunk's rows are gathered, evaluated in fp32 and, when the student needs a gradient,
-    differentiated right away into one buffer shaped like the logits (input dtype). So no chunk's fp32
-    intermediates outlive the chunk, and backward has nothing to recompute: it only scales the buffer.
+    ``student`` is (N, D) flattened rows; a chunk's logits are ``student[rows] @ head.T`` (the rows
+    themselves when head is None), made in the inputs' dtype. ``terms(logits, rows)`` returns the K fp32
+    sums of the chunk. The chunk's gradient is taken right away into a buffer shaped like ``student``
+    (its dtype) and an fp32 one shaped like ``head``, so no chunk's logits or fp32 intermediates outlive
+    the chunk, and backward has nothing to recompute: it only scales the buffers. Returns the loss and
+    the K unscaled totals (not differentiable, for logging).
     """
 
     @staticmethod
-    def forward(ctx, fn, chunk_size: int, student: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        grad = torch.zeros_like(student) if ctx.needs_input_grad[2] else None
-        total = torch.zeros((), dtype=torch.float32, device=student.device)
+    def forward(ctx, terms, scales: torch.Tensor, chunk_size: int, rows: torch.Tensor, student: torch.Tensor, head):
+        grad_student = torch.zeros_like(student) if ctx.needs_input_grad[4] else None
+        # At least fp32 because the head gradient sums over every chunk, which bf16 would round away.
+        accumulate = torch.promote_types(head.dtype, torch.float32) if head is not None else None
+        grad_head = torch.zeros_like(head, dtype=accumulate) if ctx.needs_input_grad[5] else None
+        differentiate = grad_student is not None or grad_head is not None
+        totals = torch.zeros(scales.shape, dtype=torch.float32, device=student.device)
         for chunk_rows in rows.split(chunk_size):
-            chunk = student.index_select(0, chunk_rows)
-            if grad is None:
-                total += fn(chunk, chunk_rows)
+            x = student.index_select(0, chunk_rows)
+            logits = x if head is None else F.linear(x, head)
+            with torch.set_grad_enabled(differentiate):
+                logits.requires_grad_(differentiate)
+                values = torch.stack(terms(logits, chunk_rows))
+                loss = (values * scales).sum()
+            totals += values.detach()
+            # A loss that ignores the student (SKL at alpha = 1) leaves the zero gradients as they are.
+            if not loss.requires_grad:
                 continue
-            with torch.enable_grad():
-                chunk.requires_grad_()
-                value = fn(chunk, chunk_rows)
-            # A loss that ignores the student (SKL at alpha = 1) leaves its zero gradient as is.
-            if value.requires_grad:
-                (chunk_grad,) = torch.autograd.grad(value, chunk)
-                grad.index_copy_(0, chunk_rows, chunk_grad)
-            total += value.detach()
-        ctx.save_for_backward(grad)
-        return total
+            (grad_logits,) = torch.autograd.grad(loss, logits)
+            if head is None:
+                grad_student.index_copy_(0, chunk_rows, grad_logits)
+                continue
+            if grad_student is not None:
+                grad_student.index_copy_(0, chunk_rows, (grad_logits @ head).to(grad_student.dtype))
+            if grad_head is None:
+                continue
+            if grad_logits.dtype == x.dtype == grad_head.dtype:
+                grad_head.addmm_(grad_logits.T, x)  # in place: no head-sized temporary
+            else:
+                grad_head += grad_logits.T @ x
+        ctx.head_dtype = None if head is None else head.dtype
+        ctx.save_for_backward(grad_student, grad_head)
+        ctx.mark_non_differentiable(totals)
+        return (totals * scales).sum(), totals
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_total: torch.Tensor):
-        (grad,) = ctx.saved_tensors
-        # In place to avoid a second logits-sized buffer; a repeated backward through this node then
-        # fails autograd's saved-tensor version check instead of reusing a scaled gradient.
-        return None, None, grad.mul_(grad_total), None
+    def backward(ctx, grad_loss: torch.Tensor, _grad_totals: torch.Tensor):
+        grad_student, grad_head = ctx.saved_tensors
+        # In place to avoid second buffers; a repeated backward through this node then fails autograd's
+        # saved-tensor version check instead of reusing scaled gradients.
+        if grad_student is not None:
+            grad_student = grad_student.mul_(grad_loss)
+        if grad_head is not None:
+            grad_head = grad_head.mul_(grad_loss).to(ctx.head_dtype)
+        return None, None, None, None, grad_student, grad_head
 
 
-def _chunked_sum(fn: Callable[..., torch.Tensor], student_logits: torch.Tensor, rows: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Σ fn(student rows, row indices) over ``rows`` of the flattened student logits, chunk by chunk."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return _ChunkedRowSum.apply(fn, chunk_size, student_logits.flatten(0, 1), rows)
+def _inverse_count(num_tokens: int | torch.Tensor | None, local_count: Callable[[], int], device: torch.device) -> torch.Tensor:
+    """1 / the count a loss sum is divided by: ``num_tokens`` when given, else the local scored count.
 
-
-def _normalise(total: torch.Tensor, num_tokens: int | torch.Tensor | None, n_local: int) -> torch.Tensor:
+    A count given as a device tensor (the all-reduced global count of a training step) is used as it
+    is: checking it against the local count would make the host wait for the GPU.
+    """
+    if torch.is_tensor(num_tokens) and num_tokens.device.type != "cpu":
+        return num_tokens.to(device, torch.float32).clamp_min(1).reciprocal()
+    n_local = local_count()
     if num_tokens is None:
-        return total / max(n_local, 1)
+        return torch.tensor(1.0 / max(n_local, 1), device=device)
     if int(num_tokens) < n_local:
         raise ValueError(f"num_tokens ({int(num_tokens)}) is smaller than the {n_local} scored positions in this batch")
     if torch.is_tensor(num_tokens):
-        return total / num_tokens.to(total.device).clamp_min(1)
-    return total / max(num_tokens, 1)
+        return num_tokens.to(device, torch.float32).clamp_min(1).reciprocal()
+    return torch.tensor(1.0 / max(num_tokens, 1), device=device)
+
+
+def _fused_losses(
+    student: torch.Tensor,
+    student_head: torch.Tensor | None,
+    teacher: torch.Tensor | None,
+    teacher_head: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    ce_labels: torch.Tensor | None,
+    *,
+    divergence,
+    temperature: float,
+    scale_by_t2: bool,
+    kd_weight: float,
+    num_tokens: int | torch.Tensor | None,
+    ce_num_tokens: int | torch.Tensor | None,
+    chunk_size: int | None,
+    positions: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(kd_weight·KD + (1 − kd_weight)·CE, KD, CE) in one pass over the chunks; the last two detached.
+
+    KD is scored where ``labels`` are, CE where ``ce_labels`` are; either may be None (that term is 0).
+    ``student``/``teacher`` are logits when their head is None, else hidden states. Callers check shapes.
+    """
+    chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if not torch.is_grad_enabled():
+        # needs_input_grad ignores grad mode: detached inputs keep a no-grad call (evaluation) from
+        # filling gradient buffers.
+        student = student.detach()
+        student_head = None if student_head is None else student_head.detach()
+    device = student.device
+    kd_mask = None if labels is None else _next_labels(labels) != IGNORE_INDEX
+    ce_targets = None if ce_labels is None else _next_labels(ce_labels)
+    masks = [m for m in (kd_mask, None if ce_targets is None else ce_targets != IGNORE_INDEX) if m is not None]
+    scored = masks[0] if len(masks) == 1 else masks[0] | masks[1]
+    # Positions found on the host (`scored_positions`) spare the GPU sync of nonzero().
+    rows = scored.nonzero().squeeze(1) if positions is None else positions
+
+    def local_count(mask: torch.Tensor) -> Callable[[], int]:
+        return lambda: int(mask.sum())
+
+    scales, norms = [], []
+    if kd_mask is not None:
+        teacher_rows = _row_logits(
+            teacher.detach().flatten(0, 1), None if teacher_head is None else teacher_head.detach()
+        )
+        # The pass may also visit rows KD does not score (CE-only ones, given positions); KD must not count them.
+        kd_rows = kd_mask if ce_targets is not None or positions is not None else None
+        norms.append(_inverse_count(num_tokens, local_count(kd_mask), device) * (temperature**2 if scale_by_t2 else 1.0))
+        scales.append(kd_weight * norms[-1])
+    if ce_targets is not None:
+        norms.append(_inverse_count(ce_num_tokens, local_count(ce_targets != IGNORE_INDEX), device))
+        scales.append((1.0 - kd_weight) * norms[-1])
+
+    def terms(logits: torch.Tensor, chunk_rows: torch.Tensor) -> list[torch.Tensor]:
+        values = []
+        logq = None
+        if kd_mask is not None:
+            logq = torch.log_softmax(logits.float() / temperature, dim=-1)
+            per_row = divergence(_log_probs(teacher_rows(chunk_rows), temperature), logq.clamp_min(_LOG_FLOOR))
+            values.append((per_row if kd_rows is None else per_row.where(kd_rows[chunk_rows], 0.0)).sum())
+        if ce_targets is not None:
+            # At T = 1 the student log-probs of KD serve CE as they are (unfloored, so CE is exact).
+            if logq is None or temperature != 1.0:
+                logq = torch.log_softmax(logits.float(), dim=-1)
+            values.append(F.nll_loss(logq, ce_targets[chunk_rows], ignore_index=IGNORE_INDEX, reduction="sum"))
+        return values
+
+    loss, totals = _ChunkedTerms.apply(
+        terms, torch.stack(scales), chunk_size, rows, student.flatten(0, 1), student_head
+    )
+    values = totals * torch.stack(norms)
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    kd_value = values[0] if kd_mask is not None else zero
+    ce_value = values[-1] if ce_targets is not None else zero
+    return loss, kd_value, ce_value
 
 
 def kd_loss(
@@ -199,37 +350,23 @@ def kd_loss(
     beta: float = 0.5,
     mu: float = 0.5,
     num_tokens: int | torch.Tensor | None = None,
-    chunk_size: int = 128,
+    chunk_size: int | None = None,
+    scored_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Token-level KD divergence ``kind`` between teacher and student, a scalar fp32 tensor.
 
     Gradients reach the student logits only; the teacher is a constant. ``alpha`` is the SKL/SRKL
     skew, ``beta`` the generalised-JSD weight, ``mu`` the AKL head/tail split.
     """
-    divergence = _divergence(kind, alpha, beta, mu)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    divergence = _check_kd_options(kind, temperature, alpha, beta, mu)
     _check_logits("student_logits", student_logits, labels)
     _check_logits("teacher_logits", teacher_logits, labels)
-    if teacher_logits.shape[-1] != student_logits.shape[-1]:
-        raise ValueError(
-            f"teacher vocab size {teacher_logits.shape[-1]} != student vocab size {student_logits.shape[-1]}; "
-            "token-level KD needs a shared vocabulary"
-        )
-    if teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits {tuple(student_logits.shape)} differ in shape")
-
-    teacher = teacher_logits.detach().flatten(0, 1)
-
-    def per_chunk(student: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        logp = _log_probs(teacher.index_select(0, rows), temperature)
-        return divergence(logp, _log_probs(student, temperature)).sum()
-
-    rows = _scored_rows(labels)
-    total = _chunked_sum(per_chunk, student_logits, rows, chunk_size)
-    if scale_by_t2:
-        total = total * temperature**2
-    return _normalise(total, num_tokens, rows.numel())
+    _check_same_vocab(student_logits.shape[-1], teacher_logits.shape[-1])
+    loss, _, _ = _fused_losses(
+        student_logits, None, teacher_logits, None, labels, None, divergence=divergence, temperature=temperature,
+        scale_by_t2=scale_by_t2, kd_weight=1.0, num_tokens=num_tokens, ce_num_tokens=None, chunk_size=chunk_size, positions=scored_positions,
+    )
+    return loss
 
 
 def cross_entropy(
@@ -237,14 +374,111 @@ def cross_entropy(
     labels: torch.Tensor,
     *,
     num_tokens: int | torch.Tensor | None = None,
-    chunk_size: int = 128,
+    chunk_size: int | None = None,
+    scored_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal-LM cross-entropy on the reference (HF shift, fp32), summed over scored positions / num_tokens."""
     _check_logits("student_logits", student_logits, labels)
-    targets = _next_labels(labels)
-    rows = _scored_rows(labels)
+    loss, _, _ = _fused_losses(
+        student_logits, None, None, None, None, labels, divergence=None, temperature=1.0, scale_by_t2=False,
+        kd_weight=0.0, num_tokens=None, ce_num_tokens=num_tokens, chunk_size=chunk_size, positions=scored_positions,
+    )
+    return loss
 
-    def per_chunk(student: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(student.float(), targets[rows], reduction="sum")
 
-    return _normalise(_chunked_sum(per_chunk, student_logits, rows, chunk_size), num_tokens, rows.numel())
+def linear_kd_and_ce(
+    kind: str,
+    student_hidden: torch.Tensor,
+    student_head: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    teacher_head: torch.Tensor | None,
+    labels: torch.Tensor,
+    ce_labels: torch.Tensor,
+    *,
+    kd_weight: float,
+    temperature: float = 1.0,
+    scale_by_t2: bool = True,
+    alpha: float = 0.1,
+    beta: float = 0.5,
+    mu: float = 0.5,
+    num_tokens: int | torch.Tensor | None = None,
+    ce_num_tokens: int | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    scored_positions: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, KD, CE) from hidden states in one pass: each chunk's student logits serve both terms.
+
+    loss = kd_weight·KD + (1 − kd_weight)·CE is the differentiable one (its gradients equal those of that
+    sum of ``linear_kd_loss`` and ``linear_cross_entropy``); KD and CE come back detached, for logging.
+    KD is scored at ``labels`` over ``num_tokens``, CE at ``ce_labels`` over ``ce_num_tokens``. With no
+    teacher (both ``teacher_hidden`` and ``teacher_head`` None) KD is 0 and ``kind`` is not used.
+    """
+    if not 0.0 <= kd_weight <= 1.0:
+        raise ValueError(f"kd_weight must lie in [0, 1], got {kd_weight}")
+    if (teacher_hidden is None) != (teacher_head is None):
+        raise ValueError("teacher_hidden and teacher_head must both be given, or both be None (CE only)")
+    _check_linear("student", student_hidden, student_head, "ce_labels", ce_labels)
+    divergence = None
+    if teacher_hidden is not None:
+        divergence = _check_kd_options(kind, temperature, alpha, beta, mu)
+        _check_positions("student_hidden", student_hidden, "hidden", "labels", labels)
+        _check_linear("teacher", teacher_hidden, teacher_head, "labels", labels)
+        _check_same_vocab(student_head.shape[0], teacher_head.shape[0])
+    return _fused_losses(
+        student_hidden, student_head, teacher_hidden, teacher_head, None if divergence is None else labels, ce_labels,
+        divergence=divergence, temperature=temperature, scale_by_t2=scale_by_t2, kd_weight=kd_weight,
+        num_tokens=num_tokens, ce_num_tokens=ce_num_tokens, chunk_size=chunk_size, positions=scored_positions,
+    )
+
+
+def linear_kd_loss(
+    kind: str,
+    student_hidden: torch.Tensor,
+    student_head: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_head: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    scale_by_t2: bool = True,
+    alpha: float = 0.1,
+    beta: float = 0.5,
+    mu: float = 0.5,
+    num_tokens: int | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    scored_positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``kd_loss`` on the logits ``hidden @ head.T`` of each side, without ever holding more than one chunk of them.
+
+    Hidden states are (batch, seq, hidden), each model's final normed ones; heads are (vocab, hidden).
+    Gradients reach ``student_hidden`` and ``student_head`` (through autograd, so a head tied to the
+    input embedding gets both gradients summed); the teacher is a constant.
+    """
+    divergence = _check_kd_options(kind, temperature, alpha, beta, mu)
+    _check_linear("student", student_hidden, student_head, "labels", labels)
+    _check_linear("teacher", teacher_hidden, teacher_head, "labels", labels)
+    _check_same_vocab(student_head.shape[0], teacher_head.shape[0])
+    loss, _, _ = _fused_losses(
+        student_hidden, student_head, teacher_hidden, teacher_head, labels, None, divergence=divergence,
+        temperature=temperature, scale_by_t2=scale_by_t2, kd_weight=1.0, num_tokens=num_tokens, ce_num_tokens=None,
+        chunk_size=chunk_size, positions=scored_positions,
+    )
+    return loss
+
+
+def linear_cross_entropy(
+    student_hidden: torch.Tensor,
+    student_head: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_tokens: int | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    scored_positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``cross_entropy`` on the logits ``student_hidden @ student_head.T``, one chunk of scored positions at a time."""
+    _check_linear("student", student_hidden, student_head, "labels", labels)
+    loss, _, _ = _fused_losses(
+        student_hidden, student_head, None, None, None, labels, divergence=None, temperature=1.0, scale_by_t2=False,
+        kd_weight=0.0, num_tokens=None, ce_num_tokens=num_tokens, chunk_size=chunk_size, positions=scored_positions,
+    )
+    return loss

@@ -5,7 +5,12 @@ runs them (`Measurer`, models loaded once per actor). The benchmark's bare loop 
 Metrics (METHODS.md §1): student_ce, teacher_ce (mean response cross-entropy), teacher_student_kl
 (KL(teacher || student) at T = 1 on the reference response), student_rougeL (ROUGE-L F1, stemmed,
 of the initial student's greedy response) and length (response tokens). Rows are batched by
-similar length to avoid padding waste.
+similar length to avoid padding waste; each batch's per-row metrics are computed together on the
+device and read back once (`response_means`).
+
+The greedy response of a row gets up to its response budget, data.max_length minus its prompt,
+so difficulty does not mostly measure the truncation of long references; scoring.max_new_tokens,
+when set, caps it.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 
 from pocl_ray import data as data_mod
 from pocl_ray.config import ModelsConfig
-from pocl_ray.losses import cross_entropy, kd_loss
+from pocl_ray.sampling import generate_tokens
 
 TEACHER_METRICS = frozenset({"teacher_ce", "teacher_student_kl"})
 STUDENT_METRICS = frozenset({"student_ce", "student_rougeL", "teacher_student_kl"})
@@ -81,9 +86,43 @@ def _chunks(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def response_means(
+    labels: torch.Tensor, *, student_logits: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None,
+    chunk_positions: int = 2048,
+) -> dict[str, torch.Tensor]:
+    """Per-row means over each row's scored positions (HF shift: position t predicts labels[t + 1]),
+    float32 on the logits' device: "student_ce" / "teacher_ce" for the logits given, and
+    "teacher_student_kl" = KL(teacher || student) at T = 1 when both are.
+
+    Only the scored positions are gathered and cast to fp32, `chunk_positions` at a time, so the
+    memory stays that of a chunk, not of the (rows, seq, vocab) logits in fp32.
+    """
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=data_mod.IGNORE_INDEX)
+    rows, cols = (targets != data_mod.IGNORE_INDEX).nonzero(as_tuple=True)
+    device = labels.device
+    names = ([] if student_logits is None else ["student_ce"]) + ([] if teacher_logits is None else ["teacher_ce"])
+    if student_logits is not None and teacher_logits is not None:
+        names.append("teacher_student_kl")
+    sums = {n: torch.zeros(labels.shape[0], dtype=torch.float32, device=device) for n in names}
+    for start in range(0, rows.numel(), chunk_positions):
+        r, c = rows[start : start + chunk_positions], cols[start : start + chunk_positions]
+        target = targets[r, c][:, None]
+        logq = None if student_logits is None else torch.log_softmax(student_logits[r, c].float(), dim=-1)
+        logp = None if teacher_logits is None else torch.log_softmax(teacher_logits[r, c].float(), dim=-1)
+        if logq is not None:
+            sums["student_ce"].index_add_(0, r, -logq.gather(-1, target).squeeze(-1))
+        if logp is not None:
+            sums["teacher_ce"].index_add_(0, r, -logp.gather(-1, target).squeeze(-1))
+        if logq is not None and logp is not None:
+            sums["teacher_student_kl"].index_add_(0, r, (logp.exp() * (logp - logq)).sum(-1))
+    counts = torch.bincount(rows, minlength=labels.shape[0]).float()
+    return {n: v / counts for n, v in sums.items()}
+
+
 def _forward_metrics(models: MeasurerModels, rows: Mapping[str, Sequence], metrics: set[str], batch_size: int) -> dict[str, np.ndarray]:
     n = len(rows["input_ids"])
-    out = {m: np.full(n, np.nan) for m in metrics & _FORWARD_METRICS}
+    wanted = sorted(metrics & _FORWARD_METRICS)
+    out = {m: np.full(n, np.nan) for m in wanted}
     lengths = np.array([len(x) for x in rows["input_ids"]])
     pad_id = models.tokenizer.pad_token_id
     for idx in _chunks(lengths, batch_size):
@@ -96,46 +135,54 @@ def _forward_metrics(models: MeasurerModels, rows: Mapping[str, Sequence], metri
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         s_logits = models.student(**inputs).logits if metrics & {"student_ce", "teacher_student_kl"} else None
         t_logits = models.teacher(**inputs).logits if metrics & TEACHER_METRICS else None
-        for j, i in enumerate(idx):
-            length = int(lengths[i])
-            labels = batch["labels"][j : j + 1, :length]
-            s = s_logits[j : j + 1, :length] if s_logits is not None else None
-            t = t_logits[j : j + 1, :length] if t_logits is not None else None
-            if "student_ce" in out:
-                out["student_ce"][i] = cross_entropy(s, labels).item()
-            if "teacher_ce" in out:
-                out["teacher_ce"][i] = cross_entropy(t, labels).item()
-            if "teacher_student_kl" in out:
-                out["teacher_student_kl"][i] = kd_loss("fkl", s, t, labels, temperature=1.0, scale_by_t2=False).item()
+        means = response_means(batch["labels"], student_logits=s_logits, teacher_logits=t_logits)
+        values = torch.stack([means[m] for m in wanted]).cpu().numpy()
+        for m, v in zip(wanted, values):
+            out[m][idx] = v
     return out
 
 
-def greedy_responses(models: MeasurerModels, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int) -> list[str]:
-    """The student's greedy continuation of each prompt, decoded without special tokens."""
+def response_budgets(
+    num_prompt_tokens: Sequence[int], max_new_tokens: int | None, max_length: int | None
+) -> list[int]:
+    """New tokens per row for the greedy response: max_length minus the prompt (at least 1),
+    capped by max_new_tokens when set; max_new_tokens alone when max_length is None."""
+    if max_new_tokens is None and max_length is None:
+        raise ValueError("the greedy response length needs scoring.max_new_tokens or data.max_length")
+    budgets = []
+    for p in num_prompt_tokens:
+        room = max_new_tokens if max_length is None else max(1, max_length - int(p))
+        budgets.append(room if max_new_tokens is None else min(room, max_new_tokens))
+    return budgets
+
+
+def greedy_responses(models: MeasurerModels, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int], batch_size: int) -> list[str]:
+    """The student's greedy continuation of each prompt (at most max_new_tokens[i] tokens for
+    prompt i), decoded without special tokens; batches of similar prompt length."""
     tok = models.tokenizer
     texts = [""] * len(prompts)
     for idx in _chunks(np.array([len(p) for p in prompts]), batch_size):
-        batch = data_mod.generation_batch([prompts[i] for i in idx], tok.pad_token_id)
-        batch = {k: v.to(models.device) for k, v in batch.items()}
-        generated = models.student.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
+        tokens = generate_tokens(
+            models.student, [prompts[i] for i in idx], [int(max_new_tokens[i]) for i in idx],
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
         )
-        new_tokens = generated[:, batch["input_ids"].shape[1] :]
-        for i, text in zip(idx, tok.batch_decode(new_tokens, skip_special_tokens=True)):
+        for i, text in zip(idx, tok.batch_decode(tokens, skip_special_tokens=True)):
             texts[i] = text
     return texts
 
 
 def measure(
-    models: MeasurerModels, rows: Mapping[str, Sequence], metrics: Sequence[str], *, batch_size: int, max_new_tokens: int
+    models: MeasurerModels, rows: Mapping[str, Sequence], metrics: Sequence[str], *, batch_size: int,
+    max_new_tokens: int | None, max_length: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Every requested metric for each row (float64 arrays aligned with the rows).
 
     ``rows`` holds input_ids, labels (-100 on the prompt), num_prompt_tokens, num_response_tokens and
     the reference ``response`` text. CE and KL are means over the row's response tokens; KL is
     KL(teacher || student) at temperature 1; student_rougeL is the ROUGE-L F1 (stemmed) of the
-    student's greedy response against the reference; length counts response tokens.
+    student's greedy response against the reference, the response given
+    `response_budgets(num_prompt_tokens, max_new_tokens, max_length)` new tokens; length counts
+    response tokens.
     """
     wanted = set(metrics)
     out: dict[str, np.ndarray] = {}
@@ -144,7 +191,8 @@ def measure(
             out.update(_forward_metrics(models, rows, wanted, batch_size))
         if "student_rougeL" in wanted:
             prompts = [ids[: int(p)] for ids, p in zip(rows["input_ids"], rows["num_prompt_tokens"])]
-            generated = greedy_responses(models, prompts, max_new_tokens, batch_size)
+            budgets = response_budgets(rows["num_prompt_tokens"], max_new_tokens, max_length)
+            generated = greedy_responses(models, prompts, budgets, batch_size)
             out["student_rougeL"] = np.array(
                 [models.rouge.score(ref, gen)["rougeL"].fmeasure for ref, gen in zip(rows["response"], generated)],
                 dtype=np.float64,
@@ -158,15 +206,21 @@ class Measurer:
     """Ray Data actor: loads the measurer models once, then adds the metric columns to batches of
     prepared rows (NaN on rows the data layer rejected, which pass through unscored)."""
 
-    def __init__(self, models_cfg: dict, metrics: list[str], batch_size: int, max_new_tokens: int, use_gpu: bool, num_threads: int):
+    def __init__(
+        self, models_cfg: dict, metrics: list[str], batch_size: int, max_new_tokens: int | None, use_gpu: bool,
+        num_threads: int, max_length: int | None = None,
+    ):
         if use_gpu and not torch.cuda.is_available():
             raise RuntimeError("scoring.num_gpus_per_actor > 0 but this actor sees no CUDA device")
+        if "student_rougeL" in metrics:
+            response_budgets([0], max_new_tokens, max_length)  # fail before loading models, not on the first batch
         if not use_gpu:
             torch.set_num_threads(num_threads)
         self.models = load_measurer_models(ModelsConfig(**models_cfg), metrics, "cuda" if use_gpu else "cpu")
         self.metrics = metrics
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
+        self.max_length = max_length
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         valid = np.flatnonzero(batch.column("reject_reason").to_numpy(zero_copy_only=False) == "")
@@ -175,7 +229,7 @@ class Measurer:
             rows = batch.select(MEASURER_INPUT).take(pa.array(valid))
             scores = measure(
                 self.models, {c: rows.column(c).to_numpy(zero_copy_only=False) for c in MEASURER_INPUT},
-                self.metrics, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens,
+                self.metrics, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, max_length=self.max_length,
             )
             for m in self.metrics:
                 columns[m][valid] = scores[m]

@@ -238,3 +238,36 @@ def hidden_size(model: PreTrainedModel) -> int:
 
 def num_layers(model: PreTrainedModel) -> int:
     return model.config.get_text_config().num_hidden_layers
+
+
+# Config fields that make a model's logits something other than hidden @ lm_head.weight.T, with the
+# value at which they leave the logits as they are (None: only an unset field does). The transformers
+# models that read them: Gemma 2/3 (final_logit_softcapping), xLSTM (output_logit_soft_cap), Cohere
+# (logit_scale), Granite, MiniCPM3, HyperCLOVA X (logits_scaling), Falcon-H1 (lm_head_multiplier).
+_LOGIT_TRANSFORMS = (
+    ("final_logit_softcapping", None),
+    ("output_logit_soft_cap", None),
+    ("softcap", None),
+    ("logit_scale", 1),
+    ("logits_scaling", 1),
+    ("lm_head_multiplier", 1),
+    ("output_mult", 1),
+)
+
+
+def linear_head(model: PreTrainedModel) -> tuple[torch.Tensor | None, str]:
+    """(LM-head weight, reason) when the model's logits are exactly ``final hidden states @ weight.T``,
+    so the KD loss can start from hidden states (``losses.linear_kd_loss``); else (None, one line saying
+    why it must use the logits instead)."""
+    name = type(model).__name__
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        return None, f"{name}'s output embedding is {type(head).__name__}, not an nn.Linear"
+    if head.bias is not None:
+        return None, f"{name}'s LM head has a bias"
+    config = model.config.get_text_config()
+    for field, neutral in _LOGIT_TRANSFORMS:
+        value = getattr(config, field, None)
+        if value is not None and value != neutral:
+            return None, f"{name}'s logits are transformed after the LM head (config.{field} = {value})"
+    return head.weight, f"{name}'s logits are hidden states @ lm_head.weight.T"

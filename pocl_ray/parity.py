@@ -14,147 +14,37 @@ Step accounting: every optimizer step the student takes counts, including the hi
 steps of curriculum extraction, so steps_to_target compares methods at equal sample budgets. The
 student never sees a true label; only the teacher does, during its own training.
 
-The pure core (data, models, one teacher run, one student run, summary) runs without Ray; `run_parity`
-is the Ray shell: one task per teacher, one per (seed, method), results and plot on disk.
+This module is the pure core (data, models, one teacher run, one student run, summary, plot) and runs
+without Ray; its config is `pocl_ray.parity_config`, its Ray runner `pocl_ray.parity_run.run_parity`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
-from pocl_ray.config import ConfigError, _format_errors
 from pocl_ray.curriculum import Plan, baseline_plan, extraction_plan, progressive_plan
-from pocl_ray.extraction import hidden_match_loss, layer_projection
+from pocl_ray.extraction import derived_seed, hidden_match_loss, layer_projection
 from pocl_ray.losses import fkl
-
-Method = Literal["one_shot", "progressive", "extraction"]
-METHODS: tuple[str, ...] = ("one_shot", "progressive", "extraction")
+from pocl_ray.parity_config import METHODS, ParityConfig
 
 # Independent random streams derived from one replicate seed.
 _SUPPORT, _HELDOUT, _TEACHER_DATA, _TEACHER_INIT, _STUDENT_DATA, _STUDENT_INIT = range(6)
 
 
-# ----------------------------------------------------------------------------------------- config
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ExtractionSettings(_Strict):
-    steps_per_layer: int = Field(100, gt=0, description="hidden-matching steps (the MLP has one hidden layer)")
-    projection: Literal["gaussian", "orthogonal"] = "gaussian"
-    normalize: bool = Field(False, description="layer-norm both sides before the MSE")
-    student_side: Literal["preactivation", "activation"] = Field(
-        "preactivation",
-        description="student hidden value matched to the projected teacher activations: before or after its ReLU",
-    )
-    restart_optimizer: bool = Field(True, description="fresh Adam state when output KD starts")
-
-
-class ProgressiveSettings(_Strict):
-    steps_per_checkpoint: int = Field(25, gt=0, description="student steps on each teacher checkpoint")
-    restart_optimizer: bool = Field(False, description="fresh Adam state at every checkpoint switch")
-
-
-class ParityConfig(_Strict):
-    """Everything one sandbox run needs; YAML in, field-named errors out."""
-
-    n: int = Field(60, gt=0, description="input bits")
-    k: int = Field(5, gt=0, description="size of the secret support")
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
-    methods: list[Method] = Field(default_factory=lambda: list(METHODS))
-    teacher_width: int = Field(2000, gt=0)
-    student_width: int = Field(100, gt=0)
-    batch_size: int = Field(512, gt=0)
-    eval_size: int = Field(4096, gt=0, description="held-out examples")
-    betas: tuple[float, float] = (0.9, 0.95)
-    teacher_lr: float = Field(1e-3, gt=0)
-    teacher_max_steps: int = Field(20_000, gt=0)
-    teacher_target_accuracy: float = Field(0.99, gt=0, le=1, description="teacher training stops here")
-    checkpoint_every: int = Field(100, gt=0, description="teacher steps between checkpoints (and evaluations)")
-    student_lr: float = Field(3e-3, gt=0)
-    student_steps: int = Field(2000, gt=0, description="student step budget per method, extraction phase included")
-    eval_every: int = Field(50, gt=0, description="student steps between held-out evaluations")
-    target_accuracy: float = Field(0.95, gt=0, le=1)
-    stop_at_target: bool = Field(False, description="end a student run at its first evaluation at or above target")
-    temperature: float = Field(1.0, gt=0, description="output-KD temperature (loss scaled by T^2)")
-    extraction: ExtractionSettings = ExtractionSettings()
-    progressive: ProgressiveSettings = ProgressiveSettings()
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when the task sees a GPU")
-    cpus_per_task: float = Field(1.0, gt=0)
-    gpus_per_task: float = Field(0.0, ge=0)
-    max_concurrent_tasks: int = Field(2, ge=1, description="Ray tasks in flight at once")
-    torch_threads: int = Field(1, ge=1, description="torch intra-op threads inside each task")
-    num_cpus: int | None = Field(None, gt=0, description="logical CPUs of a local Ray instance (default: all cores)")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> ParityConfig:
-        if self.k > self.n:
-            raise ValueError(f"k ({self.k}) must not exceed n ({self.n})")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be a non-empty list without duplicates, got {self.seeds}")
-        if not self.methods or len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"methods must be a non-empty list without duplicates, got {self.methods}")
-        if "extraction" in self.methods and self.extraction.steps_per_layer >= self.student_steps:
-            raise ValueError(
-                f"extraction.steps_per_layer ({self.extraction.steps_per_layer}) must be below student_steps "
-                f"({self.student_steps}) so output KD gets steps"
-            )
-        if self.extraction.projection == "orthogonal" and self.teacher_width < self.student_width:
-            raise ValueError("extraction.projection 'orthogonal' needs teacher_width >= student_width")
-        if not all(0 < b < 1 for b in self.betas):
-            raise ValueError(f"betas must lie in (0, 1), got {self.betas}")
-        return self
-
-
-def parse_parity_config(data: dict[str, Any], source: str = "<dict>") -> ParityConfig:
-    if not isinstance(data, dict):
-        raise ConfigError(f"invalid parity config ({source}): the top level must be a mapping of fields")
-    try:
-        return ParityConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
-
-
-def load_parity_config(path: str | Path | None = None) -> ParityConfig:
-    """The config in a YAML file; None gives the defaults (the CPU-sized sandbox)."""
-    if path is None:
-        return ParityConfig()
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"parity config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"parity config file {path} is not valid YAML: {err}") from None
-    return parse_parity_config(data or {}, source=str(path))
-
-
 # ------------------------------------------------------------------------------------ data, models
 
 
-def stream_seed(seed: int, stream: int) -> int:
-    """A torch seed for one named random stream of a replicate; streams never share a generator."""
-    return int(np.random.SeedSequence([int(seed), int(stream)]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
 def generator(seed: int, stream: int) -> torch.Generator:
-    return torch.Generator(device="cpu").manual_seed(stream_seed(seed, stream))
+    """The generator of one named random stream of a replicate; streams never share a generator."""
+    return torch.Generator(device="cpu").manual_seed(derived_seed(seed, stream))
 
 
 def secret_support(n: int, k: int, seed: int) -> list[int]:
@@ -223,6 +113,16 @@ def _adam(model: nn.Module, lr: float, betas: tuple[float, float]) -> torch.opti
     return torch.optim.Adam(model.parameters(), lr=lr, betas=betas)
 
 
+def _run_setup(cfg: ParityConfig, seed: int, width: int, data_stream: int, init_stream: int):
+    """What a teacher or student run of a replicate starts from: (device, secret support, held-out
+    (x, y) on the device, its data stream's generator, its freshly initialised MLP on the device)."""
+    torch.set_num_threads(cfg.torch_threads)
+    device = resolve_device(cfg.device)
+    heldout = tuple(t.to(device) for t in heldout_set(cfg, seed))
+    model = build_mlp(cfg.n, width, derived_seed(seed, init_stream)).to(device)
+    return device, secret_support(cfg.n, cfg.k, seed), heldout, generator(seed, data_stream), model
+
+
 # ----------------------------------------------------------------------------------- one teacher
 
 
@@ -232,13 +132,8 @@ def train_teacher(cfg: ParityConfig, seed: int) -> tuple[dict, dict[str, torch.T
     Returns (summary, final state, checkpoints): checkpoints are (step, CPU state) every
     checkpoint_every steps, in order, excluding the final step (the final state is returned apart).
     """
-    torch.set_num_threads(cfg.torch_threads)
-    device = resolve_device(cfg.device)
     started = time.perf_counter()
-    support = secret_support(cfg.n, cfg.k, seed)
-    x_eval, y_eval = (t.to(device) for t in heldout_set(cfg, seed))
-    gen = generator(seed, _TEACHER_DATA)
-    model = build_mlp(cfg.n, cfg.teacher_width, stream_seed(seed, _TEACHER_INIT)).to(device)
+    device, support, (x_eval, y_eval), gen, model = _run_setup(cfg, seed, cfg.teacher_width, _TEACHER_DATA, _TEACHER_INIT)
     opt = _adam(model, cfg.teacher_lr, cfg.betas)
     checkpoints: list[tuple[int, dict]] = []
     curve_steps, curve_acc = [0], [accuracy(model, x_eval, y_eval)]
@@ -321,13 +216,8 @@ def distill_student(
 ) -> dict:
     """Train one student by `method` for cfg.student_steps steps; return its held-out accuracy curve."""
     plan = student_plan(method, cfg, [s for s, _ in checkpoints])
-    torch.set_num_threads(cfg.torch_threads)
-    device = resolve_device(cfg.device)
     started = time.perf_counter()
-    support = secret_support(cfg.n, cfg.k, seed)
-    x_eval, y_eval = (t.to(device) for t in heldout_set(cfg, seed))
-    gen = generator(seed, _STUDENT_DATA)
-    student = build_mlp(cfg.n, cfg.student_width, stream_seed(seed, _STUDENT_INIT)).to(device)
+    device, support, (x_eval, y_eval), gen, student = _run_setup(cfg, seed, cfg.student_width, _STUDENT_DATA, _STUDENT_INIT)
     teacher = MLP(cfg.n, cfg.teacher_width).to(device).requires_grad_(False)
     states = {f"step-{s}": state for s, state in checkpoints} | {FINAL: teacher_final}
     ex = cfg.extraction
@@ -411,6 +301,23 @@ def summarize(runs: Sequence[dict], target: float, budget: int) -> dict:
     return {"target_accuracy": target, "methods": by_method, "ratios": ratios}
 
 
+# Curriculum extraction's claim (METHODS.md §2): steps to target at most these multiples of the
+# other methods' (censored means, so a run that misses the target only makes the claim harder).
+CLAIM_BOUNDS: dict[str, float] = {"one_shot": 0.5, "progressive": 1.5}
+
+
+def check_claims(summary: dict, bounds: dict[str, float] = CLAIM_BOUNDS) -> dict[str, dict]:
+    """Per bound, {ratio, bound, passed} for extraction/<method> from a `summarize` result."""
+    checks = {}
+    for other, bound in bounds.items():
+        name = f"extraction/{other}"
+        if name not in summary["ratios"]:
+            raise ValueError(f"the summary has no {name} ratio: run both extraction and {other}")
+        ratio = summary["ratios"][name]["ratio"]
+        checks[name] = {"ratio": ratio, "bound": bound, "passed": ratio <= bound}
+    return checks
+
+
 def format_summary(results: dict) -> str:
     cfg, summary = results["config"], results["summary"]
     lines = [
@@ -466,96 +373,3 @@ def plot_curves(runs: Sequence[dict], target: float, cfg: dict, path: Path) -> P
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-# -------------------------------------------------------------------------------------- Ray shell
-
-
-def _bounded(thunks: Sequence[Callable[[], Any]], limit: int) -> list[Any]:
-    """Submit Ray tasks in order with at most `limit` in flight; returns each thunk's ref(s).
-
-    A thunk returns one ObjectRef or a tuple of them (the first is waited on). Later thunks may take
-    earlier refs as arguments; submission order keeps their producers ahead of them.
-    """
-    import ray
-
-    out: list[Any] = []
-    in_flight: list[Any] = []
-    for thunk in thunks:
-        if len(in_flight) >= limit:
-            _, in_flight = ray.wait(in_flight, num_returns=1)
-        refs = thunk()
-        out.append(refs)
-        in_flight.append(refs[0] if isinstance(refs, tuple) else refs)
-    return out
-
-
-def _init_ray(cfg: ParityConfig) -> bool:
-    """Connect to the job's cluster, or start a private local instance; True if this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()  # inside `ray job submit`, or pointed at a cluster
-    else:
-        # address="local": never attach to another Ray instance running on this machine.
-        ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count() or 1, include_dashboard=False)
-    return True
-
-
-def run_parity(cfg: ParityConfig, output_dir: str | Path) -> dict:
-    """Teachers, then every (seed, method) student, as Ray tasks; writes DIR/parity/{results.json, curves.png}."""
-    import ray
-
-    out = Path(output_dir) / "parity"
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    we_started = _init_ray(cfg)
-    try:
-        resources = {"num_cpus": cfg.cpus_per_task, "num_gpus": cfg.gpus_per_task}
-        teacher_task = ray.remote(train_teacher).options(num_returns=3, **resources)
-        student_task = ray.remote(distill_student).options(**resources)
-        teacher_refs: dict[int, tuple] = {}
-
-        def teacher_thunk(seed: int) -> Callable[[], tuple]:
-            def submit() -> tuple:
-                teacher_refs[seed] = tuple(teacher_task.remote(cfg, seed))
-                return teacher_refs[seed]
-            return submit
-
-        def student_thunk(seed: int, method: str) -> Callable[[], Any]:
-            def submit() -> Any:
-                _, final, ckpts = teacher_refs[seed]
-                # Only progressive needs the checkpoints; the others never fetch them.
-                return student_task.remote(cfg, seed, method, final, *([ckpts] if method == "progressive" else []))
-            return submit
-
-        thunks = [teacher_thunk(s) for s in cfg.seeds]
-        thunks += [student_thunk(s, m) for s in cfg.seeds for m in cfg.methods]
-        refs = _bounded(thunks, cfg.max_concurrent_tasks)
-        student_refs = refs[len(cfg.seeds):]
-        teachers = ray.get([teacher_refs[s][0] for s in cfg.seeds])
-        runs = ray.get(student_refs)
-        ray_version = ray.__version__
-    finally:
-        if we_started:
-            ray.shutdown()
-
-    results = {
-        "target_accuracy": cfg.target_accuracy,
-        "runs": [{k: r[k] for k in ("method", "seed", "steps_to_target", "final_accuracy")} for r in runs],
-        "summary": summarize(runs, cfg.target_accuracy, cfg.student_steps),
-        "teachers": teachers,
-        "curves": [{k: r[k] for k in ("method", "seed", "curve", "stages", "steps", "seconds")} for r in runs],
-        "config": cfg.model_dump(mode="json"),
-        "wall_seconds": time.perf_counter() - started,
-        "ray_version": ray_version,
-        "torch_version": torch.__version__,
-        "host": platform.node(),
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    plot_curves(runs, cfg.target_accuracy, results["config"], out / "curves.png")
-    print(format_summary(results))
-    print(f"results: {out / 'results.json'}\nplot:    {out / 'curves.png'}")
-    return results

@@ -22,9 +22,11 @@ last checkpoint) keeps its last record. "step seconds" sums the per-step `second
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -34,9 +36,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pyarrow.dataset as pads  # noqa: E402
 
-from pocl_ray.evaluation import compare_table, load_results, markdown_table  # noqa: E402
+from pocl_ray.evaluation import load_results  # noqa: E402
 
-SCHEDULE_KEYS = (("pool_rows", "pool size (rows)"), ("temperature", "temperature"), ("kd_weight", "KD weight α"))
+SCHEDULE_KEYS = (("pool_rows", "pool size (rows)"), ("temperature", "temperature"), ("kd_weight", "KD weight"))
 
 
 @dataclass
@@ -190,7 +192,42 @@ def plot_rouge(evals: Mapping[str, Mapping], path: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sections
+# Tables and sections
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; cells are written as their str(), never re-parsed as numbers."""
+    cells = [[str(c) for c in row] for row in rows]
+    return pd.DataFrame(cells, columns=[str(h) for h in headers]).to_markdown(index=False, disable_numparse=True)
+
+
+def _fixed(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def compare_table(results_by_label: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown with the runs side by side: ROUGE-L (mean ± std over seeds) and response CE per set."""
+    labels = list(results_by_label)
+    set_names: list[str] = []
+    for res in results_by_label.values():
+        set_names.extend(n for n in res["sets"] if n not in set_names)
+
+    def cell(res: Mapping[str, Any], name: str, key: str) -> str:
+        s = res["sets"].get(name)
+        if s is None or s[key] is None:
+            return "–"
+        if key == "ce_mean":
+            return _fixed(s[key], 3)
+        return f"{_fixed(s[key])} ± {_fixed(s['rougeL_std'])}"
+
+    rouge = [[n, *[cell(results_by_label[lb], n, "rougeL_mean") for lb in labels]] for n in set_names]
+    rouge.append(["**average**", *[_fixed(results_by_label[lb]["average"]["rougeL_mean"]) for lb in labels]])
+    ce = [[n, *[cell(results_by_label[lb], n, "ce_mean") for lb in labels]] for n in set_names]
+    ce.append(["**average**", *[_fixed(results_by_label[lb]["average"]["ce_mean"], 3) for lb in labels]])
+    return (
+        "ROUGE-L ×100 (mean ± std over seeds)\n\n" + markdown_table(["set", *labels], rouge)
+        + "\n\nResponse cross-entropy (nats/token, lower is better)\n\n" + markdown_table(["set", *labels], ce) + "\n"
+    )
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -268,7 +305,7 @@ def _training_section(runs: Mapping[str, Path], out_dir: Path) -> list[str]:
     lines += ["![curriculum schedule](schedule.png)", "", "![training loss by stage](loss.png)", ""]
     for label, f in frames.items():
         lines += [f"### Stages: {label}", "",
-                  markdown_table(["stage", "steps", "pool rows", "temperature", "α", "loss first → last"], _stage_rows(f)), ""]
+                  markdown_table(["stage", "steps", "pool rows", "temperature", "KD weight", "loss first → last"], _stage_rows(f)), ""]
     return lines
 
 
@@ -289,6 +326,24 @@ def _eval_section(evals: Mapping[str, Mapping], out_dir: Path) -> list[str]:
                                     "rows rejected", "wall seconds"], settings), ""]
 
 
+def _sweep_section(tune_dir: Path, out_dir: Path) -> list[str]:
+    """The sweep's trials table, its objective plot (copied into out_dir) and where best.yaml is;
+    empty when there was no sweep (no tune_dir/results.csv, written by `pocl_ray.tuning`)."""
+    csv = tune_dir / "results.csv"
+    if not csv.is_file():
+        return []
+    frame = pd.read_csv(csv, dtype={"trial_id": str})
+    lines = ["## Sweep", "", f"{len(frame)} trials (`{csv}`); best config: `{tune_dir / 'best.yaml'}`.", ""]
+    shown = [c for c in frame.columns if c not in ("error", "output_dir")]
+    rows = [[f"{v:.4g}" if isinstance(v, float) else v for v in row] for row in frame[shown].itertuples(index=False)]
+    lines += [markdown_table(shown, rows), ""]
+    plot = tune_dir / "objective.png"
+    if plot.is_file():
+        shutil.copyfile(plot, out_dir / "tune_objective.png")
+        lines += ["![objective vs searched parameters](tune_objective.png)", ""]
+    return lines
+
+
 def write_report(run_dir: str | Path, runs: Mapping[str, str | Path] | None = None) -> Path:
     """Write run_dir/report/report.md and its PNGs from the parts that exist; returns report.md's path."""
     run_dir = Path(run_dir)
@@ -305,10 +360,7 @@ def write_report(run_dir: str | Path, runs: Mapping[str, str | Path] | None = No
     lines += _scores_section(run_dir / "scores", out_dir)
     lines += _training_section(resolved, out_dir)
     lines += _eval_section(collect_evals(run_dir, resolved), out_dir)
-    if (run_dir / "tune").is_dir():
-        from pocl_ray.tuning import report_lines  # imports ray.tune: only when a sweep exists
-
-        lines += report_lines(run_dir / "tune", out_dir)
+    lines += _sweep_section(run_dir / "tune", out_dir)
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

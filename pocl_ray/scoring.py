@@ -5,6 +5,8 @@ parquet files, one row per scored sample: id, text, tokens, labels, every metric
 bucket), ``manifest.json`` and ``rejected.jsonl``.
 
 Passes over the data, all in Ray Data:
+0. a count of the input rows, the total of the `[score] done/total rows` progress line (parquet
+   metadata; JSONL files are read and parsed, without the models);
 1. one streaming execution: read -> ``data.prepare_batch`` (tasks) -> a Ray uid per row -> the
    measurer actor pool (models loaded once per actor, rows scored once; rows the data layer
    rejected pass through unscored) -> materialised once, in input order. Rows keep their original
@@ -42,6 +44,7 @@ from pocl_ray import data as data_mod
 from pocl_ray import difficulty
 from pocl_ray.config import ConfigError, RunConfig
 from pocl_ray.measurers import STUDENT_METRICS, TEACHER_METRICS, Measurer
+from pocl_ray.stages import actor_pool, actor_resources, row_progress
 
 SCORES_FILE = "scores.parquet"
 MANIFEST_FILE = "manifest.json"
@@ -233,6 +236,19 @@ def rows_per_file(cfg: RunConfig) -> int:
     return cfg.scoring.rows_per_file or max(1024, (64 << 20) // (8 * cfg.data.max_length))
 
 
+class _CountingMeasurer(Measurer):
+    """A Measurer that adds the rows of each batch it scored to the driver's progress counter."""
+
+    def __init__(self, counter, **measurer_kwargs):
+        super().__init__(**measurer_kwargs)
+        self.counter = counter
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = super().__call__(batch)
+        self.counter.add.remote(out.num_rows)
+        return out
+
+
 def measure_dataset(cfg: RunConfig, tokenizer):
     """Pass 1, materialised: every input row with its metric columns (NaN where rejected) and a uid.
 
@@ -248,28 +264,31 @@ def measure_dataset(cfg: RunConfig, tokenizer):
     window = sc.batch_size * sc.length_window
     source = data_mod.read_ray_dataset(cfg.data.train, cfg.data.format, cfg.data.max_rows)
     source.context.execution_options.preserve_order = True
-    return (
-        source.map_batches(_prepare, batch_format="pyarrow", fn_kwargs={"tokenizer": tokenizer, "data_cfg": cfg.data})
-        .with_column("uid", monotonically_increasing_id())
-        .repartition(target_num_rows_per_block=window)
-        .map_batches(
-            Measurer,
-            fn_constructor_kwargs={
-                "models_cfg": cfg.models.model_dump(mode="json"),
-                "metrics": list(sc.metrics),
-                "batch_size": sc.batch_size,
-                "max_new_tokens": sc.max_new_tokens,
-                "use_gpu": use_gpu,
-                "num_threads": max(1, int(sc.num_cpus_per_actor)),
-            },
-            batch_size=window,
-            batch_format="pyarrow",
-            compute=data_mod.actor_pool(sc.num_actors),
-            num_gpus=sc.num_gpus_per_actor if use_gpu else None,
-            num_cpus=sc.num_cpus_per_actor,
+    # The total for the progress line: parquet metadata, or a read of the JSONL without the models.
+    with row_progress("score", source.count()) as counter:
+        return (
+            source.map_batches(_prepare, batch_format="pyarrow", fn_kwargs={"tokenizer": tokenizer, "data_cfg": cfg.data})
+            .with_column("uid", monotonically_increasing_id())
+            .repartition(target_num_rows_per_block=window)
+            .map_batches(
+                _CountingMeasurer,
+                fn_constructor_kwargs={
+                    "counter": counter,
+                    "models_cfg": cfg.models.model_dump(mode="json"),
+                    "metrics": list(sc.metrics),
+                    "batch_size": sc.batch_size,
+                    "max_new_tokens": sc.max_new_tokens,
+                    "max_length": cfg.data.max_length,
+                    "use_gpu": use_gpu,
+                    "num_threads": max(1, int(sc.num_cpus_per_actor)),
+                },
+                batch_size=window,
+                batch_format="pyarrow",
+                compute=actor_pool(sc.num_actors),
+                **actor_resources(sc.num_cpus_per_actor, sc.num_gpus_per_actor),
+            )
+            .materialize()
         )
-        .materialize()
-    )
 
 
 def score_dataset(cfg: RunConfig) -> ScoreResult:
@@ -314,7 +333,7 @@ def score_dataset(cfg: RunConfig) -> ScoreResult:
         raise ConfigError(f"data.train: none of the {rows_in} rows could be scored; reasons in {out_dir / REJECTED_FILE}")
 
     # 3. Fuse and cut buckets.
-    fusion = difficulty.fuse(index["id"][kept], {m: index[m][kept].astype(np.float64) for m in sc.metrics}, directions, sc.rrf_k)
+    fusion = difficulty.fuse(index["id"][kept], {m: index[m][kept].astype(np.float64) for m in sc.metrics}, directions, sc.rrf_k, sc.tie_seed)
     buckets = difficulty.rebucket(fusion.rank, cfg.curriculum.num_buckets)
     results: dict[str, np.ndarray] = {}
     for name, values, fill, dtype in (

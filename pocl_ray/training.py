@@ -1,9 +1,10 @@
 """Distillation along a curriculum plan on Ray Train: TorchTrainer, DDP workers, exact resume.
 
-Read top to bottom: small pieces (rows by rank, batches, the loss of one micro-batch, the gradient of
-one optimizer step, dev evaluation, checkpoints), then `train_func` (what every worker runs: an
-explicit loop over stages, epochs and steps), then `train` (the driver: checks before any Ray work,
-the CurriculumCoordinator actor, the TorchTrainer, the exported student).
+Read top to bottom: small pieces (rows and batches, the models as the losses see them, the loss of
+one micro-batch, the gradient of one optimizer step, dev evaluation, checkpoints, rank 0's step log),
+then the worker (`setup_worker`, then `train_func`: for each stage, for each step), then `train` (the
+driver: checks before any Ray work, the CurriculumCoordinator actor, the TorchTrainer, the exported
+student).
 
 Loss of one optimizer step (METHODS.md §1, §3):
     loss = (1 - alpha) * CE(reference) + alpha * KD_stage(T)
@@ -17,6 +18,13 @@ responses the student samples; the KD term covers every row and the CE term only
 each with its own global count.
 Hidden-state stages (curriculum extraction) use extraction.hidden_match_loss between the student's
 layer and the projected teacher layer in place of the KD term.
+
+Speed (issue: the step as fast as a hand-written loop): neither model computes full-vocabulary
+logits; the losses start from the final hidden states and apply the LM heads chunk by chunk at the
+scored positions only (`HiddenStatesLM`, `losses.linear_kd_and_ce`). A step never waits for the GPU:
+losses, token counts and gradient norms stay on the device until rank 0 reads a batch of steps back
+(`StepLog`). Micro-batches are regrouped by length inside each step and padded to a multiple of 8;
+the copy of a checkpoint to storage runs in the background.
 """
 
 from __future__ import annotations
@@ -27,34 +35,40 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import torch
 import torch.distributed as dist
 
 from pocl_ray.config import ConfigError, KDConfig, RunConfig
-from pocl_ray.curriculum import Plan, Stage, StageSpec, coordinator, lr_at, plan_from_config, stage_specs
-from pocl_ray.data import collate, generation_batch, read_table, validate_and_tokenize
+from pocl_ray.coordinator import coordinator
+from pocl_ray.curriculum import Plan, Stage, StageSpec, lr_at, plan_from_config, stage_specs
+from pocl_ray.data import collate, read_table, validate_and_tokenize
 from pocl_ray.extraction import hidden_match_loss, layer_projection
-from pocl_ray.losses import IGNORE_INDEX, KD_KINDS, count_tokens, cross_entropy, kd_loss
+from pocl_ray.losses import IGNORE_INDEX, KD_KINDS, count_tokens, cross_entropy, kd_loss, linear_kd_and_ce
 from pocl_ray.models import (
     check_compatible,
     hidden_size,
     load_model,
+    linear_head,
     load_tokenizer,
     resolve_dtype,
     student_from_teacher,
 )
+from pocl_ray.sampling import sample_on_policy
+from pocl_ray.shards import ScoresIndex, StepReader
 
 SCORE_COLUMNS = ("rank", "input_ids", "labels", "num_prompt_tokens")
-LOG_EVERY = 20  # steps between rank 0's batches of step records to the coordinator
+LOG_EVERY = 20  # at most this many steps between rank 0's read-backs of step records
+PRINT_SECONDS = 10.0  # at most this long between progress lines (and read-backs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,89 +86,97 @@ def scores_path(scores_dir: Path) -> Path:
     return path
 
 
-def read_rows(dataset: pads.Dataset, ranks: np.ndarray) -> dict[int, dict]:
-    """The rows with the given ranks, as {rank: {input_ids, labels, attention_mask, num_prompt_tokens}}.
+def length_grouped(micro: list[list[dict]]) -> list[list[dict]]:
+    """A step's rows regrouped into as many micro-batches, shortest rows together, so each pads little.
 
-    Filtered by rank inside pyarrow (the rank range first, so sorted files prune row groups), so a
-    worker reads only its own rows.
+    The gradient of the step does not change (the loss is a sum over tokens divided by global
+    counts); the grouping is a stable sort of a seeded order, so a restart regroups identically.
     """
-    if len(ranks) == 0:
-        return {}
-    wanted = pa.array(np.asarray(ranks, dtype=np.int64))
-    rank = pc.field("rank")
-    condition = (rank >= int(wanted.to_numpy().min())) & (rank <= int(wanted.to_numpy().max())) & rank.isin(wanted)
-    table = dataset.to_table(columns=list(SCORE_COLUMNS), filter=condition)
-    got = table.column("rank").to_numpy()
-    missing = np.setdiff1d(wanted.to_numpy(), got)
-    if len(missing):
-        raise ValueError(f"scores have no row with rank {int(missing[0])} ({len(missing)} ranks missing)")
-    ids, labels = (table.column(c).combine_chunks() for c in ("input_ids", "labels"))
-    id_values, id_offsets = ids.values.to_numpy(), ids.offsets.to_numpy()
-    label_values, label_offsets = labels.values.to_numpy(), labels.offsets.to_numpy()
-    prompt = table.column("num_prompt_tokens").to_numpy()
-    rows = {}
-    for i, r in enumerate(got.tolist()):
-        input_ids = id_values[id_offsets[i] : id_offsets[i + 1]]
-        rows[r] = {
-            "input_ids": input_ids,
-            "labels": label_values[label_offsets[i] : label_offsets[i + 1]],
-            "attention_mask": np.ones(len(input_ids), dtype=np.int64),
-            "num_prompt_tokens": int(prompt[i]),
-        }
-    return rows
+    rows = sorted((r for m in micro for r in m), key=lambda r: len(r["input_ids"]))
+    sizes = [len(c) for c in np.array_split(np.arange(len(rows)), len(micro))]
+    bounds = np.cumsum([0, *sizes])
+    return [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def build_batch(rows: list[dict], pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Collate rows; `ce_labels` masks the on-policy rows, whose tokens are the student's own.
+    """Collate rows (padded to a multiple of 8, for tensor-core shapes) onto the device; `ce_labels`
+    masks the on-policy rows, whose tokens are the student's own.
 
     No rows (a worker's share of a short last step) gives one all-masked row: it counts zero tokens
     and contributes zero gradient, but keeps the worker in step with the DDP collectives.
+    Host-to-GPU copies go from pinned memory without blocking, so the copy overlaps the previous
+    micro-batch's compute.
     """
     if not rows:
         rows = [{"input_ids": [pad_token_id] * 2, "attention_mask": [1, 1], "labels": [IGNORE_INDEX] * 2}]
-    batch = collate(rows, pad_token_id)
+    batch = collate(rows, pad_token_id, pad_to_multiple_of=8)
     ce_labels = batch["labels"].clone()
     ce_labels[torch.tensor([bool(r.get("on_policy")) for r in rows])] = IGNORE_INDEX
     batch["ce_labels"] = ce_labels
+    # The positions whose logits the output losses score (CE's are a subset), found here on the host.
+    row, column = (batch["labels"][:, 1:] != IGNORE_INDEX).nonzero().unbind(1)
+    batch["scored_positions"] = row * batch["labels"].shape[1] + column
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
     return {k: v.to(device) for k, v in batch.items()}
 
 
-@torch.no_grad()
-def sample_responses(model, rows: list[dict], *, pad_token_id: int, eos_token_id: int, max_new_tokens: int, max_length: int) -> list[dict]:
-    """On-policy rows: the student samples a response to each row's prompt (temperature 1, full
-    vocabulary); the response, up to and including its first EOS, becomes the scored tokens."""
-    if not rows:
-        return []
-    prompts = [list(map(int, r["input_ids"][: r["num_prompt_tokens"]])) for r in rows]
-    batch = {k: v.to(next(model.parameters()).device) for k, v in generation_batch(prompts, pad_token_id).items()}
-    room = max(1, min(max_new_tokens, max_length - max(len(p) for p in prompts)))
-    was_training = model.training
-    model.eval()
-    out = model.generate(
-        **batch, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=room,
-        pad_token_id=pad_token_id, eos_token_id=eos_token_id,
-    )
-    model.train(was_training)
-    sampled = []
-    for prompt, new in zip(prompts, out[:, batch["input_ids"].shape[1] :].tolist()):
-        if eos_token_id in new:
-            new = new[: new.index(eos_token_id) + 1]
-        sampled.append({
-            "input_ids": prompt + new,
-            "attention_mask": [1] * (len(prompt) + len(new)),
-            "labels": [IGNORE_INDEX] * len(prompt) + new,
-            "on_policy": True,
-        })
-    return sampled
+# ---------------------------------------------------------------------------------------------
+# Models as the losses see them
+
+
+class LMOutputs(NamedTuple):
+    final: torch.Tensor  # final normed hidden states (batch, seq, hidden), or logits when the head is not plain
+    hidden_states: tuple[torch.Tensor, ...] | None  # every layer's, when asked for
+    head: torch.Tensor | None  # the LM head weight (vocab, hidden) as the loss must use it; None with logits
+
+
+class HiddenStatesLM(torch.nn.Module):
+    """A causal LM whose forward stops before its LM head.
+
+    The losses apply the head themselves, chunk by chunk at the scored positions only
+    (`losses.linear_kd_and_ce`), so no full-vocabulary logits exist for prompt or padding positions.
+    The student is wrapped in this before DDP, so its forward still runs through the DDP module and
+    gradients synchronise. The head comes out of the forward as a view, so DDP sees it as used (its
+    unused-parameter search starts from the outputs) although it enters the graph in the loss.
+    With `plain_head` False (a head that is not a plain `hidden @ W.T`, or a teacher with one) the
+    forward returns the model's own logits and the losses take the logits path.
+    """
+
+    def __init__(self, lm, plain_head: bool = True):
+        super().__init__()
+        self.lm = lm
+        self.plain_head = plain_head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, output_hidden_states: bool = False) -> LMOutputs:
+        # use_cache=False: a training forward has no use for the KV cache HF would otherwise build.
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+                  "output_hidden_states": output_hidden_states, "use_cache": False}
+        if self.plain_head:
+            out = self.lm.base_model(**inputs)
+            head = self.lm.get_output_embeddings().weight
+            return LMOutputs(out.last_hidden_state, out.hidden_states, head.view_as(head))
+        out = self.lm(**inputs)
+        return LMOutputs(out.logits, out.hidden_states, None)
+
+
+def plain_heads(*models) -> bool:
+    """True when every model's logits are `hidden @ head.T`; otherwise says in one line why not."""
+    for model in models:
+        weight, reason = linear_head(model.lm if isinstance(model, HiddenStatesLM) else model)
+        if weight is None:
+            print(f"[pocl-ray] KD on full-vocabulary logits: {reason}", flush=True)
+            return False
+    return True
+
+
+def unwrap(model):
+    """The bare module inside a DDP wrapper (prepare_model only wraps when world size > 1)."""
+    return getattr(model, "module", model)
 
 
 # ---------------------------------------------------------------------------------------------
 # Loss and gradient
-
-
-def unwrap(model):
-    """The bare model inside a DDP wrapper (prepare_model only wraps when world size > 1)."""
-    return getattr(model, "module", model)
 
 
 def token_counts(batch: dict[str, torch.Tensor], stage: Stage) -> torch.Tensor:
@@ -165,40 +187,61 @@ def token_counts(batch: dict[str, torch.Tensor], stage: Stage) -> torch.Tensor:
 
 
 def forward_pair(student, teacher, batch: dict[str, torch.Tensor], stage: Stage):
-    """Student outputs (with graph) and frozen-teacher outputs (None when the stage needs no teacher)."""
-    hidden = stage.target == "hidden"
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    s_out = student(**inputs, output_hidden_states=hidden)
+    """Student outputs (with graph) and frozen-teacher outputs (None when the stage needs no teacher),
+    each (final hidden states or logits, per-layer hidden states or None)."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "output_hidden_states": stage.target == "hidden"}
+    s_out = student(**inputs)
     t_out = None
     if stage.kd_weight > 0:
         with torch.no_grad():
-            t_out = teacher(**inputs, output_hidden_states=hidden)
+            t_out = teacher(**inputs)
     return s_out, t_out
 
 
+def output_terms(
+    s: LMOutputs, t: LMOutputs | None, batch: dict[str, torch.Tensor], stage: Stage, kd: KDConfig, n_ce, n_kd,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(kd_weight·KD + (1 − kd_weight)·CE, KD, CE) on the output distribution, the last two detached;
+    without teacher outputs `t` the loss is CE. One pass over the scored positions on the hidden-state
+    path; the logits path for heads that are not plain."""
+    kd_weight = stage.kd_weight if t is not None else 0.0
+    options = {"temperature": stage.temperature, "scale_by_t2": kd.scale_by_t2, "alpha": kd.skew_alpha,
+               "beta": kd.js_beta, "mu": kd.akl_mu, "chunk_size": kd.chunk_size}
+    if s.head is not None:
+        return linear_kd_and_ce(
+            stage.loss, s.final, s.head, t.final if t is not None else None, t.head if t is not None else None,
+            batch["labels"], batch["ce_labels"], kd_weight=kd_weight, num_tokens=n_kd, ce_num_tokens=n_ce,
+            scored_positions=batch["scored_positions"], **options,
+        )
+    ce_term = cross_entropy(s.final, batch["ce_labels"], num_tokens=n_ce, chunk_size=kd.chunk_size,
+                            scored_positions=batch["scored_positions"])
+    if t is None:
+        return ce_term, torch.zeros_like(ce_term), ce_term.detach()
+    kd_term = kd_loss(stage.loss, s.final, t.final, batch["labels"], num_tokens=n_kd,
+                      scored_positions=batch["scored_positions"], **options)
+    return kd_weight * kd_term + (1 - kd_weight) * ce_term, kd_term.detach(), ce_term.detach()
+
+
 def stage_terms(
-    s_out, t_out, batch: dict[str, torch.Tensor], stage: Stage, kd: KDConfig, n_ce, n_kd,
+    s_out: LMOutputs, t_out: LMOutputs | None, batch: dict[str, torch.Tensor], stage: Stage, kd: KDConfig, n_ce, n_kd,
     projection: torch.Tensor | None = None, normalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, KD term, CE term) of one micro-batch, each a local sum over the global token counts."""
+    """(loss, KD term, CE term) of one micro-batch, each a local sum over the global token counts;
+    the loss carries the graph, the terms are for logging."""
+    if stage.target == "logits":
+        return output_terms(s_out, t_out, batch, stage, kd, n_ce, n_kd)
     alpha = stage.kd_weight
-    if t_out is None:
-        kd_term = s_out.logits.new_zeros((), dtype=torch.float32)
-    elif stage.target == "hidden":
+    # With alpha = 1 the CE term of a hidden stage is only logged, so it is computed without a graph.
+    with torch.set_grad_enabled(torch.is_grad_enabled() and alpha < 1):
+        ce_term, _, _ = output_terms(s_out, None, batch, stage, kd, n_ce, n_kd)
+    kd_term = torch.zeros_like(ce_term)
+    if t_out is not None:
         kd_term = hidden_match_loss(
             s_out.hidden_states[stage.student_layer], t_out.hidden_states[stage.teacher_layer], projection,
             batch["labels"], normalize=normalize, num_tokens=n_kd,
         )
-    else:
-        kd_term = kd_loss(
-            stage.loss, s_out.logits, t_out.logits, batch["labels"], temperature=stage.temperature,
-            scale_by_t2=kd.scale_by_t2, alpha=kd.skew_alpha, beta=kd.js_beta, mu=kd.akl_mu,
-            num_tokens=n_kd, chunk_size=kd.chunk_size,
-        )
-    # With alpha = 1 the CE term is only logged, so it is computed without a graph.
-    with torch.set_grad_enabled(torch.is_grad_enabled() and alpha < 1):
-        ce_term = cross_entropy(s_out.logits, batch["ce_labels"], num_tokens=n_ce, chunk_size=kd.chunk_size)
-    return (1 - alpha) * ce_term + alpha * kd_term, kd_term, ce_term
+    return (1 - alpha) * ce_term + alpha * kd_term, kd_term.detach(), ce_term.detach()
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -213,7 +256,8 @@ def accumulate_gradients(
 ) -> torch.Tensor:
     """Forward + backward of this worker's micro-batches of one optimizer step.
 
-    Returns [loss, KD, CE, CE tokens, KD tokens] summed over all workers (the step's global values).
+    Returns [loss, KD, CE, CE tokens, KD tokens] summed over all workers (the step's global values),
+    on the device: reading it back is the caller's choice, so a step never waits for the GPU.
     Gradients are synchronised once, on the last micro-batch (DDP no_sync before it).
     """
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -232,23 +276,25 @@ def accumulate_gradients(
 
 
 def adamw(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only, not on biases and norm gains (our choice, as nanoGPT)."""
+    """AdamW with weight decay on matrices only, not on biases and norm gains (our choice, as nanoGPT);
+    the fused CUDA kernel on a GPU."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr, fused=params[0].device.type == "cuda")
 
 
-def optimizer_step(model, optimizer: torch.optim.Optimizer, lr: float, grad_clip: float) -> float:
-    """Set the LR, clip the (already synchronised) gradient, step, clear; returns the gradient norm."""
+def optimizer_step(model, optimizer: torch.optim.Optimizer, lr: float, grad_clip: float) -> torch.Tensor:
+    """Set the LR, clip the (already synchronised) gradient, step, clear; returns the gradient norm
+    (a device tensor: no host sync)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+    return norm
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -258,33 +304,33 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 @torch.no_grad()
 def dev_losses(
-    student, teacher, batches: list[dict[str, torch.Tensor]], stage: Stage, kd: KDConfig, *,
+    student, teacher, final_teacher, batches: list[dict[str, torch.Tensor]], stage: Stage, kd: KDConfig, *,
     projection: torch.Tensor | None = None, normalize: bool = True, autocast=nullcontext,
 ) -> dict[str, float]:
     """Global dev losses of this worker's dev batches (all workers together): `dev_loss`, the
-    stage's own objective (what plateau detection watches), and `dev_kd_loss`, forward KL at T = 1
-    without T² (comparable across stages, plans and KD losses: the tuning objective)."""
+    stage's own objective against the stage's teacher (what plateau detection watches), and
+    `dev_kd_loss`, forward KL at T = 1 without T² against the final teacher (comparable across
+    stages, plans and KD losses: the tuning objective)."""
     student = unwrap(student)
     was_training = student.training
     student.eval()
-    hidden = stage.target == "hidden"
+    fkl = replace(stage, temperature=1.0, kd_weight=1.0, loss="fkl", target="logits")
+    fkl_options = kd.model_copy(update={"scale_by_t2": False})
     counts = _all_reduce(
         torch.stack([torch.cat([token_counts(b, stage), count_tokens(b["labels"]).view(1)]) for b in batches]).sum(0)
     )
     sums = torch.zeros(2, device=counts.device)
     for batch in batches:
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         with autocast():
-            s_out = student(**inputs, output_hidden_states=hidden)
-            t_out = teacher(**inputs, output_hidden_states=hidden)
-            loss, _, _ = stage_terms(s_out, t_out if stage.kd_weight > 0 else None, batch, stage, kd,
-                                     counts[0], counts[1], projection, normalize)
-            fkl = kd_loss("fkl", s_out.logits, t_out.logits, batch["labels"], temperature=1.0,
-                          scale_by_t2=False, num_tokens=counts[2], chunk_size=kd.chunk_size)
-        sums += torch.stack([loss, fkl]).float()
-    sums = _all_reduce(sums)
+            s_out, t_out = forward_pair(student, teacher, batch, stage)
+            loss, _, _ = stage_terms(s_out, t_out, batch, stage, kd, counts[0], counts[1], projection, normalize)
+            same = final_teacher is teacher and stage.target == "logits" and t_out is not None
+            final = t_out if same else final_teacher(batch["input_ids"], batch["attention_mask"])
+            _, fkl_term, _ = output_terms(s_out, final, batch, fkl, fkl_options, counts[0], counts[2])
+        sums += torch.stack([loss, fkl_term]).float()
+    sums = _all_reduce(sums).tolist()
     student.train(was_training)
-    return {"dev_loss": float(sums[0]), "dev_kd_loss": float(sums[1])}
+    return {"dev_loss": sums[0], "dev_kd_loss": sums[1]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +339,7 @@ def dev_losses(
 
 def save_checkpoint(directory: Path, student, optimizer, state: dict, tokenizer=None) -> None:
     """Student (HF folder), optimizer and coordinator state; the tokenizer rides with the final one."""
-    unwrap(student).save_pretrained(directory / "student")
+    unwrap(student).lm.save_pretrained(directory / "student")
     if tokenizer is not None:
         tokenizer.save_pretrained(directory / "student")
     torch.save(optimizer.state_dict(), directory / "optimizer.pt")
@@ -311,178 +357,336 @@ def load_checkpoint(checkpoint) -> tuple[dict, object, dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The worker
+# Step records (rank 0)
 
 
-def initial_student(cfg: RunConfig):
-    """The configured student in fp32, or one cut from the teacher's layers."""
-    if cfg.models.student is not None:
-        return load_model(cfg.models.student, dtype=torch.float32)
-    teacher = load_model(cfg.models.teacher, dtype=torch.float32)
-    return student_from_teacher(teacher, keep_layers=cfg.models.student_layers, keep_every=cfg.models.student_keep_every)
+class StepLog:
+    """Rank 0's step records and its progress line.
+
+    A step's numbers stay on the device until a flush (every LOG_EVERY steps or PRINT_SECONDS,
+    whichever comes first, and at every checkpoint): one read-back for many steps, so the loop never
+    waits for the GPU to hand over a loss. Flushed records go to the coordinator, which appends them
+    to metrics.jsonl on the driver's node; one concise line per flush says where the run is.
+    """
+
+    def __init__(self, coord, specs: list[StageSpec], first_step: int):
+        self.coord, self.specs = coord, specs
+        self.total_steps = sum(s.steps for s in specs)
+        self.pending: list[tuple[dict, torch.Tensor]] = []
+        self.unsent: list[dict] = []
+        self.in_flight = None
+        self.started, self.first_step = time.perf_counter(), first_step
+        self.last_flush = self.started
+
+    def add(self, meta: dict, values: torch.Tensor) -> None:
+        self.pending.append((meta, values.detach()))
+        if len(self.pending) >= LOG_EVERY or time.perf_counter() - self.last_flush >= PRINT_SECONDS:
+            self._read_back()
+            self._print()
+            import ray
+
+            if self.in_flight is not None:
+                ray.get(self.in_flight)
+            self.in_flight, self.unsent = self.coord.log.remote(self.unsent), []
+
+    def take(self) -> list[dict]:
+        """Every record not yet sent (for the checkpoint, which appends them itself)."""
+        self._read_back()
+        if self.in_flight is not None:
+            import ray
+
+            ray.get(self.in_flight)
+            self.in_flight = None
+        records, self.unsent = self.unsent, []
+        return records
+
+    def _read_back(self) -> None:
+        if not self.pending:
+            return
+        values = torch.stack([v for _, v in self.pending]).tolist()
+        # Peak device memory so far (the allocator's own count: no sync), for users sizing batches.
+        peak = {"peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}
+        for (meta, _), (loss, kd_term, ce_term, ce_tokens, kd_tokens, grad_norm) in zip(self.pending, values):
+            self.unsent.append({**meta, "loss": loss, "kd_loss": kd_term, "ce_loss": ce_term, "tokens": int(kd_tokens),
+                                "ce_tokens": int(ce_tokens), "grad_norm": grad_norm, **peak})
+        self.pending = []
+        self.last_flush = time.perf_counter()
+
+    def _print(self) -> None:
+        if not self.unsent:
+            return
+        r = self.unsent[-1]
+        done = r["step"] - self.first_step
+        elapsed = time.perf_counter() - self.started
+        tokens = sum(x["tokens"] for x in self.unsent) / max(sum(x["seconds"] for x in self.unsent), 1e-9)
+        eta = elapsed / max(done, 1) * (self.total_steps - r["step"])
+        print(
+            f"[train] stage {r['stage'] + 1}/{len(self.specs)} step {r['step']}/{self.total_steps} "
+            f"loss {r['loss']:.4f} KD {r['kd_loss']:.4f} T {r['temperature']:.2f} α {r['kd_weight']:.2f} "
+            f"{tokens:,.0f} tok/s ETA {_duration(eta)}",
+            flush=True,
+        )
 
 
-def _micro_batches(rows: dict[int, dict], step: list[np.ndarray]) -> list[list[dict]]:
-    return [[rows[int(r)] for r in micro] for micro in step]
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{s:02d}s"
 
 
-def _broadcast(value, rank: int):
-    """Rank 0's Python value on every worker."""
-    box = [value if rank == 0 else None]
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def train_func(config: dict) -> None:
-    """One training worker: restore, build models, then stages -> epochs -> optimizer steps."""
-    import ray
-    import ray.train
-    import ray.train.torch
-
-    cfg = RunConfig.model_validate(config["cfg"])
-    t, kd, ex = cfg.training, cfg.kd, cfg.curriculum.extraction
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    coord = ray.get_actor(config["coordinator"], namespace=config["namespace"])
-    scores = pads.dataset(config["scores_path"], format="parquet")
-    torch.manual_seed(t.seed)
-
-    # Where to start: the latest checkpoint's position (same stage, step and data order), or the top.
-    checkpoint = ray.train.get_checkpoint()
-    saved_state, student, optimizer_state = load_checkpoint(checkpoint) if checkpoint else (None, None, None)
-    state = _broadcast(ray.get(coord.restore.remote(saved_state)) if rank == 0 else None, rank)
-    plan = Plan.from_dict(state["plan"])
-    position = state["position"]
-
-    # Models: the student (from the checkpoint or the config) wrapped for DDP; teachers frozen, per stage.
-    tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.teacher)
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    student = student if student is not None else initial_student(cfg)
-    student.train()
-    # Hidden-state stages leave the layers above the matched one without gradient. Buffers (rotary
-    # tables, masks) are constants in these models, so they are not re-broadcast every forward.
-    hidden_stages = any(s.target == "hidden" for s in plan.stages)
-    student = ray.train.torch.prepare_model(
-        student, parallel_strategy_kwargs={"find_unused_parameters": hidden_stages, "broadcast_buffers": False}
-    )
-    teacher, teacher_path = None, None
-    dev_rows = config["dev_rows"][rank::world]
-    dev_batches = [
-        build_batch(dev_rows[i : i + t.micro_batch_size], pad_id, device)
-        for i in range(0, max(len(dev_rows), 1), t.micro_batch_size)
-    ] if config["dev_rows"] else []
-
-    step, optimizer, pending, in_flight = position["step"], None, [], None
-    for stage_index in range(position["stage"], len(plan.stages)):
-        spec: StageSpec = ray.get(coord.stage.remote(stage_index))
-        stage = spec.stage
-        if teacher_path != (stage.teacher or cfg.models.teacher):
-            teacher_path = stage.teacher or cfg.models.teacher
-            teacher = load_model(teacher_path, dtype=resolve_dtype(cfg.models.dtype, device), device=device, frozen=True)
-            check_compatible(teacher, unwrap(student), tokenizer)
-        resume_here = stage_index == position["stage"]
-        stage_step = position["stage_step"] if resume_here else 0
-        if optimizer is None or stage.restart_optimizer:
-            optimizer = adamw(student, t.lr, t.weight_decay)
-        if resume_here and optimizer_state is not None and not (stage_step == 0 and stage.restart_optimizer):
-            optimizer.load_state_dict(optimizer_state)
-        projection = None
-        if stage.target == "hidden":
-            projection = layer_projection(hidden_size(teacher), hidden_size(unwrap(student)), stage.teacher_layer,
-                                          seed=ex.seed, kind=ex.projection).to(device)
-        terms = {"projection": projection, "normalize": ex.normalize, "autocast": autocast}
-
-        epoch, epoch_steps, rows, stop = None, None, None, False
-        while stage_step < spec.steps and not stop:
-            # This worker's rows of the epoch: ranks from the coordinator, tokens read from the scores.
-            if spec.epoch_of(stage_step) != epoch:
-                epoch = spec.epoch_of(stage_step)
-                epoch_steps = ray.get(coord.shard.remote(stage_index, epoch, rank, world))
-                rows = read_rows(scores, np.concatenate([m for s in epoch_steps for m in s] or [np.zeros(0, np.int64)]))
-            started, cpu_started = time.perf_counter(), time.thread_time()
-            torch.manual_seed(step_seed(t.seed, step, rank))
-            micro = _micro_batches(rows, epoch_steps[stage_step % spec.steps_per_epoch])
-            if kd.on_policy_fraction > 0 and stage.target == "logits":
-                micro = [_with_on_policy(unwrap(student), m, kd, pad_id, eos_id, cfg.data.max_length) for m in micro]
-            batches = [build_batch(m, pad_id, device) for m in micro]
-
-            out = accumulate_gradients(student, teacher, batches, stage, kd, **terms)
-            lr = lr_at(spec.lr_offset + stage_step, spec.lr_total, t.lr, t.min_lr, t.warmup_steps)
-            optimizer_step(student, optimizer, lr, t.grad_clip)
-            step, stage_step = step + 1, stage_step + 1
-
-            if rank == 0:
-                seconds = (time.perf_counter() - started, time.thread_time() - cpu_started)
-                pending.append(_record(step, stage_step, epoch, stage, spec, out, lr, seconds))
-                if len(pending) >= LOG_EVERY:
-                    if in_flight is not None:
-                        ray.get(in_flight)
-                    in_flight, pending = coord.log.remote(pending), []
-
-            report = {}
-            if stage.until_plateau and stage_step % t.eval_every == 0 and stage_step < spec.steps and dev_batches:
-                report = dev_losses(student, teacher, dev_batches, stage, kd, **terms)
-                stop = _broadcast(ray.get(coord.report_eval.remote(stage_index, report["dev_loss"])) if rank == 0 else None, rank)
-            stage_done = stop or stage_step == spec.steps
-            if stage_done or step % t.checkpoint_every == 0:
-                if dev_batches and not report:
-                    report = dev_losses(student, teacher, dev_batches, stage, kd, **terms)
-                next_position = (
-                    {"stage": stage_index + 1, "stage_step": 0, "step": step}
-                    if stage_done else {"stage": stage_index, "stage_step": stage_step, "step": step}
-                )
-                metrics = {"step": step, "stage": stage_index, "epoch": epoch, "loss": float(out[0]),
-                           "stages_completed": next_position["stage"], **report}
-                final = stage_done and stage_index == len(plan.stages) - 1
-                _report(coord, rank, metrics, next_position, pending, student, optimizer, tokenizer if final else None)
-                pending, in_flight = [], None
-
-
-def _with_on_policy(model, rows: list[dict], kd: KDConfig, pad_id: int, eos_id: int, max_length: int) -> list[dict]:
-    """The first round(fraction x rows) rows of a micro-batch (already in random order) replaced by
-    the student's own samples for their prompts."""
-    n = math.floor(kd.on_policy_fraction * len(rows) + 0.5)
-    sampled = sample_responses(model, rows[:n], pad_token_id=pad_id, eos_token_id=eos_id,
-                               max_new_tokens=kd.on_policy_max_new_tokens, max_length=max_length)
-    return sampled + rows[n:]
-
-
-def _record(
-    step: int, stage_step: int, epoch: int, stage: Stage, spec: StageSpec, out: torch.Tensor, lr: float,
-    seconds: tuple[float, float],
-) -> dict:
-    """One metrics.jsonl line. `seconds` is the step's wall time; `cpu_seconds` the training
-    thread's CPU time in it (robust to other processes on a shared machine); `time` its end."""
-    loss, kd_term, ce_term, ce_tokens, kd_tokens = out.tolist()
+def _step_meta(step: int, stage_step: int, stage: Stage, spec: StageSpec, lr: float, started: tuple[float, float]) -> dict:
+    """A metrics.jsonl line without the numbers still on the device. `seconds` is the step's wall
+    time as the host saw it, `cpu_seconds` the training thread's CPU time in it (robust to other
+    processes on a shared machine), `time` its end."""
     record = {
-        "step": step, "stage": stage.index, "epoch": epoch, "stage_step": stage_step,
-        "temperature": stage.temperature, "kd_weight": stage.kd_weight, "pool_rows": spec.pool_rows,
-        "loss": loss, "kd_loss": kd_term, "ce_loss": ce_term, "lr": lr, "tokens": int(kd_tokens),
-        "ce_tokens": int(ce_tokens), "seconds": seconds[0], "cpu_seconds": seconds[1], "time": time.time(),
-        "target": stage.target,
+        "step": step, "stage": stage.index, "epoch": spec.epoch_of(stage_step - 1), "stage_step": stage_step,
+        "temperature": stage.temperature, "kd_weight": stage.kd_weight, "pool_rows": spec.pool_rows, "lr": lr,
+        "seconds": time.perf_counter() - started[0], "cpu_seconds": time.thread_time() - started[1],
+        "time": time.time(), "target": stage.target,
     }
     if stage.target == "hidden":
         record.update(teacher_layer=stage.teacher_layer, student_layer=stage.student_layer)
     return record
 
 
-def _report(coord, rank: int, metrics: dict, position: dict, pending: list[dict], student, optimizer, tokenizer) -> None:
-    """A checkpoint (rank 0 writes it) reported by every worker; step records are flushed first, so
-    metrics.jsonl always holds every step up to the latest checkpoint."""
+# ---------------------------------------------------------------------------------------------
+# The worker
+
+
+@dataclass
+class Worker:
+    """What one training worker holds for the whole run."""
+
+    cfg: RunConfig
+    rank: int
+    world: int
+    device: torch.device
+    autocast: Callable
+    coord: object
+    specs: list[StageSpec]
+    position: dict
+    student: torch.nn.Module  # HiddenStatesLM, DDP-wrapped when world > 1
+    optimizer_state: dict | None
+    tokenizer: object
+    teachers: Teachers
+    scores: ScoresIndex
+    dev_batches: list[dict[str, torch.Tensor]]
+    log: StepLog | None  # rank 0 only
+
+
+class Teachers:
+    """The frozen teachers on the device: the run's final teacher (dev_kd_loss is always measured
+    against it) and the current stage's checkpoint teacher when that differs. Loading one checks
+    that it shares the student's vocabulary and decides whether the losses can start from hidden
+    states (every loaded model's head plain) or need logits."""
+
+    def __init__(self, cfg: RunConfig, device: torch.device, student: HiddenStatesLM, tokenizer):
+        self.cfg, self.device, self.student, self.tokenizer = cfg, device, student, tokenizer
+        self.loaded: dict[str, HiddenStatesLM] = {}
+
+    def adopt(self, path: str, lm) -> None:
+        """A teacher already read from disk (the one a student was cut from), made frozen and moved."""
+        lm.to(self.device, dtype=resolve_dtype(self.cfg.models.dtype, self.device))
+        lm.eval()
+        lm.requires_grad_(False)
+        self._add(path, lm)
+
+    def get(self, path: str | None = None) -> HiddenStatesLM:
+        path = path or self.cfg.models.teacher
+        if path not in self.loaded:
+            self.loaded = {p: m for p, m in self.loaded.items() if p == self.cfg.models.teacher}
+            self._add(path, load_model(path, dtype=resolve_dtype(self.cfg.models.dtype, self.device),
+                                       device=self.device, frozen=True))
+        return self.loaded[path]
+
+    def _add(self, path: str, lm) -> None:
+        check_compatible(lm, self.student.lm, self.tokenizer)
+        self.loaded[path] = HiddenStatesLM(lm)
+        plain = plain_heads(self.student, *self.loaded.values())
+        for model in (self.student, *self.loaded.values()):
+            model.plain_head = plain
+
+
+def setup_worker(config: dict) -> Worker:
+    """Restore the run's position, build the models (student wrapped for DDP), the dev batches and
+    rank 0's step log."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    from ray.train.collective import broadcast_from_rank_zero
+
+    cfg = RunConfig.model_validate(config["cfg"])
+    t = cfg.training
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    coord = ray.get_actor(config["coordinator"], namespace=config["namespace"])
+    torch.manual_seed(t.seed)
+
+    # Where to start: the latest checkpoint's position (same stage, step and data order), or the top.
+    checkpoint = ray.train.get_checkpoint()
+    saved_state, student_lm, optimizer_state = load_checkpoint(checkpoint) if checkpoint else (None, None, None)
+    state = broadcast_from_rank_zero(ray.get(coord.restore.remote(saved_state)) if rank == 0 else None)
+    specs = ray.get([coord.stage.remote(i) for i in range(len(state["plan"]["stages"]))])
+
+    tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.teacher)
+    cut_from = None
+    if student_lm is None and cfg.models.student is not None:
+        student_lm = load_model(cfg.models.student, dtype=torch.float32)
+    elif student_lm is None:
+        # Read the teacher once, in fp32 so the student starts from its exact weights; it then
+        # becomes the frozen teacher in place instead of being read a second time.
+        cut_from = load_model(cfg.models.teacher, dtype=torch.float32, device=device)
+        student_lm = student_from_teacher(cut_from, keep_layers=cfg.models.student_layers,
+                                          keep_every=cfg.models.student_keep_every)
+    if t.gradient_checkpointing:
+        student_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student_lm.train()
+    bare = HiddenStatesLM(student_lm)
+    teachers = Teachers(cfg, device, bare, tokenizer)
+    if cut_from is not None:
+        teachers.adopt(cfg.models.teacher, cut_from)
+    # Hidden-state stages leave the layers above the matched one without gradient. Buffers (rotary
+    # tables, masks) are constants in these models, so they are not re-broadcast every forward.
+    hidden_stages = any(s.stage.target == "hidden" for s in specs)
+    student = ray.train.torch.prepare_model(
+        bare, parallel_strategy_kwargs={"find_unused_parameters": hidden_stages, "broadcast_buffers": False}
+    )
+    dev_rows = config["dev_rows"][rank::world]
+    dev_batches = [
+        build_batch(dev_rows[i : i + t.micro_batch_size], tokenizer.pad_token_id, device)
+        for i in range(0, max(len(dev_rows), 1), t.micro_batch_size)
+    ] if config["dev_rows"] else []
+    return Worker(
+        cfg=cfg, rank=rank, world=world, device=device,
+        autocast=partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
+        coord=coord, specs=specs, position=state["position"], student=student, optimizer_state=optimizer_state,
+        tokenizer=tokenizer, teachers=teachers, scores=ScoresIndex(config["scores_path"]),
+        dev_batches=dev_batches, log=StepLog(coord, specs, state["position"]["step"]) if rank == 0 else None,
+    )
+
+
+def stage_optimizer(w: Worker, stage: Stage, first_step: int, optimizer, resuming: bool):
+    """The stage's AdamW: fresh where the stage restarts it, the checkpoint's state on a resume that
+    lands inside the optimizer's segment."""
+    t = w.cfg.training
+    if optimizer is None or stage.restart_optimizer:
+        optimizer = adamw(w.student, t.lr, t.weight_decay)
+    if resuming and w.optimizer_state is not None and not (first_step == 0 and stage.restart_optimizer):
+        optimizer.load_state_dict(w.optimizer_state)
+    return optimizer
+
+
+def stage_rows(w: Worker, stage_index: int, spec: StageSpec, first_step: int) -> StepReader:
+    """This worker's steps of a stage from `first_step` on, each its micro-batches of row dicts,
+    read ahead by a background thread (shards.py): only the row groups that hold its rows."""
+    import ray
+
+    first_epoch, skip = divmod(first_step, spec.steps_per_epoch)
+    shards = (ray.get(w.coord.shard.remote(stage_index, epoch, w.rank))
+              for epoch in range(first_epoch, spec.epoch_of(spec.steps - 1) + 1))
+    return StepReader(w.scores, shards, start_step=skip, num_steps=spec.steps - first_step)
+
+
+def step_batches(w: Worker, micro: list[list[dict]], stage: Stage, seed: int) -> list[dict[str, torch.Tensor]]:
+    """One step's device batches: on-policy rows sampled where the stage asks for them (row streams
+    seeded by the step's seed, so a restart samples the same responses), then the step's rows
+    regrouped by length so each micro-batch pads little."""
+    kd = w.cfg.kd
+    if kd.on_policy_fraction > 0 and stage.target == "logits":
+        offsets = np.cumsum([0, *(len(m) for m in micro)])
+        micro = [_with_on_policy(unwrap(w.student).lm, m, kd, w.tokenizer, w.cfg.data.max_length, seed, int(offset))
+                 for m, offset in zip(micro, offsets)]
+    return [build_batch(m, w.tokenizer.pad_token_id, w.device) for m in length_grouped(micro)]
+
+
+def _with_on_policy(model, rows: list[dict], kd: KDConfig, tokenizer, max_length: int, seed: int, row_offset: int) -> list[dict]:
+    """The first round(fraction x rows) rows of a micro-batch (already in random order) replaced by
+    the student's own samples for their prompts."""
+    n = math.floor(kd.on_policy_fraction * len(rows) + 0.5)
+    sampled = sample_on_policy(model, rows[:n], pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                               max_new_tokens=kd.on_policy_max_new_tokens, max_length=max_length, seed=seed,
+                               row_offset=row_offset)
+    return sampled + rows[n:]
+
+
+def plateaued(w: Worker, stage_index: int, dev_loss: float) -> bool:
+    """The coordinator's verdict on a plateau stage's latest dev loss, the same on every worker."""
+    import ray
+    from ray.train.collective import broadcast_from_rank_zero
+
+    return broadcast_from_rank_zero(ray.get(w.coord.report_eval.remote(stage_index, dev_loss)) if w.rank == 0 else None)
+
+
+def report_checkpoint(w: Worker, metrics: dict, position: dict, optimizer, final: bool) -> None:
+    """A checkpoint written by rank 0 and reported by every worker. Step records are handed over
+    first, so metrics.jsonl always holds every step up to the latest checkpoint. The copy to
+    storage runs in Ray Train's background thread, so the loop waits only for the local write."""
     import ray
     import ray.train
 
-    if rank != 0:
-        ray.train.report(metrics, checkpoint=None)
+    mode = ray.train.CheckpointUploadMode.ASYNC
+    if w.rank != 0:
+        ray.train.report(metrics, checkpoint=None, checkpoint_upload_mode=mode)
         return
-    state = ray.get(coord.checkpoint.remote(position, pending))
-    with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(Path(tmp), student, optimizer, state, tokenizer)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"step_{metrics['step']:08d}")
+    state = ray.get(w.coord.checkpoint.remote(position, w.log.take()))
+    directory = Path(tempfile.mkdtemp(prefix="pocl-checkpoint-"))
+    save_checkpoint(directory, w.student, optimizer, state, w.tokenizer if final else None)
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
+                     checkpoint_dir_name=f"step_{metrics['step']:08d}", checkpoint_upload_mode=mode)
+
+
+def train_func(config: dict) -> None:
+    """One training worker: set-up, then for each stage its optimizer and teacher, then its steps."""
+    w = setup_worker(config)
+    t, kd, ex = w.cfg.training, w.cfg.kd, w.cfg.curriculum.extraction
+    step, optimizer, upcoming = w.position["step"], None, None
+    for stage_index in range(w.position["stage"], len(w.specs)):
+        spec = w.specs[stage_index]
+        stage = spec.stage
+        resuming = stage_index == w.position["stage"]
+        first = w.position["stage_step"] if resuming else 0
+        teacher = w.teachers.get(stage.teacher)
+        optimizer = stage_optimizer(w, stage, first, optimizer, resuming)
+        projection = None
+        if stage.target == "hidden":
+            projection = layer_projection(hidden_size(teacher.lm), hidden_size(w.teachers.student.lm), stage.teacher_layer,
+                                          seed=ex.seed, kind=ex.projection).to(w.device)
+        terms = {"projection": projection, "normalize": ex.normalize, "autocast": w.autocast}
+        rows = upcoming if upcoming is not None else stage_rows(w, stage_index, spec, first)
+        # The next stage (always from its step 0) is read while this one trains.
+        upcoming = stage_rows(w, stage_index + 1, w.specs[stage_index + 1], 0) if stage_index + 1 < len(w.specs) else None
+
+        for stage_step in range(first + 1, spec.steps + 1):  # counts steps done, as the checkpoints do
+            started = (time.perf_counter(), time.thread_time())
+            seed = step_seed(t.seed, step, w.rank)
+            torch.manual_seed(seed)
+            micro = next(rows)
+            data_wait = time.perf_counter() - started[0]
+            batches = step_batches(w, micro, stage, seed)
+            out = accumulate_gradients(w.student, teacher, batches, stage, kd, **terms)
+            lr = lr_at(spec.lr_offset + stage_step - 1, spec.lr_total, t.lr, t.min_lr, t.warmup_steps)
+            grad_norm = optimizer_step(w.student, optimizer, lr, t.grad_clip)
+            step += 1
+            if w.log is not None:
+                meta = _step_meta(step, stage_step, stage, spec, lr, started)
+                w.log.add({**meta, "data_wait": data_wait}, torch.cat([out, grad_norm.view(1)]))
+
+            dev, stop = {}, False
+            if stage.until_plateau and stage_step % t.eval_every == 0 and stage_step < spec.steps and w.dev_batches:
+                dev = dev_losses(w.student, teacher, w.teachers.get(), w.dev_batches, stage, kd, **terms)
+                stop = plateaued(w, stage_index, dev["dev_loss"])
+            stage_done = stop or stage_step == spec.steps
+            if stage_done or step % t.checkpoint_every == 0:
+                if w.dev_batches and not dev:
+                    dev = dev_losses(w.student, teacher, w.teachers.get(), w.dev_batches, stage, kd, **terms)
+                position = ({"stage": stage_index + 1, "stage_step": 0, "step": step} if stage_done
+                            else {"stage": stage_index, "stage_step": stage_step, "step": step})
+                metrics = {"step": step, "stage": stage_index, "epoch": spec.epoch_of(stage_step - 1),
+                           "loss": float(out[0]), "stages_completed": position["stage"], **dev}
+                report_checkpoint(w, metrics, position, optimizer, final=stage_done and stage_index == len(w.specs) - 1)
+            if stop:
+                break
+        rows.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,7 +737,8 @@ def _absolute_paths(cfg: RunConfig) -> RunConfig:
     m, p = cfg.models, cfg.curriculum.progressive
 
     def absolute(path: str | None) -> str | None:
-        return None if path is None or "://" in path else str(Path(path).resolve())
+        # A URI stays as it is, never dropped: re-validation below refuses it, naming its field.
+        return path if path is None or "://" in path else str(Path(path).resolve())
 
     return cfg.with_overrides({
         "models.teacher": absolute(m.teacher), "models.student": absolute(m.student),
@@ -625,6 +830,7 @@ def train(
     scores = scores_path(scores_dir)
     dataset = pads.dataset(str(scores), format="parquet")
     num_rows = _num_ranked_rows(dataset, scores_dir)
+    index = ScoresIndex(scores)
     plan = plan if plan is not None else run_plan(cfg)
     _check_plan(cfg, plan)
     _check_models(cfg, plan)
@@ -648,7 +854,8 @@ def train(
         ray.init()
     name = f"pocl-coordinator-{cfg.name}-{uuid.uuid4().hex[:8]}"
     coord = coordinator(name, plan=plan, num_rows=num_rows, global_batch=t.global_batch_size,
-                        micro_batch=t.micro_batch_size, seed=t.seed, metrics_path=str(metrics_path))
+                        micro_batch=t.micro_batch_size, seed=t.seed, metrics_path=str(metrics_path),
+                        world_size=t.num_workers, row_group_bounds=index.bounds.tolist())
     trainer = TorchTrainer(
         train_func,
         train_loop_config={

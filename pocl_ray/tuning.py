@@ -34,7 +34,7 @@ Re-running the same sweep (same config fingerprint) after an interruption restor
 experiment: ended trials are kept, unfinished ones start again and their Train runs resume from
 their last checkpoint. Tune does not save scheduler state, so after a restore ASHA's rungs start
 empty (trials ended before the interruption no longer set its cut-offs). A finished sweep is not
-run again; a changed config clears DIR/tune and starts over (pipeline.run_stage).
+run again; a changed config clears DIR/tune and starts over (stages.run_stage).
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,6 +56,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from pocl_ray.config import ConfigError, ParamSpec, RunConfig, TuneConfig, parse_config
 from pocl_ray.curriculum import Plan
+from pocl_ray.stages import SCORE_KEYS, TRAIN_KEYS, fingerprint, init_ray, run_stage
 
 SWEEP_NAME = "sweep"
 # Sections a trial may not change: they define the shared scoring pass or the sweep's own layout.
@@ -250,28 +250,6 @@ def plot_objective(frame: pd.DataFrame, tc: TuneConfig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def report_lines(tune_dir: str | Path, out_dir: str | Path) -> list[str]:
-    """A markdown section for the run report (empty when there was no sweep): the trials table, the
-    objective plot (copied into out_dir) and where best.yaml is."""
-    from pocl_ray.evaluation import markdown_table
-
-    tune_dir, out_dir = Path(tune_dir), Path(out_dir)
-    csv = tune_dir / "results.csv"
-    if not csv.is_file():
-        return []
-    frame = pd.read_csv(csv, dtype={"trial_id": str})
-    lines = ["## Sweep", "", f"{len(frame)} trials (`{csv}`); best config: `{tune_dir / 'best.yaml'}`.", ""]
-    shown = [c for c in frame.columns if c not in ("error", "output_dir")]
-    rows = [[f"{v:.4g}" if isinstance(v, float) else v for v in row] for row in frame[shown].itertuples(index=False)]
-    lines += [markdown_table(shown, rows), ""]
-    plot = tune_dir / "objective.png"
-    if plot.is_file():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(plot, out_dir / "tune_objective.png")
-        lines += ["![objective vs searched parameters](tune_objective.png)", ""]
-    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,8 +495,8 @@ def _check_stage_lengths(plans: list[tuple[RunConfig, Plan]], scores_dir: Path) 
 def tune(cfg: RunConfig) -> TuneResult:
     """Sweep cfg.tune.search_space (module docstring); a re-run resumes an interrupted sweep, and a
     finished one is not run again for the same config."""
-    from pocl_ray.pipeline import SCORE_KEYS, TRAIN_KEYS, ensure_teacher, fingerprint, init_ray, run_stage
     from pocl_ray.scoring import score_dataset
+    from pocl_ray.teacher_prep import ensure_teacher
     from pocl_ray.training import run_plan
 
     candidates = check_search_space(cfg)

@@ -107,3 +107,85 @@ def test_file_errors(tmp_path):
     listing.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(listing)
+
+
+# -- paths: a URI is refused where the code opens local paths, kept where Ray Train takes one -----
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "field"),
+    [
+        ("data", {"train": "s3://bucket/train.jsonl"}, "data.train"),
+        ("data", {"train": "x", "dev": "gs://bucket/dev.jsonl"}, "data.dev"),
+        ("models", {"teacher": "hf://org/teacher"}, "models.teacher"),
+        ("models", {"teacher": "t", "student": "s3://bucket/student"}, "models.student"),
+        ("models", {"teacher": "t", "tokenizer": "file:///models/tok"}, "models.tokenizer"),
+        ("eval", {"sets": [{"name": "dolly", "path": "gs://bucket/dolly.jsonl"}]}, "eval.sets.0.path"),
+        ("output", {"dir": "s3://bucket/runs/x"}, "output.dir"),
+        ("curriculum", {"plan": "progressive", "progressive": {"teacher_checkpoints": ["ck/1", "gs://b/ck/2"]}},
+         "curriculum.progressive.teacher_checkpoints.1"),
+    ],
+)
+def test_a_uri_in_a_local_path_setting_is_refused_naming_the_field(section, values, field):
+    with pytest.raises(ConfigError) as err:
+        parse_config({**MINIMAL, section: values})
+    line = next(x for x in str(err.value).splitlines() if x.strip().startswith(f"{field}:"))
+    assert "a URI is not supported here" in line and "://" in line  # the value is shown too
+
+
+def test_storage_path_keeps_a_uri_and_local_paths_stay_local():
+    cfg = parse_config({**MINIMAL, "training": {"storage_path": "s3://bucket/checkpoints"}})
+    assert cfg.training.storage_path == "s3://bucket/checkpoints"
+    # Not URIs: a colon elsewhere in a local path, a Windows drive.
+    local = parse_config({**MINIMAL, "output": {"dir": "runs/2026-11-30T20:00"}, "models": {"teacher": "C:\\models\\t"}})
+    assert (local.output.dir, local.models.teacher) == ("runs/2026-11-30T20:00", "C:\\models\\t")
+
+
+def test_absolute_paths_never_turn_a_uri_into_none(tmp_path, monkeypatch):
+    from pocl_ray.training import _absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_config({**MINIMAL, "models": {"teacher": "t", "student": "s"}})
+    resolved = _absolute_paths(cfg)
+    assert (resolved.models.teacher, resolved.models.student) == (str(tmp_path / "t"), str(tmp_path / "s"))
+    # A config that skipped validation (model_copy does not validate) with a URI student: once it
+    # became None ("cut the student from the teacher"); now the field is named.
+    sneaked = cfg.model_copy(update={"models": cfg.models.model_copy(update={"student": "s3://bucket/student"})})
+    with pytest.raises(ConfigError, match=r"models\.student: a URI is not supported"):
+        _absolute_paths(sneaked)
+
+
+# -- curriculum: the extraction/progressive plans' own settings ---------------------------------
+
+
+def test_output_kd_settings_default_to_plain_kd_and_are_checked():
+    cfg = parse_config(MINIMAL)
+    assert (cfg.curriculum.output_kd.temperature, cfg.curriculum.output_kd.kd_weight) == (1.0, 1.0)
+    assert cfg.curriculum.data_curriculum == "none" and cfg.curriculum.progressive.final_steps is None
+    with pytest.raises(ConfigError, match=r"curriculum\.output_kd\.kd_weight: Input should be less than or equal to 1"):
+        parse_config(_with("curriculum", output_kd={"kd_weight": 1.5}))
+    with pytest.raises(ConfigError, match=r"curriculum\.output_kd\.temperature: Input should be greater than 0"):
+        parse_config(_with("curriculum", output_kd={"temperature": 0}))
+
+
+@pytest.mark.parametrize("plan", ["pocl", "baseline", "sft"])
+def test_data_curriculum_is_refused_on_plans_with_their_own_pools(plan):
+    with pytest.raises(ConfigError) as err:
+        parse_config(_with("curriculum", plan=plan, data_curriculum="pocl"))
+    assert (f"curriculum.data_curriculum: 'pocl' applies to the extraction and progressive plans only; "
+            f"plan {plan!r}") in str(err.value)
+
+
+def test_data_curriculum_on_extraction_and_a_later_plan_override():
+    cfg = parse_config(_with("curriculum", plan="extraction", data_curriculum="pocl"))
+    assert cfg.curriculum.data_curriculum == "pocl"
+    # A sweep or compare override that switches the plan is checked as well.
+    with pytest.raises(ConfigError, match=r"curriculum\.data_curriculum: .*plan 'pocl'"):
+        cfg.with_overrides({"curriculum.plan": "pocl"})
+
+
+def test_progressive_plan_needs_teacher_checkpoints():
+    with pytest.raises(ConfigError, match=r"curriculum: progressive\.teacher_checkpoints is empty"):
+        parse_config(_with("curriculum", plan="progressive"))
+    cfg = parse_config(_with("curriculum", plan="progressive", progressive={"teacher_checkpoints": ["ck/1"]}))
+    assert cfg.curriculum.progressive.teacher_checkpoints == ["ck/1"]

@@ -1,22 +1,23 @@
-"""Pure curriculum tests: plan builders, schedules, LR, budgets, pools, epochs and worker shards."""
+"""Pure curriculum tests: plan builders, schedules, LR, budgets, pools, and the coordinator's logic.
+
+The epoch order and worker shards are tested in test_shards.py."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from pocl_ray.config import parse_config
+from pocl_ray.coordinator import CurriculumCoordinator
 from pocl_ray.curriculum import (
-    CurriculumCoordinator,
     Plan,
     Stage,
     baseline_plan,
-    epoch_order,
-    epoch_shard,
     extraction_plan,
     lr_at,
     plan_from_config,
@@ -26,7 +27,6 @@ from pocl_ray.curriculum import (
     schedule,
     sft_plan,
     stage_specs,
-    step_shard,
     uniform_layer_map,
     with_data_curriculum,
 )
@@ -93,7 +93,20 @@ def test_extraction_and_progressive_plans():
     prog = progressive_plan(["a", "b"], 4)
     assert [s.teacher for s in prog.stages] == ["a", "b"] and not prog.stages[1].restart_optimizer
     mixed = with_data_curriculum(plan, pocl_plan(2, steps_per_stage=1))
-    assert [s.buckets for s in mixed.stages] == [(0,), (0,), (0,), (0, 1), (0, 1)]
+    assert [s.buckets for s in mixed.stages] == [(0,), (0,), (0, 1), (0, 1), (0, 1)]
+    assert [(s.target, s.steps) for s in mixed.stages] == [(s.target, s.steps) for s in plan.stages]
+
+
+@pytest.mark.parametrize("num_target,num_data", [(2, 4), (3, 4), (4, 4), (5, 4), (31, 4), (1, 3)])
+def test_data_curriculum_pools_grow_and_end_on_all_data(num_target, num_data):
+    # Fewer target stages than buckets included: the last stage must still see the hardest bucket.
+    target = progressive_plan([f"ck{i}" for i in range(num_target)], 3)
+    pools = [s.buckets for s in with_data_curriculum(target, pocl_plan(num_data)).stages]
+    assert pools[-1] == tuple(range(num_data))
+    assert all(set(a) <= set(b) for a, b in itertools.pairwise(pools))
+    assert all(p == tuple(range(len(p))) for p in pools)  # always the easiest buckets first
+    if num_target >= num_data:  # enough stages: every POCL pool is used, from bucket 0 alone
+        assert sorted(set(pools)) == [tuple(range(k + 1)) for k in range(num_data)]
 
 
 def test_plan_from_config():
@@ -108,6 +121,48 @@ def test_plan_from_config():
         plan_from_config(_cfg(plan="extraction"))
     with pytest.raises(ValueError, match="layer_map has 1 entries"):
         plan_from_config(_cfg(plan="extraction", extraction={"layer_map": [1]}), 4, 2)
+
+
+def test_output_kd_stages_use_their_own_settings_not_pocls_end_values():
+    pocl_end = {"temperature_end": 3.0, "kd_weight_end": 0.9}
+    ext = plan_from_config(_cfg(plan="extraction", **pocl_end), 2, 2)
+    prog = plan_from_config(_cfg(plan="progressive", progressive={"teacher_checkpoints": ["a"]}, **pocl_end))
+    for stage in (ext.stages[-1], *prog.stages):
+        assert (stage.target, stage.temperature, stage.kd_weight) == ("logits", 1.0, 1.0)
+    own = {"output_kd": {"temperature": 1.5, "kd_weight": 0.6}, **pocl_end}
+    ext = plan_from_config(_cfg(plan="extraction", **own), 2, 2)
+    assert (ext.stages[-1].temperature, ext.stages[-1].kd_weight) == (1.5, 0.6)
+    assert all(s.kd_weight == 1.0 and s.target == "hidden" for s in ext.stages[:-1])  # matching alone
+    prog = plan_from_config(_cfg(plan="progressive", progressive={"teacher_checkpoints": ["a"]}, **own))
+    assert [(s.temperature, s.kd_weight) for s in prog.stages] == [(1.5, 0.6)] * 2
+
+
+def test_progressive_plan_from_config_ends_on_the_final_teacher(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # "t", "./t" and tmp_path/"t" are the same folder
+    checkpoints = {"teacher_checkpoints": ["ck/100", "ck/200"], "steps_per_checkpoint": 5}
+    plan = plan_from_config(_cfg(plan="progressive", progressive=checkpoints))
+    # None is the run's teacher (models.teacher = "t"): the final teacher comes last.
+    assert [(s.teacher, s.steps) for s in plan.stages] == [("ck/100", 5), ("ck/200", 5), (None, 5)]
+    plan = plan_from_config(_cfg(plan="progressive", progressive={**checkpoints, "final_steps": 40}))
+    assert [s.steps for s in plan.stages] == [5, 5, 40]
+    for last in ("t", "./t", str(tmp_path / "t")):
+        ends = {**checkpoints, "teacher_checkpoints": ["ck/100", last]}
+        plan = plan_from_config(_cfg(plan="progressive", progressive=ends))
+        assert [s.teacher for s in plan.stages] == ["ck/100", last]
+
+
+@pytest.mark.parametrize("plan_kind", ["extraction", "progressive"])
+def test_data_curriculum_pocl_gives_the_target_stages_pocls_pools(plan_kind):
+    curriculum = {"plan": plan_kind, "num_buckets": 3, "data_curriculum": "pocl",
+                  "progressive": {"teacher_checkpoints": ["a", "b", "c", "d"]},
+                  "extraction": {"steps_per_layer": 2, "final_steps": 9}}
+    plan = plan_from_config(_cfg(**curriculum), 4, 2)
+    alone = plan_from_config(_cfg(**{**curriculum, "data_curriculum": "none"}), 4, 2)
+    assert (plan.num_buckets, alone.num_buckets) == (3, 1)
+    assert alone.stages[0].buckets == (0,) and len(plan.stages) == len(alone.stages) == 5
+    # Easy -> hard pools, all data at the end; targets, teachers and lengths are the plan's own.
+    assert [s.buckets for s in plan.stages] == [(0,), (0, 1), (0, 1), (0, 1, 2), (0, 1, 2)]
+    assert [replace(s, buckets=(0,)) for s in plan.stages] == list(alone.stages)
 
 
 def test_stage_and_plan_validation():
@@ -153,64 +208,13 @@ def test_stage_lengths_and_lr_segments():
     assert [(s.lr_offset, s.lr_total) for s in specs] == [(0, 11), (8, 11), (0, 5)]
 
 
-# -- epochs and shards ---------------------------------------------------------------------------------
-
-
-def test_epoch_order_is_seeded_and_new_each_epoch():
-    a = epoch_order(50, seed=3, stage=1, epoch=0)
-    assert np.array_equal(a, epoch_order(50, seed=3, stage=1, epoch=0))
-    assert sorted(a) == list(range(50))
-    assert not np.array_equal(a, epoch_order(50, seed=3, stage=1, epoch=1))
-    assert not np.array_equal(a, epoch_order(50, seed=3, stage=2, epoch=0))
-    assert not np.array_equal(a, epoch_order(50, seed=4, stage=1, epoch=0))
-
-
-@pytest.mark.parametrize("pool", [1, 2, 3, 7, 16, 17, 31, 32, 33, 100])
-@pytest.mark.parametrize("world,micro,accum", [(1, 1, 1), (2, 2, 1), (2, 1, 3), (3, 2, 2), (4, 4, 2)])
-def test_epoch_shards_cover_the_pool_exactly_once(pool, world, micro, accum):
-    global_batch = world * micro * accum
-    order = epoch_order(pool, 0, 0, 0)
-    shards = [epoch_shard(order, global_batch, world, r, micro) for r in range(world)]
-    steps = math.ceil(pool / global_batch)
-    seen = []
-    for k in range(steps):
-        micro_counts = {len(shards[r][k]) for r in range(world)}
-        assert len(micro_counts) == 1, "every worker runs the same number of micro-batches"
-        assert micro_counts.pop() <= accum
-        step_rows = np.concatenate([m for r in range(world) for m in shards[r][k]])
-        # The step's rows are exactly the next global_batch rows of the epoch's order.
-        assert sorted(step_rows) == sorted(order[k * global_batch : (k + 1) * global_batch])
-        for r in range(world):
-            assert all(len(m) <= micro for m in shards[r][k])
-            sizes = [len(m) for m in shards[r][k]]
-            assert max(sizes) - min(sizes) <= 1
-        seen.extend(step_rows.tolist())
-    assert all(len(s) == steps for s in shards)
-    assert sorted(seen) == list(range(pool)), "each row once per epoch, none dropped, none repeated"
-
-
-def test_step_rows_do_not_depend_on_world_size():
-    order = epoch_order(40, 1, 0, 0)
-    for world, micro in [(1, 8), (2, 4), (4, 2)]:
-        step = [np.concatenate([m for r in range(world) for m in epoch_shard(order, 8, world, r, micro)[k]]) for k in range(5)]
-        assert [sorted(s) for s in step] == [sorted(order[8 * k : 8 * k + 8]) for k in range(5)]
-
-
-def test_short_step_split_evenly():
-    assert [m.tolist() for m in step_shard(np.arange(5), 2, 0, 2)] == [[0, 2], [4]]
-    assert [m.tolist() for m in step_shard(np.arange(5), 2, 1, 2)] == [[1], [3]]
-    # Fewer rows than workers: the idle worker still runs the step's one (empty) micro-batch.
-    assert [m.tolist() for m in step_shard(np.arange(1), 2, 1, 4)] == [[]]
-    with pytest.raises(ValueError, match="rank 2 outside"):
-        step_shard(np.arange(4), 2, 2, 2)
-
-
 # -- the coordinator's logic, without Ray --------------------------------------------------------------
 
 
 def _coordinator(tmp_path, plan=None, **kw):
     plan = plan or pocl_plan(4, epochs_per_stage=2, until_plateau=True, patience=2)
-    args = {"num_rows": 40, "global_batch": 4, "micro_batch": 2, "seed": 5, "metrics_path": str(tmp_path / "m.jsonl")}
+    args = {"num_rows": 40, "global_batch": 4, "micro_batch": 2, "seed": 5, "metrics_path": str(tmp_path / "m.jsonl"),
+            "world_size": 2, "row_group_bounds": [0, 8, 16, 24, 32, 40]}
     return CurriculumCoordinator(plan.to_dict(), **{**args, **kw})
 
 
@@ -220,8 +224,8 @@ def test_coordinator_shards_are_disjoint_and_cover_each_pool(tmp_path):
         spec = c.stage(stage)
         lo, hi = spec.pool_ranges[0]
         for epoch in range(2):
-            parts = [c.shard(stage, epoch, r, 2) for r in range(2)]
-            ranks = [np.concatenate([m for step in p for m in step]) for p in parts]
+            parts = [c.shard(stage, epoch, r) for r in range(2)]
+            ranks = [p.ranks for p in parts]
             assert not set(ranks[0]) & set(ranks[1])
             assert sorted(np.concatenate(ranks)) == list(range(lo, hi))
 
@@ -248,6 +252,11 @@ def test_coordinator_refuses_a_checkpoint_of_another_run(tmp_path):
     state = _coordinator(tmp_path).restore(None)
     with pytest.raises(ValueError, match="different plan, global_batch"):
         _coordinator(tmp_path, plan=pocl_plan(2, epochs_per_stage=1), global_batch=8).restore(state)
+    with pytest.raises(ValueError, match="different scores layout"):
+        _coordinator(tmp_path, row_group_bounds=[0, 20, 40]).restore(state)
+    # The epoch order depends on the worker count: another count cannot replay the same steps.
+    with pytest.raises(ValueError, match="written by 2 workers and this run has 4.*training.num_workers: 2"):
+        _coordinator(tmp_path, world_size=4, global_batch=8).restore(state)
 
 
 def test_plateau_resets_per_stage(tmp_path):

@@ -12,27 +12,32 @@ from pocl_ray.difficulty import (
     bucket_bounds,
     bucket_of_rank,
     bucket_summary,
+    average_ranks,
     easy_to_hard,
     fuse,
     metric_directions,
-    ordinal_ranks,
     rebucket,
     rrf,
+    tie_keys,
 )
 
 
-def python_rrf_order(ids, metrics, directions, k=60.0):
-    """Reference: rank each metric with sorted() (ties by id), sum 1/(k+rank), sort by (-score, id)."""
-    fused = {i: 0.0 for i in ids}
+def python_average_ranks(values, direction):
+    """Reference: a row's rank is 1 + #rows strictly easier + (#other rows equal to it) / 2."""
+    sign = 1.0 if direction == "lower" else -1.0
+    keys = [sign * v for v in values]
+    return [1 + sum(o < v for o in keys) + (sum(o == v for o in keys) - 1) / 2 for v in keys]
+
+
+def python_rrf_order(ids, metrics, directions, k=60.0, tie_seed=0):
+    """Reference: average ranks per metric, sum 1/(k+rank), sort by (-score, seeded tie key)."""
     terms = {i: [] for i in ids}
     for name, values in metrics.items():
-        sign = 1.0 if directions[name] == "lower" else -1.0
-        ordered = sorted(zip(ids, values), key=lambda p: (sign * p[1], p[0]))
-        for r, (i, _) in enumerate(ordered, start=1):
+        for i, r in zip(ids, python_average_ranks(values, directions[name])):
             terms[i].append(1.0 / (k + r))
-    for i in ids:
-        fused[i] = math.fsum(terms[i])
-    return sorted(ids, key=lambda i: (-fused[i], i)), fused
+    fused = {i: math.fsum(terms[i]) for i in ids}
+    key = dict(zip(ids, tie_keys(ids, tie_seed).tolist()))
+    return sorted(ids, key=lambda i: (-fused[i], key[i])), fused
 
 
 def test_default_directions_follow_the_paper():
@@ -50,25 +55,28 @@ def test_directions_reject_unknown_and_stray_metrics():
         metric_directions(["student_ce"], {"student_ce": "up"})
 
 
-def test_ordinal_ranks_respect_direction_and_break_ties_by_id():
-    ids = ["c", "a", "b", "d"]
-    values = np.array([1.0, 2.0, 1.0, 0.5])
-    assert ordinal_ranks(values, ids, "lower").tolist() == [3, 4, 2, 1]
-    # "b" and "c" tie on 1.0 in both directions; "b" < "c" comes first either way.
-    assert ordinal_ranks(values, ids, "higher").tolist() == [3, 1, 2, 4]
+def test_average_ranks_respect_direction_and_share_ties():
+    values = np.array([1.0, 2.0, 1.0, 0.5, 1.0])
+    # The three 1.0 rows hold places 2..4 and all get 3; flipping the direction maps r -> M + 1 - r.
+    assert average_ranks(values, "lower").tolist() == [3, 5, 3, 1, 3]
+    assert average_ranks(values, "higher").tolist() == [3, 1, 3, 5, 3]
+    assert average_ranks(np.zeros(4), "higher").tolist() == [2.5] * 4
+    rng = np.random.default_rng(3)
+    coarse = rng.integers(0, 4, 40).astype(float)
+    assert average_ranks(coarse, "lower").tolist() == python_average_ranks(coarse.tolist(), "lower")
 
 
 def test_ranks_reject_duplicate_ids_and_non_finite_values():
     with pytest.raises(ValueError, match="unique.*'a'"):
-        ordinal_ranks(np.array([1.0, 2.0]), ["a", "a"], "lower")
-    with pytest.raises(ValueError, match="not finite at row positions \\[1\\]"):
-        ordinal_ranks(np.array([1.0, np.nan]), ["a", "b"], "lower")
+        fuse(["a", "a"], {"length": np.array([1.0, 2.0])}, {"length": "lower"})
+    with pytest.raises(ValueError, match="'length' is not finite at row positions \\[1\\]"):
+        fuse(["a", "b"], {"length": np.array([1.0, np.nan])}, {"length": "lower"})
 
 
 def test_rrf_values_and_exact_ties():
     scores = rrf(np.array([[1, 2], [2, 1], [3, 3]]), k=60)
     assert scores[0] == pytest.approx(1 / 61 + 1 / 62)
-    assert scores[0] == scores[1]  # bit-identical, so the id decides
+    assert scores[0] == scores[1]  # bit-identical, so the seeded tie key decides
     assert scores[2] == pytest.approx(2 / 63)
     with pytest.raises(ValueError, match="k must be > 0"):
         rrf(np.array([[1]]), k=0)
@@ -114,6 +122,65 @@ def test_flipping_a_direction_reverses_a_single_metric_order():
     higher = fuse(ids, values, {"student_ce": "higher"})
     assert easy_to_hard(lower.fused_score, ids).tolist() == [1, 3, 0, 5, 2, 4]
     assert np.array_equal(higher.rank, len(ids) - 1 - lower.rank)
+
+
+def test_identical_metric_values_give_identical_fused_scores():
+    ids = ["gcide-7", "austen-2", "gcide-1", "austen-9", "kjv-3"]
+    metrics = {"student_rougeL": np.array([0.0, 0.0, 0.0, 0.5, 0.0]), "student_ce": np.array([2.0, 2.0, 2.0, 1.0, 3.0])}
+    out = fuse(ids, metrics, metric_directions(list(metrics)))
+    # The three (0.0, 2.0) rows share every per-metric rank, hence one fused score.
+    assert out.metric_ranks["student_rougeL"].tolist() == [3.5, 3.5, 3.5, 1, 3.5]
+    assert out.metric_ranks["student_ce"].tolist() == [3, 3, 3, 1, 5]
+    assert out.fused_score[0] == out.fused_score[1] == out.fused_score[2]
+    assert len(set(out.fused_score.tolist())) == 3
+    # The tie occupies ranks 1..3 between the easiest (austen-9) and the hardest (kjv-3) row.
+    assert (out.rank[3], out.rank[4]) == (0, 4) and sorted(out.rank[:3].tolist()) == [1, 2, 3]
+
+
+def test_a_constant_metric_leaves_the_order_to_the_others():
+    # A weak initial student scores ROUGE-L = 0 on every row: that measure must not order anything.
+    # (Ranking its ties by id put every "austen-" row ahead of every "gcide-" row.)
+    rng = np.random.default_rng(4)
+    ids = [f"{src}-{i:03d}" for src in ("austen", "gcide") for i in range(60)]
+    ce = rng.random(120)
+    both = fuse(ids, {"student_rougeL": np.zeros(120), "student_ce": ce}, metric_directions(["student_rougeL", "student_ce"]))
+    ce_only = fuse(ids, {"student_ce": ce}, {"student_ce": "lower"})
+    assert both.rank.tolist() == ce_only.rank.tolist() == np.argsort(np.argsort(ce)).tolist()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_tie_across_buckets_is_not_sorted_by_source(seed):
+    # 200 rows measuring exactly the same: one fused score, cut into 4 buckets. A lexical tie-break
+    # puts all 100 "austen-" rows in buckets 0-1 and all "gcide-" rows in 2-3.
+    ids = [f"{src}-{i:04d}" for src in ("gcide", "austen") for i in range(100)]
+    metrics = {"student_rougeL": np.zeros(200), "student_ce": np.full(200, 3.5)}
+    out = fuse(ids, metrics, metric_directions(list(metrics)), tie_seed=seed)
+    assert len(set(out.fused_score.tolist())) == 1
+    buckets = rebucket(out.rank, 4)
+    austen = np.array([i.startswith("austen") for i in ids])
+    share = [austen[buckets == b].mean() for b in range(4)]
+    # Each bucket draws 50 of the 200 rows at random: its austen share is 0.5 +- 0.06 (one sd).
+    assert all(0.3 <= s <= 0.7 for s in share), share
+    # The order within the tie is the seeded hash's, not the ids' spelling.
+    assert [ids[i] for i in np.argsort(out.rank)] != sorted(ids)
+    assert np.argsort(out.rank).tolist() == np.argsort(tie_keys(ids, seed), kind="stable").tolist()
+
+
+def test_the_tie_seed_reorders_exact_ties_only():
+    rng = np.random.default_rng(5)
+    n = 300
+    ids = [f"{('austen', 'gcide', 'kjv')[i % 3]}-{i:04d}" for i in range(n)]
+    metrics = {"student_rougeL": rng.integers(0, 3, n) / 4, "student_ce": rng.integers(0, 5, n).astype(float)}
+    dirs = metric_directions(list(metrics))
+    a, b = fuse(ids, metrics, dirs, tie_seed=0), fuse(ids, metrics, dirs, tie_seed=1)
+    assert np.array_equal(a.fused_score, b.fused_score)
+    assert not np.array_equal(a.rank, b.rank)
+    # A row's rank stays inside the rank block of its fused score under either seed.
+    for value in np.unique(a.fused_score):
+        block = a.fused_score == value
+        assert sorted(a.rank[block].tolist()) == sorted(b.rank[block].tolist())
+    assert np.array_equal(fuse(ids, metrics, dirs, tie_seed=1).rank, b.rank)  # same seed, same order
+    assert not np.array_equal(tie_keys(ids, 0), tie_keys(ids, 1))
 
 
 @pytest.mark.parametrize("m,n", [(10, 4), (7, 3), (100, 7), (5, 5), (3, 5), (1, 1), (64, 4)])

@@ -19,13 +19,13 @@ from rouge_score.rouge_scorer import RougeScorer
 from pocl_ray.config import ConfigError, DataConfig, EvalConfig, EvalSet, ModelsConfig, OutputConfig, RunConfig
 from pocl_ray.data import build_prompt, prepare_batch, read_table
 from pocl_ray.evaluation import (
-    RowSeededSampler,
     average,
     compare_table,
     evaluate,
     evaluate_rows,
     load_results,
     results_markdown,
+    response_ce,
     rouge_l,
     row_seed,
     summarize,
@@ -120,26 +120,6 @@ def test_row_seed_depends_on_seed_set_and_id_only():
     assert all(0 <= s < 2**63 for s in seeds)
 
 
-def test_row_seeded_sampler_one_hot_and_follows_the_distribution():
-    logits = torch.log(torch.tensor([0.5, 0.3, 0.2, 0.0]))
-    n = 3000
-    scores = RowSeededSampler(range(n), temperature=1.0, top_p=1.0)(torch.zeros(n, 1, dtype=torch.long), logits.repeat(n, 1))
-    assert torch.all((scores == 0).sum(-1) == 1)
-    assert torch.all(torch.isinf(scores).sum(-1) == 3)
-    picks = scores.argmax(-1)
-    freq = torch.bincount(picks, minlength=4).double() / n
-    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.2, 0.0], dtype=torch.double), atol=0.04)
-    # The same row seed draws the same token whatever the rest of the batch.
-    alone = RowSeededSampler([7], 1.0, 1.0)(torch.zeros(1, 1, dtype=torch.long), logits[None])
-    again = RowSeededSampler([5, 7], 1.0, 1.0)(torch.zeros(2, 1, dtype=torch.long), logits.repeat(2, 1))
-    assert alone.argmax() == again[1].argmax()
-    # top-p 0.4 keeps only the most likely token.
-    top = RowSeededSampler(range(50), 1.0, 0.4)(torch.zeros(50, 1, dtype=torch.long), logits.repeat(50, 1))
-    assert torch.all(top.argmax(-1) == 0)
-    with pytest.raises(ValueError, match="temperature > 0"):
-        RowSeededSampler([1], 0.0, 1.0)
-
-
 def test_evaluate_rows_greedy_matches_unbatched_generate(word_model):
     _, tokenizer, model = word_model
     records = _records(6, 0)
@@ -156,14 +136,28 @@ def test_evaluate_rows_greedy_matches_unbatched_generate(word_model):
 def test_evaluate_rows_sampling_is_independent_of_batching(word_model):
     _, tokenizer, model = word_model
     rows = _prepared(tokenizer, _records(7, 3))
-    cfg = EvalConfig(seeds=[1, 2], temperature=1.0, max_new_tokens=MAX_NEW, batch_size=3)
-    batched = evaluate_rows(model, tokenizer, rows, cfg)
-    single = evaluate_rows(model, tokenizer, rows, cfg.model_copy(update={"batch_size": 1}))
-    reversed_ = evaluate_rows(model, tokenizer, rows[::-1], cfg)[::-1]
-    assert [r["generations"] for r in batched] == [r["generations"] for r in single] == [r["generations"] for r in reversed_]
-    assert all(math.isclose(a["ce"], b["ce"], rel_tol=1e-5) for a, b in zip(batched, single))
+    cfg = EvalConfig(seeds=[1, 2], temperature=1.0, top_p=0.9, max_new_tokens=MAX_NEW, batch_size=3)
+    runs = [evaluate_rows(model, tokenizer, rows, cfg.model_copy(update={"batch_size": b})) for b in (1, 3, 8)]
+    runs.append(evaluate_rows(model, tokenizer, rows[::-1], cfg)[::-1])
+    for run in runs[1:]:
+        assert [r["generations"] for r in run] == [r["generations"] for r in runs[0]]
+        assert all(math.isclose(a["ce"], b["ce"], rel_tol=1e-5) for a, b in zip(run, runs[0]))
+    for row, r in zip(rows, runs[0]):
+        assert r["rougeL"] == [100 * SCORER.score(row["response"], g)["rougeL"].fmeasure for g in r["generations"]]
     # Different seeds draw different samples.
-    assert any(r["generations"][0] != r["generations"][1] for r in batched)
+    assert any(r["generations"][0] != r["generations"][1] for r in runs[0])
+
+
+def test_response_ce_matches_per_row_reference(word_model):
+    _, tokenizer, model = word_model
+    rows = _prepared(tokenizer, _records(6, 1))
+    got = response_ce(model, rows, tokenizer.pad_token_id)
+    for row, ce in zip(rows, got):
+        # The per-row reference: HF's own loss on the unpadded row (mean CE over the response labels).
+        ids, labels = torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]])
+        with torch.no_grad():
+            expected = model(input_ids=ids, labels=labels).loss.item()
+        assert ce == pytest.approx(expected, rel=1e-5)
 
 
 def test_evaluate_rows_passes_rejected_rows_through(word_model):

@@ -5,8 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from pocl_ray.losses import KD_KINDS, count_tokens, cross_entropy, kd_loss
+from pocl_ray.losses import (
+    KD_KINDS,
+    count_tokens,
+    cross_entropy,
+    kd_loss,
+    linear_cross_entropy,
+    linear_kd_and_ce,
+    linear_kd_loss,
+)
 
 B, S, V = 3, 7, 11
 
@@ -347,3 +356,252 @@ def test_second_backward_through_a_loss_fails_loudly():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+# ---------------------------------------------------------------------------------------------
+# The hidden-state path: linear_kd_loss, linear_cross_entropy, linear_kd_and_ce against the same
+# losses on the product logits hidden @ head.T.
+
+H, VL = 6, 13  # hidden size, vocabulary of the hidden-state tests
+
+
+def make_linear_batch(seed, dtype=torch.float64, b=4, s=9, h=H, v=VL, teacher_h=5):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(b, s, h, generator=g) * 1.5).to(dtype).requires_grad_()
+    head = torch.randn(v, h, generator=g).to(dtype).requires_grad_()
+    # The teacher has its own hidden size: only the vocabulary is shared.
+    t_hidden = (torch.randn(b, s, teacher_h, generator=g) * 1.5).to(dtype)
+    t_head = torch.randn(v, teacher_h, generator=g).to(dtype)
+    labels = torch.randint(0, v, (b, s), generator=g)
+    labels[:, :3] = -100  # a prompt
+    labels[torch.rand(b, s, generator=g) < 0.2] = -100
+    labels[1] = -100  # a row with nothing scored
+    return hidden, head, t_hidden, t_head, labels
+
+
+def grads_of(loss, *xs):
+    return torch.autograd.grad(loss, xs)
+
+
+def assert_same_loss_and_grads(got, want, inputs, rtol=1e-4):
+    assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-7)
+    for g_got, g_want in zip(grads_of(got, *inputs), grads_of(want, *inputs)):
+        assert g_got.dtype == g_want.dtype
+        torch.testing.assert_close(g_got, g_want, rtol=rtol, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_linear_kd_loss_equals_kd_loss_on_product_logits(kind, temperature, dtype):
+    hidden, head, t_hidden, t_head, labels = make_linear_batch(30, dtype)
+    n = int(count_tokens(labels))
+    assert n % 4 and n > 8  # chunks of 4 leave a remainder; several chunks are taken
+    for chunk_size, num_tokens in ((4, None), (1, n + 3), (10_000, torch.tensor(n + 5)), (None, None)):
+        opts = dict(temperature=temperature, alpha=0.3, beta=0.3, mu=0.4, num_tokens=num_tokens)
+        got = linear_kd_loss(kind, hidden, head, t_hidden, t_head, labels, chunk_size=chunk_size, **opts)
+        want = kd_loss(kind, hidden @ head.T, t_hidden @ t_head.T, labels, **opts)
+        assert got.dtype == torch.float32
+        assert_same_loss_and_grads(got, want, (hidden, head))
+
+
+def test_linear_cross_entropy_equals_cross_entropy_on_product_logits():
+    hidden, head, _, _, labels = make_linear_batch(31, torch.float32)
+    n = count_tokens(labels)
+    for chunk_size, num_tokens in ((3, None), (1, n), (10_000, int(n) * 2), (None, None)):
+        got = linear_cross_entropy(hidden, head, labels, num_tokens=num_tokens, chunk_size=chunk_size)
+        want = cross_entropy(hidden @ head.T, labels, num_tokens=num_tokens)
+        assert_same_loss_and_grads(got, want, (hidden, head))
+
+
+def test_linear_losses_give_unscored_positions_no_gradient():
+    hidden, head, t_hidden, t_head, labels = make_linear_batch(32, torch.float32)
+    loss = linear_kd_loss("js", hidden, head, t_hidden, t_head, labels, chunk_size=5)
+    (grad,) = grads_of(loss, hidden)
+    scored = torch.zeros_like(labels, dtype=torch.bool)
+    scored[:, :-1] = labels[:, 1:] != -100
+    assert grad[~scored].abs().max().item() == 0.0 and grad[1].abs().max().item() == 0.0
+    assert grad[scored].abs().amax(-1).min().item() > 0.0
+
+
+@pytest.mark.parametrize("kind", ["fkl", "akl"])
+def test_linear_kd_loss_bf16(kind):
+    hidden, head, t_hidden, t_head, labels = make_linear_batch(33, torch.bfloat16)
+    loss = linear_kd_loss(kind, hidden, head, t_hidden, t_head, labels, temperature=2.0, chunk_size=4)
+    assert loss.dtype == torch.float32
+    want = kd_loss(kind, hidden @ head.T, t_hidden @ t_head.T, labels, temperature=2.0)
+    # Logits are made in bf16 on both paths; only the matmul blocking may round differently.
+    assert loss.item() == pytest.approx(want.item(), rel=2e-2)
+    for got, ref in zip(grads_of(loss, hidden, head), grads_of(want, hidden, head)):
+        assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+        torch.testing.assert_close(got.float(), ref.float(), rtol=5e-2, atol=5e-2)
+
+
+def test_linear_losses_under_autocast_keep_fp32_gradients():
+    # Training runs an fp32 student under bf16 autocast: logits come out of a bf16 matmul, and the
+    # gradients must come back in the fp32 dtypes of the hidden states and the head.
+    hidden, head, t_hidden, t_head, labels = make_linear_batch(41, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _, _ = linear_kd_and_ce("js", hidden, head, t_hidden, t_head, labels, labels, kd_weight=0.5, chunk_size=4)
+        logits = hidden @ head.T
+        assert logits.dtype == torch.bfloat16
+        want = 0.5 * kd_loss("js", logits, t_hidden @ t_head.T, labels) + 0.5 * cross_entropy(logits, labels)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    for got, ref in zip(grads_of(loss, hidden, head), grads_of(want, hidden, head)):
+        assert got.dtype == torch.float32
+        # bf16 logit gradients, summed in another order: within a few bf16 roundings of the largest entry.
+        torch.testing.assert_close(got, ref, rtol=2e-2, atol=5e-3)
+
+
+def test_tied_head_gets_both_gradients():
+    # The head is also the input embedding: autograd must add the loss's head gradient to the one
+    # that flows back through the hidden states into the embedding rows.
+    _, _, t_hidden, t_head, labels = make_linear_batch(34)
+    g = torch.Generator().manual_seed(34)
+    weight = torch.nn.Parameter(torch.randn(VL, H, generator=g, dtype=torch.float64))
+    mix = torch.randn(H, H, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, VL, labels.shape, generator=g)
+
+    def hidden_of(embedding):
+        return torch.tanh(F.embedding(ids, embedding) @ mix)
+
+    got = linear_kd_loss("fkl", hidden_of(weight), weight, t_hidden, t_head, labels, chunk_size=3)
+    want = kd_loss("fkl", hidden_of(weight) @ weight.T, t_hidden @ t_head.T, labels)
+    (grad_got,) = grads_of(got, weight)
+    (grad_want,) = grads_of(want, weight)
+    torch.testing.assert_close(grad_got, grad_want, rtol=1e-4, atol=1e-7)
+    head_only = grads_of(linear_kd_loss("fkl", hidden_of(weight).detach(), weight, t_hidden, t_head, labels), weight)[0]
+    assert not torch.allclose(grad_got, head_only, rtol=1e-3)
+
+
+@pytest.mark.parametrize("kd_weight", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_kd_and_ce_in_one_pass_equal_the_separate_losses(kd_weight, temperature):
+    hidden, head, t_hidden, t_head, labels = make_linear_batch(35)
+    ce_labels = labels.clone()
+    ce_labels[2] = -100  # an on-policy row: KD only
+    ce_labels[1, 5:] = 7  # scored for CE only, so the pass visits rows that KD must skip
+    n_kd, n_ce = count_tokens(labels), int(count_tokens(ce_labels)) + 2
+    loss, kd, ce = linear_kd_and_ce(
+        "srkl", hidden, head, t_hidden, t_head, labels, ce_labels, kd_weight=kd_weight, temperature=temperature,
+        num_tokens=n_kd, ce_num_tokens=n_ce, chunk_size=4,
+    )
+    kd_want = kd_loss("srkl", hidden @ head.T, t_hidden @ t_head.T, labels, temperature=temperature, num_tokens=n_kd)
+    ce_want = cross_entropy(hidden @ head.T, ce_labels, num_tokens=n_ce)
+    assert not kd.requires_grad and not ce.requires_grad
+    assert kd.item() == pytest.approx(kd_want.item(), rel=1e-5)
+    assert ce.item() == pytest.approx(ce_want.item(), rel=1e-5)
+    assert_same_loss_and_grads(loss, kd_weight * kd_want + (1 - kd_weight) * ce_want, (hidden, head))
+
+
+def test_kd_and_ce_without_a_teacher_is_weighted_ce():
+    hidden, head, _, _, labels = make_linear_batch(36)
+    loss, kd, ce = linear_kd_and_ce("fkl", hidden, head, None, None, labels, labels, kd_weight=0.25, chunk_size=5)
+    assert kd.item() == 0.0
+    want = cross_entropy(hidden @ head.T, labels)
+    assert ce.item() == pytest.approx(want.item(), rel=1e-6)
+    assert_same_loss_and_grads(loss, 0.75 * want, (hidden, head))
+
+
+class RecordOps(TorchDispatchMode):
+    """Every aten op run inside it, autograd's included, with the size of the largest tensor it made."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        made = [t.numel() for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
+        self.ops.append((func.overloadpacket.__name__, max(made, default=0)))
+        return out
+
+
+def test_linear_kd_loss_never_holds_full_logits():
+    # No op may make a tensor the size of the (scored positions, vocab) logits: only chunk- and input-sized ones.
+    b, s, v, chunk = 2, 64, 97, 8
+    hidden, head, t_hidden, t_head, labels = make_linear_batch(37, torch.float32, b=b, s=s, v=v)
+    with RecordOps() as record:
+        loss = linear_kd_loss("js", hidden, head, t_hidden, t_head, labels, chunk_size=chunk)
+        loss.backward()
+    assert head.grad is not None and hidden.grad is not None
+    bound = max(chunk * v, hidden.numel(), head.numel(), t_hidden.numel())
+    assert max(numel for _, numel in record.ops) <= bound < int(count_tokens(labels)) * v
+
+
+def test_linear_losses_under_no_grad_match_and_skip_gradient_work():
+    hidden, head, t_hidden, t_head, labels = make_linear_batch(38, torch.float32)
+    with torch.no_grad(), RecordOps() as record:
+        plain = linear_kd_loss("tvd", hidden, head, t_hidden, t_head, labels, chunk_size=3)
+    assert not plain.requires_grad
+    assert plain.item() == pytest.approx(linear_kd_loss("tvd", hidden, head, t_hidden, t_head, labels).item(), rel=1e-6)
+    # Evaluation makes each chunk's student and teacher logits and nothing of the gradients.
+    chunks = -(-int(count_tokens(labels)) // 3)
+    assert sum(name in ("mm", "addmm", "addmm_") for name, _ in record.ops) == 2 * chunks
+    assert not any(name == "index_copy_" for name, _ in record.ops)
+
+
+def test_linear_losses_second_backward_fails_loudly():
+    hidden, head, t_hidden, t_head, labels = make_linear_batch(39, torch.float32)
+    loss = linear_kd_loss("fkl", hidden, head, t_hidden, t_head, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_linear_losses_bad_inputs_raise_clear_errors():
+    hidden, head, t_hidden, t_head, labels = make_linear_batch(40, torch.float32)
+    with pytest.raises(ValueError, match="student_head must be \\(vocab, hidden\\) with hidden = student_hidden's last dimension 6"):
+        linear_kd_loss("fkl", hidden, head[:, :5], t_hidden, t_head, labels)
+    with pytest.raises(ValueError, match="teacher_hidden must be \\(batch, seq, hidden\\)"):
+        linear_kd_loss("fkl", hidden, head, t_hidden[0], t_head, labels)
+    with pytest.raises(ValueError, match="teacher vocab size 12 != student vocab size 13"):
+        linear_kd_loss("fkl", hidden, head, t_hidden, t_head[:12], labels)
+    with pytest.raises(ValueError, match="labels shape"):
+        linear_cross_entropy(hidden, head, labels[:, 1:])
+    with pytest.raises(ValueError, match="ce_labels shape"):
+        linear_kd_and_ce("fkl", hidden, head, t_hidden, t_head, labels, labels[:2], kd_weight=0.5)
+    with pytest.raises(ValueError, match="kd_weight"):
+        linear_kd_and_ce("fkl", hidden, head, t_hidden, t_head, labels, labels, kd_weight=1.5)
+    with pytest.raises(ValueError, match="both be given, or both be None"):
+        linear_kd_and_ce("fkl", hidden, head, t_hidden, None, labels, labels, kd_weight=0.5)
+    with pytest.raises(ValueError, match="allowed kinds"):
+        linear_kd_loss("kl", hidden, head, t_hidden, t_head, labels)
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_cross_entropy(hidden, head, labels, chunk_size=0)
+
+
+def test_default_chunk_size_is_the_config_default():
+    from pocl_ray.config import KDConfig
+    from pocl_ray.losses import DEFAULT_CHUNK_SIZE
+
+    assert KDConfig().chunk_size == DEFAULT_CHUNK_SIZE
+
+
+def test_given_scored_positions_equal_found_ones_and_a_superset_adds_nothing():
+    """A training step finds the scored positions on the host and passes them (no GPU sync);
+    any superset of them must give the same values and gradients."""
+    from pocl_ray.losses import linear_kd_and_ce
+
+    torch.manual_seed(0)
+    hidden, vocab = 6, V
+    s_hidden = torch.randn(B, S, hidden, dtype=torch.float64, requires_grad=True)
+    head = torch.randn(vocab, hidden, dtype=torch.float64, requires_grad=True)
+    t_hidden, t_head = torch.randn(B, S, hidden, dtype=torch.float64), torch.randn(vocab, hidden, dtype=torch.float64)
+    labels = torch.randint(0, vocab, (B, S))
+    labels[:, :3] = -100
+    labels[1] = -100
+    ce_labels = labels.clone()
+    ce_labels[2] = -100
+    scored = (F.pad(labels[:, 1:], (0, 1), value=-100).flatten() != -100).nonzero().squeeze(1)
+    results = []
+    for positions in (None, scored, torch.arange(B * S)):
+        loss, kd, ce = linear_kd_and_ce("js", s_hidden, head, t_hidden, t_head, labels, ce_labels, kd_weight=0.6,
+                                        temperature=2.0, num_tokens=torch.tensor(9), ce_num_tokens=torch.tensor(5),
+                                        chunk_size=4, scored_positions=positions)
+        grads = torch.autograd.grad(loss, (s_hidden, head))
+        results.append((loss.detach(), kd, ce, *grads))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b)
+    assert results[0][1] > 0 and results[0][2] > 0

@@ -167,3 +167,48 @@ def test_check_compatible(tokenizer, tiny_assets):
     small = models.build_tiny_model("llama", 300, hidden_size=32, num_layers=1, num_heads=4)
     with pytest.raises(ValueError, match="tokenizer has 512 tokens but the models' vocabulary has only 300"):
         models.check_compatible(small, small, tokenizer)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_linear_head_of_plain_models_reproduces_the_logits(arch):
+    model = models.build_tiny_model(arch, 97, hidden_size=16, num_layers=1, num_heads=2).eval()
+    weight, reason = models.linear_head(model)
+    assert weight is model.get_output_embeddings().weight, reason
+    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+    torch.testing.assert_close(out.hidden_states[-1] @ weight.T, out.logits)
+
+
+def test_linear_head_rejects_soft_capping_and_bias():
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    config = Gemma2Config(vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                          final_logit_softcapping=0.05)  # below the random init's logit scale, so it bites
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        gemma = AutoModelForCausalLM.from_config(config).eval()
+    weight, reason = models.linear_head(gemma)
+    assert weight is None and reason == (
+        "Gemma2ForCausalLM's logits are transformed after the LM head (config.final_logit_softcapping = 0.05)"
+    )
+    # The capping is real: the plain product would be the wrong logits for this model.
+    ids = torch.arange(10).view(2, 5)
+    with torch.no_grad():
+        out = gemma(input_ids=ids, output_hidden_states=True)
+    product = out.hidden_states[-1] @ gemma.get_output_embeddings().weight.T
+    assert not torch.allclose(product, out.logits, atol=1e-3)
+    gemma.config.final_logit_softcapping = None
+    assert models.linear_head(gemma)[0] is gemma.get_output_embeddings().weight
+
+    llama = models.build_tiny_model("llama", 97, hidden_size=16, num_layers=1, num_heads=2)
+    llama.set_output_embeddings(torch.nn.Linear(16, 97, bias=True))
+    assert models.linear_head(llama) == (None, "LlamaForCausalLM's LM head has a bias")
+    llama.set_output_embeddings(torch.nn.Identity())
+    assert models.linear_head(llama) == (None, "LlamaForCausalLM's output embedding is Identity, not an nn.Linear")
+    granite = models.build_tiny_model("llama", 97, hidden_size=16, num_layers=1, num_heads=2)
+    granite.config.logits_scaling = 8.0
+    assert models.linear_head(granite)[0] is None
+    granite.config.logits_scaling = 1.0
+    assert models.linear_head(granite)[0] is not None

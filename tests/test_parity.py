@@ -11,17 +11,13 @@ import torch
 
 from pocl_ray.config import ConfigError
 from pocl_ray.parity import (
-    METHODS,
-    ParityConfig,
     build_mlp,
+    check_claims,
     distill_student,
     generator,
     heldout_set,
-    load_parity_config,
     output_kd_loss,
     parity_batch,
-    parse_parity_config,
-    run_parity,
     secret_support,
     stage_starts,
     steps_to_target,
@@ -29,6 +25,8 @@ from pocl_ray.parity import (
     summarize,
     train_teacher,
 )
+from pocl_ray.parity_config import METHODS, ParityConfig, load_parity_config, parse_parity_config
+from pocl_ray.parity_run import run_parity
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -205,6 +203,33 @@ def test_extraction_run_switches_from_hidden_matching_to_kd_within_the_budget():
     run = distill_student(cfg, 0, "extraction", final)
     assert [(s["start"], s["target"]) for s in run["stages"]] == [(1, "hidden"), (31, "logits")]
     assert run["curve"]["step"] == [0, 30, 60] and run["steps"] == 60
+
+
+def test_check_claims_fails_loudly_above_the_bounds():
+    summary = {"ratios": {"extraction/one_shot": {"ratio": 0.3, "censored": False},
+                          "extraction/progressive": {"ratio": 1.6, "censored": False}}}
+    checks = check_claims(summary)
+    assert checks["extraction/one_shot"] == {"ratio": 0.3, "bound": 0.5, "passed": True}
+    assert checks["extraction/progressive"] == {"ratio": 1.6, "bound": 1.5, "passed": False}
+    with pytest.raises(ValueError, match="no extraction/progressive ratio"):
+        check_claims({"ratios": {"extraction/one_shot": {"ratio": 0.3}}})
+
+
+def test_extraction_beats_one_shot_and_nearly_matches_progressive():
+    """Curriculum extraction's claim (METHODS.md §2) at reduced size: steps to target <= 0.5 x
+    one-shot KD and <= 1.5 x progressive distillation. The default config's 3 seeds take ~80 s on 2
+    cores, so they are `benchmarks/parity_claims.py`; here one seed of (60, 5)-parity with a width-1000
+    teacher (lr 2e-3, so it learns in ~1,500 steps) keeps the gap (measured: 300 vs 1200 and 725
+    steps) in ~15 s on one core."""
+    cfg = ParityConfig(n=60, k=5, teacher_width=1000, teacher_lr=2e-3, eval_size=2048, eval_every=25,
+                       stop_at_target=True, seeds=[0])
+    teacher, final, checkpoints = train_teacher(cfg, 0)
+    assert teacher["reached_target"]
+    runs = [distill_student(cfg, 0, m, final, checkpoints if m == "progressive" else ()) for m in METHODS]
+    summary = summarize(runs, cfg.target_accuracy, cfg.student_steps)
+    assert all(m["reached"] == 1 for m in summary["methods"].values()), summary
+    checks = check_claims(summary)
+    assert all(c["passed"] for c in checks.values()), checks
 
 
 RESULTS_SCHEMA = {

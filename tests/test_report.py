@@ -73,6 +73,11 @@ def _write_eval(folder: Path, label: str | None, per_set: dict[str, list[tuple[f
     return results
 
 
+def _text(report: Path) -> str:
+    """report.md with each line's runs of spaces collapsed: tables are padded to their widest cell."""
+    return "\n".join(" ".join(line.split()) for line in report.read_text().splitlines())
+
+
 def _images(report: Path) -> list[str]:
     return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report.read_text())
 
@@ -99,7 +104,7 @@ def test_full_report_with_compared_runs(tmp_path):
 
     path = write_report(run_dir)
     assert path == run_dir / "report" / "report.md"
-    text = path.read_text()
+    text = _text(path)
     images = _images(path)
     assert sorted(images) == ["difficulty.png", "loss.png", "rouge.png", "schedule.png"]
     for name in images:
@@ -126,7 +131,7 @@ def test_explicit_runs_and_partial_outputs(tmp_path):
     _write_metrics(run_dir / "a", [(3, 1.0, 0.5, 10), (3, 2.0, 1.0, 20)], 3.0)
     (run_dir / "b").mkdir(parents=True)  # started, nothing written yet
     path = write_report(run_dir, runs={"alpha": "a", "beta": run_dir / "b"})
-    text = path.read_text()
+    text = _text(path)
     assert sorted(_images(path)) == ["loss.png", "schedule.png"]
     for name in _images(path):
         _check_png(path.parent / name)
@@ -141,14 +146,14 @@ def test_single_run_layout_names_evaluations_by_label(tmp_path):
     _write_metrics(run_dir, [(5, 1.0, 1.0, 40)], 2.0)
     _write_eval(run_dir, "student", {"dolly": [(10.0, 12.0)]})
     _write_eval(run_dir, "teacher", {"dolly": [(30.0, 30.0)]})
-    text = write_report(run_dir).read_text()
+    text = _text(write_report(run_dir))
     assert "| set | student | teacher |" in text
     assert "| dolly | 11.00 ± 1.00 | 30.00 ± 0.00 |" in text
     assert "| solo | 5 | 1 |" in text
 
 
 def test_empty_run_dir_says_what_is_missing(tmp_path):
-    text = write_report(tmp_path).read_text()
+    text = _text(write_report(tmp_path))
     assert "No scores yet" in text and "no training metrics yet" in text and "No evaluation results yet" in text
     assert _images(tmp_path / "report" / "report.md") == []
 

@@ -17,7 +17,7 @@ from conftest import synthetic_rows
 
 from pocl_ray.config import ConfigError, ModelsConfig, parse_config
 from pocl_ray.data import validate_and_tokenize
-from pocl_ray.measurers import greedy_responses, load_measurer_models, measure
+from pocl_ray.measurers import Measurer, greedy_responses, load_measurer_models, measure
 from pocl_ray.models import load_model, load_tokenizer
 from pocl_ray.scoring import check_inputs, format_summary, load_manifest, measure_dataset, score_dataset
 
@@ -80,7 +80,7 @@ def test_measure_does_not_depend_on_batching(tiny_assets, models):
 def test_rouge_scores_the_greedy_generation(tiny_assets, models):
     rows = _rows(tiny_assets, n=6, seed=5)
     prompts = [ids[:p] for ids, p in zip(rows["input_ids"], rows["num_prompt_tokens"])]
-    generated = greedy_responses(models, prompts, max_new_tokens=6, batch_size=1)
+    generated = greedy_responses(models, prompts, max_new_tokens=[6] * len(prompts), batch_size=1)
     # A reference equal to the student's own greedy text scores 1; the real references score less.
     own = dict(rows, response=generated)
     has_words = np.array([any(c.isalnum() for c in g) for g in generated])
@@ -90,6 +90,37 @@ def test_rouge_scores_the_greedy_generation(tiny_assets, models):
     real = measure(models, rows, ["student_rougeL"], batch_size=4, max_new_tokens=6)["student_rougeL"]
     expected = [models.rouge.score(r, g)["rougeL"].fmeasure for r, g in zip(rows["response"], generated)]
     np.testing.assert_allclose(real, expected)
+
+
+def test_rouge_response_gets_the_row_budget_by_default(tiny_assets, models):
+    """With no scoring.max_new_tokens, each row's greedy response may use data.max_length minus its
+    prompt; the per-row reference generates each prompt alone with exactly that budget."""
+    rows = _rows(tiny_assets, n=4, seed=6)
+    # Small budgets (12 tokens after the longest prompt, more after shorter ones) keep the test fast.
+    max_length = int(max(rows["num_prompt_tokens"])) + 12
+    got = measure(models, rows, ["student_rougeL"], batch_size=4, max_new_tokens=None, max_length=max_length)
+    tok = models.tokenizer
+    expected, lengths = [], []
+    for ids, p, ref in zip(rows["input_ids"], rows["num_prompt_tokens"], rows["response"]):
+        prompt = torch.tensor([ids[:p]])
+        with torch.no_grad():
+            out = models.student.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                          max_new_tokens=max_length - p, pad_token_id=tok.pad_token_id,
+                                          eos_token_id=tok.eos_token_id)
+        new = out[0, p:]
+        lengths.append(len(new))
+        expected.append(models.rouge.score(ref, tok.decode(new, skip_special_tokens=True))["rougeL"].fmeasure)
+    np.testing.assert_array_equal(got["student_rougeL"], expected)
+    # The untrained student rarely stops: its responses run past the old fixed 8-token cap.
+    assert max(lengths) > 8
+    capped = measure(models, rows, ["student_rougeL"], batch_size=4, max_new_tokens=8, max_length=max_length)
+    assert not np.array_equal(capped["student_rougeL"], got["student_rougeL"])
+
+
+def test_measurer_needs_a_response_length(tiny_assets):
+    models_cfg = ModelsConfig(teacher=str(tiny_assets.teacher_dir)).model_dump(mode="json")
+    with pytest.raises(ValueError, match="scoring.max_new_tokens or data.max_length"):
+        Measurer(models_cfg, ["student_rougeL"], batch_size=4, max_new_tokens=None, use_gpu=False, num_threads=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,15 +181,19 @@ def _scores(result):
     return table.to_pandas()
 
 
-def _python_rrf(frame, metrics, directions, k=60.0):
+def _python_rrf(frame, metrics, directions, k=60.0, tie_seed=0):
+    """RRF written out: tied values share their average rank; equal fused scores go by the seeded id hash."""
+    from pocl_ray.difficulty import tie_keys
+
     ids = frame["id"].tolist()
     fused = dict.fromkeys(ids, 0.0)
     for m in metrics:
         sign = 1.0 if directions[m] == "lower" else -1.0
-        ordered = sorted(zip(ids, frame[m]), key=lambda p: (sign * p[1], p[0]))
-        for rank, (i, _) in enumerate(ordered, start=1):
-            fused[i] += 1.0 / (k + rank)
-    return sorted(ids, key=lambda i: (-fused[i], i)), fused
+        keys = [sign * v for v in frame[m]]
+        for i, v in zip(ids, keys):
+            fused[i] += 1.0 / (k + 1 + sum(o < v for o in keys) + (sum(o == v for o in keys) - 1) / 2)
+    tie = dict(zip(ids, tie_keys(ids, tie_seed).tolist()))
+    return sorted(ids, key=lambda i: (-fused[i], tie[i])), fused
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +281,7 @@ def test_rows_reach_the_actors_in_blocks_of_one_call(ray_local, tiny_assets, dat
 
 
 def test_auto_actor_pool_grows_from_one_and_scores_the_same(ray_local, scored, tiny_assets, dataset, tmp_path):
-    from pocl_ray.data import actor_pool
+    from pocl_ray.stages import actor_pool
 
     auto, fixed = actor_pool("auto"), actor_pool(3)
     assert (auto.min_size, auto.max_size) == (1, float("inf")) and (fixed.min_size, fixed.max_size) == (3, 3)
@@ -295,6 +330,11 @@ def test_cli_and_function_agree(scored, dataset, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     cli_manifest = load_manifest(out / "scores")
     assert f"scored {cli_manifest['rows_scored']} of {cli_manifest['rows_in']} rows" in proc.stdout
+    # One-line progress of our own; Ray Data's multi-line dump is off without --verbose.
+    rows_in = cli_manifest["rows_in"]
+    assert f"[score] {rows_in}/{rows_in} rows (100%)" in proc.stdout
+    assert "[ray] started a local Ray instance" in proc.stdout
+    assert "Total Progress" not in proc.stdout + proc.stderr
     for key in ("rows_in", "rows_scored", "rows_rejected", "metrics", "buckets", "num_buckets"):
         assert cli_manifest[key] == result.manifest[key], key
     cli_frame = pds.dataset(str(out / "scores" / "scores.parquet"), format="parquet").to_table().to_pandas()

@@ -11,10 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pocl_ray.config import parse_config
-from pocl_ray.curriculum import epoch_order, plan_from_config, pool_ranks, stage_specs
+from pocl_ray.curriculum import plan_from_config, stage_specs
 from pocl_ray.data import read_table, validate_and_tokenize
 from pocl_ray.difficulty import bucket_of_rank
 from pocl_ray.models import load_tokenizer
+from pocl_ray.shards import ScoresIndex, blocks, worker_shard
 
 
 def write_scores(directory: Path, assets, num_buckets: int = 4) -> Path:
@@ -71,19 +72,22 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def expected_tokens(cfg, scores: Path, plan=None) -> list[int]:
-    """Global response tokens of every planned step, from the seeded epoch orders: what the two
-    workers together must have trained on if each step got exactly its planned rows."""
+    """Global response tokens of every planned step, from the seeded epoch shards of every worker:
+    what the workers together must have trained on if each step got exactly its planned rows."""
     table = pq.read_table(scores / "scores.parquet", columns=["rank", "num_response_tokens"])
     tokens = np.zeros(table.num_rows, dtype=np.int64)
     tokens[table.column("rank").to_numpy()] = table.column("num_response_tokens").to_numpy()
-    g = cfg.training.global_batch_size
+    t = cfg.training
+    bounds = ScoresIndex(scores / "scores.parquet").bounds
     out = []
-    for index, spec in enumerate(stage_specs(plan or plan_from_config(cfg), table.num_rows, g)):
-        pool = pool_ranks(spec.pool_ranges)
+    for index, spec in enumerate(stage_specs(plan or plan_from_config(cfg), table.num_rows, t.global_batch_size)):
+        pool = blocks(spec.pool_ranges, bounds)
         for k in range(spec.steps):
             epoch, j = divmod(k, spec.steps_per_epoch)
-            order = pool[epoch_order(spec.pool_rows, cfg.training.seed, index, epoch)]
-            out.append(int(tokens[order[j * g : (j + 1) * g]].sum()))
+            shards = [worker_shard(pool, seed=t.seed, stage=index, epoch=epoch, world_size=t.num_workers, rank=r,
+                                   global_batch=t.global_batch_size, micro_batch=t.micro_batch_size)
+                      for r in range(t.num_workers)]
+            out.append(int(sum(tokens[m].sum() for s in shards for m in s.step(j))))
     return out
 
 

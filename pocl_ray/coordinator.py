@@ -1,0 +1,210 @@
+"""The CurriculumCoordinator: the single source of curriculum truth during a training run.
+
+A Ray actor created by the driver (`coordinator`); the class itself is plain Python, so its logic is
+tested without Ray. It serves the plan's stages and each worker's epoch (`pocl_ray.shards`), tracks
+plateaus, appends the step records to metrics.jsonl, and its state rides in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from pocl_ray.curriculum import Plan, StageSpec, stage_specs
+from pocl_ray.shards import BLOCK_ROWS, WINDOW_ROWS, WorkerShard, blocks, worker_shard
+
+
+def _plateaued(best: float | None, bad: int, loss: float, patience: int) -> tuple[float, int, bool]:
+    """Update (best, evaluations without improvement) with a new dev loss; True once patience runs out."""
+    if best is None or loss < best:
+        return loss, 0, False
+    return best, bad + 1, bad + 1 >= patience
+
+
+STATE_VERSION = 2  # 2: the epoch order of pocl_ray.shards (depends on the worker count and row groups)
+
+
+class CurriculumCoordinator:
+    """The single source of curriculum truth during a training run (a Ray actor; see `coordinator`).
+
+    It holds the plan, the run's position (next stage, step within it, global step) and the seeds,
+    and serves each worker, at every stage and epoch boundary, the stage's settings and that
+    worker's rows. Its state goes into every checkpoint (`checkpoint`) and comes back on a restart
+    (`restore`).
+
+    Transport (measured, DESIGN.md and benchmarks/data_path.py): the coordinator hands out rank
+    numbers, not rows (a `WorkerShard`: 8 bytes per row of the worker's epoch), and each worker
+    reads only the row groups holding them with a `shards.StepReader`, ahead of its loop. Ray Data
+    `streaming_split` cost 17-40 s per stage here, deadlocked when split inside an actor on 2 CPUs,
+    and its iterators cannot resume mid-epoch; the driver never materialises the data, and the
+    actor stays tiny. The price is that the scores directory must be readable from every worker
+    node (shared filesystem or a URI pyarrow reads), as Ray Train's storage_path already must be
+    on a multi-node cluster.
+
+    The epoch order depends on the worker count and on the scores' row groups (`row_group_bounds`,
+    from `shards.ScoresIndex`), so both are part of the state: a resume with another worker count
+    or re-written scores is refused rather than silently training other rows.
+
+    Step records: rank 0 sends its per-step records in batches (`log`, fire-and-forget between
+    checkpoints, awaited at each checkpoint) and the coordinator appends them to metrics.jsonl.
+    The actor runs on the driver's node, so the file lands in the driver's output directory on any
+    cluster; a restart truncates the file back to the checkpoint's step, so every step appears
+    exactly once.
+    """
+
+    def __init__(
+        self,
+        plan: dict,
+        num_rows: int,
+        global_batch: int,
+        micro_batch: int,
+        seed: int,
+        metrics_path: str,
+        world_size: int,
+        row_group_bounds: list[int],
+    ):
+        self.plan = Plan.from_dict(plan)
+        self.num_rows = int(num_rows)
+        self.global_batch = int(global_batch)
+        self.micro_batch = int(micro_batch)
+        self.seed = int(seed)
+        self.world_size = int(world_size)
+        bounds = np.asarray(row_group_bounds, dtype=np.int64)
+        if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != self.num_rows:
+            raise ValueError(f"row_group_bounds must run from 0 to num_rows ({self.num_rows}), got {bounds[:1]}..{bounds[-1:]}")
+        # What the epoch order depends on besides the seeds; a checksum, not the list, so the state
+        # stays small however many row groups there are.
+        self.layout = (f"{len(bounds) - 1} row groups, crc32 {zlib.crc32(bounds.tobytes()):08x}; "
+                       f"blocks of {BLOCK_ROWS} rows, windows of {WINDOW_ROWS}")
+        self.specs = stage_specs(self.plan, self.num_rows, self.global_batch)
+        self.blocks = [blocks(s.pool_ranges, bounds) for s in self.specs]
+        self.metrics_path = metrics_path
+        self.position = {"stage": 0, "stage_step": 0, "step": 0}
+        self.plateau = {"stage": 0, "best": None, "bad": 0}
+        self.last_record: dict | None = None
+
+    # -- position and state ------------------------------------------------------------------
+
+    def state(self) -> dict:
+        """Everything a restart needs: plan, data settings, seeds, position, plateau tracking."""
+        return {
+            "version": STATE_VERSION,
+            "plan": self.plan.to_dict(),
+            "num_rows": self.num_rows,
+            "global_batch": self.global_batch,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "layout": self.layout,
+            "position": dict(self.position),
+            "plateau": dict(self.plateau),
+        }
+
+    def restore(self, state: dict | None) -> dict:
+        """Start from a checkpoint's state (None = from the beginning) and return the state.
+
+        Records in metrics.jsonl past the checkpoint's step are dropped: the steps after it are
+        about to be trained again.
+        """
+        if state is not None:
+            self._check_compatible(state)
+            self.position = dict(state["position"])
+            self.plateau = dict(state["plateau"])
+        else:
+            self.position = {"stage": 0, "stage_step": 0, "step": 0}
+            self.plateau = {"stage": 0, "best": None, "bad": 0}
+        self._truncate_metrics(self.position["step"])
+        return self.state()
+
+    def _check_compatible(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"checkpoint coordinator state has version {state.get('version')}, expected {STATE_VERSION}")
+        if state["world_size"] != self.world_size:
+            raise ValueError(
+                f"the checkpoint being resumed was written by {state['world_size']} workers and this run has "
+                f"{self.world_size}: an epoch's data order depends on the worker count, so resume with "
+                f"training.num_workers: {state['world_size']}, or start a new run under another name"
+            )
+        mismatches = [
+            name
+            for name, saved, now in (
+                ("plan", Plan.from_dict(state["plan"]), self.plan),
+                ("num_rows", state["num_rows"], self.num_rows),
+                ("global_batch", state["global_batch"], self.global_batch),
+                ("seed", state["seed"], self.seed),
+                ("scores layout", state["layout"], self.layout),
+            )
+            if saved != now
+        ]
+        if mismatches:
+            raise ValueError(
+                f"the checkpoint being resumed was written with a different {', '.join(mismatches)}; "
+                "use another run name (config `name`) or output directory for a different run"
+            )
+
+    def checkpoint(self, position: dict, records: list[dict]) -> dict:
+        """Append the last records, move to `position` (the next step to train) and return the state."""
+        self.log(records)
+        self.position = dict(position)
+        return self.state()
+
+    # -- serving stages and rows -------------------------------------------------------------
+
+    def stage(self, index: int) -> StageSpec:
+        return self.specs[index]
+
+    def shard(self, stage: int, epoch: int, rank: int) -> WorkerShard:
+        """Worker `rank`'s rows, steps and micro-batches for one epoch of a stage."""
+        return worker_shard(
+            self.blocks[stage], seed=self.seed, stage=stage, epoch=epoch, world_size=self.world_size, rank=rank,
+            global_batch=self.global_batch, micro_batch=self.micro_batch,
+        )
+
+    def report_eval(self, stage: int, dev_loss: float) -> bool:
+        """Record a dev-loss evaluation of `stage`; True when the stage has stopped improving."""
+        if self.plateau["stage"] != stage:
+            self.plateau = {"stage": stage, "best": None, "bad": 0}
+        best, bad, stop = _plateaued(self.plateau["best"], self.plateau["bad"], float(dev_loss), self.specs[stage].stage.patience)
+        self.plateau.update(best=best, bad=bad)
+        return stop
+
+    # -- step records ------------------------------------------------------------------------
+
+    def log(self, records: list[dict]) -> None:
+        if not records:
+            return
+        with open(self.metrics_path, "a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        self.last_record = records[-1]
+
+    def progress(self) -> dict | None:
+        """The latest step record received (stage, epoch, step, ...), None before the first."""
+        return self.last_record
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = Path(self.metrics_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def coordinator(
+    name: str, *, plan: Plan, num_rows: int, global_batch: int, micro_batch: int, seed: int, metrics_path: str,
+    world_size: int, row_group_bounds: list[int],
+):
+    """Start the named coordinator actor on this (the driver's) node, so its files land here.
+
+    It asks for no CPU: it only answers small calls, and a CPU slot held by it could starve the
+    training workers on a small cluster.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    actor = ray.remote(CurriculumCoordinator).options(name=name, num_cpus=0, scheduling_strategy=here, max_restarts=0)
+    return actor.remote(plan.to_dict(), num_rows, global_batch, micro_batch, seed, metrics_path, world_size, row_group_bounds)

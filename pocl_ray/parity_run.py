@@ -1,0 +1,93 @@
+"""The sparse-parity sandbox's Ray runner (`pocl-ray parity`): one task per teacher, one per
+(seed, method) student, at most `max_concurrent_tasks` in flight; results and plot on disk.
+
+The tasks run the pure sandbox of `pocl_ray.parity`; the config is `pocl_ray.parity_config`.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from pocl_ray.parity import distill_student, format_summary, plot_curves, summarize, train_teacher
+from pocl_ray.parity_config import ParityConfig
+from pocl_ray.stages import init_ray
+
+
+def _bounded(thunks: Sequence[Callable[[], Any]], limit: int) -> list[Any]:
+    """Submit Ray tasks in order with at most `limit` in flight; returns each thunk's ref(s).
+
+    A thunk returns one ObjectRef or a tuple of them (the first is waited on). Later thunks may take
+    earlier refs as arguments; submission order keeps their producers ahead of them.
+    """
+    out: list[Any] = []
+    in_flight: list[Any] = []
+    for thunk in thunks:
+        if len(in_flight) >= limit:
+            _, in_flight = ray.wait(in_flight, num_returns=1)
+        refs = thunk()
+        out.append(refs)
+        in_flight.append(refs[0] if isinstance(refs, tuple) else refs)
+    return out
+
+
+def run_parity(cfg: ParityConfig, output_dir: str | Path) -> dict:
+    """Teachers, then every (seed, method) student, as Ray tasks; writes DIR/parity/{results.json, curves.png}."""
+    out = Path(output_dir) / "parity"
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    we_started = init_ray(cfg.num_cpus, include_dashboard=False)
+    try:
+        resources = {"num_cpus": cfg.cpus_per_task, "num_gpus": cfg.gpus_per_task}
+        teacher_task = ray.remote(train_teacher).options(num_returns=3, **resources)
+        student_task = ray.remote(distill_student).options(**resources)
+        teacher_refs: dict[int, tuple] = {}
+
+        def teacher_thunk(seed: int) -> Callable[[], tuple]:
+            def submit() -> tuple:
+                teacher_refs[seed] = tuple(teacher_task.remote(cfg, seed))
+                return teacher_refs[seed]
+            return submit
+
+        def student_thunk(seed: int, method: str) -> Callable[[], Any]:
+            def submit() -> Any:
+                _, final, ckpts = teacher_refs[seed]
+                # Only progressive needs the checkpoints; the others never fetch them.
+                return student_task.remote(cfg, seed, method, final, *([ckpts] if method == "progressive" else []))
+            return submit
+
+        thunks = [teacher_thunk(s) for s in cfg.seeds]
+        thunks += [student_thunk(s, m) for s in cfg.seeds for m in cfg.methods]
+        refs = _bounded(thunks, cfg.max_concurrent_tasks)
+        student_refs = refs[len(cfg.seeds):]
+        teachers = ray.get([teacher_refs[s][0] for s in cfg.seeds])
+        runs = ray.get(student_refs)
+        ray_version = ray.__version__
+    finally:
+        if we_started:
+            ray.shutdown()
+
+    results = {
+        "target_accuracy": cfg.target_accuracy,
+        "runs": [{k: r[k] for k in ("method", "seed", "steps_to_target", "final_accuracy")} for r in runs],
+        "summary": summarize(runs, cfg.target_accuracy, cfg.student_steps),
+        "teachers": teachers,
+        "curves": [{k: r[k] for k in ("method", "seed", "curve", "stages", "steps", "seconds")} for r in runs],
+        "config": cfg.model_dump(mode="json"),
+        "wall_seconds": time.perf_counter() - started,
+        "ray_version": ray_version,
+        "torch_version": torch.__version__,
+        "host": platform.node(),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    plot_curves(runs, cfg.target_accuracy, results["config"], out / "curves.png")
+    print(format_summary(results))
+    print(f"results: {out / 'results.json'}\nplot:    {out / 'curves.png'}")
+    return results
