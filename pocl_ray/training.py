@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -852,6 +853,10 @@ def train(
 
     if not ray.is_initialized():
         ray.init()
+    # Ray Train's controller notices a finished (or failed) worker group at its next poll, every 2 s
+    # by default: measured on 2 CPU cores, a 0.25 s poll cut 3-4 s from every fit's end and ~1 s from
+    # its start. The controller propagates this setting to itself from the driver's environment.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     name = f"pocl-coordinator-{cfg.name}-{uuid.uuid4().hex[:8]}"
     coord = coordinator(name, plan=plan, num_rows=num_rows, global_batch=t.global_batch_size,
                         micro_batch=t.micro_batch_size, seed=t.seed, metrics_path=str(metrics_path),

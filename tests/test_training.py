@@ -156,6 +156,32 @@ def test_length_grouping_keeps_the_rows_and_pads_little():
         assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
 
 
+def test_gradient_checkpointing_gives_the_same_step(tiny_assets):
+    """training.gradient_checkpointing trades compute for memory and must not change the gradient."""
+    from pocl_ray.config import KDConfig
+    from pocl_ray.curriculum import Stage
+    from pocl_ray.training import HiddenStatesLM, accumulate_gradients, build_batch
+
+    tokenizer = load_tokenizer(tiny_assets.tokenizer_dir)
+    good, _ = validate_and_tokenize(read_table(tiny_assets.train_path).to_pylist()[:6], tokenizer, tiny_assets.data_config())
+    batches = [build_batch(good[i : i + 3], tokenizer.pad_token_id, torch.device("cpu")) for i in (0, 3)]
+    teacher = HiddenStatesLM(load_model(tiny_assets.teacher_dir, frozen=True))
+    stage = Stage(index=0, buckets=(0,), steps=1, temperature=2.0, kd_weight=0.7, loss="fkl")
+    results = []
+    for checkpointing in (False, True):
+        lm = load_model(tiny_assets.cut_student_dir)
+        if checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.train()
+        assert lm.is_gradient_checkpointing == checkpointing
+        student = HiddenStatesLM(lm)
+        out = accumulate_gradients(student, teacher, batches, stage, KDConfig())
+        results.append((out, {n: p.grad for n, p in lm.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
 # -- loss algebra: 2 DDP workers give the gradient of 1 worker on the combined batch -------------
 
 
