@@ -122,6 +122,10 @@ class ScoringConfig(_Section):
     rows_per_file: int | None = Field(
         None, ge=1, description="rows per scores.parquet file; default about 64 MiB of tokens at data.max_length"
     )
+    teacher_top_k: int | None = Field(
+        None, ge=1, description="also store the teacher's top-k log-probs (and its tail) at every response "
+        "position, for kd.teacher: cached (METHODS.md §4); None = no teacher cache",
+    )
 
     @model_validator(mode="after")
     def _metrics(self) -> ScoringConfig:
@@ -225,6 +229,10 @@ class KDConfig(_Section):
     on_policy_max_new_tokens: int = Field(128, gt=0)
     # = losses.DEFAULT_CHUNK_SIZE (measured there; a test keeps the two equal).
     chunk_size: int = Field(256, gt=0, description="scored positions per loss chunk")
+    teacher: Literal["online", "cached"] = Field(
+        "online", description="online: run the teacher in every training step; cached: read its top-k "
+        "distribution from the scores (scoring.teacher_top_k), no teacher on the training workers",
+    )
 
 
 class TrainingConfig(_Section):
@@ -260,10 +268,6 @@ class TrainingConfig(_Section):
                 f"micro_batch_size x num_workers ({per_step})"
             )
         return self
-
-    @property
-    def grad_accum_steps(self) -> int:
-        return self.global_batch_size // (self.micro_batch_size * self.num_workers)
 
 
 class EvalSet(_Section):
@@ -370,6 +374,20 @@ class RunConfig(_Section):
     tune: TuneConfig = TuneConfig()
     output: OutputConfig = OutputConfig()
     pipeline: PipelineConfig = PipelineConfig()
+
+    @model_validator(mode="after")
+    def _cached_teacher(self) -> RunConfig:
+        if self.kd.teacher != "cached":
+            return self
+        if self.curriculum.plan in ("extraction", "progressive"):
+            need = "the teacher's hidden states" if self.curriculum.plan == "extraction" else "one teacher per checkpoint"
+            raise ValueError(f"kd.teacher: 'cached' cannot serve curriculum.plan {self.curriculum.plan!r}, which needs {need}; use kd.teacher: online")
+        if self.kd.on_policy_fraction > 0:
+            raise ValueError("kd.teacher: 'cached' holds the teacher on the reference responses only; kd.on_policy_fraction > 0 "
+                             "needs it on the student's samples (use kd.teacher: online)")
+        if self.scoring.teacher_top_k is None:
+            raise ValueError("kd.teacher: 'cached' reads the teacher from the scores; set scoring.teacher_top_k (e.g. 128)")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

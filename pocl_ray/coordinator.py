@@ -84,7 +84,6 @@ class CurriculumCoordinator:
         self.metrics_path = metrics_path
         self.position = {"stage": 0, "stage_step": 0, "step": 0}
         self.plateau = {"stage": 0, "best": None, "bad": 0}
-        self.last_record: dict | None = None
 
     # -- position and state ------------------------------------------------------------------
 
@@ -178,11 +177,6 @@ class CurriculumCoordinator:
         with open(self.metrics_path, "a") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
-        self.last_record = records[-1]
-
-    def progress(self) -> dict | None:
-        """The latest step record received (stage, epoch, step, ...), None before the first."""
-        return self.last_record
 
     def _truncate_metrics(self, step: int) -> None:
         path = Path(self.metrics_path)

@@ -87,12 +87,6 @@ class Plan:
         stages = tuple(Stage(**{**s, "buckets": tuple(s["buckets"])}) for s in d["stages"])
         return cls(name=d["name"], num_buckets=d["num_buckets"], stages=stages)
 
-    def sample_budget(self, bucket_rows: list[int]) -> float | None:
-        """Rows seen over the whole plan, for epoch-based plans (None if any stage is step-based)."""
-        if any(s.epochs is None for s in self.stages):
-            return None
-        return sum(s.epochs * sum(bucket_rows[b] for b in s.buckets) for s in self.stages)
-
 
 def schedule(start: float, end: float, n: int, shape: Shape = "linear") -> list[float]:
     """n per-stage values from start to end; a single stage gets `end` (it trains on all data)."""

@@ -352,17 +352,6 @@ class _Rows:
         return json.loads(json.dumps(record, ensure_ascii=False, default=str))
 
 
-def actor_pool(num_actors: int | str):
-    """Ray Data's compute strategy for a model actor pool: a fixed size, or for "auto" a pool that
-    starts with one actor and grows while there is work and free resources for another (on an
-    autoscaling cluster, GPU nodes that join are used as they come)."""
-    import ray.data
-
-    if num_actors == "auto":
-        return ray.data.ActorPoolStrategy(min_size=1, max_size=None)
-    return ray.data.ActorPoolStrategy(size=int(num_actors))
-
-
 def records_of(batch: Any) -> list[dict[str, Any]]:
     """Each row of a raw batch as the user wrote it (JSON-serialisable): its fields, or
     {"raw_line": ...} for a line that was not valid JSON. Rejects are written with these."""

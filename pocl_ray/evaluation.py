@@ -33,15 +33,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 import torch
 from rouge_score.rouge_scorer import RougeScorer
 
 from pocl_ray.config import ConfigError, EvalConfig, RunConfig
-from pocl_ray.data import actor_pool, collate, duplicate_reasons, prepare_batch, read_ray_dataset
+from pocl_ray.data import collate, duplicate_reasons, prepare_batch, read_ray_dataset
 from pocl_ray.measurers import response_means
 from pocl_ray.models import load_model, load_tokenizer
 from pocl_ray.sampling import generate_tokens
+from pocl_ray.stages import actor_pool, actor_resources, row_progress
 
 log = logging.getLogger(__name__)
 
@@ -207,12 +209,6 @@ def _num(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def results_markdown(results: Mapping[str, Any]) -> str:
     cfg = results["config"]
     seeds = [str(s) for s in cfg["seeds"]]
@@ -230,33 +226,8 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         f"sampling: {sampling}, max new tokens {cfg['max_new_tokens']}, seeds {', '.join(seeds)}  \n"
         f"ROUGE-L: F1 ×100 (rouge-score, stemming), mean over rows per seed, then mean ± std over seeds; "
         f"CE: mean teacher-forced cross-entropy on the reference response (nats/token)\n\n"
-        + markdown_table(headers, rows)
+        + pd.DataFrame(rows, columns=headers).astype(str).to_markdown(index=False, disable_numparse=True)
         + "\n"
-    )
-
-
-def compare_table(results_by_label: Mapping[str, Mapping[str, Any]]) -> str:
-    """Markdown with the runs side by side: ROUGE-L (mean ± std over seeds) and response CE per set."""
-    labels = list(results_by_label)
-    set_names: list[str] = []
-    for res in results_by_label.values():
-        set_names.extend(n for n in res["sets"] if n not in set_names)
-
-    def cell(res: Mapping[str, Any], name: str, key: str) -> str:
-        s = res["sets"].get(name)
-        if s is None or s[key] is None:
-            return "–"
-        if key == "ce_mean":
-            return _num(s[key], 3)
-        return f"{_num(s[key])} ± {_num(s['rougeL_std'])}"
-
-    rouge = [[n, *[cell(results_by_label[lb], n, "rougeL_mean") for lb in labels]] for n in set_names]
-    rouge.append(["**average**", *[_num(results_by_label[lb]["average"]["rougeL_mean"]) for lb in labels]])
-    ce = [[n, *[cell(results_by_label[lb], n, "ce_mean") for lb in labels]] for n in set_names]
-    ce.append(["**average**", *[_num(results_by_label[lb]["average"]["ce_mean"], 3) for lb in labels]])
-    return (
-        "ROUGE-L ×100 (mean ± std over seeds)\n\n" + markdown_table(["set", *labels], rouge)
-        + "\n\nResponse cross-entropy (nats/token, lower is better)\n\n" + markdown_table(["set", *labels], ce) + "\n"
     )
 
 
@@ -315,8 +286,9 @@ def _prepare(batch: dict, tokenizer, data_cfg, set_name: str) -> pa.Table:
 class _Evaluator:
     """Ray Data actor: one model replica, evaluate_rows over each batch it is handed."""
 
-    def __init__(self, model_path: str, tokenizer_path: str, dtype: str, eval_cfg: EvalConfig):
+    def __init__(self, model_path: str, tokenizer_path: str, dtype: str, eval_cfg: EvalConfig, counter=None):
         device = "cuda" if eval_cfg.num_gpus_per_actor > 0 else "cpu"
+        self.counter = counter  # a stages.RowCounter: rows done, for the driver's progress line
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.model = load_model(model_path, dtype=dtype, device=device, frozen=True)
         self.eval_cfg = eval_cfg
@@ -324,6 +296,8 @@ class _Evaluator:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = evaluate_rows(self.model, self.tokenizer, batch.to_pylist(), self.eval_cfg, self.scorer)
+        if self.counter is not None:
+            self.counter.add.remote(batch.num_rows)
         return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 
@@ -355,6 +329,25 @@ def _check_inputs(cfg: RunConfig, model_path: Path) -> Path:
     return Path(fallback)
 
 
+def _generate_and_score(ds, window: int, ecfg: EvalConfig, cfg: RunConfig, model_path: Path, tokenizer_path: Path, counter) -> list[pa.Table]:
+    """The evaluation actors over the prepared rows, in input order."""
+    # A JSONL set is read as one block: blocks of one actor call each give every actor a share.
+    ds = ds.repartition(target_num_rows_per_block=window).map_batches(
+        _Evaluator,
+        batch_size=window,
+        batch_format="pyarrow",
+        compute=actor_pool(ecfg.num_actors),
+        **actor_resources(ecfg.num_cpus_per_actor, ecfg.num_gpus_per_actor),
+        fn_constructor_kwargs={
+            "model_path": str(model_path), "tokenizer_path": str(tokenizer_path),
+            "dtype": cfg.models.dtype, "eval_cfg": ecfg, "counter": counter,
+        },
+    )
+    # Input order in, input order out: duplicate-id detection keeps the first occurrence.
+    ds.context.execution_options.preserve_order = True
+    return list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+
+
 def evaluate(cfg: RunConfig, model_path: str | Path, output_dir: str | Path | None = None, label: str | None = "student") -> EvalResult:
     """Evaluate the model in `model_path` on cfg.eval.sets; write DIR/eval/<label>/ (see module doc).
 
@@ -381,22 +374,8 @@ def evaluate(cfg: RunConfig, model_path: str | Path, output_dir: str | Path | No
         )
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     window = ecfg.batch_size * ecfg.length_sort_batches
-    # A JSONL set is read as one block: blocks of one actor call each give every actor a share.
-    ds = ds.repartition(target_num_rows_per_block=window).map_batches(
-        _Evaluator,
-        batch_size=window,
-        batch_format="pyarrow",
-        compute=actor_pool(ecfg.num_actors),
-        num_cpus=ecfg.num_cpus_per_actor,
-        num_gpus=ecfg.num_gpus_per_actor,
-        fn_constructor_kwargs={
-            "model_path": str(model_path), "tokenizer_path": str(tokenizer_path),
-            "dtype": cfg.models.dtype, "eval_cfg": ecfg,
-        },
-    )
-    # Input order in, input order out: duplicate-id detection keeps the first occurrence.
-    ds.context.execution_options.preserve_order = True
-    tables = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    with row_progress("eval", ds.count()) as counter:
+        tables = _generate_and_score(ds, window, ecfg, cfg, model_path, tokenizer_path, counter)
     rows = pa.concat_tables(tables).to_pylist() if tables else []
 
     sets, rejected, scored = summarize(rows, [s.name for s in ecfg.sets], ecfg.seeds)

@@ -17,12 +17,17 @@ holds logits for more than one chunk, nor any for prompt and padding positions.
 Finding the scored positions on a GPU (nonzero) makes the host wait for it; a training step passes
 them as ``scored_positions`` instead, found on the host while it builds the batch: the flattened
 (batch·seq) indices of the positions to visit, any superset of the scored ones (the rest add nothing).
+
+A cached teacher (`TeacherCache`, METHODS.md §4: top-K log-probs and the tail mass per scored position,
+stored by the scoring pass) replaces the teacher's chunk logits in the same engine (`cached_kd_and_ce`):
+each divergence is then taken on the K + 1 outcomes "each top-K token" and "the rest".
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +64,71 @@ def _log_mix(logp: torch.Tensor, logq: torch.Tensor, weight_p: float) -> torch.T
     if weight_p == 1.0:
         return logp
     return torch.logaddexp(logp + math.log(weight_p), logq + math.log1p(-weight_p))
+
+
+# The cached teacher (METHODS.md §4): per scored position the teacher's top-K log-probs at T = 1 and
+# the log of its tail Σ_{j ∉ top-K} p_j^(1/T) at these temperatures. A tail at another temperature is
+# interpolated linearly in 1/T between the two nearest (extrapolated from the end segments outside):
+# log Σ p_j^β is convex in β, so between grid points the estimate is an upper bound, outside a lower one.
+# 1 and 2 are the default schedule's ends (exact there); 1.5 halves the interpolation span between them.
+TAIL_TEMPERATURES = (1.0, 1.5, 2.0, 4.0)
+
+
+class TeacherCache(NamedTuple):
+    """The teacher's distribution at N scored positions, in the order the KD mask visits them (row-major).
+
+    top_ids (N, K) integer token ids; top_logprobs (N, K) the teacher's log-softmax at T = 1 of those
+    tokens (any float dtype); tail (N, len(TAIL_TEMPERATURES)) log Σ_{j ∉ top-K} p_j^(1/T) for each
+    T of TAIL_TEMPERATURES, floored at _LOG_FLOOR (an empty tail, K = vocab, has mass exactly 0).
+    """
+
+    top_ids: torch.Tensor
+    top_logprobs: torch.Tensor
+    tail: torch.Tensor
+
+
+def teacher_top_k(logits: torch.Tensor, k: int) -> TeacherCache:
+    """The cache of teacher ``logits`` (N, V): top-k log-probs at T = 1 (fp32, unfloored) and the tail terms."""
+    if not 1 <= k <= logits.shape[-1]:
+        raise ValueError(f"top-k size must lie in 1..{logits.shape[-1]} (the vocabulary), got {k}")
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top, ids = logp.topk(k, dim=-1)
+    rest = logp.scatter(-1, ids, float("-inf"))
+    tail = torch.stack([(rest / t).logsumexp(-1) for t in TAIL_TEMPERATURES], -1).clamp_min(_LOG_FLOOR)
+    return TeacherCache(ids, top, tail)
+
+
+def _tail_at(tail: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log Σ_tail p_j^(1/T) per row: the stored value at a grid temperature, else piecewise linear in 1/T."""
+    betas = [1.0 / t for t in TAIL_TEMPERATURES]  # decreasing
+    beta = 1.0 / temperature
+    i = next((i for i in range(len(betas) - 2) if beta >= betas[i + 1]), len(betas) - 2)
+    w = (betas[i] - beta) / (betas[i] - betas[i + 1])
+    # At a grid point w is exactly 0 or 1, so the stored value comes back bit for bit.
+    return tail[:, i].float() if w == 0.0 else tail[:, i + 1].float() if w == 1.0 else (
+        (1.0 - w) * tail[:, i].float() + w * tail[:, i + 1].float()
+    )
+
+
+def _cached_teacher(cache: TeacherCache, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, teacher log-probs over the K + 1 outcomes "each top-K token" and "rest") at T, each with one
+    extra last row, a uniform dummy, that positions outside the KD mask index (their terms are masked)."""
+    top = cache.top_logprobs.float() / temperature
+    logp = torch.log_softmax(torch.cat([top, _tail_at(cache.tail, temperature)[:, None]], -1), -1)
+    k = top.shape[1]
+    dummy = torch.full((1, k + 1), -math.log(k + 1), dtype=logp.dtype, device=logp.device)
+    ids = torch.cat([cache.top_ids.long(), torch.zeros((1, k), dtype=torch.long, device=logp.device)])
+    return ids, torch.cat([logp.clamp_min(_LOG_FLOOR), dummy])
+
+
+def _student_buckets(logq: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Student log-probs (floored, (N, V)) folded onto the top-K ids and one "rest" bucket, (N, K + 1).
+
+    The top-K entries are overwritten with a finite value far below the floor rather than -inf, so an
+    empty rest (K = V) has log-mass ~ 2·floor with a finite gradient (exp(-inf + inf) would be NaN).
+    """
+    rest = logq.scatter(-1, ids, 2 * _LOG_FLOOR).logsumexp(-1, keepdim=True)
+    return torch.cat([logq.gather(-1, ids), rest], -1).clamp_min(_LOG_FLOOR)
 
 
 # Each divergence maps teacher and student log-probs, both (N, V) fp32, to per-position values (N,).
@@ -276,11 +346,14 @@ def _fused_losses(
     ce_num_tokens: int | torch.Tensor | None,
     chunk_size: int | None,
     positions: torch.Tensor | None = None,
+    cache: TeacherCache | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(kd_weight·KD + (1 − kd_weight)·CE, KD, CE) in one pass over the chunks; the last two detached.
 
     KD is scored where ``labels`` are, CE where ``ce_labels`` are; either may be None (that term is 0).
-    ``student``/``teacher`` are logits when their head is None, else hidden states. Callers check shapes.
+    ``student``/``teacher`` are logits when their head is None, else hidden states. With ``cache`` (and
+    no teacher) KD is taken against the cached top-K + rest distribution (METHODS.md §4): the student's
+    log-probs are folded onto the same K + 1 outcomes and the same divergence applies. Callers check shapes.
     """
     chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
     if chunk_size < 1:
@@ -302,10 +375,16 @@ def _fused_losses(
         return lambda: int(mask.sum())
 
     scales, norms = [], []
-    if kd_mask is not None:
+    if kd_mask is not None and cache is None:
         teacher_rows = _row_logits(
             teacher.detach().flatten(0, 1), None if teacher_head is None else teacher_head.detach()
         )
+    if kd_mask is not None and cache is not None:
+        cached_ids, cached_logp = _cached_teacher(cache, temperature)
+        # Each flattened position's index among the KD-scored ones (row-major, the cache's order), found
+        # on the device; positions before the first one get -1, the dummy last row of the cache.
+        slot = kd_mask.cumsum(0) - 1
+    if kd_mask is not None:
         # The pass may also visit rows KD does not score (CE-only ones, given positions); KD must not count them.
         kd_rows = kd_mask if ce_targets is not None or positions is not None else None
         norms.append(_inverse_count(num_tokens, local_count(kd_mask), device) * (temperature**2 if scale_by_t2 else 1.0))
@@ -319,7 +398,11 @@ def _fused_losses(
         logq = None
         if kd_mask is not None:
             logq = torch.log_softmax(logits.float() / temperature, dim=-1)
-            per_row = divergence(_log_probs(teacher_rows(chunk_rows), temperature), logq.clamp_min(_LOG_FLOOR))
+            if cache is None:
+                per_row = divergence(_log_probs(teacher_rows(chunk_rows), temperature), logq.clamp_min(_LOG_FLOOR))
+            else:
+                at = slot[chunk_rows]
+                per_row = divergence(cached_logp[at], _student_buckets(logq.clamp_min(_LOG_FLOOR), cached_ids[at]))
             values.append((per_row if kd_rows is None else per_row.where(kd_rows[chunk_rows], 0.0)).sum())
         if ce_targets is not None:
             # At T = 1 the student log-probs of KD serve CE as they are (unfloored, so CE is exact).
@@ -480,5 +563,95 @@ def linear_cross_entropy(
     loss, _, _ = _fused_losses(
         student_hidden, student_head, None, None, None, labels, divergence=None, temperature=1.0, scale_by_t2=False,
         kd_weight=0.0, num_tokens=None, ce_num_tokens=num_tokens, chunk_size=chunk_size, positions=scored_positions,
+    )
+    return loss
+
+
+def _check_cache(cache: TeacherCache, vocab: int, labels: torch.Tensor) -> None:
+    ids, values, tail = cache
+    if ids.dim() != 2 or values.shape != ids.shape or tail.dim() != 2 or tail.shape[0] != ids.shape[0]:
+        raise ValueError(
+            f"teacher cache must be top_ids (N, K), top_logprobs (N, K), tail (N, {len(TAIL_TEMPERATURES)}); got "
+            f"{tuple(ids.shape)}, {tuple(values.shape)}, {tuple(tail.shape)}"
+        )
+    if tail.shape[1] != len(TAIL_TEMPERATURES):
+        raise ValueError(f"teacher cache tail has {tail.shape[1]} temperatures, expected {len(TAIL_TEMPERATURES)} {TAIL_TEMPERATURES}")
+    if ids.shape[1] > vocab or ids.dtype.is_floating_point:
+        raise ValueError(f"teacher cache top_ids must be integer ids, at most the vocabulary ({vocab}) per row; got {ids.dtype} K = {ids.shape[1]}")
+    # Counting the scored positions makes a GPU host wait, so the alignment is checked on CPU only
+    # (collate_teacher_cache checks it per row while building the batch).
+    if labels.device.type == "cpu" and int(count_tokens(labels)) != ids.shape[0]:
+        raise ValueError(f"teacher cache holds {ids.shape[0]} positions but labels score {int(count_tokens(labels))}")
+
+
+def cached_kd_and_ce(
+    kind: str,
+    student: torch.Tensor,
+    student_head: torch.Tensor | None,
+    cache: TeacherCache,
+    labels: torch.Tensor,
+    ce_labels: torch.Tensor,
+    *,
+    kd_weight: float,
+    temperature: float = 1.0,
+    scale_by_t2: bool = True,
+    alpha: float = 0.1,
+    beta: float = 0.5,
+    mu: float = 0.5,
+    num_tokens: int | torch.Tensor | None = None,
+    ce_num_tokens: int | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    scored_positions: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``linear_kd_and_ce`` against a cached teacher: (loss, KD, CE), the last two detached.
+
+    ``student`` is hidden states (batch, seq, hidden) with ``student_head`` (vocab, hidden), or logits
+    (batch, seq, vocab) with ``student_head`` None. ``cache`` holds one entry per KD-scored position
+    (labels[:, t + 1] != -100), row-major: the order of ``scored_positions`` from ``build_batch`` and of
+    ``teacher_cache.collate_teacher_cache``. Every kind is the same divergence on K + 1 outcomes, the
+    teacher's top-K tokens and one "rest" bucket (METHODS.md §4); with K = vocab it is the online loss.
+    """
+    if not 0.0 <= kd_weight <= 1.0:
+        raise ValueError(f"kd_weight must lie in [0, 1], got {kd_weight}")
+    divergence = _check_kd_options(kind, temperature, alpha, beta, mu)
+    if student_head is None:
+        _check_logits("student", student, ce_labels)
+        _check_logits("student", student, labels)
+        vocab = student.shape[-1]
+    else:
+        _check_linear("student", student, student_head, "ce_labels", ce_labels)
+        _check_positions("student_hidden", student, "hidden", "labels", labels)
+        vocab = student_head.shape[0]
+    _check_cache(cache, vocab, labels)
+    return _fused_losses(
+        student, student_head, None, None, labels, ce_labels, divergence=divergence, temperature=temperature,
+        scale_by_t2=scale_by_t2, kd_weight=kd_weight, num_tokens=num_tokens, ce_num_tokens=ce_num_tokens,
+        chunk_size=chunk_size, positions=scored_positions, cache=cache,
+    )
+
+
+def cached_kd_loss(
+    kind: str,
+    student_logits: torch.Tensor,
+    cache: TeacherCache,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    scale_by_t2: bool = True,
+    alpha: float = 0.1,
+    beta: float = 0.5,
+    mu: float = 0.5,
+    num_tokens: int | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    scored_positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``kd_loss`` against a cached teacher (see ``cached_kd_and_ce``), from student logits."""
+    divergence = _check_kd_options(kind, temperature, alpha, beta, mu)
+    _check_logits("student_logits", student_logits, labels)
+    _check_cache(cache, student_logits.shape[-1], labels)
+    loss, _, _ = _fused_losses(
+        student_logits, None, None, None, labels, None, divergence=divergence, temperature=temperature,
+        scale_by_t2=scale_by_t2, kd_weight=1.0, num_tokens=num_tokens, ce_num_tokens=None, chunk_size=chunk_size,
+        positions=scored_positions, cache=cache,
     )
     return loss

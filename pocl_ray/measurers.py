@@ -6,7 +6,8 @@ Metrics (METHODS.md §1): student_ce, teacher_ce (mean response cross-entropy), 
 (KL(teacher || student) at T = 1 on the reference response), student_rougeL (ROUGE-L F1, stemmed,
 of the initial student's greedy response) and length (response tokens). Rows are batched by
 similar length to avoid padding waste; each batch's per-row metrics are computed together on the
-device and read back once (`response_means`).
+device and read back once (`response_means`). With a teacher top-k (scoring.teacher_top_k) the same
+teacher forward also gives each row's teacher cache (`teacher_cache.py`, METHODS.md §4).
 
 The greedy response of a row gets up to its response budget, data.max_length minus its prompt,
 so difficulty does not mostly measure the truncation of long references; scoring.max_new_tokens,
@@ -24,7 +25,9 @@ import pyarrow as pa
 import torch
 
 from pocl_ray import data as data_mod
+from pocl_ray import teacher_cache
 from pocl_ray.config import ModelsConfig
+from pocl_ray.losses import teacher_top_k
 from pocl_ray.sampling import generate_tokens
 
 TEACHER_METRICS = frozenset({"teacher_ce", "teacher_student_kl"})
@@ -46,11 +49,14 @@ class MeasurerModels:
     rouge: Any
 
 
-def load_measurer_models(models_cfg: ModelsConfig, metrics: Sequence[str], device: str | torch.device) -> MeasurerModels:
+def load_measurer_models(
+    models_cfg: ModelsConfig, metrics: Sequence[str], device: str | torch.device, teacher_top_k: int | None = None,
+) -> MeasurerModels:
     """Tokenizer, initial student and teacher as the metrics need them, frozen, on ``device``.
 
     The initial student is ``models.student`` when set, else cut from the teacher
-    (``student_layers`` / ``student_keep_every``); the teacher is kept only for teacher metrics.
+    (``student_layers`` / ``student_keep_every``); the teacher is kept only for teacher metrics or
+    a teacher cache (``teacher_top_k``).
     dtype "auto" = bf16 on GPU, fp32 on CPU (``models.resolve_dtype``).
     """
     from rouge_score import rouge_scorer
@@ -59,7 +65,7 @@ def load_measurer_models(models_cfg: ModelsConfig, metrics: Sequence[str], devic
 
     device = torch.device(device)
     tokenizer = load_tokenizer(models_cfg.tokenizer or models_cfg.teacher)
-    need_teacher = bool(TEACHER_METRICS & set(metrics)) or (
+    need_teacher = bool(TEACHER_METRICS & set(metrics)) or teacher_top_k is not None or (
         bool(STUDENT_METRICS & set(metrics)) and models_cfg.student is None
     )
     teacher = load_model(models_cfg.teacher, dtype=models_cfg.dtype, device=device, frozen=True) if need_teacher else None
@@ -72,7 +78,7 @@ def load_measurer_models(models_cfg: ModelsConfig, metrics: Sequence[str], devic
                 teacher, keep_layers=models_cfg.student_layers, keep_every=models_cfg.student_keep_every
             )
             student.eval().requires_grad_(False)
-    if not TEACHER_METRICS & set(metrics):
+    if not TEACHER_METRICS & set(metrics) and teacher_top_k is None:
         teacher = None
     if teacher is not None and student is not None:
         check_compatible(teacher, student, tokenizer)
@@ -119,10 +125,30 @@ def response_means(
     return {n: v / counts for n, v in sums.items()}
 
 
-def _forward_metrics(models: MeasurerModels, rows: Mapping[str, Sequence], metrics: set[str], batch_size: int) -> dict[str, np.ndarray]:
+def row_caches(
+    labels: torch.Tensor, teacher_logits: torch.Tensor, k: int, vocab_size: int, chunk_positions: int = 2048,
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Each row's teacher cache in the storage dtypes (`teacher_cache.storage_arrays`): one entry per
+    scored position (HF shift), in position order; `chunk_positions` positions in fp32 at a time."""
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=data_mod.IGNORE_INDEX)
+    rows, cols = (targets != data_mod.IGNORE_INDEX).nonzero(as_tuple=True)  # row-major: each row's positions in order
+    chunks = [
+        teacher_cache.storage_arrays(teacher_top_k(teacher_logits[rows[a : a + chunk_positions], cols[a : a + chunk_positions]], k), vocab_size)
+        for a in range(0, rows.numel(), chunk_positions)
+    ] or [teacher_cache.storage_arrays(teacher_top_k(teacher_logits[:0, 0], k), vocab_size)]  # nothing scored
+    ends = np.cumsum(torch.bincount(rows, minlength=labels.shape[0]).cpu().numpy())[:-1]
+    return list(zip(*(np.split(np.concatenate([c[j] for c in chunks]), ends) for j in range(3))))
+
+
+def _forward_metrics(
+    models: MeasurerModels, rows: Mapping[str, Sequence], metrics: set[str], batch_size: int, teacher_top_k: int | None = None,
+) -> tuple[dict[str, np.ndarray], list | None]:
+    """The forward metrics of each row and, with ``teacher_top_k``, each row's teacher cache from the
+    same teacher forward."""
     n = len(rows["input_ids"])
     wanted = sorted(metrics & _FORWARD_METRICS)
     out = {m: np.full(n, np.nan) for m in wanted}
+    caches: list | None = None if teacher_top_k is None else [None] * n
     lengths = np.array([len(x) for x in rows["input_ids"]])
     pad_id = models.tokenizer.pad_token_id
     for idx in _chunks(lengths, batch_size):
@@ -134,12 +160,17 @@ def _forward_metrics(models: MeasurerModels, rows: Mapping[str, Sequence], metri
         batch = {k: v.to(models.device) for k, v in batch.items()}
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         s_logits = models.student(**inputs).logits if metrics & {"student_ce", "teacher_student_kl"} else None
-        t_logits = models.teacher(**inputs).logits if metrics & TEACHER_METRICS else None
-        means = response_means(batch["labels"], student_logits=s_logits, teacher_logits=t_logits)
-        values = torch.stack([means[m] for m in wanted]).cpu().numpy()
-        for m, v in zip(wanted, values):
-            out[m][idx] = v
-    return out
+        t_logits = models.teacher(**inputs).logits if metrics & TEACHER_METRICS or teacher_top_k else None
+        if wanted:
+            means = response_means(batch["labels"], student_logits=s_logits, teacher_logits=t_logits)
+            values = torch.stack([means[m] for m in wanted]).cpu().numpy()
+            for m, v in zip(wanted, values):
+                out[m][idx] = v
+        if caches is not None:
+            vocab = models.teacher.config.vocab_size
+            for i, cache in zip(idx, row_caches(batch["labels"], t_logits, teacher_top_k, vocab)):
+                caches[i] = cache
+    return out, caches
 
 
 def response_budgets(
@@ -173,7 +204,7 @@ def greedy_responses(models: MeasurerModels, prompts: Sequence[Sequence[int]], m
 
 def measure(
     models: MeasurerModels, rows: Mapping[str, Sequence], metrics: Sequence[str], *, batch_size: int,
-    max_new_tokens: int | None, max_length: int | None = None,
+    max_new_tokens: int | None, max_length: int | None = None, teacher_top_k: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Every requested metric for each row (float64 arrays aligned with the rows).
 
@@ -182,13 +213,16 @@ def measure(
     KL(teacher || student) at temperature 1; student_rougeL is the ROUGE-L F1 (stemmed) of the
     student's greedy response against the reference, the response given
     `response_budgets(num_prompt_tokens, max_new_tokens, max_length)` new tokens; length counts
-    response tokens.
+    response tokens. With ``teacher_top_k`` the result also holds "teacher_cache": per row, the
+    (ids, log-probs, tail) arrays of `row_caches`, from the teacher forward that gives teacher_ce.
     """
     wanted = set(metrics)
     out: dict[str, np.ndarray] = {}
+    caches = None
     with torch.inference_mode():
-        if wanted & _FORWARD_METRICS:
-            out.update(_forward_metrics(models, rows, wanted, batch_size))
+        if wanted & _FORWARD_METRICS or teacher_top_k is not None:
+            values, caches = _forward_metrics(models, rows, wanted, batch_size, teacher_top_k)
+            out.update(values)
         if "student_rougeL" in wanted:
             prompts = [ids[: int(p)] for ids, p in zip(rows["input_ids"], rows["num_prompt_tokens"])]
             budgets = response_budgets(rows["num_prompt_tokens"], max_new_tokens, max_length)
@@ -199,7 +233,7 @@ def measure(
             )
     if "length" in wanted:
         out["length"] = np.asarray(rows["num_response_tokens"], dtype=np.float64)
-    return {m: out[m] for m in metrics}
+    return {m: out[m] for m in metrics} | ({} if caches is None else {"teacher_cache": caches})
 
 
 class Measurer:
@@ -208,7 +242,7 @@ class Measurer:
 
     def __init__(
         self, models_cfg: dict, metrics: list[str], batch_size: int, max_new_tokens: int | None, use_gpu: bool,
-        num_threads: int, max_length: int | None = None,
+        num_threads: int, max_length: int | None = None, teacher_top_k: int | None = None,
     ):
         if use_gpu and not torch.cuda.is_available():
             raise RuntimeError("scoring.num_gpus_per_actor > 0 but this actor sees no CUDA device")
@@ -216,7 +250,8 @@ class Measurer:
             response_budgets([0], max_new_tokens, max_length)  # fail before loading models, not on the first batch
         if not use_gpu:
             torch.set_num_threads(num_threads)
-        self.models = load_measurer_models(ModelsConfig(**models_cfg), metrics, "cuda" if use_gpu else "cpu")
+        self.models = load_measurer_models(ModelsConfig(**models_cfg), metrics, "cuda" if use_gpu else "cpu", teacher_top_k)
+        self.teacher_top_k = teacher_top_k
         self.metrics = metrics
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
@@ -225,14 +260,22 @@ class Measurer:
     def __call__(self, batch: pa.Table) -> pa.Table:
         valid = np.flatnonzero(batch.column("reject_reason").to_numpy(zero_copy_only=False) == "")
         columns = {m: np.full(batch.num_rows, np.nan) for m in self.metrics}
+        caches: list = [None] * batch.num_rows
         if len(valid):
             rows = batch.select(MEASURER_INPUT).take(pa.array(valid))
             scores = measure(
                 self.models, {c: rows.column(c).to_numpy(zero_copy_only=False) for c in MEASURER_INPUT},
                 self.metrics, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, max_length=self.max_length,
+                teacher_top_k=self.teacher_top_k,
             )
             for m in self.metrics:
                 columns[m][valid] = scores[m]
+            for i, cache in zip(valid, scores.get("teacher_cache", ())):
+                caches[i] = cache
         for m in self.metrics:
             batch = batch.append_column(m, pa.array(columns[m]))
+        if self.teacher_top_k is not None:
+            vocab = self.models.teacher.config.vocab_size
+            for name, column in teacher_cache.arrow_columns(caches, self.teacher_top_k, vocab).items():
+                batch = batch.append_column(name, column)
         return batch

@@ -236,10 +236,6 @@ def hidden_size(model: PreTrainedModel) -> int:
     return model.config.get_text_config().hidden_size
 
 
-def num_layers(model: PreTrainedModel) -> int:
-    return model.config.get_text_config().num_hidden_layers
-
-
 # Config fields that make a model's logits something other than hidden @ lm_head.weight.T, with the
 # value at which they leave the logits as they are (None: only an unset field does). The transformers
 # models that read them: Gemma 2/3 (final_logit_softcapping), xLSTM (output_logit_soft_cap), Cohere

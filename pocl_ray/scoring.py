@@ -2,7 +2,9 @@
 
 Layout written under ``cfg.output.dir``/scores (CONTRACTS.md): ``scores.parquet`` (a directory of
 parquet files, one row per scored sample: id, text, tokens, labels, every metric, fused_score, rank,
-bucket), ``manifest.json`` and ``rejected.jsonl``.
+bucket; with scoring.teacher_top_k also the teacher cache columns of ``teacher_cache.py``, from the
+measurers' teacher forward), ``manifest.json`` (its "teacher_cache" entry: K, bytes per scored token)
+and ``rejected.jsonl``.
 
 Passes over the data, all in Ray Data:
 0. a count of the input rows, the total of the `[score] done/total rows` progress line (parquet
@@ -41,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 
 from pocl_ray import data as data_mod
-from pocl_ray import difficulty
+from pocl_ray import difficulty, teacher_cache
 from pocl_ray.config import ConfigError, RunConfig
 from pocl_ray.measurers import STUDENT_METRICS, TEACHER_METRICS, Measurer
 from pocl_ray.stages import actor_pool, actor_resources, row_progress
@@ -182,6 +184,9 @@ def check_inputs(cfg: RunConfig):
         bad = [i for i in m.student_layers if not 0 <= i < layers]
         if bad or not m.student_layers:
             raise ConfigError(f"models.student_layers: {bad or '[]'} out of range for a teacher with {layers} layers")
+    k = cfg.scoring.teacher_top_k
+    if k is not None and k > vocab["models.teacher"].vocab_size:
+        raise ConfigError(f"scoring.teacher_top_k: {k} exceeds the teacher's vocabulary ({vocab['models.teacher'].vocab_size} tokens)")
     for field, model_cfg in vocab.items():
         if model_cfg.vocab_size < len(tokenizer):
             raise ConfigError(f"{field}: vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
@@ -230,10 +235,10 @@ def _write_rejects(scored, lookup_ref, reasons: np.ndarray, path: Path) -> None:
                                ensure_ascii=False) + "\n")
 
 
-def rows_per_file(cfg: RunConfig) -> int:
+def rows_per_file(cfg: RunConfig, cache_bytes: int = 0) -> int:
     """Rows per written scores file: scoring.rows_per_file, else about 64 MiB of token ids and
-    labels (int32) at data.max_length."""
-    return cfg.scoring.rows_per_file or max(1024, (64 << 20) // (8 * cfg.data.max_length))
+    labels (int32) and ``cache_bytes`` of teacher cache per token, at data.max_length."""
+    return cfg.scoring.rows_per_file or max(1024, (64 << 20) // ((8 + cache_bytes) * cfg.data.max_length))
 
 
 class _CountingMeasurer(Measurer):
@@ -281,6 +286,7 @@ def measure_dataset(cfg: RunConfig, tokenizer):
                     "max_length": cfg.data.max_length,
                     "use_gpu": use_gpu,
                     "num_threads": max(1, int(sc.num_cpus_per_actor)),
+                    "teacher_top_k": sc.teacher_top_k,
                 },
                 batch_size=window,
                 batch_format="pyarrow",
@@ -349,8 +355,15 @@ def score_dataset(cfg: RunConfig) -> ScoreResult:
     # sorted in one task (Ray Data's sort adds a map and a reduce task per block, seconds on a
     # small run). More: a range-partitioning sort whose boundaries, the file edges, are known
     # from the ranks (no sampling pass).
-    per_file = rows_per_file(cfg)
-    attach = {"lookup_ref": lookup_ref, "results_ref": ray.put(results), "metrics": list(sc.metrics)}
+    # The teacher cache, when scored, rides along with the metric columns.
+    cache = None
+    if sc.teacher_top_k is not None:
+        from transformers import AutoConfig
+
+        cache = teacher_cache.manifest_entry(sc.teacher_top_k, AutoConfig.from_pretrained(cfg.models.teacher).get_text_config().vocab_size)
+    per_file = rows_per_file(cfg, 0 if cache is None else cache["bytes_per_scored_token"])
+    kept_columns = list(sc.metrics) + ([] if cache is None else list(teacher_cache.CACHE_COLUMNS))
+    attach = {"lookup_ref": lookup_ref, "results_ref": ray.put(results), "metrics": kept_columns}
     if sc.sort_output and rows_scored <= per_file:
         final = scored.repartition(1).map_batches(
             _attach, fn_kwargs={**attach, "sort": True}, batch_format="pyarrow", batch_size=None)
@@ -375,6 +388,7 @@ def score_dataset(cfg: RunConfig) -> ScoreResult:
         "scores_path": SCORES_FILE,
         "sorted_by_rank": sc.sort_output,
         "rows_per_file": per_file,
+        "teacher_cache": cache,
     }
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return ScoreResult(output_dir=out_dir, manifest=manifest)

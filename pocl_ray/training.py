@@ -54,7 +54,9 @@ from pocl_ray.coordinator import coordinator
 from pocl_ray.curriculum import Plan, Stage, StageSpec, lr_at, plan_from_config, stage_specs
 from pocl_ray.data import collate, read_table, validate_and_tokenize
 from pocl_ray.extraction import hidden_match_loss, layer_projection
-from pocl_ray.losses import IGNORE_INDEX, KD_KINDS, count_tokens, cross_entropy, kd_loss, linear_kd_and_ce
+from pocl_ray.losses import (
+    IGNORE_INDEX, KD_KINDS, TeacherCache, cached_kd_and_ce, count_tokens, cross_entropy, kd_loss, linear_kd_and_ce,
+)
 from pocl_ray.models import (
     check_compatible,
     hidden_size,
@@ -65,7 +67,8 @@ from pocl_ray.models import (
     student_from_teacher,
 )
 from pocl_ray.sampling import sample_on_policy
-from pocl_ray.shards import ScoresIndex, StepReader
+from pocl_ray.shards import ROW_COLUMNS, ScoresIndex, StepReader
+from pocl_ray.teacher_cache import CACHE_COLUMNS, check_teacher_cache, collate_teacher_cache
 
 SCORE_COLUMNS = ("rank", "input_ids", "labels", "num_prompt_tokens")
 LOG_EVERY = 20  # at most this many steps between rank 0's read-backs of step records
@@ -188,27 +191,35 @@ def token_counts(batch: dict[str, torch.Tensor], stage: Stage) -> torch.Tensor:
 
 
 def forward_pair(student, teacher, batch: dict[str, torch.Tensor], stage: Stage):
-    """Student outputs (with graph) and frozen-teacher outputs (None when the stage needs no teacher),
-    each (final hidden states or logits, per-layer hidden states or None)."""
+    """Student outputs (with graph) and the teacher's (None when the stage needs no teacher): the
+    frozen teacher's forward, or with `teacher` None (kd.teacher: cached) the batch's cached top-k."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
               "output_hidden_states": stage.target == "hidden"}
     s_out = student(**inputs)
     t_out = None
-    if stage.kd_weight > 0:
+    if stage.kd_weight > 0 and teacher is None:
+        t_out = batch["teacher_cache"]
+    elif stage.kd_weight > 0:
         with torch.no_grad():
             t_out = teacher(**inputs)
     return s_out, t_out
 
 
 def output_terms(
-    s: LMOutputs, t: LMOutputs | None, batch: dict[str, torch.Tensor], stage: Stage, kd: KDConfig, n_ce, n_kd,
+    s: LMOutputs, t: LMOutputs | TeacherCache | None, batch: dict[str, torch.Tensor], stage: Stage, kd: KDConfig,
+    n_ce, n_kd,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(kd_weight·KD + (1 − kd_weight)·CE, KD, CE) on the output distribution, the last two detached;
     without teacher outputs `t` the loss is CE. One pass over the scored positions on the hidden-state
-    path; the logits path for heads that are not plain."""
+    path; the logits path for heads that are not plain; a cached teacher's top-k (METHODS.md §4)."""
     kd_weight = stage.kd_weight if t is not None else 0.0
     options = {"temperature": stage.temperature, "scale_by_t2": kd.scale_by_t2, "alpha": kd.skew_alpha,
                "beta": kd.js_beta, "mu": kd.akl_mu, "chunk_size": kd.chunk_size}
+    if isinstance(t, TeacherCache):
+        return cached_kd_and_ce(
+            stage.loss, s.final, s.head, t, batch["labels"], batch["ce_labels"], kd_weight=kd_weight,
+            num_tokens=n_kd, ce_num_tokens=n_ce, scored_positions=batch["scored_positions"], **options,
+        )
     if s.head is not None:
         return linear_kd_and_ce(
             stage.loss, s.final, s.head, t.final if t is not None else None, t.head if t is not None else None,
@@ -326,7 +337,10 @@ def dev_losses(
             s_out, t_out = forward_pair(student, teacher, batch, stage)
             loss, _, _ = stage_terms(s_out, t_out, batch, stage, kd, counts[0], counts[1], projection, normalize)
             same = final_teacher is teacher and stage.target == "logits" and t_out is not None
-            final = t_out if same else final_teacher(batch["input_ids"], batch["attention_mask"])
+            if final_teacher is None:  # kd.teacher: cached, the dev rows' cache made on the driver
+                final = batch["teacher_cache"]
+            else:
+                final = t_out if same else final_teacher(batch["input_ids"], batch["attention_mask"])
             _, fkl_term, _ = output_terms(s_out, final, batch, fkl, fkl_options, counts[0], counts[2])
         sums += torch.stack([loss, fkl_term]).float()
     sums = _all_reduce(sums).tolist()
@@ -468,7 +482,7 @@ class Worker:
     student: torch.nn.Module  # HiddenStatesLM, DDP-wrapped when world > 1
     optimizer_state: dict | None
     tokenizer: object
-    teachers: Teachers
+    teachers: Teachers | None  # None with kd.teacher: cached (no teacher on the workers)
     scores: ScoresIndex
     dev_batches: list[dict[str, torch.Tensor]]
     log: StepLog | None  # rank 0 only
@@ -530,22 +544,28 @@ def setup_worker(config: dict) -> Worker:
     specs = ray.get([coord.stage.remote(i) for i in range(len(state["plan"]["stages"]))])
 
     tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.teacher)
+    cached = cfg.kd.teacher == "cached"
     cut_from = None
     if student_lm is None and cfg.models.student is not None:
         student_lm = load_model(cfg.models.student, dtype=torch.float32)
     elif student_lm is None:
         # Read the teacher once, in fp32 so the student starts from its exact weights; it then
-        # becomes the frozen teacher in place instead of being read a second time.
-        cut_from = load_model(cfg.models.teacher, dtype=torch.float32, device=device)
+        # becomes the frozen teacher (cast and moved tensor by tensor) instead of being read twice.
+        cut_from = load_model(cfg.models.teacher, dtype=torch.float32)
         student_lm = student_from_teacher(cut_from, keep_layers=cfg.models.student_layers,
                                           keep_every=cfg.models.student_keep_every)
     if t.gradient_checkpointing:
         student_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student_lm.train()
     bare = HiddenStatesLM(student_lm)
-    teachers = Teachers(cfg, device, bare, tokenizer)
-    if cut_from is not None:
-        teachers.adopt(cfg.models.teacher, cut_from)
+    teachers = None
+    if cached:
+        bare.plain_head = plain_heads(bare)
+        del cut_from  # read only to cut the student: no teacher stays on a worker
+    else:
+        teachers = Teachers(cfg, device, bare, tokenizer)
+        if cut_from is not None:
+            teachers.adopt(cfg.models.teacher, cut_from)
     # Hidden-state stages leave the layers above the matched one without gradient. Buffers (rotary
     # tables, masks) are constants in these models, so they are not re-broadcast every forward.
     hidden_stages = any(s.stage.target == "hidden" for s in specs)
@@ -554,7 +574,7 @@ def setup_worker(config: dict) -> Worker:
     )
     dev_rows = config["dev_rows"][rank::world]
     dev_batches = [
-        build_batch(dev_rows[i : i + t.micro_batch_size], tokenizer.pad_token_id, device)
+        batch_of(dev_rows[i : i + t.micro_batch_size], tokenizer.pad_token_id, device, cached)
         for i in range(0, max(len(dev_rows), 1), t.micro_batch_size)
     ] if config["dev_rows"] else []
     return Worker(
@@ -579,13 +599,15 @@ def stage_optimizer(w: Worker, stage: Stage, first_step: int, optimizer, resumin
 
 def stage_rows(w: Worker, stage_index: int, spec: StageSpec, first_step: int) -> StepReader:
     """This worker's steps of a stage from `first_step` on, each its micro-batches of row dicts,
-    read ahead by a background thread (shards.py): only the row groups that hold its rows."""
+    read ahead by a background thread (shards.py): only the row groups that hold its rows, with the
+    teacher's cached top-k when kd.teacher is cached."""
     import ray
 
     first_epoch, skip = divmod(first_step, spec.steps_per_epoch)
     shards = (ray.get(w.coord.shard.remote(stage_index, epoch, w.rank))
               for epoch in range(first_epoch, spec.epoch_of(spec.steps - 1) + 1))
-    return StepReader(w.scores, shards, start_step=skip, num_steps=spec.steps - first_step)
+    columns = (*ROW_COLUMNS, *CACHE_COLUMNS) if w.teachers is None else ROW_COLUMNS
+    return StepReader(w.scores, shards, start_step=skip, num_steps=spec.steps - first_step, columns=columns)
 
 
 def step_batches(w: Worker, micro: list[list[dict]], stage: Stage, seed: int) -> list[dict[str, torch.Tensor]]:
@@ -597,7 +619,15 @@ def step_batches(w: Worker, micro: list[list[dict]], stage: Stage, seed: int) ->
         offsets = np.cumsum([0, *(len(m) for m in micro)])
         micro = [_with_on_policy(unwrap(w.student).lm, m, kd, w.tokenizer, w.cfg.data.max_length, seed, int(offset))
                  for m, offset in zip(micro, offsets)]
-    return [build_batch(m, w.tokenizer.pad_token_id, w.device) for m in length_grouped(micro)]
+    return [batch_of(m, w.tokenizer.pad_token_id, w.device, w.teachers is None) for m in length_grouped(micro)]
+
+
+def batch_of(rows: list[dict], pad_token_id: int, device: torch.device, cached: bool) -> dict:
+    """build_batch, plus the rows' cached teacher top-k (aligned with its scored positions) when cached."""
+    batch = build_batch(rows, pad_token_id, device)
+    if cached:
+        batch["teacher_cache"] = collate_teacher_cache(rows, device)
+    return batch
 
 
 def _with_on_policy(model, rows: list[dict], kd: KDConfig, tokenizer, max_length: int, seed: int, row_offset: int) -> list[dict]:
@@ -646,11 +676,13 @@ def train_func(config: dict) -> None:
         stage = spec.stage
         resuming = stage_index == w.position["stage"]
         first = w.position["stage_step"] if resuming else 0
-        teacher = w.teachers.get(stage.teacher)
+        teacher = w.teachers.get(stage.teacher) if w.teachers is not None else None
+        # dev_kd_loss is measured against the run's final teacher (loaded once, kept beside a stage's own).
+        final_teacher = w.teachers.get() if w.teachers is not None and w.dev_batches else None
         optimizer = stage_optimizer(w, stage, first, optimizer, resuming)
         projection = None
         if stage.target == "hidden":
-            projection = layer_projection(hidden_size(teacher.lm), hidden_size(w.teachers.student.lm), stage.teacher_layer,
+            projection = layer_projection(hidden_size(teacher.lm), hidden_size(unwrap(w.student).lm), stage.teacher_layer,
                                           seed=ex.seed, kind=ex.projection).to(w.device)
         terms = {"projection": projection, "normalize": ex.normalize, "autocast": w.autocast}
         rows = upcoming if upcoming is not None else stage_rows(w, stage_index, spec, first)
@@ -674,12 +706,12 @@ def train_func(config: dict) -> None:
 
             dev, stop = {}, False
             if stage.until_plateau and stage_step % t.eval_every == 0 and stage_step < spec.steps and w.dev_batches:
-                dev = dev_losses(w.student, teacher, w.teachers.get(), w.dev_batches, stage, kd, **terms)
+                dev = dev_losses(w.student, teacher, final_teacher, w.dev_batches, stage, kd, **terms)
                 stop = plateaued(w, stage_index, dev["dev_loss"])
             stage_done = stop or stage_step == spec.steps
             if stage_done or step % t.checkpoint_every == 0:
                 if w.dev_batches and not dev:
-                    dev = dev_losses(w.student, teacher, w.teachers.get(), w.dev_batches, stage, kd, **terms)
+                    dev = dev_losses(w.student, teacher, final_teacher, w.dev_batches, stage, kd, **terms)
                 position = ({"stage": stage_index + 1, "stage_step": 0, "step": step} if stage_done
                             else {"stage": stage_index, "stage_step": stage_step, "step": step})
                 metrics = {"step": step, "stage": stage_index, "epoch": spec.epoch_of(stage_step - 1),
@@ -801,7 +833,27 @@ def _dev_rows(cfg: RunConfig, plan: Plan) -> tuple[list[dict], int]:
     if not good:
         raise ValueError(f"data.dev: no usable row in {cfg.data.dev} ({len(rejects)} rejected, e.g. {rejects[0]['reason'] if rejects else ''})")
     keep = ("input_ids", "labels", "attention_mask", "num_prompt_tokens")
-    return [{k: r[k] for k in keep} for r in good], len(rejects)
+    rows = [{k: r[k] for k in keep} for r in good]
+    if cfg.kd.teacher == "cached":
+        _cache_dev_rows(cfg, rows)
+    return rows, len(rejects)
+
+
+@torch.no_grad()
+def _cache_dev_rows(cfg: RunConfig, rows: list[dict]) -> None:
+    """With kd.teacher: cached the workers hold no teacher, so the dev rows (a few hundred, never
+    scored) get their teacher top-k here on the driver, once, as the scoring pass stores it."""
+    from pocl_ray.measurers import row_caches
+
+    teacher = load_model(cfg.models.teacher, dtype=torch.float32, frozen=True)
+    pad_id = load_tokenizer(cfg.models.tokenizer or cfg.models.teacher).pad_token_id
+    vocab = teacher.config.get_text_config().vocab_size
+    for i in range(0, len(rows), 16):
+        chunk = rows[i : i + 16]
+        batch = collate(chunk, pad_id)
+        logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        for row, cache in zip(chunk, row_caches(batch["labels"], logits, cfg.scoring.teacher_top_k, vocab)):
+            row.update(zip(CACHE_COLUMNS, cache))
 
 
 def _storage_path(cfg: RunConfig, out: Path) -> str:
@@ -829,6 +881,7 @@ def train(
     out = Path(cfg.output.dir).resolve() / "train"
     scores_dir = Path(scores_dir).resolve() if scores_dir is not None else out.parent / "scores"
     scores = scores_path(scores_dir)
+    check_teacher_cache(scores_dir, cfg)
     dataset = pads.dataset(str(scores), format="parquet")
     num_rows = _num_ranked_rows(dataset, scores_dir)
     index = ScoresIndex(scores)

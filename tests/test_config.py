@@ -26,7 +26,7 @@ def test_load_yaml_fills_defaults_and_round_trips(tmp_path):
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
     assert (cfg.name, cfg.kd.loss, cfg.data.max_length) == ("demo", "srkl", 256)
-    assert cfg.training.grad_accum_steps == 4
+    assert cfg.training.global_batch_size // (cfg.training.micro_batch_size * cfg.training.num_workers) == 4
     assert cfg.curriculum.num_buckets == 4 and cfg.data.fields.response == ["response", "output"]
     again = tmp_path / "again.yaml"
     again.write_text(cfg.to_yaml())

@@ -91,7 +91,9 @@ def _config(tmp_path: Path) -> dict:
     cfg["data"].update(train=str(data / "train.jsonl"), dev=str(data / "dev.jsonl"), max_rows=96,
                        max_prompt_length=64, max_length=96)
     cfg["models"]["teacher"] = str(tmp_path / "out" / "teacher")
-    cfg["scoring"].update(max_new_tokens=8)
+    # The scoring pass also caches the teacher's top-32; the POCL run trains on that cache, no teacher.
+    cfg["scoring"].update(max_new_tokens=8, teacher_top_k=32)
+    cfg["pipeline"]["compare"]["pocl"]["kd.teacher"] = "cached"
     cfg["curriculum"].update(num_buckets=2, epochs_per_stage=1)
     cfg["training"].update(num_workers=1, global_batch_size=16, micro_batch_size=16, checkpoint_every=20)
     cfg["eval"].update(sets=[{"name": "kjv", "path": str(data / "test_kjv.jsonl"), "max_rows": 8}],
@@ -115,6 +117,7 @@ def test_job_submit_runs_the_whole_pipeline(ray_head, tmp_path):
     manifest = json.loads((out / "scores" / "manifest.json").read_text())
     assert manifest["rows_in"] == 96 == manifest["rows_scored"] + manifest["rows_rejected"]
     assert sum(b["rows"] for b in manifest["buckets"]) == manifest["rows_scored"]
+    assert manifest["teacher_cache"]["top_k"] == 32
 
     for label, stages in (("pocl", [0, 1]), ("baseline", [0])):
         rows = [json.loads(line) for line in (out / "runs" / label / "train" / "metrics.jsonl").read_text().splitlines()]
@@ -127,6 +130,7 @@ def test_job_submit_runs_the_whole_pipeline(ray_head, tmp_path):
         assert (out / "runs" / label / "train" / "student" / "config.json").is_file()
     pocl = pd.read_json(out / "runs" / "pocl" / "train" / "metrics.jsonl", lines=True)
     assert pocl.groupby("stage")["temperature"].first().tolist() == [1.0, 2.0]
+    assert (pocl["kd_loss"] > 0).all()  # KD against the cached teacher
 
     report = out / "report" / "report.md"
     text = report.read_text()

@@ -55,7 +55,7 @@ def test_tiny_model_save_load_round_trip(arch, tmp_path, tokenizer):
                                     save_dir=tmp_path / arch, tokenizer=tokenizer)
     assert torch.equal(torch.rand(1), before)  # the caller's RNG stream is untouched
     assert model.config.eos_token_id == tokenizer.eos_token_id
-    assert (models.hidden_size(model), models.num_layers(model)) == (32, 2)
+    assert (models.hidden_size(model), model.config.num_hidden_layers) == (32, 2)
     assert model.generation_config.pad_token_id == tokenizer.pad_token_id
     # pad == eos here, so no padding_idx: the EOS embedding row is initialised and trainable
     assert model.get_input_embeddings().weight[tokenizer.eos_token_id].abs().sum() > 0
@@ -112,8 +112,8 @@ def test_student_from_teacher_keeps_the_chosen_layers(arch, tokenizer):
                                       tokenizer=tokenizer)
     teacher.requires_grad_(False)
     student = models.student_from_teacher(teacher, keep_layers=[0, 2])
-    assert models.num_layers(student) == 2 and len(_layers(student)) == 2
-    assert len(_layers(teacher)) == 4 and models.num_layers(teacher) == 4
+    assert student.config.num_hidden_layers == 2 and len(_layers(student)) == 2
+    assert len(_layers(teacher)) == 4 and teacher.config.num_hidden_layers == 4
     for new, old in enumerate([0, 2]):
         s_state, t_state = _layers(student)[new].state_dict(), _layers(teacher)[old].state_dict()
         assert s_state.keys() == t_state.keys()
@@ -143,7 +143,7 @@ def test_default_layers_count_back_from_the_last(tokenizer):
     expected = [0, 2, 4]
     for new, old in enumerate(expected):
         assert torch.equal(_layers(student)[new].self_attn.q_proj.weight, _layers(teacher)[old].self_attn.q_proj.weight)
-    assert models.num_layers(models.student_from_teacher(teacher, keep_every=3)) == 2  # layers 1, 4
+    assert models.student_from_teacher(teacher, keep_every=3).config.num_hidden_layers == 2  # layers 1, 4
 
 
 def test_student_layer_errors(tokenizer):
@@ -160,7 +160,7 @@ def test_check_compatible(tokenizer, tiny_assets):
     teacher = models.load_model(tiny_assets.teacher_dir, frozen=True)
     student = models.load_model(tiny_assets.student_dir)
     models.check_compatible(teacher, student, tokenizer)
-    assert models.hidden_size(student) == 32 and models.num_layers(models.load_model(tiny_assets.cut_student_dir)) == 2
+    assert models.hidden_size(student) == 32 and models.load_model(tiny_assets.cut_student_dir).config.num_hidden_layers == 2
     other = models.build_tiny_model("gpt2", 640, hidden_size=32, num_layers=1, num_heads=4)
     with pytest.raises(ValueError, match="teacher vocab_size 512 .* student vocab_size 640"):
         models.check_compatible(teacher, other)

@@ -312,8 +312,12 @@ def test_flipping_a_direction_flips_the_order(ray_local, tiny_assets, dataset, t
         assert (frame["length"] == frame["num_response_tokens"]).all()
         return frame.sort_values("rank").index.tolist(), frame["length"]
 
+    from pocl_ray.difficulty import tie_keys
+
     higher, length = order("higher")
-    assert higher == sorted(length.index, key=lambda i: (-length[i], i))
+    # Longest first; rows of equal length tie exactly and go by the seeded id hash (scoring.tie_seed 0).
+    tie = dict(zip(length.index, tie_keys(list(length.index), 0).tolist()))
+    assert higher == sorted(length.index, key=lambda i: (-length[i], tie[i]))
     assert length[higher[0]] == length.max() and length[higher[-1]] == length.min()
 
 
@@ -342,3 +346,33 @@ def test_cli_and_function_agree(scored, dataset, tmp_path):
     b = cli_frame.set_index("id").sort_index()
     assert a[["rank", "bucket", "fused_score"]].equals(b[["rank", "bucket", "fused_score"]])
     assert (out / "scores" / "rejected.jsonl").read_text() == result.rejected_path.read_text()
+
+
+def test_teacher_top_k_writes_the_cache_from_the_scoring_forward(ray_local, tiny_assets, dataset, tmp_path):
+    from pocl_ray.losses import teacher_top_k
+    from pocl_ray.teacher_cache import CACHE_COLUMNS, arrow_types, check_teacher_cache
+
+    cfg = _config(tiny_assets, tmp_path, dataset["path"], scoring={"metrics": ["teacher_ce", "length"], "teacher_top_k": 16},
+                  kd={"teacher": "cached"}, data={"max_rows": 40})
+    result = score_dataset(cfg)
+    entry = result.manifest["teacher_cache"]
+    assert entry["top_k"] == 16 and entry["bytes_per_scored_token"] == 16 * (2 + 2) + 4 * 4
+    assert check_teacher_cache(result.output_dir, cfg) == entry
+    table = pds.dataset(str(result.scores_path), format="parquet").to_table()
+    for name, kind in arrow_types(16, tiny_assets.vocab_size).items():
+        assert table.schema.field(name).type == kind
+    teacher = load_model(tiny_assets.teacher_dir, frozen=True)
+    frame = table.select(["labels", "input_ids", "teacher_ce", *CACHE_COLUMNS]).to_pylist()
+    for row in frame[:3] + frame[-3:]:
+        labels = torch.tensor(row["labels"])
+        scored = torch.nn.functional.pad(labels[1:], (0, 1), value=-100) != -100
+        with torch.no_grad():
+            logits = teacher(input_ids=torch.tensor([row["input_ids"]])).logits[0, scored]
+        want = teacher_top_k(logits, 16)
+        assert len(row["teacher_top_ids"]) == int(scored.sum())
+        np.testing.assert_array_equal(np.array(row["teacher_top_ids"])[:, 0], want.top_ids[:, 0].numpy())
+        np.testing.assert_allclose(np.array(row["teacher_top_logprobs"]), want.top_logprobs.numpy(), atol=5e-3, rtol=2e-3)
+        np.testing.assert_allclose(np.array(row["teacher_tail"]), want.tail.numpy(), rtol=1e-4, atol=1e-4)
+        # teacher_ce comes from the same forward.
+        target_logp = torch.log_softmax(logits, -1).gather(-1, labels[1:][labels[1:] != -100][:, None])
+        assert row["teacher_ce"] == pytest.approx(-target_logp.mean().item(), abs=1e-4)

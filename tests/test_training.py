@@ -8,7 +8,10 @@ combined batch) is checked with two gloo processes, without Ray.
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -182,6 +185,37 @@ def test_gradient_checkpointing_gives_the_same_step(tiny_assets):
         torch.testing.assert_close(results[1][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_cached_teacher_at_full_vocabulary_gives_the_online_step_and_dev_losses(tiny_assets, tmp_path):
+    """kd.teacher: cached with K = vocabulary size: the training step and both dev losses equal the
+    online teacher's (the dev rows' cache is made on the driver, as `train` does)."""
+    from pocl_ray.config import KDConfig
+    from pocl_ray.curriculum import Stage
+    from pocl_ray.training import HiddenStatesLM, _cache_dev_rows, accumulate_gradients, batch_of, dev_losses
+
+    cfg = run_config(tiny_assets, tmp_path, **{"kd.teacher": "cached", "scoring.teacher_top_k": tiny_assets.vocab_size})
+    tokenizer = load_tokenizer(tiny_assets.tokenizer_dir)
+    good, _ = validate_and_tokenize(read_table(tiny_assets.dev_path).to_pylist()[:6], tokenizer, tiny_assets.data_config())
+    rows = [{k: r[k] for k in ("input_ids", "labels", "attention_mask", "num_prompt_tokens")} for r in good]
+    _cache_dev_rows(cfg, rows)
+    teacher = HiddenStatesLM(load_model(tiny_assets.teacher_dir, frozen=True))
+    stage = Stage(index=0, buckets=(0,), steps=1, temperature=2.0, kd_weight=0.7, loss="js")
+    results = {}
+    for cached in (False, True):
+        batches = [batch_of(rows[i : i + 3], tokenizer.pad_token_id, torch.device("cpu"), cached) for i in (0, 3)]
+        student = HiddenStatesLM(load_model(tiny_assets.student_dir))
+        student.eval()
+        t = None if cached else teacher
+        out = accumulate_gradients(student, t, batches, stage, KDConfig())
+        grads = {n: p.grad for n, p in student.named_parameters()}
+        results[cached] = (out, grads, dev_losses(student, t, t, batches, stage, KDConfig()))
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
+    for name, g in results[False][1].items():
+        # The stored log-probs are float16 (teacher_cache.py): gradients agree to ~1e-4 of their scale.
+        torch.testing.assert_close(results[True][1][name], g, rtol=1e-3, atol=1e-4 * float(g.abs().max()), msg=name)
+    assert results[True][2] == pytest.approx(results[False][2], rel=1e-4)
+    assert results[True][0][1] > 0  # a real KD term, not two zeros
+
+
 # -- loss algebra: 2 DDP workers give the gradient of 1 worker on the combined batch -------------
 
 
@@ -341,6 +375,34 @@ def test_killed_run_resumes_at_the_same_step_with_the_same_data(pocl_run, tiny_a
     assert all(r["time"] > killed_at for r in resumed[len(before):])
     assert len(before) < len(resumed)
     assert result.steps == undisturbed.steps and result.stages_completed == 4
+
+
+# -- kd.teacher: cached: training reads the teacher's top-k from the scores --------------------
+
+
+@ray_test
+def test_cached_teacher_run_loads_no_teacher_and_follows_the_plan(ray_local, tiny_assets, tmp_path):
+    from pocl_ray.training import train
+
+    scores = write_scores(tmp_path, tiny_assets, teacher_top_k=32)
+    # The run's teacher folder has its config and tokenizer but no weights: loading it anywhere fails.
+    teacher = tmp_path / "teacher_without_weights"
+    shutil.copytree(tiny_assets.teacher_dir, teacher, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    manifest = json.loads((scores / "manifest.json").read_text())
+    manifest["models"]["teacher"] = str(teacher.resolve())
+    (scores / "manifest.json").write_text(json.dumps(manifest))
+    cfg = run_config(tiny_assets, tmp_path / "run", **{
+        "models.teacher": str(teacher), "data.dev": None, "kd.teacher": "cached", "scoring.teacher_top_k": 32,
+        "curriculum.num_buckets": 2, "training.checkpoint_every": 100,
+    })
+    with pytest.raises(OSError):
+        load_model(teacher)
+    result = train(cfg, scores)
+    records = read_metrics(result.metrics_path)
+    assert [r["tokens"] for r in records] == expected_tokens(cfg, scores)
+    assert [r["stage"] for r in records] == sorted(r["stage"] for r in records) and records[-1]["stage"] == 1
+    assert all(r["kd_loss"] > 0 and math.isfinite(r["loss"]) for r in records)
+    assert result.stages_completed == 2 and (result.student_dir / "config.json").exists()
 
 
 # -- curriculum extraction, then output KD from another teacher until the dev loss plateaus ----

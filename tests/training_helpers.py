@@ -18,9 +18,10 @@ from pocl_ray.models import load_tokenizer
 from pocl_ray.shards import ScoresIndex, blocks, worker_shard
 
 
-def write_scores(directory: Path, assets, num_buckets: int = 4) -> Path:
+def write_scores(directory: Path, assets, num_buckets: int = 4, teacher_top_k: int | None = None) -> Path:
     """A scoring output as CONTRACTS.md fixes it, ranked by response length (then id) as a stand-in
-    for the fused difficulty score."""
+    for the fused difficulty score; with `teacher_top_k`, the teacher cache columns as scoring
+    writes them (from the tiny teacher's forward)."""
     tokenizer = load_tokenizer(assets.tokenizer_dir)
     good, rejects = validate_and_tokenize(read_table(assets.train_path).to_pylist(), tokenizer, assets.data_config())
     assert not rejects
@@ -42,15 +43,40 @@ def write_scores(directory: Path, assets, num_buckets: int = 4) -> Path:
         "rank": pa.array(ranks, pa.int64()),
         "bucket": pa.array(bucket_of_rank(ranks, m, num_buckets), pa.int32()),
     })
+    cache = None
+    if teacher_top_k is not None:
+        table, cache = _with_teacher_cache(table, good, assets, teacher_top_k, tokenizer.pad_token_id)
     pq.write_table(table, scores / "scores.parquet", row_group_size=64)
     buckets = bucket_of_rank(ranks, m, num_buckets)
     (scores / "manifest.json").write_text(json.dumps({
         "rows_in": m, "rows_scored": m, "rows_rejected": 0, "metrics": [{"name": "length", "direction": "lower"}],
         "rrf_k": 60, "num_buckets": num_buckets,
         "buckets": [{"id": b, "rows": int((buckets == b).sum()), "fused_min": None, "fused_max": None} for b in range(num_buckets)],
-        "models": {}, "config": {}, "ray_version": "", "wall_seconds": 0.0, "scores_path": "scores.parquet",
+        "models": {"teacher": str(Path(assets.teacher_dir).resolve())}, "config": {}, "ray_version": "",
+        "wall_seconds": 0.0, "scores_path": "scores.parquet", "teacher_cache": cache,
     }))
     return scores
+
+
+def _with_teacher_cache(table: pa.Table, rows: list[dict], assets, k: int, pad_id: int) -> tuple[pa.Table, dict]:
+    import torch
+
+    from pocl_ray import teacher_cache
+    from pocl_ray.data import collate
+    from pocl_ray.measurers import row_caches
+    from pocl_ray.models import load_model
+
+    teacher = load_model(assets.teacher_dir, frozen=True)
+    vocab = teacher.config.vocab_size
+    per_row = []
+    with torch.no_grad():
+        for i in range(0, len(rows), 32):
+            batch = collate(rows[i : i + 32], pad_id)
+            logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            per_row += row_caches(batch["labels"], logits, k, vocab)
+    for name, column in teacher_cache.arrow_columns(per_row, k, vocab).items():
+        table = table.append_column(name, column)
+    return table, teacher_cache.manifest_entry(k, vocab)
 
 
 def run_config(assets, out: Path, name: str = "t", **overrides):

@@ -1,0 +1,206 @@
+"""The cached teacher (METHODS.md §4) side by side with the online one, in one process:
+
+- bytes per scored token at K = 8, 32, 128: as stored (uncompressed; the teacher's vocabulary and, for
+  reference, 49,152- and 151,936-token ones) and on disk (the dev batch's cache columns in a parquet
+  file with pyarrow's default compression, as Ray Data writes them);
+- the relative error |cached − exact| / exact of every KD kind at T = 1 and 2 and K = 8, 32, 128,
+  the cache stored as the scoring pass stores it (float16 log-probs), against the exact online loss,
+  on a dev batch; and the teacher's mean top-K mass at each T;
+- training tokens/s of a cached step against an online step with the project's step functions
+  (`build_batch`, `HiddenStatesLM`, `forward_pair` + `output_terms` for the online step; the same
+  student forward + `cached_kd_and_ce` + `collate_teacher_cache` for the cached one; backward and AdamW
+  in both), alternating the two, median over the timed steps. tokens/s counts non-pad input tokens.
+
+The teacher is the quickstart's stand-in (`pipeline.prepare_teacher` defaults: Llama, vocabulary
+~1,024 BPE tokens, hidden 128, 4 layers, 300 SFT steps at lr 1e-3) trained here in-process on the
+synthetic rows of tests/conftest.py, so its distributions are peaked as a trained LM's are (a random
+one is nearly flat and top-k would mean nothing); the student is cut from it (every 2nd layer), the
+quickstart's initial student.
+
+    python benchmarks/teacher_cache.py                 # CPU, ~2 minutes on 2 cores
+    python benchmarks/teacher_cache.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import synthetic_rows  # noqa: E402
+
+from pocl_ray.config import DataConfig, KDConfig  # noqa: E402
+from pocl_ray.curriculum import Stage  # noqa: E402
+from pocl_ray.data import build_prompt, validate_and_tokenize  # noqa: E402
+from pocl_ray.losses import KD_KINDS, TeacherCache, _next_labels, cached_kd_and_ce, cached_kd_loss, kd_loss, teacher_top_k  # noqa: E402
+from pocl_ray.measurers import row_caches  # noqa: E402
+from pocl_ray.models import build_tiny_model, build_tiny_tokenizer, student_from_teacher  # noqa: E402
+from pocl_ray.teacher_cache import CACHE_COLUMNS, arrow_columns, bytes_per_token, collate_teacher_cache, storage_arrays  # noqa: E402
+from pocl_ray.training import HiddenStatesLM, build_batch, forward_pair, output_terms, token_counts  # noqa: E402
+
+KS = (8, 32, 128)
+TEMPERATURES = (1.0, 2.0)
+
+
+def train_teacher(rows: list[dict], tokenizer, steps: int, lr: float, device: torch.device):
+    model = build_tiny_model("llama", len(tokenizer), hidden_size=128, num_layers=4, num_heads=4, seed=0,
+                             max_positions=256, tokenizer=tokenizer).to(device)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        batch = build_batch([rows[i] for i in rng.choice(len(rows), 16, replace=False)], tokenizer.pad_token_id, device)
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model.eval().requires_grad_(False), float(loss.detach())
+
+
+def with_cache(rows: list[dict], teacher, k: int, device: torch.device) -> list[dict]:
+    """Rows as the trainer reads them from cached scores: each with its stored cache columns."""
+    out = []
+    for row in rows:
+        with torch.no_grad():
+            logits = teacher(input_ids=torch.as_tensor(row["input_ids"], device=device)[None]).logits
+        cache = row_caches(torch.as_tensor(row["labels"], device=device)[None], logits, k, teacher.config.vocab_size)[0]
+        out.append({**row, **dict(zip(CACHE_COLUMNS, cache))})
+    return out
+
+
+def loss_errors(teacher, student, dev: dict, vocab: int) -> tuple[dict, dict]:
+    inputs = {"input_ids": dev["input_ids"], "attention_mask": dev["attention_mask"]}
+    with torch.no_grad():
+        t_logits, s_logits = teacher(**inputs).logits.float(), student(**inputs).logits.float()
+    scored = _next_labels(dev["labels"]) != -100
+    t_rows = t_logits.flatten(0, 1)[scored]
+    errors, coverage = {}, {}
+    for k in KS:
+        stored = storage_arrays(teacher_top_k(t_rows, k), vocab)
+        cache = TeacherCache(*(torch.from_numpy(a.astype(np.int64) if i == 0 else a).to(t_rows.device) for i, a in enumerate(stored)))
+        for t in TEMPERATURES:
+            coverage[f"K={k},T={t:g}"] = round(float(torch.softmax(t_rows / t, -1).topk(k, -1).values.sum(-1).mean()), 5)
+            for kind in KD_KINDS:
+                exact = float(kd_loss(kind, s_logits, t_logits, dev["labels"], temperature=t))
+                cached = float(cached_kd_loss(kind, s_logits, cache, dev["labels"], temperature=t))
+                errors.setdefault(kind, {})[f"K={k},T={t:g}"] = float(f"{abs(cached - exact) / exact:.3g}")
+    return errors, coverage
+
+
+def disk_bytes(rows: list[dict], teacher, k: int, device: torch.device) -> float:
+    cached = with_cache(rows, teacher, k, device)
+    columns = arrow_columns([tuple(r[c] for c in CACHE_COLUMNS) for r in cached], k, teacher.config.vocab_size)
+    buffer = io.BytesIO()
+    pq.write_table(pa.table(columns), buffer)
+    tokens = sum(int((np.asarray(r["labels"])[1:] != -100).sum()) for r in rows)
+    return round(buffer.tell() / tokens, 1)
+
+
+def step_speed(teacher, student, rows: list[dict], k: int, steps: int, device: torch.device, pad_id: int) -> dict:
+    """Median tokens/s of an online and a cached training step (micro-batches of 16 rows), alternated."""
+    stage = Stage(index=0, buckets=(0,), temperature=2.0, kd_weight=0.7, loss="fkl", steps=steps)
+    kd = KDConfig()
+    t_model = HiddenStatesLM(teacher)
+    s_model = {name: HiddenStatesLM(copy.deepcopy(student).train().requires_grad_(True)) for name in ("online", "cached")}
+    optim = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in s_model.items()}
+    micro = [rows[i : i + 16] for i in range(0, len(rows) - 15, 16)]
+    cached_rows = [with_cache(m, teacher, k, device) for m in micro]
+
+    def run(name: str, i: int) -> tuple[int, float]:
+        model = s_model[name]
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        rows_i = cached_rows[i % len(micro)] if name == "cached" else micro[i % len(micro)]
+        batch = build_batch(rows_i, pad_id, device)
+        n_ce, n_kd = token_counts(batch, stage)
+        if name == "online":
+            s, t = forward_pair(model, t_model, batch, stage)
+            loss, _, _ = output_terms(s, t, batch, stage, kd, n_ce, n_kd)
+        else:
+            cache = collate_teacher_cache(rows_i, device)
+            s = model(batch["input_ids"], batch["attention_mask"])
+            loss, _, _ = cached_kd_and_ce(
+                stage.loss, s.final, s.head, cache, batch["labels"], batch["ce_labels"], kd_weight=stage.kd_weight,
+                temperature=stage.temperature, num_tokens=n_kd, ce_num_tokens=n_ce, chunk_size=kd.chunk_size,
+                scored_positions=batch["scored_positions"],
+            )
+        loss.backward()
+        optim[name].step()
+        optim[name].zero_grad(set_to_none=True)
+        sync()
+        return int(batch["attention_mask"].sum()), time.perf_counter() - start
+
+    rates: dict[str, list[float]] = {"online": [], "cached": []}
+    for i in range(steps + 2):
+        for name in ("online", "cached") if i % 2 == 0 else ("cached", "online"):
+            tokens, seconds = run(name, i)
+            if i >= 2:  # warm-up
+                rates[name].append(tokens / seconds)
+    online, cached = statistics.median(rates["online"]), statistics.median(rates["cached"])
+    return {"k": k, "online_tokens_per_s": round(online), "cached_tokens_per_s": round(cached),
+            "speedup": round(cached / online, 3), "timed_steps": steps}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--teacher-steps", type=int, default=300)
+    parser.add_argument("--speed-steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadier on a shared machine)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    started = time.perf_counter()
+
+    train_raw, dev_raw = synthetic_rows(600, seed=0), synthetic_rows(64, seed=1)
+    texts = [build_prompt(r["instruction"], r["input"], "dolly") + r["output"] for r in train_raw]
+    tokenizer = build_tiny_tokenizer(texts, vocab_size=1024)
+    data_cfg = DataConfig(train="unused.jsonl", max_prompt_length=96, max_length=128)
+    train_rows, _ = validate_and_tokenize(train_raw, tokenizer, data_cfg)
+    dev_rows, _ = validate_and_tokenize(dev_raw, tokenizer, data_cfg)
+    teacher, final_ce = train_teacher(train_rows, tokenizer, args.teacher_steps, 1e-3, device)
+    student = student_from_teacher(teacher, keep_every=2).to(device).eval().requires_grad_(False)
+    vocab = teacher.config.vocab_size
+    dev = build_batch(dev_rows, tokenizer.pad_token_id, device)
+
+    errors, coverage = loss_errors(teacher, student, dev, vocab)
+    result = {
+        "device": args.device,
+        "threads": args.threads,
+        "teacher": {"arch": "llama", "vocab": vocab, "hidden": 128, "layers": 4, "sft_steps": args.teacher_steps,
+                    "final_train_ce": round(final_ce, 3)},
+        "student": "cut from the teacher, layers 1 and 3",
+        "dev_rows": len(dev_rows),
+        "dev_scored_tokens": int((_next_labels(dev["labels"]) != -100).sum()),
+        "bytes_per_scored_token": {
+            f"K={k}": {"stored": bytes_per_token(k, vocab), "parquet_on_disk": disk_bytes(dev_rows, teacher, k, device),
+                       "stored_vocab_49152": bytes_per_token(k, 49152), "stored_vocab_151936": bytes_per_token(k, 151936)}
+            for k in KS
+        },
+        "teacher_top_k_mass": coverage,
+        "relative_loss_error": errors,
+        "max_relative_error": {f"T={t:g}": {f"K={k}": max(e[f"K={k},T={t:g}"] for e in errors.values()) for k in KS}
+                               for t in TEMPERATURES},
+        "training_step": step_speed(teacher, student, train_rows[:256], 128, args.speed_steps, device, tokenizer.pad_token_id),
+    }
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""The cached teacher as stored in the scores (METHODS.md §4): its columns, their bytes, the check a
+training driver runs before any Ray work, and the collation of a batch's cache onto the device.
+
+Per scored position of a row (position t with labels[t + 1] != -100, in order) the scoring pass
+stores (`losses.teacher_top_k`):
+- teacher_top_ids: the top-K token ids, uint16 when the vocabulary fits (≤ 65,536 tokens), else int32;
+- teacher_top_logprobs: their log-softmax at T = 1 in float16. Log-probs rather than logits: they are
+  ≤ 0 and near 0 exactly where the mass is, where float16 is most precise (absolute error ~1e-5 at
+  log p ≈ -0.01), while a logit's error grows with its offset (~0.01 at a logit of 20); softmax at T
+  is shift-invariant, so log p / T re-tempers them exactly as logits / T would. float16 rather than
+  bfloat16: 8x the precision, and log-probs need no more range than float16's;
+- teacher_tail: log Σ_{j ∉ top-K} p_j^(1/T) for T in losses.TAIL_TEMPERATURES, float32.
+Each column is a list (one entry per scored position) of fixed-size lists, which `shards.StepReader`
+returns as a 2-D numpy array per row.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pocl_ray.config import ConfigError, RunConfig
+from pocl_ray.losses import IGNORE_INDEX, TAIL_TEMPERATURES, TeacherCache
+
+CACHE_COLUMNS = ("teacher_top_ids", "teacher_top_logprobs", "teacher_tail")
+_FIX = "re-run `pocl-ray score` with scoring.teacher_top_k set, or use kd.teacher: online"
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
+
+
+def bytes_per_token(k: int, vocab_size: int) -> int:
+    """Stored bytes per scored token before parquet compression."""
+    return k * (id_dtype(vocab_size).itemsize + 2) + 4 * len(TAIL_TEMPERATURES)
+
+
+def arrow_types(k: int, vocab_size: int) -> dict[str, pa.DataType]:
+    ids = pa.from_numpy_dtype(id_dtype(vocab_size))
+    return {
+        "teacher_top_ids": pa.list_(pa.list_(ids, k)),
+        "teacher_top_logprobs": pa.list_(pa.list_(pa.float16(), k)),
+        "teacher_tail": pa.list_(pa.list_(pa.float32(), len(TAIL_TEMPERATURES))),
+    }
+
+
+def storage_arrays(cache: TeacherCache, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A cache (any device/dtype) as the numpy arrays that are stored, in the storage dtypes."""
+    return (
+        cache.top_ids.cpu().numpy().astype(id_dtype(vocab_size)),
+        cache.top_logprobs.cpu().numpy().astype(np.float16),
+        cache.tail.cpu().numpy().astype(np.float32),
+    )
+
+
+def arrow_columns(per_row: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray] | None], k: int, vocab_size: int) -> dict[str, pa.Array]:
+    """The cache columns of a batch of rows; a None row (rejected, unscored) gets empty lists."""
+    types = arrow_types(k, vocab_size)
+    lengths = [0 if r is None else len(r[0]) for r in per_row]
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    out = {}
+    for j, name in enumerate(CACHE_COLUMNS):
+        inner = types[name].value_type
+        dtype = inner.value_type.to_pandas_dtype()
+        parts = [r[j].reshape(-1) for r in per_row if r is not None]
+        flat = np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+        values = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=inner.value_type), inner.list_size)
+        out[name] = pa.ListArray.from_arrays(offsets, values)
+    return out
+
+
+def manifest_entry(k: int, vocab_size: int) -> dict:
+    return {
+        "top_k": k,
+        "vocab_size": vocab_size,
+        "id_dtype": id_dtype(vocab_size).name,
+        "values": "log-softmax at T = 1, float16",
+        "tail_temperatures": list(TAIL_TEMPERATURES),
+        "bytes_per_scored_token": bytes_per_token(k, vocab_size),
+        "columns": list(CACHE_COLUMNS),
+    }
+
+
+def _scores_dir(scores_path: str | Path) -> Path:
+    path = Path(scores_path)
+    return path if (path / "manifest.json").is_file() or not (path.parent / "manifest.json").is_file() else path.parent
+
+
+def check_teacher_cache(scores_path: str | Path, cfg: RunConfig) -> dict | None:
+    """For kd.teacher: cached, fail before any Ray work unless the scores at ``scores_path`` (the scores
+    directory or its scores.parquet) hold a teacher cache of cfg's teacher and top-k; returns the
+    manifest's cache entry (None for kd.teacher: online)."""
+    import pyarrow.dataset as pds
+
+    if cfg.kd.teacher != "cached":
+        return None
+    directory = _scores_dir(scores_path)
+    manifest_path = directory / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"kd.teacher: cached: no scoring manifest at {manifest_path}; run `pocl-ray score` first")
+    manifest = json.loads(manifest_path.read_text())
+    entry = manifest.get("teacher_cache")
+    if not entry:
+        raise ConfigError(f"kd.teacher: cached: the scores at {directory} hold no teacher cache (scored without "
+                          f"scoring.teacher_top_k); {_FIX}")
+    if entry.get("tail_temperatures") != list(TAIL_TEMPERATURES):
+        raise ConfigError(f"kd.teacher: cached: the teacher cache at {directory} stores its tail at temperatures "
+                          f"{entry.get('tail_temperatures')}, this version reads {list(TAIL_TEMPERATURES)}; {_FIX}")
+    if cfg.scoring.teacher_top_k != entry["top_k"]:
+        raise ConfigError(f"scoring.teacher_top_k: {cfg.scoring.teacher_top_k}, but the scores at {directory} cache the "
+                          f"top {entry['top_k']}; re-score or set scoring.teacher_top_k: {entry['top_k']}")
+    teacher = str(Path(cfg.models.teacher).resolve())
+    if manifest.get("models", {}).get("teacher") != teacher:
+        raise ConfigError(f"models.teacher: {teacher}, but the teacher cache at {directory} comes from "
+                          f"{manifest.get('models', {}).get('teacher')}; {_FIX}")
+    data = directory / manifest.get("scores_path", "scores.parquet")
+    schema = pds.dataset(str(data), format="parquet").schema
+    expected = arrow_types(entry["top_k"], entry["vocab_size"])
+    missing = [c for c in CACHE_COLUMNS if c not in schema.names]
+    wrong = [f"{c} is {schema.field(c).type}, expected {expected[c]}" for c in CACHE_COLUMNS
+             if c not in missing and schema.field(c).type != expected[c]]
+    if missing or wrong:
+        problem = f"lack the columns {missing}" if missing else "have malformed columns: " + "; ".join(wrong)
+        raise ConfigError(f"kd.teacher: cached: the scores at {data} {problem}; {_FIX}")
+    return entry
+
+
+def collate_teacher_cache(rows: Sequence[dict], device: torch.device) -> TeacherCache:
+    """The cache of a micro-batch's rows (row dicts as `shards.StepReader` gives them with the
+    CACHE_COLUMNS asked for), concatenated in row order onto ``device``: aligned with `build_batch`'s
+    scored positions when given the same rows in the same order. Ids become int64 (for gather); the
+    log-probs stay float16 on the way to the device (half the bytes; the loss computes in fp32).
+    No rows (build_batch's all-masked stand-in row) gives an empty cache."""
+    if not rows:
+        return TeacherCache(torch.zeros((0, 1), dtype=torch.long, device=device),
+                            torch.zeros((0, 1), dtype=torch.float16, device=device),
+                            torch.zeros((0, len(TAIL_TEMPERATURES)), dtype=torch.float32, device=device))
+    missing = [c for c in CACHE_COLUMNS if c not in rows[0]]
+    if missing:
+        raise ValueError(f"kd.teacher: cached: the rows lack {missing}; read them with StepReader(columns=[..., *CACHE_COLUMNS])")
+    k = np.shape(rows[0]["teacher_top_ids"])[-1]
+    parts: list[list[np.ndarray]] = [[], [], []]
+    for i, row in enumerate(rows):
+        scored = int((np.asarray(row["labels"])[1:] != IGNORE_INDEX).sum())
+        shapes = [np.shape(row[c]) for c in CACHE_COLUMNS]
+        if shapes != [(scored, k), (scored, k), (scored, len(TAIL_TEMPERATURES))]:
+            raise ValueError(f"row {row.get('id', i)}: teacher cache shapes {shapes} do not match its {scored} scored "
+                             f"positions (top-k {k}, {len(TAIL_TEMPERATURES)} tail temperatures); {_FIX}")
+        for j, c in enumerate(CACHE_COLUMNS):
+            parts[j].append(np.asarray(row[c]))
+    ids = torch.from_numpy(np.concatenate(parts[0]).astype(np.int64))
+    values = torch.from_numpy(np.concatenate(parts[1]).astype(np.float16))
+    tail = torch.from_numpy(np.concatenate(parts[2]).astype(np.float32))
+    if device.type == "cuda":
+        return TeacherCache(*(t.pin_memory().to(device, non_blocking=True) for t in (ids, values, tail)))
+    return TeacherCache(ids.to(device), values.to(device), tail.to(device))

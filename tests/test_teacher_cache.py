@@ -1,0 +1,221 @@
+"""The cached teacher (METHODS.md §4): the cached loss against the online one, the tail treatment,
+storage and collation, and the errors that name the setting to change. No Ray (the scoring pass
+that writes the cache is tested in test_scoring.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pocl_ray import losses as L
+from pocl_ray.config import ConfigError, parse_config
+from pocl_ray.measurers import row_caches
+from pocl_ray.shards import _row_dicts
+from pocl_ray.teacher_cache import (
+    CACHE_COLUMNS, arrow_columns, arrow_types, bytes_per_token, check_teacher_cache, collate_teacher_cache, manifest_entry,
+)
+
+B, S, H, V = 3, 12, 16, 64
+F_DIVERGENCES = ("fkl", "rkl", "js", "tvd", "skl", "srkl")  # AKL is not one: its weights see the split
+
+
+def _problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, V, (B, S), generator=g)
+    labels[0, :4] = L.IGNORE_INDEX  # a prompt
+    labels[2, 9:] = L.IGNORE_INDEX  # padding
+    hidden = torch.randn(B, S, H, generator=g)
+    head = torch.randn(V, H, generator=g) * 0.5
+    # A peaked teacher (scale 4), as a trained LM is: top-k then holds most of the mass.
+    t_hidden, t_head = torch.randn(B, S, H, generator=g), torch.randn(V, H, generator=g) * 4 / H**0.5
+    return labels, hidden, head, t_hidden, t_head
+
+
+def _cache(t_hidden, t_head, labels, k):
+    scored = L._next_labels(labels) != L.IGNORE_INDEX
+    return L.teacher_top_k((t_hidden @ t_head.T).flatten(0, 1)[scored], k)
+
+
+@pytest.mark.parametrize("kind", L.KD_KINDS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_full_vocab_cache_equals_online_loss_and_gradients(kind, temperature):
+    labels, hidden, head, t_hidden, t_head = _problem()
+    cache = _cache(t_hidden, t_head, labels, V)
+    options = {"kd_weight": 0.8, "temperature": temperature, "chunk_size": 7}
+    h1, w1 = hidden.clone().requires_grad_(), head.clone().requires_grad_()
+    online = L.linear_kd_and_ce(kind, h1, w1, t_hidden, t_head, labels, labels, **options)
+    online[0].backward()
+    h2, w2 = hidden.clone().requires_grad_(), head.clone().requires_grad_()
+    cached = L.cached_kd_and_ce(kind, h2, w2, cache, labels, labels, **options)
+    cached[0].backward()
+    assert online[1] > 0
+    for a, b in zip(online, cached):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h2.grad, h1.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(w2.grad, w1.grad, atol=1e-4, rtol=1e-4)
+    # The logits path too.
+    logits = (hidden @ head.T).requires_grad_()
+    ref = L.kd_loss(kind, logits, t_hidden @ t_head.T, labels, temperature=temperature)
+    (g_ref,) = torch.autograd.grad(ref, logits)
+    got = L.cached_kd_loss(kind, logits, cache, labels, temperature=temperature)
+    (g_got,) = torch.autograd.grad(got, logits)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_got, g_ref, atol=1e-4, rtol=1e-4)
+
+
+def _bucket_reference(kind, s_logits, t_logits, ids, temperature):
+    """The documented tail treatment written out: the divergence on K + 1 outcomes, the exact tempered
+    teacher and student probabilities of the top-K tokens and of everything else as one bucket."""
+    p = torch.softmax(t_logits / temperature, -1)
+    q = torch.softmax(s_logits / temperature, -1)
+    rest = torch.ones_like(p, dtype=torch.bool).scatter(-1, ids, False)
+    fold = lambda x: torch.cat([x.gather(-1, ids), (x * rest).sum(-1, keepdim=True)], -1).log()  # noqa: E731
+    return L._divergence(kind, 0.1, 0.5, 0.5)(fold(p), fold(q)).mean() * temperature**2
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_top_k_cache_is_the_rest_bucket_divergence_below_the_online_one(temperature):
+    labels, hidden, head, t_hidden, t_head = _problem(1)
+    scored = L._next_labels(labels) != L.IGNORE_INDEX
+    s_logits, t_logits = (hidden @ head.T).flatten(0, 1)[scored], (t_hidden @ t_head.T).flatten(0, 1)[scored]
+    gaps = {}
+    for k in (4, 16, V - 1):
+        cache = L.teacher_top_k(t_logits, k)
+        for kind in L.KD_KINDS:
+            got = L.cached_kd_loss(kind, hidden @ head.T, cache, labels, temperature=temperature)
+            exact = L.kd_loss(kind, hidden @ head.T, t_hidden @ t_head.T, labels, temperature=temperature)
+            assert torch.isfinite(got)
+            # At the stored temperatures (1 and 2 among them) the bucket masses are exact.
+            torch.testing.assert_close(got, _bucket_reference(kind, s_logits, t_logits, cache.top_ids, temperature),
+                                       atol=2e-5, rtol=1e-4)
+            if kind in F_DIVERGENCES:  # folding outcomes never increases an f-divergence
+                assert got <= exact + 1e-5
+            gaps.setdefault(kind, []).append(abs(float(exact - got)) / float(exact))
+    for kind in F_DIVERGENCES:
+        assert gaps[kind][-1] <= gaps[kind][0] and gaps[kind][-1] < 0.05, (kind, gaps[kind])
+
+
+def test_tail_between_stored_temperatures_is_an_upper_bound():
+    t_logits = torch.randn(50, V) * 3
+    cache = L.teacher_top_k(t_logits, 8)
+    rest = torch.log_softmax(t_logits, -1).scatter(-1, cache.top_ids, float("-inf"))
+    for temperature in (1.0, 1.25, 2.0, 3.0):
+        true = (rest / temperature).logsumexp(-1)
+        estimate = L._tail_at(cache.tail, temperature)
+        if temperature in L.TAIL_TEMPERATURES:
+            torch.testing.assert_close(estimate, true)
+        else:  # log Σ p^β is convex in β: the chord lies above it
+            assert (estimate >= true - 1e-5).all() and not torch.allclose(estimate, true)
+
+
+def _rows_and_logits(seed=2):
+    g = torch.Generator().manual_seed(seed)
+    rows, logits = [], []
+    for n, prompt in ((9, 3), (14, 5), (6, 2)):
+        ids = torch.randint(0, V, (n,), generator=g).numpy()
+        labels = ids.copy()
+        labels[:prompt] = L.IGNORE_INDEX
+        rows.append({"id": f"r{n}", "input_ids": ids, "labels": labels, "attention_mask": np.ones(n, np.int64)})
+        logits.append(torch.randn(n, V, generator=g) * 4)
+    return rows, logits
+
+
+def _stored_rows(rows, logits, k):
+    """Rows as StepReader returns them: the cache written as arrow columns and read back."""
+    caches = [row_caches(torch.as_tensor(r["labels"])[None], x[None], k, V)[0] for r, x in zip(rows, logits)]
+    table = pa.table(arrow_columns([*caches, None], k, V)).slice(0, len(rows))
+    return [{**r, **c} for r, c in zip(rows, _row_dicts(table, CACHE_COLUMNS))]
+
+
+def test_stored_cache_collates_onto_the_batch_scored_positions():
+    from pocl_ray.training import build_batch
+
+    rows, logits = _rows_and_logits()
+    stored = _stored_rows(rows, logits, V)
+    assert stored[0]["teacher_top_ids"].dtype == np.uint16 and stored[0]["teacher_top_logprobs"].dtype == np.float16
+    batch = build_batch(stored, pad_token_id=0, device=torch.device("cpu"))
+    cache = collate_teacher_cache(stored, torch.device("cpu"))
+    seq = batch["labels"].shape[1]
+    t_logits = torch.stack([torch.cat([x, torch.zeros(seq - len(x), V)]) for x in logits])
+    s_logits = torch.randn(len(rows), seq, V, requires_grad=True)
+    for kind in L.KD_KINDS:
+        online = L.kd_loss(kind, s_logits, t_logits, batch["labels"], temperature=2.0, scored_positions=batch["scored_positions"])
+        got = L.cached_kd_loss(kind, s_logits, cache, batch["labels"], temperature=2.0, scored_positions=batch["scored_positions"])
+        # float16 log-probs: the only storage loss at K = vocab.
+        torch.testing.assert_close(got, online, rtol=2e-3, atol=1e-4)
+    assert bytes_per_token(128, V) == 128 * 4 + 16 and bytes_per_token(128, 100_000) == 128 * 6 + 16
+
+
+def test_collate_refuses_a_cache_that_does_not_match_the_rows():
+    rows, logits = _rows_and_logits()
+    stored = _stored_rows(rows, logits, 8)
+    short = dict(stored[1], teacher_top_ids=stored[1]["teacher_top_ids"][1:])
+    with pytest.raises(ValueError, match=r"row r14: teacher cache shapes .* scoring.teacher_top_k"):
+        collate_teacher_cache([stored[0], short], torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"kd.teacher: cached: the rows lack \['teacher_tail'\]"):
+        collate_teacher_cache([{k: v for k, v in r.items() if k != "teacher_tail"} for r in stored], torch.device("cpu"))
+    empty = collate_teacher_cache([], torch.device("cpu"))
+    assert empty.top_ids.shape[0] == 0
+
+
+def _cfg(tmp_path, **kd):
+    return parse_config({
+        "data": {"train": str(tmp_path / "t.jsonl")}, "models": {"teacher": str(tmp_path / "teacher")},
+        "scoring": {"teacher_top_k": 8}, "kd": {"teacher": "cached", **kd},
+    })
+
+
+def test_config_refuses_cached_teacher_where_it_cannot_serve(tmp_path):
+    base = {"data": {"train": "t.jsonl"}, "models": {"teacher": "t"}, "kd": {"teacher": "cached"}}
+    with pytest.raises(ConfigError, match=r"kd.teacher: 'cached' reads .* set scoring.teacher_top_k"):
+        parse_config(base)
+    base["scoring"] = {"teacher_top_k": 8}
+    with pytest.raises(ConfigError, match=r"kd.teacher: 'cached' cannot serve curriculum.plan 'extraction'"):
+        parse_config({**base, "curriculum": {"plan": "extraction"}})
+    with pytest.raises(ConfigError, match=r"kd.teacher: 'cached' cannot serve curriculum.plan 'progressive'"):
+        parse_config({**base, "curriculum": {"plan": "progressive", "progressive": {"teacher_checkpoints": ["c"]}}})
+    with pytest.raises(ConfigError, match=r"kd.teacher: 'cached' .* kd.on_policy_fraction"):
+        parse_config({**base, "kd": {"teacher": "cached", "on_policy_fraction": 0.5}})
+    assert parse_config(base).kd.teacher == "cached"
+
+
+def _write_scores(tmp_path, cfg, columns, entry):
+    directory = tmp_path / "scores"
+    (directory / "scores.parquet").mkdir(parents=True)
+    pq.write_table(pa.table({"rank": pa.array([0, 1]), **columns}), directory / "scores.parquet" / "0.parquet")
+    manifest = {"scores_path": "scores.parquet", "teacher_cache": entry,
+                "models": {"teacher": str(Path(cfg.models.teacher).resolve())}}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return directory
+
+
+def test_check_names_the_scores_path_and_the_setting(tmp_path):
+    cfg = _cfg(tmp_path)
+    rows, logits = _rows_and_logits()
+    good = {k: v.slice(0, 2) for k, v in arrow_columns(
+        [row_caches(torch.as_tensor(r["labels"])[None], x[None], 8, V)[0] for r, x in zip(rows, logits)], 8, V).items()}
+    directory = _write_scores(tmp_path, cfg, good, manifest_entry(8, V))
+    assert check_teacher_cache(directory / "scores.parquet", cfg)["top_k"] == 8
+    assert check_teacher_cache(directory, cfg.with_overrides({"kd.teacher": "online"})) is None
+
+    _write_scores(tmp_path / "none", cfg, {}, None)
+    with pytest.raises(ConfigError, match=rf"scores at {tmp_path / 'none' / 'scores'} hold no teacher cache.*scoring.teacher_top_k"):
+        check_teacher_cache(tmp_path / "none" / "scores", cfg)
+    missing = {k: v for k, v in good.items() if k != "teacher_tail"}
+    _write_scores(tmp_path / "missing", cfg, missing, manifest_entry(8, V))
+    with pytest.raises(ConfigError, match=r"scores.parquet lack the columns \['teacher_tail'\].*scoring.teacher_top_k"):
+        check_teacher_cache(tmp_path / "missing" / "scores", cfg)
+    bad = dict(good, teacher_top_logprobs=pa.array([[[0.0] * 8], [[0.0] * 8]], type=arrow_types(8, V)["teacher_top_ids"]))
+    _write_scores(tmp_path / "bad", cfg, bad, manifest_entry(8, V))
+    with pytest.raises(ConfigError, match=r"malformed columns: teacher_top_logprobs is .*scoring.teacher_top_k"):
+        check_teacher_cache(tmp_path / "bad" / "scores", cfg)
+    with pytest.raises(ConfigError, match=r"scoring.teacher_top_k: 16, but the scores .* cache the top 8"):
+        check_teacher_cache(directory, cfg.with_overrides({"scoring.teacher_top_k": 16}))
+    with pytest.raises(ConfigError, match=r"models.teacher: .* comes from"):
+        check_teacher_cache(directory, cfg.with_overrides({"models.teacher": str(tmp_path / "other")}))
