@@ -38,6 +38,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pocl_ray import losses  # noqa: E402
+from pocl_ray.data import IGNORE_INDEX  # noqa: E402
 
 MIB = 2**20
 
@@ -48,7 +49,7 @@ def naive_kd_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor, label
     logq = torch.log_softmax(student[:, :-1].float() / temperature, dim=-1)
     logp = torch.log_softmax(teacher[:, :-1].detach().float() / temperature, dim=-1)
     per_pos = divergence(logp.flatten(0, 1), logq.flatten(0, 1)).view(labels.shape[0], -1)
-    scored = labels[:, 1:] != losses.IGNORE_INDEX
+    scored = labels[:, 1:] != IGNORE_INDEX
     return (per_pos * scored).sum() * temperature**2 / scored.sum().clamp_min(1)
 
 
@@ -66,7 +67,7 @@ def make_inputs(batch: int, seq: int, hidden: int, vocab: int, dtype: torch.dtyp
     # Prompt tokens are not scored, as in instruction distillation; row lengths vary a little.
     jitter = torch.randint(-seq // 16, seq // 16 + 1, (batch,), generator=g, device=device) if prompt_fraction else 0
     prompt = (seq * prompt_fraction + jitter).clamp(0, seq) if prompt_fraction else torch.zeros(batch, device=device)
-    labels[torch.arange(seq, device=device) < prompt.unsqueeze(1)] = losses.IGNORE_INDEX
+    labels[torch.arange(seq, device=device) < prompt.unsqueeze(1)] = IGNORE_INDEX
     return student, teacher, labels
 
 

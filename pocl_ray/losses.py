@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from pocl_ray.data import IGNORE_INDEX
+
 KD_KINDS = ("fkl", "rkl", "js", "tvd", "skl", "srkl", "akl")
-IGNORE_INDEX = -100
 
 # Scored positions per chunk when the caller gives none. Measured on CPU (1 thread, fp32, JS at T = 2,
 # linear_kd_loss forward + backward, 511 scored positions, hidden 576, vocab 49,152; fastest of 4

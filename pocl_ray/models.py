@@ -18,6 +18,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+from transformers.utils import logging as hf_logging
 
 EOS_TOKEN = "<|endoftext|>"
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
@@ -63,8 +64,13 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch
 def load_model(
     path: str | Path, *, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", frozen: bool = False
 ) -> PreTrainedModel:
-    """A causal LM from a local folder, on `device`; frozen = eval mode without gradients."""
+    """A causal LM from a local folder, on `device`; frozen = eval mode without gradients.
+
+    Turns off transformers' progress bars for the process: the pipeline loads (and checkpoints)
+    models in many Ray workers, whose per-load "Loading weights" bars would flood a job's log.
+    """
     folder = _local_dir(path, "model")
+    hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=resolve_dtype(dtype, device))
     model.to(device)
     if frozen:

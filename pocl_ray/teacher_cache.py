@@ -25,7 +25,8 @@ import pyarrow as pa
 import torch
 
 from pocl_ray.config import ConfigError, RunConfig
-from pocl_ray.losses import IGNORE_INDEX, TAIL_TEMPERATURES, TeacherCache
+from pocl_ray.data import IGNORE_INDEX
+from pocl_ray.losses import TAIL_TEMPERATURES, TeacherCache
 
 CACHE_COLUMNS = ("teacher_top_ids", "teacher_top_logprobs", "teacher_tail")
 _FIX = "re-run `pocl-ray score` with scoring.teacher_top_k set, or use kd.teacher: online"

@@ -52,10 +52,10 @@ import torch.distributed as dist
 from pocl_ray.config import ConfigError, KDConfig, RunConfig
 from pocl_ray.coordinator import coordinator
 from pocl_ray.curriculum import Plan, Stage, StageSpec, lr_at, plan_from_config, stage_specs
-from pocl_ray.data import collate, read_table, validate_and_tokenize
+from pocl_ray.data import IGNORE_INDEX, collate, read_table, validate_and_tokenize
 from pocl_ray.extraction import hidden_match_loss, layer_projection
 from pocl_ray.losses import (
-    IGNORE_INDEX, KD_KINDS, TeacherCache, cached_kd_and_ce, count_tokens, cross_entropy, kd_loss, linear_kd_and_ce,
+    KD_KINDS, TeacherCache, cached_kd_and_ce, count_tokens, cross_entropy, kd_loss, linear_kd_and_ce,
 )
 from pocl_ray.models import (
     check_compatible,
