@@ -273,3 +273,16 @@ def linear_head(model: PreTrainedModel) -> tuple[torch.Tensor | None, str]:
         if value is not None and value != neutral:
             return None, f"{name}'s logits are transformed after the LM head (config.{field} = {value})"
     return head.weight, f"{name}'s logits are hidden states @ lm_head.weight.T"
+
+
+def checkpoint_activations(model: PreTrainedModel) -> None:
+    """Recompute the decoder layers' activations in backward (non-reentrant torch checkpointing).
+
+    transformers renamed gradient_checkpointing_enable to activation_checkpointing_enable and
+    deprecated the old name; both are supported by the versions this package allows.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -59,6 +59,7 @@ from pocl_ray.losses import (
 )
 from pocl_ray.models import (
     check_compatible,
+    checkpoint_activations,
     hidden_size,
     load_model,
     linear_head,
@@ -555,7 +556,7 @@ def setup_worker(config: dict) -> Worker:
         student_lm = student_from_teacher(cut_from, keep_layers=cfg.models.student_layers,
                                           keep_every=cfg.models.student_keep_every)
     if t.gradient_checkpointing:
-        student_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(student_lm)
     student_lm.train()
     bare = HiddenStatesLM(student_lm)
     teachers = None
