@@ -23,7 +23,6 @@ Outputs in DIR/eval/<label>/ (DIR/eval/ when label is None):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import statistics
@@ -42,7 +41,7 @@ from pocl_ray.config import ConfigError, EvalConfig, RunConfig
 from pocl_ray.data import collate, duplicate_reasons, prepare_batch, read_ray_dataset
 from pocl_ray.measurers import response_means
 from pocl_ray.models import load_model, load_tokenizer
-from pocl_ray.sampling import generate_tokens
+from pocl_ray.sampling import generate_tokens, stream_seed
 from pocl_ray.stages import actor_pool, actor_resources, row_progress
 
 log = logging.getLogger(__name__)
@@ -83,8 +82,7 @@ def rouge_l(prediction: str, reference: str, scorer: RougeScorer | None = None) 
 
 def row_seed(seed: int, set_name: str, row_id: str) -> int:
     """A 63-bit generator seed fixed by (seed, set, row id) alone."""
-    digest = hashlib.sha256(f"{seed}\x00{set_name}\x00{row_id}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    return stream_seed(seed, set_name, row_id)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,9 +57,10 @@ def row_uniforms(seeds: Sequence[int], num_steps: int) -> torch.Tensor:
     return torch.from_numpy(bits.astype(np.float32) * np.float32(2.0**-24))
 
 
-def stream_seed(seed: int, index: int) -> int:
-    """A 63-bit row seed fixed by (seed, index) alone, e.g. (on-policy step seed, global row rank)."""
-    digest = hashlib.sha256(f"{seed}\x00{index}".encode("utf-8")).digest()
+def stream_seed(seed: int, *keys: int | str) -> int:
+    """A 63-bit row seed fixed by (seed, keys) alone, e.g. (on-policy step seed, global row rank) or
+    (eval seed, set name, row id)."""
+    digest = hashlib.sha256("\x00".join(map(str, (seed, *keys))).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 

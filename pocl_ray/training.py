@@ -840,21 +840,15 @@ def _dev_rows(cfg: RunConfig, plan: Plan) -> tuple[list[dict], int]:
     return rows, len(rejects)
 
 
-@torch.no_grad()
 def _cache_dev_rows(cfg: RunConfig, rows: list[dict]) -> None:
     """With kd.teacher: cached the workers hold no teacher, so the dev rows (a few hundred, never
     scored) get their teacher top-k here on the driver, once, as the scoring pass stores it."""
-    from pocl_ray.measurers import row_caches
+    from pocl_ray.measurers import teacher_caches
 
     teacher = load_model(cfg.models.teacher, dtype=torch.float32, frozen=True)
     pad_id = load_tokenizer(cfg.models.tokenizer or cfg.models.teacher).pad_token_id
-    vocab = teacher.config.get_text_config().vocab_size
-    for i in range(0, len(rows), 16):
-        chunk = rows[i : i + 16]
-        batch = collate(chunk, pad_id)
-        logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        for row, cache in zip(chunk, row_caches(batch["labels"], logits, cfg.scoring.teacher_top_k, vocab)):
-            row.update(zip(CACHE_COLUMNS, cache))
+    for row, cache in zip(rows, teacher_caches(teacher, rows, pad_id, cfg.scoring.teacher_top_k)):
+        row.update(zip(CACHE_COLUMNS, cache))
 
 
 def _storage_path(cfg: RunConfig, out: Path) -> str:

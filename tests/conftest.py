@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,3 +138,21 @@ def local_ray(include_dashboard: bool):
 @pytest.fixture(scope="module")
 def ray_local():
     yield from local_ray(include_dashboard=False)
+
+
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: one torch thread is ~10x faster than two contending ones."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,22 +17,17 @@ import matplotlib.image as mpimg
 import pandas as pd
 import pytest
 import yaml
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).with_name("ray"))
 pytestmark = pytest.mark.e2e
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     temp_dir = tmp_path_factory.mktemp("rayhead")
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     # As in a shell with the virtual environment activated: the job's `python` is this interpreter.
     env = {**os.environ, "RAY_AUTH_MODE": "token",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}

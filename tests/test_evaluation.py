@@ -41,6 +41,8 @@ EOS = "<|endoftext|>"
 MAX_NEW = 6
 SCORER = RougeScorer(["rougeL"], use_stemmer=True)
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _word_tokenizer(save_dir):
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -52,15 +54,6 @@ def _word_tokenizer(save_dir):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS, pad_token=EOS, unk_token="[UNK]")
     tokenizer.save_pretrained(str(save_dir))
     return tokenizer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny models on a shared 2-core machine: one thread is ~10x faster than two contending ones.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

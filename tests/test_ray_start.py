@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,17 +22,12 @@ from pathlib import Path
 
 import pytest
 import ray
+from conftest import free_port
 
 from pocl_ray.stages import init_ray
 
 RAY = str(Path(sys.executable).with_name("ray"))
 pytestmark = pytest.mark.ray
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -48,20 +42,21 @@ def ray_tmpdir(monkeypatch):
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def _local_instance_started(capsys, cpus: int) -> None:
-    assert init_ray(cpus, include_dashboard=False) is True
-    assert ray.cluster_resources()["CPU"] == cpus
-    assert "[ray] started a local Ray instance with" in capsys.readouterr().out
+def _local_instance_started(capsys, cpus: int) -> bool:
+    """init_ray started (and sized) its own instance and said so in its one line."""
+    started = init_ray(cpus, include_dashboard=False)
+    return started is True and ray.cluster_resources()["CPU"] == cpus and (
+        "[ray] started a local Ray instance with" in capsys.readouterr().out)
 
 
 def test_stale_address_file_starts_a_local_instance(ray_tmpdir, capsys):
     ray_tmpdir.mkdir(parents=True)
-    (ray_tmpdir / "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}")  # nobody listens there
-    _local_instance_started(capsys, cpus=3)
+    (ray_tmpdir / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")  # nobody listens there
+    assert _local_instance_started(capsys, cpus=3)
 
 
 def test_joins_a_live_head_then_starts_its_own_once_it_was_killed(ray_tmpdir, capsys):
-    port = _free_port()
+    port = free_port()
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
          "--include-dashboard=false", "--disable-usage-stats"],
@@ -89,4 +84,4 @@ def test_joins_a_live_head_then_starts_its_own_once_it_was_killed(ray_tmpdir, ca
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
     assert (ray_tmpdir / "ray_current_cluster").is_file()  # left behind: no `ray stop`
-    _local_instance_started(capsys, cpus=2)
+    assert _local_instance_started(capsys, cpus=2)

@@ -18,20 +18,13 @@ from pocl_ray.sampling import (
     stream_seed,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 VOCAB = 48
 EOS = 2
 # Chi-square critical value, 5 degrees of freedom, p = 0.001.
 CHI2_CRIT_DF5 = 20.515
 LOGITS = torch.tensor([2.0, 1.2, 0.7, 0.0, -0.5, -1.5])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny models on a shared 2-core machine: one thread is much faster than two contending ones.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -59,21 +59,13 @@ def write_scores(directory: Path, assets, num_buckets: int = 4, teacher_top_k: i
 
 
 def _with_teacher_cache(table: pa.Table, rows: list[dict], assets, k: int, pad_id: int) -> tuple[pa.Table, dict]:
-    import torch
-
     from pocl_ray import teacher_cache
-    from pocl_ray.data import collate
-    from pocl_ray.measurers import row_caches
+    from pocl_ray.measurers import teacher_caches
     from pocl_ray.models import load_model
 
     teacher = load_model(assets.teacher_dir, frozen=True)
     vocab = teacher.config.vocab_size
-    per_row = []
-    with torch.no_grad():
-        for i in range(0, len(rows), 32):
-            batch = collate(rows[i : i + 32], pad_id)
-            logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            per_row += row_caches(batch["labels"], logits, k, vocab)
+    per_row = teacher_caches(teacher, rows, pad_id, k)
     for name, column in teacher_cache.arrow_columns(per_row, k, vocab).items():
         table = table.append_column(name, column)
     return table, teacher_cache.manifest_entry(k, vocab)
