@@ -11,13 +11,20 @@
   student forward + `cached_kd_and_ce` + `collate_teacher_cache` for the cached one; backward and AdamW
   in both), alternating the two, median over the timed steps. tokens/s counts non-pad input tokens.
 
-The teacher is the quickstart's stand-in (`pipeline.prepare_teacher` defaults: Llama, vocabulary
-~1,024 BPE tokens, hidden 128, 4 layers, 300 SFT steps at lr 1e-3) trained here in-process on the
-synthetic rows of tests/conftest.py, so its distributions are peaked as a trained LM's are (a random
-one is nearly flat and top-k would mean nothing); the student is cut from it (every 2nd layer), the
-quickstart's initial student.
+Two teachers (--teacher):
+- quickstart: the quickstart's stand-in (`pipeline.prepare_teacher` defaults: Llama, vocabulary ~1,024
+  BPE tokens, hidden 128, 4 layers, 300 SFT steps at lr 1e-3) trained here in-process on the synthetic
+  rows of tests/conftest.py, so its distributions are peaked as a trained LM's are (a random one is
+  nearly flat and top-k would mean nothing); the student is cut from it (every 2nd layer), the
+  quickstart's initial student; dev batch: 64 synthetic rows;
+- testbed: the testbed's SmolLM2-135M-Instruct (--teacher-path, built by
+  ../shared/testbed/build_teacher.sh; vocabulary 49,152) and its initial student, the teacher cut to
+  every 3rd layer (configs/testbed.yaml); dev batch: the first --dev-rows rows of the testbed dev set,
+  chat template, max_length 512. The training-step timing uses the first 256 dev rows; --speed-steps 0
+  skips it (on CPU it takes minutes per step at this size).
 
-    python benchmarks/teacher_cache.py                 # CPU, ~2 minutes on 2 cores
+    python benchmarks/teacher_cache.py                                      # CPU, ~2 minutes on 2 cores
+    python benchmarks/teacher_cache.py --teacher testbed --speed-steps 0    # CPU, ~2 minutes
     python benchmarks/teacher_cache.py --device cuda
 """
 
@@ -36,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -44,11 +52,11 @@ from conftest import synthetic_rows  # noqa: E402
 
 from pocl_ray.config import DataConfig, KDConfig  # noqa: E402
 from pocl_ray.curriculum import Stage  # noqa: E402
-from pocl_ray.data import build_prompt, validate_and_tokenize  # noqa: E402
-from pocl_ray.losses import KD_KINDS, TeacherCache, _next_labels, cached_kd_and_ce, cached_kd_loss, kd_loss, teacher_top_k  # noqa: E402
+from pocl_ray.data import build_prompt, read_table, validate_and_tokenize  # noqa: E402
+from pocl_ray.losses import KD_KINDS, _next_labels, cached_kd_and_ce, cached_kd_loss, kd_loss  # noqa: E402
 from pocl_ray.measurers import row_caches  # noqa: E402
-from pocl_ray.models import build_tiny_model, build_tiny_tokenizer, student_from_teacher  # noqa: E402
-from pocl_ray.teacher_cache import CACHE_COLUMNS, arrow_columns, bytes_per_token, collate_teacher_cache, storage_arrays  # noqa: E402
+from pocl_ray.models import build_tiny_model, build_tiny_tokenizer, load_model, load_tokenizer, student_from_teacher  # noqa: E402
+from pocl_ray.teacher_cache import CACHE_COLUMNS, arrow_columns, bytes_per_token, collate_teacher_cache  # noqa: E402
 from pocl_ray.training import HiddenStatesLM, build_batch, forward_pair, output_terms, token_counts  # noqa: E402
 
 KS = (8, 32, 128)
@@ -76,27 +84,44 @@ def with_cache(rows: list[dict], teacher, k: int, device: torch.device) -> list[
     for row in rows:
         with torch.no_grad():
             logits = teacher(input_ids=torch.as_tensor(row["input_ids"], device=device)[None]).logits
-        cache = row_caches(torch.as_tensor(row["labels"], device=device)[None], logits, k, teacher.config.vocab_size)[0]
+        cache = row_caches(torch.as_tensor(row["labels"], device=device)[None], logits, k, teacher.config.vocab_size, [row["id"]])[0]
         out.append({**row, **dict(zip(CACHE_COLUMNS, cache))})
     return out
 
 
-def loss_errors(teacher, student, dev: dict, vocab: int) -> tuple[dict, dict]:
-    inputs = {"input_ids": dev["input_ids"], "attention_mask": dev["attention_mask"]}
-    with torch.no_grad():
-        t_logits, s_logits = teacher(**inputs).logits.float(), student(**inputs).logits.float()
+def loss_errors(teacher, student, dev_rows: list[dict], pad_id: int, vocab: int, device: torch.device) -> tuple[dict, dict]:
+    """Relative error of each kind's cached loss, the cache as scoring stores it (`row_caches`, read back
+    through `collate_teacher_cache`), against the exact online loss on the same scored positions. Only
+    the scored positions' logits are made (a 49,152-token vocabulary over a padded batch would not fit)."""
+    dev = build_batch(dev_rows, pad_id, device)
     scored = _next_labels(dev["labels"]) != -100
-    t_rows = t_logits.flatten(0, 1)[scored]
+    with torch.no_grad():
+        logits = {name: torch.cat([
+            m(input_ids=dev["input_ids"][i : i + 8], attention_mask=dev["attention_mask"][i : i + 8]).logits.float().flatten(0, 1)[
+                scored.view(dev["labels"].shape)[i : i + 8].flatten()]
+            for i in range(0, len(dev_rows), 8)]) for name, m in (("teacher", teacher), ("student", student))}
+    # The scored positions as one row: labels[t + 1] scores position t.
+    labels = torch.zeros((1, scored.sum() + 1), dtype=torch.long, device=device)
+    labels[0, 0] = -100
+    t_logits, s_logits = (F.pad(x, (0, 0, 0, 1))[None] for x in (logits["teacher"], logits["student"]))
+    counts = (dev["labels"][:, 1:] != -100).sum(1).tolist()
     errors, coverage = {}, {}
+    exact = {(kind, t): float(kd_loss(kind, s_logits, t_logits, labels, temperature=t)) for kind in KD_KINDS for t in TEMPERATURES}
     for k in KS:
-        stored = storage_arrays(teacher_top_k(t_rows, k), vocab)
-        cache = TeacherCache(*(torch.from_numpy(a.astype(np.int64) if i == 0 else a).to(t_rows.device) for i, a in enumerate(stored)))
+        stored, start = [], 0
+        for row, n in zip(dev_rows, counts):
+            rows_logits = logits["teacher"][start : start + n][None]
+            row_labels = torch.zeros((1, n + 1), dtype=torch.long, device=device)
+            row_labels[0, 0] = -100
+            stored.append({"labels": row_labels[0].cpu().numpy(), **dict(zip(CACHE_COLUMNS, row_caches(
+                row_labels, F.pad(rows_logits, (0, 0, 0, 1)), k, vocab, [row["id"]])[0]))})
+            start += n
+        cache = collate_teacher_cache(stored, device)
         for t in TEMPERATURES:
-            coverage[f"K={k},T={t:g}"] = round(float(torch.softmax(t_rows / t, -1).topk(k, -1).values.sum(-1).mean()), 5)
+            coverage[f"K={k},T={t:g}"] = round(float(torch.softmax(logits["teacher"] / t, -1).topk(k, -1).values.sum(-1).mean()), 5)
             for kind in KD_KINDS:
-                exact = float(kd_loss(kind, s_logits, t_logits, dev["labels"], temperature=t))
-                cached = float(cached_kd_loss(kind, s_logits, cache, dev["labels"], temperature=t))
-                errors.setdefault(kind, {})[f"K={k},T={t:g}"] = float(f"{abs(cached - exact) / exact:.3g}")
+                cached = float(cached_kd_loss(kind, s_logits, cache, labels, temperature=t))
+                errors.setdefault(kind, {})[f"K={k},T={t:g}"] = float(f"{abs(cached - exact[kind, t]) / exact[kind, t]:.3g}")
     return errors, coverage
 
 
@@ -135,7 +160,7 @@ def step_speed(teacher, student, rows: list[dict], k: int, steps: int, device: t
             s = model(batch["input_ids"], batch["attention_mask"])
             loss, _, _ = cached_kd_and_ce(
                 stage.loss, s.final, s.head, cache, batch["labels"], batch["ce_labels"], kd_weight=stage.kd_weight,
-                temperature=stage.temperature, num_tokens=n_kd, ce_num_tokens=n_ce, chunk_size=kd.chunk_size,
+                temperature=stage.temperature, num_tokens=n_kd, ce_num_tokens=n_ce, chunk_positions=kd.chunk_positions,
                 scored_positions=batch["scored_positions"],
             )
         loss.backward()
@@ -155,18 +180,7 @@ def step_speed(teacher, student, rows: list[dict], k: int, steps: int, device: t
             "speedup": round(cached / online, 3), "timed_steps": steps}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--teacher-steps", type=int, default=300)
-    parser.add_argument("--speed-steps", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadier on a shared machine)")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    started = time.perf_counter()
-
+def quickstart_pair(args, device: torch.device):
     train_raw, dev_raw = synthetic_rows(600, seed=0), synthetic_rows(64, seed=1)
     texts = [build_prompt(r["instruction"], r["input"], "dolly") + r["output"] for r in train_raw]
     tokenizer = build_tiny_tokenizer(texts, vocab_size=1024)
@@ -175,18 +189,51 @@ def main() -> None:
     dev_rows, _ = validate_and_tokenize(dev_raw, tokenizer, data_cfg)
     teacher, final_ce = train_teacher(train_rows, tokenizer, args.teacher_steps, 1e-3, device)
     student = student_from_teacher(teacher, keep_every=2).to(device).eval().requires_grad_(False)
-    vocab = teacher.config.vocab_size
-    dev = build_batch(dev_rows, tokenizer.pad_token_id, device)
+    about = {"teacher": {"name": "quickstart stand-in", "arch": "llama", "vocab": teacher.config.vocab_size, "hidden": 128,
+                         "layers": 4, "sft_steps": args.teacher_steps, "final_train_ce": round(final_ce, 3)},
+             "student": "cut from the teacher, layers 1 and 3"}
+    return teacher, student, tokenizer, dev_rows, train_rows[:256], about
 
-    errors, coverage = loss_errors(teacher, student, dev, vocab)
+
+def testbed_pair(args, device: torch.device):
+    tokenizer = load_tokenizer(args.teacher_path)
+    teacher = load_model(args.teacher_path, dtype="float32", device=device, frozen=True)
+    student = student_from_teacher(teacher, keep_every=3).eval().requires_grad_(False)
+    data_cfg = DataConfig(train="unused.jsonl", template="chat", max_prompt_length=256, max_length=512)
+    rows, _ = validate_and_tokenize(read_table(args.testbed_dev, max_rows=max(args.dev_rows, 256)).to_pylist(), tokenizer, data_cfg)
+    config = teacher.config
+    about = {"teacher": {"name": "testbed SmolLM2-135M-Instruct", "path": args.teacher_path, "vocab": config.vocab_size,
+                         "hidden": config.hidden_size, "layers": config.num_hidden_layers},
+             "student": f"cut from the teacher, every 3rd layer ({len(student.model.layers)} layers), untrained"}
+    return teacher, student, tokenizer, rows[: args.dev_rows], rows[:256], about
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--teacher", default="quickstart", choices=["quickstart", "testbed"])
+    parser.add_argument("--teacher-path", default="/tmp/pocl-assets/smollm2-135m-instruct", help="the testbed teacher")
+    parser.add_argument("--testbed-dev", default=str(ROOT.parent / "shared/testbed/data/dev.jsonl.gz"))
+    parser.add_argument("--dev-rows", type=int, default=32, help="testbed dev rows for the loss errors")
+    parser.add_argument("--teacher-steps", type=int, default=300, help="quickstart teacher SFT steps")
+    parser.add_argument("--speed-steps", type=int, default=20, help="timed training steps; 0 skips the timing")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadier on a shared machine)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    started = time.perf_counter()
+
+    pair = quickstart_pair if args.teacher == "quickstart" else testbed_pair
+    teacher, student, tokenizer, dev_rows, speed_rows, about = pair(args, device)
+    vocab = teacher.config.vocab_size
+    errors, coverage = loss_errors(teacher, student, dev_rows, tokenizer.pad_token_id, vocab, device)
     result = {
         "device": args.device,
         "threads": args.threads,
-        "teacher": {"arch": "llama", "vocab": vocab, "hidden": 128, "layers": 4, "sft_steps": args.teacher_steps,
-                    "final_train_ce": round(final_ce, 3)},
-        "student": "cut from the teacher, layers 1 and 3",
+        **about,
         "dev_rows": len(dev_rows),
-        "dev_scored_tokens": int((_next_labels(dev["labels"]) != -100).sum()),
+        "dev_scored_tokens": sum(int((np.asarray(r["labels"])[1:] != -100).sum()) for r in dev_rows),
         "bytes_per_scored_token": {
             f"K={k}": {"stored": bytes_per_token(k, vocab), "parquet_on_disk": disk_bytes(dev_rows, teacher, k, device),
                        "stored_vocab_49152": bytes_per_token(k, 49152), "stored_vocab_151936": bytes_per_token(k, 151936)}
@@ -196,8 +243,9 @@ def main() -> None:
         "relative_loss_error": errors,
         "max_relative_error": {f"T={t:g}": {f"K={k}": max(e[f"K={k},T={t:g}"] for e in errors.values()) for k in KS}
                                for t in TEMPERATURES},
-        "training_step": step_speed(teacher, student, train_rows[:256], 128, args.speed_steps, device, tokenizer.pad_token_id),
     }
+    if args.speed_steps:
+        result["training_step"] = step_speed(teacher, student, speed_rows, 128, args.speed_steps, device, tokenizer.pad_token_id)
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result, indent=2))
 

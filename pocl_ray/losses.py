@@ -6,7 +6,7 @@ Conventions: p = teacher, q = student, both softmax(logits / T); labels follow H
 a sum over scored positions divided by ``num_tokens``: the caller passes the global count under
 data parallelism / gradient accumulation so per-worker losses add up to the one-big-batch loss.
 
-Memory: the scored positions are found first; then ``chunk_size`` of them at a time are gathered,
+Memory: the scored positions are found first; then ``chunk_positions`` of them at a time are gathered,
 turned into logits (``hidden @ head.T`` on the hidden-state path, in the inputs' dtype), evaluated in
 fp32 and differentiated at once (the fused-linear approach of Liger-Kernel and torchtune). The
 gradients go into a buffer shaped like the student input (logits or hidden states, input dtype) and,
@@ -18,9 +18,9 @@ Finding the scored positions on a GPU (nonzero) makes the host wait for it; a tr
 them as ``scored_positions`` instead, found on the host while it builds the batch: the flattened
 (batch·seq) indices of the positions to visit, any superset of the scored ones (the rest add nothing).
 
-A cached teacher (`TeacherCache`, METHODS.md §4: top-K log-probs and the tail mass per scored position,
-stored by the scoring pass) replaces the teacher's chunk logits in the same engine (`cached_kd_and_ce`):
-each divergence is then taken on the K + 1 outcomes "each top-K token" and "the rest".
+A cached teacher (`TeacherCache`, METHODS.md §4: top-K log-probs, tail statistics and a few tokens drawn
+from the tail per scored position, stored by the scoring pass) replaces the teacher's chunk logits in the
+same engine (`cached_kd_and_ce`): each divergence is exact on the top K and estimated on the tail.
 """
 from __future__ import annotations
 
@@ -41,11 +41,11 @@ KD_KINDS = ("fkl", "rkl", "js", "tvd", "skl", "srkl", "akl")
 # linear_kd_loss forward + backward, 511 scored positions, hidden 576, vocab 49,152; fastest of 4
 # interleaved runs on a shared machine): 32 -> 2.45 s, 64 -> 2.20 s, 128 -> 2.36 s, 256 -> 2.39 s,
 # 512 -> 3.14 s, 1024 -> 2.91 s; extra memory 187 / 265 / 421 / 732 / 1164 / 1164 MiB (benchmarks/
-# loss_memory.py --chunk-sizes). Time is flat up to 256 and worse beyond, while memory grows with the
+# loss_memory.py --chunk-positions-sweep). Time is flat up to 256 and worse beyond, while memory grows with the
 # chunk, so 256 is the largest chunk before CPU time degrades: the fewest chunks (a GPU pays a kernel
 # launch per op per chunk) within about 0.75 GiB at this vocabulary. Liger-Kernel's fused-linear JSD
 # heuristic picks 256 at this shape too. Not yet measured on a GPU.
-DEFAULT_CHUNK_SIZE = 256
+DEFAULT_CHUNK_POSITIONS = 256
 
 # Log-probs are floored far below fp32's exp underflow (about -104), so masked vocabulary entries
 # (-inf logits) have probability exactly 0 and their 0·log0 terms evaluate to 0 with no inf-inf or
@@ -67,36 +67,65 @@ def _log_mix(logp: torch.Tensor, logq: torch.Tensor, weight_p: float) -> torch.T
     return torch.logaddexp(logp + math.log(weight_p), logq + math.log1p(-weight_p))
 
 
-# The cached teacher (METHODS.md §4): per scored position the teacher's top-K log-probs at T = 1 and
-# the log of its tail Σ_{j ∉ top-K} p_j^(1/T) at these temperatures. A tail at another temperature is
-# interpolated linearly in 1/T between the two nearest (extrapolated from the end segments outside):
-# log Σ p_j^β is convex in β, so between grid points the estimate is an upper bound, outside a lower one.
-# 1 and 2 are the default schedule's ends (exact there); 1.5 halves the interpolation span between them.
+# The cached teacher (METHODS.md §4), per scored position: the teacher's top-K log-probs at T = 1; the
+# log of its tail Σ_{j ∉ top-K} p_j^(1/T) at these temperatures; the tail's mean log p at T = 1; and
+# TAIL_SAMPLES tail tokens drawn (with replacement) from the teacher's tail at SAMPLE_TEMPERATURE, with
+# their log-probs at T = 1. A tail at another temperature is interpolated linearly in 1/T between the two
+# nearest (extrapolated from the end segments outside): log Σ p_j^β is convex in β, so between grid
+# points the estimate is an upper bound, outside a lower one. 1 and 2 are the default schedule's ends
+# (exact there); 1.5 halves the interpolation span between them.
 TAIL_TEMPERATURES = (1.0, 1.5, 2.0, 4.0)
+# 16 draws fill the 600-byte budget at K = 128 (METHODS.md §4). Drawing at T = 2 rather than 1 spreads
+# the draws over more of the tail, so the importance weights p̂/r stay bounded at every T ≤ 2 (they grow
+# like p^(1/T − 1/2) as p -> 0 only above T = 2); it must be a grid temperature, whose tail sum normalises r.
+TAIL_SAMPLES = 16
+SAMPLE_TEMPERATURE = 2.0
 
 
 class TeacherCache(NamedTuple):
     """The teacher's distribution at N scored positions, in the order the KD mask visits them (row-major).
 
     top_ids (N, K) integer token ids; top_logprobs (N, K) the teacher's log-softmax at T = 1 of those
-    tokens (any float dtype); tail (N, len(TAIL_TEMPERATURES)) log Σ_{j ∉ top-K} p_j^(1/T) for each
-    T of TAIL_TEMPERATURES, floored at _LOG_FLOOR (an empty tail, K = vocab, has mass exactly 0).
+    tokens (any float dtype); tail (N, len(TAIL_TEMPERATURES) + 1): log Σ_{j ∉ top-K} p_j^(1/T) for each
+    T of TAIL_TEMPERATURES, then the mean of log p_j over the tail at T = 1, floored at _LOG_FLOOR (an
+    empty tail, K = vocab, has mass exactly 0); sample_ids (N, M) tail tokens drawn from the teacher's
+    tail at SAMPLE_TEMPERATURE, sample_logprobs (N, M) their log-softmax at T = 1 (_LOG_FLOOR when the
+    tail is empty, which makes their importance weight 0).
     """
 
     top_ids: torch.Tensor
     top_logprobs: torch.Tensor
     tail: torch.Tensor
+    sample_ids: torch.Tensor
+    sample_logprobs: torch.Tensor
 
 
-def teacher_top_k(logits: torch.Tensor, k: int) -> TeacherCache:
-    """The cache of teacher ``logits`` (N, V): top-k log-probs at T = 1 (fp32, unfloored) and the tail terms."""
+def teacher_top_k(logits: torch.Tensor, k: int, uniforms: torch.Tensor | None = None) -> TeacherCache:
+    """The cache of teacher ``logits`` (N, V): top-k log-probs at T = 1 (fp32, unfloored), the tail terms
+    and TAIL_SAMPLES tail draws, one per column of ``uniforms`` (N, M) in [0, 1) (float64 for resolution
+    below 2^-24; a fixed-seed stream when None, for callers without row ids)."""
     if not 1 <= k <= logits.shape[-1]:
         raise ValueError(f"top-k size must lie in 1..{logits.shape[-1]} (the vocabulary), got {k}")
+    if uniforms is None:
+        uniforms = torch.rand((logits.shape[0], TAIL_SAMPLES), generator=torch.Generator().manual_seed(0),
+                              dtype=torch.float64).to(logits.device)
     logp = torch.log_softmax(logits.float(), dim=-1)
     top, ids = logp.topk(k, dim=-1)
     rest = logp.scatter(-1, ids, float("-inf"))
-    tail = torch.stack([(rest / t).logsumexp(-1) for t in TAIL_TEMPERATURES], -1).clamp_min(_LOG_FLOOR)
-    return TeacherCache(ids, top, tail)
+    sums = [(rest / t).logsumexp(-1) for t in TAIL_TEMPERATURES]
+    mean = logp.clamp_min(_LOG_FLOOR).scatter(-1, ids, 0.0).sum(-1) / max(logp.shape[-1] - k, 1)
+    tail = torch.stack([*sums, mean], -1).clamp_min(_LOG_FLOOR)
+    # Inverse-CDF draws in float64: tail tokens far below 2^-24 of the proposal keep their probability.
+    weights = (rest.double() / SAMPLE_TEMPERATURE).exp()
+    cdf = weights.cumsum(-1)
+    total = cdf[:, -1:]
+    # right=True lands on the first token whose cdf exceeds the target: one with positive mass (never a
+    # top-K token, whose cdf step is 0), so long as the tail has any mass at all.
+    sample_ids = torch.searchsorted(cdf, uniforms.to(cdf) * total, right=True).clamp_max(logp.shape[-1] - 1)
+    empty = total == 0
+    sample_ids = sample_ids.masked_fill(empty, 0)
+    sample_logprobs = logp.gather(-1, sample_ids).masked_fill(empty, _LOG_FLOOR).clamp_min(_LOG_FLOOR)
+    return TeacherCache(ids, top, tail, sample_ids, sample_logprobs)
 
 
 def _tail_at(tail: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -111,25 +140,61 @@ def _tail_at(tail: torch.Tensor, temperature: float) -> torch.Tensor:
     )
 
 
-def _cached_teacher(cache: TeacherCache, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, teacher log-probs over the K + 1 outcomes "each top-K token" and "rest") at T, each with one
-    extra last row, a uniform dummy, that positions outside the KD mask index (their terms are masked)."""
-    top = cache.top_logprobs.float() / temperature
-    logp = torch.log_softmax(torch.cat([top, _tail_at(cache.tail, temperature)[:, None]], -1), -1)
-    k = top.shape[1]
-    dummy = torch.full((1, k + 1), -math.log(k + 1), dtype=logp.dtype, device=logp.device)
-    ids = torch.cat([cache.top_ids.long(), torch.zeros((1, k), dtype=torch.long, device=logp.device)])
-    return ids, torch.cat([logp.clamp_min(_LOG_FLOOR), dummy])
+class _TeacherAtT(NamedTuple):
+    """The cached teacher re-tempered to T, per position: what the cached divergences read."""
+
+    top_ids: torch.Tensor  # (N, K) long
+    top: torch.Tensor  # (N, K) log p̂_i(T) of the top-K tokens
+    rest: torch.Tensor  # (N,) log p̂_rest(T), the tail's mass
+    tail_logp: torch.Tensor  # (N,) the tail-uniform model of log p̂_j(T): β·mean log p − log Z(β)
+    sample_ids: torch.Tensor  # (N, M) long
+    sample: torch.Tensor  # (N, M) log p̂_s(T) of the drawn tail tokens
+    weight: torch.Tensor  # (N, M) importance weight of each draw, 1 / (M·r_s), r_s its draw probability
 
 
-def _student_buckets(logq: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Student log-probs (floored, (N, V)) folded onto the top-K ids and one "rest" bucket, (N, K + 1).
+def _cached_teacher(cache: TeacherCache, temperature: float) -> _TeacherAtT:
+    """The cache at T, each tensor with one extra last row, a benign finite dummy (uniform over the top,
+    draws of weight 0), that positions outside the KD mask index (their terms are masked)."""
+    beta = 1.0 / temperature
+    top = cache.top_logprobs.float() * beta
+    tail_sum = _tail_at(cache.tail, temperature)[:, None]
+    log_z = torch.cat([top, tail_sum], -1).logsumexp(-1, keepdim=True)
+    logp_s = cache.sample_logprobs.float()
+    gamma = 1.0 / SAMPLE_TEMPERATURE
+    log_r = gamma * logp_s - cache.tail[:, TAIL_TEMPERATURES.index(SAMPLE_TEMPERATURE), None].float()
+    m = logp_s.shape[1]
+    # log r ≫ 0 only for the floored draws of an empty tail: their weight underflows to exactly 0.
+    weight = (-log_r).exp() / m
+    k, device = top.shape[1], top.device
+    parts = (
+        (cache.top_ids.long(), torch.zeros((1, k), dtype=torch.long, device=device)),
+        ((top - log_z).clamp_min(_LOG_FLOOR), torch.full((1, k), -math.log(k + 1), device=device)),
+        ((tail_sum - log_z).squeeze(1).clamp_min(_LOG_FLOOR), torch.full((1,), -math.log(k + 1), device=device)),
+        ((beta * cache.tail[:, -1].float() - log_z.squeeze(1)).clamp_min(_LOG_FLOOR), torch.full((1,), _LOG_FLOOR, device=device)),
+        (cache.sample_ids.long(), torch.zeros((1, m), dtype=torch.long, device=device)),
+        ((beta * logp_s - log_z).clamp_min(_LOG_FLOOR), torch.full((1, m), _LOG_FLOOR, device=device)),
+        (weight, torch.zeros((1, m), device=device)),
+    )
+    return _TeacherAtT(*(torch.cat(p) for p in parts))
+
+
+class _StudentAtCache(NamedTuple):
+    top: torch.Tensor  # (n, K) log q of the teacher's top-K tokens
+    rest: torch.Tensor  # (n,) log Q_rest, the student's mass outside them
+    rest_neg_entropy: torch.Tensor  # (n,) Σ_{j ∉ top-K} q_j log q_j
+    sample: torch.Tensor  # (n, M) log q of the drawn tail tokens
+
+
+def _student_buckets(logq: torch.Tensor, ids: torch.Tensor, sample_ids: torch.Tensor) -> _StudentAtCache:
+    """What the cached divergences need of the student's floored log-probs (n, V): the top-K entries, the
+    rest's mass and q log q summed over the rest, and the drawn tokens' entries; all differentiable.
 
     The top-K entries are overwritten with a finite value far below the floor rather than -inf, so an
     empty rest (K = V) has log-mass ~ 2·floor with a finite gradient (exp(-inf + inf) would be NaN).
     """
-    rest = logq.scatter(-1, ids, 2 * _LOG_FLOOR).logsumexp(-1, keepdim=True)
-    return torch.cat([logq.gather(-1, ids), rest], -1).clamp_min(_LOG_FLOOR)
+    rest = logq.scatter(-1, ids, 2 * _LOG_FLOOR).logsumexp(-1).clamp_min(_LOG_FLOOR)
+    neg_entropy = (logq.exp() * logq).scatter(-1, ids, 0.0).sum(-1)
+    return _StudentAtCache(logq.gather(-1, ids), rest, neg_entropy, logq.gather(-1, sample_ids))
 
 
 # Each divergence maps teacher and student log-probs, both (N, V) fp32, to per-position values (N,).
@@ -157,35 +222,40 @@ def tvd(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return 0.5 * (logp.exp() - logq.exp()).abs().sum(-1)
 
 
-def skl(logp: torch.Tensor, logq: torch.Tensor, alpha: float) -> torch.Tensor:
-    return _kl(logp, _log_mix(logp, logq, alpha))
+def skl(logp: torch.Tensor, logq: torch.Tensor, skew_alpha: float) -> torch.Tensor:
+    return _kl(logp, _log_mix(logp, logq, skew_alpha))
 
 
-def srkl(logp: torch.Tensor, logq: torch.Tensor, alpha: float) -> torch.Tensor:
-    return _kl(logq, _log_mix(logp, logq, 1.0 - alpha))
+def srkl(logp: torch.Tensor, logq: torch.Tensor, skew_alpha: float) -> torch.Tensor:
+    return _kl(logq, _log_mix(logp, logq, 1.0 - skew_alpha))
+
+
+def _akl_head_weight(p: torch.Tensor, gap: torch.Tensor, mu: float) -> torch.Tensor:
+    """AKL's weight on FKL per row: the share of Σ|p − q| (``gap`` per outcome) on the head, the outcomes
+    left when the smallest teacher probabilities summing to < mu are set aside as the tail."""
+    p_sorted, order = p.sort(dim=-1)
+    # Inclusive cumulative sum from the smallest teacher probability: the largest one always
+    # reaches 1 > mu, so every row keeps a non-empty head.
+    tail = p_sorted.cumsum(-1) < mu
+    gap_sorted = gap.gather(-1, order)
+    g_tail = gap_sorted.masked_fill(~tail, 0.0).sum(-1)
+    g_head = gap_sorted.masked_fill(tail, 0.0).sum(-1)
+    total = g_head + g_tail
+    # p == q gives 0/0; both KLs are 0 there, so any convex weights do: take an even split.
+    return torch.where(total > 0, g_head / total, torch.full_like(total, 0.5))
 
 
 def akl(logp: torch.Tensor, logq: torch.Tensor, mu: float) -> torch.Tensor:
     with torch.no_grad():
         p = logp.exp()
-        gap = (p - logq.exp()).abs()
-        p_sorted, order = p.sort(dim=-1)
-        # Inclusive cumulative sum from the smallest teacher probability: the largest one always
-        # reaches 1 > mu, so every row keeps a non-empty head.
-        tail = p_sorted.cumsum(-1) < mu
-        gap_sorted = gap.gather(-1, order)
-        g_tail = gap_sorted.masked_fill(~tail, 0.0).sum(-1)
-        g_head = gap_sorted.masked_fill(tail, 0.0).sum(-1)
-        total = g_head + g_tail
-        # p == q gives 0/0; both KLs are 0 there, so any convex weights do: take an even split.
-        w_head = torch.where(total > 0, g_head / total, torch.full_like(total, 0.5))
+        w_head = _akl_head_weight(p, (p - logq.exp()).abs(), mu)
     return w_head * fkl(logp, logq) + (1.0 - w_head) * rkl(logp, logq)
 
 
-def _divergence(kind: str, alpha: float, beta: float, mu: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def _divergence(kind: str, skew_alpha: float, beta: float, mu: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if kind not in KD_KINDS:
         raise ValueError(f"unknown KD loss kind {kind!r}; allowed kinds: {', '.join(KD_KINDS)}")
-    for name, value in (("alpha", alpha), ("beta", beta), ("mu", mu)):
+    for name, value in (("skew_alpha", skew_alpha), ("beta", beta), ("mu", mu)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got {value}")
     return {
@@ -193,10 +263,76 @@ def _divergence(kind: str, alpha: float, beta: float, mu: float) -> Callable[[to
         "rkl": rkl,
         "js": partial(js, beta=beta),
         "tvd": tvd,
-        "skl": partial(skl, alpha=alpha),
-        "srkl": partial(srkl, alpha=alpha),
+        "skl": partial(skl, skew_alpha=skew_alpha),
+        "srkl": partial(srkl, skew_alpha=skew_alpha),
         "akl": partial(akl, mu=mu),
     }[kind]
+
+
+def _pointwise(kind: str, skew_alpha: float, beta: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The f-divergence ``kind`` outcome by outcome: (log p, log q) -> f(p, q), summing to the divergence."""
+    def fkl_terms(lp, lq):
+        return lp.exp() * (lp - lq)
+
+    def rkl_terms(lp, lq):
+        return lq.exp() * (lq - lp)
+
+    def js_terms(lp, lq):
+        lm = _log_mix(lp, lq, beta)
+        return beta * lp.exp() * (lp - lm) + (1.0 - beta) * lq.exp() * (lq - lm)
+
+    def tvd_terms(lp, lq):
+        return 0.5 * (lp.exp() - lq.exp()).abs()
+
+    def skl_terms(lp, lq):
+        return lp.exp() * (lp - _log_mix(lp, lq, skew_alpha))
+
+    def srkl_terms(lp, lq):
+        return lq.exp() * (lq - _log_mix(lp, lq, 1.0 - skew_alpha))
+
+    return {"fkl": fkl_terms, "rkl": rkl_terms, "js": js_terms, "tvd": tvd_terms, "skl": skl_terms, "srkl": srkl_terms}[kind]
+
+
+def _sampled_tail(f, t: _TeacherAtT, s: _StudentAtCache) -> torch.Tensor:
+    """Σ_{j ∉ top-K} f(p̂_j, q_j) for an f with f(0, q) linear in q (every kind but RKL): the student-only
+    part f(0, Q_rest) exactly, plus the draws' importance-weighted f(p̂, q) − f(0, q) (unbiased), but
+    never below f(p̂_rest, Q_rest)."""
+    floor = torch.full_like(s.sample, _LOG_FLOOR)
+    correction = ((f(t.sample, s.sample) - f(floor, s.sample)) * t.weight).sum(-1)
+    estimate = f(torch.full_like(s.rest, _LOG_FLOOR), s.rest) + correction
+    # The tail's divergence is at least that of its two totals (data processing), so a draw that lands
+    # below it is lifted to it: that never moves a position's estimate away from the true value, and the
+    # position's loss stays at least the rest-bucket divergence, which is >= 0.
+    return torch.maximum(estimate, f(t.rest, s.rest))
+
+
+def _rkl_tail(t: _TeacherAtT, s: _StudentAtCache) -> torch.Tensor:
+    """Σ_{j ∉ top-K} q_j (log q_j − log p̂_j) with every tail log p̂_j taken as the tail's mean (the
+    student-weighted one is unknown without the student): Σ q log q − Q_rest·mean."""
+    return s.rest_neg_entropy - s.rest.exp() * t.tail_logp
+
+
+def _cached_divergence(kind: str, skew_alpha: float, beta: float, mu: float) -> Callable[[_TeacherAtT, _StudentAtCache], torch.Tensor]:
+    """``kind`` against the cached teacher, per position (METHODS.md §4): exact on the top K, the tail by
+    importance-weighted draws (RKL: the tail-mean model; AKL: its FKL and RKL parts so, its split with the
+    tail as one outcome of mass p̂_rest and gap Σ_tail |p̂ − q| estimated as TVD's)."""
+    _divergence(kind, skew_alpha, beta, mu)  # validates kind and options
+    if kind == "akl":
+        fkl_div, rkl_div = _cached_divergence("fkl", skew_alpha, beta, mu), _cached_divergence("rkl", skew_alpha, beta, mu)
+        tvd_terms = _pointwise("tvd", skew_alpha, beta)
+
+        def akl_cached(t: _TeacherAtT, s: _StudentAtCache) -> torch.Tensor:
+            with torch.no_grad():
+                p = torch.cat([t.top, t.rest[:, None]], -1).exp()
+                gap_top = (p[:, :-1] - s.top.exp()).abs()
+                gap_rest = 2 * _sampled_tail(tvd_terms, t, s)
+                w_head = _akl_head_weight(p, torch.cat([gap_top, gap_rest[:, None]], -1), mu)
+            return w_head * fkl_div(t, s) + (1.0 - w_head) * rkl_div(t, s)
+
+        return akl_cached
+    f = _pointwise(kind, skew_alpha, beta)
+    tail = _rkl_tail if kind == "rkl" else partial(_sampled_tail, f)
+    return lambda t, s: f(t.top, s.top).sum(-1) + tail(t, s)
 
 
 def count_tokens(labels: torch.Tensor) -> torch.Tensor:
@@ -234,8 +370,8 @@ def _check_same_vocab(student_vocab: int, teacher_vocab: int) -> None:
         )
 
 
-def _check_kd_options(kind: str, temperature: float, alpha: float, beta: float, mu: float):
-    divergence = _divergence(kind, alpha, beta, mu)
+def _check_kd_options(kind: str, temperature: float, skew_alpha: float, beta: float, mu: float):
+    divergence = _divergence(kind, skew_alpha, beta, mu)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     return divergence
@@ -254,7 +390,7 @@ def _row_logits(x: torch.Tensor, head: torch.Tensor | None) -> Callable[[torch.T
 
 
 class _ChunkedTerms(torch.autograd.Function):
-    """Σ_k scales[k]·Σ_chunks term_k over chunks of ``chunk_size`` scored rows, with each chunk's backward done at once.
+    """Σ_k scales[k]·Σ_chunks term_k over chunks of ``chunk_positions`` scored rows, with each chunk's backward done at once.
 
     ``student`` is (N, D) flattened rows; a chunk's logits are ``student[rows] @ head.T`` (the rows
     themselves when head is None), made in the inputs' dtype. ``terms(logits, rows)`` returns the K fp32
@@ -265,14 +401,14 @@ class _ChunkedTerms(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, terms, scales: torch.Tensor, chunk_size: int, rows: torch.Tensor, student: torch.Tensor, head):
+    def forward(ctx, terms, scales: torch.Tensor, chunk_positions: int, rows: torch.Tensor, student: torch.Tensor, head):
         grad_student = torch.zeros_like(student) if ctx.needs_input_grad[4] else None
         # At least fp32 because the head gradient sums over every chunk, which bf16 would round away.
         accumulate = torch.promote_types(head.dtype, torch.float32) if head is not None else None
         grad_head = torch.zeros_like(head, dtype=accumulate) if ctx.needs_input_grad[5] else None
         differentiate = grad_student is not None or grad_head is not None
         totals = torch.zeros(scales.shape, dtype=torch.float32, device=student.device)
-        for chunk_rows in rows.split(chunk_size):
+        for chunk_rows in rows.split(chunk_positions):
             x = student.index_select(0, chunk_rows)
             logits = x if head is None else F.linear(x, head)
             with torch.set_grad_enabled(differentiate):
@@ -280,7 +416,7 @@ class _ChunkedTerms(torch.autograd.Function):
                 values = torch.stack(terms(logits, chunk_rows))
                 loss = (values * scales).sum()
             totals += values.detach()
-            # A loss that ignores the student (SKL at alpha = 1) leaves the zero gradients as they are.
+            # A loss that ignores the student (SKL at skew_alpha = 1) leaves the zero gradients as they are.
             if not loss.requires_grad:
                 continue
             (grad_logits,) = torch.autograd.grad(loss, logits)
@@ -345,7 +481,7 @@ def _fused_losses(
     kd_weight: float,
     num_tokens: int | torch.Tensor | None,
     ce_num_tokens: int | torch.Tensor | None,
-    chunk_size: int | None,
+    chunk_positions: int | None,
     positions: torch.Tensor | None = None,
     cache: TeacherCache | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -353,12 +489,12 @@ def _fused_losses(
 
     KD is scored where ``labels`` are, CE where ``ce_labels`` are; either may be None (that term is 0).
     ``student``/``teacher`` are logits when their head is None, else hidden states. With ``cache`` (and
-    no teacher) KD is taken against the cached top-K + rest distribution (METHODS.md §4): the student's
-    log-probs are folded onto the same K + 1 outcomes and the same divergence applies. Callers check shapes.
+    no teacher) KD is taken against the cached teacher (METHODS.md §4) and ``divergence`` is a
+    `_cached_divergence`, reading the cache at T and the student's log-probs at its tokens. Callers check shapes.
     """
-    chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk_positions = DEFAULT_CHUNK_POSITIONS if chunk_positions is None else chunk_positions
+    if chunk_positions < 1:
+        raise ValueError(f"chunk_positions must be >= 1, got {chunk_positions}")
     if not torch.is_grad_enabled():
         # needs_input_grad ignores grad mode: detached inputs keep a no-grad call (evaluation) from
         # filling gradient buffers.
@@ -381,7 +517,7 @@ def _fused_losses(
             teacher.detach().flatten(0, 1), None if teacher_head is None else teacher_head.detach()
         )
     if kd_mask is not None and cache is not None:
-        cached_ids, cached_logp = _cached_teacher(cache, temperature)
+        cached = _cached_teacher(cache, temperature)
         # Each flattened position's index among the KD-scored ones (row-major, the cache's order), found
         # on the device; positions before the first one get -1, the dummy last row of the cache.
         slot = kd_mask.cumsum(0) - 1
@@ -403,7 +539,8 @@ def _fused_losses(
                 per_row = divergence(_log_probs(teacher_rows(chunk_rows), temperature), logq.clamp_min(_LOG_FLOOR))
             else:
                 at = slot[chunk_rows]
-                per_row = divergence(cached_logp[at], _student_buckets(logq.clamp_min(_LOG_FLOOR), cached_ids[at]))
+                t_rows = _TeacherAtT(*(x[at] for x in cached))
+                per_row = divergence(t_rows, _student_buckets(logq.clamp_min(_LOG_FLOOR), t_rows.top_ids, t_rows.sample_ids))
             values.append((per_row if kd_rows is None else per_row.where(kd_rows[chunk_rows], 0.0)).sum())
         if ce_targets is not None:
             # At T = 1 the student log-probs of KD serve CE as they are (unfloored, so CE is exact).
@@ -413,7 +550,7 @@ def _fused_losses(
         return values
 
     loss, totals = _ChunkedTerms.apply(
-        terms, torch.stack(scales), chunk_size, rows, student.flatten(0, 1), student_head
+        terms, torch.stack(scales), chunk_positions, rows, student.flatten(0, 1), student_head
     )
     values = totals * torch.stack(norms)
     zero = torch.zeros((), dtype=torch.float32, device=device)
@@ -430,25 +567,25 @@ def kd_loss(
     *,
     temperature: float = 1.0,
     scale_by_t2: bool = True,
-    alpha: float = 0.1,
+    skew_alpha: float = 0.1,
     beta: float = 0.5,
     mu: float = 0.5,
     num_tokens: int | torch.Tensor | None = None,
-    chunk_size: int | None = None,
+    chunk_positions: int | None = None,
     scored_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Token-level KD divergence ``kind`` between teacher and student, a scalar fp32 tensor.
 
-    Gradients reach the student logits only; the teacher is a constant. ``alpha`` is the SKL/SRKL
+    Gradients reach the student logits only; the teacher is a constant. ``skew_alpha`` is the SKL/SRKL
     skew, ``beta`` the generalised-JSD weight, ``mu`` the AKL head/tail split.
     """
-    divergence = _check_kd_options(kind, temperature, alpha, beta, mu)
+    divergence = _check_kd_options(kind, temperature, skew_alpha, beta, mu)
     _check_logits("student_logits", student_logits, labels)
     _check_logits("teacher_logits", teacher_logits, labels)
     _check_same_vocab(student_logits.shape[-1], teacher_logits.shape[-1])
     loss, _, _ = _fused_losses(
         student_logits, None, teacher_logits, None, labels, None, divergence=divergence, temperature=temperature,
-        scale_by_t2=scale_by_t2, kd_weight=1.0, num_tokens=num_tokens, ce_num_tokens=None, chunk_size=chunk_size, positions=scored_positions,
+        scale_by_t2=scale_by_t2, kd_weight=1.0, num_tokens=num_tokens, ce_num_tokens=None, chunk_positions=chunk_positions, positions=scored_positions,
     )
     return loss
 
@@ -458,14 +595,14 @@ def cross_entropy(
     labels: torch.Tensor,
     *,
     num_tokens: int | torch.Tensor | None = None,
-    chunk_size: int | None = None,
+    chunk_positions: int | None = None,
     scored_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal-LM cross-entropy on the reference (HF shift, fp32), summed over scored positions / num_tokens."""
     _check_logits("student_logits", student_logits, labels)
     loss, _, _ = _fused_losses(
         student_logits, None, None, None, None, labels, divergence=None, temperature=1.0, scale_by_t2=False,
-        kd_weight=0.0, num_tokens=None, ce_num_tokens=num_tokens, chunk_size=chunk_size, positions=scored_positions,
+        kd_weight=0.0, num_tokens=None, ce_num_tokens=num_tokens, chunk_positions=chunk_positions, positions=scored_positions,
     )
     return loss
 
@@ -482,12 +619,12 @@ def linear_kd_and_ce(
     kd_weight: float,
     temperature: float = 1.0,
     scale_by_t2: bool = True,
-    alpha: float = 0.1,
+    skew_alpha: float = 0.1,
     beta: float = 0.5,
     mu: float = 0.5,
     num_tokens: int | torch.Tensor | None = None,
     ce_num_tokens: int | torch.Tensor | None = None,
-    chunk_size: int | None = None,
+    chunk_positions: int | None = None,
     scored_positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, KD, CE) from hidden states in one pass: each chunk's student logits serve both terms.
@@ -504,14 +641,14 @@ def linear_kd_and_ce(
     _check_linear("student", student_hidden, student_head, "ce_labels", ce_labels)
     divergence = None
     if teacher_hidden is not None:
-        divergence = _check_kd_options(kind, temperature, alpha, beta, mu)
+        divergence = _check_kd_options(kind, temperature, skew_alpha, beta, mu)
         _check_positions("student_hidden", student_hidden, "hidden", "labels", labels)
         _check_linear("teacher", teacher_hidden, teacher_head, "labels", labels)
         _check_same_vocab(student_head.shape[0], teacher_head.shape[0])
     return _fused_losses(
         student_hidden, student_head, teacher_hidden, teacher_head, None if divergence is None else labels, ce_labels,
         divergence=divergence, temperature=temperature, scale_by_t2=scale_by_t2, kd_weight=kd_weight,
-        num_tokens=num_tokens, ce_num_tokens=ce_num_tokens, chunk_size=chunk_size, positions=scored_positions,
+        num_tokens=num_tokens, ce_num_tokens=ce_num_tokens, chunk_positions=chunk_positions, positions=scored_positions,
     )
 
 
@@ -525,11 +662,11 @@ def linear_kd_loss(
     *,
     temperature: float = 1.0,
     scale_by_t2: bool = True,
-    alpha: float = 0.1,
+    skew_alpha: float = 0.1,
     beta: float = 0.5,
     mu: float = 0.5,
     num_tokens: int | torch.Tensor | None = None,
-    chunk_size: int | None = None,
+    chunk_positions: int | None = None,
     scored_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``kd_loss`` on the logits ``hidden @ head.T`` of each side, without ever holding more than one chunk of them.
@@ -538,14 +675,14 @@ def linear_kd_loss(
     Gradients reach ``student_hidden`` and ``student_head`` (through autograd, so a head tied to the
     input embedding gets both gradients summed); the teacher is a constant.
     """
-    divergence = _check_kd_options(kind, temperature, alpha, beta, mu)
+    divergence = _check_kd_options(kind, temperature, skew_alpha, beta, mu)
     _check_linear("student", student_hidden, student_head, "labels", labels)
     _check_linear("teacher", teacher_hidden, teacher_head, "labels", labels)
     _check_same_vocab(student_head.shape[0], teacher_head.shape[0])
     loss, _, _ = _fused_losses(
         student_hidden, student_head, teacher_hidden, teacher_head, labels, None, divergence=divergence,
         temperature=temperature, scale_by_t2=scale_by_t2, kd_weight=1.0, num_tokens=num_tokens, ce_num_tokens=None,
-        chunk_size=chunk_size, positions=scored_positions,
+        chunk_positions=chunk_positions, positions=scored_positions,
     )
     return loss
 
@@ -556,28 +693,28 @@ def linear_cross_entropy(
     labels: torch.Tensor,
     *,
     num_tokens: int | torch.Tensor | None = None,
-    chunk_size: int | None = None,
+    chunk_positions: int | None = None,
     scored_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``cross_entropy`` on the logits ``student_hidden @ student_head.T``, one chunk of scored positions at a time."""
     _check_linear("student", student_hidden, student_head, "labels", labels)
     loss, _, _ = _fused_losses(
         student_hidden, student_head, None, None, None, labels, divergence=None, temperature=1.0, scale_by_t2=False,
-        kd_weight=0.0, num_tokens=None, ce_num_tokens=num_tokens, chunk_size=chunk_size, positions=scored_positions,
+        kd_weight=0.0, num_tokens=None, ce_num_tokens=num_tokens, chunk_positions=chunk_positions, positions=scored_positions,
     )
     return loss
 
 
 def _check_cache(cache: TeacherCache, vocab: int, labels: torch.Tensor) -> None:
-    ids, values, tail = cache
-    if ids.dim() != 2 or values.shape != ids.shape or tail.dim() != 2 or tail.shape[0] != ids.shape[0]:
+    ids, values, tail, sample_ids, sample_values = cache
+    n, stats = ids.shape[0] if ids.dim() == 2 else -1, len(TAIL_TEMPERATURES) + 1
+    if (ids.dim() != 2 or values.shape != ids.shape or tail.shape != (n, stats) or sample_ids.dim() != 2
+            or sample_ids.shape[0] != n or sample_values.shape != sample_ids.shape):
         raise ValueError(
-            f"teacher cache must be top_ids (N, K), top_logprobs (N, K), tail (N, {len(TAIL_TEMPERATURES)}); got "
-            f"{tuple(ids.shape)}, {tuple(values.shape)}, {tuple(tail.shape)}"
+            f"teacher cache must be top_ids (N, K), top_logprobs (N, K), tail (N, {stats}), sample_ids (N, M), "
+            f"sample_logprobs (N, M); got {', '.join(str(tuple(t.shape)) for t in cache)}"
         )
-    if tail.shape[1] != len(TAIL_TEMPERATURES):
-        raise ValueError(f"teacher cache tail has {tail.shape[1]} temperatures, expected {len(TAIL_TEMPERATURES)} {TAIL_TEMPERATURES}")
-    if ids.shape[1] > vocab or ids.dtype.is_floating_point:
+    if ids.shape[1] > vocab or ids.dtype.is_floating_point or sample_ids.dtype.is_floating_point:
         raise ValueError(f"teacher cache top_ids must be integer ids, at most the vocabulary ({vocab}) per row; got {ids.dtype} K = {ids.shape[1]}")
     # Counting the scored positions makes a GPU host wait, so the alignment is checked on CPU only
     # (collate_teacher_cache checks it per row while building the batch).
@@ -596,12 +733,12 @@ def cached_kd_and_ce(
     kd_weight: float,
     temperature: float = 1.0,
     scale_by_t2: bool = True,
-    alpha: float = 0.1,
+    skew_alpha: float = 0.1,
     beta: float = 0.5,
     mu: float = 0.5,
     num_tokens: int | torch.Tensor | None = None,
     ce_num_tokens: int | torch.Tensor | None = None,
-    chunk_size: int | None = None,
+    chunk_positions: int | None = None,
     scored_positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``linear_kd_and_ce`` against a cached teacher: (loss, KD, CE), the last two detached.
@@ -609,12 +746,13 @@ def cached_kd_and_ce(
     ``student`` is hidden states (batch, seq, hidden) with ``student_head`` (vocab, hidden), or logits
     (batch, seq, vocab) with ``student_head`` None. ``cache`` holds one entry per KD-scored position
     (labels[:, t + 1] != -100), row-major: the order of ``scored_positions`` from ``build_batch`` and of
-    ``teacher_cache.collate_teacher_cache``. Every kind is the same divergence on K + 1 outcomes, the
-    teacher's top-K tokens and one "rest" bucket (METHODS.md §4); with K = vocab it is the online loss.
+    ``teacher_cache.collate_teacher_cache``. Each kind is exact on the teacher's top-K tokens and estimated
+    on the rest of the vocabulary (METHODS.md §4); with K = vocab it is the online loss.
     """
     if not 0.0 <= kd_weight <= 1.0:
         raise ValueError(f"kd_weight must lie in [0, 1], got {kd_weight}")
-    divergence = _check_kd_options(kind, temperature, alpha, beta, mu)
+    _check_kd_options(kind, temperature, skew_alpha, beta, mu)
+    divergence = _cached_divergence(kind, skew_alpha, beta, mu)
     if student_head is None:
         _check_logits("student", student, ce_labels)
         _check_logits("student", student, labels)
@@ -627,7 +765,7 @@ def cached_kd_and_ce(
     return _fused_losses(
         student, student_head, None, None, labels, ce_labels, divergence=divergence, temperature=temperature,
         scale_by_t2=scale_by_t2, kd_weight=kd_weight, num_tokens=num_tokens, ce_num_tokens=ce_num_tokens,
-        chunk_size=chunk_size, positions=scored_positions, cache=cache,
+        chunk_positions=chunk_positions, positions=scored_positions, cache=cache,
     )
 
 
@@ -639,20 +777,21 @@ def cached_kd_loss(
     *,
     temperature: float = 1.0,
     scale_by_t2: bool = True,
-    alpha: float = 0.1,
+    skew_alpha: float = 0.1,
     beta: float = 0.5,
     mu: float = 0.5,
     num_tokens: int | torch.Tensor | None = None,
-    chunk_size: int | None = None,
+    chunk_positions: int | None = None,
     scored_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``kd_loss`` against a cached teacher (see ``cached_kd_and_ce``), from student logits."""
-    divergence = _check_kd_options(kind, temperature, alpha, beta, mu)
+    _check_kd_options(kind, temperature, skew_alpha, beta, mu)
+    divergence = _cached_divergence(kind, skew_alpha, beta, mu)
     _check_logits("student_logits", student_logits, labels)
     _check_cache(cache, student_logits.shape[-1], labels)
     loss, _, _ = _fused_losses(
         student_logits, None, None, None, labels, None, divergence=divergence, temperature=temperature,
-        scale_by_t2=scale_by_t2, kd_weight=1.0, num_tokens=num_tokens, ce_num_tokens=None, chunk_size=chunk_size,
+        scale_by_t2=scale_by_t2, kd_weight=1.0, num_tokens=num_tokens, ce_num_tokens=None, chunk_positions=chunk_positions,
         positions=scored_positions, cache=cache,
     )
     return loss

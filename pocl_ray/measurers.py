@@ -35,7 +35,7 @@ STUDENT_METRICS = frozenset({"student_ce", "student_rougeL", "teacher_student_kl
 _FORWARD_METRICS = frozenset({"student_ce", "teacher_ce", "teacher_student_kl"})
 
 # Columns of the prepared (validated, tokenized) rows; attention_mask is dropped (always all ones).
-MEASURER_INPUT = ["input_ids", "labels", "num_prompt_tokens", "num_response_tokens", "response"]
+MEASURER_INPUT = ["id", "input_ids", "labels", "num_prompt_tokens", "num_response_tokens", "response"]
 
 
 @dataclass
@@ -126,30 +126,36 @@ def response_means(
 
 
 def row_caches(
-    labels: torch.Tensor, teacher_logits: torch.Tensor, k: int, vocab_size: int, chunk_positions: int = 2048,
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    labels: torch.Tensor, teacher_logits: torch.Tensor, k: int, vocab_size: int, row_ids: Sequence[str],
+    chunk_positions: int = 512,
+) -> list[tuple[np.ndarray, ...]]:
     """Each row's teacher cache in the storage dtypes (`teacher_cache.storage_arrays`): one entry per
-    scored position (HF shift), in position order; `chunk_positions` positions in fp32 at a time."""
+    scored position (HF shift), in position order, its tail draws fixed by ``row_ids`` (one per row of
+    ``labels``); `chunk_positions` positions at a time (the draws hold a float64 (chunk, vocab) cdf)."""
     targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=data_mod.IGNORE_INDEX)
     rows, cols = (targets != data_mod.IGNORE_INDEX).nonzero(as_tuple=True)  # row-major: each row's positions in order
+    counts = torch.bincount(rows, minlength=labels.shape[0]).cpu().numpy()
+    uniforms = torch.cat([teacher_cache.tail_uniforms(str(i), int(n)) for i, n in zip(row_ids, counts)]).to(labels.device)
     chunks = [
-        teacher_cache.storage_arrays(teacher_top_k(teacher_logits[rows[a : a + chunk_positions], cols[a : a + chunk_positions]], k), vocab_size)
+        teacher_cache.storage_arrays(teacher_top_k(
+            teacher_logits[rows[a : a + chunk_positions], cols[a : a + chunk_positions]], k, uniforms[a : a + chunk_positions]
+        ), vocab_size)
         for a in range(0, rows.numel(), chunk_positions)
-    ] or [teacher_cache.storage_arrays(teacher_top_k(teacher_logits[:0, 0], k), vocab_size)]  # nothing scored
-    ends = np.cumsum(torch.bincount(rows, minlength=labels.shape[0]).cpu().numpy())[:-1]
-    return list(zip(*(np.split(np.concatenate([c[j] for c in chunks]), ends) for j in range(3))))
+    ] or [teacher_cache.storage_arrays(teacher_top_k(teacher_logits[:0, 0], k, uniforms), vocab_size)]  # nothing scored
+    ends = np.cumsum(counts)[:-1]
+    return list(zip(*(np.split(np.concatenate([c[j] for c in chunks]), ends) for j in range(len(teacher_cache.CACHE_COLUMNS)))))
 
 
 @torch.no_grad()
 def teacher_caches(teacher, rows: Sequence[Mapping], pad_token_id: int, k: int, batch_size: int = 16) -> list:
     """Each row's teacher cache (as `row_caches`), from a forward of `teacher` over the rows (dicts
-    with input_ids, attention_mask and labels) in batches: for rows outside a scoring pass."""
+    with id, input_ids, attention_mask and labels) in batches: for rows outside a scoring pass."""
     vocab = teacher.config.get_text_config().vocab_size
     out = []
     for i in range(0, len(rows), batch_size):
         batch = data_mod.collate(list(rows[i : i + batch_size]), pad_token_id)
         logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        out += row_caches(batch["labels"], logits, k, vocab)
+        out += row_caches(batch["labels"], logits, k, vocab, [r["id"] for r in rows[i : i + batch_size]])
     return out
 
 
@@ -181,7 +187,8 @@ def _forward_metrics(
                 out[m][idx] = v
         if caches is not None:
             vocab = models.teacher.config.vocab_size
-            for i, cache in zip(idx, row_caches(batch["labels"], t_logits, teacher_top_k, vocab)):
+            ids = [rows["id"][i] for i in idx]
+            for i, cache in zip(idx, row_caches(batch["labels"], t_logits, teacher_top_k, vocab, ids)):
                 caches[i] = cache
     return out, caches
 
@@ -226,8 +233,9 @@ def measure(
     KL(teacher || student) at temperature 1; student_rougeL is the ROUGE-L F1 (stemmed) of the
     student's greedy response against the reference, the response given
     `response_budgets(num_prompt_tokens, max_new_tokens, max_length)` new tokens; length counts
-    response tokens. With ``teacher_top_k`` the result also holds "teacher_cache": per row, the
-    (ids, log-probs, tail) arrays of `row_caches`, from the teacher forward that gives teacher_ce.
+    response tokens. With ``teacher_top_k`` (``rows`` then also holds the row ``id``, which fixes the tail
+    draws) the result also holds "teacher_cache": per row, the arrays of `row_caches` (CACHE_COLUMNS
+    order), from the teacher forward that gives teacher_ce.
     """
     wanted = set(metrics)
     out: dict[str, np.ndarray] = {}

@@ -1,6 +1,6 @@
 """Difficulty scoring with Ray Data: read -> validate/tokenize -> measurer actor pool -> fuse -> buckets -> write.
 
-Layout written under ``cfg.output.dir``/scores (CONTRACTS.md): ``scores.parquet`` (a directory of
+Layout written under ``cfg.output.dir``/scores (CONTRACTS.md): ``rows/`` (a directory of
 parquet files, one row per scored sample: id, text, tokens, labels, every metric, fused_score, rank,
 bucket; with scoring.teacher_top_k also the teacher cache columns of ``teacher_cache.py``, from the
 measurers' teacher forward), ``manifest.json`` (its "teacher_cache" entry: K, bytes per scored token)
@@ -48,7 +48,7 @@ from pocl_ray.config import ConfigError, RunConfig
 from pocl_ray.measurers import STUDENT_METRICS, TEACHER_METRICS, Measurer
 from pocl_ray.stages import actor_pool, actor_resources, row_progress
 
-SCORES_FILE = "scores.parquet"
+SCORES_DIR = "rows"
 MANIFEST_FILE = "manifest.json"
 REJECTED_FILE = "rejected.jsonl"
 
@@ -143,20 +143,12 @@ class ScoreResult:
         return self.output_dir / REJECTED_FILE
 
 
-def _model_folder(path: str, field: str) -> None:
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{field}: model folder not found: {folder}")
-    if field != "models.tokenizer" and not (folder / "config.json").is_file():
-        raise ConfigError(f"{field}: {folder} is not a Hugging Face model folder (no config.json)")
-
-
 def check_inputs(cfg: RunConfig):
     """Fail before any Ray work on a missing data file or model folder, or models that do not fit
     together; return the tokenizer."""
     from transformers import AutoConfig
 
-    from pocl_ray.models import load_tokenizer
+    from pocl_ray.models import check_model_folder, load_tokenizer
 
     try:
         data_mod.resolve_source(cfg.data.train, cfg.data.format)
@@ -166,10 +158,10 @@ def check_inputs(cfg: RunConfig):
         raise ConfigError(f"data.train: {err}") from None
     metrics = set(cfg.scoring.metrics)
     m = cfg.models
-    _model_folder(m.teacher, "models.teacher")
+    check_model_folder(m.teacher, "models.teacher")
     tokenizer_field = "models.tokenizer" if m.tokenizer is not None else "models.teacher"
     if m.tokenizer is not None:
-        _model_folder(m.tokenizer, "models.tokenizer")
+        check_model_folder(m.tokenizer, "models.tokenizer", need=())
     try:
         tokenizer = load_tokenizer(m.tokenizer or m.teacher)
     except (OSError, ValueError) as err:
@@ -177,7 +169,7 @@ def check_inputs(cfg: RunConfig):
 
     vocab = {"models.teacher": AutoConfig.from_pretrained(m.teacher).get_text_config()}
     if STUDENT_METRICS & metrics and m.student is not None:
-        _model_folder(m.student, "models.student")
+        check_model_folder(m.student, "models.student")
         vocab["models.student"] = AutoConfig.from_pretrained(m.student).get_text_config()
     elif STUDENT_METRICS & metrics and m.student_layers is not None:
         layers = vocab["models.teacher"].num_hidden_layers
@@ -239,6 +231,18 @@ def rows_per_file(cfg: RunConfig, cache_bytes: int = 0) -> int:
     """Rows per written scores file: scoring.rows_per_file, else about 64 MiB of token ids and
     labels (int32) and ``cache_bytes`` of teacher cache per token, at data.max_length."""
     return cfg.scoring.rows_per_file or max(1024, (64 << 20) // ((8 + cache_bytes) * cfg.data.max_length))
+
+
+# Bytes of one parquet row group with a teacher cache: a reader (`shards.StepReader`) decodes a whole group
+# to take rows from it, and a cached row is ~100x a plain one, so the row groups shrink to keep that read
+# (and the writer's buffer) to tens of MiB rather than the ~GiB of pyarrow's row-count cap.
+CACHE_ROW_GROUP_BYTES = 32 << 20
+
+
+def cache_row_group_rows(cfg: RunConfig, cache_bytes: int) -> int:
+    """Rows per parquet row group of scores with ``cache_bytes`` of teacher cache per token: about
+    CACHE_ROW_GROUP_BYTES of token ids, labels and cache at data.max_length (shorter rows make smaller groups)."""
+    return max(1, CACHE_ROW_GROUP_BYTES // ((8 + cache_bytes) * cfg.data.max_length))
 
 
 class _CountingMeasurer(Measurer):
@@ -307,7 +311,7 @@ def score_dataset(cfg: RunConfig) -> ScoreResult:
     directions = difficulty.metric_directions(sc.metrics, sc.directions)
     out_dir = Path(cfg.output.dir) / "scores"
     out_dir.mkdir(parents=True, exist_ok=True)
-    scores_path = out_dir / SCORES_FILE
+    scores_path = out_dir / SCORES_DIR
     if scores_path.is_dir():
         shutil.rmtree(scores_path)
     elif scores_path.exists():
@@ -371,7 +375,8 @@ def score_dataset(cfg: RunConfig) -> ScoreResult:
         final = scored.map_batches(_attach, fn_kwargs=attach, batch_format="pyarrow")
         if sc.sort_output:
             final = final.sort("rank", boundaries=list(range(per_file, rows_scored, per_file)))
-    final.write_parquet(str(scores_path), min_rows_per_file=None if sc.sort_output else per_file)
+    groups = {} if cache is None else {"row_group_size": cache_row_group_rows(cfg, cache["bytes_per_scored_token"])}
+    final.write_parquet(str(scores_path), min_rows_per_file=None if sc.sort_output else per_file, **groups)
 
     manifest = {
         "rows_in": int(rows_in),
@@ -385,7 +390,7 @@ def score_dataset(cfg: RunConfig) -> ScoreResult:
         "config": cfg.model_dump(mode="json"),
         "ray_version": ray.__version__,
         "wall_seconds": round(time.perf_counter() - start, 3),
-        "scores_path": SCORES_FILE,
+        "scores_path": SCORES_DIR,
         "sorted_by_rank": sc.sort_output,
         "rows_per_file": per_file,
         "teacher_cache": cache,
@@ -415,5 +420,5 @@ def format_summary(manifest: dict) -> str:
     for b in manifest["buckets"]:
         span = "-" if b["rows"] == 0 else f"{b['fused_min']:.6f} .. {b['fused_max']:.6f}"
         lines.append(f"  {b['id']:>6}  {b['rows']:>8}   {span}")
-    lines.append(f"written: {SCORES_FILE}, {MANIFEST_FILE}, {REJECTED_FILE}")
+    lines.append(f"written: {SCORES_DIR}, {MANIFEST_FILE}, {REJECTED_FILE}")
     return "\n".join(lines)

@@ -9,7 +9,12 @@ stores (`losses.teacher_top_k`):
   log p ≈ -0.01), while a logit's error grows with its offset (~0.01 at a logit of 20); softmax at T
   is shift-invariant, so log p / T re-tempers them exactly as logits / T would. float16 rather than
   bfloat16: 8x the precision, and log-probs need no more range than float16's;
-- teacher_tail: log Σ_{j ∉ top-K} p_j^(1/T) for T in losses.TAIL_TEMPERATURES, float32.
+- teacher_tail: log Σ_{j ∉ top-K} p_j^(1/T) for T in losses.TAIL_TEMPERATURES, then the mean log p_j over
+  the tail at T = 1, float32;
+- teacher_sample_ids / teacher_sample_logprobs: losses.TAIL_SAMPLES tail tokens drawn with replacement
+  from the teacher's tail at losses.SAMPLE_TEMPERATURE (ids as teacher_top_ids) and their log-softmax at
+  T = 1 (float16). The draws are a fixed function of the row id (`tail_uniforms`), so re-scoring a row
+  stores the same tokens.
 Each column is a list (one entry per scored position) of fixed-size lists, which `shards.StepReader`
 returns as a 2-D numpy array per row.
 """
@@ -26,9 +31,11 @@ import torch
 
 from pocl_ray.config import ConfigError, RunConfig
 from pocl_ray.data import IGNORE_INDEX
-from pocl_ray.losses import TAIL_TEMPERATURES, TeacherCache
+from pocl_ray.losses import SAMPLE_TEMPERATURE, TAIL_SAMPLES, TAIL_TEMPERATURES, TeacherCache
+from pocl_ray.sampling import row_uniforms, stream_seed
 
-CACHE_COLUMNS = ("teacher_top_ids", "teacher_top_logprobs", "teacher_tail")
+CACHE_COLUMNS = ("teacher_top_ids", "teacher_top_logprobs", "teacher_tail", "teacher_sample_ids", "teacher_sample_logprobs")
+TAIL_STATS = len(TAIL_TEMPERATURES) + 1  # the tail sums, then the tail mean log-prob
 _FIX = "re-run `pocl-ray score` with scoring.teacher_top_k set, or use kd.teacher: online"
 
 
@@ -38,7 +45,7 @@ def id_dtype(vocab_size: int) -> np.dtype:
 
 def bytes_per_token(k: int, vocab_size: int) -> int:
     """Stored bytes per scored token before parquet compression."""
-    return k * (id_dtype(vocab_size).itemsize + 2) + 4 * len(TAIL_TEMPERATURES)
+    return (k + TAIL_SAMPLES) * (id_dtype(vocab_size).itemsize + 2) + 4 * TAIL_STATS
 
 
 def arrow_types(k: int, vocab_size: int) -> dict[str, pa.DataType]:
@@ -46,20 +53,28 @@ def arrow_types(k: int, vocab_size: int) -> dict[str, pa.DataType]:
     return {
         "teacher_top_ids": pa.list_(pa.list_(ids, k)),
         "teacher_top_logprobs": pa.list_(pa.list_(pa.float16(), k)),
-        "teacher_tail": pa.list_(pa.list_(pa.float32(), len(TAIL_TEMPERATURES))),
+        "teacher_tail": pa.list_(pa.list_(pa.float32(), TAIL_STATS)),
+        "teacher_sample_ids": pa.list_(pa.list_(ids, TAIL_SAMPLES)),
+        "teacher_sample_logprobs": pa.list_(pa.list_(pa.float16(), TAIL_SAMPLES)),
     }
 
 
-def storage_arrays(cache: TeacherCache, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A cache (any device/dtype) as the numpy arrays that are stored, in the storage dtypes."""
-    return (
-        cache.top_ids.cpu().numpy().astype(id_dtype(vocab_size)),
-        cache.top_logprobs.cpu().numpy().astype(np.float16),
-        cache.tail.cpu().numpy().astype(np.float32),
-    )
+def tail_uniforms(row_id: str, positions: int) -> torch.Tensor:
+    """float64 (positions, TAIL_SAMPLES) in [0, 1) for a row's tail draws, a function of its id alone; two
+    24-bit uniforms make each one (48 bits), so tail tokens far below 2^-24 of the proposal are reachable."""
+    u = row_uniforms([stream_seed(0, "teacher_tail", row_id)], 2 * positions * TAIL_SAMPLES)[0].double()
+    return (u[0::2] + u[1::2] * 2.0**-24).reshape(positions, TAIL_SAMPLES)
 
 
-def arrow_columns(per_row: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray] | None], k: int, vocab_size: int) -> dict[str, pa.Array]:
+_STORAGE = (None, np.float16, np.float32, None, np.float16)  # None: the id dtype
+
+
+def storage_arrays(cache: TeacherCache, vocab_size: int) -> tuple[np.ndarray, ...]:
+    """A cache (any device/dtype) as the numpy arrays that are stored (CACHE_COLUMNS order), in the storage dtypes."""
+    return tuple(t.cpu().numpy().astype(d or id_dtype(vocab_size)) for t, d in zip(cache, _STORAGE))
+
+
+def arrow_columns(per_row: Sequence[tuple[np.ndarray, ...] | None], k: int, vocab_size: int) -> dict[str, pa.Array]:
     """The cache columns of a batch of rows; a None row (rejected, unscored) gets empty lists."""
     types = arrow_types(k, vocab_size)
     lengths = [0 if r is None else len(r[0]) for r in per_row]
@@ -82,6 +97,8 @@ def manifest_entry(k: int, vocab_size: int) -> dict:
         "id_dtype": id_dtype(vocab_size).name,
         "values": "log-softmax at T = 1, float16",
         "tail_temperatures": list(TAIL_TEMPERATURES),
+        "tail_samples": TAIL_SAMPLES,
+        "sample_temperature": SAMPLE_TEMPERATURE,
         "bytes_per_scored_token": bytes_per_token(k, vocab_size),
         "columns": list(CACHE_COLUMNS),
     }
@@ -94,7 +111,7 @@ def _scores_dir(scores_path: str | Path) -> Path:
 
 def check_teacher_cache(scores_path: str | Path, cfg: RunConfig) -> dict | None:
     """For kd.teacher: cached, fail before any Ray work unless the scores at ``scores_path`` (the scores
-    directory or its scores.parquet) hold a teacher cache of cfg's teacher and top-k; returns the
+    directory or its rows/) hold a teacher cache of cfg's teacher and top-k; returns the
     manifest's cache entry (None for kd.teacher: online)."""
     import pyarrow.dataset as pds
 
@@ -112,6 +129,10 @@ def check_teacher_cache(scores_path: str | Path, cfg: RunConfig) -> dict | None:
     if entry.get("tail_temperatures") != list(TAIL_TEMPERATURES):
         raise ConfigError(f"kd.teacher: cached: the teacher cache at {directory} stores its tail at temperatures "
                           f"{entry.get('tail_temperatures')}, this version reads {list(TAIL_TEMPERATURES)}; {_FIX}")
+    if (entry.get("tail_samples"), entry.get("sample_temperature")) != (TAIL_SAMPLES, SAMPLE_TEMPERATURE):
+        raise ConfigError(f"kd.teacher: cached: the teacher cache at {directory} stores {entry.get('tail_samples')} tail "
+                          f"draws at T = {entry.get('sample_temperature')}, this version reads {TAIL_SAMPLES} at "
+                          f"T = {SAMPLE_TEMPERATURE}; {_FIX}")
     if cfg.scoring.teacher_top_k != entry["top_k"]:
         raise ConfigError(f"scoring.teacher_top_k: {cfg.scoring.teacher_top_k}, but the scores at {directory} cache the "
                           f"top {entry['top_k']}; re-score or set scoring.teacher_top_k: {entry['top_k']}")
@@ -119,7 +140,7 @@ def check_teacher_cache(scores_path: str | Path, cfg: RunConfig) -> dict | None:
     if manifest.get("models", {}).get("teacher") != teacher:
         raise ConfigError(f"models.teacher: {teacher}, but the teacher cache at {directory} comes from "
                           f"{manifest.get('models', {}).get('teacher')}; {_FIX}")
-    data = directory / manifest.get("scores_path", "scores.parquet")
+    data = directory / manifest["scores_path"]
     schema = pds.dataset(str(data), format="parquet").schema
     expected = arrow_types(entry["top_k"], entry["vocab_size"])
     missing = [c for c in CACHE_COLUMNS if c not in schema.names]
@@ -137,26 +158,25 @@ def collate_teacher_cache(rows: Sequence[dict], device: torch.device) -> Teacher
     scored positions when given the same rows in the same order. Ids become int64 (for gather); the
     log-probs stay float16 on the way to the device (half the bytes; the loss computes in fp32).
     No rows (build_batch's all-masked stand-in row) gives an empty cache."""
+    widths = (None, None, TAIL_STATS, TAIL_SAMPLES, TAIL_SAMPLES)  # None: k
+    dtypes = (np.int64, np.float16, np.float32, np.int64, np.float16)
     if not rows:
-        return TeacherCache(torch.zeros((0, 1), dtype=torch.long, device=device),
-                            torch.zeros((0, 1), dtype=torch.float16, device=device),
-                            torch.zeros((0, len(TAIL_TEMPERATURES)), dtype=torch.float32, device=device))
+        return TeacherCache(*(torch.zeros((0, w or 1), dtype=getattr(torch, np.dtype(d).name), device=device)
+                              for w, d in zip(widths, dtypes)))
     missing = [c for c in CACHE_COLUMNS if c not in rows[0]]
     if missing:
         raise ValueError(f"kd.teacher: cached: the rows lack {missing}; read them with StepReader(columns=[..., *CACHE_COLUMNS])")
     k = np.shape(rows[0]["teacher_top_ids"])[-1]
-    parts: list[list[np.ndarray]] = [[], [], []]
+    parts: list[list[np.ndarray]] = [[] for _ in CACHE_COLUMNS]
     for i, row in enumerate(rows):
         scored = int((np.asarray(row["labels"])[1:] != IGNORE_INDEX).sum())
         shapes = [np.shape(row[c]) for c in CACHE_COLUMNS]
-        if shapes != [(scored, k), (scored, k), (scored, len(TAIL_TEMPERATURES))]:
+        if shapes != [(scored, w or k) for w in widths]:
             raise ValueError(f"row {row.get('id', i)}: teacher cache shapes {shapes} do not match its {scored} scored "
-                             f"positions (top-k {k}, {len(TAIL_TEMPERATURES)} tail temperatures); {_FIX}")
+                             f"positions (top-k {k}, {TAIL_STATS} tail statistics, {TAIL_SAMPLES} tail draws); {_FIX}")
         for j, c in enumerate(CACHE_COLUMNS):
             parts[j].append(np.asarray(row[c]))
-    ids = torch.from_numpy(np.concatenate(parts[0]).astype(np.int64))
-    values = torch.from_numpy(np.concatenate(parts[1]).astype(np.float16))
-    tail = torch.from_numpy(np.concatenate(parts[2]).astype(np.float32))
+    tensors = [torch.from_numpy(np.concatenate(p).astype(d)) for p, d in zip(parts, dtypes)]
     if device.type == "cuda":
-        return TeacherCache(*(t.pin_memory().to(device, non_blocking=True) for t in (ids, values, tail)))
-    return TeacherCache(ids.to(device), values.to(device), tail.to(device))
+        return TeacherCache(*(t.pin_memory().to(device, non_blocking=True) for t in tensors))
+    return TeacherCache(*(t.to(device) for t in tensors))

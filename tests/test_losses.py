@@ -20,7 +20,7 @@ from pocl_ray.losses import (
 B, S, V = 3, 7, 11
 
 
-def reference(kind, student, teacher, labels, *, temperature=1.0, scale_by_t2=True, alpha=0.1, beta=0.5, mu=0.5, num_tokens=None):
+def reference(kind, student, teacher, labels, *, temperature=1.0, scale_by_t2=True, skew_alpha=0.1, beta=0.5, mu=0.5, num_tokens=None):
     """Full-tensor float64 KD loss: shift, softmax, divergence per position, masked mean."""
     q = torch.softmax(student.double()[:, :-1] / temperature, -1)
     p = torch.softmax(teacher.detach().double()[:, :-1] / temperature, -1)
@@ -39,9 +39,9 @@ def reference(kind, student, teacher, labels, *, temperature=1.0, scale_by_t2=Tr
     elif kind == "tvd":
         per_pos = 0.5 * (p - q).abs().sum(-1)
     elif kind == "skl":
-        per_pos = kl(p, alpha * p + (1 - alpha) * q)
+        per_pos = kl(p, skew_alpha * p + (1 - skew_alpha) * q)
     elif kind == "srkl":
-        per_pos = kl(q, (1 - alpha) * p + alpha * q)
+        per_pos = kl(q, (1 - skew_alpha) * p + skew_alpha * q)
     elif kind == "akl":
         # Cumulative teacher mass from the smallest up to and including each token, without sorting:
         # cum_i = Σ_j p_j [p_j <= p_i].
@@ -73,15 +73,15 @@ def grad_of(loss, x):
     return g
 
 
-SETTINGS = [dict(), dict(alpha=0.3, beta=0.2, mu=0.3)]
+SETTINGS = [dict(), dict(skew_alpha=0.3, beta=0.2, mu=0.3)]
 
 
-@pytest.mark.parametrize("settings", SETTINGS, ids=["defaults", "alpha.3-beta.2-mu.3"])
+@pytest.mark.parametrize("settings", SETTINGS, ids=["defaults", "skew_alpha.3-beta.2-mu.3"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("kind", KD_KINDS)
 def test_matches_float64_reference(kind, temperature, settings):
     student, teacher, labels = make_batch(1)
-    got = kd_loss(kind, student, teacher, labels, temperature=temperature, chunk_size=4, **settings)
+    got = kd_loss(kind, student, teacher, labels, temperature=temperature, chunk_positions=4, **settings)
     want = reference(kind, student, teacher, labels, temperature=temperature, **settings)
     assert got.dtype == torch.float32
     assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-5)
@@ -137,11 +137,11 @@ def test_js_symmetry():
 def test_skew_limits():
     student, teacher, labels = make_batch(6)
     for skewed, plain in (("skl", "fkl"), ("srkl", "rkl")):
-        at_zero = kd_loss(skewed, student, teacher, labels, alpha=0.0)
+        at_zero = kd_loss(skewed, student, teacher, labels, skew_alpha=0.0)
         assert at_zero.item() == pytest.approx(kd_loss(plain, student, teacher, labels).item(), rel=1e-6)
-        assert abs(kd_loss(skewed, student, teacher, labels, alpha=1.0).item()) < 1e-6
+        assert abs(kd_loss(skewed, student, teacher, labels, skew_alpha=1.0).item()) < 1e-6
         # A skew mixes in the other distribution, so the divergence shrinks.
-        assert kd_loss(skewed, student, teacher, labels, alpha=0.1).item() < at_zero.item()
+        assert kd_loss(skewed, student, teacher, labels, skew_alpha=0.1).item() < at_zero.item()
 
 
 @pytest.mark.parametrize("kind", KD_KINDS)
@@ -190,11 +190,11 @@ def test_global_num_tokens_makes_halves_add_up(kind):
 
 
 @pytest.mark.parametrize("kind", KD_KINDS)
-def test_chunk_size_invariance(kind):
+def test_chunk_positions_invariance(kind):
     student, teacher, labels = make_batch(10)
     results = []
-    for chunk_size in (1, 3, 10_000):
-        loss = kd_loss(kind, student, teacher, labels, temperature=1.3, chunk_size=chunk_size)
+    for chunk_positions in (1, 3, 10_000):
+        loss = kd_loss(kind, student, teacher, labels, temperature=1.3, chunk_positions=chunk_positions)
         results.append((loss, grad_of(loss, student)))
     for loss, grad in results[1:]:
         assert loss.item() == pytest.approx(results[0][0].item(), rel=1e-6)
@@ -205,7 +205,7 @@ def test_chunk_size_invariance(kind):
 def test_no_grad_path_matches(kind):
     student, teacher, labels = make_batch(11)
     with torch.no_grad():
-        plain = kd_loss(kind, student, teacher, labels, chunk_size=2)
+        plain = kd_loss(kind, student, teacher, labels, chunk_positions=2)
     assert plain.item() == pytest.approx(kd_loss(kind, student, teacher, labels).item(), rel=1e-6)
 
 
@@ -309,8 +309,8 @@ def test_cross_entropy_matches_torch_with_hf_shift():
     student, _, labels = make_batch(19)
     want = F.cross_entropy(student[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
     want_grad = grad_of(want, student)
-    for chunk_size in (1, 5, 128):
-        got = cross_entropy(student, labels, chunk_size=chunk_size)
+    for chunk_positions in (1, 5, 128):
+        got = cross_entropy(student, labels, chunk_positions=chunk_positions)
         assert got.item() == pytest.approx(want.item(), rel=1e-6)
         torch.testing.assert_close(grad_of(got, student), want_grad)
     n = count_tokens(labels)
@@ -333,10 +333,10 @@ def test_bad_inputs_raise_clear_errors():
         kd_loss("fkl", student, teacher, labels, num_tokens=1)
     with pytest.raises(ValueError, match="temperature"):
         kd_loss("fkl", student, teacher, labels, temperature=0.0)
-    with pytest.raises(ValueError, match="alpha"):
-        kd_loss("skl", student, teacher, labels, alpha=1.5)
-    with pytest.raises(ValueError, match="chunk_size"):
-        cross_entropy(student, labels, chunk_size=0)
+    with pytest.raises(ValueError, match="skew_alpha"):
+        kd_loss("skl", student, teacher, labels, skew_alpha=1.5)
+    with pytest.raises(ValueError, match="chunk_positions"):
+        cross_entropy(student, labels, chunk_positions=0)
 
 
 def test_weighted_sum_of_losses_backpropagates_each_weight():
@@ -397,9 +397,9 @@ def test_linear_kd_loss_equals_kd_loss_on_product_logits(kind, temperature, dtyp
     hidden, head, t_hidden, t_head, labels = make_linear_batch(30, dtype)
     n = int(count_tokens(labels))
     assert n % 4 and n > 8  # chunks of 4 leave a remainder; several chunks are taken
-    for chunk_size, num_tokens in ((4, None), (1, n + 3), (10_000, torch.tensor(n + 5)), (None, None)):
-        opts = dict(temperature=temperature, alpha=0.3, beta=0.3, mu=0.4, num_tokens=num_tokens)
-        got = linear_kd_loss(kind, hidden, head, t_hidden, t_head, labels, chunk_size=chunk_size, **opts)
+    for chunk_positions, num_tokens in ((4, None), (1, n + 3), (10_000, torch.tensor(n + 5)), (None, None)):
+        opts = dict(temperature=temperature, skew_alpha=0.3, beta=0.3, mu=0.4, num_tokens=num_tokens)
+        got = linear_kd_loss(kind, hidden, head, t_hidden, t_head, labels, chunk_positions=chunk_positions, **opts)
         want = kd_loss(kind, hidden @ head.T, t_hidden @ t_head.T, labels, **opts)
         assert got.dtype == torch.float32
         assert_same_loss_and_grads(got, want, (hidden, head))
@@ -408,15 +408,15 @@ def test_linear_kd_loss_equals_kd_loss_on_product_logits(kind, temperature, dtyp
 def test_linear_cross_entropy_equals_cross_entropy_on_product_logits():
     hidden, head, _, _, labels = make_linear_batch(31, torch.float32)
     n = count_tokens(labels)
-    for chunk_size, num_tokens in ((3, None), (1, n), (10_000, int(n) * 2), (None, None)):
-        got = linear_cross_entropy(hidden, head, labels, num_tokens=num_tokens, chunk_size=chunk_size)
+    for chunk_positions, num_tokens in ((3, None), (1, n), (10_000, int(n) * 2), (None, None)):
+        got = linear_cross_entropy(hidden, head, labels, num_tokens=num_tokens, chunk_positions=chunk_positions)
         want = cross_entropy(hidden @ head.T, labels, num_tokens=num_tokens)
         assert_same_loss_and_grads(got, want, (hidden, head))
 
 
 def test_linear_losses_give_unscored_positions_no_gradient():
     hidden, head, t_hidden, t_head, labels = make_linear_batch(32, torch.float32)
-    loss = linear_kd_loss("js", hidden, head, t_hidden, t_head, labels, chunk_size=5)
+    loss = linear_kd_loss("js", hidden, head, t_hidden, t_head, labels, chunk_positions=5)
     (grad,) = grads_of(loss, hidden)
     scored = torch.zeros_like(labels, dtype=torch.bool)
     scored[:, :-1] = labels[:, 1:] != -100
@@ -427,7 +427,7 @@ def test_linear_losses_give_unscored_positions_no_gradient():
 @pytest.mark.parametrize("kind", ["fkl", "akl"])
 def test_linear_kd_loss_bf16(kind):
     hidden, head, t_hidden, t_head, labels = make_linear_batch(33, torch.bfloat16)
-    loss = linear_kd_loss(kind, hidden, head, t_hidden, t_head, labels, temperature=2.0, chunk_size=4)
+    loss = linear_kd_loss(kind, hidden, head, t_hidden, t_head, labels, temperature=2.0, chunk_positions=4)
     assert loss.dtype == torch.float32
     want = kd_loss(kind, hidden @ head.T, t_hidden @ t_head.T, labels, temperature=2.0)
     # Logits are made in bf16 on both paths; only the matmul blocking may round differently.
@@ -442,7 +442,7 @@ def test_linear_losses_under_autocast_keep_fp32_gradients():
     # gradients must come back in the fp32 dtypes of the hidden states and the head.
     hidden, head, t_hidden, t_head, labels = make_linear_batch(41, torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _, _ = linear_kd_and_ce("js", hidden, head, t_hidden, t_head, labels, labels, kd_weight=0.5, chunk_size=4)
+        loss, _, _ = linear_kd_and_ce("js", hidden, head, t_hidden, t_head, labels, labels, kd_weight=0.5, chunk_positions=4)
         logits = hidden @ head.T
         assert logits.dtype == torch.bfloat16
         want = 0.5 * kd_loss("js", logits, t_hidden @ t_head.T, labels) + 0.5 * cross_entropy(logits, labels)
@@ -465,7 +465,7 @@ def test_tied_head_gets_both_gradients():
     def hidden_of(embedding):
         return torch.tanh(F.embedding(ids, embedding) @ mix)
 
-    got = linear_kd_loss("fkl", hidden_of(weight), weight, t_hidden, t_head, labels, chunk_size=3)
+    got = linear_kd_loss("fkl", hidden_of(weight), weight, t_hidden, t_head, labels, chunk_positions=3)
     want = kd_loss("fkl", hidden_of(weight) @ weight.T, t_hidden @ t_head.T, labels)
     (grad_got,) = grads_of(got, weight)
     (grad_want,) = grads_of(want, weight)
@@ -484,7 +484,7 @@ def test_kd_and_ce_in_one_pass_equal_the_separate_losses(kd_weight, temperature)
     n_kd, n_ce = count_tokens(labels), int(count_tokens(ce_labels)) + 2
     loss, kd, ce = linear_kd_and_ce(
         "srkl", hidden, head, t_hidden, t_head, labels, ce_labels, kd_weight=kd_weight, temperature=temperature,
-        num_tokens=n_kd, ce_num_tokens=n_ce, chunk_size=4,
+        num_tokens=n_kd, ce_num_tokens=n_ce, chunk_positions=4,
     )
     kd_want = kd_loss("srkl", hidden @ head.T, t_hidden @ t_head.T, labels, temperature=temperature, num_tokens=n_kd)
     ce_want = cross_entropy(hidden @ head.T, ce_labels, num_tokens=n_ce)
@@ -496,7 +496,7 @@ def test_kd_and_ce_in_one_pass_equal_the_separate_losses(kd_weight, temperature)
 
 def test_kd_and_ce_without_a_teacher_is_weighted_ce():
     hidden, head, _, _, labels = make_linear_batch(36)
-    loss, kd, ce = linear_kd_and_ce("fkl", hidden, head, None, None, labels, labels, kd_weight=0.25, chunk_size=5)
+    loss, kd, ce = linear_kd_and_ce("fkl", hidden, head, None, None, labels, labels, kd_weight=0.25, chunk_positions=5)
     assert kd.item() == 0.0
     want = cross_entropy(hidden @ head.T, labels)
     assert ce.item() == pytest.approx(want.item(), rel=1e-6)
@@ -522,7 +522,7 @@ def test_linear_kd_loss_never_holds_full_logits():
     b, s, v, chunk = 2, 64, 97, 8
     hidden, head, t_hidden, t_head, labels = make_linear_batch(37, torch.float32, b=b, s=s, v=v)
     with RecordOps() as record:
-        loss = linear_kd_loss("js", hidden, head, t_hidden, t_head, labels, chunk_size=chunk)
+        loss = linear_kd_loss("js", hidden, head, t_hidden, t_head, labels, chunk_positions=chunk)
         loss.backward()
     assert head.grad is not None and hidden.grad is not None
     bound = max(chunk * v, hidden.numel(), head.numel(), t_hidden.numel())
@@ -532,7 +532,7 @@ def test_linear_kd_loss_never_holds_full_logits():
 def test_linear_losses_under_no_grad_match_and_skip_gradient_work():
     hidden, head, t_hidden, t_head, labels = make_linear_batch(38, torch.float32)
     with torch.no_grad(), RecordOps() as record:
-        plain = linear_kd_loss("tvd", hidden, head, t_hidden, t_head, labels, chunk_size=3)
+        plain = linear_kd_loss("tvd", hidden, head, t_hidden, t_head, labels, chunk_positions=3)
     assert not plain.requires_grad
     assert plain.item() == pytest.approx(linear_kd_loss("tvd", hidden, head, t_hidden, t_head, labels).item(), rel=1e-6)
     # Evaluation makes each chunk's student and teacher logits and nothing of the gradients.
@@ -567,15 +567,15 @@ def test_linear_losses_bad_inputs_raise_clear_errors():
         linear_kd_and_ce("fkl", hidden, head, t_hidden, None, labels, labels, kd_weight=0.5)
     with pytest.raises(ValueError, match="allowed kinds"):
         linear_kd_loss("kl", hidden, head, t_hidden, t_head, labels)
-    with pytest.raises(ValueError, match="chunk_size"):
-        linear_cross_entropy(hidden, head, labels, chunk_size=0)
+    with pytest.raises(ValueError, match="chunk_positions"):
+        linear_cross_entropy(hidden, head, labels, chunk_positions=0)
 
 
-def test_default_chunk_size_is_the_config_default():
+def test_default_chunk_positions_is_the_config_default():
     from pocl_ray.config import KDConfig
-    from pocl_ray.losses import DEFAULT_CHUNK_SIZE
+    from pocl_ray.losses import DEFAULT_CHUNK_POSITIONS
 
-    assert KDConfig().chunk_size == DEFAULT_CHUNK_SIZE
+    assert KDConfig().chunk_positions == DEFAULT_CHUNK_POSITIONS
 
 
 def test_given_scored_positions_equal_found_ones_and_a_superset_adds_nothing():
@@ -598,7 +598,7 @@ def test_given_scored_positions_equal_found_ones_and_a_superset_adds_nothing():
     for positions in (None, scored, torch.arange(B * S)):
         loss, kd, ce = linear_kd_and_ce("js", s_hidden, head, t_hidden, t_head, labels, ce_labels, kd_weight=0.6,
                                         temperature=2.0, num_tokens=torch.tensor(9), ce_num_tokens=torch.tensor(5),
-                                        chunk_size=4, scored_positions=positions)
+                                        chunk_positions=4, scored_positions=positions)
         grads = torch.autograd.grad(loss, (s_hidden, head))
         results.append((loss.detach(), kd, ce, *grads))
     for other in results[1:]:

@@ -254,7 +254,7 @@ def test_manifest_layout(scored):
     cfg, result = scored
     m = load_manifest(result.output_dir)
     assert m == json.loads(json.dumps(result.manifest))
-    assert m["rrf_k"] == 60 and m["num_buckets"] == 4 and m["scores_path"] == "scores.parquet"
+    assert m["rrf_k"] == 60 and m["num_buckets"] == 4 and m["scores_path"] == "rows"
     assert m["config"]["data"]["train"] == cfg.data.train and m["ray_version"]
     assert m["models"]["teacher"].endswith("teacher") and "cut from teacher" in m["models"]["student"]
     summary = format_summary(m)
@@ -341,38 +341,50 @@ def test_cli_and_function_agree(scored, dataset, tmp_path):
     assert "Total Progress" not in proc.stdout + proc.stderr
     for key in ("rows_in", "rows_scored", "rows_rejected", "metrics", "buckets", "num_buckets"):
         assert cli_manifest[key] == result.manifest[key], key
-    cli_frame = pds.dataset(str(out / "scores" / "scores.parquet"), format="parquet").to_table().to_pandas()
+    cli_frame = pds.dataset(str(out / "scores" / "rows"), format="parquet").to_table().to_pandas()
     a = _scores(result).set_index("id").sort_index()
     b = cli_frame.set_index("id").sort_index()
     assert a[["rank", "bucket", "fused_score"]].equals(b[["rank", "bucket", "fused_score"]])
     assert (out / "scores" / "rejected.jsonl").read_text() == result.rejected_path.read_text()
 
 
-def test_teacher_top_k_writes_the_cache_from_the_scoring_forward(ray_local, tiny_assets, dataset, tmp_path):
-    from pocl_ray.losses import teacher_top_k
-    from pocl_ray.teacher_cache import CACHE_COLUMNS, arrow_types, check_teacher_cache
+def test_teacher_top_k_writes_the_cache_from_the_scoring_forward(ray_local, tiny_assets, dataset, tmp_path, monkeypatch):
+    from pocl_ray import scoring
+    from pocl_ray.losses import TAIL_SAMPLES, teacher_top_k
+    from pocl_ray.teacher_cache import CACHE_COLUMNS, arrow_types, check_teacher_cache, tail_uniforms
 
     cfg = _config(tiny_assets, tmp_path, dataset["path"], scoring={"metrics": ["teacher_ce", "length"], "teacher_top_k": 16},
                   kd={"teacher": "cached"}, data={"max_rows": 40})
+    per_token = (16 + TAIL_SAMPLES) * (2 + 2) + 4 * 5
+    # Row groups of 8 rows at data.max_length (the real target, tens of MiB, exceeds this run's 40 rows).
+    monkeypatch.setattr(scoring, "CACHE_ROW_GROUP_BYTES", 8 * (8 + per_token) * cfg.data.max_length)
     result = score_dataset(cfg)
     entry = result.manifest["teacher_cache"]
-    assert entry["top_k"] == 16 and entry["bytes_per_scored_token"] == 16 * (2 + 2) + 4 * 4
+    assert entry["top_k"] == 16 and entry["bytes_per_scored_token"] == per_token
     assert check_teacher_cache(result.output_dir, cfg) == entry
+    files = sorted(result.scores_path.glob("*.parquet"))
+    groups = [m.row_group(i).num_rows for m in (pq.ParquetFile(f).metadata for f in files) for i in range(m.num_row_groups)]
+    assert sum(groups) == result.manifest["rows_scored"] and max(groups) == 8, groups
     table = pds.dataset(str(result.scores_path), format="parquet").to_table()
     for name, kind in arrow_types(16, tiny_assets.vocab_size).items():
         assert table.schema.field(name).type == kind
     teacher = load_model(tiny_assets.teacher_dir, frozen=True)
-    frame = table.select(["labels", "input_ids", "teacher_ce", *CACHE_COLUMNS]).to_pylist()
+    frame = table.select(["id", "labels", "input_ids", "teacher_ce", *CACHE_COLUMNS]).to_pylist()
     for row in frame[:3] + frame[-3:]:
         labels = torch.tensor(row["labels"])
         scored = torch.nn.functional.pad(labels[1:], (0, 1), value=-100) != -100
         with torch.no_grad():
             logits = teacher(input_ids=torch.tensor([row["input_ids"]])).logits[0, scored]
-        want = teacher_top_k(logits, 16)
+        want = teacher_top_k(logits, 16, tail_uniforms(row["id"], int(scored.sum())))
         assert len(row["teacher_top_ids"]) == int(scored.sum())
         np.testing.assert_array_equal(np.array(row["teacher_top_ids"])[:, 0], want.top_ids[:, 0].numpy())
         np.testing.assert_allclose(np.array(row["teacher_top_logprobs"]), want.top_logprobs.numpy(), atol=5e-3, rtol=2e-3)
         np.testing.assert_allclose(np.array(row["teacher_tail"]), want.tail.numpy(), rtol=1e-4, atol=1e-4)
+        # The tail draws are the row id's: the same tokens as drawn here from a single-row forward (a draw
+        # may only differ where the batched forward's rounding moves a cdf step past its uniform).
+        drawn = np.array(row["teacher_sample_ids"])
+        assert (drawn == want.sample_ids.numpy()).mean() > 0.95
+        assert not (drawn[:, :, None] == np.array(row["teacher_top_ids"])[:, None, :]).any()  # drawn from the tail only
         # teacher_ce comes from the same forward.
         target_logp = torch.log_softmax(logits, -1).gather(-1, labels[1:][labels[1:] != -100][:, None])
         assert row["teacher_ce"] == pytest.approx(-target_logp.mean().item(), abs=1e-4)
