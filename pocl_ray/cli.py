@@ -42,10 +42,11 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from pocl_ray.evaluation import evaluate
     from pocl_ray.stages import init_ray
+    from pocl_ray.training import selected_student
 
     cfg = _config(args)
     init_ray()
-    model = args.model or str(Path(cfg.output.dir) / "train" / "student")
+    model = args.model or str(selected_student(Path(cfg.output.dir) / "train", cfg.eval.checkpoint))
     result = evaluate(cfg, model, label=args.label)
     print(f"results written to {result.results_path}")
 
@@ -94,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", _train, "distil the student along the curriculum plan", ray_data=False)
     p.add_argument("--scores", help="scores directory (default: OUTPUT/scores)")
     p = add("eval", _eval, "generate on the eval sets and compute ROUGE-L")
-    p.add_argument("--model", help="model folder (default: OUTPUT/train/student)")
+    p.add_argument("--model", help="model folder (default: the student eval.checkpoint selects, "
+                   "OUTPUT/train/student_best or OUTPUT/train/student)")
     p.add_argument("--label", default=None, help="sub-folder of OUTPUT/eval for this model's results")
     add("tune", _tune, "sweep curriculum settings with Ray Tune")
     add("run", _run, "score -> train -> eval -> report")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -118,9 +118,9 @@ class ScoringConfig(_Section):
         description="forward batches per Ray Data batch: rows are sorted by length within "
         "batch_size * length_window rows so each forward pass pads little",
     )
-    sort_output: bool = Field(True, description="write scores.parquet in rank order (a Ray Data sort); off: input order")
+    sort_output: bool = Field(True, description="write scores/rows in rank order (a Ray Data sort); off: input order")
     rows_per_file: int | None = Field(
-        None, ge=1, description="rows per scores.parquet file; default about 64 MiB of tokens at data.max_length"
+        None, ge=1, description="rows per parquet file of scores/rows; default about 64 MiB of tokens at data.max_length"
     )
     teacher_top_k: int | None = Field(
         None, ge=1, description="also store the teacher's top-k log-probs (and its tail) at every response "
@@ -165,7 +165,7 @@ class OutputKDConfig(_Section):
     of POCL's temperature and KD-weight schedules (METHODS.md §2)."""
 
     temperature: float = Field(1.0, gt=0)
-    kd_weight: float = Field(1.0, ge=0, le=1, description="alpha of (1 - alpha) CE + alpha KD")
+    kd_weight: float = Field(1.0, ge=0, le=1, description="w of (1 - w) CE + w KD (METHODS.md's POCL alpha)")
 
 
 class CurriculumConfig(_Section):
@@ -227,8 +227,8 @@ class KDConfig(_Section):
     akl_mu: float = Field(0.5, gt=0, lt=1)
     on_policy_fraction: float = Field(0.0, ge=0, le=1, description="GKD lambda: share of the batch the student generates")
     on_policy_max_new_tokens: int = Field(128, gt=0)
-    # = losses.DEFAULT_CHUNK_SIZE (measured there; a test keeps the two equal).
-    chunk_size: int = Field(256, gt=0, description="scored positions per loss chunk")
+    # = losses.DEFAULT_CHUNK_POSITIONS (measured there; a test keeps the two equal).
+    chunk_positions: int = Field(256, gt=0, description="scored positions per loss chunk")
     teacher: Literal["online", "cached"] = Field(
         "online", description="online: run the teacher in every training step; cached: read its top-k "
         "distribution from the scores (scoring.teacher_top_k), no teacher on the training workers",
@@ -248,6 +248,10 @@ class TrainingConfig(_Section):
     warmup_steps: int = Field(0, ge=0)
     checkpoint_every: int = Field(100, gt=0, description="steps between checkpoints (also at every stage end)")
     eval_every: int = Field(50, gt=0, description="steps between dev-loss evaluations (plateau advance)")
+    select_every: int | None = Field(
+        None, gt=0, description="steps between checkpoint-selection candidates (dev ROUGE-L, METHODS.md §5); "
+        "every stage end is one anyway; None = stage ends only",
+    )
     max_failures: int = Field(3, ge=-1)
     seed: int = 0
     storage_path: str | None = Field(
@@ -283,6 +287,10 @@ class EvalConfig(_Section):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(512, gt=0)
     batch_size: int = Field(16, gt=0)
+    checkpoint: Literal["best_dev_rougeL", "final"] = Field(
+        "best_dev_rougeL", description="the student evaluated: the training candidate with the best dev ROUGE-L "
+        "(train/student_best; without data.dev the final one, with a message), or the final one (train/student)",
+    )
     length_sort_batches: int = Field(
         8, ge=1, description="generation batches per actor call; rows are sorted by prompt length within it"
     )
@@ -323,9 +331,13 @@ class TuneConfig(_Section):
         "ROUGE-L of the student's generations on data.dev (eval settings), after training",
     )
     scheduler: Literal["fifo", "asha"] = Field(
-        "fifo", description="asha: stop trials at stage boundaries whose dev KD loss lags (for either objective)"
+        "fifo", description="asha: stop trials whose dev KD loss lags at equal samples seen (for either objective)"
     )
-    grace_stages: int = Field(1, ge=1, description="ASHA: stages a trial always gets")
+    grace_samples: int | None = Field(
+        None, ge=1, description="ASHA: training samples (optimizer steps x training.global_batch_size) every trial "
+        "gets before its first comparison; rungs at grace_samples x reduction_factor^k must fall on the trials' "
+        "report points (every training.checkpoint_every steps); None = the smallest such interval",
+    )
     reduction_factor: float = Field(2.0, gt=1, description="ASHA: a rung keeps the best 1/reduction_factor")
     search_alg: Literal["random", "grid", "optuna", "hyperopt"] = "random"
     max_concurrent_trials: int = Field(1, ge=1)
@@ -353,8 +365,38 @@ class TeacherPrepConfig(_Section):
     seed: int = 0
 
 
+class TeacherSFTConfig(_Section):
+    """Fine-tune models.teacher on the training split (SFT on the references: CE only) before scoring,
+    as the paper's teacher is; the rest of the pipeline then uses the fine-tuned teacher."""
+
+    epochs: float | None = Field(1.0, gt=0, description="passes over the training split")
+    steps: int | None = Field(None, gt=0, description="when set, overrides epochs")
+    lr: float = Field(2e-5, gt=0)
+    min_lr: float = Field(0.0, ge=0, description="end of the cosine schedule")
+    warmup_steps: int = Field(0, ge=0)
+    global_batch_size: int | None = Field(None, gt=0, description="default training.global_batch_size")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _steps_replace_epochs(cls, data: Any) -> Any:
+        # As curriculum.steps_per_stage: setting only steps drops the epochs default.
+        if isinstance(data, dict) and data.get("steps") is not None and "epochs" not in data:
+            return {**data, "epochs": None}
+        return data
+
+    @model_validator(mode="after")
+    def _length(self) -> TeacherSFTConfig:
+        if self.epochs is None and self.steps is None:
+            raise ValueError("set epochs or steps: the fine-tuning needs a length")
+        return self
+
+
 class PipelineConfig(_Section):
     prepare_teacher: TeacherPrepConfig | None = None
+    sft_teacher: TeacherSFTConfig | None = Field(
+        None, description="fine-tune the teacher (after prepare_teacher, if any) on data.train before distilling; "
+        "its output, OUTPUT/teacher_sft/model, is the teacher of every later stage",
+    )
     compare: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="run label -> dotted config overrides; each label trains and evaluates its own student",
@@ -416,34 +458,58 @@ def _section_type(annotation: Any) -> type[BaseModel] | None:
     return next((a for a in options if isinstance(a, type) and issubclass(a, BaseModel)), None)
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config ({source}):"]
+# Keys an earlier release accepted: a config written for it gets the way forward, not just "unknown key".
+RETIRED_KEYS = {
+    "tune.grace_stages": "replaced by tune.grace_samples (ASHA now compares trials at equal samples seen)",
+    "kd.chunk_size": "renamed kd.chunk_positions (it counts scored positions, not rows or bytes)",
+}
+
+
+def _format_errors(err: ValidationError, source: str, what: str) -> str:
+    lines = [f"invalid {what} ({source}):"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (not a field of this section)"
+            msg = RETIRED_KEYS.get(loc, "unknown key (not a field of this section)")
         got = e.get("input")
         shown = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"  {loc}: {msg}{shown}")
     return "\n".join(lines)
 
 
-def parse_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def validate_mapping(model: type[Model], data: Any, source: str = "<dict>", what: str = "config") -> Model:
+    """`data` validated as `model`; every problem raised as one ConfigError naming `source` and each field.
+
+    The one parser of the project's YAML configs (the run config here, parity_config's sandbox config);
+    `what` names the kind of config in the messages.
+    """
     if not isinstance(data, dict):
-        raise ConfigError(f"invalid config ({source}): the top level must be a mapping of sections")
+        raise ConfigError(f"invalid {what} ({source}): the top level must be a mapping of fields, got {type(data).__name__}")
     try:
-        return RunConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        raise ConfigError(_format_errors(err, source, what)) from None
 
 
-def load_config(path: str | Path) -> RunConfig:
+def load_yaml(model: type[Model], path: str | Path, what: str = "config") -> Model:
+    """The YAML file at `path` validated as `model`, with validate_mapping's errors (an empty file = all defaults)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{what} file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-    return parse_config(data or {}, source=str(path))
+        raise ConfigError(f"{what} file {path} is not valid YAML: {err}") from None
+    return validate_mapping(model, data or {}, source=str(path), what=what)
+
+
+def parse_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    return validate_mapping(RunConfig, data, source)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    return load_yaml(RunConfig, path)

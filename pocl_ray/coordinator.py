@@ -2,7 +2,8 @@
 
 A Ray actor created by the driver (`coordinator`); the class itself is plain Python, so its logic is
 tested without Ray. It serves the plan's stages and each worker's epoch (`pocl_ray.shards`), tracks
-plateaus, appends the step records to metrics.jsonl, and its state rides in every checkpoint.
+plateaus and the checkpoint-selection candidates, appends the step records to metrics.jsonl, and its
+state rides in every checkpoint.
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ def _plateaued(best: float | None, bad: int, loss: float, patience: int) -> tupl
     return best, bad + 1, bad + 1 >= patience
 
 
-STATE_VERSION = 2  # 2: the epoch order of pocl_ray.shards (depends on the worker count and row groups)
+def best_candidate(candidates: list[dict]) -> dict | None:
+    """The selection candidate with the highest dev ROUGE-L; a tie goes to the lower dev KD loss,
+    then to the later step (METHODS.md §5)."""
+    return max(candidates, key=lambda c: (c["dev_rougeL"], -c["dev_kd_loss"], c["step"]), default=None)
+
+
+# 2: the epoch order of pocl_ray.shards (depends on the worker count and row groups);
+# 3: samples seen in the position, checkpoint-selection candidates.
+STATE_VERSION = 3
 
 
 class CurriculumCoordinator:
@@ -82,13 +91,15 @@ class CurriculumCoordinator:
         self.specs = stage_specs(self.plan, self.num_rows, self.global_batch)
         self.blocks = [blocks(s.pool_ranges, bounds) for s in self.specs]
         self.metrics_path = metrics_path
-        self.position = {"stage": 0, "stage_step": 0, "step": 0}
+        self.position = {"stage": 0, "stage_step": 0, "step": 0, "samples": 0}
         self.plateau = {"stage": 0, "best": None, "bad": 0}
+        self.candidates: list[dict] = []
 
     # -- position and state ------------------------------------------------------------------
 
     def state(self) -> dict:
-        """Everything a restart needs: plan, data settings, seeds, position, plateau tracking."""
+        """Everything a restart needs: plan, data settings, seeds, position, plateau tracking and
+        the selection candidates recorded so far."""
         return {
             "version": STATE_VERSION,
             "plan": self.plan.to_dict(),
@@ -99,21 +110,24 @@ class CurriculumCoordinator:
             "layout": self.layout,
             "position": dict(self.position),
             "plateau": dict(self.plateau),
+            "candidates": list(self.candidates),
         }
 
     def restore(self, state: dict | None) -> dict:
         """Start from a checkpoint's state (None = from the beginning) and return the state.
 
-        Records in metrics.jsonl past the checkpoint's step are dropped: the steps after it are
-        about to be trained again.
+        Records in metrics.jsonl and selection candidates past the checkpoint's step are dropped:
+        the steps after it are about to be trained (and their candidates evaluated) again.
         """
         if state is not None:
             self._check_compatible(state)
             self.position = dict(state["position"])
             self.plateau = dict(state["plateau"])
+            self.candidates = list(state["candidates"])
         else:
-            self.position = {"stage": 0, "stage_step": 0, "step": 0}
+            self.position = {"stage": 0, "stage_step": 0, "step": 0, "samples": 0}
             self.plateau = {"stage": 0, "best": None, "bad": 0}
+            self.candidates = []
         self._truncate_metrics(self.position["step"])
         return self.state()
 
@@ -154,10 +168,10 @@ class CurriculumCoordinator:
     def stage(self, index: int) -> StageSpec:
         return self.specs[index]
 
-    def shard(self, stage: int, epoch: int, rank: int) -> WorkerShard:
-        """Worker `rank`'s rows, steps and micro-batches for one epoch of a stage."""
+    def shard(self, stage: int, epoch: int, worker: int) -> WorkerShard:
+        """Worker `worker`'s rows, steps and micro-batches for one epoch of a stage."""
         return worker_shard(
-            self.blocks[stage], seed=self.seed, stage=stage, epoch=epoch, world_size=self.world_size, rank=rank,
+            self.blocks[stage], seed=self.seed, stage=stage, epoch=epoch, world_size=self.world_size, worker=worker,
             global_batch=self.global_batch, micro_batch=self.micro_batch,
         )
 
@@ -168,6 +182,12 @@ class CurriculumCoordinator:
         best, bad, stop = _plateaued(self.plateau["best"], self.plateau["bad"], float(dev_loss), self.specs[stage].stage.patience)
         self.plateau.update(best=best, bad=bad)
         return stop
+
+    def select(self, candidate: dict) -> bool:
+        """Record a selection candidate (step, stage, samples, dev_rougeL, dev_kd_loss); True when
+        it is the best so far, i.e. its weights are the ones to keep."""
+        self.candidates.append(dict(candidate))
+        return best_candidate(self.candidates) is self.candidates[-1]
 
     # -- step records ------------------------------------------------------------------------
 

@@ -27,7 +27,8 @@ import json
 import logging
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from rouge_score.rouge_scorer import RougeScorer
 from pocl_ray.config import ConfigError, EvalConfig, RunConfig
 from pocl_ray.data import collate, duplicate_reasons, prepare_batch, read_ray_dataset
 from pocl_ray.measurers import response_means
-from pocl_ray.models import load_model, load_tokenizer
+from pocl_ray.models import TOKENIZER_CONFIG, check_model_folder, has_model_files, load_model, load_tokenizer
 from pocl_ray.sampling import generate_tokens, stream_seed
 from pocl_ray.stages import actor_pool, actor_resources, row_progress
 
@@ -102,6 +103,29 @@ def generate(
         seeds=seeds, temperature=eval_cfg.temperature, top_p=eval_cfg.top_p,
     )
     return [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def greedy_rouge_sum(
+    model, tokenizer, rows: Sequence[Mapping[str, Any]], *, max_new_tokens: int, max_length: int, batch_size: int,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> float:
+    """Sum over `rows` of ROUGE-L ×100 of the model's greedy responses: the dev ROUGE-L of checkpoint
+    selection (METHODS.md §5). Rows hold input_ids, num_prompt_tokens and the reference "response"
+    (data.validate_and_tokenize rows); each gets min(max_new_tokens, max_length - its prompt) new
+    tokens, i.e. at most the response room it had in training, which keeps a selection point cheap.
+    Batches of batch_size rows sorted by prompt length, so they pad little."""
+    scorer, total = new_scorer(), 0.0
+    ordered = sorted(rows, key=lambda r: r["num_prompt_tokens"])
+    for chunk in _batches(ordered, batch_size):
+        prompts = [r["input_ids"][: r["num_prompt_tokens"]] for r in chunk]
+        budgets = [min(max_new_tokens, max_length - len(p)) for p in prompts]
+        with autocast():
+            tokens = generate_tokens(model, prompts, budgets, pad_token_id=tokenizer.pad_token_id,
+                                     eos_token_id=tokenizer.eos_token_id)
+        for row, text in zip(chunk, tokenizer.batch_decode(tokens, skip_special_tokens=True)):
+            total += rouge_l(text.strip(), row["response"], scorer)
+    return total
 
 
 @torch.no_grad()
@@ -299,10 +323,6 @@ class _Evaluator:
         return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 
-def _has_tokenizer(folder: Path) -> bool:
-    return (folder / "tokenizer_config.json").is_file()
-
-
 def _check_inputs(cfg: RunConfig, model_path: Path) -> Path:
     """Fail before any Ray work on a bad model path or eval set; returns the tokenizer folder."""
     if not cfg.eval.sets:
@@ -316,12 +336,11 @@ def _check_inputs(cfg: RunConfig, model_path: Path) -> Path:
     for i, s in enumerate(cfg.eval.sets):
         if not Path(s.path).exists():
             raise FileNotFoundError(f"eval.sets[{i}].path (set {s.name!r}) not found: {s.path}")
-    if not model_path.is_dir():
-        raise FileNotFoundError(f"model_path not found (expected a Hugging Face model folder): {model_path}")
-    if _has_tokenizer(model_path):
+    check_model_folder(model_path, "model_path")
+    if has_model_files(model_path, (TOKENIZER_CONFIG,)):
         return model_path
     fallback = cfg.models.tokenizer or cfg.models.teacher
-    if not _has_tokenizer(Path(fallback)):
+    if not has_model_files(fallback, (TOKENIZER_CONFIG,)):
         field = "models.tokenizer" if cfg.models.tokenizer else "models.teacher"
         raise FileNotFoundError(f"no tokenizer in model_path {model_path} nor in {field} ({fallback})")
     return Path(fallback)

@@ -1,4 +1,6 @@
-"""The distill pipeline: [prepare teacher] -> score -> train -> eval -> report, from one config.
+"""The distill pipeline: [prepare teacher] -> [fine-tune teacher] -> score -> train -> eval -> report,
+from one config. With pipeline.sft_teacher every stage after the fine-tuning (scoring, training,
+evaluation, the teacher's own evaluation) uses the fine-tuned teacher (`teacher_prep.resolve_teacher`).
 
 Each stage is resumable and keyed by a fingerprint of the config it depends on (`pocl_ray.stages`).
 
@@ -43,16 +45,20 @@ def run_distill(cfg: RunConfig) -> Path:
     from pocl_ray.evaluation import evaluate
     from pocl_ray.report import write_report
     from pocl_ray.scoring import score_dataset
-    from pocl_ray.teacher_prep import ensure_teacher
-    from pocl_ray.training import train
+    from pocl_ray.teacher_prep import ensure_teacher, resolve_teacher, sft_overrides
+    from pocl_ray.training import selected_student, train
 
     root = Path(cfg.output.dir)
-    runs = compared_runs(cfg)  # validates the compared configs before any work starts
+    compared_runs(cfg)  # validates the compared configs before any work starts
+    if cfg.pipeline.sft_teacher is not None:
+        sft_overrides(cfg)  # and the fine-tuning's settings
     started = time.time()
     ensure_teacher(cfg, root)  # a missing teacher that nothing would build fails before Ray starts
     init_ray(min_cpus=4)
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.yaml").write_text(cfg.to_yaml())
+    cfg = resolve_teacher(cfg, root)
+    runs = compared_runs(cfg)
 
     run_stage("score", root / "scores", fingerprint(cfg, SCORE_KEYS), lambda: score_dataset(cfg))
 
@@ -60,12 +66,14 @@ def run_distill(cfg: RunConfig) -> Path:
     for label, run in runs.items():
         run_dir = Path(run.output.dir)
         tag = f" [{label}]" if label else ""
-        run_stage(f"train{tag}", run_dir / "train", fingerprint(run, TRAIN_KEYS),
-                  lambda run=run: train(run, scores_dir=scores_dir))
+        # Training's checkpoint selection decodes the dev rows within eval.max_new_tokens.
+        train_key = fingerprint(run, TRAIN_KEYS, {"eval.max_new_tokens": run.eval.max_new_tokens})
+        run_stage(f"train{tag}", run_dir / "train", train_key, lambda run=run: train(run, scores_dir=scores_dir))
         if run.eval.sets:
-            student = run_dir / "train" / "student"
+            # EVAL_KEYS hold the eval section, eval.checkpoint (which student is evaluated) included.
             run_stage(f"eval{tag}", run_dir / "eval", fingerprint(run, EVAL_KEYS),
-                      lambda run=run, student=student: evaluate(run, student, label=None))
+                      lambda run=run, run_dir=run_dir: evaluate(
+                          run, selected_student(run_dir / "train", run.eval.checkpoint), label=None))
     report_runs = {label or "student": f"runs/{label}" if label else "." for label in runs}
     if cfg.pipeline.evaluate_teacher and cfg.eval.sets:
         teacher_dir = root / "runs" / "teacher"

@@ -4,6 +4,7 @@ Layout read (every part optional; a missing part gets a line saying so instead o
 
     DIR/scores/manifest.json, DIR/scores/<manifest scores_path>   shared difficulty scores
     <run>/train/metrics.jsonl                                      one JSON object per optimizer step
+    <run>/train/selection.json                                     checkpoint-selection candidates
     <run>/eval/results.json, <run>/eval/<name>/results.json        pocl_ray.evaluation output
     DIR/eval/<name>/results.json                                   shared evaluations, e.g. the teacher
                                                                    (only when runs are sub-folders)
@@ -151,6 +152,24 @@ def plot_loss_by_stage(frames: Mapping[str, pd.DataFrame], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_selection(selections: Mapping[str, Mapping], path: Path) -> Path:
+    """Dev ROUGE-L and dev KD loss (forward KL at T = 1 against the final teacher, comparable across
+    plans) of every run's selection candidates against the samples seen, the best one starred."""
+    fig, axes = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    for ax, (key, title) in zip(axes, (("dev_rougeL", "dev ROUGE-L ×100"), ("dev_kd_loss", "dev KD loss (FKL, T = 1)"))):
+        for label, selection in selections.items():
+            frame = pd.DataFrame(selection["candidates"])
+            line, = ax.plot(frame["samples"], frame[key], marker="o", markersize=3, linewidth=1.6, label=label)
+            best = selection["best"]
+            ax.plot(best["samples"], best[key], marker="*", markersize=13, color=line.get_color(), linestyle="none")
+        ax.set_ylabel(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("Checkpoint-selection candidates on the dev set (★ = best dev ROUGE-L)")
+    axes[0].legend(loc="best", fontsize="small")
+    axes[-1].set_xlabel("training samples seen")
+    return _save(fig, path)
+
+
 def plot_difficulty(fused: np.ndarray, buckets: np.ndarray, path: Path) -> Path:
     """Histogram of the fused difficulty score, stacked by bucket (bucket 0 = easiest)."""
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -230,6 +249,63 @@ def compare_table(results_by_label: Mapping[str, Mapping[str, Any]]) -> str:
     )
 
 
+# Compared runs labelled "<plan>-<loss>" (pocl-fkl, baseline-fkl, ...) form the evidence table.
+EVIDENCE_PLANS = ("pocl", "baseline")
+
+
+def evidence_pairs(labels: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """loss -> (POCL label, baseline label), for each loss that has both runs, in label order."""
+    found: dict[str, dict[str, str]] = {}
+    for label in labels:
+        plan, _, loss = label.partition("-")
+        if plan in EVIDENCE_PLANS and loss:
+            found.setdefault(loss, {})[plan] = label
+    return {loss: (runs["pocl"], runs["baseline"]) for loss, runs in found.items() if len(runs) == len(EVIDENCE_PLANS)}
+
+
+def seed_average(res: Mapping[str, Any], set_names: Sequence[str]) -> tuple[float, float] | None:
+    """Mean ± std over seeds of the per-seed average over set_names (None when a set or seed lacks
+    a score): the std of the average itself, not a mean of the sets' stds."""
+    per_seed = [res["sets"].get(n, {}).get("rougeL_per_seed") or {} for n in set_names]
+    seeds = [str(k) for k in res.get("config", {}).get("seeds", [])]
+    if not seeds or any(k not in p for p in per_seed for k in seeds):
+        return None
+    averages = [float(np.mean([p[k] for p in per_seed])) for k in seeds]
+    return float(np.mean(averages)), float(np.std(averages))
+
+
+def evidence_table(evals: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """POCL against the baseline per KD loss: ROUGE-L mean ± std over seeds per eval set and for the
+    average over the sets, with POCL − baseline; None unless some loss has both runs."""
+    pairs = evidence_pairs(list(evals))
+    if not pairs:
+        return None
+    set_names: list[str] = []
+    for pocl, base in pairs.values():
+        set_names.extend(n for n in [*evals[base]["sets"], *evals[pocl]["sets"]] if n not in set_names)
+
+    def cell(res: Mapping[str, Any], name: str) -> tuple[str, float | None]:
+        s = res["sets"].get(name) or {}
+        mean = s.get("rougeL_mean")
+        return ("–", None) if mean is None else (f"{mean:.2f} ± {s['rougeL_std']:.2f}", mean)
+
+    def average(res: Mapping[str, Any]) -> tuple[str, float | None]:
+        avg = seed_average(res, set_names)
+        return ("–", None) if avg is None else (f"{avg[0]:.2f} ± {avg[1]:.2f}", avg[0])
+
+    def columns(pocl: str, base: str, pick) -> list[str]:
+        (b_text, b), (p_text, p) = pick(evals[base]), pick(evals[pocl])
+        return [b_text, p_text, "–" if b is None or p is None else f"{p - b:+.2f}"]
+
+    headers = ["set"] + [f"{loss.upper()} {what}" for loss in pairs for what in ("baseline", "POCL", "POCL − baseline")]
+    rows = [[n, *[c for pocl, base in pairs.values() for c in columns(pocl, base, lambda r, n=n: cell(r, n))]]
+            for n in set_names]
+    rows.append(["**average**", *[c for pocl, base in pairs.values() for c in columns(pocl, base, average)]])
+    seeds = ", ".join(str(k) for k in evals[next(iter(pairs.values()))[0]].get("config", {}).get("seeds", []))
+    return (f"ROUGE-L ×100, mean ± std over seeds ({seeds}); the average is over the {len(set_names)} sets per seed, "
+            "then mean ± std over seeds\n\n" + markdown_table(headers, rows) + "\n")
+
+
 def _fmt(value, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "–"
@@ -256,7 +332,7 @@ def _scores_section(scores_dir: Path, out_dir: Path) -> list[str]:
     if buckets:
         lines += [markdown_table(["bucket", "rows", "fused min", "fused max"],
                                  [[b["id"], b["rows"], _fmt(b["fused_min"], 6), _fmt(b["fused_max"], 6)] for b in buckets]), ""]
-    scores_path = scores_dir / manifest.get("scores_path", "scores.parquet")
+    scores_path = scores_dir / manifest["scores_path"]
     if not scores_path.exists():
         return lines + [f"No per-row scores to plot ({scores_path} is missing).", ""]
     table = pads.dataset(str(scores_path), format="parquet").to_table(columns=["fused_score", "bucket"])
@@ -309,6 +385,41 @@ def _training_section(runs: Mapping[str, Path], out_dir: Path) -> list[str]:
     return lines
 
 
+def _selection_section(runs: Mapping[str, Path], out_dir: Path) -> list[str]:
+    """Per run, its selection candidates (train/selection.json) with the best marked, and one plot of
+    every run's dev curves against the samples seen; runs without candidates get a line saying so."""
+    lines = ["## Checkpoint selection", ""]
+    selections, notes = {}, []
+    for label, folder in runs.items():
+        path = folder / "train" / "selection.json"
+        if not path.is_file():
+            notes.append(f"{label}: no selection yet (no {path}).")
+            continue
+        selection = json.loads(path.read_text())
+        if selection["candidates"]:
+            selections[label] = selection
+        else:
+            notes.append(f"{label}: no candidates (trained without a dev set); its final student is the only one.")
+    if not selections:
+        return lines + notes + [""]
+    protocol = next(iter(selections.values()))["protocol"]
+    lines += [f"Candidates: {protocol['candidates_at']}; dev ROUGE-L of {protocol['decoding']} responses on "
+              f"{protocol['dev_rows']} dev rows with {protocol['max_new_tokens']} new tokens; best = highest dev "
+              f"ROUGE-L, ties to {protocol['tie_break']}. Dev KD loss: forward KL at T = 1 against the final teacher. "
+              "The evaluation's model (below) shows which student eval.checkpoint picked "
+              "(train/student_best = best, train/student = final).", ""]
+    lines += [f"- {n}" for n in notes] + ([""] if notes else [])
+    for label, selection in selections.items():
+        best, final = selection["best"]["step"], selection["final"]["step"]
+        rows = [[c["step"], c["stage"], c["samples"], _fixed(c["dev_rougeL"]), _fmt(c["dev_kd_loss"]),
+                 " ".join(mark for mark, step in (("best", best), ("final", final)) if step == c["step"])]
+                for c in selection["candidates"]]
+        lines += [f"### Selection: {label}", "",
+                  markdown_table(["step", "stage", "samples seen", "dev ROUGE-L", "dev KD loss", "kept as"], rows), ""]
+    plot_selection(selections, out_dir / "selection.png")
+    return lines + ["![dev ROUGE-L and dev KD loss against samples seen](selection.png)", ""]
+
+
 def _eval_section(evals: Mapping[str, Mapping], out_dir: Path) -> list[str]:
     lines = ["## Evaluation", ""]
     if not evals:
@@ -321,6 +432,9 @@ def _eval_section(evals: Mapping[str, Mapping], out_dir: Path) -> list[str]:
         settings.append([label, f"`{res.get('model')}`", cfg.get("temperature"), cfg.get("top_p"),
                          cfg.get("max_new_tokens"), ", ".join(map(str, cfg.get("seeds", []))), rejected,
                          _fmt(res.get("wall_seconds"))])
+    evidence = evidence_table(evals)
+    if evidence:
+        lines += ["### POCL against the baseline per KD loss", "", evidence]
     return lines + [compare_table(evals), "![ROUGE-L per eval set](rouge.png)", "",
                     markdown_table(["evaluation", "model", "temperature", "top-p", "max new tokens", "seeds",
                                     "rows rejected", "wall seconds"], settings), ""]
@@ -359,6 +473,7 @@ def write_report(run_dir: str | Path, runs: Mapping[str, str | Path] | None = No
              + ", ".join(f"{label} (`{path}`)" for label, path in resolved.items()), ""]
     lines += _scores_section(run_dir / "scores", out_dir)
     lines += _training_section(resolved, out_dir)
+    lines += _selection_section(resolved, out_dir)
     lines += _eval_section(collect_evals(run_dir, resolved), out_dir)
     lines += _sweep_section(run_dir / "tune", out_dir)
     path = out_dir / "report.md"

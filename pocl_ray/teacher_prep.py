@@ -1,6 +1,13 @@
-"""The stand-in teacher (`pipeline.prepare_teacher`): when models.teacher does not exist, a tiny
-model is built from scratch and trained on the references (SFT) with the same scoring and training
-stages the distillation uses, as a resumable stage of the pipeline and the sweep.
+"""The teacher every distillation stage uses, settled before scoring, for the pipeline and the sweep.
+
+- `pipeline.prepare_teacher`: when models.teacher does not exist, a tiny stand-in is built from
+  scratch and trained on the references (SFT).
+- `pipeline.sft_teacher`: models.teacher (prepared or given) is fine-tuned on data.train, as the
+  paper's teacher is, into OUTPUT/teacher_sft/model, which then replaces models.teacher.
+
+Both train with the same scoring and training stages the distillation uses (a length-only scoring
+pass, then Ray Train on the `sft` plan: one stage, CE only), each as a resumable stage: skipped when
+done for the same settings, resumed from its last checkpoint when interrupted.
 """
 
 from __future__ import annotations
@@ -8,9 +15,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pocl_ray.config import RunConfig
+from pocl_ray.config import ConfigError, RunConfig
 from pocl_ray.data import build_prompt, read_table
-from pocl_ray.models import build_tiny_model, build_tiny_tokenizer
+from pocl_ray.models import build_tiny_model, build_tiny_tokenizer, has_model_files
 from pocl_ray.scoring import score_dataset
 from pocl_ray.stages import fingerprint, init_ray, run_stage
 from pocl_ray.training import train
@@ -41,24 +48,41 @@ def prepare_teacher(cfg: RunConfig, work_dir: Path) -> None:
         num_heads=prep.num_heads, seed=prep.seed, max_positions=cfg.data.max_length,
         save_dir=init_dir, tokenizer=tokenizer,
     )
+    trained = _sft_run(cfg, str(init_dir), work_dir, {
+        "models.tokenizer": str(init_dir), "curriculum.steps_per_stage": prep.steps,
+        "training.lr": prep.lr, "training.min_lr": prep.lr / 100,
+    })
+    _copy_into_place(trained, Path(cfg.models.teacher))
+
+
+def _sft_run(cfg: RunConfig, model: str, work_dir: Path, overrides: dict) -> Path:
+    """Train `model` on the references alone (the sft plan) in work_dir; returns the trained folder.
+
+    The model is both the trained "student" and the run's teacher (only its dev KD loss reads it).
+    Scoring measures the length alone (no model) and keeps no teacher cache; one bucket holds all rows.
+    """
     sft = cfg.with_overrides({
-        "models.teacher": str(init_dir), "models.student": str(init_dir), "models.tokenizer": str(init_dir),
-        "scoring.metrics": ["length"], "scoring.directions": {},
-        "curriculum.plan": "sft", "curriculum.num_buckets": 1, "curriculum.steps_per_stage": prep.steps,
-        "training.lr": prep.lr, "training.min_lr": prep.lr / 100, "output.dir": str(work_dir),
+        "models.teacher": model, "models.student": model, "models.student_layers": None,
+        "scoring.metrics": ["length"], "scoring.directions": {}, "scoring.teacher_top_k": None,
+        "kd.teacher": "online", "kd.on_policy_fraction": 0.0,
+        "curriculum.plan": "sft", "curriculum.num_buckets": 1, "curriculum.data_curriculum": "none",
+        "output.dir": str(work_dir), **overrides,
     })
     score_dataset(sft)
-    result = train(sft)
-    target = Path(cfg.models.teacher)
+    return train(sft).student_dir
+
+
+def _copy_into_place(source: Path, target: Path) -> None:
+    """A model folder copied to target whole or not at all (a crash leaves no half-written teacher)."""
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(result.student_dir, tmp)
+    shutil.copytree(source, tmp)
     tmp.rename(target)
 
 
 def ensure_teacher(cfg: RunConfig, root: Path, min_cpus: int = 4) -> None:
     """Build the stand-in teacher (pipeline.prepare_teacher) when models.teacher is missing."""
-    if (Path(cfg.models.teacher) / "config.json").is_file():
+    if has_model_files(cfg.models.teacher):
         return
     if cfg.pipeline.prepare_teacher is None:
         raise FileNotFoundError(
@@ -67,3 +91,58 @@ def ensure_teacher(cfg: RunConfig, root: Path, min_cpus: int = 4) -> None:
     key = fingerprint(cfg, ("data",), {"prep": cfg.pipeline.prepare_teacher.model_dump(), "teacher": cfg.models.teacher})
     run_stage("prepare teacher", root / "teacher_prep", key,
               lambda: (init_ray(min_cpus=min_cpus), prepare_teacher(cfg, root / "teacher_prep")))
+
+
+def sft_overrides(cfg: RunConfig) -> dict:
+    """The settings of the teacher fine-tuning (pipeline.sft_teacher) as dotted overrides of cfg,
+    checked against the rest of cfg (a batch size the workers cannot split is refused here)."""
+    sft = cfg.pipeline.sft_teacher
+    length = ({"curriculum.steps_per_stage": sft.steps} if sft.steps
+              else {"curriculum.epochs_per_stage": sft.epochs, "curriculum.steps_per_stage": None})
+    overrides = {
+        **length, "training.lr": sft.lr, "training.min_lr": sft.min_lr, "training.warmup_steps": sft.warmup_steps,
+        "training.global_batch_size": sft.global_batch_size or cfg.training.global_batch_size,
+        "name": f"{cfg.name}-teacher-sft",
+    }
+    try:
+        cfg.with_overrides(overrides)
+    except ConfigError as err:
+        raise ConfigError(f"pipeline.sft_teacher: {err}") from None
+    return overrides
+
+
+def sft_teacher_config(cfg: RunConfig, root: Path) -> RunConfig:
+    """cfg with models.teacher replaced by the fine-tuned teacher (pipeline.sft_teacher cleared: that
+    teacher is the fine-tuned one). A student cut from the teacher (models.student unset) is cut
+    from the fine-tuned one; tokenizer: the given one, else the fine-tuned folder's copy."""
+    return cfg.with_overrides({"models.teacher": str(root / "teacher_sft" / "model"), "pipeline.sft_teacher": None})
+
+
+def finetune_teacher(cfg: RunConfig, root: Path) -> Path:
+    """Fine-tune models.teacher on the references of data.train (pipeline.sft_teacher) into
+    root/teacher_sft/model; returns that folder."""
+    work_dir = root / "teacher_sft"
+    trained = _sft_run(cfg, cfg.models.teacher, work_dir, sft_overrides(cfg))
+    target = work_dir / "model"
+    shutil.rmtree(target, ignore_errors=True)
+    _copy_into_place(trained, target)
+    return target
+
+
+def resolve_teacher(cfg: RunConfig, root: Path, min_cpus: int = 4) -> RunConfig:
+    """The config every later stage uses: the teacher built when missing (pipeline.prepare_teacher),
+    then fine-tuned when pipeline.sft_teacher asks (a resumable stage keyed by the fine-tuning's
+    data, teacher and settings, and the stand-in's settings, which change the teacher it starts from)."""
+    ensure_teacher(cfg, root, min_cpus=min_cpus)
+    if cfg.pipeline.sft_teacher is None:
+        return cfg
+    prep = cfg.pipeline.prepare_teacher
+    # Not the student's settings (curriculum, kd, eval, models.student): changing them keeps the teacher.
+    key = fingerprint(cfg.with_overrides(sft_overrides(cfg)), ("data", "training"), {
+        "sft": cfg.pipeline.sft_teacher.model_dump(), "teacher": cfg.models.teacher,
+        "tokenizer": cfg.models.tokenizer, "dtype": cfg.models.dtype,
+        "prepare_teacher": prep.model_dump() if prep else None,
+    })
+    run_stage("teacher fine-tuning", root / "teacher_sft", key,
+              lambda: (init_ray(min_cpus=min_cpus), finetune_teacher(cfg, root)))
+    return sft_teacher_config(cfg, root)

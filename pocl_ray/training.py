@@ -1,13 +1,19 @@
 """Distillation along a curriculum plan on Ray Train: TorchTrainer, DDP workers, exact resume.
 
 Read top to bottom: small pieces (rows and batches, the models as the losses see them, the loss of
-one micro-batch, the gradient of one optimizer step, dev evaluation, checkpoints, rank 0's step log),
-then the worker (`setup_worker`, then `train_func`: for each stage, for each step), then `train` (the
-driver: checks before any Ray work, the CurriculumCoordinator actor, the TorchTrainer, the exported
-student).
+one micro-batch, the gradient of one optimizer step, dev evaluation, checkpoints, checkpoint
+selection, rank 0's step log), then the worker (`setup_worker`, then `train_func`: for each stage,
+for each step), then `train` (the driver: checks before any Ray work, the CurriculumCoordinator
+actor, the TorchTrainer, the exported students and selection.json).
+
+Checkpoint selection (METHODS.md §5): every stage end (and every training.select_every steps) is a
+candidate, scored by the dev ROUGE-L of greedy responses and the dev KD loss; the coordinator keeps
+the candidates (they ride in every checkpoint, so a resume keeps them) and says when one is the best
+so far, rank 0 then keeps a copy of its weights on local disk, and every later checkpoint carries
+that copy as student_best/. `train` exports it next to the final student.
 
 Loss of one optimizer step (METHODS.md §1, §3):
-    loss = (1 - alpha) * CE(reference) + alpha * KD_stage(T)
+    loss = (1 - kd_weight) * CE(reference) + kd_weight * KD_stage(T)    (METHODS.md's POCL alpha)
 Both terms are sums over response tokens divided by the GLOBAL number of such tokens in the step
 (all workers, all micro-batches), so gradient accumulation and data parallelism give the gradient of
 one big batch: each worker all-reduces its token counts before the first backward, divides its
@@ -50,9 +56,10 @@ import torch
 import torch.distributed as dist
 
 from pocl_ray.config import ConfigError, KDConfig, RunConfig
-from pocl_ray.coordinator import coordinator
+from pocl_ray.coordinator import best_candidate, coordinator
 from pocl_ray.curriculum import Plan, Stage, StageSpec, lr_at, plan_from_config, stage_specs
 from pocl_ray.data import IGNORE_INDEX, collate, read_table, validate_and_tokenize
+from pocl_ray.evaluation import greedy_rouge_sum
 from pocl_ray.extraction import hidden_match_loss, layer_projection
 from pocl_ray.losses import (
     KD_KINDS, TeacherCache, cached_kd_and_ce, count_tokens, cross_entropy, kd_loss, linear_kd_and_ce,
@@ -60,6 +67,7 @@ from pocl_ray.losses import (
 from pocl_ray.models import (
     check_compatible,
     checkpoint_activations,
+    has_model_files,
     hidden_size,
     load_model,
     linear_head,
@@ -85,7 +93,7 @@ def scores_path(scores_dir: Path) -> Path:
     manifest = scores_dir / "manifest.json"
     if not manifest.is_file():
         raise FileNotFoundError(f"run `pocl-ray score` first: no scores at {scores_dir} (missing manifest.json)")
-    path = scores_dir / json.loads(manifest.read_text()).get("scores_path", "scores.parquet")
+    path = scores_dir / json.loads(manifest.read_text())["scores_path"]
     if not path.exists():
         raise FileNotFoundError(f"run `pocl-ray score` first: no scores at {path}")
     return path
@@ -214,8 +222,8 @@ def output_terms(
     without teacher outputs `t` the loss is CE. One pass over the scored positions on the hidden-state
     path; the logits path for heads that are not plain; a cached teacher's top-k (METHODS.md §4)."""
     kd_weight = stage.kd_weight if t is not None else 0.0
-    options = {"temperature": stage.temperature, "scale_by_t2": kd.scale_by_t2, "alpha": kd.skew_alpha,
-               "beta": kd.js_beta, "mu": kd.akl_mu, "chunk_size": kd.chunk_size}
+    options = {"temperature": stage.temperature, "scale_by_t2": kd.scale_by_t2, "skew_alpha": kd.skew_alpha,
+               "beta": kd.js_beta, "mu": kd.akl_mu, "chunk_positions": kd.chunk_positions}
     if isinstance(t, TeacherCache):
         return cached_kd_and_ce(
             stage.loss, s.final, s.head, t, batch["labels"], batch["ce_labels"], kd_weight=kd_weight,
@@ -227,7 +235,7 @@ def output_terms(
             batch["labels"], batch["ce_labels"], kd_weight=kd_weight, num_tokens=n_kd, ce_num_tokens=n_ce,
             scored_positions=batch["scored_positions"], **options,
         )
-    ce_term = cross_entropy(s.final, batch["ce_labels"], num_tokens=n_ce, chunk_size=kd.chunk_size,
+    ce_term = cross_entropy(s.final, batch["ce_labels"], num_tokens=n_ce, chunk_positions=kd.chunk_positions,
                             scored_positions=batch["scored_positions"])
     if t is None:
         return ce_term, torch.zeros_like(ce_term), ce_term.detach()
@@ -244,9 +252,9 @@ def stage_terms(
     the loss carries the graph, the terms are for logging."""
     if stage.target == "logits":
         return output_terms(s_out, t_out, batch, stage, kd, n_ce, n_kd)
-    alpha = stage.kd_weight
-    # With alpha = 1 the CE term of a hidden stage is only logged, so it is computed without a graph.
-    with torch.set_grad_enabled(torch.is_grad_enabled() and alpha < 1):
+    kd_weight = stage.kd_weight
+    # With kd_weight = 1 the CE term of a hidden stage is only logged, so it is computed without a graph.
+    with torch.set_grad_enabled(torch.is_grad_enabled() and kd_weight < 1):
         ce_term, _, _ = output_terms(s_out, None, batch, stage, kd, n_ce, n_kd)
     kd_term = torch.zeros_like(ce_term)
     if t_out is not None:
@@ -254,7 +262,7 @@ def stage_terms(
             s_out.hidden_states[stage.student_layer], t_out.hidden_states[stage.teacher_layer], projection,
             batch["labels"], normalize=normalize, num_tokens=n_kd,
         )
-    return (1 - alpha) * ce_term + alpha * kd_term, kd_term.detach(), ce_term.detach()
+    return (1 - kd_weight) * ce_term + kd_weight * kd_term, kd_term.detach(), ce_term.detach()
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -353,22 +361,31 @@ def dev_losses(
 # Checkpoints
 
 
-def save_checkpoint(directory: Path, student, optimizer, state: dict, tokenizer=None) -> None:
-    """Student (HF folder), optimizer and coordinator state; the tokenizer rides with the final one."""
+def save_checkpoint(directory: Path, student, optimizer, state: dict, best_dir: Path, tokenizer=None) -> None:
+    """Student (HF folder), optimizer, coordinator state and the best candidate's student so far
+    (from `best_dir`, once there is one); the tokenizer rides with the final checkpoint's students."""
     unwrap(student).lm.save_pretrained(directory / "student")
+    students = [directory / "student"]
+    if has_model_files(best_dir):
+        shutil.copytree(best_dir, directory / "student_best")
+        students.append(directory / "student_best")
     if tokenizer is not None:
-        tokenizer.save_pretrained(directory / "student")
+        for folder in students:
+            tokenizer.save_pretrained(folder)
     torch.save(optimizer.state_dict(), directory / "optimizer.pt")
     (directory / "coordinator.json").write_text(json.dumps(state))
 
 
-def load_checkpoint(checkpoint) -> tuple[dict, object, dict]:
-    """(coordinator state, student in fp32, optimizer state) of a Ray Train checkpoint."""
+def load_checkpoint(checkpoint, best_dir: Path | None) -> tuple[dict, object, dict]:
+    """(coordinator state, student in fp32, optimizer state) of a Ray Train checkpoint; its best
+    candidate's student, if it has one, is copied into `best_dir` (rank 0's; None elsewhere)."""
     with checkpoint.as_directory() as d:
         d = Path(d)
         state = json.loads((d / "coordinator.json").read_text())
         student = load_model(d / "student", dtype=torch.float32)
         optimizer_state = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True)
+        if best_dir is not None and has_model_files(d / "student_best"):
+            shutil.copytree(d / "student_best", best_dir, dirs_exist_ok=True)
     return state, student, optimizer_state
 
 
@@ -485,8 +502,10 @@ class Worker:
     tokenizer: object
     teachers: Teachers | None  # None with kd.teacher: cached (no teacher on the workers)
     scores: ScoresIndex
-    dev_batches: list[dict[str, torch.Tensor]]
+    dev_rows: list[dict]  # this worker's share of the dev rows (with their reference "response")
+    dev_batches: list[dict[str, torch.Tensor]]  # the same rows, batched for the dev losses
     log: StepLog | None  # rank 0 only
+    best_dir: Path | None  # rank 0 only: a local copy of the best selection candidate's student
 
 
 class Teachers:
@@ -540,7 +559,8 @@ def setup_worker(config: dict) -> Worker:
 
     # Where to start: the latest checkpoint's position (same stage, step and data order), or the top.
     checkpoint = ray.train.get_checkpoint()
-    saved_state, student_lm, optimizer_state = load_checkpoint(checkpoint) if checkpoint else (None, None, None)
+    best_dir = Path(tempfile.mkdtemp(prefix="pocl-best-")) if rank == 0 else None
+    saved_state, student_lm, optimizer_state = load_checkpoint(checkpoint, best_dir) if checkpoint else (None, None, None)
     state = broadcast_from_rank_zero(ray.get(coord.restore.remote(saved_state)) if rank == 0 else None)
     specs = ray.get([coord.stage.remote(i) for i in range(len(state["plan"]["stages"]))])
 
@@ -583,7 +603,8 @@ def setup_worker(config: dict) -> Worker:
         autocast=partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
         coord=coord, specs=specs, position=state["position"], student=student, optimizer_state=optimizer_state,
         tokenizer=tokenizer, teachers=teachers, scores=ScoresIndex(config["scores_path"]),
-        dev_batches=dev_batches, log=StepLog(coord, specs, state["position"]["step"]) if rank == 0 else None,
+        dev_rows=dev_rows, dev_batches=dev_batches,
+        log=StepLog(coord, specs, state["position"]["step"]) if rank == 0 else None, best_dir=best_dir,
     )
 
 
@@ -649,6 +670,48 @@ def plateaued(w: Worker, stage_index: int, dev_loss: float) -> bool:
     return broadcast_from_rank_zero(ray.get(w.coord.report_eval.remote(stage_index, dev_loss)) if w.rank == 0 else None)
 
 
+# ---------------------------------------------------------------------------------------------
+# Checkpoint selection
+
+
+def step_rows(spec: StageSpec, stage_step: int, global_batch: int) -> int:
+    """Rows (all workers) in step `stage_step` (1-based) of a stage: global_batch, the remainder in
+    an epoch's last step (as `shards.worker_shard` cuts it)."""
+    k = (stage_step - 1) % spec.steps_per_epoch
+    return min(global_batch, spec.pool_rows - k * global_batch)
+
+
+def dev_rouge(w: Worker) -> float:
+    """Mean dev ROUGE-L ×100 of the student's greedy responses over every worker's dev rows.
+
+    Each worker decodes its own share (the rows of its dev losses) and one all-reduce of (sum, rows)
+    gives the mean: the decoding is split across workers instead of idling all but rank 0, and the
+    mean is the same for any split."""
+    lm = unwrap(w.student).lm
+    e = w.cfg.eval
+    was_training = lm.training
+    lm.eval()
+    total = greedy_rouge_sum(lm, w.tokenizer, w.dev_rows, max_new_tokens=e.max_new_tokens,
+                             max_length=w.cfg.data.max_length, batch_size=e.batch_size, autocast=w.autocast)
+    lm.train(was_training)
+    sums = _all_reduce(torch.tensor([total, len(w.dev_rows)], dtype=torch.float64, device=w.device)).tolist()
+    return sums[0] / sums[1]
+
+
+def record_candidate(w: Worker, candidate: dict) -> None:
+    """Rank 0 hands a selection candidate to the coordinator and, when it is the best so far, saves
+    the student's weights to its local `best_dir` (later checkpoints copy them from there)."""
+    import ray
+
+    if w.rank != 0:
+        return
+    is_best = ray.get(w.coord.select.remote(candidate))
+    if is_best:
+        unwrap(w.student).lm.save_pretrained(w.best_dir)
+    print(f"[train] selection candidate at step {candidate['step']}: dev ROUGE-L {candidate['dev_rougeL']:.2f}, "
+          f"dev KD loss {candidate['dev_kd_loss']:.4f}{' (best so far)' if is_best else ''}", flush=True)
+
+
 def report_checkpoint(w: Worker, metrics: dict, position: dict, optimizer, final: bool) -> None:
     """A checkpoint written by rank 0 and reported by every worker. Step records are handed over
     first, so metrics.jsonl always holds every step up to the latest checkpoint. The copy to
@@ -662,7 +725,7 @@ def report_checkpoint(w: Worker, metrics: dict, position: dict, optimizer, final
         return
     state = ray.get(w.coord.checkpoint.remote(position, w.log.take()))
     directory = Path(tempfile.mkdtemp(prefix="pocl-checkpoint-"))
-    save_checkpoint(directory, w.student, optimizer, state, w.tokenizer if final else None)
+    save_checkpoint(directory, w.student, optimizer, state, w.best_dir, w.tokenizer if final else None)
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
                      checkpoint_dir_name=f"step_{metrics['step']:08d}", checkpoint_upload_mode=mode)
 
@@ -671,7 +734,7 @@ def train_func(config: dict) -> None:
     """One training worker: set-up, then for each stage its optimizer and teacher, then its steps."""
     w = setup_worker(config)
     t, kd, ex = w.cfg.training, w.cfg.kd, w.cfg.curriculum.extraction
-    step, optimizer, upcoming = w.position["step"], None, None
+    step, samples, optimizer, upcoming = w.position["step"], w.position["samples"], None, None
     for stage_index in range(w.position["stage"], len(w.specs)):
         spec = w.specs[stage_index]
         stage = spec.stage
@@ -701,6 +764,7 @@ def train_func(config: dict) -> None:
             lr = lr_at(spec.lr_offset + stage_step - 1, spec.lr_total, t.lr, t.min_lr, t.warmup_steps)
             grad_norm = optimizer_step(w.student, optimizer, lr, t.grad_clip)
             step += 1
+            samples += step_rows(spec, stage_step, t.global_batch_size)
             if w.log is not None:
                 meta = _step_meta(step, stage_step, stage, spec, lr, started)
                 w.log.add({**meta, "data_wait": data_wait}, torch.cat([out, grad_norm.view(1)]))
@@ -710,17 +774,24 @@ def train_func(config: dict) -> None:
                 dev = dev_losses(w.student, teacher, final_teacher, w.dev_batches, stage, kd, **terms)
                 stop = plateaued(w, stage_index, dev["dev_loss"])
             stage_done = stop or stage_step == spec.steps
-            if stage_done or step % t.checkpoint_every == 0:
-                if w.dev_batches and not dev:
-                    dev = dev_losses(w.student, teacher, final_teacher, w.dev_batches, stage, kd, **terms)
-                position = ({"stage": stage_index + 1, "stage_step": 0, "step": step} if stage_done
-                            else {"stage": stage_index, "stage_step": stage_step, "step": step})
+            checkpoint = stage_done or step % t.checkpoint_every == 0
+            select = bool(w.dev_batches) and (stage_done or (t.select_every is not None and step % t.select_every == 0))
+            if (checkpoint or select) and w.dev_batches and not dev:
+                dev = dev_losses(w.student, teacher, final_teacher, w.dev_batches, stage, kd, **terms)
+            if select:
+                record_candidate(w, {"step": step, "stage": stage_index, "samples": samples,
+                                     "dev_rougeL": dev_rouge(w), "dev_kd_loss": dev["dev_kd_loss"]})
+            if checkpoint:
+                position = ({"stage": stage_index + 1, "stage_step": 0, "step": step, "samples": samples} if stage_done
+                            else {"stage": stage_index, "stage_step": stage_step, "step": step, "samples": samples})
                 metrics = {"step": step, "stage": stage_index, "epoch": spec.epoch_of(stage_step - 1),
                            "loss": float(out[0]), "stages_completed": position["stage"], **dev}
                 report_checkpoint(w, metrics, position, optimizer, final=stage_done and stage_index == len(w.specs) - 1)
             if stop:
                 break
         rows.close()
+    if w.best_dir is not None:
+        shutil.rmtree(w.best_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -730,7 +801,9 @@ def train_func(config: dict) -> None:
 @dataclass(frozen=True)
 class TrainResult:
     output_dir: Path  # DIR/train
-    student_dir: Path
+    student_dir: Path  # the final student
+    best_student_dir: Path | None  # the best selection candidate's student; None without a dev set
+    selection_path: Path
     metrics_path: Path
     plan_path: Path
     checkpoint_path: str
@@ -833,7 +906,7 @@ def _dev_rows(cfg: RunConfig, plan: Plan) -> tuple[list[dict], int]:
     good, rejects = validate_and_tokenize(read_table(cfg.data.dev, cfg.data.format).to_pylist(), tokenizer, cfg.data)
     if not good:
         raise ValueError(f"data.dev: no usable row in {cfg.data.dev} ({len(rejects)} rejected, e.g. {rejects[0]['reason'] if rejects else ''})")
-    keep = ("input_ids", "labels", "attention_mask", "num_prompt_tokens")
+    keep = ("id", "input_ids", "labels", "attention_mask", "num_prompt_tokens", "response")
     rows = [{k: r[k] for k in keep} for r in good]
     if cfg.kd.teacher == "cached":
         _cache_dev_rows(cfg, rows)
@@ -856,6 +929,48 @@ def _storage_path(cfg: RunConfig, out: Path) -> str:
     if path is None:
         return str(out / "checkpoints")
     return path if "://" in path else str(Path(path).resolve())
+
+
+def write_selection(path: Path, cfg: RunConfig, candidates: list[dict], dev_rows: int) -> Path:
+    """train/selection.json: the protocol, every candidate, the best one (student_best/) and the final
+    one (student/). Which of the two the evaluation uses is eval.checkpoint's business (`selected_student`)."""
+    if not candidates:
+        print("[train] no dev set (data.dev): no checkpoint-selection candidates; the final student is the only one",
+              flush=True)
+    final_step = max((c["step"] for c in candidates), default=None)
+    path.write_text(json.dumps({
+        "protocol": {
+            "metric": "dev_rougeL", "decoding": "greedy", "dev_rows": dev_rows,
+            "max_new_tokens": f"min(eval.max_new_tokens = {cfg.eval.max_new_tokens}, "
+                              f"data.max_length ({cfg.data.max_length}) - prompt tokens)",
+            "candidates_at": "every stage end" + (f" and every {cfg.training.select_every} steps"
+                                                  if cfg.training.select_every else ""),
+            "tie_break": "lower dev_kd_loss, then the later step",
+        },
+        "candidates": candidates,
+        "best": best_candidate(candidates),
+        "final": next((c for c in candidates if c["step"] == final_step), None),
+        "students": {"best": "student_best", "final": "student"},
+    }, indent=1))
+    return path
+
+
+def selected_student(train_dir: Path, checkpoint: str) -> Path:
+    """The student folder eval.checkpoint names: train/student (final) or train/student_best (the best
+    dev ROUGE-L). A training without selection candidates (no data.dev, or no selection.json: a run
+    from before checkpoint selection) falls back to the final student, saying so in one line."""
+    if checkpoint == "final":
+        return train_dir / "student"
+    path = train_dir / "selection.json"
+    if not path.is_file():
+        print(f"[eval] eval.checkpoint: best_dev_rougeL found no {path} (training predates checkpoint "
+              "selection): evaluating the final student", flush=True)
+        return train_dir / "student"
+    if json.loads(path.read_text())["best"] is None:
+        print("[eval] eval.checkpoint: best_dev_rougeL has no candidates to choose from (no data.dev in "
+              "training): evaluating the final student", flush=True)
+        return train_dir / "student"
+    return train_dir / "student_best"
 
 
 def train(
@@ -933,14 +1048,20 @@ def train(
     if result.checkpoint is None:
         raise RuntimeError(f"training run {cfg.name!r} ended without a checkpoint")
 
-    # The student is copied from the final checkpoint in (shared) storage, so this works from any node.
-    student_dir = out / "student"
-    shutil.rmtree(student_dir, ignore_errors=True)
+    # The students are copied from the final checkpoint in (shared) storage, so this works from any node.
+    student_dir, best_dir = out / "student", out / "student_best"
+    for folder in (student_dir, best_dir):
+        shutil.rmtree(folder, ignore_errors=True)
     with result.checkpoint.as_directory() as d:
         shutil.copytree(Path(d) / "student", student_dir)
+        if has_model_files(Path(d) / "student_best"):
+            shutil.copytree(Path(d) / "student_best", best_dir)
+        candidates = json.loads((Path(d) / "coordinator.json").read_text())["candidates"]
+    selection_path = write_selection(out / "selection.json", cfg, candidates, len(dev_rows))
     metrics = dict(result.metrics or {})
     return TrainResult(
-        output_dir=out, student_dir=student_dir, metrics_path=metrics_path, plan_path=plan_path,
+        output_dir=out, student_dir=student_dir, best_student_dir=best_dir if has_model_files(best_dir) else None,
+        selection_path=selection_path, metrics_path=metrics_path, plan_path=plan_path,
         checkpoint_path=result.checkpoint.path, steps=int(metrics.get("step", 0)),
         stages_completed=int(metrics.get("stages_completed", 0)), metrics=metrics,
         dev_rejected=dev_rejected, wall_seconds=time.time() - started,

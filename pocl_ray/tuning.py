@@ -11,18 +11,23 @@ run name, and calls `training.train`, which builds the TorchTrainer: the trial's
 own Train workers (training.num_workers, GPUs when training.use_gpu) plus a small CPU share for the
 driver function (tune.cpus_per_trial). `Tuner(trainer)` is not used: Train V2 refuses it.
 
-Stage boundaries reach Tune through `StageEndReport`, Ray's Train-to-Tune report callback limited
-to the reports of finished stages before the last one, each carrying the dev KD loss. ASHA decides
-on those, with `stages_completed` as its clock, so it can only stop a trial between stages, never
-after its last stage (where only the student's export, and the objective, remain). With the
-dev_rougeL objective ASHA still ranks trials by their dev KD loss, the one signal there is at a
-stage boundary; the objective itself (ROUGE-L of generations on data.dev) is computed when a
-trial's training ends, and picks the best trial.
+Training reports reach Tune through `BudgetReport`, Ray's Train-to-Tune report callback limited to
+the reports that carry a dev KD loss (every checkpoint: each training.checkpoint_every steps and
+each stage end) before the run's last one, with `samples_seen` (optimizer steps x
+global_batch_size) added. ASHA's clock is `samples_seen`, not the stage count: trials whose plans
+cut different bucket counts or intervals reach their first stage end after very different budgets,
+so stage k of one is no fair match for stage k of another. Its rungs (tune.grace_samples x
+reduction_factor^k samples) are checked to fall on every trial's checkpoint steps, so each trial is
+recorded at a rung exactly at the rung's budget. The report of a run's last step is held back, so
+ASHA never stops a trial whose training is done (only the student's export, and the objective, remain). With the dev_rougeL objective ASHA
+still ranks trials by their dev KD loss, the one signal there is during training; the objective
+itself (ROUGE-L of generations on data.dev) is computed when a trial's training ends, and picks the
+best trial.
 
 Outputs in DIR/tune/:
   results.csv       one row per trial: trial_id, status (finished / stopped / error), the searched
-                    parameters, objective, dev_kd_loss, steps, stages_completed, num_stages,
-                    stopped_early, error, output_dir
+                    parameters, objective, dev_kd_loss, steps, samples_seen, stages_completed,
+                    num_stages, stopped_early, error, output_dir
   best.yaml         the best finished trial's full run config (output.dir = DIR, so `pocl-ray run`
                     reuses the sweep's scoring pass; pipeline.compare cleared: one run)
   objective.png     objective against each searched parameter
@@ -62,6 +67,11 @@ SWEEP_NAME = "sweep"
 # Sections a trial may not change: they define the shared scoring pass or the sweep's own layout.
 FIXED_SECTIONS = ("data", "models", "scoring", "output", "pipeline", "tune", "name")
 MODES = {"dev_kd_loss": "min", "dev_rougeL": "max"}
+# ASHA's clock: training rows seen, the budget trials are compared at (module doc).
+TIME_ATTR = "samples_seen"
+# Training's own greedy dev ROUGE-L (checkpoint selection) has the objective's name; the objective is
+# the finished student's evaluation, so training reports never carry it to Tune.
+FINAL_ONLY = ("dev_rougeL",)
 # Discrete combinations validated one by one before any Ray work; above it, each value alone.
 MAX_CHECKED_COMBINATIONS = 4096
 DEV_SET = "dev"
@@ -189,6 +199,7 @@ def trial_row(
         "objective": float(value) if value is not None else math.nan,
         "dev_kd_loss": float(metrics["dev_kd_loss"]) if metrics.get("dev_kd_loss") is not None else math.nan,
         "steps": int(metrics.get("step", 0)),
+        "samples_seen": int(metrics.get(TIME_ATTR, 0)),
         "stages_completed": int(metrics.get("stages_completed", 0)),
         "num_stages": num_stages,
         "stopped_early": status == "stopped",
@@ -257,27 +268,28 @@ def plot_objective(frame: pd.DataFrame, tc: TuneConfig, path: Path) -> Path:
 
 
 def is_decision_point(metrics: Mapping[str, Any], num_stages: int) -> bool:
-    """Whether a training report is the end of a stage before the last one, with its dev KD loss.
-
-    Mid-stage checkpoint reports carry no dev loss and are not stage boundaries; the last stage's
-    report is held back so a scheduler never stops a trial whose training is done (its result
-    reaches Tune from `run_trial`, with the objective, once the student is saved).
-    """
-    stage_end = metrics.get("dev_kd_loss") is not None and metrics.get("stages_completed") == metrics.get("stage", -2) + 1
-    return stage_end and metrics["stages_completed"] < num_stages
+    """Whether a training report is one a scheduler may act on: it has a dev KD loss (checkpoints
+    do, when data.dev is set) and it is not the last stage's end. That report is held back so a
+    scheduler never stops a trial whose training is done (its result reaches Tune from
+    `run_trial`, with the objective, once the student is saved)."""
+    return metrics.get("dev_kd_loss") is not None and metrics.get("stages_completed", num_stages) < num_stages
 
 
-class StageEndReport(TuneReportCallback):
+class BudgetReport(TuneReportCallback):
     """Ray's Train-to-Tune report callback, forwarding only the reports `is_decision_point` accepts,
-    with the trial's stage count added (results.csv takes it from Tune's results, on the driver)."""
+    without FINAL_ONLY keys, with the samples seen (ASHA's clock) and the trial's stage count added
+    (results.csv takes it from Tune's results, on the driver)."""
 
-    def __init__(self, num_stages: int):
+    def __init__(self, num_stages: int, global_batch_size: int):
         super().__init__()
         self.num_stages = num_stages
+        self.global_batch_size = global_batch_size
 
     def after_report(self, run_context, metrics, checkpoint):
         if is_decision_point(metrics[0], self.num_stages):
-            super().after_report(run_context, [{**metrics[0], "num_stages": self.num_stages}], checkpoint)
+            kept = {k: v for k, v in metrics[0].items() if k not in FINAL_ONLY}
+            report = {**kept, TIME_ATTR: metrics[0]["step"] * self.global_batch_size, "num_stages": self.num_stages}
+            super().after_report(run_context, [report], checkpoint)
 
 
 def run_trial(params: dict, *, base: dict, scores_dir: str, trials_dir: str) -> None:
@@ -294,9 +306,10 @@ def run_trial(params: dict, *, base: dict, scores_dir: str, trials_dir: str) -> 
     out.mkdir(parents=True, exist_ok=True)
     (out / "trial.json").write_text(json.dumps({"trial_id": trial_id, "params": {p: _plain(v) for p, v in params.items()}}))
     num_stages = len(run_plan(trial_cfg).stages)
-    result = train(trial_cfg, scores_dir=scores_dir, callbacks=[StageEndReport(num_stages)])
+    gbs = trial_cfg.training.global_batch_size
+    result = train(trial_cfg, scores_dir=scores_dir, callbacks=[BudgetReport(num_stages, gbs)])
     final = {
-        "step": result.steps, "stages_completed": result.stages_completed, "num_stages": num_stages,
+        "step": result.steps, TIME_ATTR: result.steps * gbs, "stages_completed": result.stages_completed, "num_stages": num_stages,
         "dev_kd_loss": result.metrics.get("dev_kd_loss"), "finished": True,
     }
     if cfg.tune.objective == "dev_rougeL":
@@ -311,19 +324,57 @@ def _trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def _scheduler(tc: TuneConfig, max_stages: int):
+def report_interval(cfg: RunConfig) -> int:
+    """Samples between a trial's dev-KD-loss reports: one checkpoint interval."""
+    return cfg.training.checkpoint_every * cfg.training.global_batch_size
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What ASHA's rungs are laid on: the grace period and the largest trial budget, in samples."""
+
+    grace: int
+    max_samples: int
+
+
+def sweep_budget(tc: TuneConfig, trials: list[tuple[RunConfig, int]]) -> Budget:
+    """ASHA's grace period and max_t in samples from (config, total steps) of the checked trials.
+
+    Every rung below the largest budget must be a multiple of every trial's report interval, so a
+    trial reports its dev loss exactly at each rung it reaches (module doc); otherwise a ConfigError
+    names tune.grace_samples with the value that would fit.
+    """
+    intervals = sorted({report_interval(c) for c, _ in trials})
+    common = math.lcm(*intervals)
+    grace = tc.grace_samples or common
+    max_samples = max(steps * c.training.global_batch_size for c, steps in trials)
+    if grace >= max_samples:
+        raise ConfigError(
+            f"tune.grace_samples ({grace}) leaves ASHA nothing to stop: the longest trial sees {max_samples} samples"
+        )
+    rung = float(grace)
+    while rung < max_samples:
+        off = [i for i in intervals if not float(rung / i).is_integer()]
+        if off:
+            raise ConfigError(
+                f"tune.grace_samples ({grace}) x tune.reduction_factor ({tc.reduction_factor})^k gives a rung at "
+                f"{rung:g} samples, not a multiple of the report interval {off[0]} (training.checkpoint_every x "
+                f"global_batch_size), so trials would be compared at different budgets; use a multiple of {common} "
+                "and an integer reduction_factor"
+            )
+        rung *= tc.reduction_factor
+    return Budget(grace=grace, max_samples=max_samples)
+
+
+def _scheduler(tc: TuneConfig, budget: Budget | None):
+    """FIFO, or ASHA on samples seen (budget: from `sweep_budget`)."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if tc.scheduler == "fifo":
         return FIFOScheduler()
-    if tc.grace_stages >= max_stages:
-        raise ConfigError(
-            f"tune.grace_stages ({tc.grace_stages}) leaves ASHA no stage boundary to stop at: "
-            f"the swept plans have at most {max_stages} stages"
-        )
     return ASHAScheduler(
-        time_attr="stages_completed", metric="dev_kd_loss", mode="min", grace_period=tc.grace_stages,
-        max_t=max_stages - 1, reduction_factor=tc.reduction_factor, stop_last_trials=False,
+        time_attr=TIME_ATTR, metric="dev_kd_loss", mode="min", grace_period=budget.grace,
+        max_t=budget.max_samples, reduction_factor=tc.reduction_factor, stop_last_trials=False,
     )
 
 
@@ -402,7 +453,7 @@ def ended_trials(path: Path) -> set[str]:
     return {json.loads(line)["trial_id"] for line in path.read_text().splitlines() if line.strip()}
 
 
-def _sweep(cfg: RunConfig, root: Path, scores_dir: Path, max_stages: int) -> None:
+def _sweep(cfg: RunConfig, root: Path, scores_dir: Path, budget: Budget | None) -> None:
     """Run (or resume) the Tune experiment, then write results.csv, best.yaml and objective.png."""
     from ray import tune
 
@@ -424,7 +475,7 @@ def _sweep(cfg: RunConfig, root: Path, scores_dir: Path, max_stages: int) -> Non
                 trainable,
                 param_space=param_space(tc),
                 tune_config=tune.TuneConfig(
-                    num_samples=tc.num_samples, scheduler=_scheduler(tc, max_stages), search_alg=_search_alg(tc),
+                    num_samples=tc.num_samples, scheduler=_scheduler(tc, budget), search_alg=_search_alg(tc),
                     max_concurrent_trials=None if tc.search_alg in ("random", "grid") else tc.max_concurrent_trials,
                     trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_dirname,
                 ),
@@ -479,41 +530,45 @@ class TuneResult:
     trials: pd.DataFrame  # results.csv
 
 
-def _check_stage_lengths(plans: list[tuple[RunConfig, Plan]], scores_dir: Path) -> None:
-    """Every checked combination's plan must cut the scored rows into non-empty steps."""
+def _total_steps(plans: list[tuple[RunConfig, Plan]], scores_dir: Path) -> list[tuple[RunConfig, int]]:
+    """(config, planned optimizer steps) of every checked combination; each plan must cut the scored
+    rows into non-empty steps."""
     from pocl_ray.curriculum import stage_specs
     from pocl_ray.scoring import load_manifest
 
     num_rows = load_manifest(scores_dir)["rows_scored"]
+    totals = []
     for c, plan in plans:
         try:
-            stage_specs(plan, num_rows, c.training.global_batch_size)
+            specs = stage_specs(plan, num_rows, c.training.global_batch_size)
         except ValueError as err:
             raise ConfigError(f"tune.search_space: {err} (with curriculum.num_buckets = {c.curriculum.num_buckets})") from None
+        totals.append((c, sum(s.steps for s in specs)))
+    return totals
 
 
 def tune(cfg: RunConfig) -> TuneResult:
     """Sweep cfg.tune.search_space (module docstring); a re-run resumes an interrupted sweep, and a
     finished one is not run again for the same config."""
     from pocl_ray.scoring import score_dataset
-    from pocl_ray.teacher_prep import ensure_teacher
+    from pocl_ray.teacher_prep import resolve_teacher
     from pocl_ray.training import run_plan
 
-    candidates = check_search_space(cfg)
+    check_search_space(cfg)
     _search_alg(cfg.tune)  # a missing optuna / hyperopt is reported before any Ray work
     root = Path(cfg.output.dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    ensure_teacher(cfg, root, min_cpus=8)
-    plans = [(c, run_plan(c)) for c in candidates]
-    max_stages = max(len(plan.stages) for _, plan in plans)
-    _scheduler(cfg.tune, max_stages)
+    # The same teacher as `pocl-ray run`: prepared and / or fine-tuned (pipeline.sft_teacher) first.
+    cfg = resolve_teacher(cfg, root, min_cpus=8)
+    plans = [(c, run_plan(c)) for c in check_search_space(cfg)]
     scores_dir = root / "scores"
     run_stage("score", scores_dir, fingerprint(cfg, SCORE_KEYS), lambda: (init_ray(min_cpus=8), score_dataset(cfg)))
-    _check_stage_lengths(plans, scores_dir)
+    totals = _total_steps(plans, scores_dir)
+    budget = sweep_budget(cfg.tune, totals) if cfg.tune.scheduler == "asha" else None
 
     tune_dir = root / "tune"
     key = fingerprint(cfg, (*TRAIN_KEYS, "eval", "tune"), {"name": cfg.name})
-    run_stage("tune", tune_dir, key, lambda: (init_ray(min_cpus=8), _sweep(cfg, root, scores_dir, max_stages)))
+    run_stage("tune", tune_dir, key, lambda: (init_ray(min_cpus=8), _sweep(cfg, root, scores_dir, budget)))
     frame = pd.read_csv(tune_dir / "results.csv", dtype={"trial_id": str})
     best = best_trial(frame, cfg.tune.objective)
     return TuneResult(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -39,6 +41,13 @@ def test_unknown_key_names_the_dotted_path():
     assert "curriculum.num_bucket: unknown key" in str(err.value)
     with pytest.raises(ConfigError, match=r"data\.fields\.answer: unknown key"):
         parse_config({**MINIMAL, "data": {"train": "x", "fields": {"answer": ["a"]}}})
+
+
+def test_a_retired_key_names_its_replacement():
+    with pytest.raises(ConfigError, match=r"tune\.grace_stages: replaced by tune\.grace_samples"):
+        parse_config(_with("tune", grace_stages=1))
+    with pytest.raises(ConfigError, match=r"kd\.chunk_size: renamed kd\.chunk_positions"):
+        parse_config(_with("kd", chunk_size=128))
 
 
 def test_invalid_literal_names_the_field_and_the_allowed_values():
@@ -107,6 +116,10 @@ def test_file_errors(tmp_path):
     listing.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(listing)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("data: {train: x}\nmodels: {teacher: t}\nkd: {los: fkl}\n")
+    with pytest.raises(ConfigError, match=rf"invalid config \({re.escape(str(typo))}\):\n  kd\.los: unknown key"):
+        load_config(typo)
 
 
 # -- paths: a URI is refused where the code opens local paths, kept where Ray Train takes one -----

@@ -22,6 +22,7 @@ from pocl_ray.evaluation import (
     average,
     evaluate,
     evaluate_rows,
+    greedy_rouge_sum,
     load_results,
     results_markdown,
     response_ce,
@@ -124,6 +125,30 @@ def test_evaluate_rows_greedy_matches_unbatched_generate(word_model):
         score = 100 * SCORER.score(record["output"], expected)["rougeL"].fmeasure
         assert row["rougeL"] == [score, score]
         assert row["ce"] > 0 and row["reject_reason"] is None
+
+
+def test_greedy_rouge_sum_is_the_greedy_eval_within_each_rows_response_budget(word_model):
+    _, tokenizer, model = word_model
+    rows = _prepared(tokenizer, _records(7, 5))
+    greedy = evaluate_rows(model, tokenizer, rows, EvalConfig(seeds=[1], temperature=0, max_new_tokens=MAX_NEW, batch_size=4))
+    # With room for MAX_NEW tokens after every prompt, it is the greedy evaluation's ROUGE-L summed.
+    total = greedy_rouge_sum(model, tokenizer, rows, max_new_tokens=MAX_NEW, max_length=96, batch_size=3)
+    assert total == pytest.approx(sum(r["rougeL"][0] for r in greedy), abs=1e-9)
+    # Against its own MAX_NEW-token responses the model scores 100 on each row, unless data.max_length
+    # leaves a row less room after its prompt: then the row gets only that many tokens.
+    own = [row | {"response": g["generations"][0]} for row, g in zip(rows, greedy) if g["generations"][0]]
+    assert greedy_rouge_sum(model, tokenizer, own, max_new_tokens=MAX_NEW, max_length=96, batch_size=3) == pytest.approx(100 * len(own))
+    max_length = max(r["num_prompt_tokens"] for r in own) + 2
+    expected = 0.0
+    for row in own:
+        prompt = torch.tensor([row["input_ids"][: row["num_prompt_tokens"]]])
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                             max_new_tokens=min(MAX_NEW, max_length - prompt.shape[1]),
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        text = tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True).strip()
+        expected += 100 * SCORER.score(row["response"], text)["rougeL"].fmeasure
+    assert expected < 100 * len(own)
+    assert greedy_rouge_sum(model, tokenizer, own, max_new_tokens=MAX_NEW, max_length=max_length, batch_size=3) == pytest.approx(expected, abs=1e-9)
 
 
 def test_evaluate_rows_sampling_is_independent_of_batching(word_model):
@@ -234,7 +259,7 @@ def test_bad_inputs_name_the_field(tmp_path, word_model):
     sets = [EvalSet(name="a", path=str(good)), EvalSet(name="b", path=str(tmp_path / "missing.jsonl"))]
     with pytest.raises(FileNotFoundError, match=r"eval.sets\[1\].path \(set 'b'\)"):
         evaluate(_config(root, sets, tmp_path), root)
-    with pytest.raises(FileNotFoundError, match="model_path not found"):
+    with pytest.raises(FileNotFoundError, match="model_path: model folder not found"):
         evaluate(_config(root, sets[:1], tmp_path), tmp_path / "no_model")
     with pytest.raises(ConfigError, match="eval.sets is empty"):
         evaluate(_config(root, sets[:1], tmp_path).with_overrides({"eval.sets": []}), root)

@@ -51,12 +51,12 @@ def _write_scores(run_dir: Path, n: int = 90) -> dict:
     }).sort_by("rank")
     scores = run_dir / "scores"
     scores.mkdir(parents=True)
-    pq.write_table(table, scores / "scores.parquet")
+    pq.write_table(table, scores / "rows.parquet")
     manifest = {
         "rows_in": n + 2, "rows_scored": n, "rows_rejected": 2,
         "metrics": [{"name": "student_ce", "direction": "lower"}, {"name": "student_rougeL", "direction": "higher"}],
         "rrf_k": 60.0, "num_buckets": NUM_BUCKETS, "buckets": bucket_summary(fusion.fused_score, bucket, NUM_BUCKETS),
-        "models": {}, "config": {}, "ray_version": "2.60.0", "wall_seconds": 12.5, "scores_path": "scores.parquet",
+        "models": {}, "config": {}, "ray_version": "2.60.0", "wall_seconds": 12.5, "scores_path": "rows.parquet",
     }
     (scores / "manifest.json").write_text(json.dumps(manifest))
     return manifest
@@ -173,3 +173,81 @@ def test_read_metrics_keeps_the_last_record_of_a_replayed_step(tmp_path):
     assert metrics.frame["step"].tolist() == [1, 2]
     assert metrics.frame["loss"].tolist() == [3.0, 1.5]
     assert metrics.skipped == 2
+
+
+def test_evidence_table_pairs_pocl_and_baseline_per_loss(tmp_path):
+    from pocl_ray.report import evidence_pairs, evidence_table
+
+    run_dir = tmp_path / "evidence"
+    per_run = {
+        "pocl-fkl": {"dolly": [(30.0, 34.0), (20.0, 22.0)], "vicuna": [(12.0, 14.0)]},
+        "baseline-fkl": {"dolly": [(18.0, 20.0), (16.0, 16.0)], "vicuna": [(9.0, 11.0)]},
+        "pocl-rkl": {"dolly": [(10.0, 10.0)], "vicuna": [(5.0, 7.0)]},
+        "baseline-rkl": {"dolly": [(12.0, 12.0)], "vicuna": [(4.0, 4.0)]},
+        "pocl-skl": {"dolly": [(1.0, 1.0)], "vicuna": [(1.0, 1.0)]},  # no baseline-skl: left out
+    }
+    for label, per_set in per_run.items():
+        _write_eval(run_dir / "runs" / label, None, per_set)
+    _write_eval(run_dir, "teacher", {"dolly": [(40.0, 40.0)], "vicuna": [(30.0, 30.0)]})
+
+    text = _text(write_report(run_dir))
+    section = text[text.index("### POCL against the baseline per KD loss"):]
+    assert ("| set | FKL baseline | FKL POCL | FKL POCL − baseline | RKL baseline | RKL POCL | RKL POCL − baseline |"
+            in section)
+    # Per set: mean ± std over the seeds' means (pocl-fkl dolly: seeds 25 and 28).
+    assert "| dolly | 17.50 ± 0.50 | 26.50 ± 1.50 | +9.00 | 12.00 ± 0.00 | 10.00 ± 0.00 | -2.00 |" in section
+    assert "| vicuna | 10.00 ± 1.00 | 13.00 ± 1.00 | +3.00 | 4.00 ± 0.00 | 6.00 ± 1.00 | +2.00 |" in section
+    # Average: over the sets per seed (pocl-fkl: 18.5 and 21), then mean ± std over the seeds.
+    assert "| **average** | 13.75 ± 0.75 | 19.75 ± 1.25 | +6.00 | 8.00 ± 0.00 | 8.00 ± 0.50 | +0.00 |" in section
+    assert "SKL" not in section.split("\n\n")[1]
+
+    # Only labels <plan>-<loss> with both plans make a pair; plain compared runs get no table.
+    assert evidence_pairs(["pocl", "baseline", "pocl-skl", "teacher", "baseline-js", "pocl-js"]) == {"js": ("pocl-js", "baseline-js")}
+    assert evidence_table({"pocl": {}, "baseline": {}}) is None
+
+
+@pytest.mark.parametrize("name", ["quickstart-evidence", "testbed-evidence"])
+def test_evidence_configs_compare_six_runs_that_pair_per_loss(name):
+    from pocl_ray.config import load_config
+    from pocl_ray.pipeline import compared_runs
+    from pocl_ray.report import evidence_pairs
+
+    cfg = load_config(Path(__file__).parent.parent / "configs" / f"{name}.yaml")
+    runs = compared_runs(cfg)
+    assert {label: (r.curriculum.plan, r.kd.loss) for label, r in runs.items()} == {
+        f"{plan}-{loss}": (plan, loss) for loss in ("fkl", "rkl", "skl") for plan in ("pocl", "baseline")}
+    assert evidence_pairs(list(runs)) == {loss: (f"pocl-{loss}", f"baseline-{loss}") for loss in ("fkl", "rkl", "skl")}
+    assert cfg.pipeline.sft_teacher is not None and cfg.eval.checkpoint == "best_dev_rougeL"
+    assert len(cfg.eval.seeds) == 3
+
+
+def test_selection_tables_and_dev_curves_of_every_compared_run(tmp_path):
+    from pocl_ray.config import parse_config
+    from pocl_ray.training import write_selection
+
+    run_dir = tmp_path / "cmp"
+    cfg = parse_config({"data": {"train": "t.jsonl"}, "models": {"teacher": "t"}, "training": {"select_every": 4}})
+
+    def candidate(step, stage, rouge, kd_loss):
+        return {"step": step, "stage": stage, "samples": 16 * step, "dev_rougeL": rouge, "dev_kd_loss": kd_loss}
+
+    runs = {
+        "pocl": [candidate(4, 0, 20.0, 1.5), candidate(6, 0, 25.5, 1.2), candidate(8, 1, 25.5, 1.1), candidate(12, 1, 24.0, 1.0)],
+        "baseline": [candidate(4, 0, 18.0, 1.6), candidate(8, 0, 22.25, 1.3)],
+        "nodev": [],
+    }
+    for label, candidates in runs.items():
+        (run_dir / "runs" / label / "train").mkdir(parents=True)
+        write_selection(run_dir / "runs" / label / "train" / "selection.json", cfg, candidates, dev_rows=60 if candidates else 0)
+    path = write_report(run_dir)
+    text = _text(path)
+    assert "## Checkpoint selection" in text and "every stage end and every 4 steps" in text
+    assert "### Selection: pocl" in text and "### Selection: baseline" in text and "### Selection: nodev" not in text
+    # pocl: 25.5 at steps 6 and 8, the lower dev KD loss (step 8) wins; the final candidate is step 12.
+    assert "| 6 | 0 | 96 | 25.50 | 1.2 | |" in text
+    assert "| 8 | 1 | 128 | 25.50 | 1.1 | best |" in text
+    assert "| 12 | 1 | 192 | 24.00 | 1 | final |" in text
+    assert "| 8 | 0 | 128 | 22.25 | 1.3 | best final |" in text
+    assert "nodev: no candidates (trained without a dev set)" in text
+    assert "selection.png" in _images(path)
+    _check_png(path.parent / "selection.png")

@@ -1,8 +1,8 @@
 """Training on Ray Train: 2 CPU workers (gloo), tiny Llama teacher/student, scores written here.
 
 Ray runs are few and shared through module fixtures: one undisturbed POCL run (schedule, data,
-loss, saved student), one run killed after a checkpoint and re-run (exact resume), one
-curriculum-extraction run with on-policy rows. The loss algebra (2 workers = 1 worker on the
+loss, saved student, checkpoint selection), one run killed after a checkpoint and re-run (exact
+resume, selection candidates kept), one curriculum-extraction run with on-policy rows. The loss algebra (2 workers = 1 worker on the
 combined batch) is checked with two gloo processes, without Ray.
 """
 
@@ -81,7 +81,9 @@ def pocl_run(ray_local, tiny_assets, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("pocl")
     scores = write_scores(root, tiny_assets)
-    cfg = run_config(tiny_assets, root / "run")
+    # 4 stages of 5, 10, 15 and 19 steps: selection candidates at steps 5, 15, 20, 30, 40, 49. The
+    # dev responses are at most 6 words, so 16 new tokens score them fully and keep selection cheap.
+    cfg = run_config(tiny_assets, root / "run", **{"training.select_every": 20, "eval.max_new_tokens": 16})
     result = train(cfg, scores)
     return cfg, scores, result
 
@@ -90,7 +92,7 @@ def pocl_run(ray_local, tiny_assets, tmp_path_factory):
 def test_pocl_schedule_in_metrics(pocl_run):
     cfg, scores, result = pocl_run
     records = read_metrics(result.metrics_path)
-    num_rows = pq.read_metadata(scores / "scores.parquet").num_rows
+    num_rows = pq.read_metadata(scores / "rows.parquet").num_rows
     plan = plan_from_config(cfg)
     specs = stage_specs(plan, num_rows, cfg.training.global_batch_size)
     assert [r["step"] for r in records] == list(range(1, sum(s.steps for s in specs) + 1))
@@ -131,6 +133,135 @@ def test_pocl_student_learns_and_reloads(pocl_run, tiny_assets):
     before, after = dev_fkl(tiny_assets.student_dir, tiny_assets), dev_fkl(result.student_dir, tiny_assets)
     assert after < 0.8 * before, (before, after)
     assert result.metrics["dev_kd_loss"] == pytest.approx(after, rel=1e-3)
+
+
+# -- checkpoint selection --------------------------------------------------------------------------
+
+
+@ray_test
+def test_selection_candidates_and_the_kept_best_student(pocl_run, tiny_assets):
+    from pocl_ray.evaluation import greedy_rouge_sum
+    from pocl_ray.training import selected_student
+
+    cfg, scores, result = pocl_run
+    specs = stage_specs(plan_from_config(cfg), pq.read_metadata(scores / "rows.parquet").num_rows, 16)
+    ends = np.cumsum([s.steps for s in specs]).tolist()
+    selection = json.loads(result.selection_path.read_text())
+    candidates = selection["candidates"]
+    assert [c["step"] for c in candidates] == sorted(set(ends) | set(range(20, ends[-1] + 1, 20))) == [5, 15, 20, 30, 40, 49]
+    assert [c["stage"] for c in candidates] == [0, 1, 2, 2, 3, 3]
+    # One epoch per stage: at a stage end every row of every pool so far has been seen once.
+    assert [c["samples"] for c in candidates if c["step"] in ends] == np.cumsum([s.pool_rows for s in specs]).tolist()
+    assert [c["samples"] for c in candidates if c["step"] == 20] == [75 + 150 + 5 * 16]
+    assert all(0 <= c["dev_rougeL"] <= 100 for c in candidates)
+    best = max(candidates, key=lambda c: (c["dev_rougeL"], -c["dev_kd_loss"], c["step"]))
+    assert selection["best"] == best and selection["final"] == candidates[-1]
+    assert selection["protocol"]["decoding"] == "greedy"
+    # The kept folders hold those candidates' weights: dev KD loss is FKL at T = 1 against the teacher.
+    assert dev_fkl(result.best_student_dir, tiny_assets) == pytest.approx(best["dev_kd_loss"], rel=1e-3)
+    assert dev_fkl(result.student_dir, tiny_assets) == pytest.approx(candidates[-1]["dev_kd_loss"], rel=1e-3)
+    assert (result.best_student_dir / "tokenizer_config.json").is_file()
+    # Dev ROUGE-L is the greedy ROUGE-L over all dev rows, however the workers split them. (This tiny
+    # student answers with EOS, so it is 0 at every candidate and the dev KD loss breaks the tie;
+    # `test_dev_rouge_is_the_mean_greedy_rouge_over_the_dev_rows` scores non-zero responses.)
+    tokenizer = load_tokenizer(tiny_assets.tokenizer_dir)
+    rows, _ = validate_and_tokenize(read_table(tiny_assets.dev_path).to_pylist(), tokenizer, cfg.data)
+    total = greedy_rouge_sum(load_model(result.student_dir, frozen=True), tokenizer, rows, max_new_tokens=cfg.eval.max_new_tokens,
+                             max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size)
+    assert total / len(rows) == pytest.approx(candidates[-1]["dev_rougeL"], abs=0.5)
+    assert selected_student(result.output_dir, "best_dev_rougeL") == result.best_student_dir
+    assert selected_student(result.output_dir, "final") == result.student_dir
+
+
+def test_dev_rouge_is_the_mean_greedy_rouge_over_the_dev_rows(tiny_assets, tmp_path):
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from pocl_ray.sampling import generate_tokens
+    from pocl_ray.training import HiddenStatesLM, dev_rouge
+
+    # The tiny student answers every dev prompt with EOS (dev ROUGE-L 0 in the Ray runs), so this
+    # scores the teacher: against its own greedy responses it scores 100, against "zzz" 0.
+    cfg = run_config(tiny_assets, tmp_path, **{"eval.max_new_tokens": 8})
+    tokenizer = load_tokenizer(tiny_assets.tokenizer_dir)
+    rows, _ = validate_and_tokenize(read_table(tiny_assets.dev_path).to_pylist(), tokenizer, cfg.data)
+    teacher = load_model(tiny_assets.teacher_dir)
+    own = generate_tokens(teacher, [r["input_ids"][: r["num_prompt_tokens"]] for r in rows[:6]], [8] * 6,
+                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    texts = tokenizer.batch_decode(own, skip_special_tokens=True)
+    scored = [r | {"response": t.strip()} for r, t in zip(rows, texts) if any(c.isalnum() for c in t)]
+    assert len(scored) >= 3
+    w = SimpleNamespace(student=HiddenStatesLM(teacher), tokenizer=tokenizer, cfg=cfg, autocast=nullcontext,
+                        device=torch.device("cpu"), dev_rows=scored + [r | {"response": "zzz"} for r in scored])
+    teacher.train()
+    assert dev_rouge(w) == pytest.approx(50.0)
+    assert teacher.training, "dev_rouge leaves the model in the mode it found it in"
+
+
+def test_checkpoints_carry_the_best_student_so_far_to_a_resumed_rank_0(tiny_assets, tmp_path):
+    from ray.train import Checkpoint
+
+    from pocl_ray.training import HiddenStatesLM, adamw, load_checkpoint, save_checkpoint
+
+    student = HiddenStatesLM(load_model(tiny_assets.student_dir))
+    optimizer = adamw(student, 1e-3, 0.0)
+    best_dir = tmp_path / "best"
+    best_dir.mkdir()
+    save_checkpoint(tmp_path / "before_any_best", student, optimizer, {"position": {}}, best_dir)
+    assert not (tmp_path / "before_any_best" / "student_best").exists()
+    best = load_model(tiny_assets.teacher_dir)  # any other weights stand in for an earlier, better student
+    best.save_pretrained(best_dir)
+    save_checkpoint(tmp_path / "ckpt", student, optimizer, {"position": {}}, best_dir, load_tokenizer(tiny_assets.tokenizer_dir))
+    assert (tmp_path / "ckpt" / "student_best" / "tokenizer_config.json").is_file()
+    resumed_best = tmp_path / "resumed_best"
+    resumed_best.mkdir()
+    _, resumed, _ = load_checkpoint(Checkpoint.from_directory(str(tmp_path / "ckpt")), resumed_best)
+    assert torch.equal(load_model(resumed_best).lm_head.weight, best.lm_head.weight)
+    assert torch.equal(resumed.lm_head.weight, student.lm.lm_head.weight)
+
+
+def test_best_candidate_ties_and_candidates_after_a_checkpoint_are_dropped_on_restore(tiny_assets, tmp_path):
+    from pocl_ray.coordinator import CurriculumCoordinator, best_candidate
+
+    def coordinator():
+        return CurriculumCoordinator(plan_from_config(run_config(tiny_assets, tmp_path)).to_dict(), num_rows=64,
+                                     global_batch=16, micro_batch=4, seed=0, metrics_path=str(tmp_path / "m.jsonl"),
+                                     world_size=2, row_group_bounds=[0, 64])
+
+    def candidate(step, rouge, kd_loss):
+        return {"step": step, "stage": 0, "samples": 16 * step, "dev_rougeL": rouge, "dev_kd_loss": kd_loss}
+
+    c = coordinator()
+    c.restore(None)
+    assert c.select(candidate(2, 10.0, 2.0))
+    assert c.select(candidate(4, 12.0, 1.9))
+    assert not c.select(candidate(6, 11.0, 1.5)), "a lower dev KD loss does not outweigh a lower ROUGE-L"
+    state = c.checkpoint({"stage": 0, "stage_step": 6, "step": 6, "samples": 96}, [])
+    assert c.select(candidate(8, 12.0, 1.8)), "equal ROUGE-L: the lower dev KD loss wins"
+    assert c.select(candidate(10, 12.0, 1.8)), "equal on both: the later step wins"
+    assert not c.select(candidate(12, 12.0, 1.85))
+    assert best_candidate(c.candidates)["step"] == 10 and best_candidate([]) is None
+    restored = coordinator().restore(json.loads(json.dumps(state)))
+    assert [x["step"] for x in restored["candidates"]] == [2, 4, 6]
+    assert best_candidate(restored["candidates"])["step"] == 4
+
+
+def test_selected_student_follows_eval_checkpoint(tmp_path, capsys):
+    from pocl_ray.training import selected_student
+
+    assert selected_student(tmp_path, "best_dev_rougeL") == tmp_path / "student"
+    assert "predates checkpoint selection): evaluating the final student" in capsys.readouterr().out
+    assert selected_student(tmp_path, "final") == tmp_path / "student"
+    (tmp_path / "selection.json").write_text(json.dumps({"best": {"step": 3}}))
+    assert selected_student(tmp_path, "best_dev_rougeL") == tmp_path / "student_best"
+
+
+def test_selection_settings_name_their_field(tiny_assets, tmp_path):
+    assert run_config(tiny_assets, tmp_path).eval.checkpoint == "best_dev_rougeL"
+    with pytest.raises(ConfigError, match=r"eval.checkpoint: Input should be 'best_dev_rougeL' or 'final'"):
+        run_config(tiny_assets, tmp_path, **{"eval.checkpoint": "best"})
+    with pytest.raises(ConfigError, match=r"training.select_every: Input should be greater than 0"):
+        run_config(tiny_assets, tmp_path, **{"training.select_every": 0})
 
 
 # -- the step's batches --------------------------------------------------------------------------
@@ -197,7 +328,7 @@ def test_cached_teacher_at_full_vocabulary_gives_the_online_step_and_dev_losses(
     cfg = run_config(tiny_assets, tmp_path, **{"kd.teacher": "cached", "scoring.teacher_top_k": tiny_assets.vocab_size})
     tokenizer = load_tokenizer(tiny_assets.tokenizer_dir)
     good, _ = validate_and_tokenize(read_table(tiny_assets.dev_path).to_pylist()[:6], tokenizer, tiny_assets.data_config())
-    rows = [{k: r[k] for k in ("input_ids", "labels", "attention_mask", "num_prompt_tokens")} for r in good]
+    rows = [{k: r[k] for k in ("id", "input_ids", "labels", "attention_mask", "num_prompt_tokens")} for r in good]
     _cache_dev_rows(cfg, rows)
     teacher = HiddenStatesLM(load_model(tiny_assets.teacher_dir, frozen=True))
     stage = Stage(index=0, buckets=(0,), steps=1, temperature=2.0, kd_weight=0.7, loss="js")
@@ -238,7 +369,7 @@ def _gradients(student, teacher, micro_rows, stage, pad_id, projection):
     from pocl_ray.training import accumulate_gradients, build_batch, unwrap
 
     batches = [build_batch(rows, pad_id, torch.device("cpu")) for rows in micro_rows]
-    out = accumulate_gradients(student, teacher, batches, stage, KDConfig(chunk_size=16), projection=projection)
+    out = accumulate_gradients(student, teacher, batches, stage, KDConfig(chunk_positions=16), projection=projection)
     grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in unwrap(student).named_parameters()}
     unwrap(student).zero_grad(set_to_none=True)
     return out, grads
@@ -266,7 +397,11 @@ def _ddp_worker(rank: int, world: int, init: str, assets, rows: list[dict], resu
         results.append(_gradients(student, teacher, [mine[:2], mine[2:]], stage, pad_id, projection))
     if rank == 0:
         torch.save(results, result_path)
-    dist.destroy_process_group()
+    dist.barrier()
+    # Exit without tearing the process group down: torch's gloo group destructor can deadlock with its
+    # own worker thread at interpreter exit (seen here: main thread in ~ProcessGroupGloo holding the GIL,
+    # the gloo thread waiting for the GIL to free a finished all-reduce's tensors). The results are saved.
+    os._exit(0)
 
 
 def test_two_workers_match_one_worker_on_the_combined_batch(tiny_assets, tmp_path):
@@ -337,8 +472,8 @@ def train_worker_pids() -> list[int]:
 def test_killed_run_resumes_at_the_same_step_with_the_same_data(pocl_run, tiny_assets, tmp_path):
     from pocl_ray.training import train
 
-    _, scores, undisturbed = pocl_run
-    cfg = run_config(tiny_assets, tmp_path / "run")  # same name, seed and plan as the undisturbed run
+    undisturbed_cfg, scores, undisturbed = pocl_run
+    cfg = undisturbed_cfg.with_overrides({"output.dir": str(tmp_path / "run")})  # same name, seed and plan
     storage = tmp_path / "run" / "train" / "checkpoints" / cfg.name
     failure: list[BaseException] = []
 
@@ -371,20 +506,29 @@ def test_killed_run_resumes_at_the_same_step_with_the_same_data(pocl_run, tiny_a
     # Steps up to the checkpoint were kept from the first attempt, the rest trained after the kill.
     before = [r["step"] for r in resumed if r["time"] < killed_at]
     assert before and before == list(range(1, len(before) + 1))
-    num_rows = pq.read_metadata(scores / "scores.parquet").num_rows
+    num_rows = pq.read_metadata(scores / "rows.parquet").num_rows
     stage_ends = np.cumsum([s.steps for s in stage_specs(plan_from_config(cfg), num_rows, 16)]).tolist()
     assert before[-1] % cfg.training.checkpoint_every == 0 or before[-1] in stage_ends
     assert all(r["time"] > killed_at for r in resumed[len(before):])
     assert len(before) < len(resumed)
     assert result.steps == undisturbed.steps and result.stages_completed == 4
+    # Selection candidates up to the checkpoint (stage 0's end at least) came back with the
+    # coordinator's state, as those steps were not trained again; the rest were evaluated anew.
+    selection, reference = (json.loads(r.selection_path.read_text())["candidates"] for r in (result, undisturbed))
+    assert [(c["step"], c["stage"], c["samples"]) for c in selection] == [(c["step"], c["stage"], c["samples"]) for c in reference]
+    assert selection[0]["step"] <= before[-1]
+    for a, b in zip(selection, reference):
+        assert a["dev_kd_loss"] == pytest.approx(b["dev_kd_loss"], rel=1e-3), a["step"]
+        assert a["dev_rougeL"] == pytest.approx(b["dev_rougeL"], abs=1.0), a["step"]
+    assert result.best_student_dir is not None and (result.best_student_dir / "config.json").is_file()
 
 
 # -- kd.teacher: cached: training reads the teacher's top-k from the scores --------------------
 
 
 @ray_test
-def test_cached_teacher_run_loads_no_teacher_and_follows_the_plan(ray_local, tiny_assets, tmp_path):
-    from pocl_ray.training import train
+def test_cached_teacher_run_loads_no_teacher_and_follows_the_plan(ray_local, tiny_assets, tmp_path, capsys):
+    from pocl_ray.training import selected_student, train
 
     scores = write_scores(tmp_path, tiny_assets, teacher_top_k=32)
     # The run's teacher folder has its config and tokenizer but no weights: loading it anywhere fails.
@@ -405,6 +549,12 @@ def test_cached_teacher_run_loads_no_teacher_and_follows_the_plan(ray_local, tin
     assert [r["stage"] for r in records] == sorted(r["stage"] for r in records) and records[-1]["stage"] == 1
     assert all(r["kd_loss"] > 0 and math.isfinite(r["loss"]) for r in records)
     assert result.stages_completed == 2 and (result.student_dir / "config.json").exists()
+    # No dev set: no selection candidates, and eval.checkpoint's default falls back to the final student.
+    selection = json.loads(result.selection_path.read_text())
+    assert selection["candidates"] == [] and selection["best"] is None and result.best_student_dir is None
+    capsys.readouterr()
+    assert selected_student(result.output_dir, "best_dev_rougeL") == result.student_dir
+    assert "no data.dev in training): evaluating the final student" in capsys.readouterr().out
 
 
 # -- curriculum extraction, then output KD from another teacher until the dev loss plateaus ----

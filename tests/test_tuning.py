@@ -4,7 +4,7 @@ Ray over the tiny assets (1 Train worker per trial, 2 steps per stage).
 The 4-trial grid sweep is interrupted (SIGUSR1, Tune's own stop signal) once two trials finished,
 then run again: it must resume with those two kept, not re-score, and end with all four trials.
 The ASHA sweep pits a sane learning rate against a wrecking one and must stop the latter at its
-first stage boundary.
+first rung (ASHA's clock is samples seen, the rungs checked to fall on the trials' report points).
 
 Tune over Train V2 needs the State API (Train's placement-group cleaner watches the controller
 through it), so this module starts its own Ray with the dashboard instead of `ray_local`.
@@ -29,12 +29,17 @@ from pocl_ray.config import ConfigError, load_config, parse_config
 from pocl_ray.curriculum import schedule
 from pocl_ray.report import write_report
 from pocl_ray.tuning import (
+    TIME_ATTR,
+    Budget,
+    BudgetReport,
+    _scheduler,
     best_config,
     best_trial,
     check_search_space,
     is_decision_point,
     param_space,
     plot_objective,
+    sweep_budget,
     trial_config,
     trial_row,
 )
@@ -141,12 +146,69 @@ def test_trial_and_best_configs(tiny_assets, tmp_path):
     assert best.curriculum.num_buckets == 2 and best.tune == cfg.tune
 
 
-def test_only_stage_ends_before_the_last_are_decision_points():
-    assert is_decision_point({"stage": 0, "stages_completed": 1, "dev_kd_loss": 3.0}, num_stages=4)
-    assert is_decision_point({"stage": 2, "stages_completed": 3, "dev_kd_loss": 3.0}, num_stages=4)
-    assert not is_decision_point({"stage": 3, "stages_completed": 4, "dev_kd_loss": 3.0}, num_stages=4)
-    assert not is_decision_point({"stage": 1, "stages_completed": 1, "loss": 2.0}, num_stages=4)  # mid-stage
-    assert not is_decision_point({"stage": 1, "stages_completed": 1, "dev_kd_loss": 2.0}, num_stages=4)
+def test_decision_points_are_reports_with_a_dev_loss_before_the_last():
+    assert is_decision_point({"stage": 0, "stages_completed": 1, "dev_kd_loss": 3.0}, num_stages=4)  # stage end
+    assert is_decision_point({"stage": 1, "stages_completed": 1, "dev_kd_loss": 2.0}, num_stages=4)  # mid-stage checkpoint
+    assert is_decision_point({"stage": 3, "stages_completed": 3, "dev_kd_loss": 2.0}, num_stages=4)  # inside the last stage
+    assert not is_decision_point({"stage": 3, "stages_completed": 4, "dev_kd_loss": 3.0}, num_stages=4)  # the run's end
+    assert not is_decision_point({"stage": 1, "stages_completed": 1, "loss": 2.0}, num_stages=4)  # no dev set
+
+
+def test_budget_report_forwards_samples_seen(monkeypatch):
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    sent = []
+    monkeypatch.setattr(TuneReportCallback, "__init__", lambda self: None)  # it refuses to exist outside a Tune trial
+    monkeypatch.setattr(TuneReportCallback, "after_report", lambda self, ctx, metrics, ckpt: sent.append(metrics[0]))
+    callback = BudgetReport(num_stages=4, global_batch_size=16)
+    # Training's greedy dev ROUGE-L (checkpoint selection) must not pass for the dev_rougeL objective.
+    callback.after_report(None, [{"step": 6, "stage": 1, "stages_completed": 1, "dev_kd_loss": 2.5, "dev_rougeL": 9.0}], None)
+    callback.after_report(None, [{"step": 7, "stage": 1, "stages_completed": 1, "loss": 2.0}], None)  # no dev loss
+    callback.after_report(None, [{"step": 20, "stage": 3, "stages_completed": 4, "dev_kd_loss": 1.0}], None)  # the end
+    assert sent == [{"step": 6, "stage": 1, "stages_completed": 1, "dev_kd_loss": 2.5, TIME_ATTR: 96, "num_stages": 4}]
+
+
+class _Trial:
+    def __init__(self, trial_id: str):
+        self.trial_id = trial_id
+
+
+def test_asha_compares_trials_at_equal_samples_not_stage_index(tiny_assets, tmp_path):
+    from ray.tune.schedulers import TrialScheduler
+
+    tc = sweep_config(tiny_assets, tmp_path, **{"tune.scheduler": "asha"}).tune
+    scheduler = _scheduler(tc, Budget(grace=64, max_samples=256))
+    assert (scheduler._time_attr, scheduler._metric, scheduler._max_t) == (TIME_ATTR, "dev_kd_loss", 256)
+    four, two = _Trial("four_stages"), _Trial("two_stages")
+    scheduler.on_trial_add(None, four)
+    scheduler.on_trial_add(None, two)
+
+    def report(trial, samples, stages_completed, loss):
+        return scheduler.on_trial_result(None, trial, {TIME_ATTR: samples, "stages_completed": stages_completed,
+                                                       "dev_kd_loss": loss})
+
+    # 4 stages of 32 samples: a poor first stage (before the grace period), then 2.0 at 64 samples.
+    assert report(four, 32, 1, 5.0) == TrialScheduler.CONTINUE
+    assert report(four, 64, 2, 2.0) == TrialScheduler.CONTINUE
+    # 2 stages of 64 samples: its first stage end (3.0) beats the other's first (5.0), but it is
+    # measured against the other at the same 64 samples (2.0), and stopped.
+    assert report(two, 64, 1, 3.0) == TrialScheduler.STOP
+    rung_64 = dict(scheduler._trial_info["four_stages"]._rungs)[64]
+    assert rung_64 == {"four_stages": -2.0, "two_stages": -3.0}
+
+
+def test_sweep_budget_lays_rungs_on_report_points(tiny_assets, tmp_path):
+    cfg = sweep_config(tiny_assets, tmp_path, **{"tune.scheduler": "asha", "training.checkpoint_every": 2})
+    wide = cfg.with_overrides({"training.global_batch_size": 32, "training.micro_batch_size": 32})
+    # Report intervals 32 (2 steps x 16) and 64 samples: the default grace is their common multiple.
+    assert sweep_budget(cfg.tune, [(cfg, 8), (wide, 6)]) == Budget(grace=64, max_samples=192)
+    assert sweep_budget(cfg.with_overrides({"tune.grace_samples": 96}).tune, [(cfg, 20)]).grace == 96
+    with pytest.raises(ConfigError, match=r"tune.grace_samples \(48\) .*rung at 48 samples, not a multiple of the report interval 32"):
+        sweep_budget(cfg.with_overrides({"tune.grace_samples": 48}).tune, [(cfg, 20)])
+    with pytest.raises(ConfigError, match=r"reduction_factor \(1.5\).*rung at 96 samples, not a multiple of the report interval 64"):
+        sweep_budget(cfg.with_overrides({"tune.grace_samples": 64, "tune.reduction_factor": 1.5}).tune, [(cfg, 20), (wide, 6)])
+    with pytest.raises(ConfigError, match=r"tune.grace_samples \(320\) leaves ASHA nothing to stop: the longest trial sees 320"):
+        sweep_budget(cfg.with_overrides({"tune.grace_samples": 320}).tune, [(cfg, 20)])
 
 
 def test_rows_best_trial_plot_and_report_section(tmp_path):
@@ -294,11 +356,12 @@ def test_asha_stops_the_clearly_worse_trial_and_rouge_picks_the_best(grid_sweep,
 
     _, first, _, _ = grid_sweep
     shutil.copytree(first.output_dir.parent / "scores", tmp_path / "scores")  # the same scoring pass
-    # Sequential trials in grid order: the sane learning rate sets rung 1 (stage 1's dev KD loss),
-    # the wrecking one falls below it there. The objective is dev ROUGE-L, generated after training.
+    # Sequential trials in grid order: the sane learning rate sets the first rung (its dev KD loss
+    # after 32 samples, one report interval), the wrecking one falls below it there. The objective
+    # is dev ROUGE-L, generated after training.
     space = {"training.lr": {"type": "grid", "values": [1e-3, 0.5]}}
     cfg = sweep_config(tiny_assets, tmp_path, space, **{
-        "curriculum.num_buckets": 2, "tune.scheduler": "asha", "tune.grace_stages": 1, "tune.max_concurrent_trials": 1,
+        "curriculum.num_buckets": 2, "training.checkpoint_every": 2, "tune.scheduler": "asha", "tune.max_concurrent_trials": 1,
         "tune.objective": "dev_rougeL", "eval.seeds": [1], "eval.max_new_tokens": 8, "eval.batch_size": 32,
     })
     result = tune(cfg)
@@ -307,6 +370,7 @@ def test_asha_stops_the_clearly_worse_trial_and_rouge_picks_the_best(grid_sweep,
     assert good["status"] == "finished" and good["stages_completed"] == 2 and not good["stopped_early"]
     assert bad["status"] == "stopped" and bool(bad["stopped_early"])
     assert bad["stages_completed"] == 1 and bad["num_stages"] == 2 and bad["steps"] == 2 and bad["dev_kd_loss"] > good["dev_kd_loss"]
+    assert bad["samples_seen"] == 32 and good["samples_seen"] == 64  # 2 and 4 steps of 16 rows
     # Only a finished trial is evaluated; its objective is the dev set's ROUGE-L from evaluation.
     evaluated = json.loads((Path(good["output_dir"]) / "eval" / "dev" / "results.json").read_text())
     assert good["objective"] == pytest.approx(evaluated["sets"]["dev"]["rougeL_mean"])

@@ -1,0 +1,156 @@
+"""Teacher fine-tuning before distillation (`pipeline.sft_teacher`): a tiny random teacher is
+fine-tuned on the tiny training rows through the real stage (length-only scoring + one Ray Train run
+on the sft plan), inside `run_distill`, whose later stages are stand-ins that record the configs they
+are handed. The fine-tuning must lower the teacher's CE on the training rows, be skipped on a re-run,
+and be the teacher of every later stage (scoring, each compared run's training, the teacher's eval).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+import pocl_ray.teacher_prep  # noqa: F401  (binds the real scoring and training before they are stubbed)
+from pocl_ray.config import ConfigError, parse_config
+from pocl_ray.data import read_table, validate_and_tokenize
+from pocl_ray.evaluation import response_ce
+from pocl_ray.models import load_model, load_tokenizer
+from pocl_ray.stages import SCORE_KEYS, fingerprint
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def sft_config(assets, out: Path, **overrides):
+    cfg = parse_config({
+        "name": "sftt",
+        "data": {"train": str(assets.train_path), "max_prompt_length": 96, "max_length": 128},
+        "models": {"teacher": str(assets.teacher_dir)},  # the student is cut from the (fine-tuned) teacher
+        "curriculum": {"plan": "pocl", "num_buckets": 2, "steps_per_stage": 2},
+        "training": {"num_workers": 1, "global_batch_size": 16, "micro_batch_size": 16, "lr": 1e-3,
+                     "checkpoint_every": 100, "max_failures": 0},
+        # The final student: the stand-in training below writes no selection candidates.
+        "eval": {"sets": [{"name": "dev", "path": str(assets.dev_path)}], "checkpoint": "final"},
+        "pipeline": {
+            "sft_teacher": {"steps": 30, "lr": 3e-3, "min_lr": 3e-4},
+            "compare": {"pocl": {"curriculum.plan": "pocl"}, "baseline": {"curriculum.plan": "baseline"}},
+            "evaluate_teacher": True,
+        },
+        "output": {"dir": str(out)},
+    })
+    return cfg.with_overrides(overrides) if overrides else cfg
+
+
+def mean_train_ce(model_dir: Path, cfg) -> float:
+    """The model's mean response CE (nats/token) over the training rows."""
+    tokenizer = load_tokenizer(model_dir)
+    rows, _ = validate_and_tokenize(read_table(cfg.data.train, "auto").to_pylist(), tokenizer, cfg.data)
+    model = load_model(model_dir, dtype=torch.float32, frozen=True)
+    return statistics.fmean(ce for i in range(0, len(rows), 64)
+                            for ce in response_ce(model, rows[i : i + 64], tokenizer.pad_token_id))
+
+
+def test_sft_settings_are_checked_against_the_run():
+    from pocl_ray.teacher_prep import sft_overrides
+
+    base = {"data": {"train": "x"}, "models": {"teacher": "t"}, "training": {"num_workers": 1, "micro_batch_size": 16}}
+    cfg = parse_config({**base, "pipeline": {"sft_teacher": {"global_batch_size": 24}}})
+    with pytest.raises(ConfigError, match=r"(?s)pipeline.sft_teacher: .*global_batch_size \(24\) must be a multiple"):
+        sft_overrides(cfg)
+    with pytest.raises(ConfigError, match="pipeline.sft_teacher: set epochs or steps"):
+        parse_config({**base, "pipeline": {"sft_teacher": {"epochs": None}}})
+    steps = parse_config({**base, "pipeline": {"sft_teacher": {"steps": 7}}})
+    assert steps.pipeline.sft_teacher.epochs is None  # steps alone replace the epochs default
+    assert sft_overrides(steps)["curriculum.steps_per_stage"] == 7
+
+
+@pytest.fixture(scope="module")
+def pipeline_with_sft(ray_local, tiny_assets, tmp_path_factory):
+    """run_distill twice with stand-in scoring / training / evaluation after the real fine-tuning;
+    (cfg, root, calls of each run, printed log of each run, model mtime after each run)."""
+    import io
+    from contextlib import redirect_stdout
+
+    import pocl_ray.evaluation
+    import pocl_ray.scoring
+    import pocl_ray.training
+    from pocl_ray.pipeline import run_distill
+
+    root = tmp_path_factory.mktemp("sft_pipeline")
+    cfg = sft_config(tiny_assets, root)
+    runs = []
+    with pytest.MonkeyPatch.context() as mp:
+        for _ in range(2):
+            calls = []
+            mp.setattr(pocl_ray.scoring, "score_dataset", lambda c: calls.append(("score", c)))
+            mp.setattr(pocl_ray.training, "train", lambda c, scores_dir=None: calls.append(("train", c)))
+            mp.setattr(pocl_ray.evaluation, "evaluate",
+                       lambda c, model, output_dir=None, label=None: calls.append(("eval", c, str(model))))
+            log = io.StringIO()
+            with redirect_stdout(log):
+                run_distill(cfg)
+            model = root / "teacher_sft" / "model" / "config.json"
+            runs.append((calls, log.getvalue(), model.stat().st_mtime_ns))
+    return cfg, root, runs
+
+
+@pytest.mark.ray
+def test_fine_tuning_lowers_the_teachers_ce_on_the_train_rows(pipeline_with_sft, tiny_assets):
+    cfg, root, _ = pipeline_with_sft
+    before = mean_train_ce(tiny_assets.teacher_dir, cfg)
+    after = mean_train_ce(root / "teacher_sft" / "model", cfg)
+    assert after < before - 1.0, (before, after)  # 30 steps from a random init: far below chance
+    plan = json.loads((root / "teacher_sft" / "train" / "plan.json").read_text())
+    assert plan["plan"]["name"] == "sft" and plan["total_steps"] == 30
+    assert {s["kd_weight"] for s in plan["plan"]["stages"]} == {0.0}  # references only
+
+
+@pytest.mark.ray
+def test_later_stages_get_the_fine_tuned_teacher(pipeline_with_sft):
+    from pocl_ray.teacher_prep import sft_teacher_config
+
+    cfg, root, runs = pipeline_with_sft
+    calls, log, _ = runs[0]
+    tuned = str(root / "teacher_sft" / "model")
+    assert "[pipeline] teacher fine-tuning: starting" in log
+    kinds = [c[0] for c in calls]
+    assert kinds == ["score", "train", "eval", "train", "eval", "eval"]
+    for call in calls:
+        assert call[1].models.teacher == tuned and call[1].models.student is None  # student cut from it
+        assert call[1].pipeline.sft_teacher is None  # the teacher is fine-tuned already
+    assert [c[1].curriculum.plan for c in calls if c[0] == "train"] == ["pocl", "baseline"]
+    assert calls[-1][2] == tuned  # the teacher's own evaluation
+    # The scoring stage is keyed on the fine-tuned teacher.
+    resolved = sft_teacher_config(cfg, root)
+    assert json.loads((root / "scores" / ".stage.json").read_text())["key"] == fingerprint(resolved, SCORE_KEYS)
+
+
+@pytest.mark.ray
+def test_fine_tuning_is_skipped_on_a_rerun(pipeline_with_sft):
+    _, root, runs = pipeline_with_sft
+    (_, _, first_mtime), (calls, log, second_mtime) = runs
+    assert "[pipeline] teacher fine-tuning: done already for this config, skipped" in log
+    assert second_mtime == first_mtime
+    assert all(c[1].models.teacher == str(root / "teacher_sft" / "model") for c in calls)
+
+
+def test_tune_resolves_the_teacher_as_the_pipeline_does(tiny_assets, tmp_path, monkeypatch):
+    from pocl_ray.tuning import tune
+
+    class Resolved(Exception):
+        pass
+
+    def resolve(cfg, root, min_cpus=4):
+        raise Resolved(cfg.pipeline.sft_teacher, root)
+
+    monkeypatch.setattr(pocl_ray.teacher_prep, "resolve_teacher", resolve)
+    cfg = sft_config(tiny_assets, tmp_path, **{
+        "data.dev": str(tiny_assets.dev_path),
+        "tune.search_space": {"curriculum.num_buckets": {"type": "grid", "values": [2]}},
+    })
+    with pytest.raises(Resolved) as raised:
+        tune(cfg)
+    assert raised.value.args == (cfg.pipeline.sft_teacher, tmp_path.resolve())
