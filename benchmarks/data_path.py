@@ -57,7 +57,7 @@ def scoring_rows_per_file() -> int:
 def write_scores(directory: Path, rows: int, top_k: int | None) -> tuple[Path, list[str]]:
     """Rank-ordered synthetic scores, file by file (memory: one file); returns the path and the
     columns a worker reads."""
-    path = directory / "scores.parquet"
+    path = directory / "rows"
     per_file = scoring_rows_per_file()
     rng = np.random.default_rng(SEED)
     columns = list(ROW_COLUMNS)
@@ -87,7 +87,7 @@ def write_scores(directory: Path, rows: int, top_k: int | None) -> tuple[Path, l
         # when sorted: no row-group or file limits), one block per rank range of per_file rows.
         pads.write_dataset(pa.table(data), path, format="parquet", basename_template=f"part-{n:05d}-{{i}}.parquet",
                            existing_data_behavior="overwrite_or_ignore")
-    (directory / "manifest.json").write_text(json.dumps({"scores_path": "scores.parquet", "rows_per_file": per_file}))
+    (directory / "manifest.json").write_text(json.dumps({"scores_path": "rows", "rows_per_file": per_file}))
     return path, columns
 
 
@@ -138,7 +138,7 @@ def run_worker(job: dict) -> dict:
     path, columns, world, rank = Path(job["path"]), job["columns"], job["workers"], job["rank"]
     index = ScoresIndex(path)
     pool_blocks = blocks([(0, index.num_rows)], index.bounds)
-    shard_args = dict(seed=SEED, stage=0, world_size=world, rank=rank, global_batch=job["global_batch"],
+    shard_args = dict(seed=SEED, stage=0, world_size=world, worker=rank, global_batch=job["global_batch"],
                       micro_batch=job["micro_batch"])
     base_rss = _peak_rss_mb()
     rchar, started = _rchar(), time.perf_counter()
@@ -226,7 +226,7 @@ def order_sweep(rows: int, workers: int, global_batch: int, row_group: int) -> l
         pool_blocks = blocks([(0, rows)], bounds, block_rows)
         amplification, spread, lag1 = [], [], []
         for epoch in range(EPOCHS):  # the step statistics of one epoch are noisy: windows are few
-            shards = [worker_shard(pool_blocks, seed=SEED, stage=0, epoch=epoch, world_size=workers, rank=r,
+            shards = [worker_shard(pool_blocks, seed=SEED, stage=0, epoch=epoch, world_size=workers, worker=r,
                                    global_batch=global_batch, micro_batch=global_batch, window_rows=window) for r in range(workers)]
             for s in shards:
                 opened = sum(len(np.unique(np.searchsorted(bounds, s.ranks[a:b], "right"))) for a, b in zip(s.windows[:-1], s.windows[1:]))

@@ -16,8 +16,8 @@ Peak memory is measured above what the inputs already hold:
   allocation records (every CPU allocation and free the allocator reports, in time order). Timings
   come from separate runs without the profiler.
 
-``--chunk-sizes 64,128,256`` adds a sweep of the linear loss over chunk sizes (first kind only): how
-the default ``losses.DEFAULT_CHUNK_SIZE`` was chosen.
+``--chunk-positions-sweep 64,128,256`` adds a sweep of the linear loss over chunk lengths (scored positions per chunk) (first kind only): how
+the default ``losses.DEFAULT_CHUNK_POSITIONS`` was chosen.
 
     python benchmarks/loss_memory.py             # GPU: 2 x 8192 tokens, hidden 576, vocab 49152, bf16
     python benchmarks/loss_memory.py --kinds fkl,js --batch 2 --seq 256 --hidden 64 --vocab 4096   # CPU, small
@@ -45,7 +45,7 @@ MIB = 2**20
 
 def naive_kd_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
     """The textbook loss: the same divergence on the full (batch, seq-1, vocab) fp32 log-probs, masked afterwards."""
-    divergence = losses._divergence(kind, alpha=0.1, beta=0.5, mu=0.5)
+    divergence = losses._divergence(kind, skew_alpha=0.1, beta=0.5, mu=0.5)
     logq = torch.log_softmax(student[:, :-1].float() / temperature, dim=-1)
     logp = torch.log_softmax(teacher[:, :-1].detach().float() / temperature, dim=-1)
     per_pos = divergence(logp.flatten(0, 1), logq.flatten(0, 1)).view(labels.shape[0], -1)
@@ -141,8 +141,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=576 if cuda else 128)
     parser.add_argument("--vocab", type=int, default=49152 if cuda else 8192)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16" if cuda else "float32")
-    parser.add_argument("--chunk-size", type=int, default=losses.DEFAULT_CHUNK_SIZE)
-    parser.add_argument("--chunk-sizes", default="", help="comma-separated chunk sizes to sweep the linear loss over")
+    parser.add_argument("--chunk-positions", type=int, default=losses.DEFAULT_CHUNK_POSITIONS)
+    parser.add_argument("--chunk-positions-sweep", default="", help="comma-separated scored positions per chunk to sweep the linear loss over")
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--prompt-fraction", type=float, default=0.0, help="share of each row masked as prompt")
     parser.add_argument("--repeats", type=int, default=5 if cuda else 3)
@@ -167,8 +167,8 @@ def main() -> None:
     for kind in kinds:
         variants = {
             "naive": lambda: naive_kd_loss(kind, s_hidden @ s_head.T, teacher_logits(), labels, args.temperature),
-            "chunked": lambda: losses.kd_loss(kind, s_hidden @ s_head.T, teacher_logits(), labels, chunk_size=args.chunk_size, **opts),
-            "linear": lambda: losses.linear_kd_loss(kind, s_hidden, s_head, t_hidden, t_head, labels, chunk_size=args.chunk_size, **opts),
+            "chunked": lambda: losses.kd_loss(kind, s_hidden @ s_head.T, teacher_logits(), labels, chunk_positions=args.chunk_positions, **opts),
+            "linear": lambda: losses.linear_kd_loss(kind, s_hidden, s_head, t_hidden, t_head, labels, chunk_positions=args.chunk_positions, **opts),
         }
         row = {name: measure(fn, trainable, device, args.repeats) for name, fn in variants.items()}
         for other in ("naive", "chunked"):
@@ -178,8 +178,8 @@ def main() -> None:
         results[kind] = row
 
     sweep = {}
-    for size in (int(s) for s in args.chunk_sizes.split(",") if s):
-        fn = lambda: losses.linear_kd_loss(kinds[0], s_hidden, s_head, t_hidden, t_head, labels, chunk_size=size, **opts)  # noqa: E731
+    for size in (int(s) for s in args.chunk_positions_sweep.split(",") if s):
+        fn = lambda: losses.linear_kd_loss(kinds[0], s_hidden, s_head, t_hidden, t_head, labels, chunk_positions=size, **opts)  # noqa: E731
         sweep[size] = {k: v for k, v in measure(fn, trainable, device, args.repeats).items() if k != "loss"}
 
     print(json.dumps({
@@ -192,11 +192,11 @@ def main() -> None:
         "shape": {"batch": args.batch, "seq": args.seq, "hidden": args.hidden, "vocab": args.vocab},
         "dtype": args.dtype,
         "scored_positions": int(losses.count_tokens(labels)),
-        "chunk_size": args.chunk_size,
+        "chunk_positions": args.chunk_positions,
         "temperature": args.temperature,
         "one_fp32_logits_tensor_mib": round(args.batch * args.seq * args.vocab * 4 / MIB, 1),
         "results": results,
-        **({f"linear_{kinds[0]}_chunk_size_sweep": sweep} if sweep else {}),
+        **({f"linear_{kinds[0]}_chunk_positions_sweep": sweep} if sweep else {}),
     }, indent=2))
 
 

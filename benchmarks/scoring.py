@@ -110,7 +110,7 @@ def bare_loop(cfg) -> dict:
     }).sort_by("rank")
     out = Path(cfg.output.dir) / "bare"
     out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, out / "scores.parquet")
+    pq.write_table(table, out / "rows.parquet")
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "rows": len(good), "rejected": len(rejects), "tokens": sum(len(r["input_ids"]) for r in good)}
 

@@ -79,8 +79,8 @@ def make_assets(root: Path, a) -> tuple[Path, Path, Path, np.ndarray]:
         "input_ids": pa.array(ids, pa.list_(pa.int32())), "labels": pa.array(labels, pa.list_(pa.int32())),
         "num_prompt_tokens": pa.array(prompts, pa.int32()), "num_response_tokens": pa.array(lengths - prompts, pa.int32()),
         "rank": pa.array(np.arange(a.rows), pa.int64()),
-    }), scores / "scores.parquet", row_group_size=256)
-    (scores / "manifest.json").write_text(json.dumps({"scores_path": "scores.parquet", "num_buckets": 1}))
+    }), scores / "rows.parquet", row_group_size=256)
+    (scores / "manifest.json").write_text(json.dumps({"scores_path": "rows.parquet", "num_buckets": 1}))
     return paths[0], paths[1], scores, lengths
 
 
@@ -101,12 +101,12 @@ def config(a, teacher: Path, student: Path, out: Path):
 def planned_steps(cfg, scores: Path) -> list[list[np.ndarray]]:
     """The rank micro-batches of every step, as the coordinator deals them to one worker."""
     t = cfg.training
-    index = ScoresIndex(scores / "scores.parquet")
+    index = ScoresIndex(scores / "rows.parquet")
     (spec,) = stage_specs(plan_from_config(cfg), index.num_rows, t.global_batch_size)
     pool = blocks(spec.pool_ranges, index.bounds)
     steps = []
     for epoch in range(spec.epoch_of(spec.steps - 1) + 1):
-        shard = worker_shard(pool, seed=t.seed, stage=0, epoch=epoch, world_size=1, rank=0,
+        shard = worker_shard(pool, seed=t.seed, stage=0, epoch=epoch, world_size=1, worker=0,
                              global_batch=t.global_batch_size, micro_batch=t.micro_batch_size)
         steps += [shard.step(k) for k in range(len(shard))]
     return steps[: spec.steps]
@@ -114,7 +114,7 @@ def planned_steps(cfg, scores: Path) -> list[list[np.ndarray]]:
 
 def read_all(scores: Path) -> dict[int, dict]:
     """Every row by rank, read up front (the hand and bare loops time compute, not reads)."""
-    table = pq.read_table(scores / "scores.parquet", columns=["rank", "input_ids", "labels", "num_prompt_tokens"])
+    table = pq.read_table(scores / "rows.parquet", columns=["rank", "input_ids", "labels", "num_prompt_tokens"])
     return {int(r): {"input_ids": np.asarray(i), "labels": np.asarray(lab), "attention_mask": np.ones(len(i), np.int64),
                      "num_prompt_tokens": int(p)}
             for r, i, lab, p in zip(*(table.column(c).to_pylist() for c in table.column_names))}

@@ -108,7 +108,14 @@ def schedule(start: float, end: float, n: int, shape: Shape = "linear") -> list[
 
 
 def lr_at(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: int = 0) -> float:
-    """Cosine decay from lr to min_lr over total_steps (step 0-based), after an optional linear warm-up."""
+    """Cosine decay from lr to min_lr over total_steps (step 0-based), after an optional linear warm-up.
+
+    transformers' get_cosine_with_min_lr_schedule_with_warmup (num_training_steps = total_steps - 1)
+    with one difference: the warm-up runs one step ahead, so the first step trains at lr / warmup_steps
+    instead of 0 (tests/test_curriculum.py checks both against the library step by step). Written out
+    because training needs the rate of any step of a segment that spans stages and resumes mid-way;
+    the library only offers the schedule as a LambdaLR bound to one optimizer's step count.
+    """
     if warmup_steps and step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     span = max(1, total_steps - warmup_steps - 1)
@@ -133,17 +140,17 @@ def pocl_plan(
     until_plateau: bool = False,
     patience: int = 2,
 ) -> Plan:
-    """POCL baby-step plan: stage s trains on buckets 0..s while T and alpha rise (METHODS.md §1)."""
+    """POCL baby-step plan: stage s trains on buckets 0..s while T and the KD weight rise (METHODS.md §1)."""
     t_start, t_end, t_shape = temperature
     temps = schedule(t_start, t_end, num_buckets, t_shape)
-    alphas = schedule(kd_weight[0], kd_weight[1], num_buckets, "linear")
+    kd_weights = schedule(kd_weight[0], kd_weight[1], num_buckets, "linear")
     length = _length(epochs_per_stage, steps_per_stage)
     stages = tuple(
         Stage(
             index=s,
             buckets=tuple(range(s + 1)),
             temperature=temps[s],
-            kd_weight=alphas[s],
+            kd_weight=kd_weights[s],
             loss=loss,
             until_plateau=until_plateau,
             patience=patience,
@@ -173,7 +180,7 @@ def baseline_plan(
     epochs: float | None = None,
     steps: int | None = None,
 ) -> Plan:
-    """Plain KD: one stage on all data at constant T and alpha.
+    """Plain KD: one stage on all data at constant T and KD weight.
 
     By default its length matches the sample budget of the POCL plan with the same bucket count and
     interval (8 epochs x 4 buckets -> 20 epochs); pass `epochs` or `steps` to set it directly.
@@ -184,7 +191,7 @@ def baseline_plan(
 
 
 def sft_plan(**kwargs) -> Plan:
-    """Supervised fine-tuning on the references alone (alpha = 0), same budget rules as baseline_plan."""
+    """Supervised fine-tuning on the references alone (KD weight 0), same budget rules as baseline_plan."""
     plan = baseline_plan(**{**kwargs, "kd_weight": 0.0})
     return replace(plan, name="sft")
 

@@ -1,5 +1,5 @@
-"""Teacher / student models and tokenizers: loading from local folders, tiny offline builds, and
-students cut from a teacher's layers."""
+"""Teacher / student models and tokenizers: checking and loading local folders, tiny offline builds,
+and students cut from a teacher's layers."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from pocl_ray.config import ConfigError
+
 EOS_TOKEN = "<|endoftext|>"
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 CHATML_TEMPLATE = (
@@ -30,17 +32,40 @@ CHATML_TEMPLATE = (
 )
 
 
-def _local_dir(path: str | Path, what: str) -> Path:
-    # Checked here so a typo reads as a missing folder, not as a failed Hugging Face hub lookup.
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{what} path not found: {path}")
-    return path
+# The file from_pretrained reads first in a model folder, and in a tokenizer folder.
+MODEL_CONFIG = "config.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+def _missing_files(folder: Path, need: Iterable[str]) -> list[str]:
+    return [name for name in need if not (folder / name).is_file()]
+
+
+def has_model_files(path: str | Path, need: Iterable[str] = (MODEL_CONFIG,)) -> bool:
+    """Whether path is a local folder holding every file of `need` (a probe; check_model_folder raises)."""
+    folder = Path(path)
+    return folder.is_dir() and not _missing_files(folder, need)
+
+
+def check_model_folder(path: str | Path, field: str | None = None, need: Iterable[str] = (MODEL_CONFIG,)) -> Path:
+    """path, once it is a local folder holding every file of `need`; else an error naming the config `field`.
+
+    Checked before from_pretrained so a typo reads as a missing folder, not as a failed Hugging Face
+    hub lookup. A missing folder is a FileNotFoundError, a folder without the files a ConfigError.
+    """
+    folder = Path(path)
+    prefix = "" if field is None else f"{field}: "
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{prefix}model folder not found: {folder}")
+    missing = _missing_files(folder, need)
+    if missing:
+        raise ConfigError(f"{prefix}{folder} is not a Hugging Face model folder (no {', '.join(missing)})")
+    return folder
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer in a local folder; pad_token falls back to eos_token."""
-    tokenizer = AutoTokenizer.from_pretrained(str(_local_dir(path, "model/tokenizer")))
+    tokenizer = AutoTokenizer.from_pretrained(str(check_model_folder(path, need=())))
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"tokenizer at {path} has neither a pad token nor an eos token")
@@ -61,16 +86,23 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch
     raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
 
 
+def _quiet_progress_bars() -> None:
+    # The pipeline loads and saves models in many Ray workers, whose per-call "Loading weights" and
+    # "Writing model shards" bars would flood a job's log. Each worker is its own process, so this runs
+    # where the model is loaded or saved (once on the driver would not reach the workers); a worker
+    # that loads a model before it checkpoints one (training) is covered for its saves too.
+    hf_logging.disable_progress_bar()
+
+
 def load_model(
     path: str | Path, *, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", frozen: bool = False
 ) -> PreTrainedModel:
     """A causal LM from a local folder, on `device`; frozen = eval mode without gradients.
 
-    Turns off transformers' progress bars for the process: the pipeline loads (and checkpoints)
-    models in many Ray workers, whose per-load "Loading weights" bars would flood a job's log.
+    Turns off transformers' progress bars for the process (see _quiet_progress_bars).
     """
-    folder = _local_dir(path, "model")
-    hf_logging.disable_progress_bar()
+    folder = check_model_folder(path, need=())
+    _quiet_progress_bars()
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=resolve_dtype(dtype, device))
     model.to(device)
     if frozen:
@@ -154,6 +186,7 @@ def build_tiny_model(
     if tokenizer is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if save_dir is not None:
+        _quiet_progress_bars()
         model.save_pretrained(str(save_dir))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(save_dir))

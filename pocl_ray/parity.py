@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocl_ray.curriculum import Plan, baseline_plan, extraction_plan, progressive_plan
+from pocl_ray.data import IGNORE_INDEX
 from pocl_ray.extraction import derived_seed, hidden_match_loss, layer_projection
-from pocl_ray.losses import fkl
+from pocl_ray.losses import kd_loss
 from pocl_ray.parity_config import METHODS, ParityConfig
 
 # Independent random streams derived from one replicate seed.
@@ -90,11 +91,23 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return (model(x).argmax(dim=-1) == y).float().mean().item()
 
 
+def _as_scored_sequences(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, classes) logits as (batch, 2, classes) one-scored-position sequences, with their labels.
+
+    losses.kd_loss scores position t where labels[t + 1] is set (the causal-LM shift): each example
+    becomes its logits followed by an unscored zero position, labelled on the second position only.
+    """
+    labels = torch.full((len(logits), 2), IGNORE_INDEX, device=logits.device)
+    labels[:, 1] = 0
+    return F.pad(logits.unsqueeze(1), (0, 0, 0, 1)), labels
+
+
 def output_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Mean forward KL(teacher || student) over the batch at temperature T, scaled by T^2."""
-    logp = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
-    logq = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    return fkl(logp, logq).mean() * temperature**2
+    """Mean forward KL(teacher || student) over the batch at temperature T, scaled by T^2: the LLM
+    pipeline's own losses.kd_loss, each example a sequence of one scored position."""
+    student, labels = _as_scored_sequences(student_logits)
+    teacher, _ = _as_scored_sequences(teacher_logits.detach())
+    return kd_loss("fkl", student, teacher, labels, temperature=temperature)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -8,10 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pocl_ray.config import ConfigError, _format_errors
+from pocl_ray.config import load_yaml, validate_mapping
 
 Method = Literal["one_shot", "progressive", "extraction"]
 METHODS: tuple[str, ...] = ("one_shot", "progressive", "extraction")
@@ -89,24 +88,9 @@ class ParityConfig(_Strict):
 
 
 def parse_parity_config(data: dict[str, Any], source: str = "<dict>") -> ParityConfig:
-    if not isinstance(data, dict):
-        raise ConfigError(f"invalid parity config ({source}): the top level must be a mapping of fields")
-    try:
-        return ParityConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+    return validate_mapping(ParityConfig, data, source, what="parity config")
 
 
 def load_parity_config(path: str | Path | None = None) -> ParityConfig:
     """The config in a YAML file; None gives the defaults (the CPU-sized sandbox)."""
-    if path is None:
-        return ParityConfig()
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"parity config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"parity config file {path} is not valid YAML: {err}") from None
-    return parse_parity_config(data or {}, source=str(path))
-
+    return ParityConfig() if path is None else load_yaml(ParityConfig, path, what="parity config")

@@ -133,12 +133,12 @@ def worker_shard(
     stage: int,
     epoch: int,
     world_size: int,
-    rank: int,
+    worker: int,
     global_batch: int,
     micro_batch: int,
     window_rows: int = WINDOW_ROWS,
 ) -> WorkerShard:
-    """Worker `rank`'s rows of one epoch over `pool_blocks` (see the module docstring).
+    """Worker `worker`'s rows of one epoch over `pool_blocks` (see the module docstring).
 
     Step k of ceil(pool / global_batch) has global_batch rows (the last the remainder), dealt as
     row j -> worker j mod world: worker r gets g // world + (r < g % world) of them, and every
@@ -146,8 +146,8 @@ def worker_shard(
     micro-batch may be empty only when a step has fewer rows than workers (the trainer runs an
     empty one as a zero-token batch).
     """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"worker rank {rank} outside 0..{world_size - 1}")
+    if not 0 <= worker < world_size:
+        raise ValueError(f"worker {worker} outside 0..{world_size - 1}")
     perm = np.random.default_rng([int(seed), int(stage), int(epoch)]).permutation(len(pool_blocks))
     ordered = pool_blocks[perm]
     lengths = ordered[:, 1] - ordered[:, 0]
@@ -158,8 +158,8 @@ def worker_shard(
     shares = sizes[None, :] // world_size + (np.arange(world_size)[:, None] < sizes % world_size)
     largest_share = -(-sizes // world_size)
     micro = np.maximum(1, -(-largest_share // micro_batch))
-    start = int(shares[:rank].sum())
-    stop = start + int(shares[rank].sum())
+    start = int(shares[:worker].sum())
+    stop = start + int(shares[worker].sum())
 
     # The pieces of the permuted block sequence that fall in [start, stop): this worker's segment.
     ends = np.cumsum(lengths)
@@ -169,13 +169,13 @@ def worker_shard(
     hi = np.minimum(ends[first:last], stop) - begins[first:last] + ordered[first:last, 0]
     windows = _windows(hi - lo, window_rows)
 
-    shuffle = np.random.default_rng([int(seed), int(stage), int(epoch), rank + 1])
+    shuffle = np.random.default_rng([int(seed), int(stage), int(epoch), worker + 1])
     ranks = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in zip(lo, hi)] or [np.zeros(0, np.int64)])
     for a, b in zip(windows[:-1], windows[1:]):
         ranks[a:b] = shuffle.permutation(ranks[a:b])
     return WorkerShard(
         ranks=ranks,
-        step_rows=np.concatenate([[0], np.cumsum(shares[rank])]).astype(np.int64),
+        step_rows=np.concatenate([[0], np.cumsum(shares[worker])]).astype(np.int64),
         micro_batches=micro.astype(np.int64),
         windows=windows.astype(np.int64),
     )

@@ -77,6 +77,26 @@ def test_lr_at_cosine_endpoints_and_warmup():
     assert lr_at(0, 1, 1e-4, 1e-7) == pytest.approx(1e-4)  # a one-step segment trains at the peak LR
 
 
+@pytest.mark.parametrize(("total", "warmup", "min_lr"), [(20, 0, 1e-7), (20, 5, 0.0), (37, 3, 2e-6), (1, 0, 1e-7), (6, 5, 1e-7)])
+def test_lr_at_is_the_transformers_cosine_with_min_lr(total, warmup, min_lr):
+    import torch
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    lr = 3e-4
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=warmup, num_training_steps=total - 1, min_lr=min_lr
+    )
+    library = []
+    for _ in range(total + 1):
+        library.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    # lr_at's warm-up is the library's one step ahead (no step at lr 0); from the warm-up's end on they agree.
+    expected = [library[step + 1] if step < warmup else library[step] for step in range(total)]
+    assert [lr_at(step, total, lr, min_lr, warmup) for step in range(total)] == pytest.approx(expected, rel=1e-12, abs=1e-18)
+
+
 def test_baseline_and_sft_budgets():
     assert baseline_plan(4, steps_per_stage=10).stages[0].steps == 40
     assert baseline_plan(4, epochs_per_stage=2).stages[0].epochs == 5.0
@@ -234,7 +254,7 @@ def test_coordinator_shards_are_disjoint_and_cover_each_pool(tmp_path):
 
 def test_coordinator_state_roundtrip_and_metrics_truncation(tmp_path):
     c = _coordinator(tmp_path)
-    assert c.restore(None)["position"] == {"stage": 0, "stage_step": 0, "step": 0}
+    assert c.restore(None)["position"] == {"stage": 0, "stage_step": 0, "step": 0, "samples": 0}
     c.log([{"step": 1, "stage": 0}, {"step": 2, "stage": 0}])
     state = c.checkpoint({"stage": 0, "stage_step": 3, "step": 3}, [{"step": 3, "stage": 0}])
     c.log([{"step": 4, "stage": 0}])

@@ -69,7 +69,7 @@ def test_node_removed_mid_run_resumes_from_checkpoint(two_node_cluster, tiny_ass
     assert "error" not in outcome, outcome.get("error")
     result = outcome["result"]
 
-    num_rows = pq.read_metadata(scores / "scores.parquet").num_rows
+    num_rows = pq.read_metadata(scores / "rows.parquet").num_rows
     specs = stage_specs(plan_from_config(cfg), num_rows, cfg.training.global_batch_size)
     records = read_metrics(result.metrics_path)
     # Same stage sequence, step count and per-step rows as the plan (what an undisturbed run does).

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pocl_ray import models
+from pocl_ray.config import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +89,9 @@ def test_build_tiny_model_argument_errors(tokenizer):
 
 
 def test_missing_paths_are_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="model path not found: .*no_such_model"):
+    with pytest.raises(FileNotFoundError, match="model folder not found: .*no_such_model"):
         models.load_model(tmp_path / "no_such_model")
-    with pytest.raises(FileNotFoundError, match="model/tokenizer path not found: .*no_such_tok"):
+    with pytest.raises(FileNotFoundError, match="model folder not found: .*no_such_tok"):
         models.load_tokenizer(tmp_path / "no_such_tok")
 
 
@@ -212,3 +213,37 @@ def test_linear_head_rejects_soft_capping_and_bias():
     assert models.linear_head(granite)[0] is None
     granite.config.logits_scaling = 1.0
     assert models.linear_head(granite)[0] is not None
+
+
+def test_check_model_folder_names_the_field(tmp_path):
+    folder = tmp_path / "m"
+    with pytest.raises(FileNotFoundError, match=r"^models\.teacher: model folder not found: .*m$"):
+        models.check_model_folder(folder, "models.teacher")
+    assert not models.has_model_files(folder, need=())
+    folder.mkdir()
+    assert models.check_model_folder(folder, "models.tokenizer", need=()) == folder
+    with pytest.raises(ConfigError, match=r"^models\.student: .*m is not a Hugging Face model folder \(no config\.json\)$"):
+        models.check_model_folder(folder, "models.student")
+    assert not models.has_model_files(folder)
+    (folder / models.MODEL_CONFIG).write_text("{}")
+    assert models.check_model_folder(folder, "models.student") == folder
+    assert models.has_model_files(folder)
+    assert not models.has_model_files(folder, need=(models.MODEL_CONFIG, models.TOKENIZER_CONFIG))
+    with pytest.raises(ConfigError, match=r"\(no tokenizer_config\.json\)"):
+        models.check_model_folder(folder, "model_path", need=(models.MODEL_CONFIG, models.TOKENIZER_CONFIG))
+
+
+def test_loading_and_saving_turn_the_progress_bars_off(tmp_path):
+    # Each Ray worker is its own process: the bars must go off in the call that loads or saves a model.
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    try:
+        hf_logging.enable_progress_bar()
+        models.build_tiny_model("llama", 64, hidden_size=8, num_layers=1, num_heads=2, save_dir=tmp_path / "m")
+        assert not hf_logging.is_progress_bar_enabled()
+        hf_logging.enable_progress_bar()
+        models.load_model(tmp_path / "m")
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()

@@ -17,7 +17,7 @@ from pocl_ray.sampling import sample_on_policy
 from pocl_ray.training import HiddenStatesLM, accumulate_gradients, build_batch
 
 STAGE = Stage(index=0, buckets=(0,), steps=1, kd_weight=1.0, loss="fkl")
-KD = KDConfig(chunk_size=16)
+KD = KDConfig(chunk_positions=16)
 
 
 def _on_policy_batch(student_lm, assets, tokenizer):

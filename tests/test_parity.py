@@ -97,6 +97,23 @@ def test_output_kd_loss():
     assert loss.item() > 0 and student.grad is not None and teacher.grad is None
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
+def test_output_kd_loss_is_the_plain_batch_mean_fkl(temperature):
+    # The formula output_kd_loss had before it reused losses.kd_loss: values and gradients must not move.
+    gen = torch.Generator().manual_seed(7)
+    teacher = torch.randn(64, 2, generator=gen) * 4
+    student = (torch.randn(64, 2, generator=gen) * 4).requires_grad_(True)
+    student_ref = student.detach().clone().requires_grad_(True)
+    logp = torch.log_softmax(teacher / temperature, dim=-1)
+    logq = torch.log_softmax(student_ref / temperature, dim=-1)
+    expected = (logp.exp() * (logp - logq)).sum(-1).mean() * temperature**2
+    expected.backward()
+    loss = output_kd_loss(student, teacher, temperature)
+    loss.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(student.grad, student_ref.grad, rtol=1e-5, atol=1e-8)
+
+
 # ----------------------------------------------------------------------------------------- plans
 
 
@@ -168,18 +185,22 @@ def test_paper_config_is_the_papers_size():
     ],
 )
 def test_config_errors_name_the_field(data, field):
-    with pytest.raises(ConfigError, match="invalid config") as err:
+    with pytest.raises(ConfigError, match=r"invalid parity config \(test.yaml\)") as err:
         parse_parity_config(data, source="test.yaml")
     assert field in str(err.value)
 
 
 def test_config_file_errors(tmp_path):
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(ConfigError, match="parity config file not found"):
         load_parity_config(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("n: [1,\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match="parity config file .*bad.yaml is not valid YAML"):
         load_parity_config(bad)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n")
+    with pytest.raises(ConfigError, match=r"invalid parity config \(.*list.yaml\): the top level must be a mapping"):
+        load_parity_config(listing)
 
 
 # ----------------------------------------------------------------------------------------- runs

@@ -22,7 +22,7 @@ def _tokens(rank: int) -> list[int]:
 def write_scores(directory, num_rows: int, rows_per_file: int, row_group_size: int):
     """Rank-ordered files as scoring writes them, each row's tokens a function of its rank; a
     teacher-cache style column (top-2 ids per token) rides along."""
-    path = directory / "scores.parquet"
+    path = directory / "rows"
     path.mkdir(parents=True)
     for n, start in enumerate(range(0, num_rows, rows_per_file)):
         ranks = np.arange(start, min(num_rows, start + rows_per_file))
@@ -41,7 +41,7 @@ def write_scores(directory, num_rows: int, rows_per_file: int, row_group_size: i
 
 def _epoch(pool_blocks, world, epoch=0, **kw):
     args = {"seed": 3, "stage": 1, "global_batch": 8, "micro_batch": 2, **kw}
-    return [worker_shard(pool_blocks, epoch=epoch, world_size=world, rank=r, **args) for r in range(world)]
+    return [worker_shard(pool_blocks, epoch=epoch, world_size=world, worker=r, **args) for r in range(world)]
 
 
 # -- the order -----------------------------------------------------------------------------------
@@ -92,8 +92,8 @@ def test_a_window_holds_whole_blocks_up_to_window_rows():
 def test_short_last_step_leaves_an_idle_worker_one_empty_micro_batch():
     shards = _epoch(blocks([(0, 5)], [0, 5]), 2, global_batch=4, micro_batch=2)
     assert [len(m) for m in shards[0].step(1)] + [len(m) for m in shards[1].step(1)] == [1, 0]
-    with pytest.raises(ValueError, match="worker rank 2 outside"):
-        worker_shard(blocks([(0, 5)], [0, 5]), seed=0, stage=0, epoch=0, world_size=2, rank=2, global_batch=4, micro_batch=2)
+    with pytest.raises(ValueError, match="worker 2 outside"):
+        worker_shard(blocks([(0, 5)], [0, 5]), seed=0, stage=0, epoch=0, world_size=2, worker=2, global_batch=4, micro_batch=2)
 
 
 # -- reading -------------------------------------------------------------------------------------

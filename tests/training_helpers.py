@@ -46,14 +46,14 @@ def write_scores(directory: Path, assets, num_buckets: int = 4, teacher_top_k: i
     cache = None
     if teacher_top_k is not None:
         table, cache = _with_teacher_cache(table, good, assets, teacher_top_k, tokenizer.pad_token_id)
-    pq.write_table(table, scores / "scores.parquet", row_group_size=64)
+    pq.write_table(table, scores / "rows.parquet", row_group_size=64)
     buckets = bucket_of_rank(ranks, m, num_buckets)
     (scores / "manifest.json").write_text(json.dumps({
         "rows_in": m, "rows_scored": m, "rows_rejected": 0, "metrics": [{"name": "length", "direction": "lower"}],
         "rrf_k": 60, "num_buckets": num_buckets,
         "buckets": [{"id": b, "rows": int((buckets == b).sum()), "fused_min": None, "fused_max": None} for b in range(num_buckets)],
         "models": {"teacher": str(Path(assets.teacher_dir).resolve())}, "config": {}, "ray_version": "",
-        "wall_seconds": 0.0, "scores_path": "scores.parquet", "teacher_cache": cache,
+        "wall_seconds": 0.0, "scores_path": "rows.parquet", "teacher_cache": cache,
     }))
     return scores
 
@@ -92,17 +92,17 @@ def read_metrics(path: Path) -> list[dict]:
 def expected_tokens(cfg, scores: Path, plan=None) -> list[int]:
     """Global response tokens of every planned step, from the seeded epoch shards of every worker:
     what the workers together must have trained on if each step got exactly its planned rows."""
-    table = pq.read_table(scores / "scores.parquet", columns=["rank", "num_response_tokens"])
+    table = pq.read_table(scores / "rows.parquet", columns=["rank", "num_response_tokens"])
     tokens = np.zeros(table.num_rows, dtype=np.int64)
     tokens[table.column("rank").to_numpy()] = table.column("num_response_tokens").to_numpy()
     t = cfg.training
-    bounds = ScoresIndex(scores / "scores.parquet").bounds
+    bounds = ScoresIndex(scores / "rows.parquet").bounds
     out = []
     for index, spec in enumerate(stage_specs(plan or plan_from_config(cfg), table.num_rows, t.global_batch_size)):
         pool = blocks(spec.pool_ranges, bounds)
         for k in range(spec.steps):
             epoch, j = divmod(k, spec.steps_per_epoch)
-            shards = [worker_shard(pool, seed=t.seed, stage=index, epoch=epoch, world_size=t.num_workers, rank=r,
+            shards = [worker_shard(pool, seed=t.seed, stage=index, epoch=epoch, world_size=t.num_workers, worker=r,
                                    global_batch=t.global_batch_size, micro_batch=t.micro_batch_size)
                       for r in range(t.num_workers)]
             out.append(int(sum(tokens[m].sum() for s in shards for m in s.step(j))))
