@@ -1,8 +1,9 @@
 """Teacher fine-tuning before distillation (`pipeline.sft_teacher`): a tiny random teacher is
 fine-tuned on the tiny training rows through the real stage (length-only scoring + one Ray Train run
-on the sft plan), inside `run_distill`, whose later stages are stand-ins that record the configs they
-are handed. The fine-tuning must lower the teacher's CE on the training rows, be skipped on a re-run,
-and be the teacher of every later stage (scoring, each compared run's training, the teacher's eval).
+on the sft plan), inside a real `run_distill` (scoring, two compared trainings, their evaluations and
+the teacher's). The fine-tuning must lower the teacher's CE on the training rows, be skipped on a
+re-run, and be the teacher of every later stage: the scores record it, each student is cut from it,
+and the teacher's evaluation evaluates it.
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import pocl_ray.teacher_prep  # noqa: F401  (binds the real scoring and training before they are stubbed)
+import pocl_ray.teacher_prep
 from pocl_ray.config import ConfigError, parse_config
 from pocl_ray.data import read_table, validate_and_tokenize
 from pocl_ray.evaluation import response_ce
 from pocl_ray.models import load_model, load_tokenizer
-from pocl_ray.stages import SCORE_KEYS, fingerprint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -29,11 +29,13 @@ def sft_config(assets, out: Path, **overrides):
         "name": "sftt",
         "data": {"train": str(assets.train_path), "max_prompt_length": 96, "max_length": 128},
         "models": {"teacher": str(assets.teacher_dir)},  # the student is cut from the (fine-tuned) teacher
-        "curriculum": {"plan": "pocl", "num_buckets": 2, "steps_per_stage": 2},
-        "training": {"num_workers": 1, "global_batch_size": 16, "micro_batch_size": 16, "lr": 1e-3,
-                     "checkpoint_every": 100, "max_failures": 0},
-        # The final student: the stand-in training below writes no selection candidates.
-        "eval": {"sets": [{"name": "dev", "path": str(assets.dev_path)}], "checkpoint": "final"},
+        "scoring": {"metrics": ["teacher_ce"], "batch_size": 64},
+        "curriculum": {"plan": "pocl", "num_buckets": 2, "steps_per_stage": 1},
+        # A learning rate so small that each trained student stays the teacher layers it was cut from.
+        "training": {"num_workers": 1, "global_batch_size": 16, "micro_batch_size": 16, "lr": 1e-12,
+                     "min_lr": 0.0, "checkpoint_every": 100, "max_failures": 0},
+        "eval": {"sets": [{"name": "dev", "path": str(assets.dev_path), "max_rows": 8}], "seeds": [0],
+                 "max_new_tokens": 4, "checkpoint": "final"},
         "pipeline": {
             "sft_teacher": {"steps": 30, "lr": 3e-3, "min_lr": 3e-4},
             "compare": {"pocl": {"curriculum.plan": "pocl"}, "baseline": {"curriculum.plan": "baseline"}},
@@ -69,31 +71,20 @@ def test_sft_settings_are_checked_against_the_run():
 
 @pytest.fixture(scope="module")
 def pipeline_with_sft(ray_local, tiny_assets, tmp_path_factory):
-    """run_distill twice with stand-in scoring / training / evaluation after the real fine-tuning;
-    (cfg, root, calls of each run, printed log of each run, model mtime after each run)."""
+    """run_distill twice on one output directory: (cfg, root, [(printed log, fine-tuned model's mtime)])."""
     import io
     from contextlib import redirect_stdout
 
-    import pocl_ray.evaluation
-    import pocl_ray.scoring
-    import pocl_ray.training
     from pocl_ray.pipeline import run_distill
 
     root = tmp_path_factory.mktemp("sft_pipeline")
     cfg = sft_config(tiny_assets, root)
     runs = []
-    with pytest.MonkeyPatch.context() as mp:
-        for _ in range(2):
-            calls = []
-            mp.setattr(pocl_ray.scoring, "score_dataset", lambda c: calls.append(("score", c)))
-            mp.setattr(pocl_ray.training, "train", lambda c, scores_dir=None: calls.append(("train", c)))
-            mp.setattr(pocl_ray.evaluation, "evaluate",
-                       lambda c, model, output_dir=None, label=None: calls.append(("eval", c, str(model))))
-            log = io.StringIO()
-            with redirect_stdout(log):
-                run_distill(cfg)
-            model = root / "teacher_sft" / "model" / "config.json"
-            runs.append((calls, log.getvalue(), model.stat().st_mtime_ns))
+    for _ in range(2):
+        log = io.StringIO()
+        with redirect_stdout(log):
+            run_distill(cfg)
+        runs.append((log.getvalue(), (root / "teacher_sft" / "model" / "config.json").stat().st_mtime_ns))
     return cfg, root, runs
 
 
@@ -108,33 +99,38 @@ def test_fine_tuning_lowers_the_teachers_ce_on_the_train_rows(pipeline_with_sft,
     assert {s["kd_weight"] for s in plan["plan"]["stages"]} == {0.0}  # references only
 
 
-@pytest.mark.ray
-def test_later_stages_get_the_fine_tuned_teacher(pipeline_with_sft):
-    from pocl_ray.teacher_prep import sft_teacher_config
+def _embeddings(model_dir: Path) -> torch.Tensor:
+    return load_model(model_dir, dtype=torch.float32).get_input_embeddings().weight.detach()
 
-    cfg, root, runs = pipeline_with_sft
-    calls, log, _ = runs[0]
-    tuned = str(root / "teacher_sft" / "model")
+
+@pytest.mark.ray
+def test_later_stages_get_the_fine_tuned_teacher(pipeline_with_sft, tiny_assets):
+    _, root, runs = pipeline_with_sft
+    log, _ = runs[0]
+    tuned = root / "teacher_sft" / "model"
     assert "[pipeline] teacher fine-tuning: starting" in log
-    kinds = [c[0] for c in calls]
-    assert kinds == ["score", "train", "eval", "train", "eval", "eval"]
-    for call in calls:
-        assert call[1].models.teacher == tuned and call[1].models.student is None  # student cut from it
-        assert call[1].pipeline.sft_teacher is None  # the teacher is fine-tuned already
-    assert [c[1].curriculum.plan for c in calls if c[0] == "train"] == ["pocl", "baseline"]
-    assert calls[-1][2] == tuned  # the teacher's own evaluation
-    # The scoring stage is keyed on the fine-tuned teacher.
-    resolved = sft_teacher_config(cfg, root)
-    assert json.loads((root / "scores" / ".stage.json").read_text())["key"] == fingerprint(resolved, SCORE_KEYS)
+    manifest = json.loads((root / "scores" / "manifest.json").read_text())
+    assert manifest["models"]["teacher"] == str(tuned.resolve())
+    # Each compared run's student was cut from the fine-tuned teacher (lr 1e-12 leaves it as cut):
+    # its embeddings are the fine-tuned teacher's, which the fine-tuning moved away from the original's.
+    original, fine_tuned = _embeddings(tiny_assets.teacher_dir), _embeddings(tuned)
+    assert not torch.allclose(original, fine_tuned, atol=1e-3)
+    for label in ("pocl", "baseline"):
+        student = root / "runs" / label / "train" / "student"
+        torch.testing.assert_close(_embeddings(student), fine_tuned, rtol=0, atol=1e-6)
+        assert json.loads((root / "runs" / label / "eval" / "results.json").read_text())["model"] == str(student)
+    assert json.loads((root / "runs" / "teacher" / "eval" / "results.json").read_text())["model"] == str(tuned)
 
 
 @pytest.mark.ray
 def test_fine_tuning_is_skipped_on_a_rerun(pipeline_with_sft):
-    _, root, runs = pipeline_with_sft
-    (_, _, first_mtime), (calls, log, second_mtime) = runs
+    _, _, runs = pipeline_with_sft
+    (_, first_mtime), (log, second_mtime) = runs
     assert "[pipeline] teacher fine-tuning: done already for this config, skipped" in log
     assert second_mtime == first_mtime
-    assert all(c[1].models.teacher == str(root / "teacher_sft" / "model") for c in calls)
+    # The later stages are keyed on the fine-tuned teacher, which did not change: skipped as well.
+    assert "[pipeline] score: done already for this config, skipped" in log
+    assert "[pipeline] eval [teacher]: done already for this config, skipped" in log
 
 
 def test_tune_resolves_the_teacher_as_the_pipeline_does(tiny_assets, tmp_path, monkeypatch):
