@@ -40,7 +40,7 @@ from rouge_score.rouge_scorer import RougeScorer
 
 from pocl_ray.config import ConfigError, EvalConfig, RunConfig
 from pocl_ray.data import collate, duplicate_reasons, prepare_batch, read_ray_dataset
-from pocl_ray.measurers import response_means
+from pocl_ray.measurers import response_means, rouge_l_scorer
 from pocl_ray.models import TOKENIZER_CONFIG, check_model_folder, has_model_files, load_model, load_tokenizer
 from pocl_ray.sampling import generate_tokens, stream_seed
 from pocl_ray.stages import actor_pool, actor_resources, row_progress
@@ -71,13 +71,9 @@ class EvalResult:
 # Scores
 
 
-def new_scorer() -> RougeScorer:
-    return RougeScorer(["rougeL"], use_stemmer=True)
-
-
 def rouge_l(prediction: str, reference: str, scorer: RougeScorer | None = None) -> float:
     """ROUGE-L F1 ×100 of a generation against its reference (rouge-score, stemming on)."""
-    scorer = scorer or new_scorer()
+    scorer = scorer or rouge_l_scorer()
     return 100.0 * scorer.score(reference, prediction)["rougeL"].fmeasure
 
 
@@ -115,7 +111,7 @@ def greedy_rouge_sum(
     (data.validate_and_tokenize rows); each gets min(max_new_tokens, max_length - its prompt) new
     tokens, i.e. at most the response room it had in training, which keeps a selection point cheap.
     Batches of batch_size rows sorted by prompt length, so they pad little."""
-    scorer, total = new_scorer(), 0.0
+    scorer, total = rouge_l_scorer(), 0.0
     ordered = sorted(rows, key=lambda r: r["num_prompt_tokens"])
     for chunk in _batches(ordered, batch_size):
         prompts = [r["input_ids"][: r["num_prompt_tokens"]] for r in chunk]
@@ -149,7 +145,7 @@ def evaluate_rows(
     plus "set"); one output row per input row in input order (ROW_SCHEMA). Rejected rows pass
     through with their reason and no scores. Batches of eval_cfg.batch_size: rows sorted by length
     for the CE, (row, seed) pairs sorted by prompt length for generation."""
-    scorer = scorer or new_scorer()
+    scorer = scorer or rouge_l_scorer()
     out = [
         {"set": r["set"], "id": r["id"], "reject_reason": r["reject_reason"] or None, "ce": None,
          "generations": [], "rougeL": []}
@@ -314,7 +310,7 @@ class _Evaluator:
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.model = load_model(model_path, dtype=dtype, device=device, frozen=True)
         self.eval_cfg = eval_cfg
-        self.scorer = new_scorer()
+        self.scorer = rouge_l_scorer()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = evaluate_rows(self.model, self.tokenizer, batch.to_pylist(), self.eval_cfg, self.scorer)

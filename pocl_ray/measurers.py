@@ -49,6 +49,16 @@ class MeasurerModels:
     rouge: Any
 
 
+def rouge_l_scorer():
+    """rouge-score's ROUGE-L scorer with its default tokenizer, stemming on: the one ROUGE-L of the
+    project (difficulty, checkpoint selection, evaluation). The tokenizer is passed in because, left
+    to RougeScorer, it logs "Using default tokenizer." at every construction, in every worker."""
+    from rouge_score.rouge_scorer import RougeScorer
+    from rouge_score.tokenizers import DefaultTokenizer
+
+    return RougeScorer(["rougeL"], tokenizer=DefaultTokenizer(use_stemmer=True))
+
+
 def load_measurer_models(
     models_cfg: ModelsConfig, metrics: Sequence[str], device: str | torch.device, teacher_top_k: int | None = None,
 ) -> MeasurerModels:
@@ -59,8 +69,6 @@ def load_measurer_models(
     a teacher cache (``teacher_top_k``).
     dtype "auto" = bf16 on GPU, fp32 on CPU (``models.resolve_dtype``).
     """
-    from rouge_score import rouge_scorer
-
     from pocl_ray.models import check_compatible, load_model, load_tokenizer, student_from_teacher
 
     device = torch.device(device)
@@ -82,7 +90,7 @@ def load_measurer_models(
         teacher = None
     if teacher is not None and student is not None:
         check_compatible(teacher, student, tokenizer)
-    rouge = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True) if "student_rougeL" in metrics else None
+    rouge = rouge_l_scorer() if "student_rougeL" in metrics else None
     return MeasurerModels(tokenizer=tokenizer, student=student, teacher=teacher, device=device, rouge=rouge)
 
 

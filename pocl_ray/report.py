@@ -349,11 +349,18 @@ def _stage_rows(frame: pd.DataFrame) -> list[list[str]]:
     return rows
 
 
+def _evaluation_only(folder: Path) -> bool:
+    """A run that only evaluates a model (the pipeline's runs/teacher): no training to report on."""
+    return (folder / "eval").is_dir() and not (folder / "train").exists()
+
+
 def _training_section(runs: Mapping[str, Path], out_dir: Path) -> list[str]:
     lines = ["## Training", ""]
     frames: dict[str, pd.DataFrame] = {}
     notes = []
     for label, folder in runs.items():
+        if _evaluation_only(folder):
+            continue
         path = folder / "train" / "metrics.jsonl"
         if not path.is_file():
             notes.append(f"{label}: no training metrics yet (no {path}).")
@@ -391,6 +398,8 @@ def _selection_section(runs: Mapping[str, Path], out_dir: Path) -> list[str]:
     lines = ["## Checkpoint selection", ""]
     selections, notes = {}, []
     for label, folder in runs.items():
+        if _evaluation_only(folder):
+            continue
         path = folder / "train" / "selection.json"
         if not path.is_file():
             notes.append(f"{label}: no selection yet (no {path}).")

@@ -35,6 +35,7 @@ the copy of a checkpoint to storage runs in the background.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -181,6 +182,12 @@ def plain_heads(*models) -> bool:
             print(f"[pocl-ray] KD on full-vocabulary logits: {reason}", flush=True)
             return False
     return True
+
+
+# torch 2.13 renamed DDP's broadcast_buffers to forward_sync_buffers and warns on the old name.
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})
 
 
 def unwrap(model):
@@ -588,10 +595,10 @@ def setup_worker(config: dict) -> Worker:
         if cut_from is not None:
             teachers.adopt(cfg.models.teacher, cut_from)
     # Hidden-state stages leave the layers above the matched one without gradient. Buffers (rotary
-    # tables, masks) are constants in these models, so they are not re-broadcast every forward.
+    # tables, masks) are constants in these models, so they are not re-synced every forward.
     hidden_stages = any(s.stage.target == "hidden" for s in specs)
     student = ray.train.torch.prepare_model(
-        bare, parallel_strategy_kwargs={"find_unused_parameters": hidden_stages, "broadcast_buffers": False}
+        bare, parallel_strategy_kwargs={"find_unused_parameters": hidden_stages, **_NO_BUFFER_SYNC}
     )
     dev_rows = config["dev_rows"][rank::world]
     dev_batches = [
@@ -1020,6 +1027,9 @@ def train(
     # by default: measured on 2 CPU cores, a 0.25 s poll cut 3-4 s from every fit's end and ~1 s from
     # its start. The controller propagates this setting to itself from the driver's environment.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    # Ray Train reroutes a worker's print() to its logger, and also to the worker's stdout where that is
+    # wrapped (as in a Ray worker): every progress line reached the job log twice. Plain print, once.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     name = f"pocl-coordinator-{cfg.name}-{uuid.uuid4().hex[:8]}"
     coord = coordinator(name, plan=plan, num_rows=num_rows, global_batch=t.global_batch_size,
                         micro_batch=t.micro_batch_size, seed=t.seed, metrics_path=str(metrics_path),

@@ -7,6 +7,7 @@ a sequence of real words and ROUGE-L against references built from the same word
 from __future__ import annotations
 
 import json
+import logging
 import math
 import statistics
 
@@ -105,6 +106,19 @@ def test_rouge_l_is_rouge_score_f1_times_100():
     assert rouge_l("a b c", "a b c") == 100.0
     assert rouge_l("apple river", "stone cloud") == 0.0
     assert 0 < rouge_l("running dogs", "the dog ran") < 100  # stemming: dogs ~ dog
+
+
+def test_the_rouge_scorer_is_built_without_a_log_line(caplog):
+    from pocl_ray.measurers import rouge_l_scorer
+
+    with caplog.at_level(logging.INFO):
+        RougeScorer(["rougeL"], use_stemmer=True)
+    assert "Using default tokenizer" in caplog.text  # what every worker's log showed
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        scorer = rouge_l_scorer()
+    assert caplog.text == ""
+    assert scorer.score("the dog ran", "running dogs") == SCORER.score("the dog ran", "running dogs")
 
 
 def test_row_seed_depends_on_seed_set_and_id_only():

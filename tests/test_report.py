@@ -141,6 +141,16 @@ def test_explicit_runs_and_partial_outputs(tmp_path):
     assert "| alpha | 6 | 2 |" in text
 
 
+def test_an_evaluation_only_run_has_no_training_notes(tmp_path):
+    run_dir = tmp_path / "run"
+    _write_metrics(run_dir / "runs" / "pocl", [(3, 1.0, 1.0, 10)], 3.0)
+    _write_eval(run_dir / "runs" / "teacher", None, {"dolly": [(30.0, 30.0)]})  # as the pipeline's teacher
+    text = _text(write_report(run_dir, runs={"pocl": "runs/pocl", "teacher": "runs/teacher"}))
+    assert "pocl: no selection yet" in text  # a trained run still says what it lacks
+    assert "teacher: no training metrics" not in text and "teacher: no selection" not in text
+    assert "| set | teacher |" in text  # its evaluation is reported
+
+
 def test_single_run_layout_names_evaluations_by_label(tmp_path):
     run_dir = tmp_path / "solo"
     _write_metrics(run_dir, [(5, 1.0, 1.0, 40)], 2.0)
