@@ -870,6 +870,16 @@ def run_plan(cfg: RunConfig) -> Plan:
         raise ConfigError(f"curriculum: {err}") from None
 
 
+def cached_tail_warning(cfg: RunConfig, plan: Plan) -> str | None:
+    """The caveat a cached-teacher run with RKL or AKL stages needs (METHODS.md §4), else None."""
+    kinds = sorted({s.loss for s in plan.stages if s.target == "logits" and s.kd_weight > 0} & {"rkl", "akl"})
+    if cfg.kd.teacher != "cached" or not kinds:
+        return None
+    return (f"kd.teacher: cached with {', '.join(kinds)}: RKL's cached tail (AKL's RKL part too) is a rough model, "
+            "far off once the student nears the teacher (METHODS.md §4, 'Near the teacher'); "
+            "kd.teacher: online computes it exactly")
+
+
 def _check_plan(cfg: RunConfig, plan: Plan) -> None:
     """Stage settings the workers would only trip over mid-run: KD loss kinds and matched layers."""
     for s in plan.stages:
@@ -1004,6 +1014,9 @@ def train(
     index = ScoresIndex(scores)
     plan = plan if plan is not None else run_plan(cfg)
     _check_plan(cfg, plan)
+    warning = cached_tail_warning(cfg, plan)
+    if warning:
+        print(f"[train] {warning}", flush=True)
     _check_models(cfg, plan)
     t = cfg.training
     try:

@@ -256,6 +256,21 @@ def test_selected_student_follows_eval_checkpoint(tmp_path, capsys):
     assert selected_student(tmp_path, "best_dev_rougeL") == tmp_path / "student_best"
 
 
+def test_cached_rkl_and_akl_runs_get_the_tail_caveat(tiny_assets, tmp_path):
+    from pocl_ray.curriculum import plan_from_config
+    from pocl_ray.training import cached_tail_warning
+
+    cached = {"kd.teacher": "cached", "scoring.teacher_top_k": 8}
+    for loss, warned in (("rkl", True), ("akl", True), ("fkl", False), ("srkl", False)):
+        cfg = run_config(tiny_assets, tmp_path, **cached, **{"kd.loss": loss})
+        warning = cached_tail_warning(cfg, plan_from_config(cfg))
+        assert (warning is not None) == warned, loss
+        if warned:
+            assert f"kd.teacher: cached with {loss}" in warning and "kd.teacher: online" in warning
+    online = run_config(tiny_assets, tmp_path, **{"kd.loss": "rkl"})
+    assert cached_tail_warning(online, plan_from_config(online)) is None
+
+
 def test_selection_settings_name_their_field(tiny_assets, tmp_path):
     assert run_config(tiny_assets, tmp_path).eval.checkpoint == "best_dev_rougeL"
     with pytest.raises(ConfigError, match=r"eval.checkpoint: Input should be 'best_dev_rougeL' or 'final'"):
