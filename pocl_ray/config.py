@@ -168,6 +168,14 @@ class OutputKDConfig(_Section):
     kd_weight: float = Field(1.0, ge=0, le=1, description="w of (1 - w) CE + w KD (METHODS.md's POCL alpha)")
 
 
+def _steps_replace_epochs(data: Any, steps: str, epochs: str) -> Any:
+    """Raw section data where setting only `steps` drops the `epochs` default, so the validated config
+    (and its dump, which to_yaml / with_overrides re-validate) holds exactly one length."""
+    if isinstance(data, dict) and data.get(steps) is not None and epochs not in data:
+        return {**data, epochs: None}
+    return data
+
+
 class CurriculumConfig(_Section):
     plan: PlanKind = "pocl"
     num_buckets: int = Field(4, ge=1)
@@ -211,11 +219,7 @@ class CurriculumConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _steps_replace_epochs(cls, data: Any) -> Any:
-        # Setting only steps_per_stage drops the epochs default, so the validated config (and its
-        # dump, which to_yaml / with_overrides re-validate) holds exactly one interval.
-        if isinstance(data, dict) and data.get("steps_per_stage") is not None and "epochs_per_stage" not in data:
-            return {**data, "epochs_per_stage": None}
-        return data
+        return _steps_replace_epochs(data, "steps_per_stage", "epochs_per_stage")
 
 
 
@@ -379,10 +383,7 @@ class TeacherSFTConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _steps_replace_epochs(cls, data: Any) -> Any:
-        # As curriculum.steps_per_stage: setting only steps drops the epochs default.
-        if isinstance(data, dict) and data.get("steps") is not None and "epochs" not in data:
-            return {**data, "epochs": None}
-        return data
+        return _steps_replace_epochs(data, "steps", "epochs")
 
     @model_validator(mode="after")
     def _length(self) -> TeacherSFTConfig:

@@ -40,7 +40,7 @@ from rouge_score.rouge_scorer import RougeScorer
 
 from pocl_ray.config import ConfigError, EvalConfig, RunConfig
 from pocl_ray.data import collate, duplicate_reasons, prepare_batch, read_ray_dataset
-from pocl_ray.measurers import response_means, rouge_l_scorer
+from pocl_ray.measurers import greedy_responses, response_budgets, response_means, rouge_l_scorer
 from pocl_ray.models import TOKENIZER_CONFIG, check_model_folder, has_model_files, load_model, load_tokenizer
 from pocl_ray.sampling import generate_tokens, stream_seed
 from pocl_ray.stages import actor_pool, actor_resources, row_progress
@@ -110,18 +110,13 @@ def greedy_rouge_sum(
     selection (METHODS.md §5). Rows hold input_ids, num_prompt_tokens and the reference "response"
     (data.validate_and_tokenize rows); each gets min(max_new_tokens, max_length - its prompt) new
     tokens, i.e. at most the response room it had in training, which keeps a selection point cheap.
-    Batches of batch_size rows sorted by prompt length, so they pad little."""
-    scorer, total = rouge_l_scorer(), 0.0
-    ordered = sorted(rows, key=lambda r: r["num_prompt_tokens"])
-    for chunk in _batches(ordered, batch_size):
-        prompts = [r["input_ids"][: r["num_prompt_tokens"]] for r in chunk]
-        budgets = [min(max_new_tokens, max_length - len(p)) for p in prompts]
-        with autocast():
-            tokens = generate_tokens(model, prompts, budgets, pad_token_id=tokenizer.pad_token_id,
-                                     eos_token_id=tokenizer.eos_token_id)
-        for row, text in zip(chunk, tokenizer.batch_decode(tokens, skip_special_tokens=True)):
-            total += rouge_l(text.strip(), row["response"], scorer)
-    return total
+    Decoded as the student_rougeL difficulty metric is (`measurers.greedy_responses`)."""
+    prompts = [r["input_ids"][: r["num_prompt_tokens"]] for r in rows]
+    budgets = response_budgets([r["num_prompt_tokens"] for r in rows], max_new_tokens, max_length)
+    with autocast():
+        texts = greedy_responses(model, tokenizer, prompts, budgets, batch_size)
+    scorer = rouge_l_scorer()
+    return float(sum(rouge_l(text.strip(), row["response"], scorer) for row, text in zip(rows, texts)))
 
 
 @torch.no_grad()

@@ -213,23 +213,6 @@ def rkl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return _kl(logq, logp)
 
 
-def js(logp: torch.Tensor, logq: torch.Tensor, beta: float) -> torch.Tensor:
-    logm = _log_mix(logp, logq, beta)
-    return beta * _kl(logp, logm) + (1.0 - beta) * _kl(logq, logm)
-
-
-def tvd(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (logp.exp() - logq.exp()).abs().sum(-1)
-
-
-def skl(logp: torch.Tensor, logq: torch.Tensor, skew_alpha: float) -> torch.Tensor:
-    return _kl(logp, _log_mix(logp, logq, skew_alpha))
-
-
-def srkl(logp: torch.Tensor, logq: torch.Tensor, skew_alpha: float) -> torch.Tensor:
-    return _kl(logq, _log_mix(logp, logq, 1.0 - skew_alpha))
-
-
 def _akl_head_weight(p: torch.Tensor, gap: torch.Tensor, mu: float) -> torch.Tensor:
     """AKL's weight on FKL per row: the share of Σ|p − q| (``gap`` per outcome) on the head, the outcomes
     left when the smallest teacher probabilities summing to < mu are set aside as the tail."""
@@ -252,25 +235,9 @@ def akl(logp: torch.Tensor, logq: torch.Tensor, mu: float) -> torch.Tensor:
     return w_head * fkl(logp, logq) + (1.0 - w_head) * rkl(logp, logq)
 
 
-def _divergence(kind: str, skew_alpha: float, beta: float, mu: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    if kind not in KD_KINDS:
-        raise ValueError(f"unknown KD loss kind {kind!r}; allowed kinds: {', '.join(KD_KINDS)}")
-    for name, value in (("skew_alpha", skew_alpha), ("beta", beta), ("mu", mu)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} must lie in [0, 1], got {value}")
-    return {
-        "fkl": fkl,
-        "rkl": rkl,
-        "js": partial(js, beta=beta),
-        "tvd": tvd,
-        "skl": partial(skl, skew_alpha=skew_alpha),
-        "srkl": partial(srkl, skew_alpha=skew_alpha),
-        "akl": partial(akl, mu=mu),
-    }[kind]
-
-
 def _pointwise(kind: str, skew_alpha: float, beta: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The f-divergence ``kind`` outcome by outcome: (log p, log q) -> f(p, q), summing to the divergence."""
+    """The f-divergence ``kind`` outcome by outcome: (log p, log q) -> f(p, q), summing to the divergence
+    (`_divergence`); the cached teacher sums them over its top K and estimates the tail (`_cached_divergence`)."""
     def fkl_terms(lp, lq):
         return lp.exp() * (lp - lq)
 
@@ -291,6 +258,18 @@ def _pointwise(kind: str, skew_alpha: float, beta: float) -> Callable[[torch.Ten
         return lq.exp() * (lq - _log_mix(lp, lq, 1.0 - skew_alpha))
 
     return {"fkl": fkl_terms, "rkl": rkl_terms, "js": js_terms, "tvd": tvd_terms, "skl": skl_terms, "srkl": srkl_terms}[kind]
+
+
+def _divergence(kind: str, skew_alpha: float, beta: float, mu: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if kind not in KD_KINDS:
+        raise ValueError(f"unknown KD loss kind {kind!r}; allowed kinds: {', '.join(KD_KINDS)}")
+    for name, value in (("skew_alpha", skew_alpha), ("beta", beta), ("mu", mu)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    if kind == "akl":
+        return partial(akl, mu=mu)
+    terms = _pointwise(kind, skew_alpha, beta)
+    return lambda logp, logq: terms(logp, logq).sum(-1)
 
 
 def _sampled_tail(f, t: _TeacherAtT, s: _StudentAtCache) -> torch.Tensor:

@@ -215,14 +215,16 @@ def response_budgets(
     return budgets
 
 
-def greedy_responses(models: MeasurerModels, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int], batch_size: int) -> list[str]:
-    """The student's greedy continuation of each prompt (at most max_new_tokens[i] tokens for
-    prompt i), decoded without special tokens; batches of similar prompt length."""
-    tok = models.tokenizer
+def greedy_responses(
+    model, tok, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int], batch_size: int
+) -> list[str]:
+    """`model`'s greedy continuation of each prompt (at most max_new_tokens[i] tokens for prompt i),
+    decoded by `tok` without special tokens; batches of similar prompt length. The student_rougeL
+    metric and training's checkpoint selection (`evaluation.greedy_rouge_sum`) both decode with it."""
     texts = [""] * len(prompts)
     for idx in _chunks(np.array([len(p) for p in prompts]), batch_size):
         tokens = generate_tokens(
-            models.student, [prompts[i] for i in idx], [int(max_new_tokens[i]) for i in idx],
+            model, [prompts[i] for i in idx], [int(max_new_tokens[i]) for i in idx],
             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
         )
         for i, text in zip(idx, tok.batch_decode(tokens, skip_special_tokens=True)):
@@ -255,7 +257,7 @@ def measure(
         if "student_rougeL" in wanted:
             prompts = [ids[: int(p)] for ids, p in zip(rows["input_ids"], rows["num_prompt_tokens"])]
             budgets = response_budgets(rows["num_prompt_tokens"], max_new_tokens, max_length)
-            generated = greedy_responses(models, prompts, budgets, batch_size)
+            generated = greedy_responses(models.student, models.tokenizer, prompts, budgets, batch_size)
             out["student_rougeL"] = np.array(
                 [models.rouge.score(ref, gen)["rougeL"].fmeasure for ref, gen in zip(rows["response"], generated)],
                 dtype=np.float64,

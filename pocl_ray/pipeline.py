@@ -45,7 +45,7 @@ def run_distill(cfg: RunConfig) -> Path:
     from pocl_ray.evaluation import evaluate
     from pocl_ray.report import write_report
     from pocl_ray.scoring import score_dataset
-    from pocl_ray.teacher_prep import ensure_teacher, resolve_teacher, sft_overrides
+    from pocl_ray.teacher_prep import resolve_teacher, sft_overrides
     from pocl_ray.training import selected_student, train
 
     root = Path(cfg.output.dir)
@@ -53,11 +53,13 @@ def run_distill(cfg: RunConfig) -> Path:
     if cfg.pipeline.sft_teacher is not None:
         sft_overrides(cfg)  # and the fine-tuning's settings
     started = time.time()
-    ensure_teacher(cfg, root)  # a missing teacher that nothing would build fails before Ray starts
+    # Builds and / or fine-tunes the teacher when asked (each a stage that starts Ray itself); a missing
+    # teacher that nothing would build fails here, before Ray starts.
+    resolved = resolve_teacher(cfg, root)
     init_ray(min_cpus=4)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "config.yaml").write_text(cfg.to_yaml())
-    cfg = resolve_teacher(cfg, root)
+    (root / "config.yaml").write_text(cfg.to_yaml())  # the config as given
+    cfg = resolved
     runs = compared_runs(cfg)
 
     run_stage("score", root / "scores", fingerprint(cfg, SCORE_KEYS), lambda: score_dataset(cfg))

@@ -359,8 +359,6 @@ def _training_section(runs: Mapping[str, Path], out_dir: Path) -> list[str]:
     frames: dict[str, pd.DataFrame] = {}
     notes = []
     for label, folder in runs.items():
-        if _evaluation_only(folder):
-            continue
         path = folder / "train" / "metrics.jsonl"
         if not path.is_file():
             notes.append(f"{label}: no training metrics yet (no {path}).")
@@ -398,8 +396,6 @@ def _selection_section(runs: Mapping[str, Path], out_dir: Path) -> list[str]:
     lines = ["## Checkpoint selection", ""]
     selections, notes = {}, []
     for label, folder in runs.items():
-        if _evaluation_only(folder):
-            continue
         path = folder / "train" / "selection.json"
         if not path.is_file():
             notes.append(f"{label}: no selection yet (no {path}).")
@@ -481,8 +477,9 @@ def write_report(run_dir: str | Path, runs: Mapping[str, str | Path] | None = No
     lines = [f"# Report: {run_dir.name}", "", f"Run directory: `{run_dir}`; compared runs: "
              + ", ".join(f"{label} (`{path}`)" for label, path in resolved.items()), ""]
     lines += _scores_section(run_dir / "scores", out_dir)
-    lines += _training_section(resolved, out_dir)
-    lines += _selection_section(resolved, out_dir)
+    trained = {label: folder for label, folder in resolved.items() if not _evaluation_only(folder)}
+    lines += _training_section(trained, out_dir)
+    lines += _selection_section(trained, out_dir)
     lines += _eval_section(collect_evals(run_dir, resolved), out_dir)
     lines += _sweep_section(run_dir / "tune", out_dir)
     path = out_dir / "report.md"

@@ -34,8 +34,17 @@ from pocl_ray.data import IGNORE_INDEX
 from pocl_ray.losses import SAMPLE_TEMPERATURE, TAIL_SAMPLES, TAIL_TEMPERATURES, TeacherCache
 from pocl_ray.sampling import row_uniforms, stream_seed
 
-CACHE_COLUMNS = ("teacher_top_ids", "teacher_top_logprobs", "teacher_tail", "teacher_sample_ids", "teacher_sample_logprobs")
 TAIL_STATS = len(TAIL_TEMPERATURES) + 1  # the tail sums, then the tail mean log-prob
+# Each column in TeacherCache order: its width per scored position (None: K) and its stored dtype
+# (None: the id dtype, `id_dtype`); storage, arrow types and collation all read it from here.
+_LAYOUT = (
+    ("teacher_top_ids", None, None),
+    ("teacher_top_logprobs", None, np.float16),
+    ("teacher_tail", TAIL_STATS, np.float32),
+    ("teacher_sample_ids", TAIL_SAMPLES, None),
+    ("teacher_sample_logprobs", TAIL_SAMPLES, np.float16),
+)
+CACHE_COLUMNS = tuple(name for name, _, _ in _LAYOUT)
 _FIX = "re-run `pocl-ray score` with scoring.teacher_top_k set, or use kd.teacher: online"
 
 
@@ -45,18 +54,12 @@ def id_dtype(vocab_size: int) -> np.dtype:
 
 def bytes_per_token(k: int, vocab_size: int) -> int:
     """Stored bytes per scored token before parquet compression."""
-    return (k + TAIL_SAMPLES) * (id_dtype(vocab_size).itemsize + 2) + 4 * TAIL_STATS
+    return sum((width or k) * np.dtype(dtype or id_dtype(vocab_size)).itemsize for _, width, dtype in _LAYOUT)
 
 
 def arrow_types(k: int, vocab_size: int) -> dict[str, pa.DataType]:
-    ids = pa.from_numpy_dtype(id_dtype(vocab_size))
-    return {
-        "teacher_top_ids": pa.list_(pa.list_(ids, k)),
-        "teacher_top_logprobs": pa.list_(pa.list_(pa.float16(), k)),
-        "teacher_tail": pa.list_(pa.list_(pa.float32(), TAIL_STATS)),
-        "teacher_sample_ids": pa.list_(pa.list_(ids, TAIL_SAMPLES)),
-        "teacher_sample_logprobs": pa.list_(pa.list_(pa.float16(), TAIL_SAMPLES)),
-    }
+    return {name: pa.list_(pa.list_(pa.from_numpy_dtype(dtype or id_dtype(vocab_size)), width or k))
+            for name, width, dtype in _LAYOUT}
 
 
 def tail_uniforms(row_id: str, positions: int) -> torch.Tensor:
@@ -66,12 +69,9 @@ def tail_uniforms(row_id: str, positions: int) -> torch.Tensor:
     return (u[0::2] + u[1::2] * 2.0**-24).reshape(positions, TAIL_SAMPLES)
 
 
-_STORAGE = (None, np.float16, np.float32, None, np.float16)  # None: the id dtype
-
-
 def storage_arrays(cache: TeacherCache, vocab_size: int) -> tuple[np.ndarray, ...]:
     """A cache (any device/dtype) as the numpy arrays that are stored (CACHE_COLUMNS order), in the storage dtypes."""
-    return tuple(t.cpu().numpy().astype(d or id_dtype(vocab_size)) for t, d in zip(cache, _STORAGE))
+    return tuple(t.cpu().numpy().astype(dtype or id_dtype(vocab_size)) for t, (_, _, dtype) in zip(cache, _LAYOUT))
 
 
 def arrow_columns(per_row: Sequence[tuple[np.ndarray, ...] | None], k: int, vocab_size: int) -> dict[str, pa.Array]:
@@ -158,8 +158,8 @@ def collate_teacher_cache(rows: Sequence[dict], device: torch.device) -> Teacher
     scored positions when given the same rows in the same order. Ids become int64 (for gather); the
     log-probs stay float16 on the way to the device (half the bytes; the loss computes in fp32).
     No rows (build_batch's all-masked stand-in row) gives an empty cache."""
-    widths = (None, None, TAIL_STATS, TAIL_SAMPLES, TAIL_SAMPLES)  # None: k
-    dtypes = (np.int64, np.float16, np.float32, np.int64, np.float16)
+    widths = [width for _, width, _ in _LAYOUT]
+    dtypes = [np.int64 if dtype is None else dtype for _, _, dtype in _LAYOUT]  # ids as int64, for gather
     if not rows:
         return TeacherCache(*(torch.zeros((0, w or 1), dtype=getattr(torch, np.dtype(d).name), device=device)
                               for w, d in zip(widths, dtypes)))

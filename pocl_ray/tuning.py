@@ -554,13 +554,13 @@ def tune(cfg: RunConfig) -> TuneResult:
     from pocl_ray.teacher_prep import resolve_teacher
     from pocl_ray.training import run_plan
 
-    check_search_space(cfg)
+    check_search_space(cfg)  # bad trial settings fail before the teacher is built or fine-tuned
     _search_alg(cfg.tune)  # a missing optuna / hyperopt is reported before any Ray work
     root = Path(cfg.output.dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     # The same teacher as `pocl-ray run`: prepared and / or fine-tuned (pipeline.sft_teacher) first.
     cfg = resolve_teacher(cfg, root, min_cpus=8)
-    plans = [(c, run_plan(c)) for c in check_search_space(cfg)]
+    plans = [(c, run_plan(c)) for c in check_search_space(cfg)]  # the trials, now on the resolved teacher
     scores_dir = root / "scores"
     run_stage("score", scores_dir, fingerprint(cfg, SCORE_KEYS), lambda: (init_ray(min_cpus=8), score_dataset(cfg)))
     totals = _total_steps(plans, scores_dir)

@@ -80,7 +80,7 @@ def test_measure_does_not_depend_on_batching(tiny_assets, models):
 def test_rouge_scores_the_greedy_generation(tiny_assets, models):
     rows = _rows(tiny_assets, n=6, seed=5)
     prompts = [ids[:p] for ids, p in zip(rows["input_ids"], rows["num_prompt_tokens"])]
-    generated = greedy_responses(models, prompts, max_new_tokens=[6] * len(prompts), batch_size=1)
+    generated = greedy_responses(models.student, models.tokenizer, prompts, max_new_tokens=[6] * len(prompts), batch_size=1)
     # A reference equal to the student's own greedy text scores 1; the real references score less.
     own = dict(rows, response=generated)
     has_words = np.array([any(c.isalnum() for c in g) for g in generated])
