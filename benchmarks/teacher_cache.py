@@ -1,16 +1,18 @@
-"""The cached teacher (METHODS.md §4) side by side with the online one, in one process:
+"""The cached teacher (METHODS.md §4) side by side with the online one, in one process, in both
+forms (top-K: scoring.teacher_top_k; hidden: scoring.teacher_hidden):
 
-- bytes per scored token at K = 8, 32, 128: as stored (uncompressed; the teacher's vocabulary and, for
-  reference, 49,152- and 151,936-token ones) and on disk (the dev batch's cache columns in a parquet
-  file with pyarrow's default compression, as Ray Data writes them);
+- bytes per scored token at K = 8, 32, 128 and of the hidden form: as stored (uncompressed; the
+  teacher's vocabulary and, for reference, 49,152- and 151,936-token ones, or 2,048- and 4,096-wide
+  teachers) and on disk (the dev batch's cache columns in a parquet file with pyarrow's default
+  compression, as Ray Data writes them);
 - the relative error |cached − exact| / exact of every KD kind at T = 1 and 2 and K = 8, 32, 128,
   the cache stored as the scoring pass stores it (float16 log-probs), against the exact online loss,
   on a dev batch; and the teacher's mean top-K mass at each T; the same at K = 128 for students moved
   toward the teacher (logits (1 − a)·initial + a·teacher, a = 0.5 and 0.9), as training moves them;
-- training tokens/s of a cached step against an online step with the project's step functions
-  (`build_batch`, `HiddenStatesLM`, `forward_pair` + `output_terms` for the online step; the same
-  student forward + `cached_kd_and_ce` + `collate_teacher_cache` for the cached one; backward and AdamW
-  in both), alternating the two, median over the timed steps. tokens/s counts non-pad input tokens.
+  the hidden form's error (the teacher's head on its int8-rounded hidden states) for all of them;
+- training tokens/s of an online step and of a cached step in each form, each through the trainer's
+  own `batch_of`, `forward_pair` and `output_terms` (backward and AdamW in all three), taken in turn,
+  median over the timed steps. tokens/s counts non-pad input tokens.
 
 Two teachers (--teacher):
 - quickstart: the quickstart's stand-in (`pipeline.prepare_teacher` defaults: Llama, vocabulary ~1,024
@@ -54,11 +56,15 @@ from conftest import synthetic_rows  # noqa: E402
 from pocl_ray.config import DataConfig, KDConfig  # noqa: E402
 from pocl_ray.curriculum import Stage  # noqa: E402
 from pocl_ray.data import build_prompt, read_table, validate_and_tokenize  # noqa: E402
-from pocl_ray.losses import KD_KINDS, _next_labels, cached_kd_and_ce, cached_kd_loss, kd_loss  # noqa: E402
-from pocl_ray.measurers import row_caches  # noqa: E402
+from pocl_ray.losses import KD_KINDS, _next_labels, cached_kd_loss, kd_loss  # noqa: E402
+from pocl_ray.measurers import row_caches, teacher_caches  # noqa: E402
 from pocl_ray.models import build_tiny_model, build_tiny_tokenizer, load_model, load_tokenizer, student_from_teacher  # noqa: E402
-from pocl_ray.teacher_cache import CACHE_COLUMNS, arrow_columns, bytes_per_token, collate_teacher_cache  # noqa: E402
-from pocl_ray.training import HiddenStatesLM, build_batch, forward_pair, output_terms, token_counts  # noqa: E402
+from pocl_ray.teacher_cache import (  # noqa: E402
+    CACHE_COLUMNS, HIDDEN_COLUMNS, arrow_columns, bytes_per_token, collate_teacher_cache, dequantize_hidden, quantize_hidden,
+)
+from pocl_ray.training import (  # noqa: E402
+    CacheReader, HiddenStatesLM, batch_of, build_batch, forward_pair, output_terms, token_counts,
+)
 
 KS = (8, 32, 128)
 TEMPERATURES = (1.0, 2.0)
@@ -79,33 +85,34 @@ def train_teacher(rows: list[dict], tokenizer, steps: int, lr: float, device: to
     return model.eval().requires_grad_(False), float(loss.detach())
 
 
-def with_cache(rows: list[dict], teacher, k: int, device: torch.device) -> list[dict]:
-    """Rows as the trainer reads them from cached scores: each with its stored cache columns."""
-    out = []
-    for row in rows:
-        with torch.no_grad():
-            logits = teacher(input_ids=torch.as_tensor(row["input_ids"], device=device)[None]).logits
-        cache = row_caches(torch.as_tensor(row["labels"], device=device)[None], logits, k, teacher.config.vocab_size, [row["id"]])[0]
-        out.append({**row, **dict(zip(CACHE_COLUMNS, cache))})
-    return out
+def with_cache(rows: list[dict], teacher, form: int | str, pad_id: int) -> list[dict]:
+    """Rows as the trainer reads them from cached scores: each with its stored cache columns (top-K
+    form for an int ``form``, the hidden form for "hidden")."""
+    columns = HIDDEN_COLUMNS if form == "hidden" else CACHE_COLUMNS
+    return [{**row, **dict(zip(columns, cache))} for row, cache in zip(rows, teacher_caches(teacher, rows, pad_id, form))]
 
 
-def loss_errors(teacher, student, dev_rows: list[dict], pad_id: int, vocab: int, device: torch.device) -> tuple[dict, dict, dict]:
+def loss_errors(teacher, student, dev_rows: list[dict], pad_id: int, vocab: int, device: torch.device) -> tuple[dict, dict, dict, dict]:
     """Relative error of each kind's cached loss, the cache as scoring stores it (`row_caches`, read back
     through `collate_teacher_cache`), against the exact online loss on the same scored positions. Only
     the scored positions' logits are made (a 49,152-token vocabulary over a padded batch would not fit).
 
     Returns (errors of the initial student at every K, the teacher's top-K mass, errors at K = 128 of
-    students moved toward the teacher). The initial student is the far end of training; a trained one is
-    close to the teacher, where the losses are small and a tail rule's bias weighs more: the students
-    with logits (1 − a)·initial + a·teacher, a = 0.5 and 0.9, stand in for it."""
+    students moved toward the teacher, errors of the hidden form for the initial and moved students).
+    The initial student is the far end of training; a trained one is close to the teacher, where the
+    losses are small and a tail rule's bias weighs more: the students with logits
+    (1 − a)·initial + a·teacher, a = 0.5 and 0.9, stand in for it. The hidden form's teacher is its
+    head applied to the int8-rounded final hidden states, as training computes it."""
     dev = build_batch(dev_rows, pad_id, device)
     scored = _next_labels(dev["labels"]) != -100
+    models = {"teacher": HiddenStatesLM(teacher), "student": HiddenStatesLM(student)}
     with torch.no_grad():
-        logits = {name: torch.cat([
-            m(input_ids=dev["input_ids"][i : i + 8], attention_mask=dev["attention_mask"][i : i + 8]).logits.float().flatten(0, 1)[
+        hidden = {name: torch.cat([
+            m(dev["input_ids"][i : i + 8], dev["attention_mask"][i : i + 8]).final.float().flatten(0, 1)[
                 scored.view(dev["labels"].shape)[i : i + 8].flatten()]
-            for i in range(0, len(dev_rows), 8)]) for name, m in (("teacher", teacher), ("student", student))}
+            for i in range(0, len(dev_rows), 8)]) for name, m in models.items()}
+        logits = {name: hidden[name] @ models[name].lm.get_output_embeddings().weight.float().T for name in models}
+        rounded = dequantize_hidden(*quantize_hidden(hidden["teacher"])) @ teacher.get_output_embeddings().weight.float().T
     # The scored positions as one row: labels[t + 1] scores position t.
     labels = torch.zeros((1, scored.sum() + 1), dtype=torch.long, device=device)
     labels[0, 0] = -100
@@ -116,11 +123,18 @@ def loss_errors(teacher, student, dev_rows: list[dict], pad_id: int, vocab: int,
 
     def error(kind: str, s_logits: torch.Tensor, cache, t: float) -> float:
         exact = float(kd_loss(kind, s_logits, t_logits, labels, temperature=t))
-        cached = float(cached_kd_loss(kind, s_logits, cache, labels, temperature=t))
+        if cache is None:  # the hidden form
+            cached = float(kd_loss(kind, s_logits, F.pad(rounded, (0, 0, 0, 1))[None], labels, temperature=t))
+        else:
+            cached = float(cached_kd_loss(kind, s_logits, cache, labels, temperature=t))
         return float(f"{abs(cached - exact) / exact:.3g}")
 
     counts = (dev["labels"][:, 1:] != -100).sum(1).tolist()
-    errors, coverage, toward = {}, {}, {}
+    errors, coverage, toward, hidden_form = {}, {}, {}, {}
+    for t in TEMPERATURES:
+        for kind in KD_KINDS:
+            for a in (0.0, 0.5, 0.9):
+                hidden_form.setdefault(kind, {})[f"a={a:g},T={t:g}"] = error(kind, student_logits(a), None, t)
     for k in KS:
         stored, start = [], 0
         for row, n in zip(dev_rows, counts):
@@ -138,62 +152,61 @@ def loss_errors(teacher, student, dev_rows: list[dict], pad_id: int, vocab: int,
                 if k == KS[-1]:
                     for a in (0.5, 0.9):
                         toward.setdefault(kind, {})[f"a={a:g},T={t:g}"] = error(kind, student_logits(a), cache, t)
-    return errors, coverage, toward
+    return errors, coverage, toward, hidden_form
 
 
-def disk_bytes(rows: list[dict], teacher, k: int, device: torch.device) -> float:
-    cached = with_cache(rows, teacher, k, device)
-    columns = arrow_columns([tuple(r[c] for c in CACHE_COLUMNS) for r in cached], k, teacher.config.vocab_size)
+def disk_bytes(rows: list[dict], teacher, form: int | str, pad_id: int) -> float:
+    """Parquet bytes per scored token of the rows' cache columns (pyarrow's default compression)."""
+    cached = with_cache(rows, teacher, form, pad_id)
+    config = teacher.config.get_text_config()
+    k, columns = (None, HIDDEN_COLUMNS) if form == "hidden" else (form, CACHE_COLUMNS)
+    table = pa.table(arrow_columns([tuple(r[c] for c in columns) for r in cached], k, config.vocab_size, config.hidden_size))
     buffer = io.BytesIO()
-    pq.write_table(pa.table(columns), buffer)
+    pq.write_table(table, buffer)
     tokens = sum(int((np.asarray(r["labels"])[1:] != -100).sum()) for r in rows)
     return round(buffer.tell() / tokens, 1)
 
 
 def step_speed(teacher, student, rows: list[dict], k: int, steps: int, device: torch.device, pad_id: int) -> dict:
-    """Median tokens/s of an online and a cached training step (micro-batches of 16 rows), alternated."""
+    """Median tokens/s of an online training step and of the two cached ones (micro-batches of 16
+    rows), taken in turn, each through the trainer's own `batch_of`, `forward_pair` and `output_terms`."""
     stage = Stage(index=0, buckets=(0,), temperature=2.0, kd_weight=0.7, loss="fkl", steps=steps)
     kd = KDConfig()
     t_model = HiddenStatesLM(teacher)
-    s_model = {name: HiddenStatesLM(copy.deepcopy(student).train().requires_grad_(True)) for name in ("online", "cached")}
+    names = ("online", "top_k", "hidden")
+    s_model = {name: HiddenStatesLM(copy.deepcopy(student).train().requires_grad_(True)) for name in names}
     optim = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in s_model.items()}
     micro = [rows[i : i + 16] for i in range(0, len(rows) - 15, 16)]
-    cached_rows = [with_cache(m, teacher, k, device) for m in micro]
+    head = teacher.get_output_embeddings().weight
+    readers = {"online": None, "top_k": CacheReader(CACHE_COLUMNS, None), "hidden": CacheReader(HIDDEN_COLUMNS, head)}
+    stored = {"online": micro, "top_k": [with_cache(m, teacher, k, pad_id) for m in micro],
+              "hidden": [with_cache(m, teacher, "hidden", pad_id) for m in micro]}
 
     def run(name: str, i: int) -> tuple[int, float]:
         model = s_model[name]
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         sync()
         start = time.perf_counter()
-        rows_i = cached_rows[i % len(micro)] if name == "cached" else micro[i % len(micro)]
-        batch = build_batch(rows_i, pad_id, device)
+        batch = batch_of(stored[name][i % len(micro)], pad_id, device, readers[name])
         n_ce, n_kd = token_counts(batch, stage)
-        if name == "online":
-            s, t = forward_pair(model, t_model, batch, stage)
-            loss, _, _ = output_terms(s, t, batch, stage, kd, n_ce, n_kd)
-        else:
-            cache = collate_teacher_cache(rows_i, device)
-            s = model(batch["input_ids"], batch["attention_mask"])
-            loss, _, _ = cached_kd_and_ce(
-                stage.loss, s.final, s.head, cache, batch["labels"], batch["ce_labels"], kd_weight=stage.kd_weight,
-                temperature=stage.temperature, num_tokens=n_kd, ce_num_tokens=n_ce, chunk_positions=kd.chunk_positions,
-                scored_positions=batch["scored_positions"],
-            )
+        s, t = forward_pair(model, t_model if name == "online" else None, batch, stage)
+        loss, _, _ = output_terms(s, t, batch, stage, kd, n_ce, n_kd)
         loss.backward()
         optim[name].step()
         optim[name].zero_grad(set_to_none=True)
         sync()
         return int(batch["attention_mask"].sum()), time.perf_counter() - start
 
-    rates: dict[str, list[float]] = {"online": [], "cached": []}
+    rates: dict[str, list[float]] = {name: [] for name in names}
     for i in range(steps + 2):
-        for name in ("online", "cached") if i % 2 == 0 else ("cached", "online"):
+        for name in names[i % 3:] + names[: i % 3]:  # each first in turn
             tokens, seconds = run(name, i)
             if i >= 2:  # warm-up
                 rates[name].append(tokens / seconds)
-    online, cached = statistics.median(rates["online"]), statistics.median(rates["cached"])
-    return {"k": k, "online_tokens_per_s": round(online), "cached_tokens_per_s": round(cached),
-            "speedup": round(cached / online, 3), "timed_steps": steps}
+    median = {name: statistics.median(r) for name, r in rates.items()}
+    return {"k": k, **{f"{name}_tokens_per_s": round(v) for name, v in median.items()},
+            "speedup_top_k": round(median["top_k"] / median["online"], 3),
+            "speedup_hidden": round(median["hidden"] / median["online"], 3), "timed_steps": steps}
 
 
 def quickstart_pair(args, device: torch.device):
@@ -242,8 +255,8 @@ def main() -> None:
 
     pair = quickstart_pair if args.teacher == "quickstart" else testbed_pair
     teacher, student, tokenizer, dev_rows, speed_rows, about = pair(args, device)
-    vocab = teacher.config.vocab_size
-    errors, coverage, toward = loss_errors(teacher, student, dev_rows, tokenizer.pad_token_id, vocab, device)
+    vocab, width, pad_id = teacher.config.vocab_size, teacher.config.hidden_size, tokenizer.pad_token_id
+    errors, coverage, toward, hidden_form = loss_errors(teacher, student, dev_rows, pad_id, vocab, device)
     result = {
         "device": args.device,
         "threads": args.threads,
@@ -251,18 +264,23 @@ def main() -> None:
         "dev_rows": len(dev_rows),
         "dev_scored_tokens": sum(int((np.asarray(r["labels"])[1:] != -100).sum()) for r in dev_rows),
         "bytes_per_scored_token": {
-            f"K={k}": {"stored": bytes_per_token(k, vocab), "parquet_on_disk": disk_bytes(dev_rows, teacher, k, device),
-                       "stored_vocab_49152": bytes_per_token(k, 49152), "stored_vocab_151936": bytes_per_token(k, 151936)}
-            for k in KS
+            **{f"K={k}": {"stored": bytes_per_token(k, vocab), "parquet_on_disk": disk_bytes(dev_rows, teacher, k, pad_id),
+                          "stored_vocab_49152": bytes_per_token(k, 49152), "stored_vocab_151936": bytes_per_token(k, 151936)}
+               for k in KS},
+            "hidden": {"stored": bytes_per_token(None, vocab, width), "parquet_on_disk": disk_bytes(dev_rows, teacher, "hidden", pad_id),
+                       "stored_hidden_2048": bytes_per_token(None, vocab, 2048), "stored_hidden_4096": bytes_per_token(None, vocab, 4096)},
         },
         "teacher_top_k_mass": coverage,
         "relative_loss_error": errors,
         "max_relative_error": {f"T={t:g}": {f"K={k}": max(e[f"K={k},T={t:g}"] for e in errors.values()) for k in KS}
                                for t in TEMPERATURES},
         f"relative_loss_error_toward_teacher_K={KS[-1]}": toward,
+        "relative_loss_error_hidden_form": hidden_form,
+        "max_relative_error_hidden_form": {f"a={a:g},T={t:g}": max(e[f"a={a:g},T={t:g}"] for e in hidden_form.values())
+                                           for a in (0.0, 0.5, 0.9) for t in TEMPERATURES},
     }
     if args.speed_steps:
-        result["training_step"] = step_speed(teacher, student, speed_rows, 128, args.speed_steps, device, tokenizer.pad_token_id)
+        result["training_step"] = step_speed(teacher, student, speed_rows, 128, args.speed_steps, device, pad_id)
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result, indent=2))
 

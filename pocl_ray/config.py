@@ -126,6 +126,18 @@ class ScoringConfig(_Section):
         None, ge=1, description="also store the teacher's top-k log-probs (and its tail) at every response "
         "position, for kd.teacher: cached (METHODS.md §4); None = no teacher cache",
     )
+    teacher_hidden: bool = Field(
+        False, description="instead of the top-k, store the teacher's final hidden state (int8) at every response "
+        "position and its LM head once, for kd.teacher: cached: every KD kind exact up to the int8 rounding, "
+        "at hidden_size + hidden_size/32 bytes per token (METHODS.md §4)",
+    )
+
+    @model_validator(mode="after")
+    def _one_cache_form(self) -> ScoringConfig:
+        if self.teacher_hidden and self.teacher_top_k is not None:
+            raise ValueError("scoring.teacher_top_k and scoring.teacher_hidden: true are two forms of the teacher "
+                             "cache; set one")
+        return self
 
     @model_validator(mode="after")
     def _metrics(self) -> ScoringConfig:
@@ -234,8 +246,8 @@ class KDConfig(_Section):
     # = losses.DEFAULT_CHUNK_POSITIONS (measured there; a test keeps the two equal).
     chunk_positions: int = Field(256, gt=0, description="scored positions per loss chunk")
     teacher: Literal["online", "cached"] = Field(
-        "online", description="online: run the teacher in every training step; cached: read its top-k "
-        "distribution from the scores (scoring.teacher_top_k), no teacher on the training workers",
+        "online", description="online: run the teacher in every training step; cached: read it from the "
+        "scores (scoring.teacher_top_k or scoring.teacher_hidden), no teacher on the training workers",
     )
 
 
@@ -428,8 +440,9 @@ class RunConfig(_Section):
         if self.kd.on_policy_fraction > 0:
             raise ValueError("kd.teacher: 'cached' holds the teacher on the reference responses only; kd.on_policy_fraction > 0 "
                              "needs it on the student's samples (use kd.teacher: online)")
-        if self.scoring.teacher_top_k is None:
-            raise ValueError("kd.teacher: 'cached' reads the teacher from the scores; set scoring.teacher_top_k (e.g. 128)")
+        if self.scoring.teacher_top_k is None and not self.scoring.teacher_hidden:
+            raise ValueError("kd.teacher: 'cached' reads the teacher from the scores; set scoring.teacher_top_k (e.g. 128) "
+                             "or scoring.teacher_hidden: true")
         return self
 
     def to_yaml(self) -> str:

@@ -6,8 +6,9 @@ Metrics (METHODS.md §1): student_ce, teacher_ce (mean response cross-entropy), 
 (KL(teacher || student) at T = 1 on the reference response), student_rougeL (ROUGE-L F1, stemmed,
 of the initial student's greedy response) and length (response tokens). Rows are batched by
 similar length to avoid padding waste; each batch's per-row metrics are computed together on the
-device and read back once (`response_means`). With a teacher top-k (scoring.teacher_top_k) the same
-teacher forward also gives each row's teacher cache (`teacher_cache.py`, METHODS.md §4).
+device and read back once (`response_means`). With a teacher cache (scoring.teacher_top_k or
+scoring.teacher_hidden) the same teacher forward also gives each row's cache (`teacher_cache.py`,
+METHODS.md §4). ``cache_form`` below is that setting: K for the top-K form, "hidden" for the hidden one.
 
 The greedy response of a row gets up to its response budget, data.max_length minus its prompt,
 so difficulty does not mostly measure the truncation of long references; scoring.max_new_tokens,
@@ -60,20 +61,20 @@ def rouge_l_scorer():
 
 
 def load_measurer_models(
-    models_cfg: ModelsConfig, metrics: Sequence[str], device: str | torch.device, teacher_top_k: int | None = None,
+    models_cfg: ModelsConfig, metrics: Sequence[str], device: str | torch.device, cache_form: int | str | None = None,
 ) -> MeasurerModels:
     """Tokenizer, initial student and teacher as the metrics need them, frozen, on ``device``.
 
     The initial student is ``models.student`` when set, else cut from the teacher
     (``student_layers`` / ``student_keep_every``); the teacher is kept only for teacher metrics or
-    a teacher cache (``teacher_top_k``).
+    a teacher cache (``cache_form``).
     dtype "auto" = bf16 on GPU, fp32 on CPU (``models.resolve_dtype``).
     """
     from pocl_ray.models import check_compatible, load_model, load_tokenizer, student_from_teacher
 
     device = torch.device(device)
     tokenizer = load_tokenizer(models_cfg.tokenizer or models_cfg.teacher)
-    need_teacher = bool(TEACHER_METRICS & set(metrics)) or teacher_top_k is not None or (
+    need_teacher = bool(TEACHER_METRICS & set(metrics)) or cache_form is not None or (
         bool(STUDENT_METRICS & set(metrics)) and models_cfg.student is None
     )
     teacher = load_model(models_cfg.teacher, dtype=models_cfg.dtype, device=device, frozen=True) if need_teacher else None
@@ -86,7 +87,7 @@ def load_measurer_models(
                 teacher, keep_layers=models_cfg.student_layers, keep_every=models_cfg.student_keep_every
             )
             student.eval().requires_grad_(False)
-    if not TEACHER_METRICS & set(metrics) and teacher_top_k is None:
+    if not TEACHER_METRICS & set(metrics) and cache_form is None:
         teacher = None
     if teacher is not None and student is not None:
         check_compatible(teacher, student, tokenizer)
@@ -154,28 +155,53 @@ def row_caches(
     return list(zip(*(np.split(np.concatenate([c[j] for c in chunks]), ends) for j in range(len(teacher_cache.CACHE_COLUMNS)))))
 
 
+def row_hidden(labels: torch.Tensor, hidden: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each row's hidden-form cache (`teacher_cache.hidden_arrays`): the teacher's final hidden state
+    (rows, seq, hidden) at each scored position (HF shift), in position order."""
+    scored = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=data_mod.IGNORE_INDEX) != data_mod.IGNORE_INDEX
+    values, scales = teacher_cache.hidden_arrays(hidden[scored])  # row-major: each row's positions in order
+    ends = np.cumsum(scored.sum(1).cpu().numpy())[:-1]
+    return list(zip(np.split(values, ends), np.split(scales, ends)))
+
+
+def teacher_outputs(teacher, inputs: Mapping[str, torch.Tensor], cache_form: int | str | None, logits: bool):
+    """(logits or None, final hidden states or None) of one teacher forward: the hidden form needs the
+    final hidden states, and the logits (when asked for) are then its head applied to them."""
+    if cache_form != "hidden":
+        return (teacher(**inputs).logits if logits else None), None
+    hidden = teacher.base_model(**inputs, use_cache=False).last_hidden_state
+    return (teacher.get_output_embeddings()(hidden) if logits else None), hidden
+
+
+def _row_cache(labels: torch.Tensor, t_logits, t_hidden, cache_form: int | str, vocab_size: int, row_ids) -> list:
+    if cache_form == "hidden":
+        return row_hidden(labels, t_hidden)
+    return row_caches(labels, t_logits, cache_form, vocab_size, row_ids)
+
+
 @torch.no_grad()
-def teacher_caches(teacher, rows: Sequence[Mapping], pad_token_id: int, k: int, batch_size: int = 16) -> list:
-    """Each row's teacher cache (as `row_caches`), from a forward of `teacher` over the rows (dicts
-    with id, input_ids, attention_mask and labels) in batches: for rows outside a scoring pass."""
+def teacher_caches(teacher, rows: Sequence[Mapping], pad_token_id: int, cache_form: int | str, batch_size: int = 16) -> list:
+    """Each row's teacher cache (as `row_caches` or `row_hidden`), from a forward of `teacher` over the
+    rows (dicts with id, input_ids, attention_mask and labels) in batches: for rows outside a scoring pass."""
     vocab = teacher.config.get_text_config().vocab_size
     out = []
     for i in range(0, len(rows), batch_size):
-        batch = data_mod.collate(list(rows[i : i + batch_size]), pad_token_id)
-        logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        out += row_caches(batch["labels"], logits, k, vocab, [r["id"] for r in rows[i : i + batch_size]])
+        batch = {k: v.to(teacher.device) for k, v in data_mod.collate(list(rows[i : i + batch_size]), pad_token_id).items()}
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        t_logits, t_hidden = teacher_outputs(teacher, inputs, cache_form, logits=cache_form != "hidden")
+        out += _row_cache(batch["labels"], t_logits, t_hidden, cache_form, vocab, [r["id"] for r in rows[i : i + batch_size]])
     return out
 
 
 def _forward_metrics(
-    models: MeasurerModels, rows: Mapping[str, Sequence], metrics: set[str], batch_size: int, teacher_top_k: int | None = None,
+    models: MeasurerModels, rows: Mapping[str, Sequence], metrics: set[str], batch_size: int, cache_form: int | str | None = None,
 ) -> tuple[dict[str, np.ndarray], list | None]:
-    """The forward metrics of each row and, with ``teacher_top_k``, each row's teacher cache from the
+    """The forward metrics of each row and, with ``cache_form``, each row's teacher cache from the
     same teacher forward."""
     n = len(rows["input_ids"])
     wanted = sorted(metrics & _FORWARD_METRICS)
     out = {m: np.full(n, np.nan) for m in wanted}
-    caches: list | None = None if teacher_top_k is None else [None] * n
+    caches: list | None = None if cache_form is None else [None] * n
     lengths = np.array([len(x) for x in rows["input_ids"]])
     pad_id = models.tokenizer.pad_token_id
     for idx in _chunks(lengths, batch_size):
@@ -187,7 +213,8 @@ def _forward_metrics(
         batch = {k: v.to(models.device) for k, v in batch.items()}
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         s_logits = models.student(**inputs).logits if metrics & {"student_ce", "teacher_student_kl"} else None
-        t_logits = models.teacher(**inputs).logits if metrics & TEACHER_METRICS or teacher_top_k else None
+        t_logits, t_hidden = (None, None) if models.teacher is None else teacher_outputs(
+            models.teacher, inputs, cache_form, logits=bool(metrics & TEACHER_METRICS) or isinstance(cache_form, int))
         if wanted:
             means = response_means(batch["labels"], student_logits=s_logits, teacher_logits=t_logits)
             values = torch.stack([means[m] for m in wanted]).cpu().numpy()
@@ -196,7 +223,7 @@ def _forward_metrics(
         if caches is not None:
             vocab = models.teacher.config.vocab_size
             ids = [rows["id"][i] for i in idx]
-            for i, cache in zip(idx, row_caches(batch["labels"], t_logits, teacher_top_k, vocab, ids)):
+            for i, cache in zip(idx, _row_cache(batch["labels"], t_logits, t_hidden, cache_form, vocab, ids)):
                 caches[i] = cache
     return out, caches
 
@@ -234,7 +261,7 @@ def greedy_responses(
 
 def measure(
     models: MeasurerModels, rows: Mapping[str, Sequence], metrics: Sequence[str], *, batch_size: int,
-    max_new_tokens: int | None, max_length: int | None = None, teacher_top_k: int | None = None,
+    max_new_tokens: int | None, max_length: int | None = None, cache_form: int | str | None = None,
 ) -> dict[str, np.ndarray]:
     """Every requested metric for each row (float64 arrays aligned with the rows).
 
@@ -243,16 +270,16 @@ def measure(
     KL(teacher || student) at temperature 1; student_rougeL is the ROUGE-L F1 (stemmed) of the
     student's greedy response against the reference, the response given
     `response_budgets(num_prompt_tokens, max_new_tokens, max_length)` new tokens; length counts
-    response tokens. With ``teacher_top_k`` (``rows`` then also holds the row ``id``, which fixes the tail
-    draws) the result also holds "teacher_cache": per row, the arrays of `row_caches` (CACHE_COLUMNS
-    order), from the teacher forward that gives teacher_ce.
+    response tokens. With ``cache_form`` (``rows`` then also holds the row ``id``, which fixes the tail
+    draws) the result also holds "teacher_cache": per row, the arrays of `row_caches` or `row_hidden`,
+    from the teacher forward that gives teacher_ce.
     """
     wanted = set(metrics)
     out: dict[str, np.ndarray] = {}
     caches = None
     with torch.inference_mode():
-        if wanted & _FORWARD_METRICS or teacher_top_k is not None:
-            values, caches = _forward_metrics(models, rows, wanted, batch_size, teacher_top_k)
+        if wanted & _FORWARD_METRICS or cache_form is not None:
+            values, caches = _forward_metrics(models, rows, wanted, batch_size, cache_form)
             out.update(values)
         if "student_rougeL" in wanted:
             prompts = [ids[: int(p)] for ids, p in zip(rows["input_ids"], rows["num_prompt_tokens"])]
@@ -273,7 +300,7 @@ class Measurer:
 
     def __init__(
         self, models_cfg: dict, metrics: list[str], batch_size: int, max_new_tokens: int | None, use_gpu: bool,
-        num_threads: int, max_length: int | None = None, teacher_top_k: int | None = None,
+        num_threads: int, max_length: int | None = None, cache_form: int | str | None = None,
     ):
         if use_gpu and not torch.cuda.is_available():
             raise RuntimeError("scoring.num_gpus_per_actor > 0 but this actor sees no CUDA device")
@@ -281,8 +308,8 @@ class Measurer:
             response_budgets([0], max_new_tokens, max_length)  # fail before loading models, not on the first batch
         if not use_gpu:
             torch.set_num_threads(num_threads)
-        self.models = load_measurer_models(ModelsConfig(**models_cfg), metrics, "cuda" if use_gpu else "cpu", teacher_top_k)
-        self.teacher_top_k = teacher_top_k
+        self.models = load_measurer_models(ModelsConfig(**models_cfg), metrics, "cuda" if use_gpu else "cpu", cache_form)
+        self.cache_form = cache_form
         self.metrics = metrics
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
@@ -297,7 +324,7 @@ class Measurer:
             scores = measure(
                 self.models, {c: rows.column(c).to_numpy(zero_copy_only=False) for c in MEASURER_INPUT},
                 self.metrics, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, max_length=self.max_length,
-                teacher_top_k=self.teacher_top_k,
+                cache_form=self.cache_form,
             )
             for m in self.metrics:
                 columns[m][valid] = scores[m]
@@ -305,8 +332,9 @@ class Measurer:
                 caches[i] = cache
         for m in self.metrics:
             batch = batch.append_column(m, pa.array(columns[m]))
-        if self.teacher_top_k is not None:
-            vocab = self.models.teacher.config.vocab_size
-            for name, column in teacher_cache.arrow_columns(caches, self.teacher_top_k, vocab).items():
+        if self.cache_form is not None:
+            config = self.models.teacher.config.get_text_config()
+            k = None if self.cache_form == "hidden" else self.cache_form
+            for name, column in teacher_cache.arrow_columns(caches, k, config.vocab_size, config.hidden_size).items():
                 batch = batch.append_column(name, column)
         return batch

@@ -2,9 +2,10 @@
 
 Layout written under ``cfg.output.dir``/scores (CONTRACTS.md): ``rows/`` (a directory of
 parquet files, one row per scored sample: id, text, tokens, labels, every metric, fused_score, rank,
-bucket; with scoring.teacher_top_k also the teacher cache columns of ``teacher_cache.py``, from the
-measurers' teacher forward), ``manifest.json`` (its "teacher_cache" entry: K, bytes per scored token)
-and ``rejected.jsonl``.
+bucket; with scoring.teacher_top_k or scoring.teacher_hidden also the teacher cache columns of
+``teacher_cache.py``, from the measurers' teacher forward), ``manifest.json`` (its "teacher_cache"
+entry: the form, K or the hidden size, bytes per scored token), ``rejected.jsonl``, and for the hidden
+form the teacher's LM head, ``teacher_head.safetensors``.
 
 Passes over the data, all in Ray Data:
 0. a count of the input rows, the total of the `[score] done/total rows` progress line (parquet
@@ -179,6 +180,8 @@ def check_inputs(cfg: RunConfig):
     k = cfg.scoring.teacher_top_k
     if k is not None and k > vocab["models.teacher"].vocab_size:
         raise ConfigError(f"scoring.teacher_top_k: {k} exceeds the teacher's vocabulary ({vocab['models.teacher'].vocab_size} tokens)")
+    if cfg.scoring.teacher_hidden:
+        _check_plain_head(m.teacher)
     for field, model_cfg in vocab.items():
         if model_cfg.vocab_size < len(tokenizer):
             raise ConfigError(f"{field}: vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
@@ -188,6 +191,30 @@ def check_inputs(cfg: RunConfig):
             f"{vocab['models.teacher'].vocab_size}; teacher metrics need one shared vocabulary"
         )
     return tokenizer
+
+
+def _check_plain_head(teacher: str) -> None:
+    """scoring.teacher_hidden stores hidden states for training to apply the teacher's head to, which
+    is only the teacher when its logits are exactly hidden @ head.T (checked on an empty model)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pocl_ray.models import linear_head
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(teacher))
+    weight, reason = linear_head(model)
+    if weight is None:
+        raise ConfigError(f"scoring.teacher_hidden: {reason}, so its hidden states do not give its logits; "
+                          f"use scoring.teacher_top_k instead")
+
+
+def _save_teacher_head(cfg: RunConfig, out_dir: Path) -> None:
+    """The other half of the hidden form: the teacher's LM head, once, beside the rows (float32)."""
+    from pocl_ray.models import load_model
+
+    teacher = load_model(cfg.models.teacher, dtype="float32")
+    teacher_cache.save_head(teacher.get_output_embeddings().weight, out_dir)
 
 
 def _models_manifest(cfg: RunConfig) -> dict:
@@ -290,7 +317,7 @@ def measure_dataset(cfg: RunConfig, tokenizer):
                     "max_length": cfg.data.max_length,
                     "use_gpu": use_gpu,
                     "num_threads": max(1, int(sc.num_cpus_per_actor)),
-                    "teacher_top_k": sc.teacher_top_k,
+                    "cache_form": teacher_cache.cache_form(sc),
                 },
                 batch_size=window,
                 batch_format="pyarrow",
@@ -361,12 +388,15 @@ def score_dataset(cfg: RunConfig) -> ScoreResult:
     # from the ranks (no sampling pass).
     # The teacher cache, when scored, rides along with the metric columns.
     cache = None
-    if sc.teacher_top_k is not None:
+    if sc.teacher_top_k is not None or sc.teacher_hidden:
         from transformers import AutoConfig
 
-        cache = teacher_cache.manifest_entry(sc.teacher_top_k, AutoConfig.from_pretrained(cfg.models.teacher).get_text_config().vocab_size)
+        text = AutoConfig.from_pretrained(cfg.models.teacher).get_text_config()
+        cache = teacher_cache.manifest_entry(sc.teacher_top_k, text.vocab_size, text.hidden_size)
+    if sc.teacher_hidden:
+        _save_teacher_head(cfg, out_dir)
     per_file = rows_per_file(cfg, 0 if cache is None else cache["bytes_per_scored_token"])
-    kept_columns = list(sc.metrics) + ([] if cache is None else list(teacher_cache.CACHE_COLUMNS))
+    kept_columns = list(sc.metrics) + ([] if cache is None else cache["columns"])
     attach = {"lookup_ref": lookup_ref, "results_ref": ray.put(results), "metrics": kept_columns}
     if sc.sort_output and rows_scored <= per_file:
         final = scored.repartition(1).map_batches(

@@ -63,7 +63,7 @@ def _sft_run(cfg: RunConfig, model: str, work_dir: Path, overrides: dict) -> Pat
     """
     sft = cfg.with_overrides({
         "models.teacher": model, "models.student": model, "models.student_layers": None,
-        "scoring.metrics": ["length"], "scoring.directions": {}, "scoring.teacher_top_k": None,
+        "scoring.metrics": ["length"], "scoring.directions": {}, "scoring.teacher_top_k": None, "scoring.teacher_hidden": False,
         "kd.teacher": "online", "kd.on_policy_fraction": 0.0,
         "curriculum.plan": "sft", "curriculum.num_buckets": 1, "curriculum.data_curriculum": "none",
         "output.dir": str(work_dir), **overrides,

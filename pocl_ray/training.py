@@ -55,6 +55,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from pocl_ray.config import ConfigError, KDConfig, RunConfig
 from pocl_ray.coordinator import best_candidate, coordinator
@@ -78,7 +79,10 @@ from pocl_ray.models import (
 )
 from pocl_ray.sampling import sample_on_policy
 from pocl_ray.shards import ROW_COLUMNS, ScoresIndex, StepReader
-from pocl_ray.teacher_cache import CACHE_COLUMNS, check_teacher_cache, collate_teacher_cache
+from pocl_ray.teacher_cache import (
+    CACHE_COLUMNS, HIDDEN_COLUMNS, HiddenCache, cache_form, check_teacher_cache, collate_teacher_cache, load_head,
+    teacher_hidden_states,
+)
 
 SCORE_COLUMNS = ("rank", "input_ids", "labels", "num_prompt_tokens")
 LOG_EVERY = 20  # at most this many steps between rank 0's read-backs of step records
@@ -208,17 +212,29 @@ def token_counts(batch: dict[str, torch.Tensor], stage: Stage) -> torch.Tensor:
 
 def forward_pair(student, teacher, batch: dict[str, torch.Tensor], stage: Stage):
     """Student outputs (with graph) and the teacher's (None when the stage needs no teacher): the
-    frozen teacher's forward, or with `teacher` None (kd.teacher: cached) the batch's cached top-k."""
+    frozen teacher's forward, or with `teacher` None (kd.teacher: cached) the batch's cache."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
               "output_hidden_states": stage.target == "hidden"}
     s_out = student(**inputs)
     t_out = None
     if stage.kd_weight > 0 and teacher is None:
-        t_out = batch["teacher_cache"]
+        t_out = cached_teacher(batch, logits=s_out.head is None)
     elif stage.kd_weight > 0:
         with torch.no_grad():
             t_out = teacher(**inputs)
     return s_out, t_out
+
+
+def cached_teacher(batch: dict, logits: bool) -> LMOutputs | TeacherCache:
+    """A batch's cached teacher as the losses take it: the top-K form as it is; the hidden form as an
+    online teacher's outputs (its final hidden states and LM head, or, when ``logits``, for a student
+    whose head is not plain, their logits)."""
+    cache = batch["teacher_cache"]
+    if not isinstance(cache, HiddenCache):
+        return cache
+    head = batch["teacher_head"]
+    hidden = teacher_hidden_states(cache, batch["scored_positions"], tuple(batch["labels"].shape), head)
+    return LMOutputs(F.linear(hidden, head), None, None) if logits else LMOutputs(hidden, None, head)
 
 
 def output_terms(
@@ -227,7 +243,8 @@ def output_terms(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(kd_weight·KD + (1 − kd_weight)·CE, KD, CE) on the output distribution, the last two detached;
     without teacher outputs `t` the loss is CE. One pass over the scored positions on the hidden-state
-    path; the logits path for heads that are not plain; a cached teacher's top-k (METHODS.md §4)."""
+    path; the logits path for heads that are not plain; a cached teacher's top-K form (METHODS.md §4)
+    (its hidden form comes as teacher outputs, `cached_teacher`)."""
     kd_weight = stage.kd_weight if t is not None else 0.0
     options = {"temperature": stage.temperature, "scale_by_t2": kd.scale_by_t2, "skew_alpha": kd.skew_alpha,
                "beta": kd.js_beta, "mu": kd.akl_mu, "chunk_positions": kd.chunk_positions}
@@ -354,7 +371,7 @@ def dev_losses(
             loss, _, _ = stage_terms(s_out, t_out, batch, stage, kd, counts[0], counts[1], projection, normalize)
             same = final_teacher is teacher and stage.target == "logits" and t_out is not None
             if final_teacher is None:  # kd.teacher: cached, the dev rows' cache made on the driver
-                final = batch["teacher_cache"]
+                final = cached_teacher(batch, logits=s_out.head is None)
             else:
                 final = t_out if same else final_teacher(batch["input_ids"], batch["attention_mask"])
             _, fkl_term, _ = output_terms(s_out, final, batch, fkl, fkl_options, counts[0], counts[2])
@@ -508,11 +525,25 @@ class Worker:
     optimizer_state: dict | None
     tokenizer: object
     teachers: Teachers | None  # None with kd.teacher: cached (no teacher on the workers)
+    cache: CacheReader | None  # with kd.teacher: cached
     scores: ScoresIndex
     dev_rows: list[dict]  # this worker's share of the dev rows (with their reference "response")
     dev_batches: list[dict[str, torch.Tensor]]  # the same rows, batched for the dev losses
     log: StepLog | None  # rank 0 only
     best_dir: Path | None  # rank 0 only: a local copy of the best selection candidate's student
+
+
+class CacheReader(NamedTuple):
+    """What a worker reads of a cached teacher (kd.teacher: cached): the cache columns of each row and,
+    for the hidden form, the teacher's LM head on the device (None: the top-K form)."""
+    columns: tuple[str, ...]
+    head: torch.Tensor | None
+
+    @classmethod
+    def of(cls, entry: dict, scores_dir: str, dtype: torch.dtype, device: torch.device) -> CacheReader:
+        if entry.get("form") == "hidden":
+            return cls(HIDDEN_COLUMNS, load_head(scores_dir, dtype, device))
+        return cls(CACHE_COLUMNS, None)
 
 
 class Teachers:
@@ -586,8 +617,9 @@ def setup_worker(config: dict) -> Worker:
         checkpoint_activations(student_lm)
     student_lm.train()
     bare = HiddenStatesLM(student_lm)
-    teachers = None
+    teachers, cache = None, None
     if cached:
+        cache = CacheReader.of(config["teacher_cache"], config["scores_dir"], resolve_dtype(cfg.models.dtype, device), device)
         bare.plain_head = plain_heads(bare)
         del cut_from  # read only to cut the student: no teacher stays on a worker
     else:
@@ -602,14 +634,14 @@ def setup_worker(config: dict) -> Worker:
     )
     dev_rows = config["dev_rows"][rank::world]
     dev_batches = [
-        batch_of(dev_rows[i : i + t.micro_batch_size], tokenizer.pad_token_id, device, cached)
+        batch_of(dev_rows[i : i + t.micro_batch_size], tokenizer.pad_token_id, device, cache)
         for i in range(0, max(len(dev_rows), 1), t.micro_batch_size)
     ] if config["dev_rows"] else []
     return Worker(
         cfg=cfg, rank=rank, world=world, device=device,
         autocast=partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
         coord=coord, specs=specs, position=state["position"], student=student, optimizer_state=optimizer_state,
-        tokenizer=tokenizer, teachers=teachers, scores=ScoresIndex(config["scores_path"]),
+        tokenizer=tokenizer, teachers=teachers, cache=cache, scores=ScoresIndex(config["scores_path"]),
         dev_rows=dev_rows, dev_batches=dev_batches,
         log=StepLog(coord, specs, state["position"]["step"]) if rank == 0 else None, best_dir=best_dir,
     )
@@ -629,13 +661,13 @@ def stage_optimizer(w: Worker, stage: Stage, first_step: int, optimizer, resumin
 def stage_rows(w: Worker, stage_index: int, spec: StageSpec, first_step: int) -> StepReader:
     """This worker's steps of a stage from `first_step` on, each its micro-batches of row dicts,
     read ahead by a background thread (shards.py): only the row groups that hold its rows, with the
-    teacher's cached top-k when kd.teacher is cached."""
+    teacher's cache columns when kd.teacher is cached."""
     import ray
 
     first_epoch, skip = divmod(first_step, spec.steps_per_epoch)
     shards = (ray.get(w.coord.shard.remote(stage_index, epoch, w.rank))
               for epoch in range(first_epoch, spec.epoch_of(spec.steps - 1) + 1))
-    columns = (*ROW_COLUMNS, *CACHE_COLUMNS) if w.teachers is None else ROW_COLUMNS
+    columns = ROW_COLUMNS if w.cache is None else (*ROW_COLUMNS, *w.cache.columns)
     return StepReader(w.scores, shards, start_step=skip, num_steps=spec.steps - first_step, columns=columns)
 
 
@@ -648,14 +680,18 @@ def step_batches(w: Worker, micro: list[list[dict]], stage: Stage, seed: int) ->
         offsets = np.cumsum([0, *(len(m) for m in micro)])
         micro = [_with_on_policy(unwrap(w.student).lm, m, kd, w.tokenizer, w.cfg.data.max_length, seed, int(offset))
                  for m, offset in zip(micro, offsets)]
-    return [batch_of(m, w.tokenizer.pad_token_id, w.device, w.teachers is None) for m in length_grouped(micro)]
+    return [batch_of(m, w.tokenizer.pad_token_id, w.device, w.cache) for m in length_grouped(micro)]
 
 
-def batch_of(rows: list[dict], pad_token_id: int, device: torch.device, cached: bool) -> dict:
-    """build_batch, plus the rows' cached teacher top-k (aligned with its scored positions) when cached."""
+def batch_of(rows: list[dict], pad_token_id: int, device: torch.device, cache: CacheReader | None) -> dict:
+    """build_batch, plus with a cached teacher the rows' cache (aligned with its scored positions) and,
+    for the hidden form, the head to apply to it (`cached_teacher` builds the teacher's outputs only
+    when the step reaches the micro-batch, so a step holds one micro-batch's hidden states at a time)."""
     batch = build_batch(rows, pad_token_id, device)
-    if cached:
-        batch["teacher_cache"] = collate_teacher_cache(rows, device)
+    if cache is not None:
+        batch["teacher_cache"] = collate_teacher_cache(rows, device, hidden=cache.head is not None)
+    if cache is not None and cache.head is not None:
+        batch["teacher_head"] = cache.head
     return batch
 
 
@@ -873,11 +909,11 @@ def run_plan(cfg: RunConfig) -> Plan:
 def cached_tail_warning(cfg: RunConfig, plan: Plan) -> str | None:
     """The caveat a cached-teacher run with RKL or AKL stages needs (METHODS.md §4), else None."""
     kinds = sorted({s.loss for s in plan.stages if s.target == "logits" and s.kd_weight > 0} & {"rkl", "akl"})
-    if cfg.kd.teacher != "cached" or not kinds:
+    if cfg.kd.teacher != "cached" or cfg.scoring.teacher_hidden or not kinds:
         return None
     return (f"kd.teacher: cached with {', '.join(kinds)}: RKL's cached tail (AKL's RKL part too) is a rough model, "
             "far off once the student nears the teacher (METHODS.md §4, 'Near the teacher'); "
-            "kd.teacher: online computes it exactly")
+            "scoring.teacher_hidden (the teacher's int8 hidden states) or kd.teacher: online compute it exactly")
 
 
 def _check_plan(cfg: RunConfig, plan: Plan) -> None:
@@ -932,13 +968,14 @@ def _dev_rows(cfg: RunConfig, plan: Plan) -> tuple[list[dict], int]:
 
 def _cache_dev_rows(cfg: RunConfig, rows: list[dict]) -> None:
     """With kd.teacher: cached the workers hold no teacher, so the dev rows (a few hundred, never
-    scored) get their teacher top-k here on the driver, once, as the scoring pass stores it."""
+    scored) get their teacher cache here on the driver, once, as the scoring pass stores it."""
     from pocl_ray.measurers import teacher_caches
 
     teacher = load_model(cfg.models.teacher, dtype=torch.float32, frozen=True)
     pad_id = load_tokenizer(cfg.models.tokenizer or cfg.models.teacher).pad_token_id
-    for row, cache in zip(rows, teacher_caches(teacher, rows, pad_id, cfg.scoring.teacher_top_k)):
-        row.update(zip(CACHE_COLUMNS, cache))
+    columns = HIDDEN_COLUMNS if cfg.scoring.teacher_hidden else CACHE_COLUMNS
+    for row, cache in zip(rows, teacher_caches(teacher, rows, pad_id, cache_form(cfg.scoring))):
+        row.update(zip(columns, cache))
 
 
 def _storage_path(cfg: RunConfig, out: Path) -> str:
@@ -1008,7 +1045,7 @@ def train(
     out = Path(cfg.output.dir).resolve() / "train"
     scores_dir = Path(scores_dir).resolve() if scores_dir is not None else out.parent / "scores"
     scores = scores_path(scores_dir)
-    check_teacher_cache(scores_dir, cfg)
+    cache_entry = check_teacher_cache(scores_dir, cfg)
     dataset = pads.dataset(str(scores), format="parquet")
     num_rows = _num_ranked_rows(dataset, scores_dir)
     index = ScoresIndex(scores)
@@ -1053,6 +1090,8 @@ def train(
             "cfg": cfg.model_dump(mode="json"), "coordinator": name,
             "namespace": ray.get_runtime_context().namespace,
             "scores_path": str(scores),
+            "scores_dir": str(scores_dir),
+            "teacher_cache": cache_entry,
             "dev_rows": dev_rows,
         },
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,

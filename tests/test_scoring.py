@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -388,3 +389,48 @@ def test_teacher_top_k_writes_the_cache_from_the_scoring_forward(ray_local, tiny
         # teacher_ce comes from the same forward.
         target_logp = torch.log_softmax(logits, -1).gather(-1, labels[1:][labels[1:] != -100][:, None])
         assert row["teacher_ce"] == pytest.approx(-target_logp.mean().item(), abs=1e-4)
+
+
+def test_teacher_hidden_writes_int8_hidden_states_and_the_head(ray_local, tiny_assets, dataset, tmp_path):
+    from pocl_ray.teacher_cache import HEAD_FILE, HIDDEN_COLUMNS, arrow_types, check_teacher_cache, dequantize_hidden
+
+    cfg = _config(tiny_assets, tmp_path, dataset["path"], scoring={"metrics": ["teacher_ce", "length"], "teacher_hidden": True},
+                  kd={"teacher": "cached"}, data={"max_rows": 24})
+    result = score_dataset(cfg)
+    entry = result.manifest["teacher_cache"]
+    teacher = load_model(tiny_assets.teacher_dir, frozen=True)
+    hidden_size = teacher.config.hidden_size
+    assert entry["form"] == "hidden" and entry["hidden_size"] == hidden_size and entry["columns"] == list(HIDDEN_COLUMNS)
+    assert entry["bytes_per_scored_token"] == hidden_size + 2 * -(-hidden_size // 64)
+    assert check_teacher_cache(result.output_dir, cfg) == entry
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(result.output_dir / HEAD_FILE))["weight"], teacher.lm_head.weight)
+    table = pds.dataset(str(result.scores_path), format="parquet").to_table()
+    for name, kind in arrow_types(None, tiny_assets.vocab_size, hidden_size).items():
+        assert table.schema.field(name).type == kind
+    for row in table.select(["labels", "input_ids", "teacher_ce", *HIDDEN_COLUMNS]).to_pylist()[:4]:
+        labels = torch.tensor(row["labels"])
+        scored = torch.nn.functional.pad(labels[1:], (0, 1), value=-100) != -100
+        with torch.no_grad():
+            want = teacher.model(input_ids=torch.tensor([row["input_ids"]])).last_hidden_state[0, scored]
+        got = dequantize_hidden(torch.tensor(row["teacher_hidden"], dtype=torch.int8), torch.tensor(row["teacher_hidden_scale"]).half())
+        # Half an int8 step of each 64-channel group at most (batched and single-row forwards differ by ~1e-6).
+        step = torch.tensor(row["teacher_hidden_scale"]).float().repeat_interleave(64, 1)[:, :hidden_size]
+        assert got.shape == want.shape and ((got - want).abs() <= step / 2 + 1e-5).all()
+        # teacher_ce comes from the same forward, through the head.
+        logp = torch.log_softmax(want @ teacher.lm_head.weight.T, -1)
+        target = labels[1:][labels[1:] != -100][:, None]
+        assert row["teacher_ce"] == pytest.approx(-logp.gather(-1, target).mean().item(), abs=1e-4)
+
+
+def test_teacher_hidden_refuses_a_teacher_whose_logits_are_not_its_head(tiny_assets, dataset, tmp_path):
+    teacher = tmp_path / "capped"
+    shutil.copytree(tiny_assets.teacher_dir, teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**config, "final_logit_softcapping": 30.0}))
+    cfg = _config(tiny_assets, tmp_path, dataset["path"], models={"teacher": str(teacher)},
+                  scoring={"metrics": ["length"], "teacher_hidden": True})
+    with pytest.raises(ConfigError, match=r"scoring.teacher_hidden: .*final_logit_softcapping = 30.0.*use scoring.teacher_top_k"):
+        score_dataset(cfg)
+    assert not (tmp_path / "run" / "scores").exists()

@@ -15,10 +15,11 @@ import torch
 
 from pocl_ray import losses as L
 from pocl_ray.config import ConfigError, parse_config
-from pocl_ray.measurers import row_caches
+from pocl_ray.measurers import row_caches, row_hidden
 from pocl_ray.shards import _row_dicts
 from pocl_ray.teacher_cache import (
-    CACHE_COLUMNS, arrow_columns, arrow_types, bytes_per_token, check_teacher_cache, collate_teacher_cache, manifest_entry,
+    CACHE_COLUMNS, HEAD_FILE, HIDDEN_COLUMNS, HIDDEN_GROUP, arrow_columns, arrow_types, bytes_per_token, check_teacher_cache,
+    collate_teacher_cache, dequantize_hidden, hidden_groups, manifest_entry, quantize_hidden, save_head,
 )
 
 B, S, H, V = 3, 12, 16, 64
@@ -272,3 +273,118 @@ def test_check_names_the_scores_path_and_the_setting(tmp_path):
         check_teacher_cache(directory, cfg.with_overrides({"scoring.teacher_top_k": 16}))
     with pytest.raises(ConfigError, match=r"models.teacher: .* comes from"):
         check_teacher_cache(directory, cfg.with_overrides({"models.teacher": str(tmp_path / "other")}))
+
+
+# -- the hidden form: the teacher's final hidden state in int8, its head applied in training -------
+
+
+def test_int8_hidden_states_round_to_within_half_a_step_per_group():
+    g = torch.Generator().manual_seed(0)
+    width = 100  # not a multiple of HIDDEN_GROUP: the last group is padded
+    hidden = torch.randn(5, width, generator=g)
+    hidden[:, 3] = 40.0  # an outlier channel, as LMs' final hidden states have: it widens its group only
+    hidden[4] = 0.0
+    values, scales = quantize_hidden(hidden)
+    assert values.dtype == torch.int8 and values.shape == (5, width) and scales.dtype == torch.float16
+    assert scales.shape == (5, hidden_groups(width)) == (5, 2)
+    back = dequantize_hidden(values, scales)
+    step = scales.float().repeat_interleave(HIDDEN_GROUP, 1)[:, :width]
+    assert ((back - hidden).abs() <= step / 2 + 1e-6).all()
+    assert (back[4] == 0).all() and (values.abs() <= 127).all()
+    # The outlier's group keeps its coarse step; the other group keeps a fine one.
+    assert (scales[:4, 1].float() < scales[:4, 0].float() / 5).all()
+    # Re-quantizing the rounded state changes nothing: what is stored is what training reads.
+    again = quantize_hidden(back)
+    assert torch.equal(again[0], values) and torch.equal(again[1], scales)
+
+
+def _stored_hidden_rows(rows, hidden_states):
+    """Rows as StepReader returns them with the hidden form's columns, written as arrow and read back."""
+    caches = [row_hidden(torch.as_tensor(r["labels"])[None], h[None])[0] for r, h in zip(rows, hidden_states)]
+    table = pa.table(arrow_columns([*caches, None], None, V, H)).slice(0, len(rows))
+    return [{**r, **c} for r, c in zip(rows, _row_dicts(table, HIDDEN_COLUMNS))]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_hidden_cache_gives_the_online_loss_of_the_rounded_teacher_state(temperature):
+    from pocl_ray.training import LMOutputs, build_batch, cached_teacher
+
+    rows, _ = _rows_and_logits()
+    g = torch.Generator().manual_seed(5)
+    hidden = [torch.randn(len(r["input_ids"]), H, generator=g) for r in rows]
+    t_head = torch.randn(V, H, generator=g) * 4 / H**0.5
+    stored = _stored_hidden_rows(rows, hidden)
+    assert stored[0]["teacher_hidden"].dtype == np.int8 and stored[0]["teacher_hidden_scale"].dtype == np.float16
+    batch = build_batch(stored, pad_token_id=0, device=torch.device("cpu"))
+    batch["teacher_cache"] = collate_teacher_cache(stored, torch.device("cpu"), hidden=True)
+    batch["teacher_head"] = t_head
+    seq = batch["labels"].shape[1]
+    exact = torch.stack([torch.cat([h, torch.zeros(seq - len(h), H)]) for h in hidden])
+    scored = (L._next_labels(batch["labels"]) != L.IGNORE_INDEX).view(exact.shape[:2])
+    rounded = torch.zeros_like(exact)
+    rounded[scored] = dequantize_hidden(*quantize_hidden(exact[scored]))
+    t_out = cached_teacher(batch, logits=False)
+    assert isinstance(t_out, LMOutputs) and t_out.head is t_head
+    s_hidden, s_head = torch.randn(len(rows), seq, H, generator=g), torch.randn(V, H, generator=g) * 0.5
+    options = {"temperature": temperature, "scored_positions": batch["scored_positions"]}
+    for kind in L.KD_KINDS:
+        ref = L.linear_kd_loss(kind, s_hidden, s_head, rounded, t_head, batch["labels"], **options)
+        got = L.linear_kd_loss(kind, s_hidden, s_head, t_out.final, t_out.head, batch["labels"], **options)
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+        # Against the unrounded teacher, every kind (RKL and AKL too) is off by the rounding alone.
+        true = L.linear_kd_loss(kind, s_hidden, s_head, exact, t_head, batch["labels"], **options)
+        assert float(abs(got - true) / true) < 1e-2, kind
+    # A student whose head is not plain gets the teacher's logits instead.
+    logits = cached_teacher(batch, logits=True)
+    assert logits.head is None and torch.allclose(logits.final, t_out.final @ t_head.T)
+    # The all-masked stand-in row of a worker with no rows: no cache, a zero teacher.
+    empty = build_batch([], 0, torch.device("cpu"))
+    empty.update(teacher_cache=collate_teacher_cache([], torch.device("cpu"), hidden=True), teacher_head=t_head)
+    assert cached_teacher(empty, logits=False).final.shape == (*empty["labels"].shape, H)
+
+
+def test_hidden_collate_refuses_rows_that_do_not_match():
+    rows, _ = _rows_and_logits()
+    stored = _stored_hidden_rows(rows, [torch.randn(len(r["input_ids"]), H) for r in rows])
+    short = dict(stored[1], teacher_hidden_scale=stored[1]["teacher_hidden_scale"][1:])
+    with pytest.raises(ValueError, match=r"row r14: teacher cache shapes .* \(hidden size 16, 1 scales\)"):
+        collate_teacher_cache([stored[0], short], torch.device("cpu"), hidden=True)
+    with pytest.raises(ValueError, match=r"the rows lack \['teacher_hidden', 'teacher_hidden_scale'\]"):
+        collate_teacher_cache(_stored_rows(rows, _rows_and_logits()[1], 8), torch.device("cpu"), hidden=True)
+
+
+def test_hidden_form_check_names_the_head_and_the_setting(tmp_path):
+    cfg = _cfg(tmp_path).with_overrides({"scoring.teacher_top_k": None, "scoring.teacher_hidden": True})
+    rows, _ = _rows_and_logits()
+    stored = [row_hidden(torch.as_tensor(r["labels"])[None], torch.randn(1, len(r["input_ids"]), H))[0] for r in rows]
+    good = {k: v.slice(0, 2) for k, v in arrow_columns(stored, None, V, H).items()}
+    directory = _write_scores(tmp_path, cfg, good, manifest_entry(None, V, H))
+    with pytest.raises(ConfigError, match=rf"the teacher's LM head {directory / HEAD_FILE} is missing.*scoring.teacher_hidden"):
+        check_teacher_cache(directory, cfg)
+    save_head(torch.randn(V, H + 1), directory)
+    with pytest.raises(ConfigError, match=rf"the LM head {directory / HEAD_FILE} is \({V}, {H + 1}\), expected \({V}, {H}\)"):
+        check_teacher_cache(directory, cfg)
+    save_head(torch.randn(V, H), directory)
+    entry = check_teacher_cache(directory / "rows", cfg)
+    assert entry["form"] == "hidden" and entry["bytes_per_scored_token"] == bytes_per_token(None, V, H) == H + 2
+    with pytest.raises(ConfigError, match=r"scoring.teacher_top_k: 8, but the scores .* cache the teacher's hidden states.*"
+                                          r"set scoring.teacher_hidden: true"):
+        check_teacher_cache(directory, _cfg(tmp_path))
+    top = _write_scores(tmp_path / "top", cfg, {}, manifest_entry(8, V))
+    with pytest.raises(ConfigError, match=r"scoring.teacher_hidden: true, but the scores .* cache the teacher's top 8.*"
+                                          r"set scoring.teacher_top_k: 8"):
+        check_teacher_cache(top, cfg)
+    bad = dict(good, teacher_hidden=good["teacher_hidden_scale"])
+    _write_scores(tmp_path / "bad", cfg, bad, manifest_entry(None, V, H))
+    save_head(torch.randn(V, H), tmp_path / "bad" / "scores")
+    with pytest.raises(ConfigError, match=r"malformed columns: teacher_hidden is .*scoring.teacher_hidden"):
+        check_teacher_cache(tmp_path / "bad" / "scores", cfg)
+    # The testbed teacher's width (576): 594 bytes per scored token.
+    assert bytes_per_token(None, 49152, 576) == 576 + 2 * 9 == 594
+
+
+def test_config_takes_one_cache_form():
+    base = {"data": {"train": "t.jsonl"}, "models": {"teacher": "t"}, "kd": {"teacher": "cached"}}
+    assert parse_config({**base, "scoring": {"teacher_hidden": True}}).scoring.teacher_hidden
+    with pytest.raises(ConfigError, match=r"scoring.teacher_top_k and scoring.teacher_hidden: true are two forms .* set one"):
+        parse_config({**base, "scoring": {"teacher_hidden": True, "teacher_top_k": 8}})

@@ -266,9 +266,11 @@ def test_cached_rkl_and_akl_runs_get_the_tail_caveat(tiny_assets, tmp_path):
         warning = cached_tail_warning(cfg, plan_from_config(cfg))
         assert (warning is not None) == warned, loss
         if warned:
-            assert f"kd.teacher: cached with {loss}" in warning and "kd.teacher: online" in warning
+            assert f"kd.teacher: cached with {loss}" in warning and "scoring.teacher_hidden" in warning
     online = run_config(tiny_assets, tmp_path, **{"kd.loss": "rkl"})
     assert cached_tail_warning(online, plan_from_config(online)) is None
+    hidden = run_config(tiny_assets, tmp_path, **{"kd.teacher": "cached", "scoring.teacher_hidden": True, "kd.loss": "rkl"})
+    assert cached_tail_warning(hidden, plan_from_config(hidden)) is None
 
 
 def test_selection_settings_name_their_field(tiny_assets, tmp_path):
@@ -333,35 +335,63 @@ def test_gradient_checkpointing_gives_the_same_step(tiny_assets):
         torch.testing.assert_close(results[1][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_cached_teacher_at_full_vocabulary_gives_the_online_step_and_dev_losses(tiny_assets, tmp_path):
-    """kd.teacher: cached with K = vocabulary size: the training step and both dev losses equal the
-    online teacher's (the dev rows' cache is made on the driver, as `train` does)."""
+def _cached_and_online_steps(tiny_assets, tmp_path, cache_setting: dict, kind: str):
+    """(online, cached) of one training step and the dev losses on the same rows and student: the
+    loss terms, the gradients, the dev losses (the dev rows' cache made on the driver, as `train` does)."""
     from pocl_ray.config import KDConfig
     from pocl_ray.curriculum import Stage
-    from pocl_ray.training import HiddenStatesLM, _cache_dev_rows, accumulate_gradients, batch_of, dev_losses
+    from pocl_ray.teacher_cache import CACHE_COLUMNS, HIDDEN_COLUMNS, load_head, save_head
+    from pocl_ray.training import CacheReader, HiddenStatesLM, _cache_dev_rows, accumulate_gradients, batch_of, dev_losses
 
-    cfg = run_config(tiny_assets, tmp_path, **{"kd.teacher": "cached", "scoring.teacher_top_k": tiny_assets.vocab_size})
+    cfg = run_config(tiny_assets, tmp_path, **{"kd.teacher": "cached", **cache_setting})
     tokenizer = load_tokenizer(tiny_assets.tokenizer_dir)
     good, _ = validate_and_tokenize(read_table(tiny_assets.dev_path).to_pylist()[:6], tokenizer, tiny_assets.data_config())
     rows = [{k: r[k] for k in ("id", "input_ids", "labels", "attention_mask", "num_prompt_tokens")} for r in good]
     _cache_dev_rows(cfg, rows)
     teacher = HiddenStatesLM(load_model(tiny_assets.teacher_dir, frozen=True))
-    stage = Stage(index=0, buckets=(0,), steps=1, temperature=2.0, kd_weight=0.7, loss="js")
+    if cfg.scoring.teacher_hidden:
+        save_head(teacher.lm.get_output_embeddings().weight, tmp_path)
+        reader = CacheReader(HIDDEN_COLUMNS, load_head(tmp_path, torch.float32, torch.device("cpu")))
+    else:
+        reader = CacheReader(CACHE_COLUMNS, None)
+    stage = Stage(index=0, buckets=(0,), steps=1, temperature=2.0, kd_weight=0.7, loss=kind)
     results = {}
     for cached in (False, True):
-        batches = [batch_of(rows[i : i + 3], tokenizer.pad_token_id, torch.device("cpu"), cached) for i in (0, 3)]
+        batches = [batch_of(rows[i : i + 3], tokenizer.pad_token_id, torch.device("cpu"), reader if cached else None)
+                   for i in (0, 3)]
         student = HiddenStatesLM(load_model(tiny_assets.student_dir))
         student.eval()
         t = None if cached else teacher
         out = accumulate_gradients(student, t, batches, stage, KDConfig())
         grads = {n: p.grad for n, p in student.named_parameters()}
         results[cached] = (out, grads, dev_losses(student, t, t, batches, stage, KDConfig()))
+    return results[False], results[True]
+
+
+def test_cached_teacher_at_full_vocabulary_gives_the_online_step_and_dev_losses(tiny_assets, tmp_path):
+    """kd.teacher: cached with K = vocabulary size: the training step and both dev losses equal the
+    online teacher's."""
+    online, cached = _cached_and_online_steps(tiny_assets, tmp_path, {"scoring.teacher_top_k": tiny_assets.vocab_size}, "js")
+    results = {False: online, True: cached}
     torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
     for name, g in results[False][1].items():
         # The stored log-probs are float16 (teacher_cache.py): gradients agree to ~1e-4 of their scale.
         torch.testing.assert_close(results[True][1][name], g, rtol=1e-3, atol=1e-4 * float(g.abs().max()), msg=name)
     assert results[True][2] == pytest.approx(results[False][2], rel=1e-4)
     assert results[True][0][1] > 0  # a real KD term, not two zeros
+
+
+@pytest.mark.parametrize("kind", ["rkl", "fkl"])
+def test_cached_hidden_teacher_gives_the_online_step_within_its_int8_rounding(tiny_assets, tmp_path, kind):
+    """scoring.teacher_hidden: the teacher's head applied to its int8 hidden states on the device. The
+    step and dev losses match the online teacher's to the rounding (exact equality with the rounded
+    state is tested in test_teacher_cache.py); RKL too, which the top-K form only estimates."""
+    online, cached = _cached_and_online_steps(tiny_assets, tmp_path, {"scoring.teacher_hidden": True}, kind)
+    assert cached[0][1] > 0 and not torch.equal(cached[0], online[0])  # a real KD term, really rounded
+    torch.testing.assert_close(cached[0], online[0], rtol=2e-3, atol=1e-5)
+    for name, g in online[1].items():
+        torch.testing.assert_close(cached[1][name], g, rtol=2e-2, atol=2e-3 * float(g.abs().max()), msg=name)
+    assert cached[2] == pytest.approx(online[2], rel=2e-3)
 
 
 # -- loss algebra: 2 DDP workers give the gradient of 1 worker on the combined batch -------------
@@ -542,10 +572,11 @@ def test_killed_run_resumes_at_the_same_step_with_the_same_data(pocl_run, tiny_a
 
 
 @ray_test
-def test_cached_teacher_run_loads_no_teacher_and_follows_the_plan(ray_local, tiny_assets, tmp_path, capsys):
+@pytest.mark.parametrize("setting", [{"scoring.teacher_top_k": 32}, {"scoring.teacher_hidden": True}], ids=["top_k", "hidden"])
+def test_cached_teacher_run_loads_no_teacher_and_follows_the_plan(ray_local, tiny_assets, tmp_path, capsys, setting):
     from pocl_ray.training import selected_student, train
 
-    scores = write_scores(tmp_path, tiny_assets, teacher_top_k=32)
+    scores = write_scores(tmp_path, tiny_assets, cache_form=setting.get("scoring.teacher_top_k", "hidden"))
     # The run's teacher folder has its config and tokenizer but no weights: loading it anywhere fails.
     teacher = tmp_path / "teacher_without_weights"
     shutil.copytree(tiny_assets.teacher_dir, teacher, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
@@ -553,7 +584,7 @@ def test_cached_teacher_run_loads_no_teacher_and_follows_the_plan(ray_local, tin
     manifest["models"]["teacher"] = str(teacher.resolve())
     (scores / "manifest.json").write_text(json.dumps(manifest))
     cfg = run_config(tiny_assets, tmp_path / "run", **{
-        "models.teacher": str(teacher), "data.dev": None, "kd.teacher": "cached", "scoring.teacher_top_k": 32,
+        "models.teacher": str(teacher), "data.dev": None, "kd.teacher": "cached", **setting,
         "curriculum.num_buckets": 2, "training.checkpoint_every": 100,
     })
     with pytest.raises(OSError):

@@ -18,10 +18,10 @@ from pocl_ray.models import load_tokenizer
 from pocl_ray.shards import ScoresIndex, blocks, worker_shard
 
 
-def write_scores(directory: Path, assets, num_buckets: int = 4, teacher_top_k: int | None = None) -> Path:
+def write_scores(directory: Path, assets, num_buckets: int = 4, cache_form: int | str | None = None) -> Path:
     """A scoring output as CONTRACTS.md fixes it, ranked by response length (then id) as a stand-in
-    for the fused difficulty score; with `teacher_top_k`, the teacher cache columns as scoring
-    writes them (from the tiny teacher's forward)."""
+    for the fused difficulty score; with `cache_form` (K, or "hidden"), the teacher cache columns
+    (and the hidden form's head) as scoring writes them (from the tiny teacher's forward)."""
     tokenizer = load_tokenizer(assets.tokenizer_dir)
     good, rejects = validate_and_tokenize(read_table(assets.train_path).to_pylist(), tokenizer, assets.data_config())
     assert not rejects
@@ -44,8 +44,8 @@ def write_scores(directory: Path, assets, num_buckets: int = 4, teacher_top_k: i
         "bucket": pa.array(bucket_of_rank(ranks, m, num_buckets), pa.int32()),
     })
     cache = None
-    if teacher_top_k is not None:
-        table, cache = _with_teacher_cache(table, good, assets, teacher_top_k, tokenizer.pad_token_id)
+    if cache_form is not None:
+        table, cache = _with_teacher_cache(table, good, assets, cache_form, tokenizer.pad_token_id, scores)
     pq.write_table(table, scores / "rows.parquet", row_group_size=64)
     buckets = bucket_of_rank(ranks, m, num_buckets)
     (scores / "manifest.json").write_text(json.dumps({
@@ -58,17 +58,21 @@ def write_scores(directory: Path, assets, num_buckets: int = 4, teacher_top_k: i
     return scores
 
 
-def _with_teacher_cache(table: pa.Table, rows: list[dict], assets, k: int, pad_id: int) -> tuple[pa.Table, dict]:
+def _with_teacher_cache(table: pa.Table, rows: list[dict], assets, form: int | str, pad_id: int,
+                        scores: Path) -> tuple[pa.Table, dict]:
     from pocl_ray import teacher_cache
     from pocl_ray.measurers import teacher_caches
     from pocl_ray.models import load_model
 
     teacher = load_model(assets.teacher_dir, frozen=True)
-    vocab = teacher.config.vocab_size
-    per_row = teacher_caches(teacher, rows, pad_id, k)
-    for name, column in teacher_cache.arrow_columns(per_row, k, vocab).items():
+    vocab, hidden = teacher.config.vocab_size, teacher.config.hidden_size
+    k = None if form == "hidden" else form
+    per_row = teacher_caches(teacher, rows, pad_id, form)
+    for name, column in teacher_cache.arrow_columns(per_row, k, vocab, hidden).items():
         table = table.append_column(name, column)
-    return table, teacher_cache.manifest_entry(k, vocab)
+    if k is None:
+        teacher_cache.save_head(teacher.get_output_embeddings().weight, scores)
+    return table, teacher_cache.manifest_entry(k, vocab, hidden)
 
 
 def run_config(assets, out: Path, name: str = "t", **overrides):
