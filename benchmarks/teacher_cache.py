@@ -26,8 +26,8 @@ Two teachers (--teacher):
   chat template, max_length 512. The training-step timing uses the first 256 dev rows; --speed-steps 0
   skips it (on CPU it takes minutes per step at this size).
 
-    python benchmarks/teacher_cache.py                                      # CPU, ~2 minutes on 2 cores
-    python benchmarks/teacher_cache.py --teacher testbed --speed-steps 0    # CPU, ~2 minutes
+    python benchmarks/teacher_cache.py                                      # CPU, ~25 s with --threads 2
+    python benchmarks/teacher_cache.py --teacher testbed --speed-steps 0    # CPU, ~3 minutes with --threads 2
     python benchmarks/teacher_cache.py --device cuda
 """
 

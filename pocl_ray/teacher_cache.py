@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-
 from typing import NamedTuple
 
 import numpy as np
