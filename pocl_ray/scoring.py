@@ -450,5 +450,10 @@ def format_summary(manifest: dict) -> str:
     for b in manifest["buckets"]:
         span = "-" if b["rows"] == 0 else f"{b['fused_min']:.6f} .. {b['fused_max']:.6f}"
         lines.append(f"  {b['id']:>6}  {b['rows']:>8}   {span}")
-    lines.append(f"written: {SCORES_DIR}, {MANIFEST_FILE}, {REJECTED_FILE}")
+    cache = manifest.get("teacher_cache")
+    if cache:
+        form = "hidden states (int8) + LM head" if cache.get("form") == "hidden" else f"top {cache['top_k']} + tail"
+        lines.append(f"teacher cache: {form}, {cache['bytes_per_scored_token']} bytes per scored token")
+    lines.append(f"written: {SCORES_DIR}, {MANIFEST_FILE}, {REJECTED_FILE}"
+                 + (f", {teacher_cache.HEAD_FILE}" if cache and cache.get("form") == "hidden" else ""))
     return "\n".join(lines)

@@ -363,6 +363,7 @@ def test_teacher_top_k_writes_the_cache_from_the_scoring_forward(ray_local, tiny
     entry = result.manifest["teacher_cache"]
     assert entry["top_k"] == 16 and entry["bytes_per_scored_token"] == per_token
     assert check_teacher_cache(result.output_dir, cfg) == entry
+    assert f"teacher cache: top 16 + tail, {per_token} bytes per scored token" in format_summary(result.manifest)
     files = sorted(result.scores_path.glob("*.parquet"))
     groups = [m.row_group(i).num_rows for m in (pq.ParquetFile(f).metadata for f in files) for i in range(m.num_row_groups)]
     assert sum(groups) == result.manifest["rows_scored"] and max(groups) == 8, groups
@@ -403,6 +404,9 @@ def test_teacher_hidden_writes_int8_hidden_states_and_the_head(ray_local, tiny_a
     assert entry["form"] == "hidden" and entry["hidden_size"] == hidden_size and entry["columns"] == list(HIDDEN_COLUMNS)
     assert entry["bytes_per_scored_token"] == hidden_size + 2 * -(-hidden_size // 64)
     assert check_teacher_cache(result.output_dir, cfg) == entry
+    summary = format_summary(result.manifest)
+    assert f"teacher cache: hidden states (int8) + LM head, {entry['bytes_per_scored_token']} bytes" in summary
+    assert HEAD_FILE in summary.splitlines()[-1]
     from safetensors.torch import load_file
 
     assert torch.equal(load_file(str(result.output_dir / HEAD_FILE))["weight"], teacher.lm_head.weight)
