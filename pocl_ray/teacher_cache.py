@@ -280,6 +280,13 @@ def check_teacher_cache(scores_path: str | Path, cfg: RunConfig) -> dict | None:
     if manifest.get("models", {}).get("teacher") != teacher:
         raise ConfigError(f"models.teacher: {teacher}, but the teacher cache at {directory} comes from "
                           f"{manifest.get('models', {}).get('teacher')}; {_FIX}")
+    if cfg.models.student is not None:
+        from transformers import AutoConfig
+
+        vocab = AutoConfig.from_pretrained(cfg.models.student).get_text_config().vocab_size
+        if vocab != entry["vocab_size"]:
+            raise ConfigError(f"models.student: vocab_size {vocab} differs from the {entry['vocab_size']} of the teacher "
+                              f"cached at {directory}; KD needs one shared vocabulary")
     data = directory / manifest["scores_path"]
     schema = pds.dataset(str(data), format="parquet").schema
     expected = {name: pa.list_(pa.list_(pa.from_numpy_dtype(dtype), width)) for name, width, dtype in entry_layout(entry)}

@@ -379,6 +379,12 @@ def test_hidden_form_check_names_the_head_and_the_setting(tmp_path):
     save_head(torch.randn(V, H), tmp_path / "bad" / "scores")
     with pytest.raises(ConfigError, match=r"malformed columns: teacher_hidden is .*scoring.teacher_hidden"):
         check_teacher_cache(tmp_path / "bad" / "scores", cfg)
+    # A student of another vocabulary is refused before any Ray work (either form).
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=V + 8, hidden_size=H, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path / "student")
+    with pytest.raises(ConfigError, match=rf"models.student: vocab_size {V + 8} differs from the {V} of the teacher cached at"):
+        check_teacher_cache(directory, cfg.with_overrides({"models.student": str(tmp_path / "student")}))
     # The testbed teacher's width (576): 594 bytes per scored token.
     assert bytes_per_token(None, 49152, 576) == 576 + 2 * 9 == 594
 
