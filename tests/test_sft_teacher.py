@@ -2,8 +2,9 @@
 fine-tuned on the tiny training rows through the real stage (length-only scoring + one Ray Train run
 on the sft plan), inside a real `run_distill` (scoring, two compared trainings, their evaluations and
 the teacher's). The fine-tuning must lower the teacher's CE on the training rows, be skipped on a
-re-run, and be the teacher of every later stage: the scores record it, each student is cut from it,
-and the teacher's evaluation evaluates it.
+re-run, and be the teacher of every later stage: the scores record it and cache it (the hidden form,
+which the compared runs train from), each student is cut from it, and the teacher's evaluation
+evaluates it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def sft_config(assets, out: Path, **overrides):
         "name": "sftt",
         "data": {"train": str(assets.train_path), "max_prompt_length": 96, "max_length": 128},
         "models": {"teacher": str(assets.teacher_dir)},  # the student is cut from the (fine-tuned) teacher
-        "scoring": {"metrics": ["teacher_ce"], "batch_size": 64},
+        "scoring": {"metrics": ["teacher_ce"], "batch_size": 64, "teacher_hidden": True},
+        "kd": {"teacher": "cached"},
         "curriculum": {"plan": "pocl", "num_buckets": 2, "steps_per_stage": 1},
         # A learning rate so small that each trained student stays the teacher layers it was cut from.
         "training": {"num_workers": 1, "global_batch_size": 16, "micro_batch_size": 16, "lr": 1e-12,
@@ -111,6 +113,15 @@ def test_later_stages_get_the_fine_tuned_teacher(pipeline_with_sft, tiny_assets)
     assert "[pipeline] teacher fine-tuning: starting" in log
     manifest = json.loads((root / "scores" / "manifest.json").read_text())
     assert manifest["models"]["teacher"] == str(tuned.resolve())
+    # The cached teacher is the fine-tuned one: its head, and the KD the compared runs trained on.
+    from safetensors.torch import load_file
+
+    assert manifest["teacher_cache"]["form"] == "hidden"
+    head = load_file(str(root / "scores" / "teacher_head.safetensors"))["weight"]
+    torch.testing.assert_close(head, load_model(tuned, dtype=torch.float32).get_output_embeddings().weight.detach())
+    pocl = [json.loads(line) for line in (root / "runs" / "pocl" / "train" / "metrics.jsonl").read_text().splitlines()]
+    kd_steps = [r["kd_loss"] for r in pocl if r["kd_weight"] > 0]
+    assert kd_steps and all(v > 0 for v in kd_steps)
     # Each compared run's student was cut from the fine-tuned teacher (lr 1e-12 leaves it as cut):
     # its embeddings are the fine-tuned teacher's, which the fine-tuning moved away from the original's.
     original, fine_tuned = _embeddings(tiny_assets.teacher_dir), _embeddings(tuned)
