@@ -97,11 +97,6 @@ def layout(k: int | None, vocab_size: int, hidden_size: int | None = None) -> tu
     return tuple((name, width or k, np.dtype(dtype or id_dtype(vocab_size))) for name, width, dtype in _LAYOUT)
 
 
-def entry_layout(entry: dict) -> tuple[tuple[str, int, np.dtype], ...]:
-    """The columns of the cache a manifest entry describes."""
-    return layout(entry["top_k"], entry["vocab_size"], entry.get("hidden_size"))
-
-
 def bytes_per_token(k: int | None, vocab_size: int, hidden_size: int | None = None) -> int:
     """Stored bytes per scored token before parquet compression."""
     return sum(width * dtype.itemsize for _, width, dtype in layout(k, vocab_size, hidden_size))
@@ -289,7 +284,7 @@ def check_teacher_cache(scores_path: str | Path, cfg: RunConfig) -> dict | None:
                               f"cached at {directory}; KD needs one shared vocabulary")
     data = directory / manifest["scores_path"]
     schema = pds.dataset(str(data), format="parquet").schema
-    expected = {name: pa.list_(pa.list_(pa.from_numpy_dtype(dtype), width)) for name, width, dtype in entry_layout(entry)}
+    expected = arrow_types(entry["top_k"], entry["vocab_size"], entry.get("hidden_size"))
     missing = [c for c in expected if c not in schema.names]
     wrong = [f"{c} is {schema.field(c).type}, expected {expected[c]}" for c in expected
              if c not in missing and schema.field(c).type != expected[c]]
@@ -308,8 +303,10 @@ def collate_teacher_cache(rows: Sequence[dict], device: torch.device, hidden: bo
     No rows (build_batch's all-masked stand-in row) gives an empty cache."""
     names = HIDDEN_COLUMNS if hidden else CACHE_COLUMNS
     kind = HiddenCache if hidden else TeacherCache
+    # Widths and value dtypes come from the layout; ids become int64 here whatever their stored dtype,
+    # so the vocabulary size passed to `layout` does not matter.
     if not rows:
-        stand_in = layout(None, 0, 1) if hidden else layout(1, 1 << 16)
+        stand_in = layout(None, 0, 1) if hidden else layout(1, 0)
         return kind(*(torch.zeros((0, width), dtype=torch.int64 if c.endswith("_ids") else getattr(torch, dtype.name),
                                   device=device) for c, width, dtype in stand_in))
     missing = [c for c in names if c not in rows[0]]
@@ -321,7 +318,7 @@ def collate_teacher_cache(rows: Sequence[dict], device: torch.device, hidden: bo
         about = f"hidden size {width}, {hidden_groups(width)} scales"
     else:
         k = np.shape(rows[0]["teacher_top_ids"])[-1]
-        shapes = layout(k, 1 << 16)
+        shapes = layout(k, 0)
         about = f"top-k {k}, {TAIL_STATS} tail statistics, {TAIL_SAMPLES} tail draws"
     parts: list[list[np.ndarray]] = [[] for _ in names]
     for i, row in enumerate(rows):
