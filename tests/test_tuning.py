@@ -280,14 +280,15 @@ def _interrupt_after(experiment: Path, finished: int, stop: threading.Event) -> 
 
 @pytest.fixture(scope="module")
 def grid_sweep(ray_tune, tiny_assets, tmp_path_factory):
-    """The 4-trial grid, interrupted after 2 finished trials and run again; (cfg, result, log, kept)."""
+    """The 4-trial grid, interrupted after 2 finished trials and run again; (cfg, result, log, kept).
+    Its trials train from one cached teacher (the hidden form), written by the sweep's one scoring pass."""
     import io
     from contextlib import redirect_stdout
 
     from pocl_ray.tuning import SweepInterrupted, tune
 
     root = tmp_path_factory.mktemp("grid_sweep")
-    cfg = sweep_config(tiny_assets, root)
+    cfg = sweep_config(tiny_assets, root, **{"scoring.teacher_hidden": True, "kd.teacher": "cached"})
     experiment = root / "tune" / "sweep"
     log = io.StringIO()
     stop = threading.Event()
@@ -331,6 +332,8 @@ def test_grid_sweep_scores_once_and_resumes_keeping_finished_trials(grid_sweep):
     cfg, result, log, kept = grid_sweep
     assert log.count("[pipeline] score: starting") == 1
     assert log.count("[pipeline] score: done already") == 1
+    manifest = json.loads((result.output_dir.parent / "scores" / "manifest.json").read_text())
+    assert manifest["teacher_cache"]["form"] == "hidden"  # the one pass every trial trained from
     assert "[tune] resuming the interrupted sweep" in log
     assert len(kept) == 2
     trials = result.output_dir / "trials"
@@ -363,6 +366,7 @@ def test_asha_stops_the_clearly_worse_trial_and_rouge_picks_the_best(grid_sweep,
     cfg = sweep_config(tiny_assets, tmp_path, space, **{
         "curriculum.num_buckets": 2, "training.checkpoint_every": 2, "tune.scheduler": "asha", "tune.max_concurrent_trials": 1,
         "tune.objective": "dev_rougeL", "eval.seeds": [1], "eval.max_new_tokens": 8, "eval.batch_size": 32,
+        "scoring.teacher_hidden": True, "kd.teacher": "cached",
     })
     result = tune(cfg)
     frame = pd.read_csv(result.results_csv).set_index("training.lr")
