@@ -169,9 +169,12 @@ def disk_bytes(rows: list[dict], teacher, form: int | str, pad_id: int) -> float
 
 def step_speed(teacher, student, rows: list[dict], k: int, steps: int, device: torch.device, pad_id: int) -> dict:
     """Median tokens/s of an online training step and of the two cached ones (micro-batches of 16
-    rows), taken in turn, each through the trainer's own `batch_of`, `forward_pair` and `output_terms`."""
+    rows), taken in turn, each through the trainer's own `batch_of`, `forward_pair` and `output_terms`.
+    On a GPU as training runs there: the teacher and the cached head in bf16, the step under bf16 autocast."""
     stage = Stage(index=0, buckets=(0,), temperature=2.0, kd_weight=0.7, loss="fkl", steps=steps)
     kd = KDConfig()
+    gpu = device.type == "cuda"
+    teacher = copy.deepcopy(teacher).to(torch.bfloat16) if gpu else teacher
     t_model = HiddenStatesLM(teacher)
     names = ("online", "top_k", "hidden")
     s_model = {name: HiddenStatesLM(copy.deepcopy(student).train().requires_grad_(True)) for name in names}
@@ -189,8 +192,9 @@ def step_speed(teacher, student, rows: list[dict], k: int, steps: int, device: t
         start = time.perf_counter()
         batch = batch_of(stored[name][i % len(micro)], pad_id, device, readers[name])
         n_ce, n_kd = token_counts(batch, stage)
-        s, t = forward_pair(model, t_model if name == "online" else None, batch, stage)
-        loss, _, _ = output_terms(s, t, batch, stage, kd, n_ce, n_kd)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
+            s, t = forward_pair(model, t_model if name == "online" else None, batch, stage)
+            loss, _, _ = output_terms(s, t, batch, stage, kd, n_ce, n_kd)
         loss.backward()
         optim[name].step()
         optim[name].zero_grad(set_to_none=True)
