@@ -690,8 +690,8 @@ def batch_of(rows: list[dict], pad_token_id: int, device: torch.device, cache: C
     batch = build_batch(rows, pad_token_id, device)
     if cache is not None:
         batch["teacher_cache"] = collate_teacher_cache(rows, device, hidden=cache.head is not None)
-    if cache is not None and cache.head is not None:
-        batch["teacher_head"] = cache.head
+        if cache.head is not None:
+            batch["teacher_head"] = cache.head
     return batch
 
 
