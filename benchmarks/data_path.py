@@ -51,7 +51,9 @@ def scoring_rows_per_file() -> int:
     which the worker processes must not load, or their RSS would be torch's)."""
     from pocl_ray.scoring import rows_per_file
 
-    return rows_per_file(SimpleNamespace(scoring=SimpleNamespace(rows_per_file=None), data=SimpleNamespace(max_length=TOKENS)))
+    return rows_per_file(
+        SimpleNamespace(scoring=SimpleNamespace(rows_per_file=None), data=SimpleNamespace(max_length=TOKENS))
+    )
 
 
 def write_scores(directory: Path, rows: int, top_k: int | None) -> tuple[Path, list[str]]:
@@ -81,12 +83,21 @@ def write_scores(directory: Path, rows: int, top_k: int | None) -> tuple[Path, l
         if top_k:
             top_ids = pa.array(rng.integers(0, 50_000, count * TOKENS * top_k, dtype=np.int32))
             top_lp = pa.array(-rng.random(count * TOKENS * top_k, dtype=np.float32).astype(np.float16))
-            data["teacher_topk_ids"] = pa.ListArray.from_arrays(offsets, pa.FixedSizeListArray.from_arrays(top_ids, top_k))
-            data["teacher_topk_logprobs"] = pa.ListArray.from_arrays(offsets, pa.FixedSizeListArray.from_arrays(top_lp, top_k))
+            data["teacher_topk_ids"] = pa.ListArray.from_arrays(
+                offsets, pa.FixedSizeListArray.from_arrays(top_ids, top_k)
+            )
+            data["teacher_topk_logprobs"] = pa.ListArray.from_arrays(
+                offsets, pa.FixedSizeListArray.from_arrays(top_lp, top_k)
+            )
         # Ray Data's ParquetDatasink writes each block with pyarrow.dataset.write_dataset (defaults
         # when sorted: no row-group or file limits), one block per rank range of per_file rows.
-        pads.write_dataset(pa.table(data), path, format="parquet", basename_template=f"part-{n:05d}-{{i}}.parquet",
-                           existing_data_behavior="overwrite_or_ignore")
+        pads.write_dataset(
+            pa.table(data),
+            path,
+            format="parquet",
+            basename_template=f"part-{n:05d}-{{i}}.parquet",
+            existing_data_behavior="overwrite_or_ignore",
+        )
     (directory / "manifest.json").write_text(json.dumps({"scores_path": "rows", "rows_per_file": per_file}))
     return path, columns
 
@@ -128,8 +139,12 @@ def _read_old(path: Path, ranks: np.ndarray, columns: list[str]) -> dict[int, di
     rows = {}
     for i, r in enumerate(table.column("rank").to_numpy().tolist()):
         input_ids = id_values[id_offsets[i] : id_offsets[i + 1]]
-        rows[r] = {"input_ids": input_ids, "labels": label_values[label_offsets[i] : label_offsets[i + 1]],
-                   "attention_mask": np.ones(len(input_ids), dtype=np.int64), "num_prompt_tokens": int(prompt[i])}
+        rows[r] = {
+            "input_ids": input_ids,
+            "labels": label_values[label_offsets[i] : label_offsets[i + 1]],
+            "attention_mask": np.ones(len(input_ids), dtype=np.int64),
+            "num_prompt_tokens": int(prompt[i]),
+        }
     return rows
 
 
@@ -138,15 +153,26 @@ def run_worker(job: dict) -> dict:
     path, columns, world, rank = Path(job["path"]), job["columns"], job["workers"], job["rank"]
     index = ScoresIndex(path)
     pool_blocks = blocks([(0, index.num_rows)], index.bounds)
-    shard_args = dict(seed=SEED, stage=0, world_size=world, worker=rank, global_batch=job["global_batch"],
-                      micro_batch=job["micro_batch"])
+    shard_args = dict(
+        seed=SEED,
+        stage=0,
+        world_size=world,
+        worker=rank,
+        global_batch=job["global_batch"],
+        micro_batch=job["micro_batch"],
+    )
     base_rss = _peak_rss_mb()
     rchar, started = _rchar(), time.perf_counter()
     if job["old"]:
         ranks = np.random.default_rng([SEED, 0, 0]).permutation(index.num_rows)[rank::world]
         rows = _read_old(path, ranks, columns)
         opened = range(len(index.groups))  # the rank range of a permutation's shard spans every row group
-        read_bytes, row_count, wait, after_first = sum(index.bytes_of(g, ["rank", *columns]) for g in opened), len(rows), None, None
+        read_bytes, row_count, wait, after_first = (
+            sum(index.bytes_of(g, ["rank", *columns]) for g in opened),
+            len(rows),
+            None,
+            None,
+        )
     else:
         shards = [worker_shard(pool_blocks, epoch=e, **shard_args) for e in range(job["epochs"])]
         ranks = np.concatenate([s.ranks for s in shards])
@@ -159,23 +185,44 @@ def run_worker(job: dict) -> dict:
                 row_count += sum(len(m) for m in step)
                 if job["step_ms"]:
                     time.sleep(job["step_ms"] / 1000)
-        read_bytes, wait, after_first = reader.stats.bytes, reader.stats.wait_seconds, reader.stats.wait_seconds - first_wait
+        read_bytes, wait, after_first = (
+            reader.stats.bytes,
+            reader.stats.wait_seconds,
+            reader.stats.wait_seconds - first_wait,
+        )
     seconds = time.perf_counter() - started
     own = _own_bytes(index, ranks, ["rank", *columns])
     return {
-        "rank": rank, "rows": row_count, "seconds": seconds, "read_bytes": read_bytes, "own_bytes": own,
-        "syscall_bytes": _rchar() - rchar, "peak_rss_mb": _peak_rss_mb(),
-        "base_rss_mb": base_rss, "wait_seconds": wait, "wait_after_first_step": after_first,
+        "rank": rank,
+        "rows": row_count,
+        "seconds": seconds,
+        "read_bytes": read_bytes,
+        "own_bytes": own,
+        "syscall_bytes": _rchar() - rchar,
+        "peak_rss_mb": _peak_rss_mb(),
+        "base_rss_mb": base_rss,
+        "wait_seconds": wait,
+        "wait_after_first_step": after_first,
     }
 
 
 def measure(path: Path, columns: list[str], args, old: bool) -> dict:
     workers = []
     for rank in range(args.workers):
-        job = {"path": str(path), "columns": columns, "workers": args.workers, "rank": rank, "old": old,
-               "global_batch": args.global_batch, "micro_batch": args.micro_batch, "epochs": args.epochs,
-               "step_ms": args.step_ms}
-        out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], check=True, capture_output=True, text=True)
+        job = {
+            "path": str(path),
+            "columns": columns,
+            "workers": args.workers,
+            "rank": rank,
+            "old": old,
+            "global_batch": args.global_batch,
+            "micro_batch": args.micro_batch,
+            "epochs": args.epochs,
+            "step_ms": args.step_ms,
+        }
+        out = subprocess.run(
+            [sys.executable, __file__, "--worker", json.dumps(job)], check=True, capture_output=True, text=True
+        )
         workers.append(json.loads(out.stdout))
     seconds = [w["seconds"] / args.epochs for w in workers] if not old else [w["seconds"] for w in workers]
     result = {
@@ -190,7 +237,8 @@ def measure(path: Path, columns: list[str], args, old: bool) -> dict:
     if not old and args.step_ms:
         total = sum(w["seconds"] for w in workers)
         result["data_wait"] = {
-            "step_ms": args.step_ms, "epochs": args.epochs,
+            "step_ms": args.step_ms,
+            "epochs": args.epochs,
             "first_step_seconds_max": round(max(w["wait_seconds"] - w["wait_after_first_step"] for w in workers), 3),
             "after_first_step_fraction": round(sum(w["wait_after_first_step"] for w in workers) / total, 5),
         }
@@ -206,7 +254,9 @@ def order_sweep(rows: int, workers: int, global_batch: int, row_group: int) -> l
     def step_means(parts: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
         sums = np.zeros(steps)
         for ranks, step_rows in parts:
-            sums += np.add.reduceat(np.append(ranks, 0).astype(np.float64), step_rows[:-1])[:steps] * (np.diff(step_rows) > 0)
+            sums += np.add.reduceat(np.append(ranks, 0).astype(np.float64), step_rows[:-1])[:steps] * (
+                np.diff(step_rows) > 0
+            )
         sizes = np.minimum(global_batch, rows - np.arange(steps) * global_batch)
         return sums / sizes
 
@@ -215,28 +265,63 @@ def order_sweep(rows: int, workers: int, global_batch: int, row_group: int) -> l
         return float(means.std()), float((centred[:-1] * centred[1:]).mean() / centred.var())
 
     perm = np.random.default_rng(SEED).permutation(rows)
-    full_std, full_lag = stats(step_means([(perm[r::workers], np.arange(steps + 1) * (global_batch // workers)) for r in range(workers)]))
-    out = [{"order": "full permutation", "read_amplification": workers, "step_spread": 1.0, "lag1": round(full_lag, 2),
-            "window_rows": "epoch"}]
+    full_std, full_lag = stats(
+        step_means([(perm[r::workers], np.arange(steps + 1) * (global_batch // workers)) for r in range(workers)])
+    )
+    out = [
+        {
+            "order": "full permutation",
+            "read_amplification": workers,
+            "step_spread": 1.0,
+            "lag1": round(full_lag, 2),
+            "window_rows": "epoch",
+        }
+    ]
     quarter = row_group // 4
-    for group, block_rows, window in [(row_group, row_group, row_group), (row_group, row_group, WINDOW_ROWS),
-                                      (row_group, row_group, 2 * WINDOW_ROWS), (row_group, quarter, WINDOW_ROWS),
-                                      (quarter, quarter, WINDOW_ROWS)]:
+    for group, block_rows, window in [
+        (row_group, row_group, row_group),
+        (row_group, row_group, WINDOW_ROWS),
+        (row_group, row_group, 2 * WINDOW_ROWS),
+        (row_group, quarter, WINDOW_ROWS),
+        (quarter, quarter, WINDOW_ROWS),
+    ]:
         bounds = np.append(np.arange(0, rows, group), rows)
         pool_blocks = blocks([(0, rows)], bounds, block_rows)
         amplification, spread, lag1 = [], [], []
         for epoch in range(EPOCHS):  # the step statistics of one epoch are noisy: windows are few
-            shards = [worker_shard(pool_blocks, seed=SEED, stage=0, epoch=epoch, world_size=workers, worker=r,
-                                   global_batch=global_batch, micro_batch=global_batch, window_rows=window) for r in range(workers)]
+            shards = [
+                worker_shard(
+                    pool_blocks,
+                    seed=SEED,
+                    stage=0,
+                    epoch=epoch,
+                    world_size=workers,
+                    worker=r,
+                    global_batch=global_batch,
+                    micro_batch=global_batch,
+                    window_rows=window,
+                )
+                for r in range(workers)
+            ]
             for s in shards:
-                opened = sum(len(np.unique(np.searchsorted(bounds, s.ranks[a:b], "right"))) for a, b in zip(s.windows[:-1], s.windows[1:]))
+                opened = sum(
+                    len(np.unique(np.searchsorted(bounds, s.ranks[a:b], "right")))
+                    for a, b in zip(s.windows[:-1], s.windows[1:])
+                )
                 amplification.append(opened * group / len(s.ranks))
             std, lag = stats(step_means([(s.ranks, s.step_rows) for s in shards]))
             spread.append(std / full_std)
             lag1.append(lag)
-        out.append({"row_group_rows": group, "block_rows": block_rows, "window_rows": window,
-                    "read_amplification": round(max(amplification), 2), "step_spread": round(float(np.mean(spread)), 2),
-                    "lag1": round(float(np.mean(lag1)), 2)})
+        out.append(
+            {
+                "row_group_rows": group,
+                "block_rows": block_rows,
+                "window_rows": window,
+                "read_amplification": round(max(amplification), 2),
+                "step_spread": round(float(np.mean(spread)), 2),
+                "lag1": round(float(np.mean(lag1)), 2),
+            }
+        )
     return out
 
 
@@ -251,7 +336,9 @@ def main() -> None:
     parser.add_argument("--step-ms", type=float, default=0.0, help="simulated GPU step time, to measure the data wait")
     parser.add_argument("--old", action="store_true", help="also run the old path (rank.isin over the whole dataset)")
     parser.add_argument("--order-sweep", action="store_true", help="print the order granularity table instead")
-    parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the synthetic scores go (deleted afterwards)")
+    parser.add_argument(
+        "--dir", default=tempfile.gettempdir(), help="where the synthetic scores go (deleted afterwards)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -260,8 +347,18 @@ def main() -> None:
     if args.order_sweep:
         row_group = min(scoring_rows_per_file(), BLOCK_ROWS)
         table = order_sweep(args.rows, args.workers, args.global_batch, row_group)
-        print(json.dumps({"rows": args.rows, "workers": args.workers, "global_batch": args.global_batch, "row_group_rows": row_group,
-                          "default": {"block_rows": BLOCK_ROWS, "window_rows": WINDOW_ROWS}, "orders": table}))
+        print(
+            json.dumps(
+                {
+                    "rows": args.rows,
+                    "workers": args.workers,
+                    "global_batch": args.global_batch,
+                    "row_group_rows": row_group,
+                    "default": {"block_rows": BLOCK_ROWS, "window_rows": WINDOW_ROWS},
+                    "orders": table,
+                }
+            )
+        )
         return
     work = Path(tempfile.mkdtemp(prefix="pocl-data-path-", dir=args.dir))
     try:
@@ -269,11 +366,17 @@ def main() -> None:
         path, columns = write_scores(work, args.rows, args.teacher_top_k)
         index = ScoresIndex(path)
         report = {
-            "rows": args.rows, "workers": args.workers, "tokens_per_row": TOKENS, "teacher_top_k": args.teacher_top_k,
-            "global_batch": args.global_batch, "micro_batch": args.micro_batch,
+            "rows": args.rows,
+            "workers": args.workers,
+            "tokens_per_row": TOKENS,
+            "teacher_top_k": args.teacher_top_k,
+            "global_batch": args.global_batch,
+            "micro_batch": args.micro_batch,
             "scores_mb": round(sum(f.stat().st_size for f in path.iterdir()) / 2**20),
-            "files": len({f for f, _ in index.groups}), "row_groups": len(index.groups),
-            "rows_per_row_group": int(np.median(np.diff(index.bounds))), "write_seconds": round(time.perf_counter() - started, 1),
+            "files": len({f for f, _ in index.groups}),
+            "row_groups": len(index.groups),
+            "rows_per_row_group": int(np.median(np.diff(index.bounds))),
+            "write_seconds": round(time.perf_counter() - started, 1),
             "new": measure(path, columns, args, old=False),
         }
         if args.old:

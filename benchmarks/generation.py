@@ -45,20 +45,44 @@ import pyarrow as pa
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from pocl_ray.config import EvalConfig, ModelsConfig  # noqa: E402
-from pocl_ray.data import IGNORE_INDEX, generation_batch  # noqa: E402
-from pocl_ray.evaluation import _Evaluator  # noqa: E402
-from pocl_ray.measurers import Measurer  # noqa: E402
-from pocl_ray.models import load_model  # noqa: E402
-from pocl_ray.sampling import generate_tokens, stream_seed  # noqa: E402
+from pocl_ray.config import EvalConfig, ModelsConfig
+from pocl_ray.data import IGNORE_INDEX, generation_batch
+from pocl_ray.evaluation import _Evaluator
+from pocl_ray.measurers import Measurer
+from pocl_ray.models import load_model
+from pocl_ray.sampling import generate_tokens, stream_seed
 
 DEFAULTS = {
-    "cuda": {"layers": 10, "hidden": 576, "heads": 9, "kv_heads": 3, "intermediate": 1536, "vocab": 49152,
-             "prompts": 128, "min_prompt": 64, "max_prompt": 256, "new_tokens": 128, "batch_size": 128, "dtype": "bfloat16"},
-    "cpu": {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "intermediate": 256, "vocab": 2048,
-            "prompts": 32, "min_prompt": 16, "max_prompt": 64, "new_tokens": 32, "batch_size": 16, "dtype": "float32"},
+    "cuda": {
+        "layers": 10,
+        "hidden": 576,
+        "heads": 9,
+        "kv_heads": 3,
+        "intermediate": 1536,
+        "vocab": 49152,
+        "prompts": 128,
+        "min_prompt": 64,
+        "max_prompt": 256,
+        "new_tokens": 128,
+        "batch_size": 128,
+        "dtype": "bfloat16",
+    },
+    "cpu": {
+        "layers": 2,
+        "hidden": 64,
+        "heads": 4,
+        "kv_heads": 2,
+        "intermediate": 256,
+        "vocab": 2048,
+        "prompts": 32,
+        "min_prompt": 16,
+        "max_prompt": 64,
+        "new_tokens": 32,
+        "batch_size": 16,
+        "dtype": "float32",
+    },
 }
 
 
@@ -68,10 +92,17 @@ def build_assets(root: Path, args) -> tuple[Path, Path]:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=2 * (args.max_prompt + args.new_tokens), bos_token_id=None, eos_token_id=None,
-        pad_token_id=None, tie_word_embeddings=True,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=2 * (args.max_prompt + args.new_tokens),
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        tie_word_embeddings=True,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(root / "model")
@@ -97,15 +128,28 @@ def sides(model, args):
         batch = {k: v.to(args.device) for k, v in generation_batch(prompts, 0).items()}
         sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": 0} if do_sample else {}
         config = GenerationConfig(
-            do_sample=do_sample, max_new_tokens=args.new_tokens, pad_token_id=0, eos_token_id=None,
-            cache_implementation=cache, **sampling,
+            do_sample=do_sample,
+            max_new_tokens=args.new_tokens,
+            pad_token_id=0,
+            eos_token_id=None,
+            cache_implementation=cache,
+            **sampling,
         )
         return model.generate(**batch, generation_config=config)[:, batch["input_ids"].shape[1] :].tolist()
 
     def project(prompts, idx, sample):
         seeds = [stream_seed(0, i) for i in idx] if sample else None
-        return generate_tokens(model, prompts, [args.new_tokens] * len(prompts), pad_token_id=0, eos_token_id=None,
-                               seeds=seeds, temperature=1.0, top_p=1.0, cache_implementation=cache)
+        return generate_tokens(
+            model,
+            prompts,
+            [args.new_tokens] * len(prompts),
+            pad_token_id=0,
+            eos_token_id=None,
+            seeds=seeds,
+            temperature=1.0,
+            top_p=1.0,
+            cache_implementation=cache,
+        )
 
     return {
         "project_sampler": lambda p, i: project(p, i, True),
@@ -130,7 +174,9 @@ def run_side(fn, prompts, args) -> tuple[float, int]:
         idx = order[b : b + args.batch_size]
         rows = fn([prompts[i] for i in idx], idx)
         if any(len(r) != args.new_tokens for r in rows):
-            raise RuntimeError(f"a row generated {min(map(len, rows))}..{max(map(len, rows))} tokens, not {args.new_tokens}")
+            raise RuntimeError(
+                f"a row generated {min(map(len, rows))}..{max(map(len, rows))} tokens, not {args.new_tokens}"
+            )
         tokens += sum(map(len, rows))
     sync(args.device)
     return time.perf_counter() - start, tokens
@@ -142,12 +188,19 @@ def prepared_rows(prompts, args) -> pa.Table:
     rows = []
     for i, p in enumerate(prompts):
         response = rng.integers(2, args.vocab, max(1, args.new_tokens // 2)).tolist()
-        rows.append({
-            "set": "bench", "id": f"r{i}", "reject_reason": "", "input_ids": p + response,
-            "attention_mask": [1] * (len(p) + len(response)), "labels": [IGNORE_INDEX] * len(p) + response,
-            "num_prompt_tokens": len(p), "num_response_tokens": len(response),
-            "response": " ".join(f"w{t}" for t in response),
-        })
+        rows.append(
+            {
+                "set": "bench",
+                "id": f"r{i}",
+                "reject_reason": "",
+                "input_ids": p + response,
+                "attention_mask": [1] * (len(p) + len(response)),
+                "labels": [IGNORE_INDEX] * len(p) + response,
+                "num_prompt_tokens": len(p),
+                "num_response_tokens": len(response),
+                "response": " ".join(f"w{t}" for t in response),
+            }
+        )
     return pa.Table.from_pylist(rows)
 
 
@@ -158,14 +211,29 @@ def timed_call(actor, table: pa.Table, repeats: int) -> dict:
         start = time.perf_counter()
         actor(table)
         times.append(time.perf_counter() - start)
-    return {"rows": table.num_rows, "seconds": [round(t, 3) for t in times], "rows_per_s": round(table.num_rows / min(times), 2)}
+    return {
+        "rows": table.num_rows,
+        "seconds": [round(t, 3) for t in times],
+        "rows_per_s": round(table.num_rows / min(times), 2),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    for name in ("layers", "hidden", "heads", "kv_heads", "intermediate", "vocab", "prompts", "min_prompt",
-                 "max_prompt", "new_tokens", "batch_size"):
+    for name in (
+        "layers",
+        "hidden",
+        "heads",
+        "kv_heads",
+        "intermediate",
+        "vocab",
+        "prompts",
+        "min_prompt",
+        "max_prompt",
+        "new_tokens",
+        "batch_size",
+    ):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
@@ -192,23 +260,35 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name in fns}
         tokens = {}
         for r in range(args.repeats):
-            for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            for name in list(fns) if r % 2 == 0 else list(fns)[::-1]:
                 seconds, tokens[name] = run_side(fns[name], prompts, args)
                 times[name].append(seconds)
         tps = {name: tokens[name] / min(t) for name, t in times.items()}
 
         table = prepared_rows(prompts, args)
         use_gpu = args.device == "cuda"
-        eval_cfg = EvalConfig(seeds=[10], temperature=1.0, max_new_tokens=args.new_tokens, batch_size=args.batch_size,
-                              num_gpus_per_actor=1.0 if use_gpu else 0.0)
+        eval_cfg = EvalConfig(
+            seeds=[10],
+            temperature=1.0,
+            max_new_tokens=args.new_tokens,
+            batch_size=args.batch_size,
+            num_gpus_per_actor=1.0 if use_gpu else 0.0,
+        )
         evaluator = _Evaluator(str(model_dir), str(tokenizer_dir), args.dtype, eval_cfg)
         evaluation_call = timed_call(evaluator, table, args.repeats)
         del evaluator
-        models_cfg = ModelsConfig(teacher=str(model_dir), student=str(model_dir), tokenizer=str(tokenizer_dir),
-                                  dtype=args.dtype).model_dump(mode="json")
-        measurer = Measurer(models_cfg, ["student_ce", "student_rougeL"], batch_size=args.batch_size,
-                            max_new_tokens=args.new_tokens, use_gpu=use_gpu, num_threads=args.threads,
-                            max_length=args.max_prompt + args.new_tokens)
+        models_cfg = ModelsConfig(
+            teacher=str(model_dir), student=str(model_dir), tokenizer=str(tokenizer_dir), dtype=args.dtype
+        ).model_dump(mode="json")
+        measurer = Measurer(
+            models_cfg,
+            ["student_ce", "student_rougeL"],
+            batch_size=args.batch_size,
+            max_new_tokens=args.new_tokens,
+            use_gpu=use_gpu,
+            num_threads=args.threads,
+            max_length=args.max_prompt + args.new_tokens,
+        )
         measurer_call = timed_call(measurer, table.drop_columns(["set", "id", "attention_mask"]), args.repeats)
 
     result = {

@@ -37,13 +37,15 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pocl_ray import losses  # noqa: E402
-from pocl_ray.data import IGNORE_INDEX  # noqa: E402
+from pocl_ray import losses
+from pocl_ray.data import IGNORE_INDEX
 
 MIB = 2**20
 
 
-def naive_kd_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+def naive_kd_loss(
+    kind: str, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """The textbook loss: the same divergence on the full (batch, seq-1, vocab) fp32 log-probs, masked afterwards."""
     divergence = losses._divergence(kind, skew_alpha=0.1, beta=0.5, mu=0.5)
     logq = torch.log_softmax(student[:, :-1].float() / temperature, dim=-1)
@@ -53,7 +55,9 @@ def naive_kd_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor, label
     return (per_pos * scored).sum() * temperature**2 / scored.sum().clamp_min(1)
 
 
-def make_inputs(batch: int, seq: int, hidden: int, vocab: int, dtype: torch.dtype, device: torch.device, prompt_fraction: float):
+def make_inputs(
+    batch: int, seq: int, hidden: int, vocab: int, dtype: torch.dtype, device: torch.device, prompt_fraction: float
+):
     """Student and teacher hidden states and heads (student ones trainable) and labels with prompt masks."""
     g = torch.Generator(device=device).manual_seed(0)
 
@@ -61,7 +65,10 @@ def make_inputs(batch: int, seq: int, hidden: int, vocab: int, dtype: torch.dtyp
         return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
 
     # Scales that give logits of standard deviation about 2, as in the logits-only version of this benchmark.
-    student = (randn(batch, seq, hidden, scale=1.0).requires_grad_(), randn(vocab, hidden, scale=2 / hidden**0.5).requires_grad_())
+    student = (
+        randn(batch, seq, hidden, scale=1.0).requires_grad_(),
+        randn(vocab, hidden, scale=2 / hidden**0.5).requires_grad_(),
+    )
     teacher = (randn(batch, seq, hidden, scale=1.0), randn(vocab, hidden, scale=2 / hidden**0.5))
     labels = torch.randint(0, vocab, (batch, seq), generator=g, device=device)
     # Prompt tokens are not scored, as in instruction distillation; row lengths vary a little.
@@ -142,11 +149,17 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=49152 if cuda else 8192)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16" if cuda else "float32")
     parser.add_argument("--chunk-positions", type=int, default=losses.DEFAULT_CHUNK_POSITIONS)
-    parser.add_argument("--chunk-positions-sweep", default="", help="comma-separated scored positions per chunk to sweep the linear loss over")
+    parser.add_argument(
+        "--chunk-positions-sweep",
+        default="",
+        help="comma-separated scored positions per chunk to sweep the linear loss over",
+    )
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--prompt-fraction", type=float, default=0.0, help="share of each row masked as prompt")
     parser.add_argument("--repeats", type=int, default=5 if cuda else 3)
-    parser.add_argument("--threads", type=int, help="CPU threads; 1 avoids a wait per op when the cores are oversubscribed")
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads; 1 avoids a wait per op when the cores are oversubscribed"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -167,37 +180,52 @@ def main() -> None:
     for kind in kinds:
         variants = {
             "naive": lambda: naive_kd_loss(kind, s_hidden @ s_head.T, teacher_logits(), labels, args.temperature),
-            "chunked": lambda: losses.kd_loss(kind, s_hidden @ s_head.T, teacher_logits(), labels, chunk_positions=args.chunk_positions, **opts),
-            "linear": lambda: losses.linear_kd_loss(kind, s_hidden, s_head, t_hidden, t_head, labels, chunk_positions=args.chunk_positions, **opts),
+            "chunked": lambda: losses.kd_loss(
+                kind, s_hidden @ s_head.T, teacher_logits(), labels, chunk_positions=args.chunk_positions, **opts
+            ),
+            "linear": lambda: losses.linear_kd_loss(
+                kind, s_hidden, s_head, t_hidden, t_head, labels, chunk_positions=args.chunk_positions, **opts
+            ),
         }
         row = {name: measure(fn, trainable, device, args.repeats) for name, fn in variants.items()}
         for other in ("naive", "chunked"):
-            row[f"memory_ratio_{other}_over_linear"] = round(row[other]["peak_extra_mib"] / row["linear"]["peak_extra_mib"], 2)
+            row[f"memory_ratio_{other}_over_linear"] = round(
+                row[other]["peak_extra_mib"] / row["linear"]["peak_extra_mib"], 2
+            )
             row[f"time_ratio_linear_over_{other}"] = round(row["linear"]["median_ms"] / row[other]["median_ms"], 2)
-            row[f"loss_rel_diff_linear_vs_{other}"] = abs(row["linear"]["loss"] - row[other]["loss"]) / abs(row[other]["loss"])
+            row[f"loss_rel_diff_linear_vs_{other}"] = abs(row["linear"]["loss"] - row[other]["loss"]) / abs(
+                row[other]["loss"]
+            )
         results[kind] = row
 
     sweep = {}
     for size in (int(s) for s in args.chunk_positions_sweep.split(",") if s):
-        fn = lambda: losses.linear_kd_loss(kinds[0], s_hidden, s_head, t_hidden, t_head, labels, chunk_positions=size, **opts)  # noqa: E731
+        fn = lambda: losses.linear_kd_loss(
+            kinds[0], s_hidden, s_head, t_hidden, t_head, labels, chunk_positions=size, **opts
+        )
         sweep[size] = {k: v for k, v in measure(fn, trainable, device, args.repeats).items() if k != "loss"}
 
-    print(json.dumps({
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "load_average_1min": round(os.getloadavg()[0], 2),
-        "memory_method": "torch.cuda.max_memory_allocated" if cuda else "torch.profiler CPU allocation records",
-        "memory_method_check_expect_12_mib": round(peak_extra_mib(lambda: known_peak(device), device), 2),
-        "shape": {"batch": args.batch, "seq": args.seq, "hidden": args.hidden, "vocab": args.vocab},
-        "dtype": args.dtype,
-        "scored_positions": int(losses.count_tokens(labels)),
-        "chunk_positions": args.chunk_positions,
-        "temperature": args.temperature,
-        "one_fp32_logits_tensor_mib": round(args.batch * args.seq * args.vocab * 4 / MIB, 1),
-        "results": results,
-        **({f"linear_{kinds[0]}_chunk_positions_sweep": sweep} if sweep else {}),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "device": torch.cuda.get_device_name() if cuda else "cpu",
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "load_average_1min": round(os.getloadavg()[0], 2),
+                "memory_method": "torch.cuda.max_memory_allocated" if cuda else "torch.profiler CPU allocation records",
+                "memory_method_check_expect_12_mib": round(peak_extra_mib(lambda: known_peak(device), device), 2),
+                "shape": {"batch": args.batch, "seq": args.seq, "hidden": args.hidden, "vocab": args.vocab},
+                "dtype": args.dtype,
+                "scored_positions": int(losses.count_tokens(labels)),
+                "chunk_positions": args.chunk_positions,
+                "temperature": args.temperature,
+                "one_fp32_logits_tensor_mib": round(args.batch * args.seq * args.vocab * 4 / MIB, 1),
+                "results": results,
+                **({f"linear_{kinds[0]}_chunk_positions_sweep": sweep} if sweep else {}),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -46,15 +46,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from pocl_ray import difficulty  # noqa: E402
-from pocl_ray.config import parse_config  # noqa: E402
-from pocl_ray.data import build_prompt, read_table, validate_and_tokenize  # noqa: E402
-from pocl_ray.models import build_tiny_model, build_tiny_tokenizer, load_tokenizer  # noqa: E402
-from pocl_ray.measurers import load_measurer_models, measure  # noqa: E402
-from pocl_ray.scoring import score_dataset  # noqa: E402
+from pocl_ray import difficulty
+from pocl_ray.config import parse_config
+from pocl_ray.data import build_prompt, read_table, validate_and_tokenize
+from pocl_ray.measurers import load_measurer_models, measure
+from pocl_ray.models import build_tiny_model, build_tiny_tokenizer, load_tokenizer
+from pocl_ray.scoring import score_dataset
 
 WORDS = (
     "the a river stone cloud green quick brown fox lazy dog bright moon silver tree small house north "
@@ -79,8 +79,16 @@ def build_assets(root: Path, args, rows: int) -> tuple[Path, Path]:
     data_path.write_text("".join(json.dumps(r) + "\n" for r in records))
     texts = [build_prompt(r["instruction"], r["context"], "dolly") + r["response"] for r in records]
     tokenizer = build_tiny_tokenizer(texts, vocab_size=args.vocab)
-    build_tiny_model("llama", args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
-                     seed=0, save_dir=root / "teacher", tokenizer=tokenizer)
+    build_tiny_model(
+        "llama",
+        args.vocab,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        seed=0,
+        save_dir=root / "teacher",
+        tokenizer=tokenizer,
+    )
     return data_path, root / "teacher"
 
 
@@ -97,22 +105,37 @@ def bare_loop(cfg) -> dict:
     scores: dict[str, list] = {m: [] for m in sc.metrics}
     for i in range(0, len(good), window):
         rows = {k: [r[k] for r in good[i : i + window]] for k in columns}
-        for m, values in measure(models, rows, sc.metrics, batch_size=sc.batch_size, max_new_tokens=sc.max_new_tokens,
-                                   max_length=cfg.data.max_length).items():
+        for m, values in measure(
+            models,
+            rows,
+            sc.metrics,
+            batch_size=sc.batch_size,
+            max_new_tokens=sc.max_new_tokens,
+            max_length=cfg.data.max_length,
+        ).items():
             scores[m].extend(values)
     metrics = {m: np.asarray(v, dtype=np.float64) for m, v in scores.items()}
     ids = [r["id"] for r in good]
     fusion = difficulty.fuse(ids, metrics, difficulty.metric_directions(sc.metrics, sc.directions), sc.rrf_k)
-    table = pa.table({
-        **{k: [r[k] for r in good] for k in ("id", "prompt", "response", *columns[:-1])}, **metrics,
-        "fused_score": fusion.fused_score, "rank": fusion.rank,
-        "bucket": difficulty.rebucket(fusion.rank, cfg.curriculum.num_buckets),
-    }).sort_by("rank")
+    table = pa.table(
+        {
+            **{k: [r[k] for r in good] for k in ("id", "prompt", "response", *columns[:-1])},
+            **metrics,
+            "fused_score": fusion.fused_score,
+            "rank": fusion.rank,
+            "bucket": difficulty.rebucket(fusion.rank, cfg.curriculum.num_buckets),
+        }
+    ).sort_by("rank")
     out = Path(cfg.output.dir) / "bare"
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, out / "rows.parquet")
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "rows": len(good), "rejected": len(rejects), "tokens": sum(len(r["input_ids"]) for r in good)}
+    return {
+        "seconds": seconds,
+        "rows": len(good),
+        "rejected": len(rejects),
+        "tokens": sum(len(r["input_ids"]) for r in good),
+    }
 
 
 def line_through(points: dict[int, float]) -> tuple[float, float] | None:
@@ -124,7 +147,11 @@ def line_through(points: dict[int, float]) -> tuple[float, float] | None:
 
 
 def rates(seconds: float, rows: int, tokens: int) -> dict:
-    return {"seconds": round(seconds, 3), "rows_per_s": round(rows / seconds, 3), "tokens_per_s": round(tokens / seconds, 1)}
+    return {
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(rows / seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 1),
+    }
 
 
 def main() -> None:
@@ -152,14 +179,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data_path, teacher = build_assets(root, args, sizes[1])
-        base = parse_config({
-            "data": {"train": str(data_path), "max_prompt_length": 256, "max_length": 384},
-            "models": {"teacher": str(teacher)},
-            "scoring": {"metrics": args.metrics.split(","), "batch_size": args.batch_size,
-                        "length_window": args.length_window, "max_new_tokens": args.max_new_tokens,
-                        "num_actors": 1, "num_cpus_per_actor": threads},
-            "output": {"dir": str(root / "run")},
-        })
+        base = parse_config(
+            {
+                "data": {"train": str(data_path), "max_prompt_length": 256, "max_length": 384},
+                "models": {"teacher": str(teacher)},
+                "scoring": {
+                    "metrics": args.metrics.split(","),
+                    "batch_size": args.batch_size,
+                    "length_window": args.length_window,
+                    "max_new_tokens": args.max_new_tokens,
+                    "num_actors": 1,
+                    "num_cpus_per_actor": threads,
+                },
+                "output": {"dir": str(root / "run")},
+            }
+        )
         load_before = os.getloadavg()
         os.environ.setdefault("RAY_worker_niceness", "0")
         t0 = time.perf_counter()
@@ -186,34 +220,52 @@ def main() -> None:
         path: {
             "fixed_seconds": round(fits[path][0], 2) if fits[path] else None,
             "rows_per_s_marginal": round(fits[path][1], 2) if fits[path] else None,
-            **{f"{n}_rows": {"seconds": round(best[path][n], 2), "rows_per_s": round(n / best[path][n], 2),
-                             "tokens_per_s": round(tokens[n] / best[path][n], 1)} for n in sizes},
+            **{
+                f"{n}_rows": {
+                    "seconds": round(best[path][n], 2),
+                    "rows_per_s": round(n / best[path][n], 2),
+                    "tokens_per_s": round(tokens[n] / best[path][n], 1),
+                }
+                for n in sizes
+            },
         }
         for path in best
     }
-    print(json.dumps({
-        "benchmark": "scoring",
-        "device": "cpu",
-        "cpu_count": os.cpu_count(),
-        "torch_threads": threads,
-        "ray_worker_niceness": int(os.environ["RAY_worker_niceness"]),
-        "model": {"arch": "llama", "hidden": args.hidden, "layers": args.layers, "vocab": args.vocab,
-                  "student": "cut from teacher (keep_every 2)"},
-        "metrics": args.metrics.split(","),
-        "max_new_tokens": args.max_new_tokens,
-        "batch_size": args.batch_size,
-        "length_window": args.length_window,
-        "sizes": sizes,
-        "tokens": tokens,
-        **per_path,
-        "all_seconds": {path: {n: [round(x, 2) for x in t] for n, t in by_size.items()} for path, by_size in times.items()},
-        "ray_init_seconds": round(ray_init_s, 2),
-        "ratio_marginal": round(fits["ray"][1] / fits["bare"][1], 3) if all(fits.values()) else None,
-        "ratio_end_to_end": {n: round(best["bare"][n] / best["ray"][n], 3) for n in sizes},
-        "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
-        "ray_version": ray.__version__,
-        "torch_version": torch.__version__,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "scoring",
+                "device": "cpu",
+                "cpu_count": os.cpu_count(),
+                "torch_threads": threads,
+                "ray_worker_niceness": int(os.environ["RAY_worker_niceness"]),
+                "model": {
+                    "arch": "llama",
+                    "hidden": args.hidden,
+                    "layers": args.layers,
+                    "vocab": args.vocab,
+                    "student": "cut from teacher (keep_every 2)",
+                },
+                "metrics": args.metrics.split(","),
+                "max_new_tokens": args.max_new_tokens,
+                "batch_size": args.batch_size,
+                "length_window": args.length_window,
+                "sizes": sizes,
+                "tokens": tokens,
+                **per_path,
+                "all_seconds": {
+                    path: {n: [round(x, 2) for x in t] for n, t in by_size.items()} for path, by_size in times.items()
+                },
+                "ray_init_seconds": round(ray_init_s, 2),
+                "ratio_marginal": round(fits["ray"][1] / fits["bare"][1], 3) if all(fits.values()) else None,
+                "ratio_end_to_end": {n: round(best["bare"][n] / best["ray"][n], 3) for n in sizes},
+                "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
+                "ray_version": ray.__version__,
+                "torch_version": torch.__version__,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -60,10 +60,22 @@ from pocl_ray.losses import KD_KINDS, _next_labels, cached_kd_loss, kd_loss  # n
 from pocl_ray.measurers import row_caches, teacher_caches  # noqa: E402
 from pocl_ray.models import build_tiny_model, build_tiny_tokenizer, load_model, load_tokenizer, student_from_teacher  # noqa: E402
 from pocl_ray.teacher_cache import (  # noqa: E402
-    CACHE_COLUMNS, HIDDEN_COLUMNS, arrow_columns, bytes_per_token, collate_teacher_cache, dequantize_hidden, quantize_hidden,
+    CACHE_COLUMNS,
+    HIDDEN_COLUMNS,
+    arrow_columns,
+    bytes_per_token,
+    collate_teacher_cache,
+    dequantize_hidden,
+    quantize_hidden,
 )
 from pocl_ray.training import (  # noqa: E402
-    CacheReader, HiddenStatesLM, batch_of, build_batch, forward_pair, output_terms, token_counts,
+    CacheReader,
+    HiddenStatesLM,
+    batch_of,
+    build_batch,
+    forward_pair,
+    output_terms,
+    token_counts,
 )
 
 KS = (8, 32, 128)
@@ -71,8 +83,16 @@ TEMPERATURES = (1.0, 2.0)
 
 
 def train_teacher(rows: list[dict], tokenizer, steps: int, lr: float, device: torch.device):
-    model = build_tiny_model("llama", len(tokenizer), hidden_size=128, num_layers=4, num_heads=4, seed=0,
-                             max_positions=256, tokenizer=tokenizer).to(device)
+    model = build_tiny_model(
+        "llama",
+        len(tokenizer),
+        hidden_size=128,
+        num_layers=4,
+        num_heads=4,
+        seed=0,
+        max_positions=256,
+        tokenizer=tokenizer,
+    ).to(device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     rng = np.random.default_rng(0)
@@ -89,10 +109,14 @@ def with_cache(rows: list[dict], teacher, form: int | str, pad_id: int) -> list[
     """Rows as the trainer reads them from cached scores: each with its stored cache columns (top-K
     form for an int ``form``, the hidden form for "hidden")."""
     columns = HIDDEN_COLUMNS if form == "hidden" else CACHE_COLUMNS
-    return [{**row, **dict(zip(columns, cache))} for row, cache in zip(rows, teacher_caches(teacher, rows, pad_id, form))]
+    return [
+        {**row, **dict(zip(columns, cache))} for row, cache in zip(rows, teacher_caches(teacher, rows, pad_id, form))
+    ]
 
 
-def loss_errors(teacher, student, dev_rows: list[dict], pad_id: int, vocab: int, device: torch.device) -> tuple[dict, dict, dict, dict]:
+def loss_errors(
+    teacher, student, dev_rows: list[dict], pad_id: int, vocab: int, device: torch.device
+) -> tuple[dict, dict, dict, dict]:
     """Relative error of each kind's cached loss, the cache as scoring stores it (`row_caches`, read back
     through `collate_teacher_cache`), against the exact online loss on the same scored positions. Only
     the scored positions' logits are made (a 49,152-token vocabulary over a padded batch would not fit).
@@ -107,12 +131,21 @@ def loss_errors(teacher, student, dev_rows: list[dict], pad_id: int, vocab: int,
     scored = _next_labels(dev["labels"]) != -100
     models = {"teacher": HiddenStatesLM(teacher), "student": HiddenStatesLM(student)}
     with torch.no_grad():
-        hidden = {name: torch.cat([
-            m(dev["input_ids"][i : i + 8], dev["attention_mask"][i : i + 8]).final.float().flatten(0, 1)[
-                scored.view(dev["labels"].shape)[i : i + 8].flatten()]
-            for i in range(0, len(dev_rows), 8)]) for name, m in models.items()}
+        hidden = {
+            name: torch.cat(
+                [
+                    m(dev["input_ids"][i : i + 8], dev["attention_mask"][i : i + 8])
+                    .final.float()
+                    .flatten(0, 1)[scored.view(dev["labels"].shape)[i : i + 8].flatten()]
+                    for i in range(0, len(dev_rows), 8)
+                ]
+            )
+            for name, m in models.items()
+        }
         logits = {name: hidden[name] @ models[name].lm.get_output_embeddings().weight.float().T for name in models}
-        rounded = dequantize_hidden(*quantize_hidden(hidden["teacher"])) @ teacher.get_output_embeddings().weight.float().T
+        rounded = (
+            dequantize_hidden(*quantize_hidden(hidden["teacher"])) @ teacher.get_output_embeddings().weight.float().T
+        )
     # The scored positions as one row: labels[t + 1] scores position t.
     labels = torch.zeros((1, scored.sum() + 1), dtype=torch.long, device=device)
     labels[0, 0] = -100
@@ -141,12 +174,23 @@ def loss_errors(teacher, student, dev_rows: list[dict], pad_id: int, vocab: int,
             rows_logits = logits["teacher"][start : start + n][None]
             row_labels = torch.zeros((1, n + 1), dtype=torch.long, device=device)
             row_labels[0, 0] = -100
-            stored.append({"labels": row_labels[0].cpu().numpy(), **dict(zip(CACHE_COLUMNS, row_caches(
-                row_labels, F.pad(rows_logits, (0, 0, 0, 1)), k, vocab, [row["id"]])[0]))})
+            stored.append(
+                {
+                    "labels": row_labels[0].cpu().numpy(),
+                    **dict(
+                        zip(
+                            CACHE_COLUMNS,
+                            row_caches(row_labels, F.pad(rows_logits, (0, 0, 0, 1)), k, vocab, [row["id"]])[0],
+                        )
+                    ),
+                }
+            )
             start += n
         cache = collate_teacher_cache(stored, device)
         for t in TEMPERATURES:
-            coverage[f"K={k},T={t:g}"] = round(float(torch.softmax(logits["teacher"] / t, -1).topk(k, -1).values.sum(-1).mean()), 5)
+            coverage[f"K={k},T={t:g}"] = round(
+                float(torch.softmax(logits["teacher"] / t, -1).topk(k, -1).values.sum(-1).mean()), 5
+            )
             for kind in KD_KINDS:
                 errors.setdefault(kind, {})[f"K={k},T={t:g}"] = error(kind, student_logits(0.0), cache, t)
                 if k == KS[-1]:
@@ -160,7 +204,9 @@ def disk_bytes(rows: list[dict], teacher, form: int | str, pad_id: int) -> float
     cached = with_cache(rows, teacher, form, pad_id)
     config = teacher.config.get_text_config()
     k, columns = (None, HIDDEN_COLUMNS) if form == "hidden" else (form, CACHE_COLUMNS)
-    table = pa.table(arrow_columns([tuple(r[c] for c in columns) for r in cached], k, config.vocab_size, config.hidden_size))
+    table = pa.table(
+        arrow_columns([tuple(r[c] for c in columns) for r in cached], k, config.vocab_size, config.hidden_size)
+    )
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     tokens = sum(int((np.asarray(r["labels"])[1:] != -100).sum()) for r in rows)
@@ -182,8 +228,11 @@ def step_speed(teacher, student, rows: list[dict], k: int, steps: int, device: t
     micro = [rows[i : i + 16] for i in range(0, len(rows) - 15, 16)]
     head = teacher.get_output_embeddings().weight
     readers = {"online": None, "top_k": CacheReader(CACHE_COLUMNS, None), "hidden": CacheReader(HIDDEN_COLUMNS, head)}
-    stored = {"online": micro, "top_k": [with_cache(m, teacher, k, pad_id) for m in micro],
-              "hidden": [with_cache(m, teacher, "hidden", pad_id) for m in micro]}
+    stored = {
+        "online": micro,
+        "top_k": [with_cache(m, teacher, k, pad_id) for m in micro],
+        "hidden": [with_cache(m, teacher, "hidden", pad_id) for m in micro],
+    }
 
     def run(name: str, i: int) -> tuple[int, float]:
         model = s_model[name]
@@ -203,14 +252,18 @@ def step_speed(teacher, student, rows: list[dict], k: int, steps: int, device: t
 
     rates: dict[str, list[float]] = {name: [] for name in names}
     for i in range(steps + 2):
-        for name in names[i % 3:] + names[: i % 3]:  # each first in turn
+        for name in names[i % 3 :] + names[: i % 3]:  # each first in turn
             tokens, seconds = run(name, i)
             if i >= 2:  # warm-up
                 rates[name].append(tokens / seconds)
     median = {name: statistics.median(r) for name, r in rates.items()}
-    return {"k": k, **{f"{name}_tokens_per_s": round(v) for name, v in median.items()},
-            "speedup_top_k": round(median["top_k"] / median["online"], 3),
-            "speedup_hidden": round(median["hidden"] / median["online"], 3), "timed_steps": steps}
+    return {
+        "k": k,
+        **{f"{name}_tokens_per_s": round(v) for name, v in median.items()},
+        "speedup_top_k": round(median["top_k"] / median["online"], 3),
+        "speedup_hidden": round(median["hidden"] / median["online"], 3),
+        "timed_steps": steps,
+    }
 
 
 def quickstart_pair(args, device: torch.device):
@@ -222,9 +275,18 @@ def quickstart_pair(args, device: torch.device):
     dev_rows, _ = validate_and_tokenize(dev_raw, tokenizer, data_cfg)
     teacher, final_ce = train_teacher(train_rows, tokenizer, args.teacher_steps, 1e-3, device)
     student = student_from_teacher(teacher, keep_every=2).to(device).eval().requires_grad_(False)
-    about = {"teacher": {"name": "quickstart stand-in", "arch": "llama", "vocab": teacher.config.vocab_size, "hidden": 128,
-                         "layers": 4, "sft_steps": args.teacher_steps, "final_train_ce": round(final_ce, 3)},
-             "student": "cut from the teacher, layers 1 and 3"}
+    about = {
+        "teacher": {
+            "name": "quickstart stand-in",
+            "arch": "llama",
+            "vocab": teacher.config.vocab_size,
+            "hidden": 128,
+            "layers": 4,
+            "sft_steps": args.teacher_steps,
+            "final_train_ce": round(final_ce, 3),
+        },
+        "student": "cut from the teacher, layers 1 and 3",
+    }
     return teacher, student, tokenizer, dev_rows, train_rows[:256], about
 
 
@@ -233,11 +295,20 @@ def testbed_pair(args, device: torch.device):
     teacher = load_model(args.teacher_path, dtype="float32", device=device, frozen=True)
     student = student_from_teacher(teacher, keep_every=3).eval().requires_grad_(False)
     data_cfg = DataConfig(train="unused.jsonl", template="chat", max_prompt_length=256, max_length=512)
-    rows, _ = validate_and_tokenize(read_table(args.testbed_dev, max_rows=max(args.dev_rows, 256)).to_pylist(), tokenizer, data_cfg)
+    rows, _ = validate_and_tokenize(
+        read_table(args.testbed_dev, max_rows=max(args.dev_rows, 256)).to_pylist(), tokenizer, data_cfg
+    )
     config = teacher.config
-    about = {"teacher": {"name": "testbed SmolLM2-135M-Instruct", "path": args.teacher_path, "vocab": config.vocab_size,
-                         "hidden": config.hidden_size, "layers": config.num_hidden_layers},
-             "student": f"cut from the teacher, every 3rd layer ({len(student.model.layers)} layers), untrained"}
+    about = {
+        "teacher": {
+            "name": "testbed SmolLM2-135M-Instruct",
+            "path": args.teacher_path,
+            "vocab": config.vocab_size,
+            "hidden": config.hidden_size,
+            "layers": config.num_hidden_layers,
+        },
+        "student": f"cut from the teacher, every 3rd layer ({len(student.model.layers)} layers), untrained",
+    }
     return teacher, student, tokenizer, rows[: args.dev_rows], rows[:256], about
 
 
@@ -268,20 +339,34 @@ def main() -> None:
         "dev_rows": len(dev_rows),
         "dev_scored_tokens": sum(int((np.asarray(r["labels"])[1:] != -100).sum()) for r in dev_rows),
         "bytes_per_scored_token": {
-            **{f"K={k}": {"stored": bytes_per_token(k, vocab), "parquet_on_disk": disk_bytes(dev_rows, teacher, k, pad_id),
-                          "stored_vocab_49152": bytes_per_token(k, 49152), "stored_vocab_151936": bytes_per_token(k, 151936)}
-               for k in KS},
-            "hidden": {"stored": bytes_per_token(None, vocab, width), "parquet_on_disk": disk_bytes(dev_rows, teacher, "hidden", pad_id),
-                       "stored_hidden_2048": bytes_per_token(None, vocab, 2048), "stored_hidden_4096": bytes_per_token(None, vocab, 4096)},
+            **{
+                f"K={k}": {
+                    "stored": bytes_per_token(k, vocab),
+                    "parquet_on_disk": disk_bytes(dev_rows, teacher, k, pad_id),
+                    "stored_vocab_49152": bytes_per_token(k, 49152),
+                    "stored_vocab_151936": bytes_per_token(k, 151936),
+                }
+                for k in KS
+            },
+            "hidden": {
+                "stored": bytes_per_token(None, vocab, width),
+                "parquet_on_disk": disk_bytes(dev_rows, teacher, "hidden", pad_id),
+                "stored_hidden_2048": bytes_per_token(None, vocab, 2048),
+                "stored_hidden_4096": bytes_per_token(None, vocab, 4096),
+            },
         },
         "teacher_top_k_mass": coverage,
         "relative_loss_error": errors,
-        "max_relative_error": {f"T={t:g}": {f"K={k}": max(e[f"K={k},T={t:g}"] for e in errors.values()) for k in KS}
-                               for t in TEMPERATURES},
+        "max_relative_error": {
+            f"T={t:g}": {f"K={k}": max(e[f"K={k},T={t:g}"] for e in errors.values()) for k in KS} for t in TEMPERATURES
+        },
         f"relative_loss_error_toward_teacher_K={KS[-1]}": toward,
         "relative_loss_error_hidden_form": hidden_form,
-        "max_relative_error_hidden_form": {f"a={a:g},T={t:g}": max(e[f"a={a:g},T={t:g}"] for e in hidden_form.values())
-                                           for a in (0.0, 0.5, 0.9) for t in TEMPERATURES},
+        "max_relative_error_hidden_form": {
+            f"a={a:g},T={t:g}": max(e[f"a={a:g},T={t:g}"] for e in hidden_form.values())
+            for a in (0.0, 0.5, 0.9)
+            for t in TEMPERATURES
+        },
     }
     if args.speed_steps:
         result["training_step"] = step_speed(teacher, student, speed_rows, 128, args.speed_steps, device, pad_id)

@@ -33,21 +33,55 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pocl_ray.config import parse_config  # noqa: E402
-from pocl_ray.curriculum import lr_at, plan_from_config, stage_specs  # noqa: E402
-from pocl_ray.models import build_tiny_tokenizer, load_model, load_tokenizer, resolve_dtype  # noqa: E402
-from pocl_ray.training import (  # noqa: E402
-    HiddenStatesLM, accumulate_gradients, adamw, build_batch, length_grouped, optimizer_step, plain_heads, step_seed, train,
+from pocl_ray.config import parse_config
+from pocl_ray.curriculum import lr_at, plan_from_config, stage_specs
+from pocl_ray.models import build_tiny_tokenizer, load_model, load_tokenizer, resolve_dtype
+from pocl_ray.shards import ScoresIndex, blocks, worker_shard
+from pocl_ray.training import (
+    HiddenStatesLM,
+    accumulate_gradients,
+    adamw,
+    build_batch,
+    length_grouped,
+    optimizer_step,
+    plain_heads,
+    step_seed,
+    train,
 )
-from pocl_ray.shards import ScoresIndex, blocks, worker_shard  # noqa: E402
 
 GIB = 2**30
 SHAPES = {
     # SmolLM2-135M: hidden 576, 9 heads (3 KV), MLP 1536, vocab 49,152, tied embeddings.
-    "cuda": {"hidden": 576, "heads": 9, "kv_heads": 3, "mlp": 1536, "vocab": 49152, "teacher_layers": 30,
-             "student_layers": 10, "rows": 1024, "min_len": 128, "max_len": 512, "batch": 64, "micro": 32, "steps": 40},
-    "cpu": {"hidden": 64, "heads": 4, "kv_heads": 2, "mlp": 176, "vocab": 2048, "teacher_layers": 4,
-            "student_layers": 2, "rows": 256, "min_len": 32, "max_len": 96, "batch": 16, "micro": 8, "steps": 24},
+    "cuda": {
+        "hidden": 576,
+        "heads": 9,
+        "kv_heads": 3,
+        "mlp": 1536,
+        "vocab": 49152,
+        "teacher_layers": 30,
+        "student_layers": 10,
+        "rows": 1024,
+        "min_len": 128,
+        "max_len": 512,
+        "batch": 64,
+        "micro": 32,
+        "steps": 40,
+    },
+    "cpu": {
+        "hidden": 64,
+        "heads": 4,
+        "kv_heads": 2,
+        "mlp": 176,
+        "vocab": 2048,
+        "teacher_layers": 4,
+        "student_layers": 2,
+        "rows": 256,
+        "min_len": 32,
+        "max_len": 96,
+        "batch": 16,
+        "micro": 8,
+        "steps": 24,
+    },
 }
 
 
@@ -59,10 +93,18 @@ def make_assets(root: Path, a) -> tuple[Path, Path, Path, np.ndarray]:
     tokenizer = build_tiny_tokenizer(["the quick brown fox jumps over the lazy dog"] * 4, vocab_size=300)
     paths = []
     for name, layers, seed in (("teacher", a.teacher_layers, 0), ("student", a.student_layers, 1)):
-        config = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.mlp, num_hidden_layers=layers,
-                             num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, tie_word_embeddings=True,
-                             max_position_embeddings=a.max_len, eos_token_id=tokenizer.eos_token_id,
-                             bos_token_id=tokenizer.bos_token_id)
+        config = LlamaConfig(
+            vocab_size=a.vocab,
+            hidden_size=a.hidden,
+            intermediate_size=a.mlp,
+            num_hidden_layers=layers,
+            num_attention_heads=a.heads,
+            num_key_value_heads=a.kv_heads,
+            tie_word_embeddings=True,
+            max_position_embeddings=a.max_len,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+        )
         torch.manual_seed(seed)
         LlamaForCausalLM(config).save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
@@ -74,28 +116,45 @@ def make_assets(root: Path, a) -> tuple[Path, Path, Path, np.ndarray]:
     labels = [[-100] * p + x[p:] for p, x in zip(prompts, ids)]
     scores = root / "scores"
     scores.mkdir()
-    pq.write_table(pa.table({
-        "id": [str(i) for i in range(a.rows)],
-        "input_ids": pa.array(ids, pa.list_(pa.int32())), "labels": pa.array(labels, pa.list_(pa.int32())),
-        "num_prompt_tokens": pa.array(prompts, pa.int32()), "num_response_tokens": pa.array(lengths - prompts, pa.int32()),
-        "rank": pa.array(np.arange(a.rows), pa.int64()),
-    }), scores / "rows.parquet", row_group_size=256)
+    pq.write_table(
+        pa.table(
+            {
+                "id": [str(i) for i in range(a.rows)],
+                "input_ids": pa.array(ids, pa.list_(pa.int32())),
+                "labels": pa.array(labels, pa.list_(pa.int32())),
+                "num_prompt_tokens": pa.array(prompts, pa.int32()),
+                "num_response_tokens": pa.array(lengths - prompts, pa.int32()),
+                "rank": pa.array(np.arange(a.rows), pa.int64()),
+            }
+        ),
+        scores / "rows.parquet",
+        row_group_size=256,
+    )
     (scores / "manifest.json").write_text(json.dumps({"scores_path": "rows.parquet", "num_buckets": 1}))
     return paths[0], paths[1], scores, lengths
 
 
 def config(a, teacher: Path, student: Path, out: Path):
-    return parse_config({
-        "name": "bench",
-        "data": {"train": "unused", "max_prompt_length": a.max_len // 2, "max_length": a.max_len},
-        "models": {"teacher": str(teacher), "student": str(student)},
-        "curriculum": {"plan": "baseline", "num_buckets": 1, "steps_per_stage": a.steps},
-        "kd": {"loss": "fkl"},
-        "training": {"num_workers": 1, "use_gpu": a.device == "cuda", "cpus_per_worker": a.threads,
-                     "global_batch_size": a.batch, "micro_batch_size": a.micro, "lr": 1e-4,
-                     "checkpoint_every": 10**6, "max_failures": 0},
-        "output": {"dir": str(out)},
-    })
+    return parse_config(
+        {
+            "name": "bench",
+            "data": {"train": "unused", "max_prompt_length": a.max_len // 2, "max_length": a.max_len},
+            "models": {"teacher": str(teacher), "student": str(student)},
+            "curriculum": {"plan": "baseline", "num_buckets": 1, "steps_per_stage": a.steps},
+            "kd": {"loss": "fkl"},
+            "training": {
+                "num_workers": 1,
+                "use_gpu": a.device == "cuda",
+                "cpus_per_worker": a.threads,
+                "global_batch_size": a.batch,
+                "micro_batch_size": a.micro,
+                "lr": 1e-4,
+                "checkpoint_every": 10**6,
+                "max_failures": 0,
+            },
+            "output": {"dir": str(out)},
+        }
+    )
 
 
 def planned_steps(cfg, scores: Path) -> list[list[np.ndarray]]:
@@ -106,8 +165,16 @@ def planned_steps(cfg, scores: Path) -> list[list[np.ndarray]]:
     pool = blocks(spec.pool_ranges, index.bounds)
     steps = []
     for epoch in range(spec.epoch_of(spec.steps - 1) + 1):
-        shard = worker_shard(pool, seed=t.seed, stage=0, epoch=epoch, world_size=1, worker=0,
-                             global_batch=t.global_batch_size, micro_batch=t.micro_batch_size)
+        shard = worker_shard(
+            pool,
+            seed=t.seed,
+            stage=0,
+            epoch=epoch,
+            world_size=1,
+            worker=0,
+            global_batch=t.global_batch_size,
+            micro_batch=t.micro_batch_size,
+        )
         steps += [shard.step(k) for k in range(len(shard))]
     return steps[: spec.steps]
 
@@ -115,9 +182,15 @@ def planned_steps(cfg, scores: Path) -> list[list[np.ndarray]]:
 def read_all(scores: Path) -> dict[int, dict]:
     """Every row by rank, read up front (the hand and bare loops time compute, not reads)."""
     table = pq.read_table(scores / "rows.parquet", columns=["rank", "input_ids", "labels", "num_prompt_tokens"])
-    return {int(r): {"input_ids": np.asarray(i), "labels": np.asarray(lab), "attention_mask": np.ones(len(i), np.int64),
-                     "num_prompt_tokens": int(p)}
-            for r, i, lab, p in zip(*(table.column(c).to_pylist() for c in table.column_names))}
+    return {
+        int(r): {
+            "input_ids": np.asarray(i),
+            "labels": np.asarray(lab),
+            "attention_mask": np.ones(len(i), np.int64),
+            "num_prompt_tokens": int(p),
+        }
+        for r, i, lab, p in zip(*(table.column(c).to_pylist() for c in table.column_names))
+    }
 
 
 def _models(cfg, device: torch.device):
@@ -186,7 +259,11 @@ def bare_loop(cfg, rows: dict, steps: list, device: torch.device) -> list[float]
         torch.manual_seed(step_seed(t.seed, k, 0))
         batches = [build_batch(m, pad, device) for m in length_grouped([[rows[int(r)] for r in m] for m in micro])]
         out = accumulate_gradients(student, teacher, batches, stage, kd, autocast=autocast)
-        pending.append(torch.cat([out, optimizer_step(student, optimizer, lr_at(k, len(steps), t.lr, t.min_lr), t.grad_clip).view(1)]))
+        pending.append(
+            torch.cat(
+                [out, optimizer_step(student, optimizer, lr_at(k, len(steps), t.lr, t.min_lr), t.grad_clip).view(1)]
+            )
+        )
         if len(pending) == 20 or k == len(steps) - 1:
             torch.stack(pending).tolist()
             pending = []
@@ -202,8 +279,12 @@ def timed(name: str, fn, device: torch.device, tokens_per_step: list[int]) -> di
     started = time.perf_counter()
     ends = fn()
     _sync(device)
-    out = {"path": name, "steps": len(ends), "seconds": ends[-1] - started,
-           "tokens_per_second": sum(tokens_per_step[1:]) / (ends[-1] - ends[0])}
+    out = {
+        "path": name,
+        "steps": len(ends),
+        "seconds": ends[-1] - started,
+        "tokens_per_second": sum(tokens_per_step[1:]) / (ends[-1] - ends[0]),
+    }
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / GIB
     return out
@@ -216,10 +297,15 @@ def ray_path(cfg, scores: Path, tokens_per_step: list[int]) -> dict:
     records = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
     ends = [r["time"] for r in records]
     loop = ends[-1] - ends[0] + records[0]["seconds"]
-    out = {"path": "ray", "steps": len(records), "seconds": fit,
-           "tokens_per_second": sum(tokens_per_step[1:]) / (ends[-1] - ends[0]),
-           "fit_seconds": fit, "fixed_seconds": fit - loop,
-           "data_wait_fraction": sum(r.get("data_wait", 0.0) for r in records[1:]) / (ends[-1] - ends[0])}
+    out = {
+        "path": "ray",
+        "steps": len(records),
+        "seconds": fit,
+        "tokens_per_second": sum(tokens_per_step[1:]) / (ends[-1] - ends[0]),
+        "fit_seconds": fit,
+        "fixed_seconds": fit - loop,
+        "data_wait_fraction": sum(r.get("data_wait", 0.0) for r in records[1:]) / (ends[-1] - ends[0]),
+    }
     if "peak_gpu_gib" in records[-1]:
         out["peak_gib"] = max(r["peak_gpu_gib"] for r in records)
     return out
@@ -230,7 +316,9 @@ def main() -> None:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each path, interleaved; medians reported")
     for key, value in SHAPES["cpu"].items():
-        parser.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"default {SHAPES['cuda'][key]} on cuda, {value} on cpu")
+        parser.add_argument(
+            f"--{key.replace('_', '-')}", type=int, help=f"default {SHAPES['cuda'][key]} on cuda, {value} on cpu"
+        )
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (CPU)")
     parser.add_argument("--output", type=Path)
     a = parser.parse_args()
@@ -263,17 +351,27 @@ def main() -> None:
 
     tps = {p: median(p, "tokens_per_second") for p in samples}
     report = {
-        "benchmark": "training", "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
-        "threads": a.threads, "torch": torch.__version__, "ray": ray.__version__,
+        "benchmark": "training",
+        "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
+        "threads": a.threads,
+        "torch": torch.__version__,
+        "ray": ray.__version__,
         "workload": {k: getattr(a, k) for k in SHAPES["cpu"]},
         "tokens_per_second": tps,
         "peak_gib": {p: median(p, "peak_gib") for p in samples},
-        "ray_vs_hand": tps["ray"] / tps["hand"], "ray_vs_bare": tps["ray"] / tps["bare"],
+        "ray_vs_hand": tps["ray"] / tps["hand"],
+        "ray_vs_bare": tps["ray"] / tps["bare"],
         "bare_vs_hand": tps["bare"] / tps["hand"],
-        "fixed_seconds": median("ray", "fixed_seconds"), "fit_seconds": median("ray", "fit_seconds"),
+        "fixed_seconds": median("ray", "fixed_seconds"),
+        "fit_seconds": median("ray", "fit_seconds"),
         "data_wait_fraction": median("ray", "data_wait_fraction"),
-        "targets": {"ray_vs_hand": ">= 1.2 (GPU)", "ray_vs_bare": ">= 0.97", "peak ray/hand": "<= 0.6 (GPU)",
-                    "fixed_seconds": "<= 20 (GPU)", "data_wait_fraction": "<= 0.01 (GPU)"},
+        "targets": {
+            "ray_vs_hand": ">= 1.2 (GPU)",
+            "ray_vs_bare": ">= 0.97",
+            "peak ray/hand": "<= 0.6 (GPU)",
+            "fixed_seconds": "<= 20 (GPU)",
+            "data_wait_fraction": "<= 0.01 (GPU)",
+        },
         "samples": samples,
     }
     if report["peak_gib"]["ray"] and report["peak_gib"]["hand"]:

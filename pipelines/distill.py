@@ -1,7 +1,7 @@
 """Job entrypoint: score -> train -> eval -> report from one config.
 
-    python pipelines/distill.py --config configs/quickstart.yaml [--verbose: Ray Data progress too]
-    ray job submit --working-dir . -- python pipelines/distill.py --config configs/testbed.yaml
+python pipelines/distill.py --config configs/quickstart.yaml [--verbose: Ray Data progress too]
+ray job submit --working-dir . -- python pipelines/distill.py --config configs/testbed.yaml
 """
 
 import sys

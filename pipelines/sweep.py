@@ -1,7 +1,7 @@
 """Job entrypoint: one scoring pass, then a Ray Tune sweep over the curriculum (`pocl-ray tune`).
 
-    python pipelines/sweep.py --config configs/quickstart-sweep.yaml [--verbose: Ray Data progress too]
-    ray job submit --working-dir . -- python pipelines/sweep.py --config configs/testbed.yaml --output runs/sweep
+python pipelines/sweep.py --config configs/quickstart-sweep.yaml [--verbose: Ray Data progress too]
+ray job submit --working-dir . -- python pipelines/sweep.py --config configs/testbed.yaml --output runs/sweep
 """
 
 import sys

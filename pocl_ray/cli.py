@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pocl-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add(name: str, fn, help_: str, *, config_required: bool = True, ray_data: bool = True) -> argparse.ArgumentParser:
+    def add(
+        name: str, fn, help_: str, *, config_required: bool = True, ray_data: bool = True
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--config", required=config_required, help="run config YAML")
         p.add_argument("--output", help="output directory (overrides output.dir)")
@@ -95,8 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", _train, "distil the student along the curriculum plan", ray_data=False)
     p.add_argument("--scores", help="scores directory (default: OUTPUT/scores)")
     p = add("eval", _eval, "generate on the eval sets and compute ROUGE-L")
-    p.add_argument("--model", help="model folder (default: the student eval.checkpoint selects, "
-                   "OUTPUT/train/student_best or OUTPUT/train/student)")
+    p.add_argument(
+        "--model",
+        help="model folder (default: the student eval.checkpoint selects, "
+        "OUTPUT/train/student_best or OUTPUT/train/student)",
+    )
     p.add_argument("--label", default=None, help="sub-folder of OUTPUT/eval for this model's results")
     add("tune", _tune, "sweep curriculum settings with Ray Tune")
     add("run", _run, "score -> train -> eval -> report")

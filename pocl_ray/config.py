@@ -12,7 +12,16 @@ from types import UnionType
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 KDLossKind = Literal["fkl", "rkl", "js", "tvd", "skl", "srkl", "akl"]
 MetricName = Literal["student_ce", "student_rougeL", "teacher_ce", "teacher_student_kl", "length"]
@@ -61,7 +70,9 @@ class FieldMap(_Section):
 
 
 class DataConfig(_Section):
-    train: LocalPath = Field(description="training data: .jsonl[.gz], .parquet, a directory of them, or a datasets save_to_disk dir")
+    train: LocalPath = Field(
+        description="training data: .jsonl[.gz], .parquet, a directory of them, or a datasets save_to_disk dir"
+    )
     dev: LocalPath | None = None
     format: Literal["auto", "jsonl", "parquet", "hf"] = "auto"
     fields: FieldMap = FieldMap()
@@ -98,36 +109,45 @@ class ScoringConfig(_Section):
     )
     rrf_k: float = Field(60.0, gt=0)
     tie_seed: int = Field(
-        0, description="seed of the hash of the id that orders rows with exactly equal fused scores "
+        0,
+        description="seed of the hash of the id that orders rows with exactly equal fused scores "
         "(equal metric values always get equal fused scores; ids never order them lexically)",
     )
     batch_size: int = Field(16, gt=0)
     max_new_tokens: int | None = Field(
-        None, gt=0,
+        None,
+        gt=0,
         description="cap on the student_rougeL greedy response; None = each row's response budget, "
         "data.max_length minus its prompt",
     )
     num_actors: ActorCount = Field(
-        1, description="measurer actors (one model replica each); auto: Ray Data grows the pool from 1 to "
+        1,
+        description="measurer actors (one model replica each); auto: Ray Data grows the pool from 1 to "
         "as many as the cluster's free CPUs/GPUs hold (with an autoscaler, as GPU nodes join)",
     )
     num_gpus_per_actor: float = Field(0.0, ge=0)
     num_cpus_per_actor: float = Field(1.0, gt=0)
     length_window: int = Field(
-        8, ge=1,
+        8,
+        ge=1,
         description="forward batches per Ray Data batch: rows are sorted by length within "
         "batch_size * length_window rows so each forward pass pads little",
     )
     sort_output: bool = Field(True, description="write scores/rows in rank order (a Ray Data sort); off: input order")
     rows_per_file: int | None = Field(
-        None, ge=1, description="rows per parquet file of scores/rows; default about 64 MiB of tokens at data.max_length"
+        None,
+        ge=1,
+        description="rows per parquet file of scores/rows; default about 64 MiB of tokens at data.max_length",
     )
     teacher_top_k: int | None = Field(
-        None, ge=1, description="also store the teacher's top-k log-probs (and its tail) at every response "
+        None,
+        ge=1,
+        description="also store the teacher's top-k log-probs (and its tail) at every response "
         "position, for kd.teacher: cached (METHODS.md §4); None = no teacher cache",
     )
     teacher_hidden: bool = Field(
-        False, description="instead of the top-k, store the teacher's final hidden state (int8) at every response "
+        False,
+        description="instead of the top-k, store the teacher's final hidden state (int8) at every response "
         "position and its LM head once, for kd.teacher: cached: every KD kind exact up to the int8 rounding, "
         "at hidden_size + hidden_size/32 bytes per token (METHODS.md §4)",
     )
@@ -135,8 +155,9 @@ class ScoringConfig(_Section):
     @model_validator(mode="after")
     def _one_cache_form(self) -> ScoringConfig:
         if self.teacher_hidden and self.teacher_top_k is not None:
-            raise ValueError("scoring.teacher_top_k and scoring.teacher_hidden: true are two forms of the teacher "
-                             "cache; set one")
+            raise ValueError(
+                "scoring.teacher_top_k and scoring.teacher_hidden: true are two forms of the teacher cache; set one"
+            )
         return self
 
     @model_validator(mode="after")
@@ -163,7 +184,8 @@ class ExtractionConfig(_Section):
 
 class ProgressiveConfig(_Section):
     teacher_checkpoints: list[LocalPath] = Field(
-        default_factory=list, description="teacher checkpoint folders, earliest first; the plan then ends on "
+        default_factory=list,
+        description="teacher checkpoint folders, earliest first; the plan then ends on "
         "models.teacher (the final teacher) unless this list already ends on it",
     )
     steps_per_checkpoint: int = Field(100, gt=0)
@@ -205,7 +227,8 @@ class CurriculumConfig(_Section):
     progressive: ProgressiveConfig = ProgressiveConfig()
     output_kd: OutputKDConfig = OutputKDConfig()
     data_curriculum: Literal["none", "pocl"] = Field(
-        "none", description="pocl: the extraction/progressive stages train on POCL's growing easy->hard "
+        "none",
+        description="pocl: the extraction/progressive stages train on POCL's growing easy->hard "
         "pools (num_buckets buckets of the scored data) instead of all data",
     )
 
@@ -234,19 +257,21 @@ class CurriculumConfig(_Section):
         return _steps_replace_epochs(data, "steps_per_stage", "epochs_per_stage")
 
 
-
 class KDConfig(_Section):
     loss: KDLossKind = "fkl"
     scale_by_t2: bool = True
     skew_alpha: float = Field(0.1, ge=0, le=1, description="alpha of SKL/SRKL")
     js_beta: float = Field(0.5, gt=0, lt=1, description="beta of the generalised JSD")
     akl_mu: float = Field(0.5, gt=0, lt=1)
-    on_policy_fraction: float = Field(0.0, ge=0, le=1, description="GKD lambda: share of the batch the student generates")
+    on_policy_fraction: float = Field(
+        0.0, ge=0, le=1, description="GKD lambda: share of the batch the student generates"
+    )
     on_policy_max_new_tokens: int = Field(128, gt=0)
     # = losses.DEFAULT_CHUNK_POSITIONS (measured there; a test keeps the two equal).
     chunk_positions: int = Field(256, gt=0, description="scored positions per loss chunk")
     teacher: Literal["online", "cached"] = Field(
-        "online", description="online: run the teacher in every training step; cached: read it from the "
+        "online",
+        description="online: run the teacher in every training step; cached: read it from the "
         "scores (scoring.teacher_top_k or scoring.teacher_hidden), no teacher on the training workers",
     )
 
@@ -265,13 +290,16 @@ class TrainingConfig(_Section):
     checkpoint_every: int = Field(100, gt=0, description="steps between checkpoints (also at every stage end)")
     eval_every: int = Field(50, gt=0, description="steps between dev-loss evaluations (plateau advance)")
     select_every: int | None = Field(
-        None, gt=0, description="steps between checkpoint-selection candidates (dev ROUGE-L, METHODS.md §5); "
+        None,
+        gt=0,
+        description="steps between checkpoint-selection candidates (dev ROUGE-L, METHODS.md §5); "
         "every stage end is one anyway; None = stage ends only",
     )
     max_failures: int = Field(3, ge=-1)
     seed: int = 0
     storage_path: str | None = Field(
-        None, description="Ray Train checkpoint storage: a local/shared folder or a URI Ray Train's pyarrow "
+        None,
+        description="Ray Train checkpoint storage: a local/shared folder or a URI Ray Train's pyarrow "
         "filesystems read (s3://, gs://, ...; multi-node); default OUTPUT/train/checkpoints",
     )
     keep_checkpoints: int = Field(2, ge=1, description="latest checkpoints kept in storage")
@@ -304,7 +332,8 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(512, gt=0)
     batch_size: int = Field(16, gt=0)
     checkpoint: Literal["best_dev_rougeL", "final"] = Field(
-        "best_dev_rougeL", description="the student evaluated: the training candidate with the best dev ROUGE-L "
+        "best_dev_rougeL",
+        description="the student evaluated: the training candidate with the best dev ROUGE-L "
         "(train/student_best; without data.dev the final one, with a message), or the final one (train/student)",
     )
     length_sort_batches: int = Field(
@@ -350,7 +379,9 @@ class TuneConfig(_Section):
         "fifo", description="asha: stop trials whose dev KD loss lags at equal samples seen (for either objective)"
     )
     grace_samples: int | None = Field(
-        None, ge=1, description="ASHA: training samples (optimizer steps x training.global_batch_size) every trial "
+        None,
+        ge=1,
+        description="ASHA: training samples (optimizer steps x training.global_batch_size) every trial "
         "gets before its first comparison; rungs at grace_samples x reduction_factor^k must fall on the trials' "
         "report points (every training.checkpoint_every steps); None = the smallest such interval",
     )
@@ -407,7 +438,8 @@ class TeacherSFTConfig(_Section):
 class PipelineConfig(_Section):
     prepare_teacher: TeacherPrepConfig | None = None
     sft_teacher: TeacherSFTConfig | None = Field(
-        None, description="fine-tune the teacher (after prepare_teacher, if any) on data.train before distilling; "
+        None,
+        description="fine-tune the teacher (after prepare_teacher, if any) on data.train before distilling; "
         "its output, OUTPUT/teacher_sft/model, is the teacher of every later stage",
     )
     compare: dict[str, dict[str, Any]] = Field(
@@ -435,14 +467,22 @@ class RunConfig(_Section):
         if self.kd.teacher != "cached":
             return self
         if self.curriculum.plan in ("extraction", "progressive"):
-            need = "the teacher's hidden states" if self.curriculum.plan == "extraction" else "one teacher per checkpoint"
-            raise ValueError(f"kd.teacher: 'cached' cannot serve curriculum.plan {self.curriculum.plan!r}, which needs {need}; use kd.teacher: online")
+            need = (
+                "the teacher's hidden states" if self.curriculum.plan == "extraction" else "one teacher per checkpoint"
+            )
+            raise ValueError(
+                f"kd.teacher: 'cached' cannot serve curriculum.plan {self.curriculum.plan!r}, which needs {need}; use kd.teacher: online"
+            )
         if self.kd.on_policy_fraction > 0:
-            raise ValueError("kd.teacher: 'cached' holds the teacher on the reference responses only; kd.on_policy_fraction > 0 "
-                             "needs it on the student's samples (use kd.teacher: online)")
+            raise ValueError(
+                "kd.teacher: 'cached' holds the teacher on the reference responses only; kd.on_policy_fraction > 0 "
+                "needs it on the student's samples (use kd.teacher: online)"
+            )
         if self.scoring.teacher_top_k is None and not self.scoring.teacher_hidden:
-            raise ValueError("kd.teacher: 'cached' reads the teacher from the scores; set scoring.teacher_top_k (e.g. 128) "
-                             "or scoring.teacher_hidden: true")
+            raise ValueError(
+                "kd.teacher: 'cached' reads the teacher from the scores; set scoring.teacher_top_k (e.g. 128) "
+                "or scoring.teacher_hidden: true"
+            )
         return self
 
     def to_yaml(self) -> str:
@@ -502,7 +542,9 @@ def validate_mapping(model: type[Model], data: Any, source: str = "<dict>", what
     `what` names the kind of config in the messages.
     """
     if not isinstance(data, dict):
-        raise ConfigError(f"invalid {what} ({source}): the top level must be a mapping of fields, got {type(data).__name__}")
+        raise ConfigError(
+            f"invalid {what} ({source}): the top level must be a mapping of fields, got {type(data).__name__}"
+        )
     try:
         return model.model_validate(data)
     except ValidationError as err:

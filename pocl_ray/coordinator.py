@@ -83,11 +83,15 @@ class CurriculumCoordinator:
         self.world_size = int(world_size)
         bounds = np.asarray(row_group_bounds, dtype=np.int64)
         if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != self.num_rows:
-            raise ValueError(f"row_group_bounds must run from 0 to num_rows ({self.num_rows}), got {bounds[:1]}..{bounds[-1:]}")
+            raise ValueError(
+                f"row_group_bounds must run from 0 to num_rows ({self.num_rows}), got {bounds[:1]}..{bounds[-1:]}"
+            )
         # What the epoch order depends on besides the seeds; a checksum, not the list, so the state
         # stays small however many row groups there are.
-        self.layout = (f"{len(bounds) - 1} row groups, crc32 {zlib.crc32(bounds.tobytes()):08x}; "
-                       f"blocks of {BLOCK_ROWS} rows, windows of {WINDOW_ROWS}")
+        self.layout = (
+            f"{len(bounds) - 1} row groups, crc32 {zlib.crc32(bounds.tobytes()):08x}; "
+            f"blocks of {BLOCK_ROWS} rows, windows of {WINDOW_ROWS}"
+        )
         self.specs = stage_specs(self.plan, self.num_rows, self.global_batch)
         self.blocks = [blocks(s.pool_ranges, bounds) for s in self.specs]
         self.metrics_path = metrics_path
@@ -133,7 +137,9 @@ class CurriculumCoordinator:
 
     def _check_compatible(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"checkpoint coordinator state has version {state.get('version')}, expected {STATE_VERSION}")
+            raise ValueError(
+                f"checkpoint coordinator state has version {state.get('version')}, expected {STATE_VERSION}"
+            )
         if state["world_size"] != self.world_size:
             raise ValueError(
                 f"the checkpoint being resumed was written by {state['world_size']} workers and this run has "
@@ -171,15 +177,23 @@ class CurriculumCoordinator:
     def shard(self, stage: int, epoch: int, worker: int) -> WorkerShard:
         """Worker `worker`'s rows, steps and micro-batches for one epoch of a stage."""
         return worker_shard(
-            self.blocks[stage], seed=self.seed, stage=stage, epoch=epoch, world_size=self.world_size, worker=worker,
-            global_batch=self.global_batch, micro_batch=self.micro_batch,
+            self.blocks[stage],
+            seed=self.seed,
+            stage=stage,
+            epoch=epoch,
+            world_size=self.world_size,
+            worker=worker,
+            global_batch=self.global_batch,
+            micro_batch=self.micro_batch,
         )
 
     def report_eval(self, stage: int, dev_loss: float) -> bool:
         """Record a dev-loss evaluation of `stage`; True when the stage has stopped improving."""
         if self.plateau["stage"] != stage:
             self.plateau = {"stage": stage, "best": None, "bad": 0}
-        best, bad, stop = _plateaued(self.plateau["best"], self.plateau["bad"], float(dev_loss), self.specs[stage].stage.patience)
+        best, bad, stop = _plateaued(
+            self.plateau["best"], self.plateau["bad"], float(dev_loss), self.specs[stage].stage.patience
+        )
         self.plateau.update(best=best, bad=bad)
         return stop
 
@@ -208,8 +222,16 @@ class CurriculumCoordinator:
 
 
 def coordinator(
-    name: str, *, plan: Plan, num_rows: int, global_batch: int, micro_batch: int, seed: int, metrics_path: str,
-    world_size: int, row_group_bounds: list[int],
+    name: str,
+    *,
+    plan: Plan,
+    num_rows: int,
+    global_batch: int,
+    micro_batch: int,
+    seed: int,
+    metrics_path: str,
+    world_size: int,
+    row_group_bounds: list[int],
 ):
     """Start the named coordinator actor on this (the driver's) node, so its files land here.
 
@@ -221,4 +243,6 @@ def coordinator(
 
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     actor = ray.remote(CurriculumCoordinator).options(name=name, num_cpus=0, scheduling_strategy=here, max_restarts=0)
-    return actor.remote(plan.to_dict(), num_rows, global_batch, micro_batch, seed, metrics_path, world_size, row_group_bounds)
+    return actor.remote(
+        plan.to_dict(), num_rows, global_batch, micro_batch, seed, metrics_path, world_size, row_group_bounds
+    )

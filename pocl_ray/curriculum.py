@@ -185,8 +185,12 @@ def baseline_plan(
     By default its length matches the sample budget of the POCL plan with the same bucket count and
     interval (8 epochs x 4 buckets -> 20 epochs); pass `epochs` or `steps` to set it directly.
     """
-    length = _length(epochs, steps) if (epochs or steps) else _equal_budget(num_buckets, epochs_per_stage, steps_per_stage)
-    stage = Stage(index=0, buckets=tuple(range(num_buckets)), temperature=temperature, kd_weight=kd_weight, loss=loss, **length)
+    length = (
+        _length(epochs, steps) if (epochs or steps) else _equal_budget(num_buckets, epochs_per_stage, steps_per_stage)
+    )
+    stage = Stage(
+        index=0, buckets=tuple(range(num_buckets)), temperature=temperature, kd_weight=kd_weight, loss=loss, **length
+    )
     return Plan(name="baseline", num_buckets=num_buckets, stages=(stage,))
 
 
@@ -297,7 +301,9 @@ def with_data_curriculum(target_plan: Plan, data_plan: Plan) -> Plan:
     return Plan(name=f"{target_plan.name}+{data_plan.name}", num_buckets=data_plan.num_buckets, stages=stages)
 
 
-def uniform_layer_map(num_teacher_layers: int, num_student_layers: int, teacher_layers: list[int] | None = None) -> tuple[list[int], list[int]]:
+def uniform_layer_map(
+    num_teacher_layers: int, num_student_layers: int, teacher_layers: list[int] | None = None
+) -> tuple[list[int], list[int]]:
     """Teacher layer l (1-based, as in hidden_states[l]) maps to student layer round(l * L_S / L_T), at least 1."""
     layers = teacher_layers if teacher_layers is not None else list(range(1, num_teacher_layers + 1))
     bad = [t for t in layers if not 1 <= t <= num_teacher_layers]
@@ -307,10 +313,15 @@ def uniform_layer_map(num_teacher_layers: int, num_student_layers: int, teacher_
     return list(layers), student
 
 
-def plan_from_config(cfg: RunConfig, num_teacher_layers: int | None = None, num_student_layers: int | None = None) -> Plan:
+def plan_from_config(
+    cfg: RunConfig, num_teacher_layers: int | None = None, num_student_layers: int | None = None
+) -> Plan:
     """The plan a run config asks for. Extraction needs the two models' layer counts."""
     c, kd = cfg.curriculum, cfg.kd
-    interval = {"epochs_per_stage": c.epochs_per_stage if c.steps_per_stage is None else None, "steps_per_stage": c.steps_per_stage}
+    interval = {
+        "epochs_per_stage": c.epochs_per_stage if c.steps_per_stage is None else None,
+        "steps_per_stage": c.steps_per_stage,
+    }
     if c.plan == "pocl":
         return pocl_plan(
             c.num_buckets,
@@ -342,8 +353,13 @@ def plan_from_config(cfg: RunConfig, num_teacher_layers: int | None = None, num_
         else:
             teacher_layers, student_layers = uniform_layer_map(num_teacher_layers, num_student_layers, e.teacher_layers)
         target = extraction_plan(
-            teacher_layers, student_layers, e.steps_per_layer, e.final_steps,
-            loss=kd.loss, temperature=c.output_kd.temperature, kd_weight=c.output_kd.kd_weight,
+            teacher_layers,
+            student_layers,
+            e.steps_per_layer,
+            e.final_steps,
+            loss=kd.loss,
+            temperature=c.output_kd.temperature,
+            kd_weight=c.output_kd.kd_weight,
         )
     elif c.plan == "progressive":
         p = c.progressive
@@ -352,8 +368,14 @@ def plan_from_config(cfg: RunConfig, num_teacher_layers: int | None = None, num_
         # unless the list already ends on that folder.
         if Path(teachers[-1]).resolve() != Path(cfg.models.teacher).resolve():
             teachers.append(None)
-        target = progressive_plan(teachers, p.steps_per_checkpoint, final_steps=p.final_steps, loss=kd.loss,
-                                  temperature=c.output_kd.temperature, kd_weight=c.output_kd.kd_weight)
+        target = progressive_plan(
+            teachers,
+            p.steps_per_checkpoint,
+            final_steps=p.final_steps,
+            loss=kd.loss,
+            temperature=c.output_kd.temperature,
+            kd_weight=c.output_kd.kd_weight,
+        )
     else:
         raise ValueError(f"curriculum.plan: unknown plan {c.plan!r}")
     # Only the pools come from the POCL plan; each stage keeps its own target, settings and length.

@@ -104,8 +104,7 @@ def resolve_source(path: str | Path, fmt: str = "auto") -> tuple[str, list[Path]
         if fmt == "auto":
             if found is None:
                 raise ValueError(
-                    f"unknown data format of {path}: expected .jsonl, .jsonl.gz or .parquet "
-                    "(or set data.format)"
+                    f"unknown data format of {path}: expected .jsonl, .jsonl.gz or .parquet (or set data.format)"
                 )
             return found, [path]
         return fmt, [path]
@@ -389,8 +388,8 @@ def _truncate_prompt(ids: list[int], limit: int, bos_id: int | None) -> list[int
     if len(ids) <= limit:
         return ids
     if bos_id is not None and ids[0] == bos_id and limit > 1:
-        return [bos_id] + ids[len(ids) - (limit - 1):]
-    return ids[len(ids) - limit:]
+        return [bos_id] + ids[len(ids) - (limit - 1) :]
+    return ids[len(ids) - limit :]
 
 
 def prepare_batch(batch: Any, tokenizer, data_cfg) -> dict[str, list]:

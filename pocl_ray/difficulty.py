@@ -219,7 +219,9 @@ def bucket_summary(fused: np.ndarray, buckets: np.ndarray, num_buckets: int) -> 
     for b in range(num_buckets):
         if b in stats.index:
             row = stats.loc[b]
-            out.append({"id": b, "rows": int(row["size"]), "fused_min": float(row["min"]), "fused_max": float(row["max"])})
+            out.append(
+                {"id": b, "rows": int(row["size"]), "fused_min": float(row["min"]), "fused_max": float(row["max"])}
+            )
         else:
             out.append({"id": b, "rows": 0, "fused_min": None, "fused_max": None})
     return out

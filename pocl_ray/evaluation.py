@@ -95,15 +95,27 @@ def generate(
     capped to what its prompt leaves in the model's position range."""
     budgets = [eval_cfg.max_new_tokens] * len(prompts)
     tokens = generate_tokens(
-        model, prompts, budgets, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        seeds=seeds, temperature=eval_cfg.temperature, top_p=eval_cfg.top_p,
+        model,
+        prompts,
+        budgets,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        seeds=seeds,
+        temperature=eval_cfg.temperature,
+        top_p=eval_cfg.top_p,
     )
     return [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
 
 @torch.no_grad()
 def greedy_rouge_sum(
-    model, tokenizer, rows: Sequence[Mapping[str, Any]], *, max_new_tokens: int, max_length: int, batch_size: int,
+    model,
+    tokenizer,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    max_new_tokens: int,
+    max_length: int,
+    batch_size: int,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
 ) -> float:
     """Sum over `rows` of ROUGE-L ×100 of the model's greedy responses: the dev ROUGE-L of checkpoint
@@ -142,8 +154,14 @@ def evaluate_rows(
     for the CE, (row, seed) pairs sorted by prompt length for generation."""
     scorer = scorer or rouge_l_scorer()
     out = [
-        {"set": r["set"], "id": r["id"], "reject_reason": r["reject_reason"] or None, "ce": None,
-         "generations": [], "rougeL": []}
+        {
+            "set": r["set"],
+            "id": r["id"],
+            "reject_reason": r["reject_reason"] or None,
+            "ce": None,
+            "generations": [],
+            "rougeL": [],
+        }
         for r in rows
     ]
     good = [i for i, r in enumerate(rows) if not r["reject_reason"]]
@@ -227,8 +245,15 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     seeds = [str(s) for s in cfg["seeds"]]
     headers = ["set", "rows", "rejected", "ROUGE-L", "± std", *[f"seed {s}" for s in seeds], "CE"]
     rows = [
-        [name, s["rows"], s["rows_rejected"], _num(s["rougeL_mean"]), _num(s["rougeL_std"]),
-         *[_num(s["rougeL_per_seed"].get(k)) for k in seeds], _num(s["ce_mean"], 3)]
+        [
+            name,
+            s["rows"],
+            s["rows_rejected"],
+            _num(s["rougeL_mean"]),
+            _num(s["rougeL_std"]),
+            *[_num(s["rougeL_per_seed"].get(k)) for k in seeds],
+            _num(s["ce_mean"], 3),
+        ]
         for name, s in results["sets"].items()
     ]
     avg = results["average"]
@@ -287,10 +312,16 @@ def _prepare(batch: dict, tokenizer, data_cfg, set_name: str) -> pa.Table:
         out,
         schema=pa.schema(
             [
-                ("id", pa.string()), ("prompt", pa.string()), ("response", pa.string()),
-                ("input_ids", pa.list_(pa.int64())), ("attention_mask", pa.list_(pa.int64())),
-                ("labels", pa.list_(pa.int64())), ("num_prompt_tokens", pa.int64()),
-                ("num_response_tokens", pa.int64()), ("reject_reason", pa.string()), ("set", pa.string()),
+                ("id", pa.string()),
+                ("prompt", pa.string()),
+                ("response", pa.string()),
+                ("input_ids", pa.list_(pa.int64())),
+                ("attention_mask", pa.list_(pa.int64())),
+                ("labels", pa.list_(pa.int64())),
+                ("num_prompt_tokens", pa.int64()),
+                ("num_response_tokens", pa.int64()),
+                ("reject_reason", pa.string()),
+                ("set", pa.string()),
             ]
         ),
     )
@@ -337,7 +368,9 @@ def _check_inputs(cfg: RunConfig, model_path: Path) -> Path:
     return Path(fallback)
 
 
-def _generate_and_score(ds, window: int, ecfg: EvalConfig, cfg: RunConfig, model_path: Path, tokenizer_path: Path, counter) -> list[pa.Table]:
+def _generate_and_score(
+    ds, window: int, ecfg: EvalConfig, cfg: RunConfig, model_path: Path, tokenizer_path: Path, counter
+) -> list[pa.Table]:
     """The evaluation actors over the prepared rows, in input order."""
     # A JSONL set is read as one block: blocks of one actor call each give every actor a share.
     ds = ds.repartition(target_num_rows_per_block=window).map_batches(
@@ -347,8 +380,11 @@ def _generate_and_score(ds, window: int, ecfg: EvalConfig, cfg: RunConfig, model
         compute=actor_pool(ecfg.num_actors),
         **actor_resources(ecfg.num_cpus_per_actor, ecfg.num_gpus_per_actor),
         fn_constructor_kwargs={
-            "model_path": str(model_path), "tokenizer_path": str(tokenizer_path),
-            "dtype": cfg.models.dtype, "eval_cfg": ecfg, "counter": counter,
+            "model_path": str(model_path),
+            "tokenizer_path": str(tokenizer_path),
+            "dtype": cfg.models.dtype,
+            "eval_cfg": ecfg,
+            "counter": counter,
         },
     )
     # Input order in, input order out: duplicate-id detection keeps the first occurrence.
@@ -356,7 +392,9 @@ def _generate_and_score(ds, window: int, ecfg: EvalConfig, cfg: RunConfig, model
     return list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
 
 
-def evaluate(cfg: RunConfig, model_path: str | Path, output_dir: str | Path | None = None, label: str | None = "student") -> EvalResult:
+def evaluate(
+    cfg: RunConfig, model_path: str | Path, output_dir: str | Path | None = None, label: str | None = "student"
+) -> EvalResult:
     """Evaluate the model in `model_path` on cfg.eval.sets; write DIR/eval/<label>/ (see module doc).
 
     DIR is `output_dir`, default cfg.output.dir. Each set's format is detected from its path
@@ -378,7 +416,11 @@ def evaluate(cfg: RunConfig, model_path: str | Path, output_dir: str | Path | No
     for s in ecfg.sets:
         ds = read_ray_dataset(s.path, "auto", s.max_rows)
         parts.append(
-            ds.map_batches(_prepare, batch_format="numpy", fn_kwargs={"tokenizer": tokenizer, "data_cfg": cfg.data, "set_name": s.name})
+            ds.map_batches(
+                _prepare,
+                batch_format="numpy",
+                fn_kwargs={"tokenizer": tokenizer, "data_cfg": cfg.data, "set_name": s.name},
+            )
         )
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     window = ecfg.batch_size * ecfg.length_sort_batches
@@ -395,10 +437,16 @@ def evaluate(cfg: RunConfig, model_path: str | Path, output_dir: str | Path | No
         "sets": sets,
         "average": average(sets),
         "config": {
-            "seeds": list(ecfg.seeds), "temperature": ecfg.temperature, "top_p": ecfg.top_p,
-            "max_new_tokens": ecfg.max_new_tokens, "batch_size": ecfg.batch_size, "num_actors": ecfg.num_actors,
-            "template": cfg.data.template, "max_prompt_length": cfg.data.max_prompt_length,
-            "max_length": cfg.data.max_length, "dtype": cfg.models.dtype,
+            "seeds": list(ecfg.seeds),
+            "temperature": ecfg.temperature,
+            "top_p": ecfg.top_p,
+            "max_new_tokens": ecfg.max_new_tokens,
+            "batch_size": ecfg.batch_size,
+            "num_actors": ecfg.num_actors,
+            "template": cfg.data.template,
+            "max_prompt_length": cfg.data.max_prompt_length,
+            "max_length": cfg.data.max_length,
+            "dtype": cfg.models.dtype,
         },
         "ray_version": ray.__version__,
         "wall_seconds": time.time() - started,
@@ -410,6 +458,13 @@ def evaluate(cfg: RunConfig, model_path: str | Path, output_dir: str | Path | No
     ]
     path = write_results(results, directory, generations, rejected)
     for name, s in sets.items():
-        log.info("eval %s: ROUGE-L %s ± %s, CE %s, %d rows, %d rejected", name, _num(s["rougeL_mean"]),
-                 _num(s["rougeL_std"]), _num(s["ce_mean"], 3), s["rows"], s["rows_rejected"])
+        log.info(
+            "eval %s: ROUGE-L %s ± %s, CE %s, %d rows, %d rejected",
+            name,
+            _num(s["rougeL_mean"]),
+            _num(s["rougeL_std"]),
+            _num(s["ce_mean"], 3),
+            s["rows"],
+            s["rows_rejected"],
+        )
     return EvalResult(output_dir=directory, results_path=path, results=results)

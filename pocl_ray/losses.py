@@ -22,6 +22,7 @@ A cached teacher (`TeacherCache`, METHODS.md §4: top-K log-probs, tail statisti
 from the tail per scored position, stored by the scoring pass) replaces the teacher's chunk logits in the
 same engine (`cached_kd_and_ce`): each divergence is exact on the top K and estimated on the tail.
 """
+
 from __future__ import annotations
 
 import math
@@ -107,8 +108,9 @@ def teacher_top_k(logits: torch.Tensor, k: int, uniforms: torch.Tensor | None = 
     if not 1 <= k <= logits.shape[-1]:
         raise ValueError(f"top-k size must lie in 1..{logits.shape[-1]} (the vocabulary), got {k}")
     if uniforms is None:
-        uniforms = torch.rand((logits.shape[0], TAIL_SAMPLES), generator=torch.Generator().manual_seed(0),
-                              dtype=torch.float64).to(logits.device)
+        uniforms = torch.rand(
+            (logits.shape[0], TAIL_SAMPLES), generator=torch.Generator().manual_seed(0), dtype=torch.float64
+        ).to(logits.device)
     logp = torch.log_softmax(logits.float(), dim=-1)
     top, ids = logp.topk(k, dim=-1)
     rest = logp.scatter(-1, ids, float("-inf"))
@@ -135,8 +137,12 @@ def _tail_at(tail: torch.Tensor, temperature: float) -> torch.Tensor:
     i = next((i for i in range(len(betas) - 2) if beta >= betas[i + 1]), len(betas) - 2)
     w = (betas[i] - beta) / (betas[i] - betas[i + 1])
     # At a grid point w is exactly 0 or 1, so the stored value comes back bit for bit.
-    return tail[:, i].float() if w == 0.0 else tail[:, i + 1].float() if w == 1.0 else (
-        (1.0 - w) * tail[:, i].float() + w * tail[:, i + 1].float()
+    return (
+        tail[:, i].float()
+        if w == 0.0
+        else tail[:, i + 1].float()
+        if w == 1.0
+        else ((1.0 - w) * tail[:, i].float() + w * tail[:, i + 1].float())
     )
 
 
@@ -170,7 +176,10 @@ def _cached_teacher(cache: TeacherCache, temperature: float) -> _TeacherAtT:
         (cache.top_ids.long(), torch.zeros((1, k), dtype=torch.long, device=device)),
         ((top - log_z).clamp_min(_LOG_FLOOR), torch.full((1, k), -math.log(k + 1), device=device)),
         ((tail_sum - log_z).squeeze(1).clamp_min(_LOG_FLOOR), torch.full((1,), -math.log(k + 1), device=device)),
-        ((beta * cache.tail[:, -1].float() - log_z.squeeze(1)).clamp_min(_LOG_FLOOR), torch.full((1,), _LOG_FLOOR, device=device)),
+        (
+            (beta * cache.tail[:, -1].float() - log_z.squeeze(1)).clamp_min(_LOG_FLOOR),
+            torch.full((1,), _LOG_FLOOR, device=device),
+        ),
         (cache.sample_ids.long(), torch.zeros((1, m), dtype=torch.long, device=device)),
         ((beta * logp_s - log_z).clamp_min(_LOG_FLOOR), torch.full((1, m), _LOG_FLOOR, device=device)),
         (weight, torch.zeros((1, m), device=device)),
@@ -238,6 +247,7 @@ def akl(logp: torch.Tensor, logq: torch.Tensor, mu: float) -> torch.Tensor:
 def _pointwise(kind: str, skew_alpha: float, beta: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The f-divergence ``kind`` outcome by outcome: (log p, log q) -> f(p, q), summing to the divergence
     (`_divergence`); the cached teacher sums them over its top K and estimates the tail (`_cached_divergence`)."""
+
     def fkl_terms(lp, lq):
         return lp.exp() * (lp - lq)
 
@@ -257,10 +267,14 @@ def _pointwise(kind: str, skew_alpha: float, beta: float) -> Callable[[torch.Ten
     def srkl_terms(lp, lq):
         return lq.exp() * (lq - _log_mix(lp, lq, 1.0 - skew_alpha))
 
-    return {"fkl": fkl_terms, "rkl": rkl_terms, "js": js_terms, "tvd": tvd_terms, "skl": skl_terms, "srkl": srkl_terms}[kind]
+    return {"fkl": fkl_terms, "rkl": rkl_terms, "js": js_terms, "tvd": tvd_terms, "skl": skl_terms, "srkl": srkl_terms}[
+        kind
+    ]
 
 
-def _divergence(kind: str, skew_alpha: float, beta: float, mu: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def _divergence(
+    kind: str, skew_alpha: float, beta: float, mu: float
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if kind not in KD_KINDS:
         raise ValueError(f"unknown KD loss kind {kind!r}; allowed kinds: {', '.join(KD_KINDS)}")
     for name, value in (("skew_alpha", skew_alpha), ("beta", beta), ("mu", mu)):
@@ -291,13 +305,18 @@ def _rkl_tail(t: _TeacherAtT, s: _StudentAtCache) -> torch.Tensor:
     return s.rest_neg_entropy - s.rest.exp() * t.tail_logp
 
 
-def _cached_divergence(kind: str, skew_alpha: float, beta: float, mu: float) -> Callable[[_TeacherAtT, _StudentAtCache], torch.Tensor]:
+def _cached_divergence(
+    kind: str, skew_alpha: float, beta: float, mu: float
+) -> Callable[[_TeacherAtT, _StudentAtCache], torch.Tensor]:
     """``kind`` against the cached teacher, per position (METHODS.md §4): exact on the top K, the tail by
     importance-weighted draws (RKL: the tail-mean model; AKL: its FKL and RKL parts so, its split with the
     tail as one outcome of mass p̂_rest and gap Σ_tail |p̂ − q| estimated as TVD's)."""
     _divergence(kind, skew_alpha, beta, mu)  # validates kind and options
     if kind == "akl":
-        fkl_div, rkl_div = _cached_divergence("fkl", skew_alpha, beta, mu), _cached_divergence("rkl", skew_alpha, beta, mu)
+        fkl_div, rkl_div = (
+            _cached_divergence("fkl", skew_alpha, beta, mu),
+            _cached_divergence("rkl", skew_alpha, beta, mu),
+        )
         tvd_terms = _pointwise("tvd", skew_alpha, beta)
 
         def akl_cached(t: _TeacherAtT, s: _StudentAtCache) -> torch.Tensor:
@@ -380,7 +399,9 @@ class _ChunkedTerms(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, terms, scales: torch.Tensor, chunk_positions: int, rows: torch.Tensor, student: torch.Tensor, head):
+    def forward(
+        ctx, terms, scales: torch.Tensor, chunk_positions: int, rows: torch.Tensor, student: torch.Tensor, head
+    ):
         grad_student = torch.zeros_like(student) if ctx.needs_input_grad[4] else None
         # At least fp32 because the head gradient sums over every chunk, which bf16 would round away.
         accumulate = torch.promote_types(head.dtype, torch.float32) if head is not None else None
@@ -428,7 +449,9 @@ class _ChunkedTerms(torch.autograd.Function):
         return None, None, None, None, grad_student, grad_head
 
 
-def _inverse_count(num_tokens: int | torch.Tensor | None, local_count: Callable[[], int], device: torch.device) -> torch.Tensor:
+def _inverse_count(
+    num_tokens: int | torch.Tensor | None, local_count: Callable[[], int], device: torch.device
+) -> torch.Tensor:
     """1 / the count a loss sum is divided by: ``num_tokens`` when given, else the local scored count.
 
     A count given as a device tensor (the all-reduced global count of a training step) is used as it
@@ -503,7 +526,9 @@ def _fused_losses(
     if kd_mask is not None:
         # The pass may also visit rows KD does not score (CE-only ones, given positions); KD must not count them.
         kd_rows = kd_mask if ce_targets is not None or positions is not None else None
-        norms.append(_inverse_count(num_tokens, local_count(kd_mask), device) * (temperature**2 if scale_by_t2 else 1.0))
+        norms.append(
+            _inverse_count(num_tokens, local_count(kd_mask), device) * (temperature**2 if scale_by_t2 else 1.0)
+        )
         scales.append(kd_weight * norms[-1])
     if ce_targets is not None:
         norms.append(_inverse_count(ce_num_tokens, local_count(ce_targets != IGNORE_INDEX), device))
@@ -519,7 +544,9 @@ def _fused_losses(
             else:
                 at = slot[chunk_rows]
                 t_rows = _TeacherAtT(*(x[at] for x in cached))
-                per_row = divergence(t_rows, _student_buckets(logq.clamp_min(_LOG_FLOOR), t_rows.top_ids, t_rows.sample_ids))
+                per_row = divergence(
+                    t_rows, _student_buckets(logq.clamp_min(_LOG_FLOOR), t_rows.top_ids, t_rows.sample_ids)
+                )
             values.append((per_row if kd_rows is None else per_row.where(kd_rows[chunk_rows], 0.0)).sum())
         if ce_targets is not None:
             # At T = 1 the student log-probs of KD serve CE as they are (unfloored, so CE is exact).
@@ -563,8 +590,20 @@ def kd_loss(
     _check_logits("teacher_logits", teacher_logits, labels)
     _check_same_vocab(student_logits.shape[-1], teacher_logits.shape[-1])
     loss, _, _ = _fused_losses(
-        student_logits, None, teacher_logits, None, labels, None, divergence=divergence, temperature=temperature,
-        scale_by_t2=scale_by_t2, kd_weight=1.0, num_tokens=num_tokens, ce_num_tokens=None, chunk_positions=chunk_positions, positions=scored_positions,
+        student_logits,
+        None,
+        teacher_logits,
+        None,
+        labels,
+        None,
+        divergence=divergence,
+        temperature=temperature,
+        scale_by_t2=scale_by_t2,
+        kd_weight=1.0,
+        num_tokens=num_tokens,
+        ce_num_tokens=None,
+        chunk_positions=chunk_positions,
+        positions=scored_positions,
     )
     return loss
 
@@ -580,8 +619,20 @@ def cross_entropy(
     """Causal-LM cross-entropy on the reference (HF shift, fp32), summed over scored positions / num_tokens."""
     _check_logits("student_logits", student_logits, labels)
     loss, _, _ = _fused_losses(
-        student_logits, None, None, None, None, labels, divergence=None, temperature=1.0, scale_by_t2=False,
-        kd_weight=0.0, num_tokens=None, ce_num_tokens=num_tokens, chunk_positions=chunk_positions, positions=scored_positions,
+        student_logits,
+        None,
+        None,
+        None,
+        None,
+        labels,
+        divergence=None,
+        temperature=1.0,
+        scale_by_t2=False,
+        kd_weight=0.0,
+        num_tokens=None,
+        ce_num_tokens=num_tokens,
+        chunk_positions=chunk_positions,
+        positions=scored_positions,
     )
     return loss
 
@@ -625,9 +676,20 @@ def linear_kd_and_ce(
         _check_linear("teacher", teacher_hidden, teacher_head, "labels", labels)
         _check_same_vocab(student_head.shape[0], teacher_head.shape[0])
     return _fused_losses(
-        student_hidden, student_head, teacher_hidden, teacher_head, None if divergence is None else labels, ce_labels,
-        divergence=divergence, temperature=temperature, scale_by_t2=scale_by_t2, kd_weight=kd_weight,
-        num_tokens=num_tokens, ce_num_tokens=ce_num_tokens, chunk_positions=chunk_positions, positions=scored_positions,
+        student_hidden,
+        student_head,
+        teacher_hidden,
+        teacher_head,
+        None if divergence is None else labels,
+        ce_labels,
+        divergence=divergence,
+        temperature=temperature,
+        scale_by_t2=scale_by_t2,
+        kd_weight=kd_weight,
+        num_tokens=num_tokens,
+        ce_num_tokens=ce_num_tokens,
+        chunk_positions=chunk_positions,
+        positions=scored_positions,
     )
 
 
@@ -659,9 +721,20 @@ def linear_kd_loss(
     _check_linear("teacher", teacher_hidden, teacher_head, "labels", labels)
     _check_same_vocab(student_head.shape[0], teacher_head.shape[0])
     loss, _, _ = _fused_losses(
-        student_hidden, student_head, teacher_hidden, teacher_head, labels, None, divergence=divergence,
-        temperature=temperature, scale_by_t2=scale_by_t2, kd_weight=1.0, num_tokens=num_tokens, ce_num_tokens=None,
-        chunk_positions=chunk_positions, positions=scored_positions,
+        student_hidden,
+        student_head,
+        teacher_hidden,
+        teacher_head,
+        labels,
+        None,
+        divergence=divergence,
+        temperature=temperature,
+        scale_by_t2=scale_by_t2,
+        kd_weight=1.0,
+        num_tokens=num_tokens,
+        ce_num_tokens=None,
+        chunk_positions=chunk_positions,
+        positions=scored_positions,
     )
     return loss
 
@@ -678,8 +751,20 @@ def linear_cross_entropy(
     """``cross_entropy`` on the logits ``student_hidden @ student_head.T``, one chunk of scored positions at a time."""
     _check_linear("student", student_hidden, student_head, "labels", labels)
     loss, _, _ = _fused_losses(
-        student_hidden, student_head, None, None, None, labels, divergence=None, temperature=1.0, scale_by_t2=False,
-        kd_weight=0.0, num_tokens=None, ce_num_tokens=num_tokens, chunk_positions=chunk_positions, positions=scored_positions,
+        student_hidden,
+        student_head,
+        None,
+        None,
+        None,
+        labels,
+        divergence=None,
+        temperature=1.0,
+        scale_by_t2=False,
+        kd_weight=0.0,
+        num_tokens=None,
+        ce_num_tokens=num_tokens,
+        chunk_positions=chunk_positions,
+        positions=scored_positions,
     )
     return loss
 
@@ -687,14 +772,22 @@ def linear_cross_entropy(
 def _check_cache(cache: TeacherCache, vocab: int, labels: torch.Tensor) -> None:
     ids, values, tail, sample_ids, sample_values = cache
     n, stats = ids.shape[0] if ids.dim() == 2 else -1, len(TAIL_TEMPERATURES) + 1
-    if (ids.dim() != 2 or values.shape != ids.shape or tail.shape != (n, stats) or sample_ids.dim() != 2
-            or sample_ids.shape[0] != n or sample_values.shape != sample_ids.shape):
+    if (
+        ids.dim() != 2
+        or values.shape != ids.shape
+        or tail.shape != (n, stats)
+        or sample_ids.dim() != 2
+        or sample_ids.shape[0] != n
+        or sample_values.shape != sample_ids.shape
+    ):
         raise ValueError(
             f"teacher cache must be top_ids (N, K), top_logprobs (N, K), tail (N, {stats}), sample_ids (N, M), "
             f"sample_logprobs (N, M); got {', '.join(str(tuple(t.shape)) for t in cache)}"
         )
     if ids.shape[1] > vocab or ids.dtype.is_floating_point or sample_ids.dtype.is_floating_point:
-        raise ValueError(f"teacher cache top_ids must be integer ids, at most the vocabulary ({vocab}) per row; got {ids.dtype} K = {ids.shape[1]}")
+        raise ValueError(
+            f"teacher cache top_ids must be integer ids, at most the vocabulary ({vocab}) per row; got {ids.dtype} K = {ids.shape[1]}"
+        )
     # Counting the scored positions makes a GPU host wait, so the alignment is checked on CPU only
     # (collate_teacher_cache checks it per row while building the batch).
     if labels.device.type == "cpu" and int(count_tokens(labels)) != ids.shape[0]:
@@ -742,9 +835,21 @@ def cached_kd_and_ce(
         vocab = student_head.shape[0]
     _check_cache(cache, vocab, labels)
     return _fused_losses(
-        student, student_head, None, None, labels, ce_labels, divergence=divergence, temperature=temperature,
-        scale_by_t2=scale_by_t2, kd_weight=kd_weight, num_tokens=num_tokens, ce_num_tokens=ce_num_tokens,
-        chunk_positions=chunk_positions, positions=scored_positions, cache=cache,
+        student,
+        student_head,
+        None,
+        None,
+        labels,
+        ce_labels,
+        divergence=divergence,
+        temperature=temperature,
+        scale_by_t2=scale_by_t2,
+        kd_weight=kd_weight,
+        num_tokens=num_tokens,
+        ce_num_tokens=ce_num_tokens,
+        chunk_positions=chunk_positions,
+        positions=scored_positions,
+        cache=cache,
     )
 
 
@@ -769,8 +874,20 @@ def cached_kd_loss(
     _check_logits("student_logits", student_logits, labels)
     _check_cache(cache, student_logits.shape[-1], labels)
     loss, _, _ = _fused_losses(
-        student_logits, None, None, None, labels, None, divergence=divergence, temperature=temperature,
-        scale_by_t2=scale_by_t2, kd_weight=1.0, num_tokens=num_tokens, ce_num_tokens=None, chunk_positions=chunk_positions,
-        positions=scored_positions, cache=cache,
+        student_logits,
+        None,
+        None,
+        None,
+        labels,
+        None,
+        divergence=divergence,
+        temperature=temperature,
+        scale_by_t2=scale_by_t2,
+        kd_weight=1.0,
+        num_tokens=num_tokens,
+        ce_num_tokens=None,
+        chunk_positions=chunk_positions,
+        positions=scored_positions,
+        cache=cache,
     )
     return loss

@@ -61,7 +61,10 @@ def rouge_l_scorer():
 
 
 def load_measurer_models(
-    models_cfg: ModelsConfig, metrics: Sequence[str], device: str | torch.device, cache_form: int | str | None = None,
+    models_cfg: ModelsConfig,
+    metrics: Sequence[str],
+    device: str | torch.device,
+    cache_form: int | str | None = None,
 ) -> MeasurerModels:
     """Tokenizer, initial student and teacher as the metrics need them, frozen, on ``device``.
 
@@ -74,10 +77,14 @@ def load_measurer_models(
 
     device = torch.device(device)
     tokenizer = load_tokenizer(models_cfg.tokenizer or models_cfg.teacher)
-    need_teacher = bool(TEACHER_METRICS & set(metrics)) or cache_form is not None or (
-        bool(STUDENT_METRICS & set(metrics)) and models_cfg.student is None
+    need_teacher = (
+        bool(TEACHER_METRICS & set(metrics))
+        or cache_form is not None
+        or (bool(STUDENT_METRICS & set(metrics)) and models_cfg.student is None)
     )
-    teacher = load_model(models_cfg.teacher, dtype=models_cfg.dtype, device=device, frozen=True) if need_teacher else None
+    teacher = (
+        load_model(models_cfg.teacher, dtype=models_cfg.dtype, device=device, frozen=True) if need_teacher else None
+    )
     student = None
     if STUDENT_METRICS & set(metrics):
         if models_cfg.student is not None:
@@ -102,7 +109,10 @@ def _chunks(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
 
 
 def response_means(
-    labels: torch.Tensor, *, student_logits: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None,
+    labels: torch.Tensor,
+    *,
+    student_logits: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
     chunk_positions: int = 2048,
 ) -> dict[str, torch.Tensor]:
     """Per-row means over each row's scored positions (HF shift: position t predicts labels[t + 1]),
@@ -135,7 +145,11 @@ def response_means(
 
 
 def row_caches(
-    labels: torch.Tensor, teacher_logits: torch.Tensor, k: int, vocab_size: int, row_ids: Sequence[str],
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    k: int,
+    vocab_size: int,
+    row_ids: Sequence[str],
     chunk_positions: int = 512,
 ) -> list[tuple[np.ndarray, ...]]:
     """Each row's teacher cache in the storage dtypes (`teacher_cache.storage_arrays`): one entry per
@@ -144,15 +158,24 @@ def row_caches(
     targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=data_mod.IGNORE_INDEX)
     rows, cols = (targets != data_mod.IGNORE_INDEX).nonzero(as_tuple=True)  # row-major: each row's positions in order
     counts = torch.bincount(rows, minlength=labels.shape[0]).cpu().numpy()
-    uniforms = torch.cat([teacher_cache.tail_uniforms(str(i), int(n)) for i, n in zip(row_ids, counts)]).to(labels.device)
+    uniforms = torch.cat([teacher_cache.tail_uniforms(str(i), int(n)) for i, n in zip(row_ids, counts)]).to(
+        labels.device
+    )
     chunks = [
-        teacher_cache.storage_arrays(teacher_top_k(
-            teacher_logits[rows[a : a + chunk_positions], cols[a : a + chunk_positions]], k, uniforms[a : a + chunk_positions]
-        ), vocab_size)
+        teacher_cache.storage_arrays(
+            teacher_top_k(
+                teacher_logits[rows[a : a + chunk_positions], cols[a : a + chunk_positions]],
+                k,
+                uniforms[a : a + chunk_positions],
+            ),
+            vocab_size,
+        )
         for a in range(0, rows.numel(), chunk_positions)
     ] or [teacher_cache.storage_arrays(teacher_top_k(teacher_logits[:0, 0], k, uniforms), vocab_size)]  # nothing scored
     ends = np.cumsum(counts)[:-1]
-    return list(zip(*(np.split(np.concatenate([c[j] for c in chunks]), ends) for j in range(len(teacher_cache.CACHE_COLUMNS)))))
+    return list(
+        zip(*(np.split(np.concatenate([c[j] for c in chunks]), ends) for j in range(len(teacher_cache.CACHE_COLUMNS))))
+    )
 
 
 def row_hidden(labels: torch.Tensor, hidden: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -180,21 +203,31 @@ def _row_cache(labels: torch.Tensor, t_logits, t_hidden, cache_form: int | str, 
 
 
 @torch.no_grad()
-def teacher_caches(teacher, rows: Sequence[Mapping], pad_token_id: int, cache_form: int | str, batch_size: int = 16) -> list:
+def teacher_caches(
+    teacher, rows: Sequence[Mapping], pad_token_id: int, cache_form: int | str, batch_size: int = 16
+) -> list:
     """Each row's teacher cache (as `row_caches` or `row_hidden`), from a forward of `teacher` over the
     rows (dicts with id, input_ids, attention_mask and labels) in batches: for rows outside a scoring pass."""
     vocab = teacher.config.get_text_config().vocab_size
     out = []
     for i in range(0, len(rows), batch_size):
-        batch = {k: v.to(teacher.device) for k, v in data_mod.collate(list(rows[i : i + batch_size]), pad_token_id).items()}
+        batch = {
+            k: v.to(teacher.device) for k, v in data_mod.collate(list(rows[i : i + batch_size]), pad_token_id).items()
+        }
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         t_logits, t_hidden = teacher_outputs(teacher, inputs, cache_form, logits=cache_form != "hidden")
-        out += _row_cache(batch["labels"], t_logits, t_hidden, cache_form, vocab, [r["id"] for r in rows[i : i + batch_size]])
+        out += _row_cache(
+            batch["labels"], t_logits, t_hidden, cache_form, vocab, [r["id"] for r in rows[i : i + batch_size]]
+        )
     return out
 
 
 def _forward_metrics(
-    models: MeasurerModels, rows: Mapping[str, Sequence], metrics: set[str], batch_size: int, cache_form: int | str | None = None,
+    models: MeasurerModels,
+    rows: Mapping[str, Sequence],
+    metrics: set[str],
+    batch_size: int,
+    cache_form: int | str | None = None,
 ) -> tuple[dict[str, np.ndarray], list | None]:
     """The forward metrics of each row and, with ``cache_form``, each row's teacher cache from the
     same teacher forward."""
@@ -206,15 +239,26 @@ def _forward_metrics(
     pad_id = models.tokenizer.pad_token_id
     for idx in _chunks(lengths, batch_size):
         batch = data_mod.collate(
-            {"input_ids": [rows["input_ids"][i] for i in idx], "attention_mask": [np.ones(lengths[i], np.int64) for i in idx],
-             "labels": [rows["labels"][i] for i in idx]},
+            {
+                "input_ids": [rows["input_ids"][i] for i in idx],
+                "attention_mask": [np.ones(lengths[i], np.int64) for i in idx],
+                "labels": [rows["labels"][i] for i in idx],
+            },
             pad_id,
         )
         batch = {k: v.to(models.device) for k, v in batch.items()}
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         s_logits = models.student(**inputs).logits if metrics & {"student_ce", "teacher_student_kl"} else None
-        t_logits, t_hidden = (None, None) if models.teacher is None else teacher_outputs(
-            models.teacher, inputs, cache_form, logits=bool(metrics & TEACHER_METRICS) or isinstance(cache_form, int))
+        t_logits, t_hidden = (
+            (None, None)
+            if models.teacher is None
+            else teacher_outputs(
+                models.teacher,
+                inputs,
+                cache_form,
+                logits=bool(metrics & TEACHER_METRICS) or isinstance(cache_form, int),
+            )
+        )
         if wanted:
             means = response_means(batch["labels"], student_logits=s_logits, teacher_logits=t_logits)
             values = torch.stack([means[m] for m in wanted]).cpu().numpy()
@@ -228,9 +272,7 @@ def _forward_metrics(
     return out, caches
 
 
-def response_budgets(
-    num_prompt_tokens: Sequence[int], max_new_tokens: int | None, max_length: int | None
-) -> list[int]:
+def response_budgets(num_prompt_tokens: Sequence[int], max_new_tokens: int | None, max_length: int | None) -> list[int]:
     """New tokens per row for the greedy response: max_length minus the prompt (at least 1),
     capped by max_new_tokens when set; max_new_tokens alone when max_length is None."""
     if max_new_tokens is None and max_length is None:
@@ -251,8 +293,11 @@ def greedy_responses(
     texts = [""] * len(prompts)
     for idx in _chunks(np.array([len(p) for p in prompts]), batch_size):
         tokens = generate_tokens(
-            model, [prompts[i] for i in idx], [int(max_new_tokens[i]) for i in idx],
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            model,
+            [prompts[i] for i in idx],
+            [int(max_new_tokens[i]) for i in idx],
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
         )
         for i, text in zip(idx, tok.batch_decode(tokens, skip_special_tokens=True)):
             texts[i] = text
@@ -260,8 +305,14 @@ def greedy_responses(
 
 
 def measure(
-    models: MeasurerModels, rows: Mapping[str, Sequence], metrics: Sequence[str], *, batch_size: int,
-    max_new_tokens: int | None, max_length: int | None = None, cache_form: int | str | None = None,
+    models: MeasurerModels,
+    rows: Mapping[str, Sequence],
+    metrics: Sequence[str],
+    *,
+    batch_size: int,
+    max_new_tokens: int | None,
+    max_length: int | None = None,
+    cache_form: int | str | None = None,
 ) -> dict[str, np.ndarray]:
     """Every requested metric for each row (float64 arrays aligned with the rows).
 
@@ -299,8 +350,15 @@ class Measurer:
     prepared rows (NaN on rows the data layer rejected, which pass through unscored)."""
 
     def __init__(
-        self, models_cfg: dict, metrics: list[str], batch_size: int, max_new_tokens: int | None, use_gpu: bool,
-        num_threads: int, max_length: int | None = None, cache_form: int | str | None = None,
+        self,
+        models_cfg: dict,
+        metrics: list[str],
+        batch_size: int,
+        max_new_tokens: int | None,
+        use_gpu: bool,
+        num_threads: int,
+        max_length: int | None = None,
+        cache_form: int | str | None = None,
     ):
         if use_gpu and not torch.cuda.is_available():
             raise RuntimeError("scoring.num_gpus_per_actor > 0 but this actor sees no CUDA device")
@@ -308,7 +366,9 @@ class Measurer:
             response_budgets([0], max_new_tokens, max_length)  # fail before loading models, not on the first batch
         if not use_gpu:
             torch.set_num_threads(num_threads)
-        self.models = load_measurer_models(ModelsConfig(**models_cfg), metrics, "cuda" if use_gpu else "cpu", cache_form)
+        self.models = load_measurer_models(
+            ModelsConfig(**models_cfg), metrics, "cuda" if use_gpu else "cpu", cache_form
+        )
         self.cache_form = cache_form
         self.metrics = metrics
         self.batch_size = batch_size
@@ -322,8 +382,12 @@ class Measurer:
         if len(valid):
             rows = batch.select(MEASURER_INPUT).take(pa.array(valid))
             scores = measure(
-                self.models, {c: rows.column(c).to_numpy(zero_copy_only=False) for c in MEASURER_INPUT},
-                self.metrics, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, max_length=self.max_length,
+                self.models,
+                {c: rows.column(c).to_numpy(zero_copy_only=False) for c in MEASURER_INPUT},
+                self.metrics,
+                batch_size=self.batch_size,
+                max_new_tokens=self.max_new_tokens,
+                max_length=self.max_length,
                 cache_form=self.cache_form,
             )
             for m in self.metrics:

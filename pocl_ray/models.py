@@ -74,7 +74,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
-    """"auto" = bfloat16 on CUDA (float16 where the GPU lacks bf16), float32 elsewhere."""
+    """ "auto" = bfloat16 on CUDA (float16 where the GPU lacks bf16), float32 elsewhere."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
@@ -174,8 +174,12 @@ def build_tiny_model(
         )
     elif arch == "gpt2":
         config = GPT2Config(
-            vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,
-            n_positions=max_positions, **special,
+            vocab_size=vocab_size,
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=num_heads,
+            n_positions=max_positions,
+            **special,
         )
     else:
         raise ValueError(f"unknown arch {arch!r}; use 'llama' or 'gpt2'")
@@ -266,8 +270,7 @@ def check_compatible(teacher: PreTrainedModel, student: PreTrainedModel, tokeniz
         )
     if tokenizer is not None and len(tokenizer) > min(t_config, t_rows):
         raise ValueError(
-            f"the tokenizer has {len(tokenizer)} tokens but the models' vocabulary has only "
-            f"{min(t_config, t_rows)}"
+            f"the tokenizer has {len(tokenizer)} tokens but the models' vocabulary has only {min(t_config, t_rows)}"
         )
 
 

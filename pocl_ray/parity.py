@@ -146,7 +146,9 @@ def train_teacher(cfg: ParityConfig, seed: int) -> tuple[dict, dict[str, torch.T
     checkpoint_every steps, in order, excluding the final step (the final state is returned apart).
     """
     started = time.perf_counter()
-    device, support, (x_eval, y_eval), gen, model = _run_setup(cfg, seed, cfg.teacher_width, _TEACHER_DATA, _TEACHER_INIT)
+    device, support, (x_eval, y_eval), gen, model = _run_setup(
+        cfg, seed, cfg.teacher_width, _TEACHER_DATA, _TEACHER_INIT
+    )
     opt = _adam(model, cfg.teacher_lr, cfg.betas)
     checkpoints: list[tuple[int, dict]] = []
     curve_steps, curve_acc = [0], [accuracy(model, x_eval, y_eval)]
@@ -205,8 +207,14 @@ def student_plan(method: str, cfg: ParityConfig, checkpoint_steps: Sequence[int]
         return progressive_plan(names, p.steps_per_checkpoint, temperature=t, restart_optimizer=p.restart_optimizer)
     if method == "extraction":
         ex = cfg.extraction
-        return extraction_plan([1], [1], ex.steps_per_layer, cfg.student_steps - ex.steps_per_layer,
-                               temperature=t, restart_optimizer=ex.restart_optimizer)
+        return extraction_plan(
+            [1],
+            [1],
+            ex.steps_per_layer,
+            cfg.student_steps - ex.steps_per_layer,
+            temperature=t,
+            restart_optimizer=ex.restart_optimizer,
+        )
     raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
 
 
@@ -230,7 +238,9 @@ def distill_student(
     """Train one student by `method` for cfg.student_steps steps; return its held-out accuracy curve."""
     plan = student_plan(method, cfg, [s for s, _ in checkpoints])
     started = time.perf_counter()
-    device, support, (x_eval, y_eval), gen, student = _run_setup(cfg, seed, cfg.student_width, _STUDENT_DATA, _STUDENT_INIT)
+    device, support, (x_eval, y_eval), gen, student = _run_setup(
+        cfg, seed, cfg.student_width, _STUDENT_DATA, _STUDENT_INIT
+    )
     teacher = MLP(cfg.n, cfg.teacher_width).to(device).requires_grad_(False)
     states = {f"step-{s}": state for s, state in checkpoints} | {FINAL: teacher_final}
     ex = cfg.extraction
@@ -275,8 +285,11 @@ def distill_student(
         "final_accuracy": curve_acc[-1],
         "steps": curve_steps[-1],
         "curve": {"step": curve_steps, "accuracy": curve_acc},
-        "stages": [{"start": b, "target": s.target, "teacher": s.teacher or FINAL}
-                   for b, s in starts.items() if b <= curve_steps[-1]],
+        "stages": [
+            {"start": b, "target": s.target, "teacher": s.teacher or FINAL}
+            for b, s in starts.items()
+            if b <= curve_steps[-1]
+        ],
         "seconds": time.perf_counter() - started,
     }
 
@@ -339,15 +352,22 @@ def format_summary(results: dict) -> str:
     ]
     for t in results["teachers"]:
         flag = "" if t["reached_target"] else "  (below teacher target)"
-        lines.append(f"  teacher seed {t['seed']}: {t['steps']} steps, held-out accuracy {t['accuracy']:.3f}, "
-                     f"{len(t['checkpoints'])} checkpoints{flag}")
+        lines.append(
+            f"  teacher seed {t['seed']}: {t['steps']} steps, held-out accuracy {t['accuracy']:.3f}, "
+            f"{len(t['checkpoints'])} checkpoints{flag}"
+        )
     lines.append(f"  {'method':<12} {'reached':>7} {'mean steps to target':>21} {'per seed':>24} {'final acc':>9}")
     for method, m in summary["methods"].items():
-        per_seed = [str(r["steps_to_target"]) if r["steps_to_target"] is not None else "-"
-                    for r in results["runs"] if r["method"] == method]
+        per_seed = [
+            str(r["steps_to_target"]) if r["steps_to_target"] is not None else "-"
+            for r in results["runs"]
+            if r["method"] == method
+        ]
         mean = f"{m['mean_steps_to_target']:.0f}" if m["mean_steps_to_target"] is not None else "never"
-        lines.append(f"  {method:<12} {m['reached']:>3}/{m['runs']:<3} {mean:>21} {' '.join(per_seed):>24} "
-                     f"{m['mean_final_accuracy']:>9.3f}")
+        lines.append(
+            f"  {method:<12} {m['reached']:>3}/{m['runs']:<3} {mean:>21} {' '.join(per_seed):>24} "
+            f"{m['mean_final_accuracy']:>9.3f}"
+        )
     for name, r in summary["ratios"].items():
         note = "  (a run missed the target: its budget counted, a lower bound)" if r["censored"] else ""
         lines.append(f"  {name:<24} {r['ratio']:.2f}{note}")
@@ -375,12 +395,18 @@ def plot_curves(runs: Sequence[dict], target: float, cfg: dict, path: Path) -> P
             ax.plot(r["curve"]["step"], r["curve"]["accuracy"], color=colors[method], alpha=0.3, lw=0.8)
         longest = max(rs, key=lambda r: len(r["curve"]["step"]))["curve"]["step"]
         # Runs stopped at target keep their last accuracy, so the mean is defined at every step.
-        padded = [r["curve"]["accuracy"] + [r["curve"]["accuracy"][-1]] * (len(longest) - len(r["curve"]["accuracy"]))
-                  for r in rs]
+        padded = [
+            r["curve"]["accuracy"] + [r["curve"]["accuracy"][-1]] * (len(longest) - len(r["curve"]["accuracy"]))
+            for r in rs
+        ]
         ax.plot(longest, np.mean(padded, axis=0), color=colors[method], lw=2, label=method.replace("_", "-"))
     ax.axhline(target, color="gray", ls="--", lw=1, label="target")
-    ax.set(xlabel="student steps (all phases)", ylabel="held-out accuracy", ylim=(0.4, 1.02),
-           title=f"({cfg['n']}, {cfg['k']})-sparse parity, width {cfg['teacher_width']} -> {cfg['student_width']}")
+    ax.set(
+        xlabel="student steps (all phases)",
+        ylabel="held-out accuracy",
+        ylim=(0.4, 1.02),
+        title=f"({cfg['n']}, {cfg['k']})-sparse parity, width {cfg['teacher_width']} -> {cfg['student_width']}",
+    )
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -54,6 +54,7 @@ def run_parity(cfg: ParityConfig, output_dir: str | Path) -> dict:
             def submit() -> tuple:
                 teacher_refs[seed] = tuple(teacher_task.remote(cfg, seed))
                 return teacher_refs[seed]
+
             return submit
 
         def student_thunk(seed: int, method: str) -> Callable[[], Any]:
@@ -61,12 +62,13 @@ def run_parity(cfg: ParityConfig, output_dir: str | Path) -> dict:
                 _, final, ckpts = teacher_refs[seed]
                 # Only progressive needs the checkpoints; the others never fetch them.
                 return student_task.remote(cfg, seed, method, final, *([ckpts] if method == "progressive" else []))
+
             return submit
 
         thunks = [teacher_thunk(s) for s in cfg.seeds]
         thunks += [student_thunk(s, m) for s in cfg.seeds for m in cfg.methods]
         refs = _bounded(thunks, cfg.max_concurrent_tasks)
-        student_refs = refs[len(cfg.seeds):]
+        student_refs = refs[len(cfg.seeds) :]
         teachers = ray.get([teacher_refs[s][0] for s in cfg.seeds])
         runs = ray.get(student_refs)
         ray_version = ray.__version__

@@ -73,14 +73,23 @@ def run_distill(cfg: RunConfig) -> Path:
         run_stage(f"train{tag}", run_dir / "train", train_key, lambda run=run: train(run, scores_dir=scores_dir))
         if run.eval.sets:
             # EVAL_KEYS hold the eval section, eval.checkpoint (which student is evaluated) included.
-            run_stage(f"eval{tag}", run_dir / "eval", fingerprint(run, EVAL_KEYS),
-                      lambda run=run, run_dir=run_dir: evaluate(
-                          run, selected_student(run_dir / "train", run.eval.checkpoint), label=None))
+            run_stage(
+                f"eval{tag}",
+                run_dir / "eval",
+                fingerprint(run, EVAL_KEYS),
+                lambda run=run, run_dir=run_dir: evaluate(
+                    run, selected_student(run_dir / "train", run.eval.checkpoint), label=None
+                ),
+            )
     report_runs = {label or "student": f"runs/{label}" if label else "." for label in runs}
     if cfg.pipeline.evaluate_teacher and cfg.eval.sets:
         teacher_dir = root / "runs" / "teacher"
-        run_stage("eval [teacher]", teacher_dir / "eval", fingerprint(cfg, ("data", "models", "eval")),
-                  lambda: evaluate(cfg, cfg.models.teacher, output_dir=teacher_dir, label=None))
+        run_stage(
+            "eval [teacher]",
+            teacher_dir / "eval",
+            fingerprint(cfg, ("data", "models", "eval")),
+            lambda: evaluate(cfg, cfg.models.teacher, output_dir=teacher_dir, label=None),
+        )
         report_runs["teacher"] = "runs/teacher"
     report = write_report(root, report_runs)
     print(f"[pipeline] all stages done in {time.time() - started:.0f}s; report written to {report}", flush=True)

@@ -32,12 +32,12 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import pyarrow.dataset as pads  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as pads
 
-from pocl_ray.evaluation import load_results  # noqa: E402
+from pocl_ray.evaluation import load_results
 
 SCHEDULE_KEYS = (("pool_rows", "pool size (rows)"), ("temperature", "temperature"), ("kd_weight", "KD weight"))
 
@@ -156,10 +156,12 @@ def plot_selection(selections: Mapping[str, Mapping], path: Path) -> Path:
     """Dev ROUGE-L and dev KD loss (forward KL at T = 1 against the final teacher, comparable across
     plans) of every run's selection candidates against the samples seen, the best one starred."""
     fig, axes = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    for ax, (key, title) in zip(axes, (("dev_rougeL", "dev ROUGE-L ×100"), ("dev_kd_loss", "dev KD loss (FKL, T = 1)"))):
+    for ax, (key, title) in zip(
+        axes, (("dev_rougeL", "dev ROUGE-L ×100"), ("dev_kd_loss", "dev KD loss (FKL, T = 1)"))
+    ):
         for label, selection in selections.items():
             frame = pd.DataFrame(selection["candidates"])
-            line, = ax.plot(frame["samples"], frame[key], marker="o", markersize=3, linewidth=1.6, label=label)
+            (line,) = ax.plot(frame["samples"], frame[key], marker="o", markersize=3, linewidth=1.6, label=label)
             best = selection["best"]
             ax.plot(best["samples"], best[key], marker="*", markersize=13, color=line.get_color(), linestyle="none")
         ax.set_ylabel(title)
@@ -174,8 +176,13 @@ def plot_difficulty(fused: np.ndarray, buckets: np.ndarray, path: Path) -> Path:
     """Histogram of the fused difficulty score, stacked by bucket (bucket 0 = easiest)."""
     fig, ax = plt.subplots(figsize=(8, 4))
     ids = sorted(int(b) for b in np.unique(buckets))
-    ax.hist([fused[buckets == b] for b in ids], bins=40, stacked=True, label=[f"bucket {b}" for b in ids],
-            color=[plt.get_cmap("viridis")(i / max(1, len(ids) - 1)) for i in range(len(ids))])
+    ax.hist(
+        [fused[buckets == b] for b in ids],
+        bins=40,
+        stacked=True,
+        label=[f"bucket {b}" for b in ids],
+        color=[plt.get_cmap("viridis")(i / max(1, len(ids) - 1)) for i in range(len(ids))],
+    )
     ax.set_xlabel("fused score (reciprocal rank fusion; higher = easier)")
     ax.set_ylabel("rows")
     ax.set_title("Difficulty of the training rows by bucket")
@@ -199,8 +206,14 @@ def plot_rouge(evals: Mapping[str, Mapping], path: Path) -> Path:
         means = [res["sets"].get(n, {}).get("rougeL_mean") for n in names] + [res["average"]["rougeL_mean"]]
         stds = [res["sets"].get(n, {}).get("rougeL_std") for n in names] + [None]
         heights = [np.nan if m is None else m for m in means]
-        bars = ax.bar(x + (i - (len(labels) - 1) / 2) * width, heights, width,
-                      yerr=[np.nan if s is None else s for s in stds], capsize=3, label=label)
+        bars = ax.bar(
+            x + (i - (len(labels) - 1) / 2) * width,
+            heights,
+            width,
+            yerr=[np.nan if s is None else s for s in stds],
+            capsize=3,
+            label=label,
+        )
         ax.bar_label(bars, labels=["" if m is None else f"{m:.1f}" for m in means], fontsize=7, padding=2)
     ax.set_xticks(x, groups)
     ax.set_ylabel("ROUGE-L ×100")
@@ -244,8 +257,11 @@ def compare_table(results_by_label: Mapping[str, Mapping[str, Any]]) -> str:
     ce = [[n, *[cell(results_by_label[lb], n, "ce_mean") for lb in labels]] for n in set_names]
     ce.append(["**average**", *[_fixed(results_by_label[lb]["average"]["ce_mean"], 3) for lb in labels]])
     return (
-        "ROUGE-L ×100 (mean ± std over seeds)\n\n" + markdown_table(["set", *labels], rouge)
-        + "\n\nResponse cross-entropy (nats/token, lower is better)\n\n" + markdown_table(["set", *labels], ce) + "\n"
+        "ROUGE-L ×100 (mean ± std over seeds)\n\n"
+        + markdown_table(["set", *labels], rouge)
+        + "\n\nResponse cross-entropy (nats/token, lower is better)\n\n"
+        + markdown_table(["set", *labels], ce)
+        + "\n"
     )
 
 
@@ -298,12 +314,16 @@ def evidence_table(evals: Mapping[str, Mapping[str, Any]]) -> str | None:
         return [b_text, p_text, "–" if b is None or p is None else f"{p - b:+.2f}"]
 
     headers = ["set"] + [f"{loss.upper()} {what}" for loss in pairs for what in ("baseline", "POCL", "POCL − baseline")]
-    rows = [[n, *[c for pocl, base in pairs.values() for c in columns(pocl, base, lambda r, n=n: cell(r, n))]]
-            for n in set_names]
+    rows = [
+        [n, *[c for pocl, base in pairs.values() for c in columns(pocl, base, lambda r, n=n: cell(r, n))]]
+        for n in set_names
+    ]
     rows.append(["**average**", *[c for pocl, base in pairs.values() for c in columns(pocl, base, average)]])
     seeds = ", ".join(str(k) for k in evals[next(iter(pairs.values()))[0]].get("config", {}).get("seeds", []))
-    return (f"ROUGE-L ×100, mean ± std over seeds ({seeds}); the average is over the {len(set_names)} sets per seed, "
-            "then mean ± std over seeds\n\n" + markdown_table(headers, rows) + "\n")
+    return (
+        f"ROUGE-L ×100, mean ± std over seeds ({seeds}); the average is over the {len(set_names)} sets per seed, "
+        "then mean ± std over seeds\n\n" + markdown_table(headers, rows) + "\n"
+    )
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -322,16 +342,24 @@ def _scores_section(scores_dir: Path, out_dir: Path) -> list[str]:
     manifest = json.loads(manifest_path.read_text())
     metrics = ", ".join(f"{m['name']} ({m['direction']} = easier)" for m in manifest.get("metrics", []))
     summary = [
-        ["rows in", manifest.get("rows_in")], ["rows scored", manifest.get("rows_scored")],
-        ["rows rejected", manifest.get("rows_rejected")], ["metrics", metrics or "–"],
-        ["RRF k", manifest.get("rrf_k")], ["buckets", manifest.get("num_buckets")],
+        ["rows in", manifest.get("rows_in")],
+        ["rows scored", manifest.get("rows_scored")],
+        ["rows rejected", manifest.get("rows_rejected")],
+        ["metrics", metrics or "–"],
+        ["RRF k", manifest.get("rrf_k")],
+        ["buckets", manifest.get("num_buckets")],
         ["wall seconds", _fmt(manifest.get("wall_seconds"))],
     ]
     lines += [markdown_table(["", "value"], [[k, _fmt(v)] for k, v in summary]), ""]
     buckets = manifest.get("buckets", [])
     if buckets:
-        lines += [markdown_table(["bucket", "rows", "fused min", "fused max"],
-                                 [[b["id"], b["rows"], _fmt(b["fused_min"], 6), _fmt(b["fused_max"], 6)] for b in buckets]), ""]
+        lines += [
+            markdown_table(
+                ["bucket", "rows", "fused min", "fused max"],
+                [[b["id"], b["rows"], _fmt(b["fused_min"], 6), _fmt(b["fused_max"], 6)] for b in buckets],
+            ),
+            "",
+        ]
     scores_path = scores_dir / manifest["scores_path"]
     if not scores_path.exists():
         return lines + [f"No per-row scores to plot ({scores_path} is missing).", ""]
@@ -344,8 +372,16 @@ def _stage_rows(frame: pd.DataFrame) -> list[list[str]]:
     rows = []
     for stage, part in frame.groupby("stage", sort=True):
         first, last = part.iloc[0], part.iloc[-1]
-        rows.append([stage, len(part), _fmt(first.get("pool_rows")), _fmt(first.get("temperature")),
-                     _fmt(first.get("kd_weight")), f"{_fmt(first['loss'])} → {_fmt(last['loss'])}"])
+        rows.append(
+            [
+                stage,
+                len(part),
+                _fmt(first.get("pool_rows")),
+                _fmt(first.get("temperature")),
+                _fmt(first.get("kd_weight")),
+                f"{_fmt(first['loss'])} → {_fmt(last['loss'])}",
+            ]
+        )
     return rows
 
 
@@ -376,17 +412,41 @@ def _training_section(runs: Mapping[str, Path], out_dir: Path) -> list[str]:
     for label, f in frames.items():
         step_seconds = float(f["seconds"].sum()) if "seconds" in f else None
         # `time` stamps the end of each step: the span also counts checkpoints and stage switches.
-        wall = float(f["time"].iloc[-1] - f["time"].iloc[0] + f["seconds"].iloc[0]) if {"time", "seconds"} <= set(f) else None
-        summary.append([label, len(f), f["stage"].nunique(), _fmt(f["loss"].iloc[-1]), _fmt(step_seconds), _fmt(wall),
-                        _fmt(int(f["tokens"].sum()) if "tokens" in f else None)])
-    lines += [markdown_table(["run", "steps", "stages", "final loss", "step seconds (sum)", "wall seconds", "tokens"], summary), ""]
+        wall = (
+            float(f["time"].iloc[-1] - f["time"].iloc[0] + f["seconds"].iloc[0])
+            if {"time", "seconds"} <= set(f)
+            else None
+        )
+        summary.append(
+            [
+                label,
+                len(f),
+                f["stage"].nunique(),
+                _fmt(f["loss"].iloc[-1]),
+                _fmt(step_seconds),
+                _fmt(wall),
+                _fmt(int(f["tokens"].sum()) if "tokens" in f else None),
+            ]
+        )
+    lines += [
+        markdown_table(
+            ["run", "steps", "stages", "final loss", "step seconds (sum)", "wall seconds", "tokens"], summary
+        ),
+        "",
+    ]
     lines += [f"- {n}" for n in notes] + ([""] if notes else [])
     plot_schedule(frames, out_dir / "schedule.png")
     plot_loss_by_stage(frames, out_dir / "loss.png")
     lines += ["![curriculum schedule](schedule.png)", "", "![training loss by stage](loss.png)", ""]
     for label, f in frames.items():
-        lines += [f"### Stages: {label}", "",
-                  markdown_table(["stage", "steps", "pool rows", "temperature", "KD weight", "loss first → last"], _stage_rows(f)), ""]
+        lines += [
+            f"### Stages: {label}",
+            "",
+            markdown_table(
+                ["stage", "steps", "pool rows", "temperature", "KD weight", "loss first → last"], _stage_rows(f)
+            ),
+            "",
+        ]
     return lines
 
 
@@ -408,19 +468,34 @@ def _selection_section(runs: Mapping[str, Path], out_dir: Path) -> list[str]:
     if not selections:
         return lines + notes + [""]
     protocol = next(iter(selections.values()))["protocol"]
-    lines += [f"Candidates: {protocol['candidates_at']}; dev ROUGE-L of {protocol['decoding']} responses on "
-              f"{protocol['dev_rows']} dev rows with {protocol['max_new_tokens']} new tokens; best = highest dev "
-              f"ROUGE-L, ties to {protocol['tie_break']}. Dev KD loss: forward KL at T = 1 against the final teacher. "
-              "The evaluation's model (below) shows which student eval.checkpoint picked "
-              "(train/student_best = best, train/student = final).", ""]
+    lines += [
+        f"Candidates: {protocol['candidates_at']}; dev ROUGE-L of {protocol['decoding']} responses on "
+        f"{protocol['dev_rows']} dev rows with {protocol['max_new_tokens']} new tokens; best = highest dev "
+        f"ROUGE-L, ties to {protocol['tie_break']}. Dev KD loss: forward KL at T = 1 against the final teacher. "
+        "The evaluation's model (below) shows which student eval.checkpoint picked "
+        "(train/student_best = best, train/student = final).",
+        "",
+    ]
     lines += [f"- {n}" for n in notes] + ([""] if notes else [])
     for label, selection in selections.items():
         best, final = selection["best"]["step"], selection["final"]["step"]
-        rows = [[c["step"], c["stage"], c["samples"], _fixed(c["dev_rougeL"]), _fmt(c["dev_kd_loss"]),
-                 " ".join(mark for mark, step in (("best", best), ("final", final)) if step == c["step"])]
-                for c in selection["candidates"]]
-        lines += [f"### Selection: {label}", "",
-                  markdown_table(["step", "stage", "samples seen", "dev ROUGE-L", "dev KD loss", "kept as"], rows), ""]
+        rows = [
+            [
+                c["step"],
+                c["stage"],
+                c["samples"],
+                _fixed(c["dev_rougeL"]),
+                _fmt(c["dev_kd_loss"]),
+                " ".join(mark for mark, step in (("best", best), ("final", final)) if step == c["step"]),
+            ]
+            for c in selection["candidates"]
+        ]
+        lines += [
+            f"### Selection: {label}",
+            "",
+            markdown_table(["step", "stage", "samples seen", "dev ROUGE-L", "dev KD loss", "kept as"], rows),
+            "",
+        ]
     plot_selection(selections, out_dir / "selection.png")
     return lines + ["![dev ROUGE-L and dev KD loss against samples seen](selection.png)", ""]
 
@@ -434,15 +509,31 @@ def _eval_section(evals: Mapping[str, Mapping], out_dir: Path) -> list[str]:
     for label, res in evals.items():
         cfg = res.get("config", {})
         rejected = sum(s.get("rows_rejected", 0) for s in res["sets"].values())
-        settings.append([label, f"`{res.get('model')}`", cfg.get("temperature"), cfg.get("top_p"),
-                         cfg.get("max_new_tokens"), ", ".join(map(str, cfg.get("seeds", []))), rejected,
-                         _fmt(res.get("wall_seconds"))])
+        settings.append(
+            [
+                label,
+                f"`{res.get('model')}`",
+                cfg.get("temperature"),
+                cfg.get("top_p"),
+                cfg.get("max_new_tokens"),
+                ", ".join(map(str, cfg.get("seeds", []))),
+                rejected,
+                _fmt(res.get("wall_seconds")),
+            ]
+        )
     evidence = evidence_table(evals)
     if evidence:
         lines += ["### POCL against the baseline per KD loss", "", evidence]
-    return lines + [compare_table(evals), "![ROUGE-L per eval set](rouge.png)", "",
-                    markdown_table(["evaluation", "model", "temperature", "top-p", "max new tokens", "seeds",
-                                    "rows rejected", "wall seconds"], settings), ""]
+    return lines + [
+        compare_table(evals),
+        "![ROUGE-L per eval set](rouge.png)",
+        "",
+        markdown_table(
+            ["evaluation", "model", "temperature", "top-p", "max new tokens", "seeds", "rows rejected", "wall seconds"],
+            settings,
+        ),
+        "",
+    ]
 
 
 def _sweep_section(tune_dir: Path, out_dir: Path) -> list[str]:
@@ -474,8 +565,13 @@ def write_report(run_dir: str | Path, runs: Mapping[str, str | Path] | None = No
         raise FileNotFoundError(f"runs: folders not found: {', '.join(missing)}")
     out_dir = run_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Report: {run_dir.name}", "", f"Run directory: `{run_dir}`; compared runs: "
-             + ", ".join(f"{label} (`{path}`)" for label, path in resolved.items()), ""]
+    lines = [
+        f"# Report: {run_dir.name}",
+        "",
+        f"Run directory: `{run_dir}`; compared runs: "
+        + ", ".join(f"{label} (`{path}`)" for label, path in resolved.items()),
+        "",
+    ]
     lines += _scores_section(run_dir / "scores", out_dir)
     trained = {label: folder for label, folder in resolved.items() if not _evaluation_only(folder)}
     lines += _training_section(trained, out_dir)

@@ -84,7 +84,9 @@ def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: flo
         last = ((cdf - probs) < top_p).sum(dim=-1, keepdim=True) - 1
     total = cdf.gather(-1, last)
     # u < 1, but u * total may round up to total; stay strictly below it so the pick is in range.
-    target = torch.minimum(uniforms.to(cdf.device, torch.float32)[:, None] * total, total.nextafter(torch.zeros_like(total)))
+    target = torch.minimum(
+        uniforms.to(cdf.device, torch.float32)[:, None] * total, total.nextafter(torch.zeros_like(total))
+    )
     # right=True: the first token whose CDF exceeds the target, so zero-probability tokens are never picked.
     pick = torch.minimum(torch.searchsorted(cdf, target, right=True), last)
     return (pick if order is None else order.gather(-1, pick)).squeeze(-1)
@@ -111,7 +113,9 @@ class RowSeededSampler(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         if scores.shape[0] != self.uniforms.shape[0]:
-            raise ValueError(f"RowSeededSampler has {self.uniforms.shape[0]} seeds for a batch of {scores.shape[0]} rows")
+            raise ValueError(
+                f"RowSeededSampler has {self.uniforms.shape[0]} seeds for a batch of {scores.shape[0]} rows"
+            )
         if self.uniforms.device != scores.device:
             self.uniforms = self.uniforms.to(scores.device)
         step = input_ids.shape[1] - self.prompt_width
@@ -178,7 +182,10 @@ def generate_tokens(
     room = _position_room(model, width)
     steps = max(budgets) if room is None else min(max(budgets), room)
     config = GenerationConfig(
-        do_sample=False, max_new_tokens=steps, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
+        do_sample=False,
+        max_new_tokens=steps,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
         cache_implementation=cache_implementation,
     )
     processors = LogitsProcessorList(
@@ -196,8 +203,15 @@ def generate_tokens(
 
 
 def sample_on_policy(
-    model, rows: list[Mapping[str, Any]], *, pad_token_id: int, eos_token_id: int, max_new_tokens: int, max_length: int,
-    seed: int, row_offset: int = 0,
+    model,
+    rows: list[Mapping[str, Any]],
+    *,
+    pad_token_id: int,
+    eos_token_id: int,
+    max_new_tokens: int,
+    max_length: int,
+    seed: int,
+    row_offset: int = 0,
 ) -> list[dict]:
     """On-policy rows: the model samples a response to each row's prompt (temperature 1, full
     vocabulary); the response, up to and including its first EOS, becomes the scored tokens.
@@ -218,12 +232,24 @@ def sample_on_policy(
     model.eval()
     try:
         with autocast:
-            responses = generate_tokens(model, prompts, budgets, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
-                                        seeds=seeds, temperature=1.0, top_p=1.0)
+            responses = generate_tokens(
+                model,
+                prompts,
+                budgets,
+                pad_token_id=pad_token_id,
+                eos_token_id=eos_token_id,
+                seeds=seeds,
+                temperature=1.0,
+                top_p=1.0,
+            )
     finally:
         model.train(was_training)
     return [
-        {"input_ids": prompt + new, "attention_mask": [1] * (len(prompt) + len(new)),
-         "labels": [IGNORE_INDEX] * len(prompt) + new, "on_policy": True}
+        {
+            "input_ids": prompt + new,
+            "attention_mask": [1] * (len(prompt) + len(new)),
+            "labels": [IGNORE_INDEX] * len(prompt) + new,
+            "on_policy": True,
+        }
         for prompt, new in zip(prompts, responses)
     ]

@@ -179,12 +179,16 @@ def check_inputs(cfg: RunConfig):
             raise ConfigError(f"models.student_layers: {bad or '[]'} out of range for a teacher with {layers} layers")
     k = cfg.scoring.teacher_top_k
     if k is not None and k > vocab["models.teacher"].vocab_size:
-        raise ConfigError(f"scoring.teacher_top_k: {k} exceeds the teacher's vocabulary ({vocab['models.teacher'].vocab_size} tokens)")
+        raise ConfigError(
+            f"scoring.teacher_top_k: {k} exceeds the teacher's vocabulary ({vocab['models.teacher'].vocab_size} tokens)"
+        )
     if cfg.scoring.teacher_hidden:
         _check_plain_head(m.teacher)
     for field, model_cfg in vocab.items():
         if model_cfg.vocab_size < len(tokenizer):
-            raise ConfigError(f"{field}: vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
+            raise ConfigError(
+                f"{field}: vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens"
+            )
     if TEACHER_METRICS & metrics and len({c.vocab_size for c in vocab.values()}) > 1:
         raise ConfigError(
             f"models.student: vocab_size {vocab['models.student'].vocab_size} differs from the teacher's "
@@ -205,8 +209,10 @@ def _check_plain_head(teacher: str) -> None:
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(teacher))
     weight, reason = linear_head(model)
     if weight is None:
-        raise ConfigError(f"scoring.teacher_hidden: {reason}, so its hidden states do not give its logits; "
-                          f"use scoring.teacher_top_k instead")
+        raise ConfigError(
+            f"scoring.teacher_hidden: {reason}, so its hidden states do not give its logits; "
+            f"use scoring.teacher_top_k instead"
+        )
 
 
 def _save_teacher_head(cfg: RunConfig, out_dir: Path) -> None:
@@ -225,7 +231,8 @@ def _models_manifest(cfg: RunConfig) -> dict:
         student = (
             str(Path(m.student).resolve())
             if m.student is not None
-            else f"cut from teacher (layers {m.student_layers})" if m.student_layers is not None
+            else f"cut from teacher (layers {m.student_layers})"
+            if m.student_layers is not None
             else f"cut from teacher (keep_every {m.student_keep_every}, counting back from the last layer)"
         )
     return {
@@ -250,8 +257,13 @@ def _write_rejects(scored, lookup_ref, reasons: np.ndarray, path: Path) -> None:
         )
         for row in rejects.select_columns(["row", "id", "record"]).iter_rows():
             r = int(row["row"])
-            f.write(json.dumps({"row": r, "id": row["id"], "reason": str(reasons[r]), "record": json.loads(row["record"])},
-                               ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps(
+                    {"row": r, "id": row["id"], "reason": str(reasons[r]), "record": json.loads(row["record"])},
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
 
 
 def rows_per_file(cfg: RunConfig, cache_bytes: int = 0) -> int:
@@ -303,7 +315,9 @@ def measure_dataset(cfg: RunConfig, tokenizer):
     # The total for the progress line: parquet metadata, or a read of the JSONL without the models.
     with row_progress("score", source.count()) as counter:
         return (
-            source.map_batches(_prepare, batch_format="pyarrow", fn_kwargs={"tokenizer": tokenizer, "data_cfg": cfg.data})
+            source.map_batches(
+                _prepare, batch_format="pyarrow", fn_kwargs={"tokenizer": tokenizer, "data_cfg": cfg.data}
+            )
             .with_column("uid", monotonically_increasing_id())
             .repartition(target_num_rows_per_block=window)
             .map_batches(
@@ -367,10 +381,14 @@ def score_dataset(cfg: RunConfig) -> ScoreResult:
     kept = np.flatnonzero(reasons == "")
     rows_scored = len(kept)
     if rows_scored == 0:
-        raise ConfigError(f"data.train: none of the {rows_in} rows could be scored; reasons in {out_dir / REJECTED_FILE}")
+        raise ConfigError(
+            f"data.train: none of the {rows_in} rows could be scored; reasons in {out_dir / REJECTED_FILE}"
+        )
 
     # 3. Fuse and cut buckets.
-    fusion = difficulty.fuse(index["id"][kept], {m: index[m][kept].astype(np.float64) for m in sc.metrics}, directions, sc.rrf_k, sc.tie_seed)
+    fusion = difficulty.fuse(
+        index["id"][kept], {m: index[m][kept].astype(np.float64) for m in sc.metrics}, directions, sc.rrf_k, sc.tie_seed
+    )
     buckets = difficulty.rebucket(fusion.rank, cfg.curriculum.num_buckets)
     results: dict[str, np.ndarray] = {}
     for name, values, fill, dtype in (
@@ -400,7 +418,8 @@ def score_dataset(cfg: RunConfig) -> ScoreResult:
     attach = {"lookup_ref": lookup_ref, "results_ref": ray.put(results), "metrics": kept_columns}
     if sc.sort_output and rows_scored <= per_file:
         final = scored.repartition(1).map_batches(
-            _attach, fn_kwargs={**attach, "sort": True}, batch_format="pyarrow", batch_size=None)
+            _attach, fn_kwargs={**attach, "sort": True}, batch_format="pyarrow", batch_size=None
+        )
     else:
         final = scored.map_batches(_attach, fn_kwargs=attach, batch_format="pyarrow")
         if sc.sort_output:
@@ -454,6 +473,8 @@ def format_summary(manifest: dict) -> str:
     if cache:
         form = "hidden states (int8) + LM head" if cache.get("form") == "hidden" else f"top {cache['top_k']} + tail"
         lines.append(f"teacher cache: {form}, {cache['bytes_per_scored_token']} bytes per scored token")
-    lines.append(f"written: {SCORES_DIR}, {MANIFEST_FILE}, {REJECTED_FILE}"
-                 + (f", {teacher_cache.HEAD_FILE}" if cache and cache.get("form") == "hidden" else ""))
+    lines.append(
+        f"written: {SCORES_DIR}, {MANIFEST_FILE}, {REJECTED_FILE}"
+        + (f", {teacher_cache.HEAD_FILE}" if cache and cache.get("form") == "hidden" else "")
+    )
     return "\n".join(lines)

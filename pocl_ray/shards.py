@@ -80,7 +80,9 @@ ROW_COLUMNS = ("input_ids", "labels", "num_prompt_tokens")
 # The order (pure)
 
 
-def blocks(pool_ranges: Sequence[tuple[int, int]], row_group_bounds: Sequence[int], block_rows: int = BLOCK_ROWS) -> np.ndarray:
+def blocks(
+    pool_ranges: Sequence[tuple[int, int]], row_group_bounds: Sequence[int], block_rows: int = BLOCK_ROWS
+) -> np.ndarray:
     """A pool's blocks as an (n, 2) array of rank ranges [start, stop): the pool cut at every row
     group boundary and every `block_rows` rows from a row group's start."""
     bounds = np.asarray(row_group_bounds, dtype=np.int64)
@@ -213,7 +215,9 @@ class ScoresIndex:
                 if group.num_rows == 0:
                     continue
                 if low is None:
-                    raise ValueError(f"scores at {self.path}: {file} row group {i} has no rank statistics; re-run `pocl-ray score`")
+                    raise ValueError(
+                        f"scores at {self.path}: {file} row group {i} has no rank statistics; re-run `pocl-ray score`"
+                    )
                 if high - low + 1 != group.num_rows:
                     raise ValueError(
                         f"scores at {self.path} are not in rank order ({file} row group {i} holds ranks "
@@ -237,7 +241,9 @@ class ScoresIndex:
         """The row group holding each rank; a rank outside 0..rows-1 is an error naming the scores."""
         bad = (ranks < 0) | (ranks >= self.num_rows)
         if bad.any():
-            raise ValueError(f"scores at {self.path} have no row with rank {int(ranks[bad][0])} ({int(bad.sum())} ranks missing)")
+            raise ValueError(
+                f"scores at {self.path} have no row with rank {int(ranks[bad][0])} ({int(bad.sum())} ranks missing)"
+            )
         return np.searchsorted(self.bounds, ranks, "right") - 1
 
     def bytes_of(self, group: int, columns: Iterable[str]) -> int:
@@ -305,7 +311,9 @@ def _read_window(index: ScoresIndex, ranks: np.ndarray, columns: Sequence[str], 
         with pq.ParquetFile(file, filesystem=index.filesystem) as parquet:
             table = parquet.read_row_group(group, columns=wanted).take(pa.array(local))
         if not np.array_equal(table.column("rank").to_numpy(), ranks[where]):
-            raise ValueError(f"scores at {index.path}: {file} row group {group} does not hold the ranks its statistics claim")
+            raise ValueError(
+                f"scores at {index.path}: {file} row group {group} does not hold the ranks its statistics claim"
+            )
         for i, row in zip(where.tolist(), _row_dicts(table, columns)):
             out[i] = row
         stats.groups_read.append(int(g))
@@ -323,8 +331,17 @@ def _split(rows: list, parts: int) -> list[list]:
 _DONE = object()
 
 
-def _produce(index, shards, start_step, num_steps, columns, out: queue.Queue, slots: threading.Semaphore,
-             stop: threading.Event, stats: ReadStats) -> None:
+def _produce(
+    index,
+    shards,
+    start_step,
+    num_steps,
+    columns,
+    out: queue.Queue,
+    slots: threading.Semaphore,
+    stop: threading.Event,
+    stats: ReadStats,
+) -> None:
     """The reader thread: window by window, the steps each window completes go to `out` as one
     item (a list of steps); then _DONE, or the exception that ended it. A window is read only once
     it has a slot (the consumer frees one per item it takes), so at most `prefetch` windows exist
@@ -415,7 +432,17 @@ class StepReader:
         # finalizer stops the thread.
         self._thread = threading.Thread(
             target=_produce,
-            args=(index, shards, start_step, num_steps, tuple(columns), self._queue, self._slots, self._stop, self.stats),
+            args=(
+                index,
+                shards,
+                start_step,
+                num_steps,
+                tuple(columns),
+                self._queue,
+                self._slots,
+                self._stop,
+                self.stats,
+            ),
             name="pocl-step-reader",
             daemon=True,
         )

@@ -62,13 +62,13 @@ CACHE_COLUMNS = tuple(name for name, _, _ in _LAYOUT)
 HIDDEN_GROUP = 64
 HIDDEN_COLUMNS = ("teacher_hidden", "teacher_hidden_scale")
 HEAD_FILE = "teacher_head.safetensors"
-_FIX = ("re-run `pocl-ray score` with scoring.teacher_top_k or scoring.teacher_hidden set, "
-        "or use kd.teacher: online")
+_FIX = "re-run `pocl-ray score` with scoring.teacher_top_k or scoring.teacher_hidden set, or use kd.teacher: online"
 
 
 class HiddenCache(NamedTuple):
     """The hidden form of a batch: per KD-scored position (row-major) the int8 values (N, hidden) and
     their float16 scales (N, ceil(hidden / HIDDEN_GROUP))."""
+
     values: torch.Tensor
     scales: torch.Tensor
 
@@ -92,8 +92,10 @@ def layout(k: int | None, vocab_size: int, hidden_size: int | None = None) -> tu
     if k is None:
         if hidden_size is None:
             raise ValueError("the hidden form of the teacher cache needs the teacher's hidden_size")
-        return (("teacher_hidden", hidden_size, np.dtype(np.int8)),
-                ("teacher_hidden_scale", hidden_groups(hidden_size), np.dtype(np.float16)))
+        return (
+            ("teacher_hidden", hidden_size, np.dtype(np.int8)),
+            ("teacher_hidden_scale", hidden_groups(hidden_size), np.dtype(np.float16)),
+        )
     return tuple((name, width or k, np.dtype(dtype or id_dtype(vocab_size))) for name, width, dtype in _LAYOUT)
 
 
@@ -103,8 +105,10 @@ def bytes_per_token(k: int | None, vocab_size: int, hidden_size: int | None = No
 
 
 def arrow_types(k: int | None, vocab_size: int, hidden_size: int | None = None) -> dict[str, pa.DataType]:
-    return {name: pa.list_(pa.list_(pa.from_numpy_dtype(dtype), width))
-            for name, width, dtype in layout(k, vocab_size, hidden_size)}
+    return {
+        name: pa.list_(pa.list_(pa.from_numpy_dtype(dtype), width))
+        for name, width, dtype in layout(k, vocab_size, hidden_size)
+    }
 
 
 def quantize_hidden(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +130,9 @@ def dequantize_hidden(values: torch.Tensor, scales: torch.Tensor, dtype: torch.d
     return (x * scales.float()[..., None]).view(n, -1)[:, :h].to(dtype)
 
 
-def teacher_hidden_states(cache: HiddenCache, positions: torch.Tensor, shape: tuple[int, int], head: torch.Tensor) -> torch.Tensor:
+def teacher_hidden_states(
+    cache: HiddenCache, positions: torch.Tensor, shape: tuple[int, int], head: torch.Tensor
+) -> torch.Tensor:
     """The batch's teacher final hidden states (batch, seq, hidden) in the head's dtype: the cache's at
     the flattened KD-scored ``positions`` (`build_batch`'s scored_positions, the cache's order), zero
     elsewhere (no loss reads them)."""
@@ -154,8 +160,9 @@ def hidden_arrays(hidden: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return values.cpu().numpy(), scales.cpu().numpy()
 
 
-def arrow_columns(per_row: Sequence[tuple[np.ndarray, ...] | None], k: int | None, vocab_size: int,
-                  hidden_size: int | None = None) -> dict[str, pa.Array]:
+def arrow_columns(
+    per_row: Sequence[tuple[np.ndarray, ...] | None], k: int | None, vocab_size: int, hidden_size: int | None = None
+) -> dict[str, pa.Array]:
     """The cache columns of a batch of rows; a None row (rejected, unscored) gets empty lists."""
     lengths = [0 if r is None else len(r[0]) for r in per_row]
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
@@ -221,15 +228,21 @@ def _check_form(entry: dict, directory: Path, cfg: RunConfig) -> None:
     """The stored form, and its parameters, are the ones cfg asks for and this version reads."""
     form = entry.get("form", "top_k")
     if cfg.scoring.teacher_hidden and form != "hidden":
-        raise ConfigError(f"scoring.teacher_hidden: true, but the scores at {directory} cache the teacher's top "
-                          f"{entry.get('top_k')}; re-score, or set scoring.teacher_top_k: {entry.get('top_k')}")
+        raise ConfigError(
+            f"scoring.teacher_hidden: true, but the scores at {directory} cache the teacher's top "
+            f"{entry.get('top_k')}; re-score, or set scoring.teacher_top_k: {entry.get('top_k')}"
+        )
     if form == "hidden":
         if not cfg.scoring.teacher_hidden:
-            raise ConfigError(f"scoring.teacher_top_k: {cfg.scoring.teacher_top_k}, but the scores at {directory} cache "
-                              f"the teacher's hidden states; re-score, or set scoring.teacher_hidden: true")
+            raise ConfigError(
+                f"scoring.teacher_top_k: {cfg.scoring.teacher_top_k}, but the scores at {directory} cache "
+                f"the teacher's hidden states; re-score, or set scoring.teacher_hidden: true"
+            )
         if entry.get("group_size") != HIDDEN_GROUP:
-            raise ConfigError(f"kd.teacher: cached: the teacher cache at {directory} groups {entry.get('group_size')} channels "
-                              f"per scale, this version reads {HIDDEN_GROUP}; {_FIX}")
+            raise ConfigError(
+                f"kd.teacher: cached: the teacher cache at {directory} groups {entry.get('group_size')} channels "
+                f"per scale, this version reads {HIDDEN_GROUP}; {_FIX}"
+            )
         head = directory / HEAD_FILE
         if not head.is_file():
             raise ConfigError(f"kd.teacher: cached: the teacher's LM head {head} is missing; {_FIX}")
@@ -238,19 +251,27 @@ def _check_form(entry: dict, directory: Path, cfg: RunConfig) -> None:
         with safe_open(str(head), "pt") as f:
             shape = tuple(f.get_slice("weight").get_shape()) if "weight" in f.keys() else None
         if shape != (entry["vocab_size"], entry["hidden_size"]):
-            raise ConfigError(f"kd.teacher: cached: the LM head {head} is {shape}, expected "
-                              f"({entry['vocab_size']}, {entry['hidden_size']}); {_FIX}")
+            raise ConfigError(
+                f"kd.teacher: cached: the LM head {head} is {shape}, expected "
+                f"({entry['vocab_size']}, {entry['hidden_size']}); {_FIX}"
+            )
         return
     if entry.get("tail_temperatures") != list(TAIL_TEMPERATURES):
-        raise ConfigError(f"kd.teacher: cached: the teacher cache at {directory} stores its tail at temperatures "
-                          f"{entry.get('tail_temperatures')}, this version reads {list(TAIL_TEMPERATURES)}; {_FIX}")
+        raise ConfigError(
+            f"kd.teacher: cached: the teacher cache at {directory} stores its tail at temperatures "
+            f"{entry.get('tail_temperatures')}, this version reads {list(TAIL_TEMPERATURES)}; {_FIX}"
+        )
     if (entry.get("tail_samples"), entry.get("sample_temperature")) != (TAIL_SAMPLES, SAMPLE_TEMPERATURE):
-        raise ConfigError(f"kd.teacher: cached: the teacher cache at {directory} stores {entry.get('tail_samples')} tail "
-                          f"draws at T = {entry.get('sample_temperature')}, this version reads {TAIL_SAMPLES} at "
-                          f"T = {SAMPLE_TEMPERATURE}; {_FIX}")
+        raise ConfigError(
+            f"kd.teacher: cached: the teacher cache at {directory} stores {entry.get('tail_samples')} tail "
+            f"draws at T = {entry.get('sample_temperature')}, this version reads {TAIL_SAMPLES} at "
+            f"T = {SAMPLE_TEMPERATURE}; {_FIX}"
+        )
     if cfg.scoring.teacher_top_k != entry["top_k"]:
-        raise ConfigError(f"scoring.teacher_top_k: {cfg.scoring.teacher_top_k}, but the scores at {directory} cache the "
-                          f"top {entry['top_k']}; re-score or set scoring.teacher_top_k: {entry['top_k']}")
+        raise ConfigError(
+            f"scoring.teacher_top_k: {cfg.scoring.teacher_top_k}, but the scores at {directory} cache the "
+            f"top {entry['top_k']}; re-score or set scoring.teacher_top_k: {entry['top_k']}"
+        )
 
 
 def check_teacher_cache(scores_path: str | Path, cfg: RunConfig) -> dict | None:
@@ -264,37 +285,50 @@ def check_teacher_cache(scores_path: str | Path, cfg: RunConfig) -> dict | None:
     directory = _scores_dir(scores_path)
     manifest_path = directory / "manifest.json"
     if not manifest_path.is_file():
-        raise FileNotFoundError(f"kd.teacher: cached: no scoring manifest at {manifest_path}; run `pocl-ray score` first")
+        raise FileNotFoundError(
+            f"kd.teacher: cached: no scoring manifest at {manifest_path}; run `pocl-ray score` first"
+        )
     manifest = json.loads(manifest_path.read_text())
     entry = manifest.get("teacher_cache")
     if not entry:
-        raise ConfigError(f"kd.teacher: cached: the scores at {directory} hold no teacher cache (scored without "
-                          f"scoring.teacher_top_k or scoring.teacher_hidden); {_FIX}")
+        raise ConfigError(
+            f"kd.teacher: cached: the scores at {directory} hold no teacher cache (scored without "
+            f"scoring.teacher_top_k or scoring.teacher_hidden); {_FIX}"
+        )
     _check_form(entry, directory, cfg)
     teacher = str(Path(cfg.models.teacher).resolve())
     if manifest.get("models", {}).get("teacher") != teacher:
-        raise ConfigError(f"models.teacher: {teacher}, but the teacher cache at {directory} comes from "
-                          f"{manifest.get('models', {}).get('teacher')}; {_FIX}")
+        raise ConfigError(
+            f"models.teacher: {teacher}, but the teacher cache at {directory} comes from "
+            f"{manifest.get('models', {}).get('teacher')}; {_FIX}"
+        )
     if cfg.models.student is not None:
         from transformers import AutoConfig
 
         vocab = AutoConfig.from_pretrained(cfg.models.student).get_text_config().vocab_size
         if vocab != entry["vocab_size"]:
-            raise ConfigError(f"models.student: vocab_size {vocab} differs from the {entry['vocab_size']} of the teacher "
-                              f"cached at {directory}; KD needs one shared vocabulary")
+            raise ConfigError(
+                f"models.student: vocab_size {vocab} differs from the {entry['vocab_size']} of the teacher "
+                f"cached at {directory}; KD needs one shared vocabulary"
+            )
     data = directory / manifest["scores_path"]
     schema = pds.dataset(str(data), format="parquet").schema
     expected = arrow_types(entry["top_k"], entry["vocab_size"], entry.get("hidden_size"))
     missing = [c for c in expected if c not in schema.names]
-    wrong = [f"{c} is {schema.field(c).type}, expected {expected[c]}" for c in expected
-             if c not in missing and schema.field(c).type != expected[c]]
+    wrong = [
+        f"{c} is {schema.field(c).type}, expected {expected[c]}"
+        for c in expected
+        if c not in missing and schema.field(c).type != expected[c]
+    ]
     if missing or wrong:
         problem = f"lack the columns {missing}" if missing else "have malformed columns: " + "; ".join(wrong)
         raise ConfigError(f"kd.teacher: cached: the scores at {data} {problem}; {_FIX}")
     return entry
 
 
-def collate_teacher_cache(rows: Sequence[dict], device: torch.device, hidden: bool = False) -> TeacherCache | HiddenCache:
+def collate_teacher_cache(
+    rows: Sequence[dict], device: torch.device, hidden: bool = False
+) -> TeacherCache | HiddenCache:
     """The cache of a micro-batch's rows (row dicts as `shards.StepReader` gives them with the cache
     columns asked for), concatenated in row order onto ``device``: aligned with `build_batch`'s
     scored positions when given the same rows in the same order. The top-K form (a TeacherCache):
@@ -307,11 +341,19 @@ def collate_teacher_cache(rows: Sequence[dict], device: torch.device, hidden: bo
     # so the vocabulary size passed to `layout` does not matter.
     if not rows:
         stand_in = layout(None, 0, 1) if hidden else layout(1, 0)
-        return kind(*(torch.zeros((0, width), dtype=torch.int64 if c.endswith("_ids") else getattr(torch, dtype.name),
-                                  device=device) for c, width, dtype in stand_in))
+        return kind(
+            *(
+                torch.zeros(
+                    (0, width), dtype=torch.int64 if c.endswith("_ids") else getattr(torch, dtype.name), device=device
+                )
+                for c, width, dtype in stand_in
+            )
+        )
     missing = [c for c in names if c not in rows[0]]
     if missing:
-        raise ValueError(f"kd.teacher: cached: the rows lack {missing}; read them with StepReader(columns=[..., *{list(names)}])")
+        raise ValueError(
+            f"kd.teacher: cached: the rows lack {missing}; read them with StepReader(columns=[..., *{list(names)}])"
+        )
     if hidden:
         width = np.shape(rows[0]["teacher_hidden"])[-1]
         shapes = layout(None, 0, width)
@@ -325,13 +367,17 @@ def collate_teacher_cache(rows: Sequence[dict], device: torch.device, hidden: bo
         scored = int((np.asarray(row["labels"])[1:] != IGNORE_INDEX).sum())
         got = [np.shape(row[c]) for c in names]
         if got != [(scored, width) for _, width, _ in shapes]:
-            raise ValueError(f"row {row.get('id', i)}: teacher cache shapes {got} do not match its {scored} scored "
-                             f"positions ({about}); {_FIX}")
+            raise ValueError(
+                f"row {row.get('id', i)}: teacher cache shapes {got} do not match its {scored} scored "
+                f"positions ({about}); {_FIX}"
+            )
         for j, c in enumerate(names):
             parts[j].append(np.asarray(row[c]))
     # Ids as int64, for gather; values in their stored dtype.
-    tensors = [torch.from_numpy(np.concatenate(p).astype(np.int64 if c.endswith("_ids") else dtype))
-               for p, c, (_, _, dtype) in zip(parts, names, shapes)]
+    tensors = [
+        torch.from_numpy(np.concatenate(p).astype(np.int64 if c.endswith("_ids") else dtype))
+        for p, c, (_, _, dtype) in zip(parts, names, shapes)
+    ]
     if device.type == "cuda":
         return kind(*(t.pin_memory().to(device, non_blocking=True) for t in tensors))
     return kind(*(t.to(device) for t in tensors))

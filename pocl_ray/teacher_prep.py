@@ -44,14 +44,27 @@ def prepare_teacher(cfg: RunConfig, work_dir: Path) -> None:
     init_dir = work_dir / "init"
     tokenizer = build_tiny_tokenizer(_texts_for_tokenizer(cfg), vocab_size=prep.vocab_size, save_dir=init_dir)
     build_tiny_model(
-        prep.arch, vocab_size=len(tokenizer), hidden_size=prep.hidden_size, num_layers=prep.num_layers,
-        num_heads=prep.num_heads, seed=prep.seed, max_positions=cfg.data.max_length,
-        save_dir=init_dir, tokenizer=tokenizer,
+        prep.arch,
+        vocab_size=len(tokenizer),
+        hidden_size=prep.hidden_size,
+        num_layers=prep.num_layers,
+        num_heads=prep.num_heads,
+        seed=prep.seed,
+        max_positions=cfg.data.max_length,
+        save_dir=init_dir,
+        tokenizer=tokenizer,
     )
-    trained = _sft_run(cfg, str(init_dir), work_dir, {
-        "models.tokenizer": str(init_dir), "curriculum.steps_per_stage": prep.steps,
-        "training.lr": prep.lr, "training.min_lr": prep.lr / 100,
-    })
+    trained = _sft_run(
+        cfg,
+        str(init_dir),
+        work_dir,
+        {
+            "models.tokenizer": str(init_dir),
+            "curriculum.steps_per_stage": prep.steps,
+            "training.lr": prep.lr,
+            "training.min_lr": prep.lr / 100,
+        },
+    )
     _copy_into_place(trained, Path(cfg.models.teacher))
 
 
@@ -61,13 +74,24 @@ def _sft_run(cfg: RunConfig, model: str, work_dir: Path, overrides: dict) -> Pat
     The model is both the trained "student" and the run's teacher (only its dev KD loss reads it).
     Scoring measures the length alone (no model) and keeps no teacher cache; one bucket holds all rows.
     """
-    sft = cfg.with_overrides({
-        "models.teacher": model, "models.student": model, "models.student_layers": None,
-        "scoring.metrics": ["length"], "scoring.directions": {}, "scoring.teacher_top_k": None, "scoring.teacher_hidden": False,
-        "kd.teacher": "online", "kd.on_policy_fraction": 0.0,
-        "curriculum.plan": "sft", "curriculum.num_buckets": 1, "curriculum.data_curriculum": "none",
-        "output.dir": str(work_dir), **overrides,
-    })
+    sft = cfg.with_overrides(
+        {
+            "models.teacher": model,
+            "models.student": model,
+            "models.student_layers": None,
+            "scoring.metrics": ["length"],
+            "scoring.directions": {},
+            "scoring.teacher_top_k": None,
+            "scoring.teacher_hidden": False,
+            "kd.teacher": "online",
+            "kd.on_policy_fraction": 0.0,
+            "curriculum.plan": "sft",
+            "curriculum.num_buckets": 1,
+            "curriculum.data_curriculum": "none",
+            "output.dir": str(work_dir),
+            **overrides,
+        }
+    )
     score_dataset(sft)
     return train(sft).student_dir
 
@@ -88,19 +112,31 @@ def ensure_teacher(cfg: RunConfig, root: Path, min_cpus: int = 4) -> None:
         raise FileNotFoundError(
             f"models.teacher: {cfg.models.teacher} does not exist (set pipeline.prepare_teacher to build one)"
         )
-    key = fingerprint(cfg, ("data",), {"prep": cfg.pipeline.prepare_teacher.model_dump(), "teacher": cfg.models.teacher})
-    run_stage("prepare teacher", root / "teacher_prep", key,
-              lambda: (init_ray(min_cpus=min_cpus), prepare_teacher(cfg, root / "teacher_prep")))
+    key = fingerprint(
+        cfg, ("data",), {"prep": cfg.pipeline.prepare_teacher.model_dump(), "teacher": cfg.models.teacher}
+    )
+    run_stage(
+        "prepare teacher",
+        root / "teacher_prep",
+        key,
+        lambda: (init_ray(min_cpus=min_cpus), prepare_teacher(cfg, root / "teacher_prep")),
+    )
 
 
 def sft_overrides(cfg: RunConfig) -> dict:
     """The settings of the teacher fine-tuning (pipeline.sft_teacher) as dotted overrides of cfg,
     checked against the rest of cfg (a batch size the workers cannot split is refused here)."""
     sft = cfg.pipeline.sft_teacher
-    length = ({"curriculum.steps_per_stage": sft.steps} if sft.steps
-              else {"curriculum.epochs_per_stage": sft.epochs, "curriculum.steps_per_stage": None})
+    length = (
+        {"curriculum.steps_per_stage": sft.steps}
+        if sft.steps
+        else {"curriculum.epochs_per_stage": sft.epochs, "curriculum.steps_per_stage": None}
+    )
     overrides = {
-        **length, "training.lr": sft.lr, "training.min_lr": sft.min_lr, "training.warmup_steps": sft.warmup_steps,
+        **length,
+        "training.lr": sft.lr,
+        "training.min_lr": sft.min_lr,
+        "training.warmup_steps": sft.warmup_steps,
         "training.global_batch_size": sft.global_batch_size or cfg.training.global_batch_size,
         "name": f"{cfg.name}-teacher-sft",
     }
@@ -138,11 +174,21 @@ def resolve_teacher(cfg: RunConfig, root: Path, min_cpus: int = 4) -> RunConfig:
         return cfg
     prep = cfg.pipeline.prepare_teacher
     # Not the student's settings (curriculum, kd, eval, models.student): changing them keeps the teacher.
-    key = fingerprint(cfg.with_overrides(sft_overrides(cfg)), ("data", "training"), {
-        "sft": cfg.pipeline.sft_teacher.model_dump(), "teacher": cfg.models.teacher,
-        "tokenizer": cfg.models.tokenizer, "dtype": cfg.models.dtype,
-        "prepare_teacher": prep.model_dump() if prep else None,
-    })
-    run_stage("teacher fine-tuning", root / "teacher_sft", key,
-              lambda: (init_ray(min_cpus=min_cpus), finetune_teacher(cfg, root)))
+    key = fingerprint(
+        cfg.with_overrides(sft_overrides(cfg)),
+        ("data", "training"),
+        {
+            "sft": cfg.pipeline.sft_teacher.model_dump(),
+            "teacher": cfg.models.teacher,
+            "tokenizer": cfg.models.tokenizer,
+            "dtype": cfg.models.dtype,
+            "prepare_teacher": prep.model_dump() if prep else None,
+        },
+    )
+    run_stage(
+        "teacher fine-tuning",
+        root / "teacher_sft",
+        key,
+        lambda: (init_ray(min_cpus=min_cpus), finetune_teacher(cfg, root)),
+    )
     return sft_teacher_config(cfg, root)

@@ -64,15 +64,21 @@ from pocl_ray.data import IGNORE_INDEX, collate, read_table, validate_and_tokeni
 from pocl_ray.evaluation import greedy_rouge_sum
 from pocl_ray.extraction import hidden_match_loss, layer_projection
 from pocl_ray.losses import (
-    KD_KINDS, TeacherCache, cached_kd_and_ce, count_tokens, cross_entropy, kd_loss, linear_kd_and_ce,
+    KD_KINDS,
+    TeacherCache,
+    cached_kd_and_ce,
+    count_tokens,
+    cross_entropy,
+    kd_loss,
+    linear_kd_and_ce,
 )
 from pocl_ray.models import (
     check_compatible,
     checkpoint_activations,
     has_model_files,
     hidden_size,
-    load_model,
     linear_head,
+    load_model,
     load_tokenizer,
     resolve_dtype,
     student_from_teacher,
@@ -80,7 +86,13 @@ from pocl_ray.models import (
 from pocl_ray.sampling import sample_on_policy
 from pocl_ray.shards import ROW_COLUMNS, ScoresIndex, StepReader
 from pocl_ray.teacher_cache import (
-    CACHE_COLUMNS, HIDDEN_COLUMNS, HiddenCache, cache_form, check_teacher_cache, collate_teacher_cache, load_head,
+    CACHE_COLUMNS,
+    HIDDEN_COLUMNS,
+    HiddenCache,
+    cache_form,
+    check_teacher_cache,
+    collate_teacher_cache,
+    load_head,
     teacher_hidden_states,
 )
 
@@ -166,10 +178,16 @@ class HiddenStatesLM(torch.nn.Module):
         self.lm = lm
         self.plain_head = plain_head
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, output_hidden_states: bool = False) -> LMOutputs:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, output_hidden_states: bool = False
+    ) -> LMOutputs:
         # use_cache=False: a training forward has no use for the KV cache HF would otherwise build.
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
-                  "output_hidden_states": output_hidden_states, "use_cache": False}
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "output_hidden_states": output_hidden_states,
+            "use_cache": False,
+        }
         if self.plain_head:
             out = self.lm.base_model(**inputs)
             head = self.lm.get_output_embeddings().weight
@@ -189,9 +207,11 @@ def plain_heads(*models) -> bool:
 
 
 # torch 2.13 renamed DDP's broadcast_buffers to forward_sync_buffers and warns on the old name.
-_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
-                   if "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
-                   else {"broadcast_buffers": False})
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 def unwrap(model):
@@ -213,8 +233,11 @@ def token_counts(batch: dict[str, torch.Tensor], stage: Stage) -> torch.Tensor:
 def forward_pair(student, teacher, batch: dict[str, torch.Tensor], stage: Stage):
     """Student outputs (with graph) and the teacher's (None when the stage needs no teacher): the
     frozen teacher's forward, or with `teacher` None (kd.teacher: cached) the batch's cache."""
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-              "output_hidden_states": stage.target == "hidden"}
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "output_hidden_states": stage.target == "hidden",
+    }
     s_out = student(**inputs)
     t_out = None
     if stage.kd_weight > 0 and teacher is None:
@@ -238,39 +261,87 @@ def cached_teacher(batch: dict, logits: bool) -> LMOutputs | TeacherCache:
 
 
 def output_terms(
-    s: LMOutputs, t: LMOutputs | TeacherCache | None, batch: dict[str, torch.Tensor], stage: Stage, kd: KDConfig,
-    n_ce, n_kd,
+    s: LMOutputs,
+    t: LMOutputs | TeacherCache | None,
+    batch: dict[str, torch.Tensor],
+    stage: Stage,
+    kd: KDConfig,
+    n_ce,
+    n_kd,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(kd_weight·KD + (1 − kd_weight)·CE, KD, CE) on the output distribution, the last two detached;
     without teacher outputs `t` the loss is CE. One pass over the scored positions on the hidden-state
     path; the logits path for heads that are not plain; a cached teacher's top-K form (METHODS.md §4)
     (its hidden form comes as teacher outputs, `cached_teacher`)."""
     kd_weight = stage.kd_weight if t is not None else 0.0
-    options = {"temperature": stage.temperature, "scale_by_t2": kd.scale_by_t2, "skew_alpha": kd.skew_alpha,
-               "beta": kd.js_beta, "mu": kd.akl_mu, "chunk_positions": kd.chunk_positions}
+    options = {
+        "temperature": stage.temperature,
+        "scale_by_t2": kd.scale_by_t2,
+        "skew_alpha": kd.skew_alpha,
+        "beta": kd.js_beta,
+        "mu": kd.akl_mu,
+        "chunk_positions": kd.chunk_positions,
+    }
     if isinstance(t, TeacherCache):
         return cached_kd_and_ce(
-            stage.loss, s.final, s.head, t, batch["labels"], batch["ce_labels"], kd_weight=kd_weight,
-            num_tokens=n_kd, ce_num_tokens=n_ce, scored_positions=batch["scored_positions"], **options,
+            stage.loss,
+            s.final,
+            s.head,
+            t,
+            batch["labels"],
+            batch["ce_labels"],
+            kd_weight=kd_weight,
+            num_tokens=n_kd,
+            ce_num_tokens=n_ce,
+            scored_positions=batch["scored_positions"],
+            **options,
         )
     if s.head is not None:
         return linear_kd_and_ce(
-            stage.loss, s.final, s.head, t.final if t is not None else None, t.head if t is not None else None,
-            batch["labels"], batch["ce_labels"], kd_weight=kd_weight, num_tokens=n_kd, ce_num_tokens=n_ce,
-            scored_positions=batch["scored_positions"], **options,
+            stage.loss,
+            s.final,
+            s.head,
+            t.final if t is not None else None,
+            t.head if t is not None else None,
+            batch["labels"],
+            batch["ce_labels"],
+            kd_weight=kd_weight,
+            num_tokens=n_kd,
+            ce_num_tokens=n_ce,
+            scored_positions=batch["scored_positions"],
+            **options,
         )
-    ce_term = cross_entropy(s.final, batch["ce_labels"], num_tokens=n_ce, chunk_positions=kd.chunk_positions,
-                            scored_positions=batch["scored_positions"])
+    ce_term = cross_entropy(
+        s.final,
+        batch["ce_labels"],
+        num_tokens=n_ce,
+        chunk_positions=kd.chunk_positions,
+        scored_positions=batch["scored_positions"],
+    )
     if t is None:
         return ce_term, torch.zeros_like(ce_term), ce_term.detach()
-    kd_term = kd_loss(stage.loss, s.final, t.final, batch["labels"], num_tokens=n_kd,
-                      scored_positions=batch["scored_positions"], **options)
+    kd_term = kd_loss(
+        stage.loss,
+        s.final,
+        t.final,
+        batch["labels"],
+        num_tokens=n_kd,
+        scored_positions=batch["scored_positions"],
+        **options,
+    )
     return kd_weight * kd_term + (1 - kd_weight) * ce_term, kd_term.detach(), ce_term.detach()
 
 
 def stage_terms(
-    s_out: LMOutputs, t_out: LMOutputs | None, batch: dict[str, torch.Tensor], stage: Stage, kd: KDConfig, n_ce, n_kd,
-    projection: torch.Tensor | None = None, normalize: bool = True,
+    s_out: LMOutputs,
+    t_out: LMOutputs | None,
+    batch: dict[str, torch.Tensor],
+    stage: Stage,
+    kd: KDConfig,
+    n_ce,
+    n_kd,
+    projection: torch.Tensor | None = None,
+    normalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, KD term, CE term) of one micro-batch, each a local sum over the global token counts;
     the loss carries the graph, the terms are for logging."""
@@ -283,8 +354,12 @@ def stage_terms(
     kd_term = torch.zeros_like(ce_term)
     if t_out is not None:
         kd_term = hidden_match_loss(
-            s_out.hidden_states[stage.student_layer], t_out.hidden_states[stage.teacher_layer], projection,
-            batch["labels"], normalize=normalize, num_tokens=n_kd,
+            s_out.hidden_states[stage.student_layer],
+            t_out.hidden_states[stage.teacher_layer],
+            projection,
+            batch["labels"],
+            normalize=normalize,
+            num_tokens=n_kd,
         )
     return (1 - kd_weight) * ce_term + kd_weight * kd_term, kd_term.detach(), ce_term.detach()
 
@@ -296,8 +371,15 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
 
 
 def accumulate_gradients(
-    student, teacher, batches: list[dict[str, torch.Tensor]], stage: Stage, kd: KDConfig, *,
-    projection: torch.Tensor | None = None, normalize: bool = True, autocast=nullcontext,
+    student,
+    teacher,
+    batches: list[dict[str, torch.Tensor]],
+    stage: Stage,
+    kd: KDConfig,
+    *,
+    projection: torch.Tensor | None = None,
+    normalize: bool = True,
+    autocast=nullcontext,
 ) -> torch.Tensor:
     """Forward + backward of this worker's micro-batches of one optimizer step.
 
@@ -349,8 +431,16 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 @torch.no_grad()
 def dev_losses(
-    student, teacher, final_teacher, batches: list[dict[str, torch.Tensor]], stage: Stage, kd: KDConfig, *,
-    projection: torch.Tensor | None = None, normalize: bool = True, autocast=nullcontext,
+    student,
+    teacher,
+    final_teacher,
+    batches: list[dict[str, torch.Tensor]],
+    stage: Stage,
+    kd: KDConfig,
+    *,
+    projection: torch.Tensor | None = None,
+    normalize: bool = True,
+    autocast=nullcontext,
 ) -> dict[str, float]:
     """Global dev losses of this worker's dev batches (all workers together): `dev_loss`, the
     stage's own objective against the stage's teacher (what plateau detection watches), and
@@ -464,8 +554,18 @@ class StepLog:
         # Peak device memory so far (the allocator's own count: no sync), for users sizing batches.
         peak = {"peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}
         for (meta, _), (loss, kd_term, ce_term, ce_tokens, kd_tokens, grad_norm) in zip(self.pending, values):
-            self.unsent.append({**meta, "loss": loss, "kd_loss": kd_term, "ce_loss": ce_term, "tokens": int(kd_tokens),
-                                "ce_tokens": int(ce_tokens), "grad_norm": grad_norm, **peak})
+            self.unsent.append(
+                {
+                    **meta,
+                    "loss": loss,
+                    "kd_loss": kd_term,
+                    "ce_loss": ce_term,
+                    "tokens": int(kd_tokens),
+                    "ce_tokens": int(ce_tokens),
+                    "grad_norm": grad_norm,
+                    **peak,
+                }
+            )
         self.pending = []
         self.last_flush = time.perf_counter()
 
@@ -490,15 +590,25 @@ def _duration(seconds: float) -> str:
     return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{s:02d}s"
 
 
-def _step_meta(step: int, stage_step: int, stage: Stage, spec: StageSpec, lr: float, started: tuple[float, float]) -> dict:
+def _step_meta(
+    step: int, stage_step: int, stage: Stage, spec: StageSpec, lr: float, started: tuple[float, float]
+) -> dict:
     """A metrics.jsonl line without the numbers still on the device. `seconds` is the step's wall
     time as the host saw it, `cpu_seconds` the training thread's CPU time in it (robust to other
     processes on a shared machine), `time` its end."""
     record = {
-        "step": step, "stage": stage.index, "epoch": spec.epoch_of(stage_step - 1), "stage_step": stage_step,
-        "temperature": stage.temperature, "kd_weight": stage.kd_weight, "pool_rows": spec.pool_rows, "lr": lr,
-        "seconds": time.perf_counter() - started[0], "cpu_seconds": time.thread_time() - started[1],
-        "time": time.time(), "target": stage.target,
+        "step": step,
+        "stage": stage.index,
+        "epoch": spec.epoch_of(stage_step - 1),
+        "stage_step": stage_step,
+        "temperature": stage.temperature,
+        "kd_weight": stage.kd_weight,
+        "pool_rows": spec.pool_rows,
+        "lr": lr,
+        "seconds": time.perf_counter() - started[0],
+        "cpu_seconds": time.thread_time() - started[1],
+        "time": time.time(),
+        "target": stage.target,
     }
     if stage.target == "hidden":
         record.update(teacher_layer=stage.teacher_layer, student_layer=stage.student_layer)
@@ -536,6 +646,7 @@ class Worker:
 class CacheReader(NamedTuple):
     """What a worker reads of a cached teacher (kd.teacher: cached): the cache columns of each row and,
     for the hidden form, the teacher's LM head on the device (None: the top-K form)."""
+
     columns: tuple[str, ...]
     head: torch.Tensor | None
 
@@ -567,8 +678,12 @@ class Teachers:
         path = path or self.cfg.models.teacher
         if path not in self.loaded:
             self.loaded = {p: m for p, m in self.loaded.items() if p == self.cfg.models.teacher}
-            self._add(path, load_model(path, dtype=resolve_dtype(self.cfg.models.dtype, self.device),
-                                       device=self.device, frozen=True))
+            self._add(
+                path,
+                load_model(
+                    path, dtype=resolve_dtype(self.cfg.models.dtype, self.device), device=self.device, frozen=True
+                ),
+            )
         return self.loaded[path]
 
     def _add(self, path: str, lm) -> None:
@@ -598,7 +713,9 @@ def setup_worker(config: dict) -> Worker:
     # Where to start: the latest checkpoint's position (same stage, step and data order), or the top.
     checkpoint = ray.train.get_checkpoint()
     best_dir = Path(tempfile.mkdtemp(prefix="pocl-best-")) if rank == 0 else None
-    saved_state, student_lm, optimizer_state = load_checkpoint(checkpoint, best_dir) if checkpoint else (None, None, None)
+    saved_state, student_lm, optimizer_state = (
+        load_checkpoint(checkpoint, best_dir) if checkpoint else (None, None, None)
+    )
     state = broadcast_from_rank_zero(ray.get(coord.restore.remote(saved_state)) if rank == 0 else None)
     specs = ray.get([coord.stage.remote(i) for i in range(len(state["plan"]["stages"]))])
 
@@ -611,15 +728,18 @@ def setup_worker(config: dict) -> Worker:
         # Read the teacher once, in fp32 so the student starts from its exact weights; it then
         # becomes the frozen teacher (cast and moved tensor by tensor) instead of being read twice.
         cut_from = load_model(cfg.models.teacher, dtype=torch.float32)
-        student_lm = student_from_teacher(cut_from, keep_layers=cfg.models.student_layers,
-                                          keep_every=cfg.models.student_keep_every)
+        student_lm = student_from_teacher(
+            cut_from, keep_layers=cfg.models.student_layers, keep_every=cfg.models.student_keep_every
+        )
     if t.gradient_checkpointing:
         checkpoint_activations(student_lm)
     student_lm.train()
     bare = HiddenStatesLM(student_lm)
     teachers, cache = None, None
     if cached:
-        cache = CacheReader.of(config["teacher_cache"], config["scores_dir"], resolve_dtype(cfg.models.dtype, device), device)
+        cache = CacheReader.of(
+            config["teacher_cache"], config["scores_dir"], resolve_dtype(cfg.models.dtype, device), device
+        )
         bare.plain_head = plain_heads(bare)
         del cut_from  # read only to cut the student: no teacher stays on a worker
     else:
@@ -633,17 +753,33 @@ def setup_worker(config: dict) -> Worker:
         bare, parallel_strategy_kwargs={"find_unused_parameters": hidden_stages, **_NO_BUFFER_SYNC}
     )
     dev_rows = config["dev_rows"][rank::world]
-    dev_batches = [
-        batch_of(dev_rows[i : i + t.micro_batch_size], tokenizer.pad_token_id, device, cache)
-        for i in range(0, max(len(dev_rows), 1), t.micro_batch_size)
-    ] if config["dev_rows"] else []
+    dev_batches = (
+        [
+            batch_of(dev_rows[i : i + t.micro_batch_size], tokenizer.pad_token_id, device, cache)
+            for i in range(0, max(len(dev_rows), 1), t.micro_batch_size)
+        ]
+        if config["dev_rows"]
+        else []
+    )
     return Worker(
-        cfg=cfg, rank=rank, world=world, device=device,
+        cfg=cfg,
+        rank=rank,
+        world=world,
+        device=device,
         autocast=partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
-        coord=coord, specs=specs, position=state["position"], student=student, optimizer_state=optimizer_state,
-        tokenizer=tokenizer, teachers=teachers, cache=cache, scores=ScoresIndex(config["scores_path"]),
-        dev_rows=dev_rows, dev_batches=dev_batches,
-        log=StepLog(coord, specs, state["position"]["step"]) if rank == 0 else None, best_dir=best_dir,
+        coord=coord,
+        specs=specs,
+        position=state["position"],
+        student=student,
+        optimizer_state=optimizer_state,
+        tokenizer=tokenizer,
+        teachers=teachers,
+        cache=cache,
+        scores=ScoresIndex(config["scores_path"]),
+        dev_rows=dev_rows,
+        dev_batches=dev_batches,
+        log=StepLog(coord, specs, state["position"]["step"]) if rank == 0 else None,
+        best_dir=best_dir,
     )
 
 
@@ -665,8 +801,10 @@ def stage_rows(w: Worker, stage_index: int, spec: StageSpec, first_step: int) ->
     import ray
 
     first_epoch, skip = divmod(first_step, spec.steps_per_epoch)
-    shards = (ray.get(w.coord.shard.remote(stage_index, epoch, w.rank))
-              for epoch in range(first_epoch, spec.epoch_of(spec.steps - 1) + 1))
+    shards = (
+        ray.get(w.coord.shard.remote(stage_index, epoch, w.rank))
+        for epoch in range(first_epoch, spec.epoch_of(spec.steps - 1) + 1)
+    )
     columns = ROW_COLUMNS if w.cache is None else (*ROW_COLUMNS, *w.cache.columns)
     return StepReader(w.scores, shards, start_step=skip, num_steps=spec.steps - first_step, columns=columns)
 
@@ -678,8 +816,10 @@ def step_batches(w: Worker, micro: list[list[dict]], stage: Stage, seed: int) ->
     kd = w.cfg.kd
     if kd.on_policy_fraction > 0 and stage.target == "logits":
         offsets = np.cumsum([0, *(len(m) for m in micro)])
-        micro = [_with_on_policy(unwrap(w.student).lm, m, kd, w.tokenizer, w.cfg.data.max_length, seed, int(offset))
-                 for m, offset in zip(micro, offsets)]
+        micro = [
+            _with_on_policy(unwrap(w.student).lm, m, kd, w.tokenizer, w.cfg.data.max_length, seed, int(offset))
+            for m, offset in zip(micro, offsets)
+        ]
     return [batch_of(m, w.tokenizer.pad_token_id, w.device, w.cache) for m in length_grouped(micro)]
 
 
@@ -695,13 +835,22 @@ def batch_of(rows: list[dict], pad_token_id: int, device: torch.device, cache: C
     return batch
 
 
-def _with_on_policy(model, rows: list[dict], kd: KDConfig, tokenizer, max_length: int, seed: int, row_offset: int) -> list[dict]:
+def _with_on_policy(
+    model, rows: list[dict], kd: KDConfig, tokenizer, max_length: int, seed: int, row_offset: int
+) -> list[dict]:
     """The first round(fraction x rows) rows of a micro-batch (already in random order) replaced by
     the student's own samples for their prompts."""
     n = math.floor(kd.on_policy_fraction * len(rows) + 0.5)
-    sampled = sample_on_policy(model, rows[:n], pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                               max_new_tokens=kd.on_policy_max_new_tokens, max_length=max_length, seed=seed,
-                               row_offset=row_offset)
+    sampled = sample_on_policy(
+        model,
+        rows[:n],
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        max_new_tokens=kd.on_policy_max_new_tokens,
+        max_length=max_length,
+        seed=seed,
+        row_offset=row_offset,
+    )
     return sampled + rows[n:]
 
 
@@ -734,8 +883,15 @@ def dev_rouge(w: Worker) -> float:
     e = w.cfg.eval
     was_training = lm.training
     lm.eval()
-    total = greedy_rouge_sum(lm, w.tokenizer, w.dev_rows, max_new_tokens=e.max_new_tokens,
-                             max_length=w.cfg.data.max_length, batch_size=e.batch_size, autocast=w.autocast)
+    total = greedy_rouge_sum(
+        lm,
+        w.tokenizer,
+        w.dev_rows,
+        max_new_tokens=e.max_new_tokens,
+        max_length=w.cfg.data.max_length,
+        batch_size=e.batch_size,
+        autocast=w.autocast,
+    )
     lm.train(was_training)
     sums = _all_reduce(torch.tensor([total, len(w.dev_rows)], dtype=torch.float64, device=w.device)).tolist()
     return sums[0] / sums[1]
@@ -751,8 +907,11 @@ def record_candidate(w: Worker, candidate: dict) -> None:
     is_best = ray.get(w.coord.select.remote(candidate))
     if is_best:
         unwrap(w.student).lm.save_pretrained(w.best_dir)
-    print(f"[train] selection candidate at step {candidate['step']}: dev ROUGE-L {candidate['dev_rougeL']:.2f}, "
-          f"dev KD loss {candidate['dev_kd_loss']:.4f}{' (best so far)' if is_best else ''}", flush=True)
+    print(
+        f"[train] selection candidate at step {candidate['step']}: dev ROUGE-L {candidate['dev_rougeL']:.2f}, "
+        f"dev KD loss {candidate['dev_kd_loss']:.4f}{' (best so far)' if is_best else ''}",
+        flush=True,
+    )
 
 
 def report_checkpoint(w: Worker, metrics: dict, position: dict, optimizer, final: bool) -> None:
@@ -769,8 +928,12 @@ def report_checkpoint(w: Worker, metrics: dict, position: dict, optimizer, final
     state = ray.get(w.coord.checkpoint.remote(position, w.log.take()))
     directory = Path(tempfile.mkdtemp(prefix="pocl-checkpoint-"))
     save_checkpoint(directory, w.student, optimizer, state, w.best_dir, w.tokenizer if final else None)
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
-                     checkpoint_dir_name=f"step_{metrics['step']:08d}", checkpoint_upload_mode=mode)
+    ray.train.report(
+        metrics,
+        checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
+        checkpoint_dir_name=f"step_{metrics['step']:08d}",
+        checkpoint_upload_mode=mode,
+    )
 
 
 def train_func(config: dict) -> None:
@@ -789,12 +952,19 @@ def train_func(config: dict) -> None:
         optimizer = stage_optimizer(w, stage, first, optimizer, resuming)
         projection = None
         if stage.target == "hidden":
-            projection = layer_projection(hidden_size(teacher.lm), hidden_size(unwrap(w.student).lm), stage.teacher_layer,
-                                          seed=ex.seed, kind=ex.projection).to(w.device)
+            projection = layer_projection(
+                hidden_size(teacher.lm),
+                hidden_size(unwrap(w.student).lm),
+                stage.teacher_layer,
+                seed=ex.seed,
+                kind=ex.projection,
+            ).to(w.device)
         terms = {"projection": projection, "normalize": ex.normalize, "autocast": w.autocast}
         rows = upcoming if upcoming is not None else stage_rows(w, stage_index, spec, first)
         # The next stage (always from its step 0) is read while this one trains.
-        upcoming = stage_rows(w, stage_index + 1, w.specs[stage_index + 1], 0) if stage_index + 1 < len(w.specs) else None
+        upcoming = (
+            stage_rows(w, stage_index + 1, w.specs[stage_index + 1], 0) if stage_index + 1 < len(w.specs) else None
+        )
 
         for stage_step in range(first + 1, spec.steps + 1):  # counts steps done, as the checkpoints do
             started = (time.perf_counter(), time.thread_time())
@@ -822,13 +992,30 @@ def train_func(config: dict) -> None:
             if (checkpoint or select) and w.dev_batches and not dev:
                 dev = dev_losses(w.student, teacher, final_teacher, w.dev_batches, stage, kd, **terms)
             if select:
-                record_candidate(w, {"step": step, "stage": stage_index, "samples": samples,
-                                     "dev_rougeL": dev_rouge(w), "dev_kd_loss": dev["dev_kd_loss"]})
+                record_candidate(
+                    w,
+                    {
+                        "step": step,
+                        "stage": stage_index,
+                        "samples": samples,
+                        "dev_rougeL": dev_rouge(w),
+                        "dev_kd_loss": dev["dev_kd_loss"],
+                    },
+                )
             if checkpoint:
-                position = ({"stage": stage_index + 1, "stage_step": 0, "step": step, "samples": samples} if stage_done
-                            else {"stage": stage_index, "stage_step": stage_step, "step": step, "samples": samples})
-                metrics = {"step": step, "stage": stage_index, "epoch": spec.epoch_of(stage_step - 1),
-                           "loss": float(out[0]), "stages_completed": position["stage"], **dev}
+                position = (
+                    {"stage": stage_index + 1, "stage_step": 0, "step": step, "samples": samples}
+                    if stage_done
+                    else {"stage": stage_index, "stage_step": stage_step, "step": step, "samples": samples}
+                )
+                metrics = {
+                    "step": step,
+                    "stage": stage_index,
+                    "epoch": spec.epoch_of(stage_step - 1),
+                    "loss": float(out[0]),
+                    "stages_completed": position["stage"],
+                    **dev,
+                }
                 report_checkpoint(w, metrics, position, optimizer, final=stage_done and stage_index == len(w.specs) - 1)
             if stop:
                 break
@@ -874,8 +1061,11 @@ def _layer_counts(cfg: RunConfig) -> tuple[int, int]:
 
 
 def _check_models(cfg: RunConfig, plan: Plan) -> None:
-    paths = {"models.teacher": cfg.models.teacher, "models.student": cfg.models.student,
-             "models.tokenizer": cfg.models.tokenizer}
+    paths = {
+        "models.teacher": cfg.models.teacher,
+        "models.student": cfg.models.student,
+        "models.tokenizer": cfg.models.tokenizer,
+    }
     paths.update({f"curriculum.progressive.teacher_checkpoints[{s.index}]": s.teacher for s in plan.stages})
     for field, path in paths.items():
         if path is not None and not Path(path).is_dir():
@@ -890,11 +1080,14 @@ def _absolute_paths(cfg: RunConfig) -> RunConfig:
         # A URI stays as it is, never dropped: re-validation below refuses it, naming its field.
         return path if path is None or "://" in path else str(Path(path).resolve())
 
-    return cfg.with_overrides({
-        "models.teacher": absolute(m.teacher), "models.student": absolute(m.student),
-        "models.tokenizer": absolute(m.tokenizer),
-        "curriculum.progressive.teacher_checkpoints": [absolute(c) for c in p.teacher_checkpoints],
-    })
+    return cfg.with_overrides(
+        {
+            "models.teacher": absolute(m.teacher),
+            "models.student": absolute(m.student),
+            "models.tokenizer": absolute(m.tokenizer),
+            "curriculum.progressive.teacher_checkpoints": [absolute(c) for c in p.teacher_checkpoints],
+        }
+    )
 
 
 def run_plan(cfg: RunConfig) -> Plan:
@@ -911,9 +1104,11 @@ def cached_tail_warning(cfg: RunConfig, plan: Plan) -> str | None:
     kinds = sorted({s.loss for s in plan.stages if s.target == "logits" and s.kd_weight > 0} & {"rkl", "akl"})
     if cfg.kd.teacher != "cached" or cfg.scoring.teacher_hidden or not kinds:
         return None
-    return (f"kd.teacher: cached with {', '.join(kinds)}: RKL's cached tail (AKL's RKL part too) is a rough model, "
-            "far off once the student nears the teacher (METHODS.md §4, 'Near the teacher'); "
-            "scoring.teacher_hidden (the teacher's int8 hidden states) or kd.teacher: online compute it exactly")
+    return (
+        f"kd.teacher: cached with {', '.join(kinds)}: RKL's cached tail (AKL's RKL part too) is a rough model, "
+        "far off once the student nears the teacher (METHODS.md §4, 'Near the teacher'); "
+        "scoring.teacher_hidden (the teacher's int8 hidden states) or kd.teacher: online compute it exactly"
+    )
 
 
 def _check_plan(cfg: RunConfig, plan: Plan) -> None:
@@ -958,7 +1153,9 @@ def _dev_rows(cfg: RunConfig, plan: Plan) -> tuple[list[dict], int]:
     tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.teacher)
     good, rejects = validate_and_tokenize(read_table(cfg.data.dev, cfg.data.format).to_pylist(), tokenizer, cfg.data)
     if not good:
-        raise ValueError(f"data.dev: no usable row in {cfg.data.dev} ({len(rejects)} rejected, e.g. {rejects[0]['reason'] if rejects else ''})")
+        raise ValueError(
+            f"data.dev: no usable row in {cfg.data.dev} ({len(rejects)} rejected, e.g. {rejects[0]['reason'] if rejects else ''})"
+        )
     keep = ("id", "input_ids", "labels", "attention_mask", "num_prompt_tokens", "response")
     rows = [{k: r[k] for k in keep} for r in good]
     if cfg.kd.teacher == "cached":
@@ -989,23 +1186,32 @@ def write_selection(path: Path, cfg: RunConfig, candidates: list[dict], dev_rows
     """train/selection.json: the protocol, every candidate, the best one (student_best/) and the final
     one (student/). Which of the two the evaluation uses is eval.checkpoint's business (`selected_student`)."""
     if not candidates:
-        print("[train] no dev set (data.dev): no checkpoint-selection candidates; the final student is the only one",
-              flush=True)
+        print(
+            "[train] no dev set (data.dev): no checkpoint-selection candidates; the final student is the only one",
+            flush=True,
+        )
     final_step = max((c["step"] for c in candidates), default=None)
-    path.write_text(json.dumps({
-        "protocol": {
-            "metric": "dev_rougeL", "decoding": "greedy", "dev_rows": dev_rows,
-            "max_new_tokens": f"min(eval.max_new_tokens = {cfg.eval.max_new_tokens}, "
-                              f"data.max_length ({cfg.data.max_length}) - prompt tokens)",
-            "candidates_at": "every stage end" + (f" and every {cfg.training.select_every} steps"
-                                                  if cfg.training.select_every else ""),
-            "tie_break": "lower dev_kd_loss, then the later step",
-        },
-        "candidates": candidates,
-        "best": best_candidate(candidates),
-        "final": next((c for c in candidates if c["step"] == final_step), None),
-        "students": {"best": "student_best", "final": "student"},
-    }, indent=1))
+    path.write_text(
+        json.dumps(
+            {
+                "protocol": {
+                    "metric": "dev_rougeL",
+                    "decoding": "greedy",
+                    "dev_rows": dev_rows,
+                    "max_new_tokens": f"min(eval.max_new_tokens = {cfg.eval.max_new_tokens}, "
+                    f"data.max_length ({cfg.data.max_length}) - prompt tokens)",
+                    "candidates_at": "every stage end"
+                    + (f" and every {cfg.training.select_every} steps" if cfg.training.select_every else ""),
+                    "tie_break": "lower dev_kd_loss, then the later step",
+                },
+                "candidates": candidates,
+                "best": best_candidate(candidates),
+                "final": next((c for c in candidates if c["step"] == final_step), None),
+                "students": {"best": "student_best", "final": "student"},
+            },
+            indent=1,
+        )
+    )
     return path
 
 
@@ -1017,12 +1223,18 @@ def selected_student(train_dir: Path, checkpoint: str) -> Path:
         return train_dir / "student"
     path = train_dir / "selection.json"
     if not path.is_file():
-        print(f"[eval] eval.checkpoint: best_dev_rougeL found no {path} (training predates checkpoint "
-              "selection): evaluating the final student", flush=True)
+        print(
+            f"[eval] eval.checkpoint: best_dev_rougeL found no {path} (training predates checkpoint "
+            "selection): evaluating the final student",
+            flush=True,
+        )
         return train_dir / "student"
     if json.loads(path.read_text())["best"] is None:
-        print("[eval] eval.checkpoint: best_dev_rougeL has no candidates to choose from (no data.dev in "
-              "training): evaluating the final student", flush=True)
+        print(
+            "[eval] eval.checkpoint: best_dev_rougeL has no candidates to choose from (no data.dev in "
+            "training): evaluating the final student",
+            flush=True,
+        )
         return train_dir / "student"
     return train_dir / "student_best"
 
@@ -1037,7 +1249,8 @@ def train(
     checkpoint. `callbacks` go to Ray Train's RunConfig (Tune passes its report callback here).
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
 
     started = time.time()
@@ -1064,11 +1277,18 @@ def train(
 
     out.mkdir(parents=True, exist_ok=True)
     plan_path = out / "plan.json"
-    plan_path.write_text(json.dumps({
-        "plan": plan.to_dict(), "num_rows": num_rows, "global_batch_size": t.global_batch_size,
-        "stages": [{k: v for k, v in s.to_dict().items() if k != "stage"} for s in specs],
-        "total_steps": sum(s.steps for s in specs),
-    }, indent=1))
+    plan_path.write_text(
+        json.dumps(
+            {
+                "plan": plan.to_dict(),
+                "num_rows": num_rows,
+                "global_batch_size": t.global_batch_size,
+                "stages": [{k: v for k, v in s.to_dict().items() if k != "stage"} for s in specs],
+                "total_steps": sum(s.steps for s in specs),
+            },
+            indent=1,
+        )
+    )
     metrics_path = out / "metrics.jsonl"
 
     if not ray.is_initialized():
@@ -1081,23 +1301,34 @@ def train(
     # wrapped (as in a Ray worker): every progress line reached the job log twice. Plain print, once.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     name = f"pocl-coordinator-{cfg.name}-{uuid.uuid4().hex[:8]}"
-    coord = coordinator(name, plan=plan, num_rows=num_rows, global_batch=t.global_batch_size,
-                        micro_batch=t.micro_batch_size, seed=t.seed, metrics_path=str(metrics_path),
-                        world_size=t.num_workers, row_group_bounds=index.bounds.tolist())
+    coord = coordinator(
+        name,
+        plan=plan,
+        num_rows=num_rows,
+        global_batch=t.global_batch_size,
+        micro_batch=t.micro_batch_size,
+        seed=t.seed,
+        metrics_path=str(metrics_path),
+        world_size=t.num_workers,
+        row_group_bounds=index.bounds.tolist(),
+    )
     trainer = TorchTrainer(
         train_func,
         train_loop_config={
-            "cfg": cfg.model_dump(mode="json"), "coordinator": name,
+            "cfg": cfg.model_dump(mode="json"),
+            "coordinator": name,
             "namespace": ray.get_runtime_context().namespace,
             "scores_path": str(scores),
             "scores_dir": str(scores_dir),
             "teacher_cache": cache_entry,
             "dev_rows": dev_rows,
         },
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
+        ),
         run_config=RayRunConfig(
-            name=cfg.name, storage_path=_storage_path(cfg, out),
+            name=cfg.name,
+            storage_path=_storage_path(cfg, out),
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             callbacks=callbacks,
@@ -1122,9 +1353,16 @@ def train(
     selection_path = write_selection(out / "selection.json", cfg, candidates, len(dev_rows))
     metrics = dict(result.metrics or {})
     return TrainResult(
-        output_dir=out, student_dir=student_dir, best_student_dir=best_dir if has_model_files(best_dir) else None,
-        selection_path=selection_path, metrics_path=metrics_path, plan_path=plan_path,
-        checkpoint_path=result.checkpoint.path, steps=int(metrics.get("step", 0)),
-        stages_completed=int(metrics.get("stages_completed", 0)), metrics=metrics,
-        dev_rejected=dev_rejected, wall_seconds=time.time() - started,
+        output_dir=out,
+        student_dir=student_dir,
+        best_student_dir=best_dir if has_model_files(best_dir) else None,
+        selection_path=selection_path,
+        metrics_path=metrics_path,
+        plan_path=plan_path,
+        checkpoint_path=result.checkpoint.path,
+        steps=int(metrics.get("step", 0)),
+        stages_completed=int(metrics.get("stages_completed", 0)),
+        metrics=metrics,
+        dev_rejected=dev_rejected,
+        wall_seconds=time.time() - started,
     )

@@ -112,7 +112,9 @@ def check_search_space(cfg: RunConfig) -> list[RunConfig]:
                 "one sweep layout); sweep curriculum, kd, training or eval settings"
             )
         if tc.search_alg == "grid" and spec.type not in ("grid", "choice"):
-            raise ConfigError(f"tune.search_space.{path}: search_alg 'grid' needs grid or choice specs, got {spec.type!r}")
+            raise ConfigError(
+                f"tune.search_space.{path}: search_alg 'grid' needs grid or choice specs, got {spec.type!r}"
+            )
         if searcher_alg and spec.type == "grid":
             raise ConfigError(
                 f"tune.search_space.{path}: search_alg {tc.search_alg!r} samples values; use type 'choice' instead of 'grid'"
@@ -157,10 +159,14 @@ def param_space(tc: TuneConfig) -> dict[str, Any]:
 def trial_config(cfg: RunConfig, params: Mapping[str, Any], trial_id: str, trials_dir: Path) -> RunConfig:
     """The trial's run: the sweep's config with the sampled values, its own output dir and run name."""
     overrides = {p: _plain(v) for p, v in params.items()}
-    return cfg.with_overrides({
-        **overrides, "name": f"{cfg.name}-{trial_id}", "output.dir": str(Path(trials_dir) / trial_id),
-        "pipeline.compare": {},
-    })
+    return cfg.with_overrides(
+        {
+            **overrides,
+            "name": f"{cfg.name}-{trial_id}",
+            "output.dir": str(Path(trials_dir) / trial_id),
+            "pipeline.compare": {},
+        }
+    )
 
 
 def dev_eval_config(cfg: RunConfig) -> RunConfig:
@@ -180,8 +186,13 @@ def best_config(cfg: RunConfig, params: Mapping[str, Any]) -> RunConfig:
 
 
 def trial_row(
-    trial_id: str, params: Mapping[str, Any], metrics: Mapping[str, Any] | None, error: str | None,
-    objective: str, num_stages: int | None, output_dir: Path,
+    trial_id: str,
+    params: Mapping[str, Any],
+    metrics: Mapping[str, Any] | None,
+    error: str | None,
+    objective: str,
+    num_stages: int | None,
+    output_dir: Path,
 ) -> dict[str, Any]:
     """One results.csv row from a trial's last reported metrics (None when it reported nothing).
 
@@ -249,7 +260,9 @@ def plot_objective(frame: pd.DataFrame, tc: TuneConfig, path: Path) -> Path:
         y = frame["objective"].to_numpy(dtype=float)
         ax.scatter(x[~stopped], y[~stopped], color="C0", label="finished")
         if stopped.any():
-            ax.scatter(x[stopped], y[stopped], facecolors="none", edgecolors="C3", label="stopped early (value at the stop)")
+            ax.scatter(
+                x[stopped], y[stopped], facecolors="none", edgecolors="C3", label="stopped early (value at the stop)"
+            )
         if spec.type == "loguniform":
             ax.set_xscale("log")
         ax.set_xlabel(param)
@@ -304,13 +317,19 @@ def run_trial(params: dict, *, base: dict, scores_dir: str, trials_dir: str) -> 
     trial_cfg = trial_config(cfg, params, trial_id, Path(trials_dir))
     out = Path(trial_cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "trial.json").write_text(json.dumps({"trial_id": trial_id, "params": {p: _plain(v) for p, v in params.items()}}))
+    (out / "trial.json").write_text(
+        json.dumps({"trial_id": trial_id, "params": {p: _plain(v) for p, v in params.items()}})
+    )
     num_stages = len(run_plan(trial_cfg).stages)
     gbs = trial_cfg.training.global_batch_size
     result = train(trial_cfg, scores_dir=scores_dir, callbacks=[BudgetReport(num_stages, gbs)])
     final = {
-        "step": result.steps, TIME_ATTR: result.steps * gbs, "stages_completed": result.stages_completed, "num_stages": num_stages,
-        "dev_kd_loss": result.metrics.get("dev_kd_loss"), "finished": True,
+        "step": result.steps,
+        TIME_ATTR: result.steps * gbs,
+        "stages_completed": result.stages_completed,
+        "num_stages": num_stages,
+        "dev_kd_loss": result.metrics.get("dev_kd_loss"),
+        "finished": True,
     }
     if cfg.tune.objective == "dev_rougeL":
         from pocl_ray.evaluation import evaluate
@@ -373,8 +392,13 @@ def _scheduler(tc: TuneConfig, budget: Budget | None):
     if tc.scheduler == "fifo":
         return FIFOScheduler()
     return ASHAScheduler(
-        time_attr=TIME_ATTR, metric="dev_kd_loss", mode="min", grace_period=budget.grace,
-        max_t=budget.max_samples, reduction_factor=tc.reduction_factor, stop_last_trials=False,
+        time_attr=TIME_ATTR,
+        metric="dev_kd_loss",
+        mode="min",
+        grace_period=budget.grace,
+        max_t=budget.max_samples,
+        reduction_factor=tc.reduction_factor,
+        stop_last_trials=False,
     )
 
 
@@ -387,7 +411,9 @@ def _search_alg(tc: TuneConfig):
         # Tune ignores TuneConfig.max_concurrent_trials for a generator passed in; it takes it here.
         return BasicVariantGenerator(random_state=tc.seed, max_concurrent=tc.max_concurrent_trials)
     if importlib.util.find_spec(tc.search_alg) is None:
-        raise ConfigError(f"tune.search_alg: {tc.search_alg!r} needs the {tc.search_alg} package (pip install {tc.search_alg})")
+        raise ConfigError(
+            f"tune.search_alg: {tc.search_alg!r} needs the {tc.search_alg} package (pip install {tc.search_alg})"
+        )
     mode = MODES[tc.objective]
     if tc.search_alg == "optuna":
         from ray.tune.search.optuna import OptunaSearch
@@ -461,7 +487,9 @@ def _sweep(cfg: RunConfig, root: Path, scores_dir: Path, budget: Budget | None) 
     tune_dir = root / "tune"
     trials_dir = tune_dir / "trials"
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=cfg.model_dump(mode="json"), scores_dir=str(scores_dir), trials_dir=str(trials_dir)),
+        tune.with_parameters(
+            run_trial, base=cfg.model_dump(mode="json"), scores_dir=str(scores_dir), trials_dir=str(trials_dir)
+        ),
         {"CPU": tc.cpus_per_trial},
     )
     experiment = tune_dir / SWEEP_NAME
@@ -469,18 +497,25 @@ def _sweep(cfg: RunConfig, root: Path, scores_dir: Path, budget: Budget | None) 
     with _tune_env():
         if tune.Tuner.can_restore(experiment):
             print(f"[tune] resuming the interrupted sweep in {experiment}", flush=True)
-            tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
+            tuner = tune.Tuner.restore(
+                str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True
+            )
         else:
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space(tc),
                 tune_config=tune.TuneConfig(
-                    num_samples=tc.num_samples, scheduler=_scheduler(tc, budget), search_alg=_search_alg(tc),
+                    num_samples=tc.num_samples,
+                    scheduler=_scheduler(tc, budget),
+                    search_alg=_search_alg(tc),
                     max_concurrent_trials=None if tc.search_alg in ("random", "grid") else tc.max_concurrent_trials,
-                    trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_dirname,
+                    trial_dirname_creator=_trial_dirname,
+                    trial_name_creator=_trial_dirname,
                 ),
                 run_config=tune.RunConfig(
-                    name=SWEEP_NAME, storage_path=str(tune_dir), failure_config=tune.FailureConfig(max_failures=0),
+                    name=SWEEP_NAME,
+                    storage_path=str(tune_dir),
+                    failure_config=tune.FailureConfig(max_failures=0),
                     callbacks=[EndedTrials(str(ended_path))],
                 ),
             )
@@ -542,7 +577,9 @@ def _total_steps(plans: list[tuple[RunConfig, Plan]], scores_dir: Path) -> list[
         try:
             specs = stage_specs(plan, num_rows, c.training.global_batch_size)
         except ValueError as err:
-            raise ConfigError(f"tune.search_space: {err} (with curriculum.num_buckets = {c.curriculum.num_buckets})") from None
+            raise ConfigError(
+                f"tune.search_space: {err} (with curriculum.num_buckets = {c.curriculum.num_buckets})"
+            ) from None
         totals.append((c, sum(s.steps for s in specs)))
     return totals
 
@@ -572,7 +609,12 @@ def tune(cfg: RunConfig) -> TuneResult:
     frame = pd.read_csv(tune_dir / "results.csv", dtype={"trial_id": str})
     best = best_trial(frame, cfg.tune.objective)
     return TuneResult(
-        output_dir=tune_dir, results_csv=tune_dir / "results.csv", best_config_path=tune_dir / "best.yaml",
-        plot_path=tune_dir / "objective.png", best_trial_id=str(best["trial_id"]),
-        best_objective=float(best["objective"]), objective=cfg.tune.objective, trials=frame,
+        output_dir=tune_dir,
+        results_csv=tune_dir / "results.csv",
+        best_config_path=tune_dir / "best.yaml",
+        plot_path=tune_dir / "objective.png",
+        best_trial_id=str(best["trial_id"]),
+        best_objective=float(best["objective"]),
+        objective=cfg.tune.objective,
+        trials=frame,
     )

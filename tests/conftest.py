@@ -64,8 +64,15 @@ def synthetic_rows(n: int, seed: int = 0) -> list[dict]:
     for i in range(n):
         task = TASKS[i % len(TASKS)]
         instruction, context, output = _task_row(task, rng, rng.randint(1, 6))
-        rows.append({"id": f"{task}-{seed}-{i:04d}", "source": task, "instruction": instruction,
-                     "input": context, "output": output})
+        rows.append(
+            {
+                "id": f"{task}-{seed}-{i:04d}",
+                "source": task,
+                "instruction": instruction,
+                "input": context,
+                "output": output,
+            }
+        )
     return rows
 
 
@@ -107,14 +114,37 @@ def tiny_assets(tmp_path_factory) -> TinyAssets:
     texts = [build_prompt(r["instruction"], r["input"], "dolly") + r["output"] for r in train]
     tokenizer = build_tiny_tokenizer(texts, vocab_size=vocab_size, save_dir=root / "tokenizer")
     assets = TinyAssets(
-        root=root, train_path=train_path, dev_path=dev_path, tokenizer_dir=root / "tokenizer",
-        teacher_dir=root / "teacher", student_dir=root / "student", cut_student_dir=root / "cut_student",
-        num_train=len(train), num_dev=len(dev), vocab_size=vocab_size,
+        root=root,
+        train_path=train_path,
+        dev_path=dev_path,
+        tokenizer_dir=root / "tokenizer",
+        teacher_dir=root / "teacher",
+        student_dir=root / "student",
+        cut_student_dir=root / "cut_student",
+        num_train=len(train),
+        num_dev=len(dev),
+        vocab_size=vocab_size,
     )
-    teacher = build_tiny_model("llama", vocab_size, hidden_size=64, num_layers=4, num_heads=4, seed=0,
-                               save_dir=assets.teacher_dir, tokenizer=tokenizer)
-    build_tiny_model("llama", vocab_size, hidden_size=32, num_layers=2, num_heads=4, seed=1,
-                     save_dir=assets.student_dir, tokenizer=tokenizer)
+    teacher = build_tiny_model(
+        "llama",
+        vocab_size,
+        hidden_size=64,
+        num_layers=4,
+        num_heads=4,
+        seed=0,
+        save_dir=assets.teacher_dir,
+        tokenizer=tokenizer,
+    )
+    build_tiny_model(
+        "llama",
+        vocab_size,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        seed=1,
+        save_dir=assets.student_dir,
+        tokenizer=tokenizer,
+    )
     student_from_teacher(teacher, keep_layers=[1, 3]).save_pretrained(assets.cut_student_dir)
     tokenizer.save_pretrained(assets.cut_student_dir)
     return assets

@@ -43,7 +43,9 @@ def test_launcher_yaml_rejected_when_broken():
 def test_kuberay_manifests_parse_and_run_the_pipeline():
     cluster = yaml.safe_load((CLUSTER / "kuberay" / "raycluster.yaml").read_text())
     assert cluster["kind"] == "RayCluster" and cluster["apiVersion"] == "ray.io/v1"
-    assert cluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    assert cluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"][
+        "nvidia.com/gpu"
+    ]
 
     job = yaml.safe_load((CLUSTER / "kuberay" / "rayjob.yaml").read_text())
     assert job["kind"] == "RayJob"

@@ -76,7 +76,9 @@ def test_missing_required_field_is_named():
 def test_batch_size_must_divide():
     with pytest.raises(ConfigError) as err:
         parse_config(_with("training", global_batch_size=60, micro_batch_size=8, num_workers=2))
-    assert "training: global_batch_size (60) must be a multiple of micro_batch_size x num_workers (16)" in str(err.value)
+    assert "training: global_batch_size (60) must be a multiple of micro_batch_size x num_workers (16)" in str(
+        err.value
+    )
 
 
 def test_prompt_must_leave_room_for_the_response():
@@ -135,8 +137,11 @@ def test_file_errors(tmp_path):
         ("models", {"teacher": "t", "tokenizer": "file:///models/tok"}, "models.tokenizer"),
         ("eval", {"sets": [{"name": "dolly", "path": "gs://bucket/dolly.jsonl"}]}, "eval.sets.0.path"),
         ("output", {"dir": "s3://bucket/runs/x"}, "output.dir"),
-        ("curriculum", {"plan": "progressive", "progressive": {"teacher_checkpoints": ["ck/1", "gs://b/ck/2"]}},
-         "curriculum.progressive.teacher_checkpoints.1"),
+        (
+            "curriculum",
+            {"plan": "progressive", "progressive": {"teacher_checkpoints": ["ck/1", "gs://b/ck/2"]}},
+            "curriculum.progressive.teacher_checkpoints.1",
+        ),
     ],
 )
 def test_a_uri_in_a_local_path_setting_is_refused_naming_the_field(section, values, field):
@@ -150,7 +155,9 @@ def test_storage_path_keeps_a_uri_and_local_paths_stay_local():
     cfg = parse_config({**MINIMAL, "training": {"storage_path": "s3://bucket/checkpoints"}})
     assert cfg.training.storage_path == "s3://bucket/checkpoints"
     # Not URIs: a colon elsewhere in a local path, a Windows drive.
-    local = parse_config({**MINIMAL, "output": {"dir": "runs/2026-11-30T20:00"}, "models": {"teacher": "C:\\models\\t"}})
+    local = parse_config(
+        {**MINIMAL, "output": {"dir": "runs/2026-11-30T20:00"}, "models": {"teacher": "C:\\models\\t"}}
+    )
     assert (local.output.dir, local.models.teacher) == ("runs/2026-11-30T20:00", "C:\\models\\t")
 
 
@@ -185,8 +192,9 @@ def test_output_kd_settings_default_to_plain_kd_and_are_checked():
 def test_data_curriculum_is_refused_on_plans_with_their_own_pools(plan):
     with pytest.raises(ConfigError) as err:
         parse_config(_with("curriculum", plan=plan, data_curriculum="pocl"))
-    assert (f"curriculum.data_curriculum: 'pocl' applies to the extraction and progressive plans only; "
-            f"plan {plan!r}") in str(err.value)
+    assert (
+        f"curriculum.data_curriculum: 'pocl' applies to the extraction and progressive plans only; plan {plan!r}"
+    ) in str(err.value)
 
 
 def test_data_curriculum_on_extraction_and_a_later_plan_override():

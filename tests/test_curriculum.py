@@ -33,11 +33,13 @@ from pocl_ray.curriculum import (
 
 
 def _cfg(**curriculum):
-    return parse_config({
-        "data": {"train": "x.jsonl"},
-        "models": {"teacher": "t"},
-        "curriculum": curriculum,
-    })
+    return parse_config(
+        {
+            "data": {"train": "x.jsonl"},
+            "models": {"teacher": "t"},
+            "curriculum": curriculum,
+        }
+    )
 
 
 # -- plans and schedules -------------------------------------------------------------------------
@@ -49,6 +51,7 @@ def test_pocl_plan_paper_defaults():
     assert [round(s.temperature, 6) for s in plan.stages] == [1.0, 1.333333, 1.666667, 2.0]
     assert [round(s.kd_weight, 6) for s in plan.stages] == [0.7, 0.8, 0.9, 1.0]
     assert all(s.epochs == 8.0 and s.steps is None and s.restart_optimizer for s in plan.stages)
+
     # 8 epochs x (1/4 + 2/4 + 3/4 + 1) = 20 full-data epochs, the baseline's budget.
     def rows_seen(p):
         return sum(s.epochs * 25 * len(s.buckets) for s in p.stages)
@@ -77,7 +80,9 @@ def test_lr_at_cosine_endpoints_and_warmup():
     assert lr_at(0, 1, 1e-4, 1e-7) == pytest.approx(1e-4)  # a one-step segment trains at the peak LR
 
 
-@pytest.mark.parametrize(("total", "warmup", "min_lr"), [(20, 0, 1e-7), (20, 5, 0.0), (37, 3, 2e-6), (1, 0, 1e-7), (6, 5, 1e-7)])
+@pytest.mark.parametrize(
+    ("total", "warmup", "min_lr"), [(20, 0, 1e-7), (20, 5, 0.0), (37, 3, 2e-6), (1, 0, 1e-7), (6, 5, 1e-7)]
+)
 def test_lr_at_is_the_transformers_cosine_with_min_lr(total, warmup, min_lr):
     import torch
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -94,7 +99,9 @@ def test_lr_at_is_the_transformers_cosine_with_min_lr(total, warmup, min_lr):
         scheduler.step()
     # lr_at's warm-up is the library's one step ahead (no step at lr 0); from the warm-up's end on they agree.
     expected = [library[step + 1] if step < warmup else library[step] for step in range(total)]
-    assert [lr_at(step, total, lr, min_lr, warmup) for step in range(total)] == pytest.approx(expected, rel=1e-12, abs=1e-18)
+    assert [lr_at(step, total, lr, min_lr, warmup) for step in range(total)] == pytest.approx(
+        expected, rel=1e-12, abs=1e-18
+    )
 
 
 def test_baseline_and_sft_budgets():
@@ -175,9 +182,13 @@ def test_progressive_plan_from_config_ends_on_the_final_teacher(tmp_path, monkey
 
 @pytest.mark.parametrize("plan_kind", ["extraction", "progressive"])
 def test_data_curriculum_pocl_gives_the_target_stages_pocls_pools(plan_kind):
-    curriculum = {"plan": plan_kind, "num_buckets": 3, "data_curriculum": "pocl",
-                  "progressive": {"teacher_checkpoints": ["a", "b", "c", "d"]},
-                  "extraction": {"steps_per_layer": 2, "final_steps": 9}}
+    curriculum = {
+        "plan": plan_kind,
+        "num_buckets": 3,
+        "data_curriculum": "pocl",
+        "progressive": {"teacher_checkpoints": ["a", "b", "c", "d"]},
+        "extraction": {"steps_per_layer": 2, "final_steps": 9},
+    }
     plan = plan_from_config(_cfg(**curriculum), 4, 2)
     alone = plan_from_config(_cfg(**{**curriculum, "data_curriculum": "none"}), 4, 2)
     assert (plan.num_buckets, alone.num_buckets) == (3, 1)
@@ -218,11 +229,15 @@ def test_pool_ranges_merge_and_split():
 
 
 def test_stage_lengths_and_lr_segments():
-    plan = Plan("p", 2, (
-        Stage(index=0, buckets=(0,), epochs=2.5),
-        Stage(index=1, buckets=(0, 1), steps=3, restart_optimizer=False),
-        Stage(index=2, buckets=(0, 1), epochs=1.0),
-    ))
+    plan = Plan(
+        "p",
+        2,
+        (
+            Stage(index=0, buckets=(0,), epochs=2.5),
+            Stage(index=1, buckets=(0, 1), steps=3, restart_optimizer=False),
+            Stage(index=2, buckets=(0, 1), epochs=1.0),
+        ),
+    )
     specs = stage_specs(plan, 20, 4)  # pools 10 and 20 rows -> 3 and 5 steps per epoch
     assert [s.steps_per_epoch for s in specs] == [3, 5, 5]
     assert [s.steps for s in specs] == [8, 3, 5]  # ceil(2.5 x 3) = 8
@@ -235,8 +250,15 @@ def test_stage_lengths_and_lr_segments():
 
 def _coordinator(tmp_path, plan=None, **kw):
     plan = plan or pocl_plan(4, epochs_per_stage=2, until_plateau=True, patience=2)
-    args = {"num_rows": 40, "global_batch": 4, "micro_batch": 2, "seed": 5, "metrics_path": str(tmp_path / "m.jsonl"),
-            "world_size": 2, "row_group_bounds": [0, 8, 16, 24, 32, 40]}
+    args = {
+        "num_rows": 40,
+        "global_batch": 4,
+        "micro_batch": 2,
+        "seed": 5,
+        "metrics_path": str(tmp_path / "m.jsonl"),
+        "world_size": 2,
+        "row_group_bounds": [0, 8, 16, 24, 32, 40],
+    }
     return CurriculumCoordinator(plan.to_dict(), **{**args, **kw})
 
 

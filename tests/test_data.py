@@ -163,8 +163,15 @@ def test_every_bad_row_is_rejected_with_its_reason(tmp_path, tokenizer):
     assert by_row[1]["reason"] == "missing field 'response' (no value in any of the columns ['response', 'output'])"
     assert by_row[2]["reason"] == "empty field 'response' (column 'output' is blank)"
     assert by_row[3]["reason"] == "field 'instruction' (column 'instruction') must be a string, got int: 12"
-    assert by_row[3]["record"] == {"id": "number", "instruction": 12, "output": "twelve", "input": None,
-                                   "prompt": None, "context": None, "response": None}
+    assert by_row[3]["record"] == {
+        "id": "number",
+        "instruction": 12,
+        "output": "twelve",
+        "input": None,
+        "prompt": None,
+        "context": None,
+        "response": None,
+    }
     assert by_row[4]["reason"].startswith("line 5: invalid JSON: ")
     assert by_row[4]["record"] == {"raw_line": '{"id": "broken", '}
     assert by_row[4]["id"].startswith("h:")
@@ -176,13 +183,16 @@ def test_every_bad_row_is_rejected_with_its_reason(tmp_path, tokenizer):
 def test_response_truncated_away_is_rejected(tokenizer):
     # DataConfig itself forbids max_prompt_length >= max_length; an unvalidated config (as built by
     # model_construct) must still not yield a row without response tokens.
-    cfg = DataConfig.model_construct(train="unused", fields=FieldMap(), template="dolly",
-                                     max_prompt_length=64, max_length=64)
+    cfg = DataConfig.model_construct(
+        train="unused", fields=FieldMap(), template="dolly", max_prompt_length=64, max_length=64
+    )
     good, rejects = data.validate_and_tokenize(
         [{"id": "long", "instruction": "word " * 80, "output": "a response"}], tokenizer, cfg
     )
     assert not good
-    assert rejects[0]["reason"] == "no response token left after truncation: the prompt takes 64 of max_length 64 tokens"
+    assert (
+        rejects[0]["reason"] == "no response token left after truncation: the prompt takes 64 of max_length 64 tokens"
+    )
 
 
 def test_labels_mask_exactly_the_prompt(tokenizer):
@@ -200,8 +210,12 @@ def test_labels_mask_exactly_the_prompt(tokenizer):
 
 def test_long_prompt_keeps_its_end_and_long_response_is_cut_without_eos(tokenizer):
     cfg = _cfg(max_prompt_length=20, max_length=30)
-    record = {"id": "long", "instruction": "Reverse the order of the words.", "input": "apple " * 50,
-              "output": "river " * 50}
+    record = {
+        "id": "long",
+        "instruction": "Reverse the order of the words.",
+        "input": "apple " * 50,
+        "output": "river " * 50,
+    }
     row = data.validate_and_tokenize([record], tokenizer, cfg)[0][0]
     full_prompt = tokenizer(row["prompt"])["input_ids"]
     assert row["num_prompt_tokens"] == 20
@@ -218,15 +232,19 @@ def test_bos_is_kept_when_the_prompt_is_cut():
 
 
 def test_ids_without_an_id_column_are_content_hashes(tokenizer):
-    rows = [{"instruction": "Say yes.", "output": "yes"}, {"instruction": "Say no.", "output": "no"},
-            {"instruction": "Say yes.", "output": "yes"}]
+    rows = [
+        {"instruction": "Say yes.", "output": "yes"},
+        {"instruction": "Say no.", "output": "no"},
+        {"instruction": "Say yes.", "output": "yes"},
+    ]
     good, rejects = data.validate_and_tokenize(rows, tokenizer, _cfg())
     expected = data.content_id("Say yes.", "", "yes")
     assert expected.startswith("h:") and len(expected) == 18
     assert good[0]["id"] == expected
     assert good[1]["id"] == data.content_id("Say no.", "", "no")
-    assert rejects == [{"row": 2, "id": expected, "reason": f"duplicate id '{expected}' (first seen at row 0)",
-                        "record": rows[2]}]
+    assert rejects == [
+        {"row": 2, "id": expected, "reason": f"duplicate id '{expected}' (first seen at row 0)", "record": rows[2]}
+    ]
 
 
 def test_custom_field_map_and_numeric_ids(tokenizer):
@@ -255,7 +273,10 @@ def test_prepare_batch_accepts_numpy_and_pandas_batches(tokenizer):
 
 def test_duplicate_reasons_skip_rejected_rows():
     assert data.duplicate_reasons(["a", "b", "a", "a"], skip=[True, False, False, False]) == [
-        "", "", "", "duplicate id 'a' (first seen at row 2)"
+        "",
+        "",
+        "",
+        "duplicate id 'a' (first seen at row 2)",
     ]
 
 
@@ -297,8 +318,12 @@ def test_batches_are_the_transformers_collators(tokenizer):
     for _ in range(9):
         prompt, response = int(rng.integers(1, 40)), int(rng.integers(1, 30))
         ids = rng.integers(0, len(tokenizer), prompt + response).tolist()
-        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [data.IGNORE_INDEX] * prompt + ids[prompt:]})
-    collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, label_pad_token_id=data.IGNORE_INDEX, return_tensors="pt")
+        rows.append(
+            {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [data.IGNORE_INDEX] * prompt + ids[prompt:]}
+        )
+    collator = DataCollatorForSeq2Seq(
+        tokenizer, pad_to_multiple_of=8, label_pad_token_id=data.IGNORE_INDEX, return_tensors="pt"
+    )
     expected = collator([dict(r) for r in rows])
     ours = data.collate(rows, tokenizer.pad_token_id, pad_to_multiple_of=8)
     assert ours.keys() == expected.keys() and all(torch.equal(ours[k], expected[k]) for k in ours)
@@ -318,8 +343,12 @@ def test_ray_reader_gives_the_same_rows_and_rejects_as_the_local_path(ray_local,
     shards.mkdir()
     rows = synthetic_rows(20, seed=5)
     write_jsonl(shards / "a.jsonl", rows[:10])
-    text = "".join(json.dumps(r) + "\n" for r in rows[10:15]) + "{not json\n" + json.dumps(
-        {"id": rows[16]["id"], "instruction": 3, "output": "x"}) + "\n"
+    text = (
+        "".join(json.dumps(r) + "\n" for r in rows[10:15])
+        + "{not json\n"
+        + json.dumps({"id": rows[16]["id"], "instruction": 3, "output": "x"})
+        + "\n"
+    )
     with gzip.open(shards / "b.jsonl.gz", "wt") as f:
         f.write(text)
     cfg = _cfg()
@@ -329,9 +358,7 @@ def test_ray_reader_gives_the_same_rows_and_rejects_as_the_local_path(ray_local,
     )
     remote = sorted(ds.take_all(), key=lambda r: r["id"])
     assert len(remote) == 17
-    expected = sorted(
-        ({k: local[k][i] for k in data.OUTPUT_COLUMNS} for i in range(17)), key=lambda r: r["id"]
-    )
+    expected = sorted(({k: local[k][i] for k in data.OUTPUT_COLUMNS} for i in range(17)), key=lambda r: r["id"])
     for got, want in zip(remote, expected):
         assert got["id"] == want["id"] and got["reject_reason"] == want["reject_reason"]
         assert list(got["input_ids"]) == want["input_ids"] and list(got["labels"]) == want["labels"]

@@ -9,10 +9,10 @@ import pytest
 
 from pocl_ray.difficulty import (
     METRIC_DIRECTIONS,
+    average_ranks,
     bucket_bounds,
     bucket_of_rank,
     bucket_summary,
-    average_ranks,
     easy_to_hard,
     fuse,
     metric_directions,
@@ -43,7 +43,10 @@ def python_rrf_order(ids, metrics, directions, k=60.0, tie_seed=0):
 def test_default_directions_follow_the_paper():
     assert METRIC_DIRECTIONS["student_ce"] == "lower"
     assert METRIC_DIRECTIONS["student_rougeL"] == "higher"
-    assert metric_directions(["student_ce", "length"], {"length": "higher"}) == {"student_ce": "lower", "length": "higher"}
+    assert metric_directions(["student_ce", "length"], {"length": "higher"}) == {
+        "student_ce": "lower",
+        "length": "higher",
+    }
 
 
 def test_directions_reject_unknown_and_stray_metrics():
@@ -143,7 +146,9 @@ def test_a_constant_metric_leaves_the_order_to_the_others():
     rng = np.random.default_rng(4)
     ids = [f"{src}-{i:03d}" for src in ("austen", "gcide") for i in range(60)]
     ce = rng.random(120)
-    both = fuse(ids, {"student_rougeL": np.zeros(120), "student_ce": ce}, metric_directions(["student_rougeL", "student_ce"]))
+    both = fuse(
+        ids, {"student_rougeL": np.zeros(120), "student_ce": ce}, metric_directions(["student_rougeL", "student_ce"])
+    )
     ce_only = fuse(ids, {"student_ce": ce}, {"student_ce": "lower"})
     assert both.rank.tolist() == ce_only.rank.tolist() == np.argsort(np.argsort(ce)).tolist()
 

@@ -29,19 +29,34 @@ def ray_head(tmp_path_factory):
     temp_dir = tmp_path_factory.mktemp("rayhead")
     port, dash = free_port(), free_port()
     # As in a shell with the virtual environment activated: the job's `python` is this interpreter.
-    env = {**os.environ, "RAY_AUTH_MODE": "token",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=6",
-         f"--temp-dir={temp_dir}", "--include-dashboard=true"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--num-cpus=6",
+            f"--temp-dir={temp_dir}",
+            "--include-dashboard=true",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.time() + 180
-        while subprocess.run([RAY, "job", "list", "--address", address], env=env,
-                             capture_output=True).returncode != 0:
+        while subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode != 0:
             assert head.poll() is None, "ray start --head exited"
             assert time.time() < deadline, "the Ray head's job server did not come up in 180 s"
             time.sleep(3)
@@ -59,22 +74,40 @@ def ray_head(tmp_path_factory):
 def _submit_and_wait(address: str, env: dict, work: Path, job_id: str, log: Path, timeout: float = 1200) -> str:
     """`ray job submit` the pipeline as a user does (it tails the job's logs until the job ends) and
     return those logs; fail with their tail unless the job SUCCEEDED."""
-    command = [RAY, "job", "submit", "--address", address, "--working-dir", str(work), "--submission-id", job_id,
-               "--", "python", "pipelines/distill.py", "--config", "e2e.yaml"]
+    command = [
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(work),
+        "--submission-id",
+        job_id,
+        "--",
+        "python",
+        "pipelines/distill.py",
+        "--config",
+        "e2e.yaml",
+    ]
     for _ in range(60):  # the job server can answer before the node's agent accepts jobs
         with log.open("w") as out:
             try:
                 done = subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
             except subprocess.TimeoutExpired:
-                pytest.fail(f"job {job_id} did not end in {timeout:.0f} s; its output so far:\n{log.read_text()[-8000:]}")
+                pytest.fail(
+                    f"job {job_id} did not end in {timeout:.0f} s; its output so far:\n{log.read_text()[-8000:]}"
+                )
         output = log.read_text()
         if done.returncode == 0 or "No available agent" not in output:
             break
         time.sleep(5)
-    status = subprocess.run([RAY, "job", "status", "--address", address, job_id],
-                            env=env, capture_output=True, text=True)
+    status = subprocess.run(
+        [RAY, "job", "status", "--address", address, job_id], env=env, capture_output=True, text=True
+    )
     assert f"Job '{job_id}' succeeded" in status.stdout + status.stderr, (
-        f"{status.stdout[-2000:]}{status.stderr[-2000:]}\n--- job output ---\n{output[-8000:]}")
+        f"{status.stdout[-2000:]}{status.stderr[-2000:]}\n--- job output ---\n{output[-8000:]}"
+    )
     return output
 
 
@@ -82,16 +115,21 @@ def _config(tmp_path: Path) -> dict:
     data = ROOT / "data" / "quickstart"
     cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
     cfg["name"] = "e2e"
-    cfg["data"].update(train=str(data / "train.jsonl"), dev=str(data / "dev.jsonl"), max_rows=96,
-                       max_prompt_length=64, max_length=96)
+    cfg["data"].update(
+        train=str(data / "train.jsonl"), dev=str(data / "dev.jsonl"), max_rows=96, max_prompt_length=64, max_length=96
+    )
     cfg["models"]["teacher"] = str(tmp_path / "out" / "teacher")
     # The scoring pass also caches the teacher's top-32; the POCL run trains on that cache, no teacher.
     cfg["scoring"].update(max_new_tokens=8, teacher_top_k=32)
     cfg["pipeline"]["compare"]["pocl"]["kd.teacher"] = "cached"
     cfg["curriculum"].update(num_buckets=2, epochs_per_stage=1)
     cfg["training"].update(num_workers=1, global_batch_size=16, micro_batch_size=16, checkpoint_every=20)
-    cfg["eval"].update(sets=[{"name": "kjv", "path": str(data / "test_kjv.jsonl"), "max_rows": 8}],
-                       seeds=[10], max_new_tokens=8, batch_size=8)
+    cfg["eval"].update(
+        sets=[{"name": "kjv", "path": str(data / "test_kjv.jsonl"), "max_rows": 8}],
+        seeds=[10],
+        max_new_tokens=8,
+        batch_size=8,
+    )
     cfg["pipeline"]["prepare_teacher"].update(vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, steps=8)
     cfg["output"]["dir"] = str(tmp_path / "out")
     return cfg
@@ -114,7 +152,9 @@ def test_job_submit_runs_the_whole_pipeline(ray_head, tmp_path):
     assert manifest["teacher_cache"]["top_k"] == 32
 
     for label, stages in (("pocl", [0, 1]), ("baseline", [0])):
-        rows = [json.loads(line) for line in (out / "runs" / label / "train" / "metrics.jsonl").read_text().splitlines()]
+        rows = [
+            json.loads(line) for line in (out / "runs" / label / "train" / "metrics.jsonl").read_text().splitlines()
+        ]
         assert sorted({r["stage"] for r in rows}) == stages
         steps = [r["step"] for r in rows]
         assert steps == list(range(steps[0], steps[0] + len(steps))), "steps missing or repeated"

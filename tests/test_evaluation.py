@@ -25,8 +25,8 @@ from pocl_ray.evaluation import (
     evaluate_rows,
     greedy_rouge_sum,
     load_results,
-    results_markdown,
     response_ce,
+    results_markdown,
     rouge_l,
     row_seed,
     summarize,
@@ -62,16 +62,28 @@ def _word_tokenizer(save_dir):
 def word_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("word_model")
     tokenizer = _word_tokenizer(root)
-    build_tiny_model("gpt2", len(tokenizer), hidden_size=32, num_layers=2, num_heads=2, seed=3,
-                     max_positions=128, save_dir=root, tokenizer=tokenizer)
+    build_tiny_model(
+        "gpt2",
+        len(tokenizer),
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        seed=3,
+        max_positions=128,
+        save_dir=root,
+        tokenizer=tokenizer,
+    )
     return root, tokenizer, load_model(root, frozen=True)
 
 
 def _records(n: int, offset: int) -> list[dict]:
     return [
-        {"id": f"r{offset + i}", "instruction": f"tell me about the {WORDS[(offset + i) % 16]} " * (1 + i % 3),
-         "input": WORDS[(offset + 2 * i) % 20] if i % 2 else "",
-         "output": " ".join(WORDS[(offset + i + k) % 24] for k in range(5))}
+        {
+            "id": f"r{offset + i}",
+            "instruction": f"tell me about the {WORDS[(offset + i) % 16]} " * (1 + i % 3),
+            "input": WORDS[(offset + 2 * i) % 20] if i % 2 else "",
+            "output": " ".join(WORDS[(offset + i + k) % 24] for k in range(5)),
+        }
         for i in range(n)
     ]
 
@@ -89,9 +101,15 @@ def _prepared(tokenizer, records: list[dict], set_name: str = "s") -> list[dict]
 def _greedy(model, tokenizer, record: dict) -> str:
     """The model's greedy response to one prompt, unbatched and unpadded."""
     ids = tokenizer(build_prompt(record["instruction"], record["input"], "dolly"), return_tensors="pt")["input_ids"]
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=MAX_NEW,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=MAX_NEW,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,8 +117,12 @@ def _greedy(model, tokenizer, record: dict) -> str:
 
 
 def test_rouge_l_is_rouge_score_f1_times_100():
-    pairs = [("the quick brown fox", "the quick brown fox"), ("running dogs", "the dog ran"),
-             ("apple river", "stone cloud"), ("Jumped over THE moon!", "the moon jumps")]
+    pairs = [
+        ("the quick brown fox", "the quick brown fox"),
+        ("running dogs", "the dog ran"),
+        ("apple river", "stone cloud"),
+        ("Jumped over THE moon!", "the moon jumps"),
+    ]
     for prediction, reference in pairs:
         assert rouge_l(prediction, reference) == 100 * SCORER.score(reference, prediction)["rougeL"].fmeasure
     assert rouge_l("a b c", "a b c") == 100.0
@@ -132,7 +154,9 @@ def test_evaluate_rows_greedy_matches_unbatched_generate(word_model):
     _, tokenizer, model = word_model
     records = _records(6, 0)
     rows = _prepared(tokenizer, records)
-    out = evaluate_rows(model, tokenizer, rows, EvalConfig(seeds=[1, 2], temperature=0, max_new_tokens=MAX_NEW, batch_size=4))
+    out = evaluate_rows(
+        model, tokenizer, rows, EvalConfig(seeds=[1, 2], temperature=0, max_new_tokens=MAX_NEW, batch_size=4)
+    )
     for record, row in zip(records, out):
         expected = _greedy(model, tokenizer, record)
         assert row["generations"] == [expected, expected]
@@ -144,25 +168,36 @@ def test_evaluate_rows_greedy_matches_unbatched_generate(word_model):
 def test_greedy_rouge_sum_is_the_greedy_eval_within_each_rows_response_budget(word_model):
     _, tokenizer, model = word_model
     rows = _prepared(tokenizer, _records(7, 5))
-    greedy = evaluate_rows(model, tokenizer, rows, EvalConfig(seeds=[1], temperature=0, max_new_tokens=MAX_NEW, batch_size=4))
+    greedy = evaluate_rows(
+        model, tokenizer, rows, EvalConfig(seeds=[1], temperature=0, max_new_tokens=MAX_NEW, batch_size=4)
+    )
     # With room for MAX_NEW tokens after every prompt, it is the greedy evaluation's ROUGE-L summed.
     total = greedy_rouge_sum(model, tokenizer, rows, max_new_tokens=MAX_NEW, max_length=96, batch_size=3)
     assert total == pytest.approx(sum(r["rougeL"][0] for r in greedy), abs=1e-9)
     # Against its own MAX_NEW-token responses the model scores 100 on each row, unless data.max_length
     # leaves a row less room after its prompt: then the row gets only that many tokens.
     own = [row | {"response": g["generations"][0]} for row, g in zip(rows, greedy) if g["generations"][0]]
-    assert greedy_rouge_sum(model, tokenizer, own, max_new_tokens=MAX_NEW, max_length=96, batch_size=3) == pytest.approx(100 * len(own))
+    assert greedy_rouge_sum(
+        model, tokenizer, own, max_new_tokens=MAX_NEW, max_length=96, batch_size=3
+    ) == pytest.approx(100 * len(own))
     max_length = max(r["num_prompt_tokens"] for r in own) + 2
     expected = 0.0
     for row in own:
         prompt = torch.tensor([row["input_ids"][: row["num_prompt_tokens"]]])
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                             max_new_tokens=min(MAX_NEW, max_length - prompt.shape[1]),
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        text = tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True).strip()
+        out = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=False,
+            max_new_tokens=min(MAX_NEW, max_length - prompt.shape[1]),
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        text = tokenizer.decode(out[0, prompt.shape[1] :], skip_special_tokens=True).strip()
         expected += 100 * SCORER.score(row["response"], text)["rougeL"].fmeasure
     assert expected < 100 * len(own)
-    assert greedy_rouge_sum(model, tokenizer, own, max_new_tokens=MAX_NEW, max_length=max_length, batch_size=3) == pytest.approx(expected, abs=1e-9)
+    assert greedy_rouge_sum(
+        model, tokenizer, own, max_new_tokens=MAX_NEW, max_length=max_length, batch_size=3
+    ) == pytest.approx(expected, abs=1e-9)
 
 
 def test_evaluate_rows_sampling_is_independent_of_batching(word_model):
@@ -203,7 +238,14 @@ def test_evaluate_rows_passes_rejected_rows_through(word_model):
 
 
 def _row(set_name, row_id, rouge, ce, reason=None):
-    return {"set": set_name, "id": row_id, "reject_reason": reason, "ce": ce, "generations": ["x"] * len(rouge), "rougeL": rouge}
+    return {
+        "set": set_name,
+        "id": row_id,
+        "reject_reason": reason,
+        "ce": ce,
+        "generations": ["x"] * len(rouge),
+        "rougeL": rouge,
+    }
 
 
 def test_summarize_means_std_rejects_and_duplicates():
@@ -223,7 +265,10 @@ def test_summarize_means_std_rejects_and_duplicates():
     assert (a["rows"], a["rows_rejected"], a["rows_in"]) == (2, 2, 4)
     assert sets["b"]["rougeL_std"] == 0.0
     assert sets["c"]["rougeL_mean"] is None and sets["c"]["rows_rejected"] == 1
-    assert [r["reason"] for r in rejected if r["set"] == "a"] == ["empty field 'response'", "duplicate id '2' (first seen at row 1)"]
+    assert [r["reason"] for r in rejected if r["set"] == "a"] == [
+        "empty field 'response'",
+        "duplicate id '2' (first seen at row 1)",
+    ]
     assert [(r["set"], r["id"]) for r in scored] == [("a", "1"), ("a", "2"), ("b", "1")]
     assert average(sets) == {"rougeL_mean": 40.0, "ce_mean": 2.0}
 
@@ -231,9 +276,14 @@ def test_summarize_means_std_rejects_and_duplicates():
 def _results(label, sets_values, seeds=(10, 20)):
     rows = [_row(name, str(i), list(v), 1.0 + i) for name, vals in sets_values.items() for i, v in enumerate(vals)]
     sets, _, _ = summarize(rows, list(sets_values), list(seeds))
-    return {"model": f"/models/{label}", "label": label, "sets": sets, "average": average(sets),
-            "config": {"seeds": list(seeds), "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8},
-            "wall_seconds": 1.5}
+    return {
+        "model": f"/models/{label}",
+        "label": label,
+        "sets": sets,
+        "average": average(sets),
+        "config": {"seeds": list(seeds), "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8},
+        "wall_seconds": 1.5,
+    }
 
 
 def test_markdown_tables_hold_the_numbers(tmp_path):
@@ -247,7 +297,9 @@ def test_markdown_tables_hold_the_numbers(tmp_path):
     assert "| set | pocl | baseline |" in table
     assert "| dolly | 22.00 ± 2.00 | 15.00 ± 0.00 |" in table
     assert "| vicuna | 10.00 ± 0.00 | – |" in table
-    path = write_results(pocl, tmp_path / "eval" / "pocl", [{"set": "dolly", "id": "0", "seed": 10, "generation": "x", "rougeL": 20.0}])
+    path = write_results(
+        pocl, tmp_path / "eval" / "pocl", [{"set": "dolly", "id": "0", "seed": 10, "generation": "x", "rougeL": 20.0}]
+    )
     assert load_results(path) == pocl == load_results(path.parent)
     assert (path.parent / "results.md").read_text() == md
     assert json.loads((path.parent / "generations.jsonl").read_text())["rougeL"] == 20.0
@@ -300,8 +352,11 @@ def eval_sets(tmp_path_factory, word_model):
             r["output"] = " ".join(words[: 1 + i % 3] + ["silver", "moon", "road"][: 1 + i % 2])
         sets[name] = records
     chat = root / "chat.jsonl"
-    bad = ['{"id": "bad-1", "instruction": "tell me", "output": ""}', "this is not json",
-           json.dumps(sets["chat"][0])]  # the third one repeats an id: rejected as a duplicate
+    bad = [
+        '{"id": "bad-1", "instruction": "tell me", "output": ""}',
+        "this is not json",
+        json.dumps(sets["chat"][0]),
+    ]  # the third one repeats an id: rejected as a duplicate
     chat.write_text("".join(json.dumps(r) + "\n" for r in sets["chat"]) + "\n".join(bad) + "\n")
     facts = root / "facts.parquet"
     pq.write_table(pa.Table.from_pylist(sets["facts"]), facts)
@@ -324,7 +379,9 @@ def test_evaluate_greedy_matches_rouge_score(ray_local, tmp_path, word_model, ev
         assert s["rougeL_mean"] == statistics.fmean(expected) and s["rougeL_std"] == 0.0
         assert s["rows"] == len(rows) and s["ce_mean"] > 0
     assert (res["sets"]["chat"]["rows_rejected"], res["sets"]["facts"]["rows_rejected"]) == (3, 0)
-    assert res["average"]["rougeL_mean"] == statistics.fmean([res["sets"]["chat"]["rougeL_mean"], res["sets"]["facts"]["rougeL_mean"]])
+    assert res["average"]["rougeL_mean"] == statistics.fmean(
+        [res["sets"]["chat"]["rougeL_mean"], res["sets"]["facts"]["rougeL_mean"]]
+    )
     generations = [json.loads(line) for line in (result.output_dir / "generations.jsonl").read_text().splitlines()]
     assert len(generations) == 2 * (5 + 4)
     by_id = {(g["set"], g["id"], g["seed"]): g for g in generations}

@@ -50,8 +50,11 @@ def test_projection_rejects_bad_arguments():
 def test_layer_projection_is_seeded_by_seed_and_layer():
     p = layer_projection(48, 6, 2, seed=11)
     assert torch.equal(p, layer_projection(48, 6, 2, seed=11))
-    others = [layer_projection(48, 6, 3, seed=11), layer_projection(48, 6, 2, seed=12),
-              layer_projection(48, 6, 11, seed=2)]
+    others = [
+        layer_projection(48, 6, 3, seed=11),
+        layer_projection(48, 6, 2, seed=12),
+        layer_projection(48, 6, 11, seed=2),
+    ]
     assert all(not torch.equal(p, o) for o in others)
     q = layer_projection(48, 6, 1, seed=0, kind="orthogonal")
     assert torch.allclose(q.T @ q, torch.eye(6), atol=1e-5)

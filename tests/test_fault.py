@@ -51,7 +51,7 @@ def test_node_removed_mid_run_resumes_from_checkpoint(two_node_cluster, tiny_ass
     def run():
         try:
             outcome["result"] = train(cfg, scores)
-        except BaseException as err:  # noqa: BLE001 - reported by the assertions below
+        except BaseException as err:
             outcome["error"] = err
 
     thread = threading.Thread(target=run, daemon=True)

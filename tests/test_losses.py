@@ -20,7 +20,19 @@ from pocl_ray.losses import (
 B, S, V = 3, 7, 11
 
 
-def reference(kind, student, teacher, labels, *, temperature=1.0, scale_by_t2=True, skew_alpha=0.1, beta=0.5, mu=0.5, num_tokens=None):
+def reference(
+    kind,
+    student,
+    teacher,
+    labels,
+    *,
+    temperature=1.0,
+    scale_by_t2=True,
+    skew_alpha=0.1,
+    beta=0.5,
+    mu=0.5,
+    num_tokens=None,
+):
     """Full-tensor float64 KD loss: shift, softmax, divergence per position, masked mean."""
     q = torch.softmax(student.double()[:, :-1] / temperature, -1)
     p = torch.softmax(teacher.detach().double()[:, :-1] / temperature, -1)
@@ -442,7 +454,9 @@ def test_linear_losses_under_autocast_keep_fp32_gradients():
     # gradients must come back in the fp32 dtypes of the hidden states and the head.
     hidden, head, t_hidden, t_head, labels = make_linear_batch(41, torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _, _ = linear_kd_and_ce("js", hidden, head, t_hidden, t_head, labels, labels, kd_weight=0.5, chunk_positions=4)
+        loss, _, _ = linear_kd_and_ce(
+            "js", hidden, head, t_hidden, t_head, labels, labels, kd_weight=0.5, chunk_positions=4
+        )
         logits = hidden @ head.T
         assert logits.dtype == torch.bfloat16
         want = 0.5 * kd_loss("js", logits, t_hidden @ t_head.T, labels) + 0.5 * cross_entropy(logits, labels)
@@ -483,8 +497,18 @@ def test_kd_and_ce_in_one_pass_equal_the_separate_losses(kd_weight, temperature)
     ce_labels[1, 5:] = 7  # scored for CE only, so the pass visits rows that KD must skip
     n_kd, n_ce = count_tokens(labels), int(count_tokens(ce_labels)) + 2
     loss, kd, ce = linear_kd_and_ce(
-        "srkl", hidden, head, t_hidden, t_head, labels, ce_labels, kd_weight=kd_weight, temperature=temperature,
-        num_tokens=n_kd, ce_num_tokens=n_ce, chunk_positions=4,
+        "srkl",
+        hidden,
+        head,
+        t_hidden,
+        t_head,
+        labels,
+        ce_labels,
+        kd_weight=kd_weight,
+        temperature=temperature,
+        num_tokens=n_kd,
+        ce_num_tokens=n_ce,
+        chunk_positions=4,
     )
     kd_want = kd_loss("srkl", hidden @ head.T, t_hidden @ t_head.T, labels, temperature=temperature, num_tokens=n_kd)
     ce_want = cross_entropy(hidden @ head.T, ce_labels, num_tokens=n_ce)
@@ -551,7 +575,9 @@ def test_linear_losses_second_backward_fails_loudly():
 
 def test_linear_losses_bad_inputs_raise_clear_errors():
     hidden, head, t_hidden, t_head, labels = make_linear_batch(40, torch.float32)
-    with pytest.raises(ValueError, match="student_head must be \\(vocab, hidden\\) with hidden = student_hidden's last dimension 6"):
+    with pytest.raises(
+        ValueError, match="student_head must be \\(vocab, hidden\\) with hidden = student_hidden's last dimension 6"
+    ):
         linear_kd_loss("fkl", hidden, head[:, :5], t_hidden, t_head, labels)
     with pytest.raises(ValueError, match="teacher_hidden must be \\(batch, seq, hidden\\)"):
         linear_kd_loss("fkl", hidden, head, t_hidden[0], t_head, labels)
@@ -596,9 +622,21 @@ def test_given_scored_positions_equal_found_ones_and_a_superset_adds_nothing():
     scored = (F.pad(labels[:, 1:], (0, 1), value=-100).flatten() != -100).nonzero().squeeze(1)
     results = []
     for positions in (None, scored, torch.arange(B * S)):
-        loss, kd, ce = linear_kd_and_ce("js", s_hidden, head, t_hidden, t_head, labels, ce_labels, kd_weight=0.6,
-                                        temperature=2.0, num_tokens=torch.tensor(9), ce_num_tokens=torch.tensor(5),
-                                        chunk_positions=4, scored_positions=positions)
+        loss, kd, ce = linear_kd_and_ce(
+            "js",
+            s_hidden,
+            head,
+            t_hidden,
+            t_head,
+            labels,
+            ce_labels,
+            kd_weight=0.6,
+            temperature=2.0,
+            num_tokens=torch.tensor(9),
+            ce_num_tokens=torch.tensor(5),
+            chunk_positions=4,
+            scored_positions=positions,
+        )
         grads = torch.autograd.grad(loss, (s_hidden, head))
         results.append((loss.detach(), kd, ce, *grads))
     for other in results[1:]:

@@ -28,8 +28,10 @@ def test_tiny_tokenizer_specials_chat_template_and_determinism(tmp_path):
     for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
         assert len(tok(special, add_special_tokens=False)["input_ids"]) == 1
     assert tok.decode(tok("the quick brown fox")["input_ids"]) == "the quick brown fox"
-    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                   add_generation_prompt=True) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+        == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert models.build_tiny_tokenizer(texts, vocab_size=300).get_vocab() == tok.get_vocab()
     loaded = models.load_tokenizer(tmp_path / "tok")
     assert loaded.get_vocab() == tok.get_vocab() and loaded.chat_template == tok.chat_template
@@ -52,18 +54,28 @@ def test_tiny_model_save_load_round_trip(arch, tmp_path, tokenizer):
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)
-    model = models.build_tiny_model(arch, len(tokenizer), hidden_size=32, num_layers=2, num_heads=4, seed=5,
-                                    save_dir=tmp_path / arch, tokenizer=tokenizer)
+    model = models.build_tiny_model(
+        arch,
+        len(tokenizer),
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        seed=5,
+        save_dir=tmp_path / arch,
+        tokenizer=tokenizer,
+    )
     assert torch.equal(torch.rand(1), before)  # the caller's RNG stream is untouched
     assert model.config.eos_token_id == tokenizer.eos_token_id
     assert (models.hidden_size(model), model.config.num_hidden_layers) == (32, 2)
     assert model.generation_config.pad_token_id == tokenizer.pad_token_id
     # pad == eos here, so no padding_idx: the EOS embedding row is initialised and trainable
     assert model.get_input_embeddings().weight[tokenizer.eos_token_id].abs().sum() > 0
-    same = models.build_tiny_model(arch, len(tokenizer), hidden_size=32, num_layers=2, num_heads=4, seed=5,
-                                   tokenizer=tokenizer)
-    other = models.build_tiny_model(arch, len(tokenizer), hidden_size=32, num_layers=2, num_heads=4, seed=6,
-                                    tokenizer=tokenizer)
+    same = models.build_tiny_model(
+        arch, len(tokenizer), hidden_size=32, num_layers=2, num_heads=4, seed=5, tokenizer=tokenizer
+    )
+    other = models.build_tiny_model(
+        arch, len(tokenizer), hidden_size=32, num_layers=2, num_heads=4, seed=6, tokenizer=tokenizer
+    )
     state, same_state, other_state = model.state_dict(), same.state_dict(), other.state_dict()
     assert all(torch.equal(state[k], same_state[k]) for k in state)
     assert not torch.equal(state["lm_head.weight"], other_state["lm_head.weight"])
@@ -109,8 +121,9 @@ def _layers(model):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_student_from_teacher_keeps_the_chosen_layers(arch, tokenizer):
-    teacher = models.build_tiny_model(arch, len(tokenizer), hidden_size=32, num_layers=4, num_heads=4, seed=0,
-                                      tokenizer=tokenizer)
+    teacher = models.build_tiny_model(
+        arch, len(tokenizer), hidden_size=32, num_layers=4, num_heads=4, seed=0, tokenizer=tokenizer
+    )
     teacher.requires_grad_(False)
     student = models.student_from_teacher(teacher, keep_layers=[0, 2])
     assert student.config.num_hidden_layers == 2 and len(_layers(student)) == 2
@@ -132,8 +145,9 @@ def test_student_from_teacher_keeps_the_chosen_layers(arch, tokenizer):
     batch = _prompt_batch(tokenizer)
     assert student(**batch).logits.shape == (*batch["input_ids"].shape, len(tokenizer))
     cached = student.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    uncached = student.generate(**batch, max_new_tokens=6, do_sample=False, use_cache=False,
-                                pad_token_id=tokenizer.pad_token_id)
+    uncached = student.generate(
+        **batch, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=tokenizer.pad_token_id
+    )
     assert cached.shape == (2, batch["input_ids"].shape[1] + 6)
     assert torch.equal(cached, uncached)  # the renumbered KV cache gives the same tokens
 
@@ -161,7 +175,10 @@ def test_check_compatible(tokenizer, tiny_assets):
     teacher = models.load_model(tiny_assets.teacher_dir, frozen=True)
     student = models.load_model(tiny_assets.student_dir)
     models.check_compatible(teacher, student, tokenizer)
-    assert models.hidden_size(student) == 32 and models.load_model(tiny_assets.cut_student_dir).config.num_hidden_layers == 2
+    assert (
+        models.hidden_size(student) == 32
+        and models.load_model(tiny_assets.cut_student_dir).config.num_hidden_layers == 2
+    )
     other = models.build_tiny_model("gpt2", 640, hidden_size=32, num_layers=1, num_heads=4)
     with pytest.raises(ValueError, match="teacher vocab_size 512 .* student vocab_size 640"):
         models.check_compatible(teacher, other)
@@ -184,9 +201,16 @@ def test_linear_head_of_plain_models_reproduces_the_logits(arch):
 def test_linear_head_rejects_soft_capping_and_bias():
     from transformers import AutoModelForCausalLM, Gemma2Config
 
-    config = Gemma2Config(vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                          num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                          final_logit_softcapping=0.05)  # below the random init's logit scale, so it bites
+    config = Gemma2Config(
+        vocab_size=97,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        final_logit_softcapping=0.05,
+    )  # below the random init's logit scale, so it bites
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         gemma = AutoModelForCausalLM.from_config(config).eval()
@@ -222,7 +246,9 @@ def test_check_model_folder_names_the_field(tmp_path):
     assert not models.has_model_files(folder, need=())
     folder.mkdir()
     assert models.check_model_folder(folder, "models.tokenizer", need=()) == folder
-    with pytest.raises(ConfigError, match=r"^models\.student: .*m is not a Hugging Face model folder \(no config\.json\)$"):
+    with pytest.raises(
+        ConfigError, match=r"^models\.student: .*m is not a Hugging Face model folder \(no config\.json\)$"
+    ):
         models.check_model_folder(folder, "models.student")
     assert not models.has_model_files(folder)
     (folder / models.MODEL_CONFIG).write_text("{}")

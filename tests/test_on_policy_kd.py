@@ -22,8 +22,15 @@ KD = KDConfig(chunk_positions=16)
 
 def _on_policy_batch(student_lm, assets, tokenizer):
     good, _ = validate_and_tokenize(read_table(assets.train_path).to_pylist()[:6], tokenizer, assets.data_config())
-    rows = sample_on_policy(student_lm, good, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                            max_new_tokens=8, max_length=128, seed=0)
+    rows = sample_on_policy(
+        student_lm,
+        good,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        max_new_tokens=8,
+        max_length=128,
+        seed=0,
+    )
     sampled = sum(len(r["input_ids"]) - g["num_prompt_tokens"] for r, g in zip(rows, good))
     assert sampled > 0 and all(r["on_policy"] for r in rows)
     return build_batch(rows, tokenizer.pad_token_id, torch.device("cpu")), sampled

@@ -33,9 +33,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny(**overrides) -> ParityConfig:
     """Small enough for seconds on one core; the teacher still learns the parity."""
-    values = dict(n=16, k=3, teacher_width=256, student_width=32, batch_size=256, eval_size=1024,
-                  checkpoint_every=50, teacher_max_steps=3000, student_steps=400, eval_every=50,
-                  seeds=[0], extraction={"steps_per_layer": 50}, progressive={"steps_per_checkpoint": 20})
+    values = dict(
+        n=16,
+        k=3,
+        teacher_width=256,
+        student_width=32,
+        batch_size=256,
+        eval_size=1024,
+        checkpoint_every=50,
+        teacher_max_steps=3000,
+        student_steps=400,
+        eval_every=50,
+        seeds=[0],
+        extraction={"steps_per_layer": 50},
+        progressive={"steps_per_checkpoint": 20},
+    )
     return ParityConfig(**{**values, **overrides})
 
 
@@ -227,8 +239,12 @@ def test_extraction_run_switches_from_hidden_matching_to_kd_within_the_budget():
 
 
 def test_check_claims_fails_loudly_above_the_bounds():
-    summary = {"ratios": {"extraction/one_shot": {"ratio": 0.3, "censored": False},
-                          "extraction/progressive": {"ratio": 1.6, "censored": False}}}
+    summary = {
+        "ratios": {
+            "extraction/one_shot": {"ratio": 0.3, "censored": False},
+            "extraction/progressive": {"ratio": 1.6, "censored": False},
+        }
+    }
     checks = check_claims(summary)
     assert checks["extraction/one_shot"] == {"ratio": 0.3, "bound": 0.5, "passed": True}
     assert checks["extraction/progressive"] == {"ratio": 1.6, "bound": 1.5, "passed": False}
@@ -242,8 +258,9 @@ def test_extraction_beats_one_shot_and_nearly_matches_progressive():
     cores, so they are `benchmarks/parity_claims.py`; here one seed of (60, 5)-parity with a width-1000
     teacher (lr 2e-3, so it learns in ~1,500 steps) keeps the gap (measured: 300 vs 1200 and 725
     steps) in ~15 s on one core."""
-    cfg = ParityConfig(n=60, k=5, teacher_width=1000, teacher_lr=2e-3, eval_size=2048, eval_every=25,
-                       stop_at_target=True, seeds=[0])
+    cfg = ParityConfig(
+        n=60, k=5, teacher_width=1000, teacher_lr=2e-3, eval_size=2048, eval_every=25, stop_at_target=True, seeds=[0]
+    )
     teacher, final, checkpoints = train_teacher(cfg, 0)
     assert teacher["reached_target"]
     runs = [distill_student(cfg, 0, m, final, checkpoints if m == "progressive" else ()) for m in METHODS]

@@ -45,8 +45,11 @@ def ray_tmpdir(monkeypatch):
 def _local_instance_started(capsys, cpus: int) -> bool:
     """init_ray started (and sized) its own instance and said so in its one line."""
     started = init_ray(cpus, include_dashboard=False)
-    return started is True and ray.cluster_resources()["CPU"] == cpus and (
-        "[ray] started a local Ray instance with" in capsys.readouterr().out)
+    return (
+        started is True
+        and ray.cluster_resources()["CPU"] == cpus
+        and ("[ray] started a local Ray instance with" in capsys.readouterr().out)
+    )
 
 
 def test_stale_address_file_starts_a_local_instance(ray_tmpdir, capsys):
@@ -58,9 +61,21 @@ def test_stale_address_file_starts_a_local_instance(ray_tmpdir, capsys):
 def test_joins_a_live_head_then_starts_its_own_once_it_was_killed(ray_tmpdir, capsys):
     port = free_port()
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-         "--include-dashboard=false", "--disable-usage-stats"],
-        env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=1",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        env=os.environ.copy(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline = time.time() + 60

@@ -19,16 +19,32 @@ from pocl_ray.report import read_metrics, write_report
 NUM_BUCKETS = 3
 
 
-def _write_metrics(folder: Path, stages: list[tuple[int, float, float, int]], start_loss: float, extra: str = "") -> list[dict]:
+def _write_metrics(
+    folder: Path, stages: list[tuple[int, float, float, int]], start_loss: float, extra: str = ""
+) -> list[dict]:
     """stages: (steps, temperature, kd_weight, pool_rows) each; loss falls by 0.1 a step."""
     records, step = [], 0
     for index, (steps, temperature, kd_weight, pool_rows) in enumerate(stages):
         for _ in range(steps):
             step += 1
             loss = start_loss - 0.1 * step
-            records.append({"step": step, "stage": index, "epoch": 0, "temperature": temperature, "kd_weight": kd_weight,
-                            "pool_rows": pool_rows, "loss": loss, "kd_loss": loss * 0.9, "ce_loss": loss * 1.1,
-                            "lr": 1e-4, "tokens": 100, "seconds": 0.5, "time": 1000.0 + step})
+            records.append(
+                {
+                    "step": step,
+                    "stage": index,
+                    "epoch": 0,
+                    "temperature": temperature,
+                    "kd_weight": kd_weight,
+                    "pool_rows": pool_rows,
+                    "loss": loss,
+                    "kd_loss": loss * 0.9,
+                    "ce_loss": loss * 1.1,
+                    "lr": 1e-4,
+                    "tokens": 100,
+                    "seconds": 0.5,
+                    "time": 1000.0 + step,
+                }
+            )
     (folder / "train").mkdir(parents=True)
     (folder / "train" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + extra)
     return records
@@ -40,23 +56,37 @@ def _write_scores(run_dir: Path, n: int = 90) -> dict:
     metrics = {"student_ce": rng.uniform(1, 5, n), "student_rougeL": rng.uniform(0, 60, n)}
     fusion = fuse(ids, metrics, metric_directions(list(metrics)))
     bucket = bucket_of_rank(fusion.rank, n, NUM_BUCKETS)
-    table = pa.table({
-        "id": ids, "prompt": ["p"] * n, "response": ["r"] * n,
-        "input_ids": pa.array([[1, 2, 3]] * n, pa.list_(pa.int32())),
-        "labels": pa.array([[-100, 2, 3]] * n, pa.list_(pa.int32())),
-        "num_prompt_tokens": pa.array([1] * n, pa.int32()), "num_response_tokens": pa.array([2] * n, pa.int32()),
-        **{name: pa.array(v, pa.float64()) for name, v in metrics.items()},
-        "fused_score": pa.array(fusion.fused_score), "rank": pa.array(fusion.rank, pa.int64()),
-        "bucket": pa.array(bucket, pa.int32()),
-    }).sort_by("rank")
+    table = pa.table(
+        {
+            "id": ids,
+            "prompt": ["p"] * n,
+            "response": ["r"] * n,
+            "input_ids": pa.array([[1, 2, 3]] * n, pa.list_(pa.int32())),
+            "labels": pa.array([[-100, 2, 3]] * n, pa.list_(pa.int32())),
+            "num_prompt_tokens": pa.array([1] * n, pa.int32()),
+            "num_response_tokens": pa.array([2] * n, pa.int32()),
+            **{name: pa.array(v, pa.float64()) for name, v in metrics.items()},
+            "fused_score": pa.array(fusion.fused_score),
+            "rank": pa.array(fusion.rank, pa.int64()),
+            "bucket": pa.array(bucket, pa.int32()),
+        }
+    ).sort_by("rank")
     scores = run_dir / "scores"
     scores.mkdir(parents=True)
     pq.write_table(table, scores / "rows.parquet")
     manifest = {
-        "rows_in": n + 2, "rows_scored": n, "rows_rejected": 2,
+        "rows_in": n + 2,
+        "rows_scored": n,
+        "rows_rejected": 2,
         "metrics": [{"name": "student_ce", "direction": "lower"}, {"name": "student_rougeL", "direction": "higher"}],
-        "rrf_k": 60.0, "num_buckets": NUM_BUCKETS, "buckets": bucket_summary(fusion.fused_score, bucket, NUM_BUCKETS),
-        "models": {}, "config": {}, "ray_version": "2.60.0", "wall_seconds": 12.5, "scores_path": "rows.parquet",
+        "rrf_k": 60.0,
+        "num_buckets": NUM_BUCKETS,
+        "buckets": bucket_summary(fusion.fused_score, bucket, NUM_BUCKETS),
+        "models": {},
+        "config": {},
+        "ray_version": "2.60.0",
+        "wall_seconds": 12.5,
+        "scores_path": "rows.parquet",
     }
     (scores / "manifest.json").write_text(json.dumps(manifest))
     return manifest
@@ -64,11 +94,20 @@ def _write_scores(run_dir: Path, n: int = 90) -> dict:
 
 def _write_eval(folder: Path, label: str | None, per_set: dict[str, list[tuple[float, float]]]) -> dict:
     """Results via the evaluation's own writer; per_set: per-row ROUGE-L for seeds 10 and 20."""
-    rows = [{"set": name, "id": str(i), "reject_reason": None, "ce": 2.0 + i, "generations": ["g", "g"], "rougeL": list(v)}
-            for name, values in per_set.items() for i, v in enumerate(values)]
+    rows = [
+        {"set": name, "id": str(i), "reject_reason": None, "ce": 2.0 + i, "generations": ["g", "g"], "rougeL": list(v)}
+        for name, values in per_set.items()
+        for i, v in enumerate(values)
+    ]
     sets, rejected, _ = summarize(rows, list(per_set), [10, 20])
-    results = {"model": f"/models/{label}", "label": label, "sets": sets, "average": average(sets),
-               "config": {"seeds": [10, 20], "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 64}, "wall_seconds": 3.0}
+    results = {
+        "model": f"/models/{label}",
+        "label": label,
+        "sets": sets,
+        "average": average(sets),
+        "config": {"seeds": [10, 20], "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 64},
+        "wall_seconds": 3.0,
+    }
     write_results(results, folder / "eval" / label if label else folder / "eval", rejected=rejected)
     return results
 
@@ -95,8 +134,9 @@ def _check_png(path: Path) -> None:
 def test_full_report_with_compared_runs(tmp_path):
     run_dir = tmp_path / "quick"
     manifest = _write_scores(run_dir)
-    pocl = _write_metrics(run_dir / "runs" / "pocl", [(4, 1.0, 0.7, 30), (4, 1.5, 0.85, 60), (4, 2.0, 1.0, 90)], 5.0,
-                          extra="{not json\n")
+    pocl = _write_metrics(
+        run_dir / "runs" / "pocl", [(4, 1.0, 0.7, 30), (4, 1.5, 0.85, 60), (4, 2.0, 1.0, 90)], 5.0, extra="{not json\n"
+    )
     base = _write_metrics(run_dir / "runs" / "baseline", [(12, 1.0, 1.0, 90)], 6.0)
     _write_eval(run_dir / "runs" / "pocl", None, {"dolly": [(30.0, 34.0), (20.0, 22.0)], "vicuna": [(12.0, 14.0)]})
     _write_eval(run_dir / "runs" / "baseline", None, {"dolly": [(18.0, 20.0), (16.0, 16.0)], "vicuna": [(9.0, 11.0)]})
@@ -201,9 +241,11 @@ def test_evidence_table_pairs_pocl_and_baseline_per_loss(tmp_path):
     _write_eval(run_dir, "teacher", {"dolly": [(40.0, 40.0)], "vicuna": [(30.0, 30.0)]})
 
     text = _text(write_report(run_dir))
-    section = text[text.index("### POCL against the baseline per KD loss"):]
-    assert ("| set | FKL baseline | FKL POCL | FKL POCL − baseline | RKL baseline | RKL POCL | RKL POCL − baseline |"
-            in section)
+    section = text[text.index("### POCL against the baseline per KD loss") :]
+    assert (
+        "| set | FKL baseline | FKL POCL | FKL POCL − baseline | RKL baseline | RKL POCL | RKL POCL − baseline |"
+        in section
+    )
     # Per set: mean ± std over the seeds' means (pocl-fkl dolly: seeds 25 and 28).
     assert "| dolly | 17.50 ± 0.50 | 26.50 ± 1.50 | +9.00 | 12.00 ± 0.00 | 10.00 ± 0.00 | -2.00 |" in section
     assert "| vicuna | 10.00 ± 1.00 | 13.00 ± 1.00 | +3.00 | 4.00 ± 0.00 | 6.00 ± 1.00 | +2.00 |" in section
@@ -212,7 +254,9 @@ def test_evidence_table_pairs_pocl_and_baseline_per_loss(tmp_path):
     assert "SKL" not in section.split("\n\n")[1]
 
     # Only labels <plan>-<loss> with both plans make a pair; plain compared runs get no table.
-    assert evidence_pairs(["pocl", "baseline", "pocl-skl", "teacher", "baseline-js", "pocl-js"]) == {"js": ("pocl-js", "baseline-js")}
+    assert evidence_pairs(["pocl", "baseline", "pocl-skl", "teacher", "baseline-js", "pocl-js"]) == {
+        "js": ("pocl-js", "baseline-js")
+    }
     assert evidence_table({"pocl": {}, "baseline": {}}) is None
 
 
@@ -225,7 +269,8 @@ def test_evidence_configs_compare_six_runs_that_pair_per_loss(name):
     cfg = load_config(Path(__file__).parent.parent / "configs" / f"{name}.yaml")
     runs = compared_runs(cfg)
     assert {label: (r.curriculum.plan, r.kd.loss) for label, r in runs.items()} == {
-        f"{plan}-{loss}": (plan, loss) for loss in ("fkl", "rkl", "skl") for plan in ("pocl", "baseline")}
+        f"{plan}-{loss}": (plan, loss) for loss in ("fkl", "rkl", "skl") for plan in ("pocl", "baseline")
+    }
     assert evidence_pairs(list(runs)) == {loss: (f"pocl-{loss}", f"baseline-{loss}") for loss in ("fkl", "rkl", "skl")}
     assert cfg.pipeline.sft_teacher is not None and cfg.eval.checkpoint == "best_dev_rougeL"
     assert len(cfg.eval.seeds) == 3
@@ -242,13 +287,20 @@ def test_selection_tables_and_dev_curves_of_every_compared_run(tmp_path):
         return {"step": step, "stage": stage, "samples": 16 * step, "dev_rougeL": rouge, "dev_kd_loss": kd_loss}
 
     runs = {
-        "pocl": [candidate(4, 0, 20.0, 1.5), candidate(6, 0, 25.5, 1.2), candidate(8, 1, 25.5, 1.1), candidate(12, 1, 24.0, 1.0)],
+        "pocl": [
+            candidate(4, 0, 20.0, 1.5),
+            candidate(6, 0, 25.5, 1.2),
+            candidate(8, 1, 25.5, 1.1),
+            candidate(12, 1, 24.0, 1.0),
+        ],
         "baseline": [candidate(4, 0, 18.0, 1.6), candidate(8, 0, 22.25, 1.3)],
         "nodev": [],
     }
     for label, candidates in runs.items():
         (run_dir / "runs" / label / "train").mkdir(parents=True)
-        write_selection(run_dir / "runs" / label / "train" / "selection.json", cfg, candidates, dev_rows=60 if candidates else 0)
+        write_selection(
+            run_dir / "runs" / label / "train" / "selection.json", cfg, candidates, dev_rows=60 if candidates else 0
+        )
     path = write_report(run_dir)
     text = _text(path)
     assert "## Checkpoint selection" in text and "every stage end and every 4 steps" in text

@@ -34,7 +34,9 @@ def model():
 
 def _prompts(n: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(11)
-    return [torch.randint(3, VOCAB, (int(torch.randint(2, 12, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+    return [
+        torch.randint(3, VOCAB, (int(torch.randint(2, 12, (1,), generator=g)),), generator=g).tolist() for _ in range(n)
+    ]
 
 
 def _chi_square(tokens: torch.Tensor, probs: torch.Tensor) -> float:
@@ -118,8 +120,16 @@ def test_generation_is_independent_of_batch_size_and_composition(model, top_p):
         out = {}
         for start in range(0, len(order), size):
             idx = order[start : start + size]
-            rows = generate_tokens(model, [prompts[i] for i in idx], [budgets[i] for i in idx], pad_token_id=0,
-                                   eos_token_id=EOS, seeds=[seeds[i] for i in idx], temperature=0.8, top_p=top_p)
+            rows = generate_tokens(
+                model,
+                [prompts[i] for i in idx],
+                [budgets[i] for i in idx],
+                pad_token_id=0,
+                eos_token_id=EOS,
+                seeds=[seeds[i] for i in idx],
+                temperature=0.8,
+                top_p=top_p,
+            )
             out.update(zip(idx, rows))
         return [out[i] for i in range(8)]
 
@@ -128,8 +138,16 @@ def test_generation_is_independent_of_batch_size_and_composition(model, top_p):
     for row, budget in zip(by_one, budgets):
         assert len(row) == budget or row[-1] == EOS
         assert EOS not in row[:-1]
-    other = generate_tokens(model, prompts, budgets, pad_token_id=0, eos_token_id=EOS,
-                            seeds=[stream_seed(2, i) for i in range(8)], temperature=0.8, top_p=top_p)
+    other = generate_tokens(
+        model,
+        prompts,
+        budgets,
+        pad_token_id=0,
+        eos_token_id=EOS,
+        seeds=[stream_seed(2, i) for i in range(8)],
+        temperature=0.8,
+        top_p=top_p,
+    )
     assert other != by_one
 
 

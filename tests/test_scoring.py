@@ -81,13 +81,17 @@ def test_measure_does_not_depend_on_batching(tiny_assets, models):
 def test_rouge_scores_the_greedy_generation(tiny_assets, models):
     rows = _rows(tiny_assets, n=6, seed=5)
     prompts = [ids[:p] for ids, p in zip(rows["input_ids"], rows["num_prompt_tokens"])]
-    generated = greedy_responses(models.student, models.tokenizer, prompts, max_new_tokens=[6] * len(prompts), batch_size=1)
+    generated = greedy_responses(
+        models.student, models.tokenizer, prompts, max_new_tokens=[6] * len(prompts), batch_size=1
+    )
     # A reference equal to the student's own greedy text scores 1; the real references score less.
     own = dict(rows, response=generated)
     has_words = np.array([any(c.isalnum() for c in g) for g in generated])
     assert has_words.any()
-    np.testing.assert_array_equal(measure(models, own, ["student_rougeL"], batch_size=4, max_new_tokens=6)["student_rougeL"],
-                                  np.where(has_words, 1.0, 0.0))
+    np.testing.assert_array_equal(
+        measure(models, own, ["student_rougeL"], batch_size=4, max_new_tokens=6)["student_rougeL"],
+        np.where(has_words, 1.0, 0.0),
+    )
     real = measure(models, rows, ["student_rougeL"], batch_size=4, max_new_tokens=6)["student_rougeL"]
     expected = [models.rouge.score(r, g)["rougeL"].fmeasure for r, g in zip(rows["response"], generated)]
     np.testing.assert_allclose(real, expected)
@@ -105,9 +109,14 @@ def test_rouge_response_gets_the_row_budget_by_default(tiny_assets, models):
     for ids, p, ref in zip(rows["input_ids"], rows["num_prompt_tokens"], rows["response"]):
         prompt = torch.tensor([ids[:p]])
         with torch.no_grad():
-            out = models.student.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                          max_new_tokens=max_length - p, pad_token_id=tok.pad_token_id,
-                                          eos_token_id=tok.eos_token_id)
+            out = models.student.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=False,
+                max_new_tokens=max_length - p,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
         new = out[0, p:]
         lengths.append(len(new))
         expected.append(models.rouge.score(ref, tok.decode(new, skip_special_tokens=True))["rougeL"].fmeasure)
@@ -275,7 +284,9 @@ def test_two_runs_give_identical_buckets(ray_local, scored, tiny_assets, dataset
 
 def test_rows_reach_the_actors_in_blocks_of_one_call(ray_local, tiny_assets, dataset, tmp_path):
     # The JSONL file is read as one block; without re-cutting, one actor would score every row.
-    cfg = _config(tiny_assets, tmp_path, dataset["path"], scoring={"metrics": ["length"], "batch_size": 4, "length_window": 2})
+    cfg = _config(
+        tiny_assets, tmp_path, dataset["path"], scoring={"metrics": ["length"], "batch_size": 4, "length_window": 2}
+    )
     measured = measure_dataset(cfg, check_inputs(cfg))
     sizes = [len(b["uid"]) for b in measured.iter_batches(batch_size=None, batch_format="numpy")]
     assert sum(sizes) == dataset["rows_in"] and max(sizes) <= 8 and len(sizes) >= dataset["rows_in"] // 8
@@ -290,7 +301,9 @@ def test_auto_actor_pool_grows_from_one_and_scores_the_same(ray_local, scored, t
     result = score_dataset(_config(tiny_assets, tmp_path, dataset["path"], scoring={"num_actors": "auto"}))
     a = _scores(first).set_index("id").sort_index()
     b = _scores(result).set_index("id").sort_index()
-    assert a[["rank", "bucket", "student_ce", "student_rougeL"]].equals(b[["rank", "bucket", "student_ce", "student_rougeL"]])
+    assert a[["rank", "bucket", "student_ce", "student_rougeL"]].equals(
+        b[["rank", "bucket", "student_ce", "student_rougeL"]]
+    )
 
 
 def test_large_outputs_are_split_into_rank_ordered_files(ray_local, tiny_assets, dataset, tmp_path):
@@ -307,8 +320,12 @@ def test_large_outputs_are_split_into_rank_ordered_files(ray_local, tiny_assets,
 def test_flipping_a_direction_flips_the_order(ray_local, tiny_assets, dataset, tmp_path):
     # "length" needs no model, so this run is cheap; its default direction is lower = easier.
     def order(direction):
-        cfg = _config(tiny_assets, tmp_path / direction, dataset["path"],
-                      scoring={"metrics": ["length"], "directions": {"length": direction}, "sort_output": False})
+        cfg = _config(
+            tiny_assets,
+            tmp_path / direction,
+            dataset["path"],
+            scoring={"metrics": ["length"], "directions": {"length": direction}, "sort_output": False},
+        )
         frame = _scores(score_dataset(cfg)).set_index("id")
         assert (frame["length"] == frame["num_response_tokens"]).all()
         return frame.sort_values("rank").index.tolist(), frame["length"]
@@ -330,7 +347,10 @@ def test_cli_and_function_agree(scored, dataset, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": "local"}  # a fresh local Ray, never another cluster here
     proc = subprocess.run(
         [str(VENV_BIN / "pocl-ray"), "score", "--config", str(config_path), "--output", str(out)],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     cli_manifest = load_manifest(out / "scores")
@@ -349,13 +369,21 @@ def test_cli_and_function_agree(scored, dataset, tmp_path):
     assert (out / "scores" / "rejected.jsonl").read_text() == result.rejected_path.read_text()
 
 
-def test_teacher_top_k_writes_the_cache_from_the_scoring_forward(ray_local, tiny_assets, dataset, tmp_path, monkeypatch):
+def test_teacher_top_k_writes_the_cache_from_the_scoring_forward(
+    ray_local, tiny_assets, dataset, tmp_path, monkeypatch
+):
     from pocl_ray import scoring
     from pocl_ray.losses import TAIL_SAMPLES, teacher_top_k
     from pocl_ray.teacher_cache import CACHE_COLUMNS, arrow_types, check_teacher_cache, tail_uniforms
 
-    cfg = _config(tiny_assets, tmp_path, dataset["path"], scoring={"metrics": ["teacher_ce", "length"], "teacher_top_k": 16},
-                  kd={"teacher": "cached"}, data={"max_rows": 40})
+    cfg = _config(
+        tiny_assets,
+        tmp_path,
+        dataset["path"],
+        scoring={"metrics": ["teacher_ce", "length"], "teacher_top_k": 16},
+        kd={"teacher": "cached"},
+        data={"max_rows": 40},
+    )
     per_token = (16 + TAIL_SAMPLES) * (2 + 2) + 4 * 5
     # Row groups of 8 rows at data.max_length (the real target, tens of MiB, exceeds this run's 40 rows).
     monkeypatch.setattr(scoring, "CACHE_ROW_GROUP_BYTES", 8 * (8 + per_token) * cfg.data.max_length)
@@ -365,7 +393,9 @@ def test_teacher_top_k_writes_the_cache_from_the_scoring_forward(ray_local, tiny
     assert check_teacher_cache(result.output_dir, cfg) == entry
     assert f"teacher cache: top 16 + tail, {per_token} bytes per scored token" in format_summary(result.manifest)
     files = sorted(result.scores_path.glob("*.parquet"))
-    groups = [m.row_group(i).num_rows for m in (pq.ParquetFile(f).metadata for f in files) for i in range(m.num_row_groups)]
+    groups = [
+        m.row_group(i).num_rows for m in (pq.ParquetFile(f).metadata for f in files) for i in range(m.num_row_groups)
+    ]
     assert sum(groups) == result.manifest["rows_scored"] and max(groups) == 8, groups
     table = pds.dataset(str(result.scores_path), format="parquet").to_table()
     for name, kind in arrow_types(16, tiny_assets.vocab_size).items():
@@ -380,7 +410,9 @@ def test_teacher_top_k_writes_the_cache_from_the_scoring_forward(ray_local, tiny
         want = teacher_top_k(logits, 16, tail_uniforms(row["id"], int(scored.sum())))
         assert len(row["teacher_top_ids"]) == int(scored.sum())
         np.testing.assert_array_equal(np.array(row["teacher_top_ids"])[:, 0], want.top_ids[:, 0].numpy())
-        np.testing.assert_allclose(np.array(row["teacher_top_logprobs"]), want.top_logprobs.numpy(), atol=5e-3, rtol=2e-3)
+        np.testing.assert_allclose(
+            np.array(row["teacher_top_logprobs"]), want.top_logprobs.numpy(), atol=5e-3, rtol=2e-3
+        )
         np.testing.assert_allclose(np.array(row["teacher_tail"]), want.tail.numpy(), rtol=1e-4, atol=1e-4)
         # The tail draws are the row id's: the same tokens as drawn here from a single-row forward (a draw
         # may only differ where the batched forward's rounding moves a cdf step past its uniform).
@@ -395,13 +427,21 @@ def test_teacher_top_k_writes_the_cache_from_the_scoring_forward(ray_local, tiny
 def test_teacher_hidden_writes_int8_hidden_states_and_the_head(ray_local, tiny_assets, dataset, tmp_path):
     from pocl_ray.teacher_cache import HEAD_FILE, HIDDEN_COLUMNS, arrow_types, check_teacher_cache, dequantize_hidden
 
-    cfg = _config(tiny_assets, tmp_path, dataset["path"], scoring={"metrics": ["teacher_ce", "length"], "teacher_hidden": True},
-                  kd={"teacher": "cached"}, data={"max_rows": 24})
+    cfg = _config(
+        tiny_assets,
+        tmp_path,
+        dataset["path"],
+        scoring={"metrics": ["teacher_ce", "length"], "teacher_hidden": True},
+        kd={"teacher": "cached"},
+        data={"max_rows": 24},
+    )
     result = score_dataset(cfg)
     entry = result.manifest["teacher_cache"]
     teacher = load_model(tiny_assets.teacher_dir, frozen=True)
     hidden_size = teacher.config.hidden_size
-    assert entry["form"] == "hidden" and entry["hidden_size"] == hidden_size and entry["columns"] == list(HIDDEN_COLUMNS)
+    assert (
+        entry["form"] == "hidden" and entry["hidden_size"] == hidden_size and entry["columns"] == list(HIDDEN_COLUMNS)
+    )
     assert entry["bytes_per_scored_token"] == hidden_size + 2 * -(-hidden_size // 64)
     assert check_teacher_cache(result.output_dir, cfg) == entry
     summary = format_summary(result.manifest)
@@ -418,7 +458,9 @@ def test_teacher_hidden_writes_int8_hidden_states_and_the_head(ray_local, tiny_a
         scored = torch.nn.functional.pad(labels[1:], (0, 1), value=-100) != -100
         with torch.no_grad():
             want = teacher.model(input_ids=torch.tensor([row["input_ids"]])).last_hidden_state[0, scored]
-        got = dequantize_hidden(torch.tensor(row["teacher_hidden"], dtype=torch.int8), torch.tensor(row["teacher_hidden_scale"]).half())
+        got = dequantize_hidden(
+            torch.tensor(row["teacher_hidden"], dtype=torch.int8), torch.tensor(row["teacher_hidden_scale"]).half()
+        )
         # Half an int8 step of each 64-channel group at most (batched and single-row forwards differ by ~1e-6).
         step = torch.tensor(row["teacher_hidden_scale"]).float().repeat_interleave(64, 1)[:, :hidden_size]
         assert got.shape == want.shape and ((got - want).abs() <= step / 2 + 1e-5).all()
@@ -433,8 +475,15 @@ def test_teacher_hidden_refuses_a_teacher_whose_logits_are_not_its_head(tiny_ass
     shutil.copytree(tiny_assets.teacher_dir, teacher)
     config = json.loads((teacher / "config.json").read_text())
     (teacher / "config.json").write_text(json.dumps({**config, "final_logit_softcapping": 30.0}))
-    cfg = _config(tiny_assets, tmp_path, dataset["path"], models={"teacher": str(teacher)},
-                  scoring={"metrics": ["length"], "teacher_hidden": True})
-    with pytest.raises(ConfigError, match=r"scoring.teacher_hidden: .*final_logit_softcapping = 30.0.*use scoring.teacher_top_k"):
+    cfg = _config(
+        tiny_assets,
+        tmp_path,
+        dataset["path"],
+        models={"teacher": str(teacher)},
+        scoring={"metrics": ["length"], "teacher_hidden": True},
+    )
+    with pytest.raises(
+        ConfigError, match=r"scoring.teacher_hidden: .*final_logit_softcapping = 30.0.*use scoring.teacher_top_k"
+    ):
         score_dataset(cfg)
     assert not (tmp_path / "run" / "scores").exists()

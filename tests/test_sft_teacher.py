@@ -26,25 +26,38 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sft_config(assets, out: Path, **overrides):
-    cfg = parse_config({
-        "name": "sftt",
-        "data": {"train": str(assets.train_path), "max_prompt_length": 96, "max_length": 128},
-        "models": {"teacher": str(assets.teacher_dir)},  # the student is cut from the (fine-tuned) teacher
-        "scoring": {"metrics": ["teacher_ce"], "batch_size": 64, "teacher_hidden": True},
-        "kd": {"teacher": "cached"},
-        "curriculum": {"plan": "pocl", "num_buckets": 2, "steps_per_stage": 1},
-        # A learning rate so small that each trained student stays the teacher layers it was cut from.
-        "training": {"num_workers": 1, "global_batch_size": 16, "micro_batch_size": 16, "lr": 1e-12,
-                     "min_lr": 0.0, "checkpoint_every": 100, "max_failures": 0},
-        "eval": {"sets": [{"name": "dev", "path": str(assets.dev_path), "max_rows": 8}], "seeds": [0],
-                 "max_new_tokens": 4, "checkpoint": "final"},
-        "pipeline": {
-            "sft_teacher": {"steps": 30, "lr": 3e-3, "min_lr": 3e-4},
-            "compare": {"pocl": {"curriculum.plan": "pocl"}, "baseline": {"curriculum.plan": "baseline"}},
-            "evaluate_teacher": True,
-        },
-        "output": {"dir": str(out)},
-    })
+    cfg = parse_config(
+        {
+            "name": "sftt",
+            "data": {"train": str(assets.train_path), "max_prompt_length": 96, "max_length": 128},
+            "models": {"teacher": str(assets.teacher_dir)},  # the student is cut from the (fine-tuned) teacher
+            "scoring": {"metrics": ["teacher_ce"], "batch_size": 64, "teacher_hidden": True},
+            "kd": {"teacher": "cached"},
+            "curriculum": {"plan": "pocl", "num_buckets": 2, "steps_per_stage": 1},
+            # A learning rate so small that each trained student stays the teacher layers it was cut from.
+            "training": {
+                "num_workers": 1,
+                "global_batch_size": 16,
+                "micro_batch_size": 16,
+                "lr": 1e-12,
+                "min_lr": 0.0,
+                "checkpoint_every": 100,
+                "max_failures": 0,
+            },
+            "eval": {
+                "sets": [{"name": "dev", "path": str(assets.dev_path), "max_rows": 8}],
+                "seeds": [0],
+                "max_new_tokens": 4,
+                "checkpoint": "final",
+            },
+            "pipeline": {
+                "sft_teacher": {"steps": 30, "lr": 3e-3, "min_lr": 3e-4},
+                "compare": {"pocl": {"curriculum.plan": "pocl"}, "baseline": {"curriculum.plan": "baseline"}},
+                "evaluate_teacher": True,
+            },
+            "output": {"dir": str(out)},
+        }
+    )
     return cfg.with_overrides(overrides) if overrides else cfg
 
 
@@ -53,8 +66,9 @@ def mean_train_ce(model_dir: Path, cfg) -> float:
     tokenizer = load_tokenizer(model_dir)
     rows, _ = validate_and_tokenize(read_table(cfg.data.train, "auto").to_pylist(), tokenizer, cfg.data)
     model = load_model(model_dir, dtype=torch.float32, frozen=True)
-    return statistics.fmean(ce for i in range(0, len(rows), 64)
-                            for ce in response_ce(model, rows[i : i + 64], tokenizer.pad_token_id))
+    return statistics.fmean(
+        ce for i in range(0, len(rows), 64) for ce in response_ce(model, rows[i : i + 64], tokenizer.pad_token_id)
+    )
 
 
 def test_sft_settings_are_checked_against_the_run():
@@ -154,10 +168,14 @@ def test_tune_resolves_the_teacher_as_the_pipeline_does(tiny_assets, tmp_path, m
         raise Resolved(cfg.pipeline.sft_teacher, root)
 
     monkeypatch.setattr(pocl_ray.teacher_prep, "resolve_teacher", resolve)
-    cfg = sft_config(tiny_assets, tmp_path, **{
-        "data.dev": str(tiny_assets.dev_path),
-        "tune.search_space": {"curriculum.num_buckets": {"type": "grid", "values": [2]}},
-    })
+    cfg = sft_config(
+        tiny_assets,
+        tmp_path,
+        **{
+            "data.dev": str(tiny_assets.dev_path),
+            "tune.search_space": {"curriculum.num_buckets": {"type": "grid", "values": [2]}},
+        },
+    )
     with pytest.raises(Resolved) as raised:
         tune(cfg)
     assert raised.value.args == (cfg.pipeline.sft_teacher, tmp_path.resolve())

@@ -27,13 +27,15 @@ def write_scores(directory, num_rows: int, rows_per_file: int, row_group_size: i
     for n, start in enumerate(range(0, num_rows, rows_per_file)):
         ranks = np.arange(start, min(num_rows, start + rows_per_file))
         ids = [_tokens(int(r)) for r in ranks]
-        table = pa.table({
-            "input_ids": pa.array(ids, pa.list_(pa.int32())),
-            "labels": pa.array([[-100] + t[1:] for t in ids], pa.list_(pa.int32())),
-            "num_prompt_tokens": pa.array(np.ones(len(ranks)), pa.int32()),
-            "topk_ids": pa.array([[[t, -t] for t in ts] for ts in ids], pa.list_(pa.list_(pa.int32(), 2))),
-            "rank": pa.array(ranks, pa.int64()),
-        })
+        table = pa.table(
+            {
+                "input_ids": pa.array(ids, pa.list_(pa.int32())),
+                "labels": pa.array([[-100] + t[1:] for t in ids], pa.list_(pa.int32())),
+                "num_prompt_tokens": pa.array(np.ones(len(ranks)), pa.int32()),
+                "topk_ids": pa.array([[[t, -t] for t in ts] for ts in ids], pa.list_(pa.list_(pa.int32(), 2))),
+                "rank": pa.array(ranks, pa.int64()),
+            }
+        )
         # Written out of name order: the index must order files by rank, not by name.
         pq.write_table(table, path / f"part-{(7 * n) % 11:02d}.parquet", row_group_size=row_group_size)
     return path
@@ -50,7 +52,14 @@ def _epoch(pool_blocks, world, epoch=0, **kw):
 def test_blocks_cut_the_pool_at_row_groups():
     bounds = [0, 10, 20, 25]
     assert blocks([(3, 22)], bounds).tolist() == [[3, 10], [10, 20], [20, 22]]
-    assert blocks([(0, 4), (12, 25)], bounds, block_rows=4).tolist() == [[0, 4], [12, 14], [14, 18], [18, 20], [20, 24], [24, 25]]
+    assert blocks([(0, 4), (12, 25)], bounds, block_rows=4).tolist() == [
+        [0, 4],
+        [12, 14],
+        [14, 18],
+        [18, 20],
+        [20, 24],
+        [24, 25],
+    ]
 
 
 @pytest.mark.parametrize("pool", [1, 3, 17, 64, 101])
@@ -86,14 +95,18 @@ def test_a_window_holds_whole_blocks_up_to_window_rows():
         assert s.windows[-1] == len(s.ranks)
         for a, b in zip(s.windows[:-1], s.windows[1:]):
             assert 0 < b - a <= 120
-            assert len(np.unique(np.searchsorted(bounds, s.ranks[a:b], "right"))) <= 3, "a window reads its blocks' row groups"
+            assert len(np.unique(np.searchsorted(bounds, s.ranks[a:b], "right"))) <= 3, (
+                "a window reads its blocks' row groups"
+            )
 
 
 def test_short_last_step_leaves_an_idle_worker_one_empty_micro_batch():
     shards = _epoch(blocks([(0, 5)], [0, 5]), 2, global_batch=4, micro_batch=2)
     assert [len(m) for m in shards[0].step(1)] + [len(m) for m in shards[1].step(1)] == [1, 0]
     with pytest.raises(ValueError, match="worker 2 outside"):
-        worker_shard(blocks([(0, 5)], [0, 5]), seed=0, stage=0, epoch=0, world_size=2, worker=2, global_batch=4, micro_batch=2)
+        worker_shard(
+            blocks([(0, 5)], [0, 5]), seed=0, stage=0, epoch=0, world_size=2, worker=2, global_batch=4, micro_batch=2
+        )
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -134,7 +147,9 @@ def test_a_pocl_stage_reads_only_its_buckets_row_groups_each_once(scores):
         read.append(reader.stats.groups_read)
         own = np.unique(index.locate(s.ranks))
         assert sorted(reader.stats.groups_read) == own.tolist(), "each row group holding its rows, once"
-        assert reader.stats.bytes == sum(index.bytes_of(g, ["input_ids", "labels", "num_prompt_tokens", "rank"]) for g in own)
+        assert reader.stats.bytes == sum(
+            index.bytes_of(g, ["input_ids", "labels", "num_prompt_tokens", "rank"]) for g in own
+        )
     groups = np.concatenate(read)
     assert set(groups.tolist()) == set(range(8)), "nothing outside the pool"
     assert len(groups) <= 8 + 3, "a row group is read twice at most where two workers' segments meet"
@@ -169,7 +184,9 @@ def test_stopping_early_ends_the_thread(scores):
 
 
 def test_errors_name_the_scores(scores, tmp_path):
-    bad = WorkerShard(ranks=np.array([3, 400]), step_rows=np.array([0, 2]), micro_batches=np.array([1]), windows=np.array([0, 2]))
+    bad = WorkerShard(
+        ranks=np.array([3, 400]), step_rows=np.array([0, 2]), micro_batches=np.array([1]), windows=np.array([0, 2])
+    )
     reader = StepReader(scores, [bad])
     with pytest.raises(ValueError, match=f"scores at {scores} have no row with rank 400"):
         next(reader)

@@ -18,8 +18,20 @@ from pocl_ray.config import ConfigError, parse_config
 from pocl_ray.measurers import row_caches, row_hidden
 from pocl_ray.shards import _row_dicts
 from pocl_ray.teacher_cache import (
-    CACHE_COLUMNS, HEAD_FILE, HIDDEN_COLUMNS, HIDDEN_GROUP, arrow_columns, arrow_types, bytes_per_token, check_teacher_cache,
-    collate_teacher_cache, dequantize_hidden, hidden_groups, manifest_entry, quantize_hidden, save_head,
+    CACHE_COLUMNS,
+    HEAD_FILE,
+    HIDDEN_COLUMNS,
+    HIDDEN_GROUP,
+    arrow_columns,
+    arrow_types,
+    bytes_per_token,
+    check_teacher_cache,
+    collate_teacher_cache,
+    dequantize_hidden,
+    hidden_groups,
+    manifest_entry,
+    quantize_hidden,
+    save_head,
 )
 
 B, S, H, V = 3, 12, 16, 64
@@ -94,14 +106,20 @@ def test_tail_draws_estimate_every_f_divergence_but_rkl(temperature):
     labels, s_logits, t_logits, t_rows = _scored_logits(1)
     g = torch.Generator().manual_seed(0)
     for k in (4, 16):
-        draws = [L.teacher_top_k(t_rows, k, torch.rand((len(t_rows), L.TAIL_SAMPLES), generator=g, dtype=torch.float64))
-                 for _ in range(48)]
+        draws = [
+            L.teacher_top_k(t_rows, k, torch.rand((len(t_rows), L.TAIL_SAMPLES), generator=g, dtype=torch.float64))
+            for _ in range(48)
+        ]
         for kind in ("fkl", "js", "tvd", "skl", "srkl"):
             exact = float(L.kd_loss(kind, s_logits, t_logits, labels, temperature=temperature))
-            got = torch.tensor([float(L.cached_kd_loss(kind, s_logits, c, labels, temperature=temperature)) for c in draws])
+            got = torch.tensor(
+                [float(L.cached_kd_loss(kind, s_logits, c, labels, temperature=temperature)) for c in draws]
+            )
             error = abs(float(got.mean()) - exact)
             assert error < 4 * float(got.std()) / len(draws) ** 0.5 + 0.005 * exact, (kind, k, error, float(got.std()))
-            assert float(got.min()) >= _rest_bucket(kind, s_logits, t_rows, labels, draws[0].top_ids, temperature) - 1e-5
+            assert (
+                float(got.min()) >= _rest_bucket(kind, s_logits, t_rows, labels, draws[0].top_ids, temperature) - 1e-5
+            )
             if k == 16:
                 assert float((got - exact).abs().max()) < 0.1 * exact, (kind, k)
 
@@ -120,7 +138,10 @@ def test_rkl_takes_the_tail_mean_log_prob_and_akl_mixes_the_cached_fkl_and_rkl(t
     want = L.rkl(model, q).mean() * temperature**2
     got = L.cached_kd_loss("rkl", s_logits, cache, labels, temperature=temperature)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    f, r, a = (float(L.cached_kd_loss(kind, s_logits, cache, labels, temperature=temperature)) for kind in ("fkl", "rkl", "akl"))
+    f, r, a = (
+        float(L.cached_kd_loss(kind, s_logits, cache, labels, temperature=temperature))
+        for kind in ("fkl", "rkl", "akl")
+    )
     assert min(f, r) - 1e-5 <= a <= max(f, r) + 1e-5
 
 
@@ -183,8 +204,12 @@ def test_stored_cache_collates_onto_the_batch_scored_positions():
     t_logits = torch.stack([torch.cat([x, torch.zeros(seq - len(x), V)]) for x in logits])
     s_logits = torch.randn(len(rows), seq, V, requires_grad=True)
     for kind in L.KD_KINDS:
-        online = L.kd_loss(kind, s_logits, t_logits, batch["labels"], temperature=2.0, scored_positions=batch["scored_positions"])
-        got = L.cached_kd_loss(kind, s_logits, cache, batch["labels"], temperature=2.0, scored_positions=batch["scored_positions"])
+        online = L.kd_loss(
+            kind, s_logits, t_logits, batch["labels"], temperature=2.0, scored_positions=batch["scored_positions"]
+        )
+        got = L.cached_kd_loss(
+            kind, s_logits, cache, batch["labels"], temperature=2.0, scored_positions=batch["scored_positions"]
+        )
         # float16 log-probs: the only storage loss at K = vocab.
         torch.testing.assert_close(got, online, rtol=2e-3, atol=1e-4)
     # K = 128 + 16 draws of (id, float16 log-prob), 4 tail sums and the tail mean in float32: within 600 bytes.
@@ -213,16 +238,22 @@ def test_collate_refuses_a_cache_that_does_not_match_the_rows():
     with pytest.raises(ValueError, match=r"row r14: teacher cache shapes .* scoring.teacher_top_k"):
         collate_teacher_cache([stored[0], short], torch.device("cpu"))
     with pytest.raises(ValueError, match=r"kd.teacher: cached: the rows lack \['teacher_tail'\]"):
-        collate_teacher_cache([{k: v for k, v in r.items() if k != "teacher_tail"} for r in stored], torch.device("cpu"))
+        collate_teacher_cache(
+            [{k: v for k, v in r.items() if k != "teacher_tail"} for r in stored], torch.device("cpu")
+        )
     empty = collate_teacher_cache([], torch.device("cpu"))
     assert empty.top_ids.shape[0] == 0
 
 
 def _cfg(tmp_path, **kd):
-    return parse_config({
-        "data": {"train": str(tmp_path / "t.jsonl")}, "models": {"teacher": str(tmp_path / "teacher")},
-        "scoring": {"teacher_top_k": 8}, "kd": {"teacher": "cached", **kd},
-    })
+    return parse_config(
+        {
+            "data": {"train": str(tmp_path / "t.jsonl")},
+            "models": {"teacher": str(tmp_path / "teacher")},
+            "scoring": {"teacher_top_k": 8},
+            "kd": {"teacher": "cached", **kd},
+        }
+    )
 
 
 def test_config_refuses_cached_teacher_where_it_cannot_serve(tmp_path):
@@ -243,8 +274,11 @@ def _write_scores(tmp_path, cfg, columns, entry):
     directory = tmp_path / "scores"
     (directory / "rows").mkdir(parents=True)
     pq.write_table(pa.table({"rank": pa.array([0, 1]), **columns}), directory / "rows" / "0.parquet")
-    manifest = {"scores_path": "rows", "teacher_cache": entry,
-                "models": {"teacher": str(Path(cfg.models.teacher).resolve())}}
+    manifest = {
+        "scores_path": "rows",
+        "teacher_cache": entry,
+        "models": {"teacher": str(Path(cfg.models.teacher).resolve())},
+    }
     (directory / "manifest.json").write_text(json.dumps(manifest))
     return directory
 
@@ -252,20 +286,30 @@ def _write_scores(tmp_path, cfg, columns, entry):
 def test_check_names_the_scores_path_and_the_setting(tmp_path):
     cfg = _cfg(tmp_path)
     rows, logits = _rows_and_logits()
-    good = {k: v.slice(0, 2) for k, v in arrow_columns(
-        [row_caches(torch.as_tensor(r["labels"])[None], x[None], 8, V, [r["id"]])[0] for r, x in zip(rows, logits)], 8, V).items()}
+    good = {
+        k: v.slice(0, 2)
+        for k, v in arrow_columns(
+            [row_caches(torch.as_tensor(r["labels"])[None], x[None], 8, V, [r["id"]])[0] for r, x in zip(rows, logits)],
+            8,
+            V,
+        ).items()
+    }
     directory = _write_scores(tmp_path, cfg, good, manifest_entry(8, V))
     assert check_teacher_cache(directory / "rows", cfg)["top_k"] == 8
     assert check_teacher_cache(directory, cfg.with_overrides({"kd.teacher": "online"})) is None
 
     _write_scores(tmp_path / "none", cfg, {}, None)
-    with pytest.raises(ConfigError, match=rf"scores at {tmp_path / 'none' / 'scores'} hold no teacher cache.*scoring.teacher_top_k"):
+    with pytest.raises(
+        ConfigError, match=rf"scores at {tmp_path / 'none' / 'scores'} hold no teacher cache.*scoring.teacher_top_k"
+    ):
         check_teacher_cache(tmp_path / "none" / "scores", cfg)
     missing = {k: v for k, v in good.items() if k != "teacher_tail"}
     _write_scores(tmp_path / "missing", cfg, missing, manifest_entry(8, V))
     with pytest.raises(ConfigError, match=r"rows lack the columns \['teacher_tail'\].*scoring.teacher_top_k"):
         check_teacher_cache(tmp_path / "missing" / "scores", cfg)
-    bad = dict(good, teacher_top_logprobs=pa.array([[[0.0] * 8], [[0.0] * 8]], type=arrow_types(8, V)["teacher_top_ids"]))
+    bad = dict(
+        good, teacher_top_logprobs=pa.array([[[0.0] * 8], [[0.0] * 8]], type=arrow_types(8, V)["teacher_top_ids"])
+    )
     _write_scores(tmp_path / "bad", cfg, bad, manifest_entry(8, V))
     with pytest.raises(ConfigError, match=r"malformed columns: teacher_top_logprobs is .*scoring.teacher_top_k"):
         check_teacher_cache(tmp_path / "bad" / "scores", cfg)
@@ -359,20 +403,30 @@ def test_hidden_form_check_names_the_head_and_the_setting(tmp_path):
     stored = [row_hidden(torch.as_tensor(r["labels"])[None], torch.randn(1, len(r["input_ids"]), H))[0] for r in rows]
     good = {k: v.slice(0, 2) for k, v in arrow_columns(stored, None, V, H).items()}
     directory = _write_scores(tmp_path, cfg, good, manifest_entry(None, V, H))
-    with pytest.raises(ConfigError, match=rf"the teacher's LM head {directory / HEAD_FILE} is missing.*scoring.teacher_hidden"):
+    with pytest.raises(
+        ConfigError, match=rf"the teacher's LM head {directory / HEAD_FILE} is missing.*scoring.teacher_hidden"
+    ):
         check_teacher_cache(directory, cfg)
     save_head(torch.randn(V, H + 1), directory)
-    with pytest.raises(ConfigError, match=rf"the LM head {directory / HEAD_FILE} is \({V}, {H + 1}\), expected \({V}, {H}\)"):
+    with pytest.raises(
+        ConfigError, match=rf"the LM head {directory / HEAD_FILE} is \({V}, {H + 1}\), expected \({V}, {H}\)"
+    ):
         check_teacher_cache(directory, cfg)
     save_head(torch.randn(V, H), directory)
     entry = check_teacher_cache(directory / "rows", cfg)
     assert entry["form"] == "hidden" and entry["bytes_per_scored_token"] == bytes_per_token(None, V, H) == H + 2
-    with pytest.raises(ConfigError, match=r"scoring.teacher_top_k: 8, but the scores .* cache the teacher's hidden states.*"
-                                          r"set scoring.teacher_hidden: true"):
+    with pytest.raises(
+        ConfigError,
+        match=r"scoring.teacher_top_k: 8, but the scores .* cache the teacher's hidden states.*"
+        r"set scoring.teacher_hidden: true",
+    ):
         check_teacher_cache(directory, _cfg(tmp_path))
     top = _write_scores(tmp_path / "top", cfg, {}, manifest_entry(8, V))
-    with pytest.raises(ConfigError, match=r"scoring.teacher_hidden: true, but the scores .* cache the teacher's top 8.*"
-                                          r"set scoring.teacher_top_k: 8"):
+    with pytest.raises(
+        ConfigError,
+        match=r"scoring.teacher_hidden: true, but the scores .* cache the teacher's top 8.*"
+        r"set scoring.teacher_top_k: 8",
+    ):
         check_teacher_cache(top, cfg)
     bad = dict(good, teacher_hidden=good["teacher_hidden_scale"])
     _write_scores(tmp_path / "bad", cfg, bad, manifest_entry(None, V, H))
@@ -382,8 +436,12 @@ def test_hidden_form_check_names_the_head_and_the_setting(tmp_path):
     # A student of another vocabulary is refused before any Ray work (either form).
     from transformers import LlamaConfig
 
-    LlamaConfig(vocab_size=V + 8, hidden_size=H, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path / "student")
-    with pytest.raises(ConfigError, match=rf"models.student: vocab_size {V + 8} differs from the {V} of the teacher cached at"):
+    LlamaConfig(vocab_size=V + 8, hidden_size=H, num_hidden_layers=1, num_attention_heads=2).save_pretrained(
+        tmp_path / "student"
+    )
+    with pytest.raises(
+        ConfigError, match=rf"models.student: vocab_size {V + 8} differs from the {V} of the teacher cached at"
+    ):
         check_teacher_cache(directory, cfg.with_overrides({"models.student": str(tmp_path / "student")}))
     # The testbed teacher's width (576): 594 bytes per scored token.
     assert bytes_per_token(None, 49152, 576) == 576 + 2 * 9 == 594
@@ -392,5 +450,7 @@ def test_hidden_form_check_names_the_head_and_the_setting(tmp_path):
 def test_config_takes_one_cache_form():
     base = {"data": {"train": "t.jsonl"}, "models": {"teacher": "t"}, "kd": {"teacher": "cached"}}
     assert parse_config({**base, "scoring": {"teacher_hidden": True}}).scoring.teacher_hidden
-    with pytest.raises(ConfigError, match=r"scoring.teacher_top_k and scoring.teacher_hidden: true are two forms .* set one"):
+    with pytest.raises(
+        ConfigError, match=r"scoring.teacher_top_k and scoring.teacher_hidden: true are two forms .* set one"
+    ):
         parse_config({**base, "scoring": {"teacher_hidden": True, "teacher_top_k": 8}})

@@ -65,8 +65,14 @@ def test_bad_plans_fail_before_ray(tiny_assets, tmp_path):
     with pytest.raises(ConfigError, match="'plateau' needs a dev set"):
         train(run_config(tiny_assets, tmp_path, **{"curriculum.advance": "plateau", "data.dev": None}), scores)
     with pytest.raises(ConfigError, match="student layer 9 .* outside 0..2"):
-        train(run_config(tiny_assets, tmp_path, **{"curriculum.plan": "extraction",
-                                                   "curriculum.extraction.layer_map": [1, 1, 2, 9]}), scores)
+        train(
+            run_config(
+                tiny_assets,
+                tmp_path,
+                **{"curriculum.plan": "extraction", "curriculum.extraction.layer_map": [1, 1, 2, 9]},
+            ),
+            scores,
+        )
     with pytest.raises(FileNotFoundError, match="models.student: model folder not found"):
         train(run_config(tiny_assets, tmp_path, **{"models.student": str(tmp_path / "nope")}), scores)
     assert not (tmp_path / "train").exists(), "nothing may be started or written before the checks pass"
@@ -110,7 +116,9 @@ def test_pocl_schedule_in_metrics(pocl_run):
         assert rows[-1]["lr"] == pytest.approx(cfg.training.min_lr) or spec.steps == 1
         assert rows[-1]["epoch"] == 0
         for r in rows:
-            assert r["loss"] == pytest.approx((1 - r["kd_weight"]) * r["ce_loss"] + r["kd_weight"] * r["kd_loss"], rel=1e-5)
+            assert r["loss"] == pytest.approx(
+                (1 - r["kd_weight"]) * r["ce_loss"] + r["kd_weight"] * r["kd_loss"], rel=1e-5
+            )
     assert {"loss", "kd_loss", "ce_loss", "lr", "tokens", "seconds", "cpu_seconds", "epoch"} <= set(records[0])
 
 
@@ -148,7 +156,11 @@ def test_selection_candidates_and_the_kept_best_student(pocl_run, tiny_assets):
     ends = np.cumsum([s.steps for s in specs]).tolist()
     selection = json.loads(result.selection_path.read_text())
     candidates = selection["candidates"]
-    assert [c["step"] for c in candidates] == sorted(set(ends) | set(range(20, ends[-1] + 1, 20))) == [5, 15, 20, 30, 40, 49]
+    assert (
+        [c["step"] for c in candidates]
+        == sorted(set(ends) | set(range(20, ends[-1] + 1, 20)))
+        == [5, 15, 20, 30, 40, 49]
+    )
     assert [c["stage"] for c in candidates] == [0, 1, 2, 2, 3, 3]
     # One epoch per stage: at a stage end every row of every pool so far has been seen once.
     assert [c["samples"] for c in candidates if c["step"] in ends] == np.cumsum([s.pool_rows for s in specs]).tolist()
@@ -166,8 +178,14 @@ def test_selection_candidates_and_the_kept_best_student(pocl_run, tiny_assets):
     # `test_dev_rouge_is_the_mean_greedy_rouge_over_the_dev_rows` scores non-zero responses.)
     tokenizer = load_tokenizer(tiny_assets.tokenizer_dir)
     rows, _ = validate_and_tokenize(read_table(tiny_assets.dev_path).to_pylist(), tokenizer, cfg.data)
-    total = greedy_rouge_sum(load_model(result.student_dir, frozen=True), tokenizer, rows, max_new_tokens=cfg.eval.max_new_tokens,
-                             max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size)
+    total = greedy_rouge_sum(
+        load_model(result.student_dir, frozen=True),
+        tokenizer,
+        rows,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        max_length=cfg.data.max_length,
+        batch_size=cfg.eval.batch_size,
+    )
     assert total / len(rows) == pytest.approx(candidates[-1]["dev_rougeL"], abs=0.5)
     assert selected_student(result.output_dir, "best_dev_rougeL") == result.best_student_dir
     assert selected_student(result.output_dir, "final") == result.student_dir
@@ -186,13 +204,24 @@ def test_dev_rouge_is_the_mean_greedy_rouge_over_the_dev_rows(tiny_assets, tmp_p
     tokenizer = load_tokenizer(tiny_assets.tokenizer_dir)
     rows, _ = validate_and_tokenize(read_table(tiny_assets.dev_path).to_pylist(), tokenizer, cfg.data)
     teacher = load_model(tiny_assets.teacher_dir)
-    own = generate_tokens(teacher, [r["input_ids"][: r["num_prompt_tokens"]] for r in rows[:6]], [8] * 6,
-                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    own = generate_tokens(
+        teacher,
+        [r["input_ids"][: r["num_prompt_tokens"]] for r in rows[:6]],
+        [8] * 6,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     texts = tokenizer.batch_decode(own, skip_special_tokens=True)
     scored = [r | {"response": t.strip()} for r, t in zip(rows, texts) if any(c.isalnum() for c in t)]
     assert len(scored) >= 3
-    w = SimpleNamespace(student=HiddenStatesLM(teacher), tokenizer=tokenizer, cfg=cfg, autocast=nullcontext,
-                        device=torch.device("cpu"), dev_rows=scored + [r | {"response": "zzz"} for r in scored])
+    w = SimpleNamespace(
+        student=HiddenStatesLM(teacher),
+        tokenizer=tokenizer,
+        cfg=cfg,
+        autocast=nullcontext,
+        device=torch.device("cpu"),
+        dev_rows=scored + [r | {"response": "zzz"} for r in scored],
+    )
     teacher.train()
     assert dev_rouge(w) == pytest.approx(50.0)
     assert teacher.training, "dev_rouge leaves the model in the mode it found it in"
@@ -211,7 +240,9 @@ def test_checkpoints_carry_the_best_student_so_far_to_a_resumed_rank_0(tiny_asse
     assert not (tmp_path / "before_any_best" / "student_best").exists()
     best = load_model(tiny_assets.teacher_dir)  # any other weights stand in for an earlier, better student
     best.save_pretrained(best_dir)
-    save_checkpoint(tmp_path / "ckpt", student, optimizer, {"position": {}}, best_dir, load_tokenizer(tiny_assets.tokenizer_dir))
+    save_checkpoint(
+        tmp_path / "ckpt", student, optimizer, {"position": {}}, best_dir, load_tokenizer(tiny_assets.tokenizer_dir)
+    )
     assert (tmp_path / "ckpt" / "student_best" / "tokenizer_config.json").is_file()
     resumed_best = tmp_path / "resumed_best"
     resumed_best.mkdir()
@@ -224,9 +255,16 @@ def test_best_candidate_ties_and_candidates_after_a_checkpoint_are_dropped_on_re
     from pocl_ray.coordinator import CurriculumCoordinator, best_candidate
 
     def coordinator():
-        return CurriculumCoordinator(plan_from_config(run_config(tiny_assets, tmp_path)).to_dict(), num_rows=64,
-                                     global_batch=16, micro_batch=4, seed=0, metrics_path=str(tmp_path / "m.jsonl"),
-                                     world_size=2, row_group_bounds=[0, 64])
+        return CurriculumCoordinator(
+            plan_from_config(run_config(tiny_assets, tmp_path)).to_dict(),
+            num_rows=64,
+            global_batch=16,
+            micro_batch=4,
+            seed=0,
+            metrics_path=str(tmp_path / "m.jsonl"),
+            world_size=2,
+            row_group_bounds=[0, 64],
+        )
 
     def candidate(step, rouge, kd_loss):
         return {"step": step, "stage": 0, "samples": 16 * step, "dev_rougeL": rouge, "dev_kd_loss": kd_loss}
@@ -269,7 +307,9 @@ def test_cached_rkl_and_akl_runs_get_the_tail_caveat(tiny_assets, tmp_path):
             assert f"kd.teacher: cached with {loss}" in warning and "scoring.teacher_hidden" in warning
     online = run_config(tiny_assets, tmp_path, **{"kd.loss": "rkl"})
     assert cached_tail_warning(online, plan_from_config(online)) is None
-    hidden = run_config(tiny_assets, tmp_path, **{"kd.teacher": "cached", "scoring.teacher_hidden": True, "kd.loss": "rkl"})
+    hidden = run_config(
+        tiny_assets, tmp_path, **{"kd.teacher": "cached", "scoring.teacher_hidden": True, "kd.loss": "rkl"}
+    )
     assert cached_tail_warning(hidden, plan_from_config(hidden)) is None
 
 
@@ -289,8 +329,15 @@ def test_length_grouping_keeps_the_rows_and_pads_little():
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(3, 40, size=11).tolist()
-    rows = [{"input_ids": list(range(1, n + 1)), "attention_mask": [1] * n, "labels": [-100] + list(range(2, n + 1)), "rank": i}
-            for i, n in enumerate(lengths)]
+    rows = [
+        {
+            "input_ids": list(range(1, n + 1)),
+            "attention_mask": [1] * n,
+            "labels": [-100] + list(range(2, n + 1)),
+            "rank": i,
+        }
+        for i, n in enumerate(lengths)
+    ]
     micro = [rows[0:3], rows[3:6], rows[6:9], rows[9:11]]
     grouped = length_grouped(micro)
     assert [len(m) for m in grouped] == [3, 3, 3, 2]  # as many micro-batches, sizes as even as before
@@ -303,7 +350,10 @@ def test_length_grouping_keeps_the_rows_and_pads_little():
     assert padded < ungrouped
     for m in grouped:
         batch = build_batch(m, 0, torch.device("cpu"))
-        assert batch["input_ids"].shape[1] % 8 == 0 and batch["input_ids"].shape[1] - max(len(r["input_ids"]) for r in m) < 8
+        assert (
+            batch["input_ids"].shape[1] % 8 == 0
+            and batch["input_ids"].shape[1] - max(len(r["input_ids"]) for r in m) < 8
+        )
         assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
 
 
@@ -315,7 +365,9 @@ def test_gradient_checkpointing_gives_the_same_step(tiny_assets):
     from pocl_ray.training import HiddenStatesLM, accumulate_gradients, build_batch
 
     tokenizer = load_tokenizer(tiny_assets.tokenizer_dir)
-    good, _ = validate_and_tokenize(read_table(tiny_assets.train_path).to_pylist()[:6], tokenizer, tiny_assets.data_config())
+    good, _ = validate_and_tokenize(
+        read_table(tiny_assets.train_path).to_pylist()[:6], tokenizer, tiny_assets.data_config()
+    )
     batches = [build_batch(good[i : i + 3], tokenizer.pad_token_id, torch.device("cpu")) for i in (0, 3)]
     teacher = HiddenStatesLM(load_model(tiny_assets.teacher_dir, frozen=True))
     stage = Stage(index=0, buckets=(0,), steps=1, temperature=2.0, kd_weight=0.7, loss="fkl")
@@ -341,11 +393,20 @@ def _cached_and_online_steps(tiny_assets, tmp_path, cache_setting: dict, kind: s
     from pocl_ray.config import KDConfig
     from pocl_ray.curriculum import Stage
     from pocl_ray.teacher_cache import CACHE_COLUMNS, HIDDEN_COLUMNS, load_head, save_head
-    from pocl_ray.training import CacheReader, HiddenStatesLM, _cache_dev_rows, accumulate_gradients, batch_of, dev_losses
+    from pocl_ray.training import (
+        CacheReader,
+        HiddenStatesLM,
+        _cache_dev_rows,
+        accumulate_gradients,
+        batch_of,
+        dev_losses,
+    )
 
     cfg = run_config(tiny_assets, tmp_path, **{"kd.teacher": "cached", **cache_setting})
     tokenizer = load_tokenizer(tiny_assets.tokenizer_dir)
-    good, _ = validate_and_tokenize(read_table(tiny_assets.dev_path).to_pylist()[:6], tokenizer, tiny_assets.data_config())
+    good, _ = validate_and_tokenize(
+        read_table(tiny_assets.dev_path).to_pylist()[:6], tokenizer, tiny_assets.data_config()
+    )
     rows = [{k: r[k] for k in ("id", "input_ids", "labels", "attention_mask", "num_prompt_tokens")} for r in good]
     _cache_dev_rows(cfg, rows)
     teacher = HiddenStatesLM(load_model(tiny_assets.teacher_dir, frozen=True))
@@ -357,8 +418,10 @@ def _cached_and_online_steps(tiny_assets, tmp_path, cache_setting: dict, kind: s
     stage = Stage(index=0, buckets=(0,), steps=1, temperature=2.0, kd_weight=0.7, loss=kind)
     results = {}
     for cached in (False, True):
-        batches = [batch_of(rows[i : i + 3], tokenizer.pad_token_id, torch.device("cpu"), reader if cached else None)
-                   for i in (0, 3)]
+        batches = [
+            batch_of(rows[i : i + 3], tokenizer.pad_token_id, torch.device("cpu"), reader if cached else None)
+            for i in (0, 3)
+        ]
         student = HiddenStatesLM(load_model(tiny_assets.student_dir))
         student.eval()
         t = None if cached else teacher
@@ -371,7 +434,9 @@ def _cached_and_online_steps(tiny_assets, tmp_path, cache_setting: dict, kind: s
 def test_cached_teacher_at_full_vocabulary_gives_the_online_step_and_dev_losses(tiny_assets, tmp_path):
     """kd.teacher: cached with K = vocabulary size: the training step and both dev losses equal the
     online teacher's."""
-    online, cached = _cached_and_online_steps(tiny_assets, tmp_path, {"scoring.teacher_top_k": tiny_assets.vocab_size}, "js")
+    online, cached = _cached_and_online_steps(
+        tiny_assets, tmp_path, {"scoring.teacher_top_k": tiny_assets.vocab_size}, "js"
+    )
     results = {False: online, True: cached}
     torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
     for name, g in results[False][1].items():
@@ -415,7 +480,10 @@ def _gradients(student, teacher, micro_rows, stage, pad_id, projection):
 
     batches = [build_batch(rows, pad_id, torch.device("cpu")) for rows in micro_rows]
     out = accumulate_gradients(student, teacher, batches, stage, KDConfig(chunk_positions=16), projection=projection)
-    grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in unwrap(student).named_parameters()}
+    grads = {
+        n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+        for n, p in unwrap(student).named_parameters()
+    }
     unwrap(student).zero_grad(set_to_none=True)
     return out, grads
 
@@ -425,7 +493,6 @@ def _ddp_worker(rank: int, world: int, init: str, assets, rows: list[dict], resu
     from torch.nn.parallel import DistributedDataParallel
 
     from pocl_ray.extraction import layer_projection
-
     from pocl_ray.training import HiddenStatesLM
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
@@ -434,8 +501,9 @@ def _ddp_worker(rank: int, world: int, init: str, assets, rows: list[dict], resu
     results = []
     for stage in _stages():
         torch.manual_seed(0)
-        student = DistributedDataParallel(HiddenStatesLM(load_model(assets.student_dir)),
-                                          find_unused_parameters=stage.target == "hidden")
+        student = DistributedDataParallel(
+            HiddenStatesLM(load_model(assets.student_dir)), find_unused_parameters=stage.target == "hidden"
+        )
         student.eval()  # no dropout: both sides must compute the same function
         projection = layer_projection(64, 32, 3, seed=0) if stage.target == "hidden" else None
         mine = rows[rank * 4 : (rank + 1) * 4]  # this worker's half, as two micro-batches of 2
@@ -456,7 +524,9 @@ def test_two_workers_match_one_worker_on_the_combined_batch(tiny_assets, tmp_pat
     from pocl_ray.training import HiddenStatesLM
 
     tokenizer = load_tokenizer(tiny_assets.tokenizer_dir)
-    good, _ = validate_and_tokenize(read_table(tiny_assets.train_path).to_pylist()[:8], tokenizer, tiny_assets.data_config())
+    good, _ = validate_and_tokenize(
+        read_table(tiny_assets.train_path).to_pylist()[:8], tokenizer, tiny_assets.data_config()
+    )
     rows = [{k: r[k] for k in ("input_ids", "labels", "attention_mask")} for r in good]
     # Rows of very different lengths, so a per-worker mean would weigh tokens differently.
     assert len({len(r["input_ids"]) for r in rows}) > 3
@@ -480,7 +550,9 @@ def test_two_workers_match_one_worker_on_the_combined_batch(tiny_assets, tmp_pat
         student.plain_head = teacher.plain_head = True
         torch.testing.assert_close(logits_out, out, rtol=1e-5, atol=1e-6)
         for name, g in grads.items():
-            torch.testing.assert_close(logits_grads[name], g, rtol=1e-4, atol=1e-7, msg=f"logits path, stage {stage.index} {name}")
+            torch.testing.assert_close(
+                logits_grads[name], g, rtol=1e-4, atol=1e-7, msg=f"logits path, stage {stage.index} {name}"
+            )
         assert out[3] == out[4] == sum(sum(1 for x in r["labels"][1:] if x != -100) for r in rows)
         assert sum(float(g.abs().sum()) for g in grads.values()) > 0
         for name, g in grads.items():
@@ -525,7 +597,7 @@ def test_killed_run_resumes_at_the_same_step_with_the_same_data(pocl_run, tiny_a
     def first_attempt():
         try:
             train(cfg, scores)
-        except BaseException as err:  # noqa: BLE001 - the failure is what this thread is for
+        except BaseException as err:
             failure.append(err)
 
     thread = threading.Thread(target=first_attempt)
@@ -554,13 +626,15 @@ def test_killed_run_resumes_at_the_same_step_with_the_same_data(pocl_run, tiny_a
     num_rows = pq.read_metadata(scores / "rows.parquet").num_rows
     stage_ends = np.cumsum([s.steps for s in stage_specs(plan_from_config(cfg), num_rows, 16)]).tolist()
     assert before[-1] % cfg.training.checkpoint_every == 0 or before[-1] in stage_ends
-    assert all(r["time"] > killed_at for r in resumed[len(before):])
+    assert all(r["time"] > killed_at for r in resumed[len(before) :])
     assert len(before) < len(resumed)
     assert result.steps == undisturbed.steps and result.stages_completed == 4
     # Selection candidates up to the checkpoint (stage 0's end at least) came back with the
     # coordinator's state, as those steps were not trained again; the rest were evaluated anew.
     selection, reference = (json.loads(r.selection_path.read_text())["candidates"] for r in (result, undisturbed))
-    assert [(c["step"], c["stage"], c["samples"]) for c in selection] == [(c["step"], c["stage"], c["samples"]) for c in reference]
+    assert [(c["step"], c["stage"], c["samples"]) for c in selection] == [
+        (c["step"], c["stage"], c["samples"]) for c in reference
+    ]
     assert selection[0]["step"] <= before[-1]
     for a, b in zip(selection, reference):
         assert a["dev_kd_loss"] == pytest.approx(b["dev_kd_loss"], rel=1e-3), a["step"]
@@ -572,7 +646,9 @@ def test_killed_run_resumes_at_the_same_step_with_the_same_data(pocl_run, tiny_a
 
 
 @ray_test
-@pytest.mark.parametrize("setting", [{"scoring.teacher_top_k": 32}, {"scoring.teacher_hidden": True}], ids=["top_k", "hidden"])
+@pytest.mark.parametrize(
+    "setting", [{"scoring.teacher_top_k": 32}, {"scoring.teacher_hidden": True}], ids=["top_k", "hidden"]
+)
 def test_cached_teacher_run_loads_no_teacher_and_follows_the_plan(ray_local, tiny_assets, tmp_path, capsys, setting):
     from pocl_ray.training import selected_student, train
 
@@ -583,10 +659,18 @@ def test_cached_teacher_run_loads_no_teacher_and_follows_the_plan(ray_local, tin
     manifest = json.loads((scores / "manifest.json").read_text())
     manifest["models"]["teacher"] = str(teacher.resolve())
     (scores / "manifest.json").write_text(json.dumps(manifest))
-    cfg = run_config(tiny_assets, tmp_path / "run", **{
-        "models.teacher": str(teacher), "data.dev": None, "kd.teacher": "cached", **setting,
-        "curriculum.num_buckets": 2, "training.checkpoint_every": 100,
-    })
+    cfg = run_config(
+        tiny_assets,
+        tmp_path / "run",
+        **{
+            "models.teacher": str(teacher),
+            "data.dev": None,
+            "kd.teacher": "cached",
+            **setting,
+            "curriculum.num_buckets": 2,
+            "training.checkpoint_every": 100,
+        },
+    )
     with pytest.raises(OSError):
         load_model(teacher)
     result = train(cfg, scores)
@@ -619,15 +703,28 @@ def test_extraction_stages_then_plateau_kd_with_on_policy_rows(ray_local, tiny_a
     # the initial student, so its KD is exactly 0), keeping the last hidden stage's optimizer and
     # LR cosine.
     extraction = extraction_plan(*uniform_layer_map(4, 2), steps_per_layer=2, final_steps=50)
-    final = replace(extraction.stages[-1], until_plateau=True, patience=2, restart_optimizer=False,
-                    teacher=str(tiny_assets.student_dir))
+    final = replace(
+        extraction.stages[-1],
+        until_plateau=True,
+        patience=2,
+        restart_optimizer=False,
+        teacher=str(tiny_assets.student_dir),
+    )
     plan = Plan("extraction", 1, extraction.stages[:-1] + (final,))
     # An LR of 1e-30 leaves the weights unchanged, so the dev loss never improves after the final
     # stage's first evaluation: it must stop at its third one (patience 2), stage step 6 of 50.
-    cfg = run_config(tiny_assets, tmp_path / "run", **{
-        "kd.on_policy_fraction": 0.5, "kd.on_policy_max_new_tokens": 8, "training.eval_every": 2,
-        "training.lr": 1e-30, "training.min_lr": 0.0, "training.checkpoint_every": 100,
-    })
+    cfg = run_config(
+        tiny_assets,
+        tmp_path / "run",
+        **{
+            "kd.on_policy_fraction": 0.5,
+            "kd.on_policy_max_new_tokens": 8,
+            "training.eval_every": 2,
+            "training.lr": 1e-30,
+            "training.min_lr": 0.0,
+            "training.checkpoint_every": 100,
+        },
+    )
     result = train(cfg, scores, plan=plan)
     records = read_metrics(result.metrics_path)
     assert [r["stage"] for r in records] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 4, 4, 4, 4]

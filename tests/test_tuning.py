@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import local_ray
+
 from pocl_ray.config import ConfigError, load_config, parse_config
 from pocl_ray.curriculum import schedule
 from pocl_ray.report import write_report
@@ -52,17 +52,31 @@ GRID = {
 
 def sweep_config(assets, out: Path, search_space: dict | None = None, **overrides):
     """A tiny POCL sweep: 1 Train worker per trial, 2 steps per stage, length-only scoring."""
-    cfg = parse_config({
-        "name": "sw",
-        "data": {"train": str(assets.train_path), "dev": str(assets.dev_path), "max_prompt_length": 96, "max_length": 128},
-        "models": {"teacher": str(assets.teacher_dir), "student": str(assets.student_dir)},
-        "scoring": {"metrics": ["length"], "batch_size": 64},
-        "curriculum": {"plan": "pocl", "num_buckets": 4, "steps_per_stage": 2, "temperature_start": 1.0},
-        "training": {"num_workers": 1, "global_batch_size": 16, "micro_batch_size": 16, "lr": 1e-3,
-                     "min_lr": 1e-4, "checkpoint_every": 100, "max_failures": 0},
-        "tune": {"search_space": search_space or GRID, "max_concurrent_trials": 2},
-        "output": {"dir": str(out)},
-    })
+    cfg = parse_config(
+        {
+            "name": "sw",
+            "data": {
+                "train": str(assets.train_path),
+                "dev": str(assets.dev_path),
+                "max_prompt_length": 96,
+                "max_length": 128,
+            },
+            "models": {"teacher": str(assets.teacher_dir), "student": str(assets.student_dir)},
+            "scoring": {"metrics": ["length"], "batch_size": 64},
+            "curriculum": {"plan": "pocl", "num_buckets": 4, "steps_per_stage": 2, "temperature_start": 1.0},
+            "training": {
+                "num_workers": 1,
+                "global_batch_size": 16,
+                "micro_batch_size": 16,
+                "lr": 1e-3,
+                "min_lr": 1e-4,
+                "checkpoint_every": 100,
+                "max_failures": 0,
+            },
+            "tune": {"search_space": search_space or GRID, "max_concurrent_trials": 2},
+            "output": {"dir": str(out)},
+        }
+    )
     return cfg.with_overrides(overrides) if overrides else cfg
 
 
@@ -75,7 +89,9 @@ def test_search_space_errors_name_the_path(tiny_assets, tmp_path):
 
     with pytest.raises(ConfigError, match=r"tune.search_space.curriculum.num_bucket = 2: .*no such config field"):
         check({"curriculum.num_bucket": {"type": "grid", "values": [2]}})
-    with pytest.raises(ConfigError, match=r"(?s)tune.search_space.curriculum.num_buckets = 0: .*greater than or equal to 1"):
+    with pytest.raises(
+        ConfigError, match=r"(?s)tune.search_space.curriculum.num_buckets = 0: .*greater than or equal to 1"
+    ):
         check({"curriculum.num_buckets": {"type": "choice", "values": [2, 0]}})
     with pytest.raises(ConfigError, match=r"tune.search_space.scoring.rrf_k: .*shared by every trial"):
         check({"scoring.rrf_k": {"type": "uniform", "low": 1, "high": 60}})
@@ -88,9 +104,13 @@ def test_search_space_errors_name_the_path(tiny_assets, tmp_path):
     with pytest.raises(ConfigError, match=r"tune.objective: 'dev_kd_loss' is measured on a dev set; set data.dev"):
         check(**{"data.dev": None})
     # Each value alone is valid; 16 rows x 2 workers does not divide the global batch of 16.
-    clash = {"training.micro_batch_size": {"type": "grid", "values": [8, 16]},
-             "training.num_workers": {"type": "grid", "values": [1, 2]}}
-    with pytest.raises(ConfigError, match=r"(?s)combination .*'training.micro_batch_size': 16, 'training.num_workers': 2"):
+    clash = {
+        "training.micro_batch_size": {"type": "grid", "values": [8, 16]},
+        "training.num_workers": {"type": "grid", "values": [1, 2]},
+    }
+    with pytest.raises(
+        ConfigError, match=r"(?s)combination .*'training.micro_batch_size': 16, 'training.num_workers': 2"
+    ):
         check(clash, **{"training.micro_batch_size": 8})
 
 
@@ -110,7 +130,11 @@ def test_missing_search_package_is_a_config_error(tiny_assets, tmp_path):
 def test_checked_combinations_cover_the_grid(tiny_assets, tmp_path):
     checked = check_search_space(sweep_config(tiny_assets, tmp_path))
     assert sorted((c.curriculum.num_buckets, c.curriculum.temperature_end) for c in checked) == [
-        (2, 1.0), (2, 2.0), (4, 1.0), (4, 2.0)]
+        (2, 1.0),
+        (2, 2.0),
+        (4, 1.0),
+        (4, 2.0),
+    ]
 
 
 def test_param_space_maps_each_spec_type(tiny_assets, tmp_path):
@@ -135,7 +159,9 @@ def test_param_space_maps_each_spec_type(tiny_assets, tmp_path):
 
 
 def test_trial_and_best_configs(tiny_assets, tmp_path):
-    cfg = sweep_config(tiny_assets, tmp_path).with_overrides({"pipeline.compare": {"b": {"curriculum.plan": "baseline"}}})
+    cfg = sweep_config(tiny_assets, tmp_path).with_overrides(
+        {"pipeline.compare": {"b": {"curriculum.plan": "baseline"}}}
+    )
     params = {"curriculum.num_buckets": np.int64(2), "curriculum.temperature_end": np.float64(1.5)}
     trial = trial_config(cfg, params, "abc_00001", tmp_path / "tune" / "trials")
     assert (trial.curriculum.num_buckets, trial.curriculum.temperature_end) == (2, 1.5)
@@ -148,8 +174,12 @@ def test_trial_and_best_configs(tiny_assets, tmp_path):
 
 def test_decision_points_are_reports_with_a_dev_loss_before_the_last():
     assert is_decision_point({"stage": 0, "stages_completed": 1, "dev_kd_loss": 3.0}, num_stages=4)  # stage end
-    assert is_decision_point({"stage": 1, "stages_completed": 1, "dev_kd_loss": 2.0}, num_stages=4)  # mid-stage checkpoint
-    assert is_decision_point({"stage": 3, "stages_completed": 3, "dev_kd_loss": 2.0}, num_stages=4)  # inside the last stage
+    assert is_decision_point(
+        {"stage": 1, "stages_completed": 1, "dev_kd_loss": 2.0}, num_stages=4
+    )  # mid-stage checkpoint
+    assert is_decision_point(
+        {"stage": 3, "stages_completed": 3, "dev_kd_loss": 2.0}, num_stages=4
+    )  # inside the last stage
     assert not is_decision_point({"stage": 3, "stages_completed": 4, "dev_kd_loss": 3.0}, num_stages=4)  # the run's end
     assert not is_decision_point({"stage": 1, "stages_completed": 1, "loss": 2.0}, num_stages=4)  # no dev set
 
@@ -162,7 +192,9 @@ def test_budget_report_forwards_samples_seen(monkeypatch):
     monkeypatch.setattr(TuneReportCallback, "after_report", lambda self, ctx, metrics, ckpt: sent.append(metrics[0]))
     callback = BudgetReport(num_stages=4, global_batch_size=16)
     # Training's greedy dev ROUGE-L (checkpoint selection) must not pass for the dev_rougeL objective.
-    callback.after_report(None, [{"step": 6, "stage": 1, "stages_completed": 1, "dev_kd_loss": 2.5, "dev_rougeL": 9.0}], None)
+    callback.after_report(
+        None, [{"step": 6, "stage": 1, "stages_completed": 1, "dev_kd_loss": 2.5, "dev_rougeL": 9.0}], None
+    )
     callback.after_report(None, [{"step": 7, "stage": 1, "stages_completed": 1, "loss": 2.0}], None)  # no dev loss
     callback.after_report(None, [{"step": 20, "stage": 3, "stages_completed": 4, "dev_kd_loss": 1.0}], None)  # the end
     assert sent == [{"step": 6, "stage": 1, "stages_completed": 1, "dev_kd_loss": 2.5, TIME_ATTR: 96, "num_stages": 4}]
@@ -184,8 +216,9 @@ def test_asha_compares_trials_at_equal_samples_not_stage_index(tiny_assets, tmp_
     scheduler.on_trial_add(None, two)
 
     def report(trial, samples, stages_completed, loss):
-        return scheduler.on_trial_result(None, trial, {TIME_ATTR: samples, "stages_completed": stages_completed,
-                                                       "dev_kd_loss": loss})
+        return scheduler.on_trial_result(
+            None, trial, {TIME_ATTR: samples, "stages_completed": stages_completed, "dev_kd_loss": loss}
+        )
 
     # 4 stages of 32 samples: a poor first stage (before the grace period), then 2.0 at 64 samples.
     assert report(four, 32, 1, 5.0) == TrialScheduler.CONTINUE
@@ -203,20 +236,46 @@ def test_sweep_budget_lays_rungs_on_report_points(tiny_assets, tmp_path):
     # Report intervals 32 (2 steps x 16) and 64 samples: the default grace is their common multiple.
     assert sweep_budget(cfg.tune, [(cfg, 8), (wide, 6)]) == Budget(grace=64, max_samples=192)
     assert sweep_budget(cfg.with_overrides({"tune.grace_samples": 96}).tune, [(cfg, 20)]).grace == 96
-    with pytest.raises(ConfigError, match=r"tune.grace_samples \(48\) .*rung at 48 samples, not a multiple of the report interval 32"):
+    with pytest.raises(
+        ConfigError, match=r"tune.grace_samples \(48\) .*rung at 48 samples, not a multiple of the report interval 32"
+    ):
         sweep_budget(cfg.with_overrides({"tune.grace_samples": 48}).tune, [(cfg, 20)])
-    with pytest.raises(ConfigError, match=r"reduction_factor \(1.5\).*rung at 96 samples, not a multiple of the report interval 64"):
-        sweep_budget(cfg.with_overrides({"tune.grace_samples": 64, "tune.reduction_factor": 1.5}).tune, [(cfg, 20), (wide, 6)])
-    with pytest.raises(ConfigError, match=r"tune.grace_samples \(320\) leaves ASHA nothing to stop: the longest trial sees 320"):
+    with pytest.raises(
+        ConfigError, match=r"reduction_factor \(1.5\).*rung at 96 samples, not a multiple of the report interval 64"
+    ):
+        sweep_budget(
+            cfg.with_overrides({"tune.grace_samples": 64, "tune.reduction_factor": 1.5}).tune, [(cfg, 20), (wide, 6)]
+        )
+    with pytest.raises(
+        ConfigError, match=r"tune.grace_samples \(320\) leaves ASHA nothing to stop: the longest trial sees 320"
+    ):
         sweep_budget(cfg.with_overrides({"tune.grace_samples": 320}).tune, [(cfg, 20)])
 
 
 def test_rows_best_trial_plot_and_report_section(tmp_path):
     p = "curriculum.num_buckets"
     rows = [
-        trial_row("t0", {p: 2}, {"finished": True, "dev_kd_loss": 2.0, "step": 8, "stages_completed": 2}, None, "dev_kd_loss", 2, tmp_path),
-        trial_row("t1", {p: 4}, {"finished": True, "dev_kd_loss": 1.5, "step": 8, "stages_completed": 4}, None, "dev_kd_loss", 4, tmp_path),
-        trial_row("t2", {p: 4}, {"dev_kd_loss": 0.5, "step": 2, "stages_completed": 1}, None, "dev_kd_loss", 4, tmp_path),
+        trial_row(
+            "t0",
+            {p: 2},
+            {"finished": True, "dev_kd_loss": 2.0, "step": 8, "stages_completed": 2},
+            None,
+            "dev_kd_loss",
+            2,
+            tmp_path,
+        ),
+        trial_row(
+            "t1",
+            {p: 4},
+            {"finished": True, "dev_kd_loss": 1.5, "step": 8, "stages_completed": 4},
+            None,
+            "dev_kd_loss",
+            4,
+            tmp_path,
+        ),
+        trial_row(
+            "t2", {p: 4}, {"dev_kd_loss": 0.5, "step": 2, "stages_completed": 1}, None, "dev_kd_loss", 4, tmp_path
+        ),
         trial_row("t3", {p: 8}, None, "ValueError: boom", "dev_kd_loss", None, tmp_path),
     ]
     frame = pd.DataFrame(rows)
@@ -227,18 +286,25 @@ def test_rows_best_trial_plot_and_report_section(tmp_path):
     assert best_trial(frame, "dev_kd_loss")["trial_id"] == "t1"
     rouge = pd.DataFrame([{**r, "objective": v} for r, v in zip(rows, [30.0, 20.0, 50.0, math.nan])])
     assert best_trial(rouge, "dev_rougeL")["trial_id"] == "t0"
-    with pytest.raises(RuntimeError, match="no trial finished with a dev_kd_loss: 1 trials, 1 errors; first error: ValueError: boom"):
+    with pytest.raises(
+        RuntimeError, match="no trial finished with a dev_kd_loss: 1 trials, 1 errors; first error: ValueError: boom"
+    ):
         best_trial(frame.iloc[3:], "dev_kd_loss")
 
     tune_dir = tmp_path / "tune"
-    tc = parse_config({"data": {"train": "x"}, "models": {"teacher": "t"},
-                       "tune": {"search_space": {p: {"type": "grid", "values": [2, 4, 8]}}}}).tune
+    tc = parse_config(
+        {
+            "data": {"train": "x"},
+            "models": {"teacher": "t"},
+            "tune": {"search_space": {p: {"type": "grid", "values": [2, 4, 8]}}},
+        }
+    ).tune
     png = plot_objective(frame, tc, tune_dir / "objective.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     frame.to_csv(tune_dir / "results.csv", index=False)
     # The run report's sweep section (table padding collapsed: the cells are what matters).
     lines = [" ".join(line.split()) for line in write_report(tmp_path).read_text().splitlines()]
-    sweep = lines[lines.index("## Sweep"):]
+    sweep = lines[lines.index("## Sweep") :]
     assert sweep[2].startswith("4 trials")
     assert any(line.startswith("| t2 | stopped | 4 |") for line in sweep)
     assert (tmp_path / "report" / "tune_objective.png").is_file()
@@ -299,8 +365,10 @@ def grid_sweep(ray_tune, tiny_assets, tmp_path_factory):
     finally:
         stop.set()
         watcher.join()
-    kept = {t: (root / "tune" / "trials" / t / "train" / "student" / "config.json").stat().st_mtime_ns
-            for t in _finished_trials(experiment)}
+    kept = {
+        t: (root / "tune" / "trials" / t / "train" / "student" / "config.json").stat().st_mtime_ns
+        for t in _finished_trials(experiment)
+    }
     with redirect_stdout(log):
         result = tune(cfg)
     return cfg, result, log.getvalue(), kept
@@ -312,10 +380,16 @@ def test_grid_sweep_runs_every_trial_with_its_settings(grid_sweep):
     frame = pd.read_csv(result.results_csv)
     assert len(frame) == 4 and set(frame["status"]) == {"finished"} and not frame["stopped_early"].any()
     assert sorted(zip(frame["curriculum.num_buckets"], frame["curriculum.temperature_end"])) == [
-        (2, 1.0), (2, 2.0), (4, 1.0), (4, 2.0)]
+        (2, 1.0),
+        (2, 2.0),
+        (4, 1.0),
+        (4, 2.0),
+    ]
     for _, row in frame.iterrows():
         n, t_end = int(row["curriculum.num_buckets"]), float(row["curriculum.temperature_end"])
-        records = [json.loads(line) for line in (Path(row.output_dir) / "train" / "metrics.jsonl").read_text().splitlines()]
+        records = [
+            json.loads(line) for line in (Path(row.output_dir) / "train" / "metrics.jsonl").read_text().splitlines()
+        ]
         # The trial's own plan ran: n stages of 2 steps, temperatures rising from 1 to its T_end.
         assert [r["stage"] for r in records] == [s for s in range(n) for _ in range(2)]
         temps = schedule(1.0, t_end, n)
@@ -363,17 +437,34 @@ def test_asha_stops_the_clearly_worse_trial_and_rouge_picks_the_best(grid_sweep,
     # after 32 samples, one report interval), the wrecking one falls below it there. The objective
     # is dev ROUGE-L, generated after training.
     space = {"training.lr": {"type": "grid", "values": [1e-3, 0.5]}}
-    cfg = sweep_config(tiny_assets, tmp_path, space, **{
-        "curriculum.num_buckets": 2, "training.checkpoint_every": 2, "tune.scheduler": "asha", "tune.max_concurrent_trials": 1,
-        "tune.objective": "dev_rougeL", "eval.seeds": [1], "eval.max_new_tokens": 8, "eval.batch_size": 32,
-        "scoring.teacher_hidden": True, "kd.teacher": "cached",
-    })
+    cfg = sweep_config(
+        tiny_assets,
+        tmp_path,
+        space,
+        **{
+            "curriculum.num_buckets": 2,
+            "training.checkpoint_every": 2,
+            "tune.scheduler": "asha",
+            "tune.max_concurrent_trials": 1,
+            "tune.objective": "dev_rougeL",
+            "eval.seeds": [1],
+            "eval.max_new_tokens": 8,
+            "eval.batch_size": 32,
+            "scoring.teacher_hidden": True,
+            "kd.teacher": "cached",
+        },
+    )
     result = tune(cfg)
     frame = pd.read_csv(result.results_csv).set_index("training.lr")
     good, bad = frame.loc[1e-3], frame.loc[0.5]
     assert good["status"] == "finished" and good["stages_completed"] == 2 and not good["stopped_early"]
     assert bad["status"] == "stopped" and bool(bad["stopped_early"])
-    assert bad["stages_completed"] == 1 and bad["num_stages"] == 2 and bad["steps"] == 2 and bad["dev_kd_loss"] > good["dev_kd_loss"]
+    assert (
+        bad["stages_completed"] == 1
+        and bad["num_stages"] == 2
+        and bad["steps"] == 2
+        and bad["dev_kd_loss"] > good["dev_kd_loss"]
+    )
     assert bad["samples_seen"] == 32 and good["samples_seen"] == 64  # 2 and 4 steps of 16 rows
     # Only a finished trial is evaluated; its objective is the dev set's ROUGE-L from evaluation.
     evaluated = json.loads((Path(good["output_dir"]) / "eval" / "dev" / "results.json").read_text())

@@ -30,36 +30,54 @@ def write_scores(directory: Path, assets, num_buckets: int = 4, cache_form: int 
     ranks = np.arange(m)
     scores = directory / "scores"
     scores.mkdir(parents=True)
-    table = pa.table({
-        "id": pa.array([r["id"] for r in good], pa.string()),
-        "prompt": pa.array([r["prompt"] for r in good], pa.string()),
-        "response": pa.array([r["response"] for r in good], pa.string()),
-        "input_ids": pa.array([r["input_ids"] for r in good], pa.list_(pa.int32())),
-        "labels": pa.array([r["labels"] for r in good], pa.list_(pa.int32())),
-        "num_prompt_tokens": pa.array([r["num_prompt_tokens"] for r in good], pa.int32()),
-        "num_response_tokens": pa.array([r["num_response_tokens"] for r in good], pa.int32()),
-        "length": pa.array([float(r["num_response_tokens"]) for r in good], pa.float64()),
-        "fused_score": pa.array((1.0 / (61 + ranks)).tolist(), pa.float64()),
-        "rank": pa.array(ranks, pa.int64()),
-        "bucket": pa.array(bucket_of_rank(ranks, m, num_buckets), pa.int32()),
-    })
+    table = pa.table(
+        {
+            "id": pa.array([r["id"] for r in good], pa.string()),
+            "prompt": pa.array([r["prompt"] for r in good], pa.string()),
+            "response": pa.array([r["response"] for r in good], pa.string()),
+            "input_ids": pa.array([r["input_ids"] for r in good], pa.list_(pa.int32())),
+            "labels": pa.array([r["labels"] for r in good], pa.list_(pa.int32())),
+            "num_prompt_tokens": pa.array([r["num_prompt_tokens"] for r in good], pa.int32()),
+            "num_response_tokens": pa.array([r["num_response_tokens"] for r in good], pa.int32()),
+            "length": pa.array([float(r["num_response_tokens"]) for r in good], pa.float64()),
+            "fused_score": pa.array((1.0 / (61 + ranks)).tolist(), pa.float64()),
+            "rank": pa.array(ranks, pa.int64()),
+            "bucket": pa.array(bucket_of_rank(ranks, m, num_buckets), pa.int32()),
+        }
+    )
     cache = None
     if cache_form is not None:
         table, cache = _with_teacher_cache(table, good, assets, cache_form, tokenizer.pad_token_id, scores)
     pq.write_table(table, scores / "rows.parquet", row_group_size=64)
     buckets = bucket_of_rank(ranks, m, num_buckets)
-    (scores / "manifest.json").write_text(json.dumps({
-        "rows_in": m, "rows_scored": m, "rows_rejected": 0, "metrics": [{"name": "length", "direction": "lower"}],
-        "rrf_k": 60, "num_buckets": num_buckets,
-        "buckets": [{"id": b, "rows": int((buckets == b).sum()), "fused_min": None, "fused_max": None} for b in range(num_buckets)],
-        "models": {"teacher": str(Path(assets.teacher_dir).resolve())}, "config": {}, "ray_version": "",
-        "wall_seconds": 0.0, "scores_path": "rows.parquet", "teacher_cache": cache,
-    }))
+    (scores / "manifest.json").write_text(
+        json.dumps(
+            {
+                "rows_in": m,
+                "rows_scored": m,
+                "rows_rejected": 0,
+                "metrics": [{"name": "length", "direction": "lower"}],
+                "rrf_k": 60,
+                "num_buckets": num_buckets,
+                "buckets": [
+                    {"id": b, "rows": int((buckets == b).sum()), "fused_min": None, "fused_max": None}
+                    for b in range(num_buckets)
+                ],
+                "models": {"teacher": str(Path(assets.teacher_dir).resolve())},
+                "config": {},
+                "ray_version": "",
+                "wall_seconds": 0.0,
+                "scores_path": "rows.parquet",
+                "teacher_cache": cache,
+            }
+        )
+    )
     return scores
 
 
-def _with_teacher_cache(table: pa.Table, rows: list[dict], assets, form: int | str, pad_id: int,
-                        scores: Path) -> tuple[pa.Table, dict]:
+def _with_teacher_cache(
+    table: pa.Table, rows: list[dict], assets, form: int | str, pad_id: int, scores: Path
+) -> tuple[pa.Table, dict]:
     from pocl_ray import teacher_cache
     from pocl_ray.measurers import teacher_caches
     from pocl_ray.models import load_model
@@ -77,15 +95,29 @@ def _with_teacher_cache(table: pa.Table, rows: list[dict], assets, form: int | s
 
 def run_config(assets, out: Path, name: str = "t", **overrides):
     """A small 2-worker POCL config over the tiny assets: 4 stages of 1 epoch, global batch 16."""
-    cfg = parse_config({
-        "name": name,
-        "data": {"train": str(assets.train_path), "dev": str(assets.dev_path), "max_prompt_length": 96, "max_length": 128},
-        "models": {"teacher": str(assets.teacher_dir), "student": str(assets.student_dir)},
-        "curriculum": {"plan": "pocl", "num_buckets": 4, "epochs_per_stage": 1.0},
-        "training": {"num_workers": 2, "global_batch_size": 16, "micro_batch_size": 4, "lr": 1e-3,
-                     "min_lr": 1e-4, "checkpoint_every": 10, "max_failures": 0},
-        "output": {"dir": str(out)},
-    })
+    cfg = parse_config(
+        {
+            "name": name,
+            "data": {
+                "train": str(assets.train_path),
+                "dev": str(assets.dev_path),
+                "max_prompt_length": 96,
+                "max_length": 128,
+            },
+            "models": {"teacher": str(assets.teacher_dir), "student": str(assets.student_dir)},
+            "curriculum": {"plan": "pocl", "num_buckets": 4, "epochs_per_stage": 1.0},
+            "training": {
+                "num_workers": 2,
+                "global_batch_size": 16,
+                "micro_batch_size": 4,
+                "lr": 1e-3,
+                "min_lr": 1e-4,
+                "checkpoint_every": 10,
+                "max_failures": 0,
+            },
+            "output": {"dir": str(out)},
+        }
+    )
     return cfg.with_overrides(overrides) if overrides else cfg
 
 
@@ -106,9 +138,19 @@ def expected_tokens(cfg, scores: Path, plan=None) -> list[int]:
         pool = blocks(spec.pool_ranges, bounds)
         for k in range(spec.steps):
             epoch, j = divmod(k, spec.steps_per_epoch)
-            shards = [worker_shard(pool, seed=t.seed, stage=index, epoch=epoch, world_size=t.num_workers, worker=r,
-                                   global_batch=t.global_batch_size, micro_batch=t.micro_batch_size)
-                      for r in range(t.num_workers)]
+            shards = [
+                worker_shard(
+                    pool,
+                    seed=t.seed,
+                    stage=index,
+                    epoch=epoch,
+                    world_size=t.num_workers,
+                    worker=r,
+                    global_batch=t.global_batch_size,
+                    micro_batch=t.micro_batch_size,
+                )
+                for r in range(t.num_workers)
+            ]
             out.append(int(sum(tokens[m].sum() for s in shards for m in s.step(j))))
     return out
 
