@@ -16,8 +16,8 @@ Peak memory is measured above what the inputs already hold:
   allocation records (every CPU allocation and free the allocator reports, in time order). Timings
   come from separate runs without the profiler.
 
-``--chunk-positions-sweep 64,128,256`` adds a sweep of the linear loss over chunk lengths (scored positions per chunk) (first kind only): how
-the default ``losses.DEFAULT_CHUNK_POSITIONS`` was chosen.
+``--chunk-positions-sweep 64,128,256`` adds a sweep of the linear loss over chunk lengths (scored positions per
+chunk) (first kind only): how the default ``losses.DEFAULT_CHUNK_POSITIONS`` was chosen.
 
     python benchmarks/loss_memory.py             # GPU: 2 x 8192 tokens, hidden 576, vocab 49152, bf16
     python benchmarks/loss_memory.py --kinds fkl,js --batch 2 --seq 256 --hidden 64 --vocab 4096   # CPU, small
@@ -31,6 +31,7 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -176,18 +177,23 @@ def main() -> None:
         with torch.no_grad():
             return t_hidden @ t_head.T
 
+    def naive(kind: str):
+        return naive_kd_loss(kind, s_hidden @ s_head.T, teacher_logits(), labels, args.temperature)
+
+    def chunked(kind: str):
+        return losses.kd_loss(
+            kind, s_hidden @ s_head.T, teacher_logits(), labels, chunk_positions=args.chunk_positions, **opts
+        )
+
+    def linear(kind: str, chunk_positions: int = args.chunk_positions):
+        return losses.linear_kd_loss(
+            kind, s_hidden, s_head, t_hidden, t_head, labels, chunk_positions=chunk_positions, **opts
+        )
+
     results = {}
     for kind in kinds:
-        variants = {
-            "naive": lambda: naive_kd_loss(kind, s_hidden @ s_head.T, teacher_logits(), labels, args.temperature),
-            "chunked": lambda: losses.kd_loss(
-                kind, s_hidden @ s_head.T, teacher_logits(), labels, chunk_positions=args.chunk_positions, **opts
-            ),
-            "linear": lambda: losses.linear_kd_loss(
-                kind, s_hidden, s_head, t_hidden, t_head, labels, chunk_positions=args.chunk_positions, **opts
-            ),
-        }
-        row = {name: measure(fn, trainable, device, args.repeats) for name, fn in variants.items()}
+        variants = {"naive": naive, "chunked": chunked, "linear": linear}
+        row = {name: measure(partial(fn, kind), trainable, device, args.repeats) for name, fn in variants.items()}
         for other in ("naive", "chunked"):
             row[f"memory_ratio_{other}_over_linear"] = round(
                 row[other]["peak_extra_mib"] / row["linear"]["peak_extra_mib"], 2
@@ -200,9 +206,7 @@ def main() -> None:
 
     sweep = {}
     for size in (int(s) for s in args.chunk_positions_sweep.split(",") if s):
-        fn = lambda: losses.linear_kd_loss(
-            kinds[0], s_hidden, s_head, t_hidden, t_head, labels, chunk_positions=size, **opts
-        )
+        fn = partial(linear, kinds[0], chunk_positions=size)
         sweep[size] = {k: v for k, v in measure(fn, trainable, device, args.repeats).items() if k != "loss"}
 
     print(

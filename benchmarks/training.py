@@ -24,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -340,8 +341,8 @@ def main() -> None:
             cfg = config(a, teacher, student, root / f"run{i}")
             steps = planned_steps(cfg, scores)
             tokens = [int(sum(lengths[int(r)] for m in s for r in m)) for s in steps]
-            samples["hand"].append(timed("hand", lambda: hand_loop(cfg, rows, steps, device), device, tokens))
-            samples["bare"].append(timed("bare", lambda: bare_loop(cfg, rows, steps, device), device, tokens))
+            samples["hand"].append(timed("hand", partial(hand_loop, cfg, rows, steps, device), device, tokens))
+            samples["bare"].append(timed("bare", partial(bare_loop, cfg, rows, steps, device), device, tokens))
             samples["ray"].append(ray_path(cfg, scores, tokens))
     ray.shutdown()
 

@@ -29,7 +29,7 @@ PlanKind = Literal["pocl", "baseline", "sft", "extraction", "progressive"]
 Schedule = Literal["linear", "constant", "cosine"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 # A fixed actor pool size, or "auto": an autoscaling pool (see `data.actor_pool`).
-ActorCount = Union[Annotated[int, Field(ge=1)], Literal["auto"]]
+ActorCount = Annotated[int, Field(ge=1)] | Literal["auto"]
 
 
 class ConfigError(ValueError):
@@ -471,7 +471,8 @@ class RunConfig(_Section):
                 "the teacher's hidden states" if self.curriculum.plan == "extraction" else "one teacher per checkpoint"
             )
             raise ValueError(
-                f"kd.teacher: 'cached' cannot serve curriculum.plan {self.curriculum.plan!r}, which needs {need}; use kd.teacher: online"
+                f"kd.teacher: 'cached' cannot serve curriculum.plan {self.curriculum.plan!r}, which needs {need}; "
+                "use kd.teacher: online"
             )
         if self.kd.on_policy_fraction > 0:
             raise ValueError(

@@ -347,7 +347,8 @@ def plan_from_config(
             teacher_layers = e.teacher_layers or list(range(1, num_teacher_layers + 1))
             if len(e.layer_map) != len(teacher_layers):
                 raise ValueError(
-                    f"curriculum.extraction.layer_map has {len(e.layer_map)} entries for {len(teacher_layers)} teacher layers"
+                    f"curriculum.extraction.layer_map has {len(e.layer_map)} entries "
+                    f"for {len(teacher_layers)} teacher layers"
                 )
             student_layers = list(e.layer_map)
         else:

@@ -16,8 +16,9 @@ run named after the folder, and without DIR/runs/ DIR itself is the one run.
 An evaluation is named after its run; a run with several evaluations names them "<run>/<name>"
 (DIR itself, as the one run, names them "<name>"). metrics.jsonl lines that are not JSON objects
 are skipped and counted in the report; a step logged twice (a restart replaying steps after its
-last checkpoint) keeps its last record. "step seconds" sums the per-step `seconds`; "wall seconds" is the span of the per-step
-`time` stamps (first step's start to last step's end), when the records carry them.
+last checkpoint) keeps its last record. "step seconds" sums the per-step `seconds`; "wall seconds"
+is the span of the per-step `time` stamps (first step's start to last step's end), when the records
+carry them.
 """
 
 from __future__ import annotations

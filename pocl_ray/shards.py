@@ -221,7 +221,8 @@ class ScoresIndex:
                 if high - low + 1 != group.num_rows:
                     raise ValueError(
                         f"scores at {self.path} are not in rank order ({file} row group {i} holds ranks "
-                        f"{low}..{high} in {group.num_rows} rows); training reads scores written with scoring.sort_output: true"
+                        f"{low}..{high} in {group.num_rows} rows); training reads scores written with "
+                        "scoring.sort_output: true"
                     )
                 groups.append((low, group.num_rows, file, i, sizes))
         groups.sort(key=lambda g: g[0])

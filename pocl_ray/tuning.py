@@ -19,10 +19,10 @@ cut different bucket counts or intervals reach their first stage end after very 
 so stage k of one is no fair match for stage k of another. Its rungs (tune.grace_samples x
 reduction_factor^k samples) are checked to fall on every trial's checkpoint steps, so each trial is
 recorded at a rung exactly at the rung's budget. The report of a run's last step is held back, so
-ASHA never stops a trial whose training is done (only the student's export, and the objective, remain). With the dev_rougeL objective ASHA
-still ranks trials by their dev KD loss, the one signal there is during training; the objective
-itself (ROUGE-L of generations on data.dev) is computed when a trial's training ends, and picks the
-best trial.
+ASHA never stops a trial whose training is done (only the student's export, and the objective,
+remain). With the dev_rougeL objective ASHA still ranks trials by their dev KD loss, the one signal
+there is during training; the objective itself (ROUGE-L of generations on data.dev) is computed when
+a trial's training ends, and picks the best trial.
 
 Outputs in DIR/tune/:
   results.csv       one row per trial: trial_id, status (finished / stopped / error), the searched
@@ -117,7 +117,8 @@ def check_search_space(cfg: RunConfig) -> list[RunConfig]:
             )
         if searcher_alg and spec.type == "grid":
             raise ConfigError(
-                f"tune.search_space.{path}: search_alg {tc.search_alg!r} samples values; use type 'choice' instead of 'grid'"
+                f"tune.search_space.{path}: search_alg {tc.search_alg!r} samples values; "
+                "use type 'choice' instead of 'grid'"
             )
         for value in _candidates(spec):
             try:

@@ -2,8 +2,8 @@
 
 Ray runs are few and shared through module fixtures: one undisturbed POCL run (schedule, data,
 loss, saved student, checkpoint selection), one run killed after a checkpoint and re-run (exact
-resume, selection candidates kept), one curriculum-extraction run with on-policy rows. The loss algebra (2 workers = 1 worker on the
-combined batch) is checked with two gloo processes, without Ray.
+resume, selection candidates kept), one curriculum-extraction run with on-policy rows. The loss
+algebra (2 workers = 1 worker on the combined batch) is checked with two gloo processes, without Ray.
 """
 
 from __future__ import annotations
