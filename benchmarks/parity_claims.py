@@ -24,9 +24,9 @@ import json
 import sys
 from pathlib import Path
 
-from pocl_ray.parity import CLAIM_BOUNDS, check_claims
-from pocl_ray.parity_config import load_parity_config
-from pocl_ray.parity_run import run_parity
+from pocl_ray.parity.config import load_parity_config
+from pocl_ray.parity.runner import run_parity
+from pocl_ray.parity.sandbox import CLAIM_BOUNDS, check_claims
 
 ROOT = Path(__file__).resolve().parents[1]
 

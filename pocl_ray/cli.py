@@ -20,8 +20,8 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 
 def _score(args: argparse.Namespace) -> None:
+    from pocl_ray.ray_session import init_ray
     from pocl_ray.scoring import format_summary, score_dataset
-    from pocl_ray.stages import init_ray
 
     cfg = _config(args)
     init_ray()
@@ -30,7 +30,7 @@ def _score(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from pocl_ray.stages import init_ray
+    from pocl_ray.ray_session import init_ray
     from pocl_ray.training import train
 
     cfg = _config(args)
@@ -41,7 +41,7 @@ def _train(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from pocl_ray.evaluation import evaluate
-    from pocl_ray.stages import init_ray
+    from pocl_ray.ray_session import init_ray
     from pocl_ray.training import selected_student
 
     cfg = _config(args)
@@ -72,8 +72,8 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _parity(args: argparse.Namespace) -> None:
-    from pocl_ray.parity_config import load_parity_config
-    from pocl_ray.parity_run import run_parity
+    from pocl_ray.parity.config import load_parity_config
+    from pocl_ray.parity.runner import run_parity
 
     run_parity(load_parity_config(args.config), Path(args.output))
 
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if "verbose" in args:  # the commands that run Ray Data
-        from pocl_ray.stages import quiet_ray_data
+        from pocl_ray.ray_session import quiet_ray_data
 
         quiet_ray_data(args.verbose)
     try:

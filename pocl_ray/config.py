@@ -539,7 +539,7 @@ Model = TypeVar("Model", bound=BaseModel)
 def validate_mapping(model: type[Model], data: Any, source: str = "<dict>", what: str = "config") -> Model:
     """`data` validated as `model`; every problem raised as one ConfigError naming `source` and each field.
 
-    The one parser of the project's YAML configs (the run config here, parity_config's sandbox config);
+    The one parser of the project's YAML configs (the run config here, parity.config's sandbox config);
     `what` names the kind of config in the messages.
     """
     if not isinstance(data, dict):

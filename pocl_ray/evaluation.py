@@ -23,7 +23,6 @@ Outputs in DIR/eval/<label>/ (DIR/eval/ when label is None):
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import time
@@ -33,17 +32,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import pyarrow as pa
 import torch
 from rouge_score.rouge_scorer import RougeScorer
 
 from pocl_ray.config import ConfigError, EvalConfig, RunConfig
 from pocl_ray.data import collate, duplicate_reasons, prepare_batch, read_ray_dataset
+from pocl_ray.eval_results import format_number, write_results
 from pocl_ray.measurers import greedy_responses, response_budgets, response_means, rouge_l_scorer
 from pocl_ray.models import TOKENIZER_CONFIG, check_model_folder, has_model_files, load_model, load_tokenizer
+from pocl_ray.progress import row_progress
+from pocl_ray.ray_session import actor_pool, actor_resources
 from pocl_ray.sampling import generate_tokens, stream_seed
-from pocl_ray.stages import actor_pool, actor_resources, row_progress
 
 log = logging.getLogger(__name__)
 
@@ -236,69 +236,9 @@ def average(sets: Mapping[str, Mapping[str, Any]]) -> dict:
     return out
 
 
-def _num(value: float | None, digits: int = 2) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
-def results_markdown(results: Mapping[str, Any]) -> str:
-    cfg = results["config"]
-    seeds = [str(s) for s in cfg["seeds"]]
-    headers = ["set", "rows", "rejected", "ROUGE-L", "± std", *[f"seed {s}" for s in seeds], "CE"]
-    rows = [
-        [
-            name,
-            s["rows"],
-            s["rows_rejected"],
-            _num(s["rougeL_mean"]),
-            _num(s["rougeL_std"]),
-            *[_num(s["rougeL_per_seed"].get(k)) for k in seeds],
-            _num(s["ce_mean"], 3),
-        ]
-        for name, s in results["sets"].items()
-    ]
-    avg = results["average"]
-    rows.append(["**average**", "", "", _num(avg["rougeL_mean"]), "", *[""] * len(seeds), _num(avg["ce_mean"], 3)])
-    sampling = "greedy" if cfg["temperature"] == 0 else f"temperature {cfg['temperature']}, top-p {cfg['top_p']}"
-    return (
-        f"# Evaluation: {results['label'] or 'model'}\n\nmodel: `{results['model']}`  \n"
-        f"sampling: {sampling}, max new tokens {cfg['max_new_tokens']}, seeds {', '.join(seeds)}  \n"
-        f"ROUGE-L: F1 ×100 (rouge-score, stemming), mean over rows per seed, then mean ± std over seeds; "
-        f"CE: mean teacher-forced cross-entropy on the reference response (nats/token)\n\n"
-        + pd.DataFrame(rows, columns=headers).astype(str).to_markdown(index=False, disable_numparse=True)
-        + "\n"
-    )
-
-
 def eval_dir(output_dir: str | Path, label: str | None) -> Path:
     base = Path(output_dir) / "eval"
     return base / label if label else base
-
-
-def write_results(
-    results: Mapping[str, Any],
-    directory: str | Path,
-    generations: Sequence[Mapping[str, Any]] = (),
-    rejected: Sequence[Mapping[str, Any]] = (),
-) -> Path:
-    """Write results.json, results.md, generations.jsonl and rejected.jsonl; returns results.json's path."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "results.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    (directory / "results.md").write_text(results_markdown(results))
-    for name, records in (("generations.jsonl", generations), ("rejected.jsonl", rejected)):
-        with open(directory / name, "w") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return path
-
-
-def load_results(path: str | Path) -> dict:
-    """A results.json (or the directory holding it)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "results.json"
-    return json.loads(path.read_text())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +272,7 @@ class _Evaluator:
 
     def __init__(self, model_path: str, tokenizer_path: str, dtype: str, eval_cfg: EvalConfig, counter=None):
         device = "cuda" if eval_cfg.num_gpus_per_actor > 0 else "cpu"
-        self.counter = counter  # a stages.RowCounter: rows done, for the driver's progress line
+        self.counter = counter  # a progress.RowCounter: rows done, for the driver's progress line
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.model = load_model(model_path, dtype=dtype, device=device, frozen=True)
         self.eval_cfg = eval_cfg
@@ -461,9 +401,9 @@ def evaluate(
         log.info(
             "eval %s: ROUGE-L %s ± %s, CE %s, %d rows, %d rejected",
             name,
-            _num(s["rougeL_mean"]),
-            _num(s["rougeL_std"]),
-            _num(s["ce_mean"], 3),
+            format_number(s["rougeL_mean"]),
+            format_number(s["rougeL_std"]),
+            format_number(s["ce_mean"], 3),
             s["rows"],
             s["rows_rejected"],
         )

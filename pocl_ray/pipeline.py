@@ -1,8 +1,8 @@
 """The distill pipeline: [prepare teacher] -> [fine-tune teacher] -> score -> train -> eval -> report,
-from one config. With pipeline.sft_teacher every stage after the fine-tuning (scoring, training,
+from one config. With pipeline.sft_teacher every step after the fine-tuning (scoring, training,
 evaluation, the teacher's own evaluation) uses the fine-tuned teacher (`teacher_prep.resolve_teacher`).
 
-Each stage is resumable and keyed by a fingerprint of the config it depends on (`pocl_ray.stages`).
+Each step is resumable and keyed by a fingerprint of the config it depends on (`pocl_ray.pipeline_steps`).
 
 With `pipeline.compare`, each label gets its own student under DIR/runs/<label>/{train,eval}
 while the scoring pass (DIR/scores) is shared: buckets are re-cut from the stored ranks.
@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from pocl_ray.config import ConfigError, RunConfig
-from pocl_ray.stages import EVAL_KEYS, SCORE_KEYS, TRAIN_KEYS, fingerprint, init_ray, run_stage
+from pocl_ray.pipeline_steps import EVAL_KEYS, SCORE_KEYS, TRAIN_KEYS, fingerprint, run_pipeline_step
+from pocl_ray.ray_session import init_ray
 
 
 def compared_runs(cfg: RunConfig) -> dict[str, RunConfig]:
@@ -41,7 +42,7 @@ def compared_runs(cfg: RunConfig) -> dict[str, RunConfig]:
 
 
 def run_distill(cfg: RunConfig) -> Path:
-    """Run every stage the config asks for; returns the report's path."""
+    """Run every step the config asks for; returns the report's path."""
     from pocl_ray.evaluation import evaluate
     from pocl_ray.report import write_report
     from pocl_ray.scoring import score_dataset
@@ -53,7 +54,7 @@ def run_distill(cfg: RunConfig) -> Path:
     if cfg.pipeline.sft_teacher is not None:
         sft_overrides(cfg)  # and the fine-tuning's settings
     started = time.time()
-    # Builds and / or fine-tunes the teacher when asked (each a stage that starts Ray itself); a missing
+    # Builds and / or fine-tunes the teacher when asked (each a step that starts Ray itself); a missing
     # teacher that nothing would build fails here, before Ray starts.
     resolved = resolve_teacher(cfg, root)
     init_ray(min_cpus=4)
@@ -62,7 +63,7 @@ def run_distill(cfg: RunConfig) -> Path:
     cfg = resolved
     runs = compared_runs(cfg)
 
-    run_stage("score", root / "scores", fingerprint(cfg, SCORE_KEYS), lambda: score_dataset(cfg))
+    run_pipeline_step("score", root / "scores", fingerprint(cfg, SCORE_KEYS), lambda: score_dataset(cfg))
 
     scores_dir = root / "scores"
     for label, run in runs.items():
@@ -70,10 +71,12 @@ def run_distill(cfg: RunConfig) -> Path:
         tag = f" [{label}]" if label else ""
         # Training's checkpoint selection decodes the dev rows within eval.max_new_tokens.
         train_key = fingerprint(run, TRAIN_KEYS, {"eval.max_new_tokens": run.eval.max_new_tokens})
-        run_stage(f"train{tag}", run_dir / "train", train_key, lambda run=run: train(run, scores_dir=scores_dir))
+        run_pipeline_step(
+            f"train{tag}", run_dir / "train", train_key, lambda run=run: train(run, scores_dir=scores_dir)
+        )
         if run.eval.sets:
             # EVAL_KEYS hold the eval section, eval.checkpoint (which student is evaluated) included.
-            run_stage(
+            run_pipeline_step(
                 f"eval{tag}",
                 run_dir / "eval",
                 fingerprint(run, EVAL_KEYS),
@@ -84,7 +87,7 @@ def run_distill(cfg: RunConfig) -> Path:
     report_runs = {label or "student": f"runs/{label}" if label else "." for label in runs}
     if cfg.pipeline.evaluate_teacher and cfg.eval.sets:
         teacher_dir = root / "runs" / "teacher"
-        run_stage(
+        run_pipeline_step(
             "eval [teacher]",
             teacher_dir / "eval",
             fingerprint(cfg, ("data", "models", "eval")),
@@ -92,5 +95,5 @@ def run_distill(cfg: RunConfig) -> Path:
         )
         report_runs["teacher"] = "runs/teacher"
     report = write_report(root, report_runs)
-    print(f"[pipeline] all stages done in {time.time() - started:.0f}s; report written to {report}", flush=True)
+    print(f"[pipeline] all steps done in {time.time() - started:.0f}s; report written to {report}", flush=True)
     return report

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
 
-from pocl_ray.evaluation import load_results
+from pocl_ray.eval_results import RESULTS_FILE, load_results
 
 SCHEDULE_KEYS = (("pool_rows", "pool size (rows)"), ("temperature", "temperature"), ("kd_weight", "KD weight"))
 
@@ -81,11 +81,11 @@ def resolve_runs(run_dir: Path, runs: Mapping[str, str | Path] | None) -> dict[s
 def _eval_files(eval_root: Path) -> dict[str | None, Path]:
     """{None: eval/results.json, name: eval/<name>/results.json} for those that exist."""
     out: dict[str | None, Path] = {}
-    if (eval_root / "results.json").is_file():
-        out[None] = eval_root / "results.json"
+    if (eval_root / RESULTS_FILE).is_file():
+        out[None] = eval_root / RESULTS_FILE
     for sub in sorted(p for p in eval_root.glob("*") if p.is_dir()):
-        if (sub / "results.json").is_file():
-            out[sub.name] = sub / "results.json"
+        if (sub / RESULTS_FILE).is_file():
+            out[sub.name] = sub / RESULTS_FILE
     return out
 
 

@@ -47,7 +47,8 @@ from pocl_ray import data as data_mod
 from pocl_ray import difficulty, teacher_cache
 from pocl_ray.config import ConfigError, RunConfig
 from pocl_ray.measurers import STUDENT_METRICS, TEACHER_METRICS, Measurer
-from pocl_ray.stages import actor_pool, actor_resources, row_progress
+from pocl_ray.progress import row_progress
+from pocl_ray.ray_session import actor_pool, actor_resources
 
 SCORES_DIR = "rows"
 MANIFEST_FILE = "manifest.json"

@@ -1,12 +1,12 @@
-"""The teacher every distillation stage uses, settled before scoring, for the pipeline and the sweep.
+"""The teacher every distillation step uses, settled before scoring, for the pipeline and the sweep.
 
 - `pipeline.prepare_teacher`: when models.teacher does not exist, a tiny stand-in is built from
   scratch and trained on the references (SFT).
 - `pipeline.sft_teacher`: models.teacher (prepared or given) is fine-tuned on data.train, as the
   paper's teacher is, into OUTPUT/teacher_sft/model, which then replaces models.teacher.
 
-Both train with the same scoring and training stages the distillation uses (a length-only scoring
-pass, then Ray Train on the `sft` plan: one stage, CE only), each as a resumable stage: skipped when
+Both train with the same scoring and training steps the distillation uses (a length-only scoring
+pass, then Ray Train on the `sft` plan: one stage, CE only), each as a resumable pipeline step: skipped when
 done for the same settings, resumed from its last checkpoint when interrupted.
 """
 
@@ -18,8 +18,9 @@ from pathlib import Path
 from pocl_ray.config import ConfigError, RunConfig
 from pocl_ray.data import build_prompt, read_table
 from pocl_ray.models import build_tiny_model, build_tiny_tokenizer, has_model_files
+from pocl_ray.pipeline_steps import fingerprint, run_pipeline_step
+from pocl_ray.ray_session import init_ray
 from pocl_ray.scoring import score_dataset
-from pocl_ray.stages import fingerprint, init_ray, run_stage
 from pocl_ray.training import train
 
 
@@ -39,7 +40,7 @@ def _texts_for_tokenizer(cfg: RunConfig) -> list[str]:
 
 def prepare_teacher(cfg: RunConfig, work_dir: Path) -> None:
     """Build a tiny teacher from scratch and train it on the references (SFT) with the same
-    scoring and training stages the distillation uses; save it at models.teacher."""
+    scoring and training steps the distillation uses; save it at models.teacher."""
     prep = cfg.pipeline.prepare_teacher
     init_dir = work_dir / "init"
     tokenizer = build_tiny_tokenizer(_texts_for_tokenizer(cfg), vocab_size=prep.vocab_size, save_dir=init_dir)
@@ -115,7 +116,7 @@ def ensure_teacher(cfg: RunConfig, root: Path, min_cpus: int = 4) -> None:
     key = fingerprint(
         cfg, ("data",), {"prep": cfg.pipeline.prepare_teacher.model_dump(), "teacher": cfg.models.teacher}
     )
-    run_stage(
+    run_pipeline_step(
         "prepare teacher",
         root / "teacher_prep",
         key,
@@ -166,8 +167,8 @@ def finetune_teacher(cfg: RunConfig, root: Path) -> Path:
 
 
 def resolve_teacher(cfg: RunConfig, root: Path, min_cpus: int = 4) -> RunConfig:
-    """The config every later stage uses: the teacher built when missing (pipeline.prepare_teacher),
-    then fine-tuned when pipeline.sft_teacher asks (a resumable stage keyed by the fine-tuning's
+    """The config every later step uses: the teacher built when missing (pipeline.prepare_teacher),
+    then fine-tuned when pipeline.sft_teacher asks (a resumable pipeline step keyed by the fine-tuning's
     data, teacher and settings, and the stand-in's settings, which change the teacher it starts from)."""
     ensure_teacher(cfg, root, min_cpus=min_cpus)
     if cfg.pipeline.sft_teacher is None:
@@ -185,7 +186,7 @@ def resolve_teacher(cfg: RunConfig, root: Path, min_cpus: int = 4) -> RunConfig:
             "prepare_teacher": prep.model_dump() if prep else None,
         },
     )
-    run_stage(
+    run_pipeline_step(
         "teacher fine-tuning",
         root / "teacher_sft",
         key,

@@ -1,6 +1,6 @@
 """Ray Tune sweeps over the curriculum: one scoring pass, one Ray Train run per trial.
 
-Scores are stored, buckets are derived (DESIGN.md): the sweep scores DIR/scores once (skipped when
+Scores are stored, buckets are derived: the sweep scores DIR/scores once (skipped when
 already done for this config) and every trial re-cuts its buckets from the stored ranks, so the
 search space may change anything that training reads (curriculum, kd, training, eval) but nothing
 the scoring pass depends on.
@@ -39,7 +39,7 @@ Re-running the same sweep (same config fingerprint) after an interruption restor
 experiment: ended trials are kept, unfinished ones start again and their Train runs resume from
 their last checkpoint. Tune does not save scheduler state, so after a restore ASHA's rungs start
 empty (trials ended before the interruption no longer set its cut-offs). A finished sweep is not
-run again; a changed config clears DIR/tune and starts over (stages.run_stage).
+run again; a changed config clears DIR/tune and starts over (pipeline_steps.run_pipeline_step).
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from pocl_ray.config import ConfigError, ParamSpec, RunConfig, TuneConfig, parse_config
 from pocl_ray.curriculum import Plan
-from pocl_ray.stages import SCORE_KEYS, TRAIN_KEYS, fingerprint, init_ray, run_stage
+from pocl_ray.pipeline_steps import SCORE_KEYS, TRAIN_KEYS, fingerprint, run_pipeline_step
+from pocl_ray.ray_session import init_ray
 
 SWEEP_NAME = "sweep"
 # Sections a trial may not change: they define the shared scoring pass or the sweep's own layout.
@@ -600,13 +601,15 @@ def tune(cfg: RunConfig) -> TuneResult:
     cfg = resolve_teacher(cfg, root, min_cpus=8)
     plans = [(c, run_plan(c)) for c in check_search_space(cfg)]  # the trials, now on the resolved teacher
     scores_dir = root / "scores"
-    run_stage("score", scores_dir, fingerprint(cfg, SCORE_KEYS), lambda: (init_ray(min_cpus=8), score_dataset(cfg)))
+    run_pipeline_step(
+        "score", scores_dir, fingerprint(cfg, SCORE_KEYS), lambda: (init_ray(min_cpus=8), score_dataset(cfg))
+    )
     totals = _total_steps(plans, scores_dir)
     budget = sweep_budget(cfg.tune, totals) if cfg.tune.scheduler == "asha" else None
 
     tune_dir = root / "tune"
     key = fingerprint(cfg, (*TRAIN_KEYS, "eval", "tune"), {"name": cfg.name})
-    run_stage("tune", tune_dir, key, lambda: (init_ray(min_cpus=8), _sweep(cfg, root, scores_dir, budget)))
+    run_pipeline_step("tune", tune_dir, key, lambda: (init_ray(min_cpus=8), _sweep(cfg, root, scores_dir, budget)))
     frame = pd.read_csv(tune_dir / "results.csv", dtype={"trial_id": str})
     best = best_trial(frame, cfg.tune.objective)
     return TuneResult(

@@ -176,6 +176,6 @@ def test_job_submit_runs_the_whole_pipeline(ray_head, tmp_path):
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100 and image.std() > 0
     assert "pocl" in text and "baseline" in text
 
-    # A second submission of the same config finds every stage done and only rewrites the report.
+    # A second submission of the same config finds every step done and only rewrites the report.
     again = _submit_and_wait(address, env, work, "pocl-e2e-again", tmp_path / "job2.log")
     assert again.count("skipped") >= 5, again[-3000:]

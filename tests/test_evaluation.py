@@ -19,18 +19,16 @@ from rouge_score.rouge_scorer import RougeScorer
 
 from pocl_ray.config import ConfigError, DataConfig, EvalConfig, EvalSet, ModelsConfig, OutputConfig, RunConfig
 from pocl_ray.data import build_prompt, prepare_batch, read_table
+from pocl_ray.eval_results import load_results, results_markdown, write_results
 from pocl_ray.evaluation import (
     average,
     evaluate,
     evaluate_rows,
     greedy_rouge_sum,
-    load_results,
     response_ce,
-    results_markdown,
     rouge_l,
     row_seed,
     summarize,
-    write_results,
 )
 from pocl_ray.models import build_tiny_model, load_model
 from pocl_ray.report import compare_table

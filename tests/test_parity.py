@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from pocl_ray.config import ConfigError
-from pocl_ray.parity import (
+from pocl_ray.parity.config import METHODS, ParityConfig, load_parity_config, parse_parity_config
+from pocl_ray.parity.runner import run_parity
+from pocl_ray.parity.sandbox import (
     build_mlp,
     check_claims,
     distill_student,
@@ -25,8 +27,6 @@ from pocl_ray.parity import (
     summarize,
     train_teacher,
 )
-from pocl_ray.parity_config import METHODS, ParityConfig, load_parity_config, parse_parity_config
-from pocl_ray.parity_run import run_parity
 
 ROOT = Path(__file__).resolve().parents[1]
 

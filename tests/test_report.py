@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,8 @@ import pytest
 from PIL import Image
 
 from pocl_ray.difficulty import bucket_of_rank, bucket_summary, fuse, metric_directions
-from pocl_ray.evaluation import average, summarize, write_results
+from pocl_ray.eval_results import write_results
+from pocl_ray.evaluation import average, summarize
 from pocl_ray.report import read_metrics, write_report
 
 NUM_BUCKETS = 3
@@ -313,3 +316,13 @@ def test_selection_tables_and_dev_curves_of_every_compared_run(tmp_path):
     assert "nodev: no candidates (trained without a dev set)" in text
     assert "selection.png" in _images(path)
     _check_png(path.parent / "selection.png")
+
+
+@pytest.mark.parametrize(("module", "loads_ray"), [("pocl_ray.report", False), ("pocl_ray.evaluation", True)])
+def test_report_imports_no_ray(module, loads_ray):
+    """`pocl-ray report` reads files only: importing it in a fresh interpreter loads no ray module
+    (evaluation, which runs on Ray, shows the probe sees ray when it is imported)."""
+    probe = f"import json, sys, {module}; print(json.dumps([m for m in sys.modules if m.split('.')[0] == 'ray']))"
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    loaded = json.loads(run.stdout)
+    assert bool(loaded) is loads_ray, loaded[:10]

@@ -293,7 +293,7 @@ def test_rows_reach_the_actors_in_blocks_of_one_call(ray_local, tiny_assets, dat
 
 
 def test_auto_actor_pool_grows_from_one_and_scores_the_same(ray_local, scored, tiny_assets, dataset, tmp_path):
-    from pocl_ray.stages import actor_pool
+    from pocl_ray.ray_session import actor_pool
 
     auto, fixed = actor_pool("auto"), actor_pool(3)
     assert (auto.min_size, auto.max_size) == (1, float("inf")) and (fixed.min_size, fixed.max_size) == (3, 3)

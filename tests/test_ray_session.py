@@ -1,4 +1,4 @@
-"""`stages.init_ray`: joins a live `ray start --head` on this machine, and starts (and sizes) its own
+"""`ray_session.init_ray`: joins a live `ray start --head` on this machine, and starts (and sizes) its own
 instance when the head's address file is stale (the head died without `ray stop`), where a plain
 `ray.init(num_cpus=...)` fails with "When connecting to an existing cluster, num_cpus and num_gpus
 must not be provided".
@@ -7,6 +7,8 @@ Each test points Ray's temp folder (RAY_TMPDIR) at its own short folder, so the 
 sessions are private to it: other Ray users of this machine neither see the test's head nor get
 seen by it. The head is stopped by SIGTERM to `ray start --block`, never `ray stop` (which stops
 every Ray instance of the user on the machine).
+
+The actor resource arguments are checked without Ray.
 """
 
 from __future__ import annotations
@@ -24,10 +26,9 @@ import pytest
 import ray
 from conftest import free_port
 
-from pocl_ray.stages import init_ray
+from pocl_ray.ray_session import actor_resources, init_ray
 
 RAY = str(Path(sys.executable).with_name("ray"))
-pytestmark = pytest.mark.ray
 
 
 @pytest.fixture
@@ -52,12 +53,14 @@ def _local_instance_started(capsys, cpus: int) -> bool:
     )
 
 
+@pytest.mark.ray
 def test_stale_address_file_starts_a_local_instance(ray_tmpdir, capsys):
     ray_tmpdir.mkdir(parents=True)
     (ray_tmpdir / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")  # nobody listens there
     assert _local_instance_started(capsys, cpus=3)
 
 
+@pytest.mark.ray
 def test_joins_a_live_head_then_starts_its_own_once_it_was_killed(ray_tmpdir, capsys):
     port = free_port()
     head = subprocess.Popen(
@@ -100,3 +103,10 @@ def test_joins_a_live_head_then_starts_its_own_once_it_was_killed(ray_tmpdir, ca
             os.killpg(head.pid, signal.SIGKILL)
     assert (ray_tmpdir / "ray_current_cluster").is_file()  # left behind: no `ray stop`
     assert _local_instance_started(capsys, cpus=2)
+
+
+def test_actor_resources_leave_out_the_cpu_ray_reserves_for_a_gpu_actor():
+    assert actor_resources(1.0, 0.0) == {"num_cpus": 1.0}
+    assert actor_resources(2.0, 0.0) == {"num_cpus": 2.0}
+    assert actor_resources(1.0, 1.0) == {"num_gpus": 1.0}
+    assert actor_resources(4.0, 0.5) == {"num_gpus": 0.5, "num_cpus": 4.0}

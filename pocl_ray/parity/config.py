@@ -1,6 +1,6 @@
 """The sparse-parity sandbox's config (`pocl-ray parity --config`): YAML in, field-named errors out.
 
-The sandbox itself is `pocl_ray.parity` (pure torch), its Ray runner `pocl_ray.parity_run`.
+The sandbox itself is `pocl_ray.parity.sandbox` (pure torch), its Ray runner `pocl_ray.parity.runner`.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ steps of curriculum extraction, so steps_to_target compares methods at equal sam
 student never sees a true label; only the teacher does, during its own training.
 
 This module is the pure core (data, models, one teacher run, one student run, summary, plot) and runs
-without Ray; its config is `pocl_ray.parity_config`, its Ray runner `pocl_ray.parity_run.run_parity`.
+without Ray; its config is `pocl_ray.parity.config`, its Ray runner `pocl_ray.parity.runner.run_parity`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pocl_ray.curriculum import Plan, baseline_plan, extraction_plan, progressiv
 from pocl_ray.data import IGNORE_INDEX
 from pocl_ray.extraction import derived_seed, hidden_match_loss, layer_projection
 from pocl_ray.losses import kd_loss
-from pocl_ray.parity_config import METHODS, ParityConfig
+from pocl_ray.parity.config import METHODS, ParityConfig
 
 # Independent random streams derived from one replicate seed.
 _SUPPORT, _HELDOUT, _TEACHER_DATA, _TEACHER_INIT, _STUDENT_DATA, _STUDENT_INIT = range(6)

@@ -1,7 +1,7 @@
 """The sparse-parity sandbox's Ray runner (`pocl-ray parity`): one task per teacher, one per
 (seed, method) student, at most `max_concurrent_tasks` in flight; results and plot on disk.
 
-The tasks run the pure sandbox of `pocl_ray.parity`; the config is `pocl_ray.parity_config`.
+The tasks run the pure sandbox of `pocl_ray.parity.sandbox`; the config is `pocl_ray.parity.config`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 import ray
 import torch
 
-from pocl_ray.parity import distill_student, format_summary, plot_curves, summarize, train_teacher
-from pocl_ray.parity_config import ParityConfig
-from pocl_ray.stages import init_ray
+from pocl_ray.parity.config import ParityConfig
+from pocl_ray.parity.sandbox import distill_student, format_summary, plot_curves, summarize, train_teacher
+from pocl_ray.ray_session import init_ray
 
 
 def _bounded(thunks: Sequence[Callable[[], Any]], limit: int) -> list[Any]:
