@@ -44,10 +44,10 @@ class CurriculumCoordinator:
     worker's rows. Its state goes into every checkpoint (`checkpoint`) and comes back on a restart
     (`restore`).
 
-    Transport (measured, DESIGN.md and benchmarks/data_path.py): the coordinator hands out rank
-    numbers, not rows (a `WorkerShard`: 8 bytes per row of the worker's epoch), and each worker
-    reads only the row groups holding them with a `shards.StepReader`, ahead of its loop. Ray Data
-    `streaming_split` cost 17-40 s per stage here, deadlocked when split inside an actor on 2 CPUs,
+    Transport (benchmarks/data_path.py measures it; results in benchmarks/README.md): the coordinator
+    hands out rank numbers, not rows (a `WorkerShard`: 8 bytes per row of the worker's epoch), and each
+    worker reads only the row groups holding them with a `shards.StepReader`, ahead of its loop. Ray
+    Data `streaming_split` cost 17-40 s per stage here, deadlocked when split inside an actor on 2 CPUs,
     and its iterators cannot resume mid-epoch; the driver never materialises the data, and the
     actor stays tiny. The price is that the scores directory must be readable from every worker
     node (shared filesystem or a URI pyarrow reads), as Ray Train's storage_path already must be

@@ -1,8 +1,8 @@
 """Curriculum plans: what the trainer trains on, against which target, at which settings, for how long.
 
 A Plan is a list of Stages and the trainer executes any Plan. POCL, plain KD, SFT, curriculum
-extraction and progressive distillation are only different Plan builders (DESIGN.md, "one
-curriculum abstraction"). Everything here is pure; the Ray actor that serves a plan to the
+extraction and progressive distillation are only different Plan builders: one curriculum
+abstraction. Everything here is pure; the Ray actor that serves a plan to the
 training workers is `pocl_ray.coordinator`.
 """
 
@@ -386,8 +386,9 @@ def plan_from_config(
 # ---------------------------------------------------------------------------------------------
 # A plan as the trainer runs it: each stage's pool and length in optimizer steps (pure).
 #
-# Rows are addressed by their difficulty rank (CONTRACTS.md): a stage's pool is a union of
-# contiguous rank ranges, so re-cutting the plan's bucket count never needs re-scoring.
+# Rows are addressed by their difficulty rank (the scores' `rank` column, `pocl_ray.difficulty`): a
+# stage's pool is a union of contiguous rank ranges, so re-cutting the plan's bucket count never needs
+# re-scoring.
 # One optimizer step consumes `global_batch` rows of the pool and an epoch ceil(pool /
 # global_batch) steps, the last one the remainder; which rows each worker trains on in each step is
 # `pocl_ray.shards`, and the actor that serves them is `pocl_ray.coordinator`.

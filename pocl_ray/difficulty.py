@@ -7,7 +7,7 @@ decided, by a hash of the sample id keyed with a seed (``scoring.tie_seed``). Ne
 spelling: the testbed's ids start with their source, and an id order would sort buckets by source.
 The same scores and seed always give the same order, whatever order the rows arrived in.
 
-Buckets follow CONTRACTS.md: ``rank`` is the 0-based position in the easy->hard order over the M
+Buckets, as the scores store them: ``rank`` is the 0-based position in the easy->hard order over the M
 scored rows and ``bucket_of_rank(rank, M, N) = rank * N // M``. Buckets are therefore contiguous rank
 ranges of sizes that differ by at most one, and any N can be re-cut from the stored ranks.
 """

@@ -18,39 +18,22 @@ So the shards of an epoch are disjoint and cover the pool, and an epoch is a pur
 Unlike a plain permutation of the pool, the order depends on the worker count; the coordinator
 records it in the checkpoint and refuses a resume with another one.
 
-The trade-off: randomness of the order against read amplification and memory. Measured with
-`benchmarks/data_path.py --rows 1000000 --workers 8 --order-sweep` (row groups of 27,962 rows, as
-scoring writes 300-token rows; global batch 64; 5 epochs). Read amplification = rows of the row
-groups a worker opens / its own rows, worst worker; step spread = std over steps of a step's mean
-difficulty rank / the same for a full permutation (1 is ideal: steps as representative of the
-pool as with a full shuffle); lag-1 = autocorrelation of that mean between consecutive steps (0 is
-ideal; high means the difficulty drifts slowly within the epoch):
+The trade-off: randomness of the order against read amplification and memory, measured by
+`benchmarks/data_path.py --order-sweep` (the table and its reading are in benchmarks/README.md). A
+worker reads whole row groups, so a block smaller than a row group makes several workers read the
+same row group; with blocks = row groups each row group is read by one worker, or two where
+neighbouring segments meet: amplification ~ 1 + rows per row group / rows per worker on average, up
+to twice that excess for the worst worker, so it shrinks as data grows but is large when a worker's
+share is under a row group. Randomness then comes from the window: a step draws from world x
+(blocks per window) blocks, and consecutive steps share them until the window is used up. A window
+costs memory: the reader holds `prefetch` + 1 windows and one row group while it decodes it. So the
+window is fixed in rows, not blocks (`WINDOW_ROWS`), and smaller row groups written by scoring buy
+both randomness and fewer reads for the same memory.
 
-    row group   block   window (rows)       read amplification   step spread   lag-1
-    27,962      27,962   27,962 (1 block)           1.34              2.48        1.00
-    27,962      27,962   65,536 (2 blocks)          1.34              1.62        0.79   <- default
-    27,962      27,962  131,072 (a worker's epoch)  1.34              0.90        0.00
-    27,962       6,990   65,536                     5.59              1.10        0.21
-     6,990       6,990   65,536                     1.12              1.28        0.34
-    full permutation of the pool (before)           8.0               1.0         0.0
-
-A worker reads whole row groups, so a block smaller than a row group makes several workers read
-the same row group (row 4); with blocks = row groups each row group is read by one worker, or two
-where neighbouring segments meet: amplification ~ 1 + rows per row group / rows per worker on
-average, up to twice that excess for the worst worker (1.34 at 1M rows on 8 workers, 1.18 at 2M),
-so it shrinks as data grows but is large when a worker's share is under a row group (4.5 at 100k
-rows on 8 workers). Randomness then comes from the window: a step
-draws from world x (blocks per window) blocks, and consecutive steps share them until the window is
-used up. A window costs memory: the reader holds `prefetch` + 1 windows and one row group while
-it decodes it; for 300-token rows at the default a worker's peak RSS plateaus near 1 GB (844 MB
-at 1M rows on 8 workers, 1,007 MB at 2M; 507 MB at 100k, where its whole share is one window).
-So the window is fixed in rows, not blocks, and smaller row groups written by scoring (last row)
-buy both randomness and fewer reads for the same memory.
-
-Ray Data was the first candidate and is not used (not re-measured here): its iterators
-(`streaming_split`, `iter_torch_batches`) cannot resume mid-epoch (DESIGN.md), and a resumed run
-must replay the exact steps, so a restart would re-train or skip rows; a stage switch through
-`streaming_split` also cost 17-40 s on this machine (DESIGN.md) against well under a second to
+Ray Data was the first candidate and is not used: its iterators (`streaming_split`,
+`iter_torch_batches`) cannot resume mid-epoch, and a resumed run must replay the exact steps, so a
+restart would re-train or skip rows; a stage switch through `streaming_split` also cost 17-40 s on a
+2-core machine when it was tried (not re-measured since) against well under a second to
 read a window here. The prefetch is a plain background thread per worker (`StepReader`).
 """
 
@@ -71,7 +54,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 BLOCK_ROWS = 32768  # pyarrow's dataset writer (Ray's write_parquet) caps row groups at this many rows
-WINDOW_ROWS = 65536  # rows shuffled together per worker (whole blocks); see the table above
+WINDOW_ROWS = 65536  # rows shuffled together per worker (whole blocks); benchmarks/README.md, data_path
 PREFETCH = 1  # windows read ahead of the one being trained on
 ROW_COLUMNS = ("input_ids", "labels", "num_prompt_tokens")
 

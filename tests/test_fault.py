@@ -2,7 +2,7 @@
 worker mid-run; Ray Train restarts the worker group from the last checkpoint and the run finishes
 with the plan's stage sequence, step count and data order, as an undisturbed run does.
 
-As DESIGN.md notes: `Cluster.add_node` must run on the main thread, so `train` runs in a thread; a
+`Cluster.add_node` must run on the main thread, so `train` runs in a thread; a
 replacement node provides the capacity an autoscaler would (Train waits for 2 workers' worth of
 CPU, and those start-up retries do not count against max_failures); every wait is bounded.
 """

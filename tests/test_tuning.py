@@ -317,7 +317,7 @@ def test_rows_best_trial_plot_and_report_section(tmp_path):
 
 @pytest.fixture(scope="module")
 def ray_tune():
-    # Tune over Train needs the dashboard (DESIGN.md: without it, sweeps hung).
+    # Tune over Train needs the dashboard: without it, sweeps hung.
     yield from local_ray(include_dashboard=True)
 
 

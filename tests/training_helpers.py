@@ -19,7 +19,7 @@ from pocl_ray.shards import ScoresIndex, blocks, worker_shard
 
 
 def write_scores(directory: Path, assets, num_buckets: int = 4, cache_form: int | str | None = None) -> Path:
-    """A scoring output as CONTRACTS.md fixes it, ranked by response length (then id) as a stand-in
+    """A scoring output in the layout `scoring.score_dataset` writes, ranked by response length (then id) as a stand-in
     for the fused difficulty score; with `cache_form` (K, or "hidden"), the teacher cache columns
     (and the hidden form's head) as scoring writes them (from the tiny teacher's forward)."""
     tokenizer = load_tokenizer(assets.tokenizer_dir)
