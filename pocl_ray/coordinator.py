@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -96,7 +97,8 @@ class CurriculumCoordinator:
         self.blocks = [blocks(s.pool_ranges, bounds) for s in self.specs]
         self.metrics_path = metrics_path
         self.position = {"stage": 0, "stage_step": 0, "step": 0, "samples": 0}
-        self.plateau = {"stage": 0, "best": None, "bad": 0}
+        # {"stage", "best" (the stage's best dev loss or None), "bad" (evaluations since)}: in the checkpoint.
+        self.plateau: dict[str, Any] = {"stage": 0, "best": None, "bad": 0}
         self.candidates: list[dict] = []
 
     # -- position and state ------------------------------------------------------------------

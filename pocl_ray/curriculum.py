@@ -9,6 +9,7 @@ training workers is `pocl_ray.coordinator`.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -251,7 +252,7 @@ def extraction_plan(
 
 
 def progressive_plan(
-    teacher_checkpoints: list[str | None],
+    teacher_checkpoints: Sequence[str | None],
     steps_per_checkpoint: int,
     *,
     final_steps: int | None = None,
@@ -318,27 +319,36 @@ def plan_from_config(
 ) -> Plan:
     """The plan a run config asks for. Extraction needs the two models' layer counts."""
     c, kd = cfg.curriculum, cfg.kd
-    interval = {
-        "epochs_per_stage": c.epochs_per_stage if c.steps_per_stage is None else None,
-        "steps_per_stage": c.steps_per_stage,
-    }
+    epochs_per_stage = c.epochs_per_stage if c.steps_per_stage is None else None
     if c.plan == "pocl":
         return pocl_plan(
             c.num_buckets,
+            epochs_per_stage,
+            c.steps_per_stage,
             temperature=(c.temperature_start, c.temperature_end, c.temperature_shape),
             kd_weight=(c.kd_weight_start, c.kd_weight_end),
             loss=kd.loss,
             restart_optimizer=c.restart_optimizer,
             until_plateau=c.advance == "plateau",
             patience=c.patience,
-            **interval,
         )
-    if c.plan in ("baseline", "sft"):
-        build = baseline_plan if c.plan == "baseline" else sft_plan
-        kwargs = dict(num_buckets=c.num_buckets, temperature=c.temperature_start, loss=kd.loss, **interval)
-        if c.plan == "baseline":
-            kwargs["kd_weight"] = c.kd_weight_start
-        return build(**kwargs)
+    if c.plan == "baseline":
+        return baseline_plan(
+            num_buckets=c.num_buckets,
+            epochs_per_stage=epochs_per_stage,
+            steps_per_stage=c.steps_per_stage,
+            temperature=c.temperature_start,
+            kd_weight=c.kd_weight_start,
+            loss=kd.loss,
+        )
+    if c.plan == "sft":
+        return sft_plan(
+            num_buckets=c.num_buckets,
+            epochs_per_stage=epochs_per_stage,
+            steps_per_stage=c.steps_per_stage,
+            temperature=c.temperature_start,
+            loss=kd.loss,
+        )
     if c.plan == "extraction":
         if num_teacher_layers is None or num_student_layers is None:
             raise ValueError("the extraction plan needs the teacher's and student's layer counts")
@@ -367,7 +377,7 @@ def plan_from_config(
         teachers: list[str | None] = list(p.teacher_checkpoints)
         # The method ends on the final teacher: None (the run's teacher, models.teacher) is appended
         # unless the list already ends on that folder.
-        if Path(teachers[-1]).resolve() != Path(cfg.models.teacher).resolve():
+        if Path(p.teacher_checkpoints[-1]).resolve() != Path(cfg.models.teacher).resolve():
             teachers.append(None)
         target = progressive_plan(
             teachers,
@@ -438,6 +448,7 @@ def stage_length(stage: Stage, steps_per_epoch: int) -> int:
     """Optimizer steps of a stage: its `steps`, or ceil(epochs x steps per epoch)."""
     if stage.steps is not None:
         return stage.steps
+    assert stage.epochs is not None  # Stage.__post_init__: exactly one of steps and epochs
     # Rounded first so 3 x (1/3 epoch) style floats do not tip ceil over by one step.
     return max(1, math.ceil(round(stage.epochs * steps_per_epoch, 9)))
 

@@ -24,6 +24,7 @@ import io
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -108,16 +109,15 @@ def resolve_source(path: str | Path, fmt: str = "auto") -> tuple[str, list[Path]
                 )
             return found, [path]
         return fmt, [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and _file_format(p) is not None)
-    formats = {_file_format(p) for p in files}
+    by_file = {p: f for p in sorted(path.rglob("*")) if p.is_file() and (f := _file_format(p)) is not None}
     if fmt != "auto":
-        files = [p for p in files if _file_format(p) == fmt]
-        formats = {fmt} if files else set()
-    if not files:
+        by_file = {p: f for p, f in by_file.items() if f == fmt}
+    if not by_file:
         raise ValueError(f"no .jsonl, .jsonl.gz or .parquet data files in directory {path}")
+    formats = set(by_file.values())
     if len(formats) > 1:
         raise ValueError(f"directory {path} mixes JSONL and parquet files; set data.format to pick one")
-    return formats.pop(), files
+    return formats.pop(), list(by_file)
 
 
 def _decode_lines(data: bytes) -> list[str]:
@@ -257,10 +257,7 @@ def read_ray_dataset(path: str | Path, fmt: str = "auto", max_rows: int | None =
         ds = ray.data.read_parquet(paths)
     else:
         ds = ray.data.read_binary_files(paths, include_paths=True).map_batches(
-            _parse_file_batch,
-            batch_size=1,
-            batch_format="pyarrow",
-            fn_kwargs={"several_files": len(files) > 1},
+            partial(_parse_file_batch, several_files=len(files) > 1), batch_size=1, batch_format="pyarrow"
         )
     if max_rows is not None:
         ds.context.execution_options.preserve_order = True
@@ -511,7 +508,7 @@ def validate_and_tokenize(records: list[dict], tokenizer, data_cfg) -> tuple[lis
 # Batching
 
 
-def _sequences(rows: list[dict] | Mapping[str, Sequence], key: str) -> list[torch.Tensor]:
+def _sequences(rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence], key: str) -> list[torch.Tensor]:
     column = rows[key] if isinstance(rows, Mapping) else [r[key] for r in rows]
     return [torch.as_tensor(np.asarray(seq, dtype=np.int64)) for seq in column]
 
@@ -525,7 +522,9 @@ def _pad(seqs: list[torch.Tensor], value: int, side: str, multiple: int | None) 
 
 
 def collate(
-    rows: list[dict] | Mapping[str, Sequence], pad_token_id: int, pad_to_multiple_of: int | None = None
+    rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence],
+    pad_token_id: int,
+    pad_to_multiple_of: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Right-pad input_ids (pad_token_id), attention_mask (0) and labels (-100) to one length."""
     # transformers' DataCollatorForSeq2Seq(pad_to_multiple_of=...) builds the same tensors (tests/test_data.py

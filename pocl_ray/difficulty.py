@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, cast, get_args, overload
 
 import numpy as np
 import pandas as pd
@@ -46,9 +46,9 @@ def metric_directions(metrics: Sequence[str], overrides: Mapping[str, str] | Non
     out: dict[str, Direction] = {}
     for m in metrics:
         d = overrides.get(m, METRIC_DIRECTIONS.get(m))
-        if d not in ("lower", "higher"):
+        if d not in get_args(Direction):
             raise ValueError(f"direction of {m!r} must be 'lower' or 'higher', got {d!r}")
-        out[m] = d
+        out[m] = cast(Direction, d)
     return out
 
 
@@ -184,6 +184,10 @@ def _check_counts(num_rows: int, num_buckets: int) -> None:
         raise ValueError(f"num_rows must be >= 0, got {num_rows}")
 
 
+@overload
+def bucket_of_rank(rank: int, num_rows: int, num_buckets: int) -> int: ...
+@overload
+def bucket_of_rank(rank: np.ndarray, num_rows: int, num_buckets: int) -> np.ndarray: ...
 def bucket_of_rank(rank: int | np.ndarray, num_rows: int, num_buckets: int) -> int | np.ndarray:
     """Bucket id of a 0-based rank among ``num_rows``: rank * N // M (easiest bucket = 0)."""
     _check_counts(num_rows, num_buckets)
@@ -215,7 +219,7 @@ def bucket_summary(fused: np.ndarray, buckets: np.ndarray, num_buckets: int) -> 
     """Per bucket: {id, rows, fused_min, fused_max}; an empty bucket (N > M) has None bounds."""
     frame = pd.DataFrame({"bucket": np.asarray(buckets), "fused": np.asarray(fused, dtype=np.float64)})
     stats = frame.groupby("bucket")["fused"].agg(["size", "min", "max"])
-    out = []
+    out: list[dict[str, Any]] = []
     for b in range(num_buckets):
         if b in stats.index:
             row = stats.loc[b]

@@ -14,6 +14,7 @@ from transformers import (
     AutoTokenizer,
     GPT2Config,
     LlamaConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -104,7 +105,8 @@ def load_model(
     folder = check_model_folder(path, need=())
     _quiet_progress_bars()
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=resolve_dtype(dtype, device))
-    model.to(device)
+    # transformers decorates PreTrainedModel.to with @wraps(Module.to), which mypy reads as unbound.
+    model.to(device)  # type: ignore[arg-type]
     if frozen:
         model.eval()
         model.requires_grad_(False)
@@ -161,6 +163,7 @@ def build_tiny_model(
         # pad == eos that would freeze EOS, so then the pad id goes to generation_config only.
         if tokenizer.pad_token_id != tokenizer.eos_token_id:
             special["pad_token_id"] = tokenizer.pad_token_id
+    config: PretrainedConfig
     if arch == "llama":
         config = LlamaConfig(
             vocab_size=vocab_size,

@@ -11,6 +11,7 @@ while the scoring pass (DIR/scores) is shared: buckets are re-cut from the store
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 from pocl_ray.config import ConfigError, RunConfig
@@ -41,13 +42,21 @@ def compared_runs(cfg: RunConfig) -> dict[str, RunConfig]:
     return runs
 
 
+def _evaluate_selected_student(run: RunConfig, run_dir: Path) -> None:
+    """Evaluate the student of run_dir/train that eval.checkpoint names."""
+    from pocl_ray.evaluation import evaluate
+    from pocl_ray.training import selected_student
+
+    evaluate(run, selected_student(run_dir / "train", run.eval.checkpoint), label=None)
+
+
 def run_distill(cfg: RunConfig) -> Path:
     """Run every step the config asks for; returns the report's path."""
     from pocl_ray.evaluation import evaluate
     from pocl_ray.report import write_report
     from pocl_ray.scoring import score_dataset
     from pocl_ray.teacher_prep import resolve_teacher, sft_overrides
-    from pocl_ray.training import selected_student, train
+    from pocl_ray.training import train
 
     root = Path(cfg.output.dir)
     compared_runs(cfg)  # validates the compared configs before any work starts
@@ -71,18 +80,14 @@ def run_distill(cfg: RunConfig) -> Path:
         tag = f" [{label}]" if label else ""
         # Training's checkpoint selection decodes the dev rows within eval.max_new_tokens.
         train_key = fingerprint(run, TRAIN_KEYS, {"eval.max_new_tokens": run.eval.max_new_tokens})
-        run_pipeline_step(
-            f"train{tag}", run_dir / "train", train_key, lambda run=run: train(run, scores_dir=scores_dir)
-        )
+        run_pipeline_step(f"train{tag}", run_dir / "train", train_key, partial(train, run, scores_dir=scores_dir))
         if run.eval.sets:
             # EVAL_KEYS hold the eval section, eval.checkpoint (which student is evaluated) included.
             run_pipeline_step(
                 f"eval{tag}",
                 run_dir / "eval",
                 fingerprint(run, EVAL_KEYS),
-                lambda run=run, run_dir=run_dir: evaluate(
-                    run, selected_student(run_dir / "train", run.eval.checkpoint), label=None
-                ),
+                partial(_evaluate_selected_student, run, run_dir),
             )
     report_runs = {label or "student": f"runs/{label}" if label else "." for label in runs}
     if cfg.pipeline.evaluate_teacher and cfg.eval.sets:

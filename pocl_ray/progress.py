@@ -13,16 +13,18 @@ from typing import Any
 import ray
 
 
-@ray.remote(num_cpus=0)
 class RowCounter:
-    """Rows done, added by the Ray workers that do them; read by `row_progress` on the driver."""
+    """Rows done, added by the Ray workers that do them; read by `row_progress` on the driver
+    (a Ray actor of no CPU that `row_progress` starts)."""
 
     def __init__(self) -> None:
         self.rows = 0
 
+    @ray.method  # typed `.remote` for the type checker (ray.method is Ray's annotation of actor methods)
     def add(self, rows: int) -> None:
         self.rows += rows
 
+    @ray.method
     def get(self) -> int:
         return self.rows
 
@@ -46,7 +48,7 @@ def progress_line(what: str, done: int, total: int, seconds: float) -> str:
 def row_progress(what: str, total: int, every_s: float = 10.0) -> Iterator[Any]:
     """A `RowCounter` for the workers of a Ray stage; meanwhile a driver thread prints
     `progress_line` every `every_s` seconds, and once more when the block ends."""
-    counter = RowCounter.remote()
+    counter = ray.remote(RowCounter).options(num_cpus=0).remote()
     stop = threading.Event()
     started = time.time()
 
@@ -62,5 +64,6 @@ def row_progress(what: str, total: int, every_s: float = 10.0) -> Iterator[Any]:
         stop.set()
         thread.join()
         done = ray.get(counter.get.remote())
-        ray.kill(counter)
+        # Ray types a new actor as ActorProxy (handle | class) while ray.kill takes the handle.
+        ray.kill(counter)  # type: ignore[arg-type]
     print(progress_line(what, done, total, time.time() - started), flush=True)

@@ -142,7 +142,8 @@ def plot_loss_by_stage(frames: Mapping[str, pd.DataFrame], path: Path) -> Path:
     colours = plt.get_cmap("tab10")
     for ax, (label, frame) in zip(axes[:, 0], frames.items()):
         for k, (stage, part) in enumerate(frame.groupby("stage", sort=True)):
-            ax.plot(part["step"], part["loss"], color=colours(int(stage) % 10), label=f"stage {stage}", linewidth=1.4)
+            colour = colours(int(part["stage"].iloc[0]) % 10)  # the key itself: pandas types it as any scalar
+            ax.plot(part["step"], part["loss"], color=colour, label=f"stage {stage}", linewidth=1.4)
             if k:
                 ax.axvline(part["step"].iloc[0], color="grey", linestyle=":", linewidth=0.8)
         ax.set_title(f"training loss: {label}")
@@ -369,7 +370,7 @@ def _scores_section(scores_dir: Path, out_dir: Path) -> list[str]:
     return lines + ["![fused difficulty per bucket](difficulty.png)", ""]
 
 
-def _stage_rows(frame: pd.DataFrame) -> list[list[str]]:
+def _stage_rows(frame: pd.DataFrame) -> list[list[Any]]:
     rows = []
     for stage, part in frame.groupby("stage", sort=True):
         first, last = part.iloc[0], part.iloc[-1]

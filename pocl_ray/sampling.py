@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -134,7 +134,7 @@ class RowBudget(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         if self.budgets.device != input_ids.device:
             self.budgets = self.budgets.to(input_ids.device)
-        return self.budgets <= input_ids.shape[1] - self.prompt_width
+        return cast(torch.BoolTensor, self.budgets <= input_ids.shape[1] - self.prompt_width)
 
 
 def _position_room(model, prompt_width: int) -> int | None:

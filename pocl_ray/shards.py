@@ -64,7 +64,7 @@ ROW_COLUMNS = ("input_ids", "labels", "num_prompt_tokens")
 
 
 def blocks(
-    pool_ranges: Sequence[tuple[int, int]], row_group_bounds: Sequence[int], block_rows: int = BLOCK_ROWS
+    pool_ranges: Sequence[tuple[int, int]], row_group_bounds: Sequence[int] | np.ndarray, block_rows: int = BLOCK_ROWS
 ) -> np.ndarray:
     """A pool's blocks as an (n, 2) array of rank ranges [start, stop): the pool cut at every row
     group boundary and every `block_rows` rows from a row group's start."""
@@ -286,7 +286,7 @@ def _read_window(index: ScoresIndex, ranks: np.ndarray, columns: Sequence[str], 
     A file is opened per row group and closed at once: an open ParquetFile keeps ~its last row
     group's compressed bytes, so keeping the files open grew memory with the files touched."""
     groups = index.locate(ranks)
-    out: list[dict | None] = [None] * len(ranks)
+    out: dict[int, dict] = {}
     wanted = [*columns, "rank"]
     for g in np.unique(groups):
         where = np.flatnonzero(groups == g)
@@ -302,7 +302,7 @@ def _read_window(index: ScoresIndex, ranks: np.ndarray, columns: Sequence[str], 
             out[i] = row
         stats.groups_read.append(int(g))
         stats.bytes += index.bytes_of(g, wanted)
-    return out
+    return [out[i] for i in range(len(ranks))]
 
 
 def _split(rows: list, parts: int) -> list[list]:
@@ -446,10 +446,11 @@ class StepReader:
             started = time.perf_counter()
             item = self._queue.get()
             self.stats.wait_seconds += time.perf_counter() - started
-            if item is _DONE or isinstance(item, BaseException):
+            if item is _DONE:
                 self.close()
-                if item is _DONE:
-                    raise StopIteration
+                raise StopIteration
+            if isinstance(item, BaseException):
+                self.close()
                 raise item
             self._slots.release()
             self._steps = iter(item)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pocl_ray.config import ConfigError, RunConfig
+from pocl_ray.config import ConfigError, RunConfig, TeacherPrepConfig
 from pocl_ray.data import build_prompt, read_table
 from pocl_ray.models import build_tiny_model, build_tiny_tokenizer, has_model_files
 from pocl_ray.pipeline_steps import fingerprint, run_pipeline_step
@@ -38,10 +38,10 @@ def _texts_for_tokenizer(cfg: RunConfig) -> list[str]:
     return texts
 
 
-def prepare_teacher(cfg: RunConfig, work_dir: Path) -> None:
-    """Build a tiny teacher from scratch and train it on the references (SFT) with the same
-    scoring and training steps the distillation uses; save it at models.teacher."""
-    prep = cfg.pipeline.prepare_teacher
+def prepare_teacher(cfg: RunConfig, prep: TeacherPrepConfig, work_dir: Path) -> None:
+    """Build a tiny teacher from scratch (`prep`: cfg.pipeline.prepare_teacher) and train it on the
+    references (SFT) with the same scoring and training steps the distillation uses; save it at
+    models.teacher."""
     init_dir = work_dir / "init"
     tokenizer = build_tiny_tokenizer(_texts_for_tokenizer(cfg), vocab_size=prep.vocab_size, save_dir=init_dir)
     build_tiny_model(
@@ -109,25 +109,26 @@ def ensure_teacher(cfg: RunConfig, root: Path, min_cpus: int = 4) -> None:
     """Build the stand-in teacher (pipeline.prepare_teacher) when models.teacher is missing."""
     if has_model_files(cfg.models.teacher):
         return
-    if cfg.pipeline.prepare_teacher is None:
+    prep = cfg.pipeline.prepare_teacher
+    if prep is None:
         raise FileNotFoundError(
             f"models.teacher: {cfg.models.teacher} does not exist (set pipeline.prepare_teacher to build one)"
         )
-    key = fingerprint(
-        cfg, ("data",), {"prep": cfg.pipeline.prepare_teacher.model_dump(), "teacher": cfg.models.teacher}
-    )
-    run_pipeline_step(
-        "prepare teacher",
-        root / "teacher_prep",
-        key,
-        lambda: (init_ray(min_cpus=min_cpus), prepare_teacher(cfg, root / "teacher_prep")),
-    )
+
+    def build() -> None:
+        init_ray(min_cpus=min_cpus)
+        prepare_teacher(cfg, prep, root / "teacher_prep")
+
+    key = fingerprint(cfg, ("data",), {"prep": prep.model_dump(), "teacher": cfg.models.teacher})
+    run_pipeline_step("prepare teacher", root / "teacher_prep", key, build)
 
 
 def sft_overrides(cfg: RunConfig) -> dict:
     """The settings of the teacher fine-tuning (pipeline.sft_teacher) as dotted overrides of cfg,
     checked against the rest of cfg (a batch size the workers cannot split is refused here)."""
     sft = cfg.pipeline.sft_teacher
+    if sft is None:
+        raise ConfigError("pipeline.sft_teacher: not set, so there is no fine-tuning to configure")
     length = (
         {"curriculum.steps_per_stage": sft.steps}
         if sft.steps
@@ -171,7 +172,8 @@ def resolve_teacher(cfg: RunConfig, root: Path, min_cpus: int = 4) -> RunConfig:
     then fine-tuned when pipeline.sft_teacher asks (a resumable pipeline step keyed by the fine-tuning's
     data, teacher and settings, and the stand-in's settings, which change the teacher it starts from)."""
     ensure_teacher(cfg, root, min_cpus=min_cpus)
-    if cfg.pipeline.sft_teacher is None:
+    sft = cfg.pipeline.sft_teacher
+    if sft is None:
         return cfg
     prep = cfg.pipeline.prepare_teacher
     # Not the student's settings (curriculum, kd, eval, models.student): changing them keeps the teacher.
@@ -179,17 +181,17 @@ def resolve_teacher(cfg: RunConfig, root: Path, min_cpus: int = 4) -> RunConfig:
         cfg.with_overrides(sft_overrides(cfg)),
         ("data", "training"),
         {
-            "sft": cfg.pipeline.sft_teacher.model_dump(),
+            "sft": sft.model_dump(),
             "teacher": cfg.models.teacher,
             "tokenizer": cfg.models.tokenizer,
             "dtype": cfg.models.dtype,
             "prepare_teacher": prep.model_dump() if prep else None,
         },
     )
-    run_pipeline_step(
-        "teacher fine-tuning",
-        root / "teacher_sft",
-        key,
-        lambda: (init_ray(min_cpus=min_cpus), finetune_teacher(cfg, root)),
-    )
+
+    def finetune() -> None:
+        init_ray(min_cpus=min_cpus)
+        finetune_teacher(cfg, root)
+
+    run_pipeline_step("teacher fine-tuning", root / "teacher_sft", key, finetune)
     return sft_teacher_config(cfg, root)

@@ -89,7 +89,10 @@ def _plain(value: Any) -> Any:
 
 def _candidates(spec: ParamSpec) -> list[Any]:
     """Values that stand for a spec when validating: every discrete value, or both bounds."""
-    return list(spec.values) if spec.type in ("grid", "choice") else [spec.low, spec.high]
+    if spec.type in ("grid", "choice"):
+        assert spec.values is not None  # ParamSpec's validator: grid and choice specs have values
+        return list(spec.values)
+    return [spec.low, spec.high]
 
 
 def check_search_space(cfg: RunConfig) -> list[RunConfig]:
@@ -147,11 +150,13 @@ def param_space(tc: TuneConfig) -> dict[str, Any]:
 
     space = {}
     for path, spec in tc.search_space.items():
-        if spec.type == "grid" or (spec.type == "choice" and tc.search_alg == "grid"):
-            space[path] = tune.grid_search(list(spec.values))
-        elif spec.type == "choice":
-            space[path] = tune.choice(list(spec.values))
-        elif spec.type == "uniform":
+        if spec.type in ("grid", "choice"):
+            assert spec.values is not None  # ParamSpec's validator: grid and choice specs have values
+            grid = spec.type == "grid" or tc.search_alg == "grid"
+            space[path] = tune.grid_search(list(spec.values)) if grid else tune.choice(list(spec.values))
+            continue
+        assert spec.low is not None and spec.high is not None  # ParamSpec's validator: ranges have both
+        if spec.type == "uniform":
             space[path] = tune.uniform(spec.low, spec.high)
         else:
             space[path] = tune.loguniform(spec.low, spec.high)
@@ -393,6 +398,7 @@ def _scheduler(tc: TuneConfig, budget: Budget | None):
 
     if tc.scheduler == "fifo":
         return FIFOScheduler()
+    assert budget is not None, "ASHA runs on the sweep's budget (sweep_budget)"
     return ASHAScheduler(
         time_attr=TIME_ATTR,
         metric="dev_kd_loss",
@@ -522,8 +528,9 @@ def _sweep(cfg: RunConfig, root: Path, scores_dir: Path, budget: Budget | None) 
                 ),
             )
         grid = tuner.fit()
+    results = [grid[i] for i in range(len(grid))]  # ResultGrid is a sequence by __getitem__, unknown to mypy
     ended = ended_trials(ended_path)
-    unfinished = [r for r in grid if Path(r.path).name not in ended]
+    unfinished = [r for r in results if Path(r.path).name not in ended]
     if unfinished:
         raise SweepInterrupted(
             f"the sweep stopped with {len(unfinished)} of {len(grid)} trials unfinished; "
@@ -531,7 +538,7 @@ def _sweep(cfg: RunConfig, root: Path, scores_dir: Path, budget: Budget | None) 
         )
 
     rows, params_of = [], {}
-    for result in grid:
+    for result in results:
         trial_id = Path(result.path).name
         trial_dir = trials_dir / trial_id
         params = result.config
@@ -601,15 +608,23 @@ def tune(cfg: RunConfig) -> TuneResult:
     cfg = resolve_teacher(cfg, root, min_cpus=8)
     plans = [(c, run_plan(c)) for c in check_search_space(cfg)]  # the trials, now on the resolved teacher
     scores_dir = root / "scores"
-    run_pipeline_step(
-        "score", scores_dir, fingerprint(cfg, SCORE_KEYS), lambda: (init_ray(min_cpus=8), score_dataset(cfg))
-    )
+
+    def score() -> None:
+        init_ray(min_cpus=8)
+        score_dataset(cfg)
+
+    run_pipeline_step("score", scores_dir, fingerprint(cfg, SCORE_KEYS), score)
     totals = _total_steps(plans, scores_dir)
     budget = sweep_budget(cfg.tune, totals) if cfg.tune.scheduler == "asha" else None
 
     tune_dir = root / "tune"
     key = fingerprint(cfg, (*TRAIN_KEYS, "eval", "tune"), {"name": cfg.name})
-    run_pipeline_step("tune", tune_dir, key, lambda: (init_ray(min_cpus=8), _sweep(cfg, root, scores_dir, budget)))
+
+    def sweep() -> None:
+        init_ray(min_cpus=8)
+        _sweep(cfg, root, scores_dir, budget)
+
+    run_pipeline_step("tune", tune_dir, key, sweep)
     frame = pd.read_csv(tune_dir / "results.csv", dtype={"trial_id": str})
     best = best_trial(frame, cfg.tune.objective)
     return TuneResult(

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pocl_ray.config import load_yaml, validate_mapping
 
 Method = Literal["one_shot", "progressive", "extraction"]
-METHODS: tuple[str, ...] = ("one_shot", "progressive", "extraction")
+METHODS: tuple[Method, ...] = ("one_shot", "progressive", "extraction")
 
 
 class _Strict(BaseModel):

@@ -52,7 +52,8 @@ def run_parity(cfg: ParityConfig, output_dir: str | Path) -> dict:
 
         def teacher_thunk(seed: int) -> Callable[[], tuple]:
             def submit() -> tuple:
-                teacher_refs[seed] = tuple(teacher_task.remote(cfg, seed))
+                # Ray's stubs type .remote as one ObjectRef; with num_returns=3 it returns three.
+                teacher_refs[seed] = tuple(teacher_task.remote(cfg, seed))  # type: ignore[arg-type]
                 return teacher_refs[seed]
 
             return submit
@@ -76,7 +77,7 @@ def run_parity(cfg: ParityConfig, output_dir: str | Path) -> dict:
         if we_started:
             ray.shutdown()
 
-    results = {
+    results: dict[str, Any] = {
         "target_accuracy": cfg.target_accuracy,
         "runs": [{k: r[k] for k in ("method", "seed", "steps_to_target", "final_accuracy")} for r in runs],
         "summary": summarize(runs, cfg.target_accuracy, cfg.student_steps),

@@ -219,8 +219,14 @@ def student_plan(method: str, cfg: ParityConfig, checkpoint_steps: Sequence[int]
 
 
 def stage_starts(plan: Plan) -> list[int]:
-    """1-based student step at which each stage begins."""
-    return [1 + sum(s.steps for s in plan.stages[:i]) for i in range(len(plan.stages))]
+    """1-based student step at which each stage begins (the sandbox's stages are counted in steps)."""
+    starts, step = [], 1
+    for s in plan.stages:
+        if s.steps is None:
+            raise ValueError(f"stage {s.index} is counted in epochs; the sandbox counts stages in steps")
+        starts.append(step)
+        step += s.steps
+    return starts
 
 
 def steps_to_target(steps: Sequence[int], accs: Sequence[float], target: float) -> int | None:
@@ -244,7 +250,7 @@ def distill_student(
     teacher = MLP(cfg.n, cfg.teacher_width).to(device).requires_grad_(False)
     states = {f"step-{s}": state for s, state in checkpoints} | {FINAL: teacher_final}
     ex = cfg.extraction
-    projection = None
+    projection: torch.Tensor | None = None
     if any(s.target == "hidden" for s in plan.stages):
         projection = layer_projection(cfg.teacher_width, cfg.student_width, 1, seed=seed, kind=ex.projection).to(device)
     starts = dict(zip(stage_starts(plan), plan.stages))
@@ -260,6 +266,7 @@ def distill_student(
         x, _ = parity_batch(gen, cfg.batch_size, cfg.n, support)
         x = x.to(device)
         if stage.target == "hidden":
+            assert projection is not None  # made above when the plan has a hidden stage
             with torch.no_grad():
                 t_hidden = torch.relu(teacher.fc1(x))
             s_hidden = student.fc1(x)
