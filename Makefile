@@ -1,4 +1,5 @@
-# The README's two commands: `make demo` and `make test`. Both create .venv when it is missing.
+# The README's commands: `make demo`, `make test`, `make test-fast` and `make lint`. Each creates .venv
+# when it is missing.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -6,7 +7,7 @@ BIN := $(VENV)/bin
 # installed before the package so the package's `torch` requirement is already satisfied.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast lint install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +15,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,lint]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -25,5 +26,15 @@ demo: install
 test: install
 	$(BIN)/python -m pytest tests
 
+# The edit loop: every test that starts no Ray (markers in pyproject.toml; tests/conftest.py marks
+# the users of a Ray fixture and fails an unmarked test that starts Ray).
+test-fast: install
+	$(BIN)/python -m pytest tests -m "not ray and not e2e and not slow"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy pocl_ray
+
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) runs build *.egg-info .mypy_cache .ruff_cache
