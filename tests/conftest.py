@@ -20,6 +20,11 @@
     cut_student_dir         teacher layers [1, 3] (`student_from_teacher`) + tokenizer.
   `data_config(**overrides)` gives a `DataConfig` on train_path with lengths that fit these rows.
 - `synthetic_rows(n, seed)` is a plain function for tests that need their own rows.
+
+Markers (pyproject.toml): `ray` (starts a local Ray), `e2e` (a Ray head and job submissions), `slow`.
+`make test-fast` runs the tests without them. A test that uses a Ray fixture (`RAY_FIXTURES`),
+directly or through another fixture, is marked `ray` here, so the marker cannot be forgotten; a test
+without one of the three markers that calls `ray.init` anyway fails with a message saying so.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import json
 import random
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,3 +192,32 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# Fixtures that start or hold a Ray session (test_tuning's `ray_tune` starts one with the dashboard).
+RAY_FIXTURES = frozenset({"ray_local", "ray_tune"})
+RAY_MARKERS = ("ray", "e2e", "slow")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True)
+def _ray_only_in_marked_tests(request, monkeypatch) -> Iterator[None]:
+    """`ray.init` fails in a test that carries none of RAY_MARKERS: `make test-fast` (which leaves
+    those out) must start no Ray. Ray's own auto-init (a Ray Data or remote call without a session)
+    goes through `ray.init` too."""
+    if any(request.node.get_closest_marker(m) for m in RAY_MARKERS):
+        yield
+        return
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} starts Ray: mark it `ray` (or use the ray_local fixture)")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    yield
