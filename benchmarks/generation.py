@@ -289,7 +289,7 @@ def main() -> None:
             num_threads=args.threads,
             max_length=args.max_prompt + args.new_tokens,
         )
-        measurer_call = timed_call(measurer, table.drop_columns(["set", "id", "attention_mask"]), args.repeats)
+        measurer_call = timed_call(measurer, table.drop_columns(["set", "attention_mask"]), args.repeats)
 
     result = {
         "device": torch.cuda.get_device_name() if use_gpu else f"cpu ({args.threads} thread(s))",
