@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,8 +26,10 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    temp_dir = tmp_path_factory.mktemp("rayhead")
+def ray_head():
+    # Short, not under pytest's tmp: Ray's Unix socket paths under it (session_<date>_<pid>/sockets/
+    # dash_MetricsHead) must stay within 107 bytes, and a pytest basetemp under TMPDIR leaves too little.
+    temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
     port, dash = free_port(), free_port()
     # As in a shell with the virtual environment activated: the job's `python` is this interpreter.
     env = {
@@ -69,6 +72,7 @@ def ray_head(tmp_path_factory):
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _submit_and_wait(address: str, env: dict, work: Path, job_id: str, log: Path, timeout: float = 1200) -> str:
