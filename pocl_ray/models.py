@@ -150,8 +150,10 @@ def build_tiny_model(
     max_positions: int = 512,
     save_dir: str | Path | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    tie_embeddings: bool | None = None,
 ) -> PreTrainedModel:
-    """A randomly initialised Llama or GPT-2 causal LM, identical for identical arguments."""
+    """A randomly initialised Llama or GPT-2 causal LM, identical for identical arguments; tie_embeddings None
+    keeps the architecture's default (Llama untied, GPT-2 tied)."""
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of num_heads ({num_heads})")
     if tokenizer is not None and len(tokenizer) > vocab_size:
@@ -163,6 +165,8 @@ def build_tiny_model(
         # pad == eos that would freeze EOS, so then the pad id goes to generation_config only.
         if tokenizer.pad_token_id != tokenizer.eos_token_id:
             special["pad_token_id"] = tokenizer.pad_token_id
+    if tie_embeddings is not None:
+        special["tie_word_embeddings"] = tie_embeddings
     config: PretrainedConfig
     if arch == "llama":
         config = LlamaConfig(
@@ -208,6 +212,11 @@ def _decoder_layers(model: PreTrainedModel) -> tuple[nn.Module, str]:
         if isinstance(getattr(base, attr, None), nn.ModuleList):
             return base, attr
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (expected .layers or .h)")
+
+
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    """The model's list of decoder layers (ValueError naming the model class when there is none)."""
+    return getattr(*_decoder_layers(model))
 
 
 def student_from_teacher(
