@@ -174,3 +174,101 @@ def gradient_worker(rank: int, world: int, port: int, out: str, cases: list[dict
     if rank == 0:
         torch.save(results, Path(out) / "gradients.pt")
     dist.destroy_process_group()
+
+
+def _trained_student(rank: int, world: int, tied: bool, seed: int):
+    """A sharded student and its AdamW after one step on this rank's rows (so the optimizer has state)."""
+    student = load_sharded(lambda: student_model(tied, seed), device=torch.device("cpu"), trainable=True)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2, weight_decay=0.1)
+    batch = collate(rows(8, seed=3)[rank::world], PAD)
+    final, _ = final_hidden_states(student, batch["input_ids"], batch["attention_mask"])
+    loss, _, _ = linear_kd_and_ce(
+        "fkl", final, student.get_output_embeddings().weight, None, None, batch["labels"], batch["labels"],
+        kd_weight=0.0,
+    )  # fmt: skip
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return student, optimizer
+
+
+def checkpoint_save_worker(rank: int, world: int, port: int, out: str) -> None:
+    """For an untied and a tied student (OUT/untied, OUT/tied): save a trained student asynchronously on
+    `world` ranks, keep its full state as the reference, load the checkpoint into a student of other weights on
+    the same ranks, and export an HF folder."""
+    from pocl_ray import sharded_checkpoint as ckpt
+
+    init(rank, world, port)
+    for tied in (False, True):
+        out_dir = Path(out) / ("tied" if tied else "untied")
+        student, optimizer = _trained_student(rank, world, tied, seed=1)
+        ckpt.save(out_dir / "checkpoint", student, optimizer, asynchronous=True).result()
+        reference = ckpt.full_state(student, optimizer)
+        ckpt.export_pretrained(student, out_dir / "export")
+        other, other_optimizer = _trained_student(rank, world, tied, seed=2)
+        ckpt.load(out_dir / "checkpoint", other, other_optimizer)
+        loaded = ckpt.full_state(other, other_optimizer)
+        if rank == 0:
+            torch.save({"reference": reference, "loaded": loaded}, out_dir / f"saved_on_{world}.pt")
+    dist.destroy_process_group()
+
+
+def checkpoint_load_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Load each checkpoint of checkpoint_save_worker into a student of other weights on `world` ranks; rank 0
+    writes the full state."""
+    from pocl_ray import sharded_checkpoint as ckpt
+
+    init(rank, world, port)
+    for tied in (False, True):
+        out_dir = Path(out) / ("tied" if tied else "untied")
+        student, optimizer = _trained_student(rank, world, tied, seed=2)
+        ckpt.load(out_dir / "checkpoint", student, optimizer)
+        loaded = ckpt.full_state(student, optimizer)
+        if rank == 0:
+            torch.save(loaded, out_dir / f"loaded_on_{world}.pt")
+    dist.destroy_process_group()
+
+
+def differences(a, b, path: str = "") -> list[str]:
+    """Where two nested states (dicts, lists, tensors, scalars) differ, bit for bit; [] when equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{path}: keys {sorted(a.keys() ^ b.keys())} in one only"]
+        return [d for k in a for d in differences(a[k], b[k], f"{path}/{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{path}: lengths {len(a)} != {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}/{i}")]
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        same = a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+        return [] if same else [f"{path}: tensors differ"]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+def generation_worker(rank: int, world: int, port: int, out: str, lockstep: bool) -> None:
+    """Greedy generation with a sharded student, rank 0 with one short batch (1 new token), the others with
+    three long ones (24 new tokens, no EOS stop); writes each rank's tokens and a single-process model's.
+    lockstep False runs the batches without in_lockstep (the control: it must fail)."""
+    from pocl_ray.sampling import generate_tokens
+
+    init(rank, world, port)
+    student = load_sharded(lambda: student_model(False), device=torch.device("cpu"), trainable=True)
+    student.eval()
+    if rank == 0:
+        batches = [([[5, 6, 7]], [1])]
+    else:
+        batches = [([[8 + i + k for k in range(9)], [3, 4]], [24, 24]) for i in range(3)]
+
+    def generate(batch, model=student):
+        prompts, budgets = batch
+        return generate_tokens(model, prompts, budgets, pad_token_id=PAD, eos_token_id=None)
+
+    if lockstep:
+        tokens = in_lockstep(batches, generate, ([[EOS]], [1]))
+    else:
+        tokens = [generate(b) for b in batches]
+    release(student)
+    dist.barrier()
+    plain = student_model(False).eval()
+    torch.save({"tokens": tokens, "single": [generate(b, plain) for b in batches]}, Path(out) / f"tokens_{rank}.pt")
+    dist.destroy_process_group()
