@@ -4,12 +4,13 @@ and students cut from a teacher's layers."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GPT2Config,
@@ -110,6 +111,58 @@ def load_model(
     if frozen:
         model.eval()
         model.requires_grad_(False)
+    return model
+
+
+def split_device_map(
+    config, num_devices: int, max_memory: int, dtype: torch.dtype
+) -> tuple[dict[str, int], dict[int, int]]:
+    """(device_map, max_memory) placing a model of `config` in `dtype` over devices 0..num_devices-1 and
+    nowhere else, with at most `max_memory` bytes of weights on each.
+
+    The placement is transformers' own balanced one (what from_pretrained(device_map="balanced") computes,
+    from the parameter sizes of the model built on the meta device): whole decoder layers in order, the
+    embeddings on the first device, the final norm and LM head after the last layer, tied weights together;
+    the forward moves activations between devices. A model that does not fit is a ValueError with its size
+    (transformers would put the rest on the host or disk): leave room beyond size / N for the largest layer.
+    """
+    from transformers.integrations.accelerate import compute_module_sizes, get_balanced_memory, infer_auto_device_map
+
+    if num_devices < 1:
+        raise ValueError(f"num_devices must be >= 1, got {num_devices}")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    caps = dict.fromkeys(range(num_devices), int(max_memory))
+    keep_whole = model._no_split_modules
+    balanced = get_balanced_memory(model, max_memory=dict(caps), no_split_module_classes=keep_whole)
+    device_map = infer_auto_device_map(model, max_memory=balanced, no_split_module_classes=keep_whole)
+    left_over = [name for name, device in device_map.items() if device not in caps]
+    if left_over:
+        size = compute_module_sizes(model)[0][""]
+        raise ValueError(
+            f"{type(model).__name__} ({size / 2**20:,.1f} MiB of weights in {dtype}) does not fit {num_devices} "
+            f"devices of {max_memory / 2**20:,.1f} MiB each ({', '.join(left_over)} left over): raise the per-device "
+            "cap or the number of devices"
+        )
+    return dict(device_map), caps
+
+
+def load_model_split(
+    path: str | Path, devices: Sequence[int | str], max_memory: int, *, dtype: str | torch.dtype = "auto"
+) -> PreTrainedModel:
+    """A frozen causal LM from a local folder spread over exactly `devices` (e.g. the N GPUs a Ray actor was
+    given, as CUDA indices), at most `max_memory` bytes of weights on each (`split_device_map`). Inputs go to
+    the first device (where `next(model.parameters())` is); the forward hands activations on."""
+    folder = check_model_folder(path, need=())
+    first = f"cuda:{devices[0]}" if isinstance(devices[0], int) else devices[0]
+    dtype = resolve_dtype(dtype, first)
+    placement, _ = split_device_map(AutoConfig.from_pretrained(str(folder)), len(devices), max_memory, dtype)
+    _quiet_progress_bars()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=dtype, device_map={name: devices[i] for name, i in placement.items()}
+    )
+    model.eval()
+    model.requires_grad_(False)
     return model
 
 
