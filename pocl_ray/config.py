@@ -276,6 +276,22 @@ class KDConfig(_Section):
     )
 
 
+class FSDPConfig(_Section):
+    """FSDP2 options (training.strategy: fsdp; pocl_ray/sharding.py)."""
+
+    reshard_after_forward: bool = Field(
+        True,
+        description="free each decoder layer's gathered weights after its forward and gather them again for "
+        "backward: less memory for one more all-gather per layer",
+    )
+    cpu_offload: bool = Field(
+        False, description="sharded weights, gradients and optimizer state on the host, copied to the GPU per layer"
+    )
+    mixed_precision: bool = Field(
+        True, description="on CUDA: bf16 compute on fp32 sharded weights, gradients reduced in fp32"
+    )
+
+
 class TrainingConfig(_Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
@@ -306,6 +322,28 @@ class TrainingConfig(_Section):
     gradient_checkpointing: bool = Field(
         False, description="recompute the student's layer activations in backward: less memory, ~30% more compute"
     )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every worker holds the whole student, its gradients and optimizer state; fsdp: the "
+        "student is sharded over the workers (FSDP2), for students bigger than one GPU",
+    )
+    fsdp: FSDPConfig | None = Field(None, description="FSDP options, with strategy: fsdp only (unset: the defaults)")
+    teacher_sharding: Literal["replicate", "fsdp"] | None = Field(
+        None,
+        description="the online teacher on the workers: whole on each (replicate) or sharded over them (fsdp, "
+        "forward only); unset: fsdp under strategy: fsdp, replicate under ddp",
+    )
+
+    @model_validator(mode="after")
+    def _sharding(self) -> TrainingConfig:
+        if self.strategy != "fsdp" and self.fsdp is not None:
+            raise ValueError("training.fsdp configures training.strategy: fsdp, but the strategy is ddp")
+        if self.strategy != "fsdp" and self.teacher_sharding == "fsdp":
+            raise ValueError("training.teacher_sharding: fsdp needs training.strategy: fsdp")
+        if self.strategy == "fsdp":
+            # The sharded worker (pocl_ray/sharding.py) is not wired into training yet: refuse, never run DDP instead.
+            raise ValueError("training.strategy: fsdp is not available yet (the training worker runs ddp only)")
+        return self
 
     @model_validator(mode="after")
     def _batch(self) -> TrainingConfig:

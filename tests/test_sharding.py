@@ -99,3 +99,18 @@ def test_model_without_decoder_layers_is_an_error_naming_its_class(tmp_path):
         check_shardable(tmp_path, "models.student")
     with pytest.raises(ValueError, match="OPTForCausalLM"):
         shard_model(OPTForCausalLM(config), device=torch.device("cpu"), trainable=True)
+
+
+def test_fsdp_settings_without_the_fsdp_strategy_are_config_errors_naming_the_field():
+    from pocl_ray.config import parse_config
+
+    minimal = {"data": {"train": "data/train.jsonl"}, "models": {"teacher": "models/teacher"}}
+    with pytest.raises(ConfigError, match=r"training\.fsdp configures training\.strategy: fsdp"):
+        parse_config({**minimal, "training": {"fsdp": {"cpu_offload": True}}})
+    with pytest.raises(ConfigError, match=r"training\.teacher_sharding: fsdp needs training\.strategy: fsdp"):
+        parse_config({**minimal, "training": {"teacher_sharding": "fsdp"}})
+    with pytest.raises(ConfigError, match=r"training\.strategy:"):
+        parse_config({**minimal, "training": {"strategy": "zero3"}})
+    # Until the training worker shards, asking for it is refused rather than silently run as ddp.
+    with pytest.raises(ConfigError, match=r"training\.strategy: fsdp is not available yet"):
+        parse_config({**minimal, "training": {"strategy": "fsdp", "fsdp": {"cpu_offload": True}}})
