@@ -40,7 +40,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from pocl_ray.config import ConfigError
-from pocl_ray.models import decoder_layers
+from pocl_ray.models import checkpoint_activations, decoder_layers
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -66,7 +66,8 @@ def shard_model(
     and its parameters stay in the dtype it was built in (load the teacher in bf16: no fp32 copy anywhere).
     cpu_offload: sharded parameters (and so gradients and optimizer state) live on the host, copied to the
     device unit by unit. mixed_precision: compute in bf16 on fp32 sharded parameters, gradients reduced in fp32.
-    Gradient checkpointing (`models.checkpoint_activations`) composes with it: enable it before sharding.
+    Gradient checkpointing (`models.checkpoint_activations`) composes with it: enable it before sharding, on
+    every rank.
     A model without a decoder-layer list is a ValueError naming its class.
     """
     layers = decoder_layers(lm)
@@ -91,7 +92,12 @@ def shard_model(
 
 
 def load_sharded(
-    build: Callable[[], PreTrainedModel], *, device: torch.device, trainable: bool, **shard_options
+    build: Callable[[], PreTrainedModel],
+    *,
+    device: torch.device,
+    trainable: bool,
+    gradient_checkpointing: bool = False,
+    **shard_options,
 ) -> PreTrainedModel:
     """A sharded model whose weights only rank 0 reads.
 
@@ -99,7 +105,8 @@ def load_sharded(
     one full copy; the other ranks build the same architecture from its config on the meta device, so they never
     hold more than their shards. After sharding, rank 0's tensors are broadcast one by one and each rank keeps
     its shards (set_model_state_dict, broadcast_from_rank0); the buffers (rotary tables, not in the state dict)
-    are rank 0's too. `shard_options` go to `shard_model`.
+    are rank 0's too. gradient_checkpointing is turned on on every rank (each must recompute alike: a
+    recomputed forward may gather weights, a collective). `shard_options` go to `shard_model`.
     """
     rank = dist.get_rank()
     model = build() if rank == 0 else None
@@ -112,6 +119,8 @@ def load_sharded(
         model.generation_config = generation_config
     if trainable:
         model.train()
+    if gradient_checkpointing:
+        checkpoint_activations(model)
     full = model.state_dict() if rank == 0 else {}
     shard_model(model, device=device, trainable=trainable, **shard_options)
     if rank != 0:

@@ -135,14 +135,16 @@ def gradient_worker(rank: int, world: int, port: int, out: str, cases: list[dict
         teacher = load_sharded(teacher_model, device=torch.device("cpu"), trainable=False)
 
         def build(case=case):
-            model = student_model(case["tied"])
-            if case.get("checkpointing"):
-                checkpoint_activations(model)
-            return model
+            return student_model(case["tied"])
 
         student = load_sharded(
-            build, device=torch.device("cpu"), trainable=True, cpu_offload=case.get("cpu_offload", False)
+            build,
+            device=torch.device("cpu"),
+            trainable=True,
+            gradient_checkpointing=case.get("checkpointing", False),
+            cpu_offload=case.get("cpu_offload", False),
         )
+        assert student.is_gradient_checkpointing == case.get("checkpointing", False)
         local = global_rows[rank::world]
         if case.get("on_policy"):
             local = on_policy_rows(student, local, seed=11, rank=rank)
@@ -157,6 +159,8 @@ def gradient_worker(rank: int, world: int, port: int, out: str, cases: list[dict
         tied = student.get_output_embeddings().weight is student.get_input_embeddings().weight
         if rank == 0:
             reference = build()
+            if case.get("checkpointing"):
+                checkpoint_activations(reference)
             plain_teacher = teacher_model().eval().requires_grad_(False)
             full = collate(global_rows, PAD)
             step_loss(reference, plain_teacher, full, case, counts(full, case["target"])).backward()
