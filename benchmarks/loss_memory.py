@@ -159,6 +159,12 @@ def main() -> None:
     parser.add_argument("--prompt-fraction", type=float, default=0.0, help="share of each row masked as prompt")
     parser.add_argument("--repeats", type=int, default=5 if cuda else 3)
     parser.add_argument(
+        "--variants",
+        default="naive,chunked,linear",
+        help="which of naive, chunked, linear to measure (linear alone: the loss's own peak at sizes where the "
+        "full logits of the other two do not fit)",
+    )
+    parser.add_argument(
         "--threads", type=int, help="CPU threads; 1 avoids a wait per op when the cores are oversubscribed"
     )
     args = parser.parse_args()
@@ -193,8 +199,13 @@ def main() -> None:
     results = {}
     for kind in kinds:
         variants = {"naive": naive, "chunked": chunked, "linear": linear}
-        row = {name: measure(partial(fn, kind), trainable, device, args.repeats) for name, fn in variants.items()}
-        for other in ("naive", "chunked"):
+        chosen = args.variants.split(",")
+        row = {
+            name: measure(partial(fn, kind), trainable, device, args.repeats)
+            for name, fn in variants.items()
+            if name in chosen
+        }
+        for other in [v for v in ("naive", "chunked") if v in row and "linear" in row]:
             row[f"memory_ratio_{other}_over_linear"] = round(
                 row[other]["peak_extra_mib"] / row["linear"]["peak_extra_mib"], 2
             )
@@ -224,6 +235,7 @@ def main() -> None:
                 "chunk_positions": args.chunk_positions,
                 "temperature": args.temperature,
                 "one_fp32_logits_tensor_mib": round(args.batch * args.seq * args.vocab * 4 / MIB, 1),
+                "one_fp32_chunk_mib": round(args.chunk_positions * args.vocab * 4 / MIB, 1),
                 "results": results,
                 **({f"linear_{kinds[0]}_chunk_positions_sweep": sweep} if sweep else {}),
             },

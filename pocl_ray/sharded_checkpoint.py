@@ -80,11 +80,14 @@ def export_pretrained(model, folder: str | Path) -> Path | None:
         plain = AutoModelForCausalLM.from_config(model.config, dtype=next(iter(full.values())).dtype)
     # Tied weights come back as two entries of the gathered state: load both, then tie them again as the
     # config says, so save_pretrained writes the one tensor it expects.
-    plain.load_state_dict(full, assign=True, strict=False)
+    unexpected = plain.load_state_dict(full, assign=True, strict=False).unexpected_keys
     plain.tie_weights()
     missing = {name for name, _ in plain.named_parameters()} - set(full)
-    if missing:
-        raise RuntimeError(f"the gathered state lacks {sorted(missing)}")
+    if missing or unexpected:
+        raise RuntimeError(
+            f"the gathered state does not fit {type(plain).__name__}: lacks {sorted(missing)}, "
+            f"has unknown {sorted(unexpected)}"
+        )
     plain.generation_config = model.generation_config
     _quiet_progress_bars()
     plain.save_pretrained(str(folder))

@@ -110,9 +110,10 @@ def step_loss(student, teacher, batch: dict, case: dict, n: torch.Tensor) -> tor
 
 
 def on_policy_rows(student, local: list[dict], seed: int, rank: int) -> list[dict]:
-    """This rank's rows with their responses replaced by the student's samples (2 generate calls on rank 0,
-    1 on rank 1, so in_lockstep must run an idle one there); the same rows for every rank's list."""
-    chunks = [local[i : i + 2] for i in range(0, len(local), 2)]
+    """This rank's rows with their responses replaced by the student's samples: micro-batches of 2 rows on
+    rank 0 and of 4 on rank 1, so rank 1 makes fewer generate calls and in_lockstep must add idle ones."""
+    size = 2 + 2 * rank
+    chunks = [local[i : i + size] for i in range(0, len(local), size)]
     idle = [{"input_ids": [EOS], "num_prompt_tokens": 1}]
 
     def sample(chunk):
@@ -251,7 +252,7 @@ def differences(a, b, path: str = "") -> list[str]:
 
 def generation_worker(rank: int, world: int, port: int, out: str, lockstep: bool) -> None:
     """Greedy generation with a sharded student, rank 0 with one short batch (1 new token), the others with
-    three long ones (24 new tokens, no EOS stop); writes each rank's tokens and a single-process model's.
+    two long ones (16 new tokens, no EOS stop); writes each rank's tokens and a single-process model's.
     lockstep False runs the batches without in_lockstep (the control: it must fail)."""
     from pocl_ray.sampling import generate_tokens
 
@@ -261,7 +262,7 @@ def generation_worker(rank: int, world: int, port: int, out: str, lockstep: bool
     if rank == 0:
         batches = [([[5, 6, 7]], [1])]
     else:
-        batches = [([[8 + i + k for k in range(9)], [3, 4]], [24, 24]) for i in range(3)]
+        batches = [([[8 + i + k for k in range(9)], [3, 4]], [16, 16]) for i in range(2)]
 
     def generate(batch, model=student):
         prompts, budgets = batch
@@ -272,6 +273,7 @@ def generation_worker(rank: int, world: int, port: int, out: str, lockstep: bool
     else:
         tokens = [generate(b) for b in batches]
     release(student)
+    (Path(out) / f"generated_{rank}").touch()  # this rank's own batches are done
     dist.barrier()
     plain = student_model(False).eval()
     torch.save({"tokens": tokens, "single": [generate(b, plain) for b in batches]}, Path(out) / f"tokens_{rank}.pt")
