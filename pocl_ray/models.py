@@ -134,7 +134,8 @@ def split_device_map(
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     caps = dict.fromkeys(range(num_devices), int(max_memory))
     keep_whole = model._no_split_modules
-    balanced = get_balanced_memory(model, max_memory=dict(caps), no_split_module_classes=keep_whole)
+    limits: dict[int | str, int | str] = {device: cap for device, cap in caps.items()}
+    balanced = get_balanced_memory(model, max_memory=limits, no_split_module_classes=keep_whole)
     device_map = infer_auto_device_map(model, max_memory=balanced, no_split_module_classes=keep_whole)
     left_over = [name for name, device in device_map.items() if device not in caps]
     if left_over:

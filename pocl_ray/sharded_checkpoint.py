@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,8 +33,8 @@ from pocl_ray.models import _quiet_progress_bars
 MODEL, OPTIMIZER = "model", "optimizer"
 
 
-def _state(model, optimizer, options: StateDictOptions | None = None) -> dict:
-    state = {MODEL: get_model_state_dict(model, options=options)}
+def _state(model, optimizer, options: StateDictOptions | None = None) -> dict[str, Any]:
+    state: dict[str, Any] = {MODEL: get_model_state_dict(model, options=options)}
     if optimizer is not None:
         state[OPTIMIZER] = get_optimizer_state_dict(model, optimizer, options=options)
     return state
@@ -50,7 +51,11 @@ def save(
     """
     state = _state(model, optimizer)
     if asynchronous:
-        return dcp.async_save(state, checkpoint_id=str(directory), process_group=process_group)
+        written = dcp.async_save(state, checkpoint_id=str(directory), process_group=process_group)
+        # DCP's default stager copies to the host before returning, so the answer is the write's Future (an
+        # AsyncSaveResponse only comes with a stager of one's own).
+        assert isinstance(written, Future)
+        return written
     dcp.save(state, checkpoint_id=str(directory), process_group=process_group)
     return None
 

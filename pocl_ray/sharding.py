@@ -29,14 +29,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from pocl_ray.config import ConfigError
@@ -74,20 +74,27 @@ def shard_model(
     if not trainable:
         lm.eval()
         lm.requires_grad_(False)
-    options = {"mesh": mesh(device)}
-    if cpu_offload:
-        # Pinned host memory (faster copies to the GPU) needs an accelerator.
-        options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.device(device).type == "cuda")
-    if mixed_precision:
-        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    ranks = mesh(device)
+    # Pinned host memory (faster copies to the GPU) needs an accelerator.
+    offload = CPUOffloadPolicy(pin_memory=torch.device(device).type == "cuda") if cpu_offload else OffloadPolicy()
+    precision = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if mixed_precision
+        else MixedPrecisionPolicy()
+    )
+
+    def shard(module: nn.Module, reshard: bool) -> None:
+        fully_shard(module, mesh=ranks, reshard_after_forward=reshard, mp_policy=precision, offload_policy=offload)
+
     for layer in layers:
-        fully_shard(layer, reshard_after_forward=reshard_after_forward, **options)
+        shard(layer, reshard_after_forward)
     embedding = lm.get_input_embeddings()
     if embedding.weight is not lm.get_output_embeddings().weight:
-        fully_shard(embedding, reshard_after_forward=reshard_after_forward, **options)
-    fully_shard(lm, reshard_after_forward=False, **options)
+        shard(embedding, reshard_after_forward)
+    shard(lm, False)
     # transformers' generate keeps every rank's forwards in step (synced_gpus) for a model marked so.
-    lm._is_fsdp_managed_module = True
+    # (torch types Module.__setattr__ for tensors and modules only; a plain attribute is what transformers reads.)
+    lm._is_fsdp_managed_module = True  # type: ignore[assignment]
     return lm
 
 
@@ -109,11 +116,13 @@ def load_sharded(
     recomputed forward may gather weights, a collective). `shard_options` go to `shard_model`.
     """
     rank = dist.get_rank()
-    model = build() if rank == 0 else None
-    spec = [(model.config, model.generation_config, model.dtype) if rank == 0 else None]
+    spec: list[Any] = [None]
+    if rank == 0:
+        model = build()
+        spec = [(model.config, model.generation_config, model.dtype)]
     dist.broadcast_object_list(spec, src=0)
-    config, generation_config, dtype = spec[0]
     if rank != 0:
+        config, generation_config, dtype = spec[0]
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         model.generation_config = generation_config
