@@ -46,7 +46,17 @@ def run_benchmark(script: str, *args: str, cwd: Path, exit_codes: tuple[int, ...
 
 
 def test_every_benchmark_has_a_smoke_test():
-    tested = {"data_path", "generation", "loss_memory", "parity_claims", "scoring", "teacher_cache", "training"}
+    tested = {
+        "data_path",
+        "generation",
+        "loss_memory",
+        "parity_claims",
+        "scoring",
+        "sharded_loading",
+        "sharded_loss",
+        "teacher_cache",
+        "training",
+    }
     assert {p.stem for p in BENCHMARKS.glob("*.py")} == tested
 
 
@@ -73,6 +83,59 @@ def test_loss_memory(tmp_path):
         # Three ways to one loss (fp32).
         assert row["loss_rel_diff_linear_vs_naive"] < 1e-4 and row["loss_rel_diff_linear_vs_chunked"] < 1e-4
     assert set(out["linear_fkl_chunk_positions_sweep"]) == {"8", "16"}
+
+
+def test_loss_memory_linear_alone(tmp_path):
+    # --variants linear: the sizes where the two full-logits variants do not fit; no ratio to them then.
+    out, _ = run_benchmark(
+        "loss_memory.py",
+        *("--variants", "linear", "--kinds", "js", "--batch", "1", "--seq", "32", "--hidden", "16", "--vocab", "64"),
+        *("--chunk-positions", "8", "--repeats", "1", "--threads", "1"),
+        cwd=tmp_path,
+    )
+    assert list(out["results"]["js"]) == ["linear"]
+    assert math.isfinite(out["results"]["js"]["linear"]["loss"]) and out["results"]["js"]["linear"]["loss"] > 0
+    assert out["one_fp32_chunk_mib"] == round(8 * 64 * 4 / 2**20, 1)
+
+
+def test_sharded_loss_keeps_or_regathers_the_heads(tmp_path):
+    from conftest import free_port
+
+    vocab, hidden, world = 256, 32, 2
+    out, _ = run_benchmark(
+        "sharded_loss.py",
+        *("--world", str(world), "--vocab", str(vocab), "--hidden", str(hidden), "--layers", "1"),
+        *("--batch", "1", "--seq", "16", "--warmup", "0", "--repeats", "1", "--port", str(free_port())),
+        cwd=tmp_path,
+    )
+    # Llama's root: the untied head and the final norm, whole during the loss and 1/world of it sharded.
+    for name, width in (("student", hidden), ("teacher", 2 * hidden)):
+        whole = (vocab * width + width) * 4 / 2**20
+        assert out["root_whole_mib"][name] == pytest.approx(whole)
+        assert out["root_shard_mib"][name] == pytest.approx(whole / world)
+    for measure in ("median_s", "median_cpu_s"):
+        assert out["kept"][measure] > 0 and out["regathered"][measure] > 0
+        ratio = out["regathered"][measure] / out["kept"][measure]
+        assert out[f"ratio_regathered_over_kept_{measure}"] == pytest.approx(ratio)
+
+
+def test_sharded_loading_leaves_each_rank_its_shards(tmp_path):
+    from conftest import free_port
+
+    world = 2
+    out, _ = run_benchmark(
+        "sharded_loading.py",
+        *("--world", str(world), "--vocab", "256", "--hidden", "48", "--layers", "1", "--port", str(free_port())),
+        cwd=tmp_path,
+    )
+    ranks = sorted(out["ranks"], key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == list(range(world))
+    # Every parameter is held once over all ranks, half of it on each (every dim 0 here splits evenly).
+    assert sum(r["shards_held_mib"] for r in ranks) == pytest.approx(out["one_fp32_copy_mib"])
+    assert all(r["shards_held_mib"] == pytest.approx(out["one_fp32_copy_mib"] / world) for r in ranks)
+    assert all(r["peak_growth_mib"] >= 0 for r in ranks)
+    others = max(r["peak_growth_mib"] for r in ranks[1:])
+    assert out["max_other_rank_growth_over_one_fp32_copy"] == pytest.approx(others / out["one_fp32_copy_mib"])
 
 
 def test_data_path_reads_each_workers_share(tmp_path):
