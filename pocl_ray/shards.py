@@ -32,6 +32,10 @@ costs memory: the reader holds `prefetch` + 1 windows and one row group while it
 window is fixed in rows, not blocks (`WINDOW_ROWS`), and smaller row groups written by scoring buy
 both randomness and fewer reads for the same memory.
 
+From object storage the reader fetches the same byte ranges (ranged GETs of the row groups it
+opens and of their files' footers, never a whole file), so the amplification holds there
+(`benchmarks/data_path.py --store s3`; its figures are in benchmarks/README.md).
+
 Ray Data was the first candidate and is not used: its iterators (`streaming_split`,
 `iter_torch_batches`) cannot resume mid-epoch, and a resumed run must replay the exact steps, so a
 restart would re-train or skip rows; a stage switch through `streaming_split` also cost 17-40 s on a
