@@ -300,4 +300,5 @@ def s3():
             yield info
         finally:
             log.removeHandler(handler)
+            log.propagate = True
             server.stop()
