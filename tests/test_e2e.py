@@ -52,6 +52,13 @@ def ray_head():
             "--node-ip-address=127.0.0.1",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}",
+            # Free ports for the services whose fixed defaults (52365, 10001, ...) another Ray on a
+            # shared machine may hold: a head whose agent cannot bind never accepts a job.
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
             "--num-cpus=6",
             f"--temp-dir={temp_dir}",
             "--include-dashboard=true",
