@@ -190,13 +190,14 @@ def _own_bytes(index: ScoresIndex, ranks: np.ndarray, columns: list[str]) -> flo
     return float(sum(index.bytes_of(g, columns) * counts[g] / rows[g] for g in np.flatnonzero(counts)))
 
 
-def _read_old(path: str, ranks: np.ndarray, columns: list[str]) -> dict[int, dict]:
+def _read_old(path: str, filesystem: pafs.FileSystem, ranks: np.ndarray, columns: list[str]) -> dict[int, dict]:
     """training.read_rows as it was (inlined so this process does not import torch): the whole
     dataset filtered by rank.isin, then one dict per row."""
     wanted = pa.array(ranks)
     rank = pc.field("rank")
     condition = (rank >= int(ranks.min())) & (rank <= int(ranks.max())) & rank.isin(wanted)
-    table = pads.dataset(str(path), format="parquet").to_table(columns=["rank", *columns], filter=condition)
+    dataset = pads.dataset(path, format="parquet", filesystem=filesystem)
+    table = dataset.to_table(columns=["rank", *columns], filter=condition)
     ids, labels = (table.column(c).combine_chunks() for c in ("input_ids", "labels"))
     id_values, id_offsets = ids.values.to_numpy(), ids.offsets.to_numpy()
     label_values, label_offsets = labels.values.to_numpy(), labels.offsets.to_numpy()
@@ -218,7 +219,8 @@ def run_worker(job: dict) -> dict:
     path, columns, world, rank = job["path"], job["columns"], job["workers"], job["rank"]
     filesystem, inner = storage.resolve(path)
     counting = CountingFileSystem(filesystem)
-    index = ScoresIndex(inner, pafs.PyFileSystem(counting))
+    counted = pafs.PyFileSystem(counting)  # both paths read through it
+    index = ScoresIndex(inner, counted)
     index_bytes = counting.counter[0]
     pool_blocks = blocks([(0, index.num_rows)], index.bounds)
     shard_args = dict(
@@ -233,7 +235,7 @@ def run_worker(job: dict) -> dict:
     rchar, started = _rchar(), time.perf_counter()
     if job["old"]:
         ranks = np.random.default_rng([SEED, 0, 0]).permutation(index.num_rows)[rank::world]
-        rows = _read_old(path, ranks, columns)
+        rows = _read_old(inner, counted, ranks, columns)
         opened = range(len(index.groups))  # the rank range of a permutation's shard spans every row group
         read_bytes, row_count, wait, after_first = (
             sum(index.bytes_of(g, ["rank", *columns]) for g in opened),
@@ -244,7 +246,7 @@ def run_worker(job: dict) -> dict:
     else:
         shards = [worker_shard(pool_blocks, epoch=e, **shard_args) for e in range(job["epochs"])]
         ranks = np.concatenate([s.ranks for s in shards])
-        reader = StepReader(index, shards, columns=columns)  # reads through `counting`
+        reader = StepReader(index, shards, columns=columns)
         row_count, first_wait = 0, None
         with reader:
             for step in reader:
