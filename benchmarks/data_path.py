@@ -2,6 +2,7 @@
 
     python benchmarks/data_path.py --rows 100000 --workers 8 [--teacher-top-k K] [--old] [--step-ms MS]
     python benchmarks/data_path.py --rows 1000000 --workers 8 --order-sweep
+    python benchmarks/data_path.py --rows 250000 --workers 2 --store s3
 
 Writes synthetic scores of N rows x 300 tokens as scoring writes them (rank-ordered files of
 `scoring.rows_per_file` rows through pyarrow's dataset writer, as Ray Data's write_parquet does:
@@ -17,6 +18,12 @@ afterwards. Then each of the W simulated workers reads its shard of one epoch wi
   data_wait            with --step-ms, a simulated GPU step: seconds the loop waited for data after
                        its first step, over the epoch's seconds (the first step's read is covered
                        in training by opening the stage's reader ahead).
+  fs_amplification     bytes the reader pulled through the filesystem (counted by a wrapper around it:
+                       column chunks and the footers it re-reads) / bytes of its own rows, worst
+                       worker; `fs_amplification_with_index` adds the footers ScoresIndex reads.
+--store s3 puts the scores in a bucket of an S3 server on the loopback (moto's, as the tests use,
+started here; AWS_ENDPOINT_URL and fake credentials in the workers' environment) and the workers
+read them by s3:// URI, as training workers do from object storage.
 --old runs the path training used before (`training.read_rows`: every worker filters the whole
 dataset with rank.isin over a permutation of the pool) for comparison. --order-sweep prints the
 randomness / read-amplification / memory table of the order's granularity (shards module docstring).
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -38,7 +46,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 
+from pocl_ray import storage
 from pocl_ray.shards import BLOCK_ROWS, ROW_COLUMNS, WINDOW_ROWS, ScoresIndex, StepReader, blocks, worker_shard
 
 TOKENS = 300
@@ -118,6 +128,61 @@ def _rchar() -> int:
     raise RuntimeError("no rchar in /proc/self/io")
 
 
+class _CountedReads:
+    """A file whose reads add what they return to counter[0]; everything else is the inner file's."""
+
+    def __init__(self, inner, counter: list[int]):
+        self.inner, self.counter = inner, counter
+
+    def read(self, nbytes=None):
+        data = self.inner.read(nbytes)
+        self.counter[0] += len(data)
+        return data
+
+    def read_buffer(self, nbytes=None):  # what pa.PythonFile calls when the handle has it
+        data = self.inner.read_buffer(nbytes)
+        self.counter[0] += data.size
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+class CountingFileSystem(pafs.FileSystemHandler):
+    """Read-only view of a pyarrow filesystem that counts the bytes read through it (`counter[0]`):
+    what the parquet reader asks the store for, local disk or S3 ranged GETs alike."""
+
+    def __init__(self, inner: pafs.FileSystem):
+        self.inner, self.counter = inner, [0]
+
+    def get_type_name(self):
+        return f"counting-{self.inner.type_name}"
+
+    def normalize_path(self, path):
+        return self.inner.normalize_path(path)
+
+    def get_file_info(self, paths):
+        return self.inner.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.inner.get_file_info(selector)
+
+    def open_input_file(self, path):
+        return pa.PythonFile(_CountedReads(self.inner.open_input_file(path), self.counter), mode="r")
+
+    def open_input_stream(self, path):
+        return pa.PythonFile(_CountedReads(self.inner.open_input_stream(path), self.counter), mode="r")
+
+    def _read_only(self, *args, **kwargs):
+        raise OSError("read-only view")
+
+    create_dir = delete_dir = delete_dir_contents = delete_root_dir_contents = delete_file = _read_only
+    move = copy_file = open_output_stream = open_append_stream = _read_only
+
+    def equals(self, other):
+        return self is other
+
+
 def _own_bytes(index: ScoresIndex, ranks: np.ndarray, columns: list[str]) -> float:
     """A worker's share of the compressed bytes: each row group's bytes x its rows it owns / its rows."""
     counts = np.bincount(index.locate(ranks), minlength=len(index.groups))
@@ -125,13 +190,14 @@ def _own_bytes(index: ScoresIndex, ranks: np.ndarray, columns: list[str]) -> flo
     return float(sum(index.bytes_of(g, columns) * counts[g] / rows[g] for g in np.flatnonzero(counts)))
 
 
-def _read_old(path: Path, ranks: np.ndarray, columns: list[str]) -> dict[int, dict]:
+def _read_old(path: str, filesystem: pafs.FileSystem, ranks: np.ndarray, columns: list[str]) -> dict[int, dict]:
     """training.read_rows as it was (inlined so this process does not import torch): the whole
     dataset filtered by rank.isin, then one dict per row."""
     wanted = pa.array(ranks)
     rank = pc.field("rank")
     condition = (rank >= int(ranks.min())) & (rank <= int(ranks.max())) & rank.isin(wanted)
-    table = pads.dataset(str(path), format="parquet").to_table(columns=["rank", *columns], filter=condition)
+    dataset = pads.dataset(path, format="parquet", filesystem=filesystem)
+    table = dataset.to_table(columns=["rank", *columns], filter=condition)
     ids, labels = (table.column(c).combine_chunks() for c in ("input_ids", "labels"))
     id_values, id_offsets = ids.values.to_numpy(), ids.offsets.to_numpy()
     label_values, label_offsets = labels.values.to_numpy(), labels.offsets.to_numpy()
@@ -150,8 +216,12 @@ def _read_old(path: Path, ranks: np.ndarray, columns: list[str]) -> dict[int, di
 
 def run_worker(job: dict) -> dict:
     """One simulated worker's epoch(s), in this (fresh) process."""
-    path, columns, world, rank = Path(job["path"]), job["columns"], job["workers"], job["rank"]
-    index = ScoresIndex(path)
+    path, columns, world, rank = job["path"], job["columns"], job["workers"], job["rank"]
+    filesystem, inner = storage.resolve(path)
+    counting = CountingFileSystem(filesystem)
+    counted = pafs.PyFileSystem(counting)  # both paths read through it
+    index = ScoresIndex(inner, counted)
+    index_bytes = counting.counter[0]
     pool_blocks = blocks([(0, index.num_rows)], index.bounds)
     shard_args = dict(
         seed=SEED,
@@ -165,7 +235,7 @@ def run_worker(job: dict) -> dict:
     rchar, started = _rchar(), time.perf_counter()
     if job["old"]:
         ranks = np.random.default_rng([SEED, 0, 0]).permutation(index.num_rows)[rank::world]
-        rows = _read_old(path, ranks, columns)
+        rows = _read_old(inner, counted, ranks, columns)
         opened = range(len(index.groups))  # the rank range of a permutation's shard spans every row group
         read_bytes, row_count, wait, after_first = (
             sum(index.bytes_of(g, ["rank", *columns]) for g in opened),
@@ -199,6 +269,8 @@ def run_worker(job: dict) -> dict:
         "read_bytes": read_bytes,
         "own_bytes": own,
         "syscall_bytes": _rchar() - rchar,
+        "fs_bytes": counting.counter[0] - index_bytes,
+        "index_bytes": index_bytes,
         "peak_rss_mb": _peak_rss_mb(),
         "base_rss_mb": base_rss,
         "wait_seconds": wait,
@@ -206,7 +278,7 @@ def run_worker(job: dict) -> dict:
     }
 
 
-def measure(path: Path, columns: list[str], args, old: bool) -> dict:
+def measure(path: str, columns: list[str], args, old: bool) -> dict:
     workers = []
     for rank in range(args.workers):
         job = {
@@ -228,7 +300,14 @@ def measure(path: Path, columns: list[str], args, old: bool) -> dict:
     result = {
         "path": "old: rank.isin over the whole dataset" if old else "StepReader",
         "read_amplification": round(max(w["read_bytes"] / w["own_bytes"] for w in workers), 3),
-        "syscall_amplification": round(max(w["syscall_bytes"] / w["own_bytes"] for w in workers), 3),
+        # /proc/self/io counts file reads, not an S3 client's socket reads
+        "syscall_amplification": None
+        if storage.is_uri(path)
+        else round(max(w["syscall_bytes"] / w["own_bytes"] for w in workers), 3),
+        "fs_amplification": round(max(w["fs_bytes"] / w["own_bytes"] for w in workers), 3),
+        "fs_amplification_with_index": round(
+            max((w["fs_bytes"] + w["index_bytes"]) / w["own_bytes"] for w in workers), 3
+        ),
         "seconds_per_epoch_per_worker": {"mean": round(float(np.mean(seconds)), 3), "max": round(max(seconds), 3)},
         "rows_per_s_per_worker": round(float(np.mean([w["rows"] / w["seconds"] for w in workers]))),
         "peak_rss_mb": round(max(w["peak_rss_mb"] for w in workers)),
@@ -325,6 +404,30 @@ def order_sweep(rows: int, workers: int, global_batch: int, row_group: int) -> l
     return out
 
 
+def _upload_to_s3(path: Path) -> str:
+    """The scores copied into a bucket of a moto S3 server started on the loopback for this process's
+    life; the endpoint and fake credentials go into the environment the workers inherit."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="benchmark",
+        AWS_SECRET_ACCESS_KEY="benchmark",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir("scores")
+    storage.copy_folder(path, "s3://scores/rows")
+    return "s3://scores/rows"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000)
@@ -336,6 +439,9 @@ def main() -> None:
     parser.add_argument("--step-ms", type=float, default=0.0, help="simulated GPU step time, to measure the data wait")
     parser.add_argument("--old", action="store_true", help="also run the old path (rank.isin over the whole dataset)")
     parser.add_argument("--order-sweep", action="store_true", help="print the order granularity table instead")
+    parser.add_argument(
+        "--store", choices=["local", "s3"], default="local", help="where the workers read the scores from"
+    )
     parser.add_argument(
         "--dir", default=tempfile.gettempdir(), help="where the synthetic scores go (deleted afterwards)"
     )
@@ -365,6 +471,7 @@ def main() -> None:
         started = time.perf_counter()
         path, columns = write_scores(work, args.rows, args.teacher_top_k)
         index = ScoresIndex(path)
+        source = str(path) if args.store == "local" else _upload_to_s3(path)
         report = {
             "rows": args.rows,
             "workers": args.workers,
@@ -377,10 +484,11 @@ def main() -> None:
             "row_groups": len(index.groups),
             "rows_per_row_group": int(np.median(np.diff(index.bounds))),
             "write_seconds": round(time.perf_counter() - started, 1),
-            "new": measure(path, columns, args, old=False),
+            "store": args.store,
+            "new": measure(source, columns, args, old=False),
         }
         if args.old:
-            report["old"] = measure(path, columns, args, old=True)
+            report["old"] = measure(source, columns, args, old=True)
         print(json.dumps(report))
     finally:
         shutil.rmtree(work, ignore_errors=True)

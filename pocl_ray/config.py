@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
+from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 from pydantic import (
@@ -38,22 +39,76 @@ class ConfigError(ValueError):
 
 # scheme://… (s3://, gs://, hf://, file://, …): a URI, not a local path.
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# The object stores pyarrow serves natively (storage.resolve; Ray Train's storage_path takes the same).
+URI_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "file")
+# Query parameters of a pyarrow URI that hold secrets.
+_SECRET_PARAMS = {"access_key", "secret_key", "session_token", "account_key", "sas_token", "client_secret"}
 
 
-def _local_path(value: str) -> str:
-    # These settings are opened with pathlib and from_pretrained on local folders, which would read
-    # "s3://b/x" as the relative path "s3:/b/x" (and `_absolute_paths` once turned a URI student
-    # into "cut from the teacher"): refuse a URI here, where the error names the field.
+def is_uri(value: object) -> bool:
+    """scheme://… (also file://): a URI, not a local path (a Windows drive letter is no scheme)."""
+    return isinstance(value, str) and bool(_URI.match(value))
+
+
+def check_uri(value: str) -> str:
+    """value, once it is a URI of a store pyarrow serves and carries no credential; else ValueError why.
+
+    A credential in a URI would be copied into manifests, logs and Ray's dashboard: credentials come
+    from the environment or the instance's role (storage.py lists the variables)."""
+    parts = urlsplit(value)
+    scheme = parts.scheme.lower()
+    if scheme not in URI_SCHEMES:
+        raise ValueError(
+            f"unsupported URI scheme {scheme!r}: use a local path or {', '.join(s + '://' for s in URI_SCHEMES)}"
+        )
+    # abfs://container@account…: the user part names the container; a password after ':' is a key.
+    secret_user = parts.password is not None or (parts.username and scheme not in ("abfs", "abfss"))
+    if secret_user or _SECRET_PARAMS & {k.lower() for k, _ in parse_qsl(parts.query)}:
+        raise ValueError(
+            "the URI carries a credential, which would be copied into manifests, logs and the dashboard; "
+            "give it through the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+            "GOOGLE_APPLICATION_CREDENTIALS, AZURE_CLIENT_SECRET, ...) or the instance's role"
+        )
+    if scheme != "file" and not parts.netloc:
+        raise ValueError(f"the URI names no bucket: expected {scheme}://BUCKET/PATH")
+    return value
+
+
+def redact_uri(value: str) -> str:
+    """value with any credential in it (user:password@, secret query parameters) replaced by ***,
+    for messages that show a refused URI."""
+    parts = urlsplit(value)
+    netloc = parts.netloc
+    if parts.password is not None or (parts.username and parts.scheme.lower() not in ("abfs", "abfss")):
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = "&".join(
+        f"{k}={'***' if k.lower() in _SECRET_PARAMS else v}" for k, v in parse_qsl(parts.query, keep_blank_values=True)
+    )
+    return parts._replace(netloc=netloc, query=query).geturl()
+
+
+def _path_or_uri(value: str) -> str:
+    return check_uri(value) if _URI.match(value) else value
+
+
+def _local_for_now(value: str) -> str:
+    # Issue 24 moves every path setting onto storage.py / model_source.py; until the stage that reads
+    # a setting goes through them, that stage opens it with pathlib and from_pretrained, which would
+    # read "s3://b/x" as the relative path "s3:/b/x": the URI is refused here, where the error names
+    # the field. A setting moves from LocalPath to PathOrURI when its stage reads URIs.
     if _URI.match(value):
         raise ValueError(
-            "a URI is not supported here: this path is opened as a local file or folder (on a cluster: a "
-            "shared filesystem mounted at the same path on every node); copy or mount it locally. "
+            "a URI is not supported here yet: this setting is still opened as a local file or folder (on a "
+            "cluster: a shared filesystem mounted at the same path on every node); copy or mount it locally. "
             "Of the path settings only training.storage_path takes a URI"
         )
     return value
 
 
-LocalPath = Annotated[str, AfterValidator(_local_path)]
+# A local path or a URI of an object store (storage.py).
+PathOrURI = Annotated[str, AfterValidator(_path_or_uri)]
+# A path setting whose stage still opens local paths only (see _local_for_now).
+LocalPath = Annotated[str, AfterValidator(_path_or_uri), AfterValidator(_local_for_now)]
 
 
 class _Section(BaseModel):
@@ -99,7 +154,24 @@ class ModelsConfig(_Section):
     )
     student_keep_every: int = Field(2, ge=1, description="keep every k-th teacher layer when cutting")
     tokenizer: LocalPath | None = Field(None, description="tokenizer folder; default: the teacher's")
+    revision: str | None = Field(
+        None,
+        description="branch, tag or commit of models.teacher (and of the default tokenizer, the teacher's) "
+        "when it is a Hugging Face Hub id; resolved once on the driver to a commit (model_source.py)",
+    )
     dtype: DType = "auto"
+
+    @field_validator("revision")
+    @classmethod
+    def _revision_for_now(cls, value: str | None) -> str | None:
+        # model_source.resolve_model pins Hub ids; no stage calls it yet (issue 24), so a revision
+        # would be silently ignored.
+        if value is not None:
+            raise ValueError(
+                "Hub ids are not resolved by the stages yet: download the model and set models.teacher "
+                "to its folder (e.g. `hf download ORG/NAME --revision REV --local-dir DIR`)"
+            )
+        return value
 
 
 class ScoringConfig(_Section):
@@ -313,7 +385,7 @@ class TrainingConfig(_Section):
     )
     max_failures: int = Field(3, ge=-1)
     seed: int = 0
-    storage_path: str | None = Field(
+    storage_path: PathOrURI | None = Field(
         None,
         description="Ray Train checkpoint storage: a local/shared folder or a URI Ray Train's pyarrow "
         "filesystems read (s3://, gs://, ...; multi-node); default OUTPUT/train/checkpoints",
@@ -566,6 +638,8 @@ def _format_errors(err: ValidationError, source: str, what: str) -> str:
         if e["type"] == "extra_forbidden":
             msg = RETIRED_KEYS.get(loc, "unknown key (not a field of this section)")
         got = e.get("input")
+        if is_uri(got):
+            got = redact_uri(got)
         shown = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"  {loc}: {msg}{shown}")
     return "\n".join(lines)

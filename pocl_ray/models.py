@@ -1,5 +1,6 @@
-"""Teacher / student models and tokenizers: checking and loading local folders, tiny offline builds,
-and students cut from a teacher's layers."""
+"""Teacher / student models and tokenizers: checking and loading local folders (or a resolved
+`model_source.ModelSource`: a Hub id or an object-storage URI, fetched into this node's cache),
+tiny offline builds, and students cut from a teacher's layers."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from pocl_ray.config import ConfigError
+from pocl_ray.model_source import ModelSource
 
 EOS_TOKEN = "<|endoftext|>"
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
@@ -65,8 +67,15 @@ def check_model_folder(path: str | Path, field: str | None = None, need: Iterabl
     return folder
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """The tokenizer in a local folder; pad_token falls back to eos_token."""
+def local_folder(source: str | Path | ModelSource) -> Path:
+    """A path as given; a ModelSource (a Hub id or a URI, pinned on the driver) as its folder in this
+    node's cache, fetched on first use (model_source.py)."""
+    return source.local_dir() if isinstance(source, ModelSource) else Path(source)
+
+
+def load_tokenizer(source: str | Path | ModelSource) -> PreTrainedTokenizerBase:
+    """The tokenizer in a local folder or a resolved ModelSource; pad_token falls back to eos_token."""
+    path = local_folder(source)
     tokenizer = AutoTokenizer.from_pretrained(str(check_model_folder(path, need=())))
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -97,13 +106,18 @@ def _quiet_progress_bars() -> None:
 
 
 def load_model(
-    path: str | Path, *, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", frozen: bool = False
+    source: str | Path | ModelSource,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    frozen: bool = False,
 ) -> PreTrainedModel:
-    """A causal LM from a local folder, on `device`; frozen = eval mode without gradients.
+    """A causal LM from a local folder or a resolved ModelSource, on `device`; frozen = eval mode
+    without gradients.
 
     Turns off transformers' progress bars for the process (see _quiet_progress_bars).
     """
-    folder = check_model_folder(path, need=())
+    folder = check_model_folder(local_folder(source), need=())
     _quiet_progress_bars()
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=resolve_dtype(dtype, device))
     # transformers decorates PreTrainedModel.to with @wraps(Module.to), which mypy reads as unbound.

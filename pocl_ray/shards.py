@@ -1,5 +1,7 @@
 """One worker's training rows: the epoch order over a pool of ranks, and a reader that fetches them
-from the scores parquet ahead of the GPU (pure pyarrow/numpy/threading, no Ray).
+from the scores parquet ahead of the GPU (pure pyarrow/numpy/threading, no Ray). The scores may be
+a local folder or an object-storage URI (`storage.resolve`): the reader asks for the same row groups
+either way, as byte ranges of the files.
 
 The order. Scoring writes rows in rank order, so a rank range is a run of row groups. A pool (a
 union of rank ranges, `StageSpec.pool_ranges`) is cut into *blocks*: rank-contiguous pieces that
@@ -30,6 +32,10 @@ costs memory: the reader holds `prefetch` + 1 windows and one row group while it
 window is fixed in rows, not blocks (`WINDOW_ROWS`), and smaller row groups written by scoring buy
 both randomness and fewer reads for the same memory.
 
+From object storage the reader fetches the same byte ranges (ranged GETs of the row groups it
+opens and of their files' footers, never a whole file), so the amplification holds there
+(`benchmarks/data_path.py --store s3`; its figures are in benchmarks/README.md).
+
 Ray Data was the first candidate and is not used: its iterators (`streaming_split`,
 `iter_torch_batches`) cannot resume mid-epoch, and a resumed run must replay the exact steps, so a
 restart would re-train or skip rows; a stage switch through `streaming_split` also cost 17-40 s on a
@@ -51,7 +57,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from pocl_ray.storage import resolve
 
 BLOCK_ROWS = 32768  # pyarrow's dataset writer (Ray's write_parquet) caps row groups at this many rows
 WINDOW_ROWS = 65536  # rows shuffled together per worker (whole blocks); benchmarks/README.md, data_path
@@ -176,12 +185,15 @@ class ScoresIndex:
     Built from the footers alone (rank min/max statistics), so opening it reads a few KB per file.
     Training needs rank-ordered scores (scoring.sort_output: true): each row group must hold one
     rank range, and the row groups together 0..rows-1.
+
+    `path` is a local path or a URI (s3://…, gs://…), or, with `filesystem`, a path inside that
+    filesystem; messages name `path` as given.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, filesystem: pafs.FileSystem | None = None):
         self.path = str(path)
-        dataset = pads.dataset(self.path, format="parquet")
-        self.filesystem = dataset.filesystem
+        self.filesystem, inner = (filesystem, self.path) if filesystem is not None else resolve(path)
+        dataset = pads.dataset(inner, filesystem=self.filesystem, format="parquet")
         groups = []  # (first rank, rows, file, row group, {column: compressed bytes})
         for file in dataset.files:
             meta = pq.read_metadata(file, filesystem=self.filesystem)
@@ -393,6 +405,7 @@ class StepReader:
     and its first steps are ready when the stage ends (a stage always starts at its step 0 unless
     resumed). Close a reader (or use `with`) when stopping early; the thread also stops when the
     reader is garbage-collected. `stats` counts what was read and how long the loop waited.
+    `scores` is a path or URI (with `filesystem`: a path inside it, as `ScoresIndex` takes) or an index.
     """
 
     def __init__(
@@ -404,8 +417,9 @@ class StepReader:
         num_steps: int | None = None,
         columns: Sequence[str] = ROW_COLUMNS,
         prefetch: int = PREFETCH,
+        filesystem: pafs.FileSystem | None = None,
     ):
-        index = scores if isinstance(scores, ScoresIndex) else ScoresIndex(scores)
+        index = scores if isinstance(scores, ScoresIndex) else ScoresIndex(scores, filesystem)
         self.stats = ReadStats()
         self._queue: queue.Queue = queue.Queue()
         self._slots = threading.Semaphore(max(1, prefetch))

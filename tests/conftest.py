@@ -20,6 +20,11 @@
     cut_student_dir         teacher layers [1, 3] (`student_from_teacher`) + tokenizer.
   `data_config(**overrides)` gives a `DataConfig` on train_path with lengths that fit these rows.
 - `synthetic_rows(n, seed)` is a plain function for tests that need their own rows.
+- `s3` (session scope): an `S3Server`, moto's standalone S3 server (`ThreadedMotoServer`) on the
+  loopback, reached as any S3-compatible store is: AWS_ENDPOINT_URL and fake AWS credentials in the
+  environment for the session (Ray workers started later inherit them). `s3.bucket()` makes a fresh
+  bucket and returns its s3:// URI; `s3.requests` is the server's request log, (method, path?query,
+  status) per request, from moto's own (werkzeug) request logger.
 
 Markers (pyproject.toml): `ray` (starts a local Ray), `e2e` (a Ray head and job submissions), `slow`.
 `make test-fast` runs the tests without them. A test that uses a Ray fixture (`RAY_FIXTURES`),
@@ -30,10 +35,13 @@ without one of the three markers that calls `ray.init` anyway fails with a messa
 from __future__ import annotations
 
 import json
+import logging
 import random
+import re
 import socket
+import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -221,3 +229,76 @@ def _ray_only_in_marked_tests(request, monkeypatch) -> Iterator[None]:
 
     monkeypatch.setattr(ray, "init", refuse)
     yield
+
+
+# Fake credentials: never valid anywhere; the leak tests search outputs for them.
+FAKE_AWS_KEY_ID = "AKIAPOCLRAYFAKEKEY01"
+FAKE_AWS_SECRET = "pocl-ray-fake-secret-access-key-0000000"
+_REQUEST_LINE = re.compile(r'"([A-Z]+) (\S+) HTTP/[0-9.]+" (\d{3})')
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    requests: list[tuple[str, str, int]] = field(default_factory=list)
+
+    def bucket(self) -> str:
+        """A new, empty bucket: its s3:// URI."""
+        import pyarrow.fs as pafs
+
+        name = f"pocl-{uuid.uuid4().hex[:12]}"
+        pafs.S3FileSystem(endpoint_override=self.endpoint, allow_bucket_creation=True).create_dir(name)
+        return f"s3://{name}"
+
+    def object_reads(self, prefix: str, since: int = 0) -> list[tuple[str, str, int]]:
+        """The GETs of objects under `prefix` (bucket/key…; listings excluded) logged from request `since` on."""
+        return [
+            r
+            for r in self.requests[since:]
+            if r[0] == "GET" and r[1].lstrip("/").startswith(prefix) and "?" not in r[1]
+        ]
+
+
+class _RequestLog(logging.Handler):
+    def __init__(self, server: S3Server):
+        super().__init__(logging.INFO)
+        self.server = server
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = _REQUEST_LINE.search(_ANSI.sub("", record.getMessage()))
+        if match:
+            self.server.requests.append((match[1], match[2], int(match[3])))
+
+
+@pytest.fixture(scope="session")
+def s3():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    info = S3Server(endpoint=f"http://{host}:{port}")
+    log = logging.getLogger("werkzeug")
+    handler = _RequestLog(info)
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # the request lines go to the log above, not to pytest's output
+    env = {
+        "AWS_ENDPOINT_URL": info.endpoint,
+        "AWS_ACCESS_KEY_ID": FAKE_AWS_KEY_ID,
+        "AWS_SECRET_ACCESS_KEY": FAKE_AWS_SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",  # no instance-metadata lookups on this machine
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+            mp.delenv(name, raising=False)
+        for name, value in env.items():
+            mp.setenv(name, value)
+        try:
+            yield info
+        finally:
+            log.removeHandler(handler)
+            log.propagate = True
+            server.stop()

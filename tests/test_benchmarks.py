@@ -138,18 +138,29 @@ def test_sharded_loading_leaves_each_rank_its_shards(tmp_path):
     assert out["max_other_rank_growth_over_one_fp32_copy"] == pytest.approx(others / out["one_fp32_copy_mib"])
 
 
-def test_data_path_reads_each_workers_share(tmp_path):
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_data_path_reads_each_workers_share(tmp_path, store):
     out, _ = run_benchmark(
         "data_path.py",
         *("--rows", "400", "--workers", "2", "--global-batch", "16", "--micro-batch", "4"),
-        *("--teacher-top-k", "4", "--step-ms", "1", "--old", "--dir", str(tmp_path)),
+        *("--teacher-top-k", "4", "--step-ms", "1", "--old", "--dir", str(tmp_path), "--store", store),
         cwd=tmp_path,
     )
     assert (out["rows"], out["workers"], out["teacher_top_k"], out["row_groups"]) == (400, 2, 4, 1)
+    assert out["store"] == store
     for path in ("new", "old"):
         result = out[path]
         # One row group of 400 rows, half of it each worker's: each reads it whole.
         assert result["read_amplification"] == pytest.approx(2.0, abs=0.05)
+        # The bytes counted through the filesystem (local or S3) are those row groups plus the
+        # footers the reader re-reads; the index's footer reads come on top.
+        fs = result["fs_amplification"]
+        assert result["read_amplification"] <= fs <= 1.1 * result["read_amplification"]
+        assert result["fs_amplification_with_index"] > fs
+        if store == "local":
+            assert result["syscall_amplification"] == pytest.approx(fs, rel=0.05)
+        else:  # /proc/self/io does not see an S3 client's socket reads
+            assert result["syscall_amplification"] is None
         assert result["rows_per_s_per_worker"] > 0
         assert result["peak_rss_mb"] >= result["rss_before_reading_mb"] > 0
     assert 0 <= out["new"]["data_wait"]["after_first_step_fraction"] <= 1

@@ -132,7 +132,7 @@ def test_file_errors(tmp_path):
     [
         ("data", {"train": "s3://bucket/train.jsonl"}, "data.train"),
         ("data", {"train": "x", "dev": "gs://bucket/dev.jsonl"}, "data.dev"),
-        ("models", {"teacher": "hf://org/teacher"}, "models.teacher"),
+        ("models", {"teacher": "s3://bucket/teacher"}, "models.teacher"),
         ("models", {"teacher": "t", "student": "s3://bucket/student"}, "models.student"),
         ("models", {"teacher": "t", "tokenizer": "file:///models/tok"}, "models.tokenizer"),
         ("eval", {"sets": [{"name": "dolly", "path": "gs://bucket/dolly.jsonl"}]}, "eval.sets.0.path"),
@@ -159,6 +159,25 @@ def test_storage_path_keeps_a_uri_and_local_paths_stay_local():
         {**MINIMAL, "output": {"dir": "runs/2026-11-30T20:00"}, "models": {"teacher": "C:\\models\\t"}}
     )
     assert (local.output.dir, local.models.teacher) == ("runs/2026-11-30T20:00", "C:\\models\\t")
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "field", "error"),
+    [
+        ("training", {"storage_path": "s3://AKIAFAKE:fake-secret@bucket/ck"}, "training.storage_path", "credential"),
+        ("training", {"storage_path": "s3://bucket/ck?secret_key=fake-secret"}, "training.storage_path", "credential"),
+        ("training", {"storage_path": "hdfs://namenode/ck"}, "training.storage_path", "unsupported URI scheme"),
+        ("data", {"train": "hf://datasets/org/x"}, "data.train", "unsupported URI scheme 'hf'"),
+        ("output", {"dir": "s3://AKIAFAKE:fake-secret@bucket/runs"}, "output.dir", "credential"),
+        ("models", {"teacher": "org/name", "revision": "v1"}, "models.revision", "not resolved by the stages yet"),
+    ],
+)
+def test_a_bad_uri_or_a_pending_setting_is_refused_naming_the_field(section, values, field, error):
+    with pytest.raises(ConfigError) as err:
+        parse_config({**MINIMAL, section: values})
+    line = next(x for x in str(err.value).splitlines() if x.strip().startswith(f"{field}:"))
+    assert error in line
+    assert "fake-secret" not in str(err.value), "a refused credential is never echoed"
 
 
 def test_absolute_paths_never_turn_a_uri_into_none(tmp_path, monkeypatch):

@@ -1,11 +1,13 @@
-"""End to end as users run it: `ray start --head`, then `ray job submit --working-dir` of the distill
-pipeline on a quickstart-sized config, then assertions on everything it wrote.
+"""End to end as users run it: `ray start --head` locked with Ray's token authentication, then `ray
+job submit --working-dir` of the distill pipeline on a quickstart-sized config, then assertions on
+everything it wrote; and a submission without the token is refused.
 
 The head runs in its own process session and is stopped by signalling it alone at the end
 (`ray stop` would stop every Ray cluster on the machine)."""
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -32,9 +34,12 @@ def ray_head():
     temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
     port, dash = free_port(), free_port()
     # As in a shell with the virtual environment activated: the job's `python` is this interpreter.
+    # The head and its clients share a token of this test's own (RAY_AUTH_TOKEN outranks the
+    # ~/.ray/auth_token a local ray.init may have left), as `ray get-auth-token` hands a user one.
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     head = subprocess.Popen(
@@ -47,6 +52,13 @@ def ray_head():
             "--node-ip-address=127.0.0.1",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}",
+            # Free ports for the services whose fixed defaults (52365, 10001, ...) another Ray on a
+            # shared machine may hold: a head whose agent cannot bind never accepts a job.
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
             "--num-cpus=6",
             f"--temp-dir={temp_dir}",
             "--include-dashboard=true",
@@ -113,6 +125,36 @@ def _submit_and_wait(address: str, env: dict, work: Path, job_id: str, log: Path
         f"{status.stdout[-2000:]}{status.stderr[-2000:]}\n--- job output ---\n{output[-8000:]}"
     )
     return output
+
+
+def _submit(address: str, env: dict, job_id: str, *command: str) -> subprocess.CompletedProcess:
+    """`ray job submit` of a one-line command, retried while the node's agent is not up yet or the
+    dashboard does not answer (on 2 busy cores it has dropped a connection now and then)."""
+    args = [RAY, "job", "submit", "--address", address, "--submission-id", job_id, "--", *command]
+    transient = ("No available agent", "Failed to connect to Ray at address")
+    for _ in range(60):
+        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+        if done.returncode == 0 or not any(t in done.stdout + done.stderr for t in transient):
+            return done
+        time.sleep(5)
+    return done
+
+
+def test_a_submission_without_the_token_is_refused(ray_head, tmp_path):
+    address, env = ray_head
+    home = tmp_path / "home"  # no ~/.ray/auth_token there
+    home.mkdir()
+    no_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH_")} | {"HOME": str(home)}
+    wrong = {**no_token, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    for job_id, client in (("no-token", no_token), ("wrong-token", wrong)):
+        done = _submit(address, client, job_id, "python", "-c", "print('ran')")
+        output = done.stdout + done.stderr
+        assert done.returncode != 0 and "Authentication" in output, (job_id, output[-2000:])
+        assert "ran" not in done.stdout
+    listed = subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True, text=True)
+    assert listed.returncode == 0 and "no-token" not in listed.stdout and "wrong-token" not in listed.stdout
+    done = _submit(address, env, "with-token", "python", "-c", "print('ran with the token')")
+    assert done.returncode == 0 and "ran with the token" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
 
 
 def _config(tmp_path: Path) -> dict:

@@ -195,3 +195,27 @@ def test_errors_name_the_scores(scores, tmp_path):
     pq.write_table(pa.table({"rank": pa.array([0, 2, 1, 3], pa.int64())}), unsorted, row_group_size=2)
     with pytest.raises(ValueError, match=f"scores at {unsorted} are not in rank order"):
         ScoresIndex(unsorted)
+
+
+def test_the_reader_reads_the_same_rows_from_a_bucket(scores, s3):
+    from pocl_ray import storage
+
+    remote = storage.join(s3.bucket(), "scores", "rows")
+    storage.copy_folder(scores, remote)
+    local, bucket = ScoresIndex(scores), ScoresIndex(remote)
+    assert bucket.bounds.tolist() == local.bounds.tolist() and bucket.column_bytes == local.column_bytes
+    shard = _epoch(blocks([(100, 300)], local.bounds), 3)[2]
+    columns = ("input_ids", "labels", "num_prompt_tokens", "topk_ids")
+    logged = len(s3.requests)  # after the footers: what the reader itself asks for
+    here, there = StepReader(local, [shard], columns=columns), StepReader(bucket, [shard], columns=columns)
+    assert (
+        _ranks_of(_all(there))
+        == _ranks_of(_all(here))
+        == [[m.tolist() for m in shard.step(k)] for k in range(len(shard))]
+    )
+    assert there.stats.groups_read == here.stats.groups_read and there.stats.bytes == here.stats.bytes
+    # It reads byte ranges (206) of the files holding the row groups it opened, and no other file.
+    opened = {local.groups[g][0].rsplit("/", 1)[1] for g in there.stats.groups_read}
+    reads = s3.object_reads(remote.removeprefix("s3://"), since=logged)
+    assert {path.rsplit("/", 1)[1] for _, path, _ in reads} == opened
+    assert {status for _, _, status in reads} == {206}
