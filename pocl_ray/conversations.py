@@ -37,9 +37,8 @@ _GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 class Encoded(NamedTuple):
-    input_ids: list[int]  # the rendered conversation, up to the end of its last assistant turn
-    turns: list[tuple[int, int]]  # [start, end) token span of each assistant turn, in order
-    dropped: int  # earliest turns dropped to fit
+    input_ids: list[int]  # the rendered conversation (as kept), up to the end of its last assistant turn
+    turns: list[tuple[int, int]]  # [start, end) token span of each kept assistant turn, in order
 
 
 def check_tokenizer(tokenizer) -> None:
@@ -169,7 +168,7 @@ def encode(
             f"before the last assistant turn (max_length {max_length}, max_prompt_length {max_prompt_length})"
         )
     ids, spans = results[first]
-    return Encoded(ids, spans, starts[first] - head), ""
+    return Encoded(ids, spans), ""
 
 
 def stop_token_ids(tokenizer) -> list[int]:

@@ -520,38 +520,34 @@ def _prepare_conversations(rows: _Rows, tokenizer, data_cfg) -> dict[str, list]:
         encoded = None
         if not reason:
             encoded, reason = conversations.encode(messages, tokenizer, data_cfg.max_length, data_cfg.max_prompt_length)
-        _add_conversation(out, encoded, messages, reason, data_cfg.train_on, tokenizer)
+        if encoded is None:
+            columns = {"prompt": "", "response": "", "input_ids": [], "attention_mask": [], "labels": []}
+            columns |= {"num_prompt_tokens": 0, "num_response_tokens": 0}
+        else:
+            columns = _conversation_columns(encoded, messages[-1]["content"], data_cfg.train_on, tokenizer)
+        for name, column_value in columns.items():
+            out[name].append(column_value)
+        out["reject_reason"].append(reason)
     return out
 
 
-def _add_conversation(out: dict[str, list], encoded, messages: list[dict], reason: str, train_on: str, tokenizer):
-    if encoded is None:
-        for name, empty in (
-            ("prompt", ""),
-            ("response", ""),
-            ("input_ids", []),
-            ("attention_mask", []),
-            ("labels", []),
-            ("num_prompt_tokens", 0),
-            ("num_response_tokens", 0),
-        ):
-            out[name].append(empty)
-        out["reject_reason"].append(reason)
-        return
+def _conversation_columns(encoded: conversations.Encoded, response: str, train_on: str, tokenizer) -> dict[str, Any]:
+    """A prepared conversation's columns (OUTPUT_COLUMNS but id and reject_reason)."""
     ids = encoded.input_ids
     scored = encoded.turns if train_on == "all_assistant" else encoded.turns[-1:]
     labels = [IGNORE_INDEX] * len(ids)
     for start, end in scored:
         labels[start:end] = ids[start:end]
     prompt_end = encoded.turns[-1][0]
-    out["prompt"].append(tokenizer.decode(ids[:prompt_end]))
-    out["response"].append(messages[-1]["content"])
-    out["input_ids"].append(ids)
-    out["attention_mask"].append([1] * len(ids))
-    out["labels"].append(labels)
-    out["num_prompt_tokens"].append(prompt_end)
-    out["num_response_tokens"].append(sum(end - start for start, end in scored))
-    out["reject_reason"].append("")
+    return {
+        "prompt": tokenizer.decode(ids[:prompt_end]),
+        "response": response,
+        "input_ids": ids,
+        "attention_mask": [1] * len(ids),
+        "labels": labels,
+        "num_prompt_tokens": prompt_end,
+        "num_response_tokens": sum(end - start for start, end in scored),
+    }
 
 
 def duplicate_reasons(ids: Sequence[str], skip: Sequence[bool] | None = None) -> list[str]:
