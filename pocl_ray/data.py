@@ -218,7 +218,7 @@ def _load_hf(path: Path):
 
 def _load_dataset(source: str | Path | HFDataset, kind: str, files: list[Path], max_rows: int | None):
     """A `datasets.Dataset` of a save_to_disk folder or of a dataset by name, first max_rows rows."""
-    if kind == "dataset":
+    if isinstance(source, HFDataset):
         return hf_datasets.load(source, max_rows)
     dataset = _load_hf(files[0])
     return dataset if max_rows is None else dataset.select(range(min(max_rows, len(dataset))))
@@ -510,19 +510,21 @@ def _prepare_conversations(rows: _Rows, tokenizer, data_cfg) -> dict[str, list]:
     out: dict[str, list] = {name: [] for name in OUTPUT_COLUMNS}
     for i in range(rows.n):
         value, column = rows.pick(fields.messages, i)
-        messages, reason = [], errors[i] or ""
-        if not reason and column is None:
-            reason = f"missing field 'messages' (no value in any of the columns {list(fields.messages)})"
+        messages: list[dict[str, str]] = []
+        reason = errors[i] or ""
         if not reason:
-            messages, reason = conversations.parse(value, column)
+            if column is None:
+                reason = f"missing field 'messages' (no value in any of the columns {list(fields.messages)})"
+            else:
+                messages, reason = conversations.parse(value, column)
         pairs = [[m["role"], m["content"]] for m in messages] if messages else value
         out["id"].append(_row_id(rows, i, fields, errors[i], raws[i], [pairs]))
         encoded = None
         if not reason:
             encoded, reason = conversations.encode(messages, tokenizer, data_cfg.max_length, data_cfg.max_prompt_length)
         if encoded is None:
-            columns = {"prompt": "", "response": "", "input_ids": [], "attention_mask": [], "labels": []}
-            columns |= {"num_prompt_tokens": 0, "num_response_tokens": 0}
+            columns: dict[str, Any] = {"prompt": "", "response": "", "input_ids": [], "attention_mask": []}
+            columns |= {"labels": [], "num_prompt_tokens": 0, "num_response_tokens": 0}
         else:
             columns = _conversation_columns(encoded, messages[-1]["content"], data_cfg.train_on, tokenizer)
         for name, column_value in columns.items():
