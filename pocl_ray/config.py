@@ -17,7 +17,9 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -122,17 +124,71 @@ class FieldMap(_Section):
     instruction: list[str] = ["instruction", "prompt"]
     context: list[str] = ["context", "input"]
     response: list[str] = ["response", "output"]
+    messages: list[str] = Field(
+        ["messages", "conversations"],
+        description="the conversation column of conversation rows: a list of turns, each {role, content} "
+        "(OpenAI / TRL messages) or {from, value} (ShareGPT conversations)",
+    )
+
+
+class HFDataset(_Section):
+    """A dataset read by Hugging Face `datasets.load_dataset` (its cache and HF_DATASETS_OFFLINE apply)."""
+
+    dataset: str = Field(
+        description="a Hub dataset name (org/name), or a local folder load_dataset reads (data files, and a "
+        "README.md whose `configs` declare subsets)"
+    )
+    split: str = Field(description="the split to read, e.g. train; load_dataset's slices (train[:1000]) work too")
+    subset: str | None = Field(None, description="the configuration (load_dataset's `name`) of a dataset with several")
+    revision: str | None = Field(None, description="a Hub branch, tag or commit; default the main branch")
+
+
+# Union tags hold a space, which no field name does: error paths leave them out (`_format_errors`).
+_SOURCE_TAGS = ("local path", "dataset by name")
+
+
+def _source_kind(value: Any) -> str:
+    return _SOURCE_TAGS[1] if isinstance(value, (dict, HFDataset)) else _SOURCE_TAGS[0]
+
+
+# A local file or folder (a string), or a dataset by name (a mapping: {dataset, split, subset}); the
+# discriminator picks the one branch whose errors are reported, so a bad mapping is not also "not a string".
+DataSource = Annotated[
+    Annotated[LocalPath, Tag(_SOURCE_TAGS[0])] | Annotated[HFDataset, Tag(_SOURCE_TAGS[1])], Discriminator(_source_kind)
+]
 
 
 class DataConfig(_Section):
-    train: LocalPath = Field(
-        description="training data: .jsonl[.gz], .parquet, a directory of them, or a datasets save_to_disk dir"
+    train: DataSource = Field(
+        description="training data: .jsonl[.gz], .parquet, a directory of them, a datasets save_to_disk dir, "
+        "or {dataset: org/name, split: ..., subset: ...} for datasets.load_dataset"
     )
-    dev: LocalPath | None = None
-    format: Literal["auto", "jsonl", "parquet", "hf"] = "auto"
+    dev: DataSource | None = None
+    format: Literal["auto", "jsonl", "parquet", "hf"] = Field(
+        "auto",
+        description="how local files store the rows (hf: a save_to_disk folder); see row_form for what a row holds",
+    )
+    row_form: Literal["auto", "instruction", "conversation"] = Field(
+        "auto",
+        description="what a row holds, a separate setting from `format` (which is only the file's storage): "
+        "instruction = instruction / context / response columns (fields.*) rendered by `template`; "
+        "conversation = a list of turns in a fields.messages column, rendered by the tokenizer's own chat "
+        "template; auto = conversation when a fields.messages column is present, else instruction",
+    )
+    train_on: Literal["all_assistant", "last_assistant"] = Field(
+        "all_assistant",
+        description="conversation rows: the assistant turns scored (KD and CE); system and user turns never are",
+    )
     fields: FieldMap = FieldMap()
-    template: Literal["dolly", "chat"] = "dolly"
-    max_prompt_length: int = Field(256, gt=0)
+    template: Literal["dolly", "chat"] = Field(
+        "dolly", description="instruction rows' prompt template; conversation rows always use the chat template"
+    )
+    max_prompt_length: int = Field(
+        256,
+        gt=0,
+        description="instruction rows: the prompt is cut to its last max_prompt_length tokens; conversation rows: "
+        "the conversation before the last assistant turn must fit it (earliest turns dropped)",
+    )
     max_length: int = Field(512, gt=1)
     max_rows: int | None = Field(None, gt=0, description="read at most this many training rows")
 
@@ -430,7 +486,7 @@ class TrainingConfig(_Section):
 
 class EvalSet(_Section):
     name: str
-    path: LocalPath
+    path: DataSource = Field(description="as data.train: a local file or folder, or {dataset, split, subset}")
     max_rows: int | None = Field(None, gt=0)
 
 
@@ -633,7 +689,7 @@ RETIRED_KEYS = {
 def _format_errors(err: ValidationError, source: str, what: str) -> str:
     lines = [f"invalid {what} ({source}):"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        loc = ".".join(str(p) for p in e["loc"] if p not in _SOURCE_TAGS) or "<root>"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = RETIRED_KEYS.get(loc, "unknown key (not a field of this section)")

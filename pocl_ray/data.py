@@ -1,19 +1,29 @@
-"""Instruction records -> prompt template -> token ids with masked labels; readers for the inputs.
+"""Instruction and conversation records -> token ids with masked labels; readers for the inputs.
 
 Pure functions over plain Python / numpy / pyarrow values, so the same code runs on the driver
 (`validate_and_tokenize`) and inside Ray Data (`read_ray_dataset(...).map_batches(prepare_batch)`).
+
+Two row forms (data.row_form; auto: conversation when a data.fields.messages column is present):
+- instruction rows: instruction / context / response, rendered by the `dolly` or `chat` template;
+- conversation rows: a list of turns rendered by the tokenizer's chat template (`conversations.py`);
+  the labels cover the assistant turns (data.train_on: all of them or the last one).
+Either way a prepared row's prompt (input_ids[:num_prompt_tokens]) is what the model is asked to
+continue and `response` is the reference text it should produce: for a conversation, everything
+before the last assistant turn's content and that turn's content, so the difficulty measurer and
+evaluation generate and score the last assistant turn. num_response_tokens counts the scored tokens.
 
 Conventions:
 - Every input row yields one output row; a bad row is not dropped but carries a human-readable
   `reject_reason` (naming the field or the line) and empty token lists, so callers can count and
   report it.
 - Row id: the id column's value as a string; without one, "h:" + the first 16 hex digits of
-  sha1(instruction NUL context NUL response), so exact duplicate rows share an id and the second
-  one is rejected as a duplicate.
-- The prompt is cut to `max_prompt_length` tokens by keeping its END (a leading BOS token is kept):
-  the end holds the template's "### Response:" cue (or the chat generation prompt) and, for
-  continuation tasks, the text the response continues. The response then fills the room left up to
-  `max_length`; EOS is appended and is lost only when the response itself is cut.
+  sha1(instruction NUL context NUL response) (of the conversation's [role, content] pairs for a
+  conversation), so exact duplicate rows share an id and the second one is rejected as a duplicate.
+- Instruction rows: the prompt is cut to `max_prompt_length` tokens by keeping its END (a leading
+  BOS token is kept): the end holds the template's "### Response:" cue (or the chat generation
+  prompt) and, for continuation tasks, the text the response continues. The response then fills the
+  room left up to `max_length`; EOS is appended and is lost only when the response itself is cut.
+- Conversation rows keep whole turns: the earliest are dropped until the rest fits (`conversations.encode`).
 """
 
 from __future__ import annotations
@@ -32,6 +42,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+
+from pocl_ray import conversations, hf_datasets
+from pocl_ray.config import HFDataset
 
 IGNORE_INDEX = -100
 
@@ -84,14 +97,19 @@ def _file_format(path: Path) -> str | None:
     return None
 
 
-def resolve_source(path: str | Path, fmt: str = "auto") -> tuple[str, list[Path]]:
-    """The format of `path` ("jsonl", "parquet" or "hf") and its data files in read order.
+def resolve_source(source: str | Path | HFDataset, fmt: str = "auto") -> tuple[str, list[Path]]:
+    """The format of `source` ("jsonl", "parquet", "hf" or "dataset") and its data files in read order.
 
-    A directory holding dataset_info.json / state.json / dataset_dict.json is a `datasets`
-    save_to_disk folder (its file list is [path]); any other directory contributes its .jsonl,
-    .jsonl.gz and .parquet files (recursively, sorted by path) of one format.
+    A dataset by name (`config.HFDataset`) is "dataset" with no files; its split is checked here
+    (`hf_datasets.check_split`: a missing one fails naming those the dataset has). A directory holding
+    dataset_info.json / state.json / dataset_dict.json is a `datasets` save_to_disk folder (its file
+    list is [path]); any other directory contributes its .jsonl, .jsonl.gz and .parquet files
+    (recursively, sorted by path) of one format.
     """
-    path = Path(path)
+    if isinstance(source, HFDataset):
+        hf_datasets.check_split(source)
+        return "dataset", []
+    path = Path(source)
     if fmt not in ("auto", "jsonl", "parquet", "hf"):
         raise ValueError(f"unknown data format {fmt!r}; use auto, jsonl, parquet or hf")
     if not path.exists():
@@ -198,14 +216,19 @@ def _load_hf(path: Path):
     return loaded
 
 
-def read_table(path: str | Path, fmt: str = "auto", max_rows: int | None = None) -> pa.Table:
-    """Read instruction data on this machine (see `resolve_source` for what `path` may be)."""
-    kind, files = resolve_source(path, fmt)
-    if kind == "hf":
-        dataset = _load_hf(files[0])
-        if max_rows is not None:
-            dataset = dataset.select(range(min(max_rows, len(dataset))))
-        return dataset.with_format("arrow")[:]
+def _load_dataset(source: str | Path | HFDataset, kind: str, files: list[Path], max_rows: int | None):
+    """A `datasets.Dataset` of a save_to_disk folder or of a dataset by name, first max_rows rows."""
+    if isinstance(source, HFDataset):
+        return hf_datasets.load(source, max_rows)
+    dataset = _load_hf(files[0])
+    return dataset if max_rows is None else dataset.select(range(min(max_rows, len(dataset))))
+
+
+def read_table(source: str | Path | HFDataset, fmt: str = "auto", max_rows: int | None = None) -> pa.Table:
+    """Read the rows on this machine (see `resolve_source` for what `source` may be)."""
+    kind, files = resolve_source(source, fmt)
+    if kind in ("hf", "dataset"):
+        return _load_dataset(source, kind, files, max_rows).with_format("arrow")[:]
     tables: list[pa.Table] = []
     remaining = max_rows
     for file in files:
@@ -231,27 +254,26 @@ def _parse_file_batch(batch: pa.Table, several_files: bool) -> pa.Table:
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def read_ray_dataset(path: str | Path, fmt: str = "auto", max_rows: int | None = None):
+def read_ray_dataset(source: str | Path | HFDataset, fmt: str = "auto", max_rows: int | None = None):
     """The distributed reader: a `ray.data.Dataset` with the same rows as `read_table`.
 
-    Parquet goes through `ray.data.read_parquet`, save_to_disk folders through
-    `ray.data.from_huggingface`. JSONL does not use `ray.data.read_json`: with lines=True it parses
-    with pandas and a single malformed line fails the whole read (ValueError from pandas), and
-    without lines=True pyarrow fails and Ray's fallback `json.load` of the whole file fails too.
-    Instead each file is read whole (`read_binary_files`, which also un-gzips) and parsed by
-    `parse_jsonl`, so bad lines become reject rows with their line numbers, exactly as locally.
-    Local paths only (a shared filesystem on a cluster). With `max_rows`, the dataset (and those
-    derived from it) preserve file/line order, set on the dataset's own DataContext copy, so the
-    rows are the same as `read_table`'s.
+    Parquet goes through `ray.data.read_parquet`. A save_to_disk folder or a dataset by name is read
+    on the driver by `datasets` (a dataset by name from its cache, HF_DATASETS_OFFLINE honoured) and
+    handed over as its Arrow table (`ray.data.from_arrow`): `ray.data.from_huggingface` would first ask
+    the Hub for a parquet copy of the split, a network call that fails offline.
+    JSONL does not use `ray.data.read_json`: with lines=True it parses with pandas and a single
+    malformed line fails the whole read (ValueError from pandas), and without lines=True pyarrow fails
+    and Ray's fallback `json.load` of the whole file fails too. Instead each file is read whole
+    (`read_binary_files`, which also un-gzips) and parsed by `parse_jsonl`, so bad lines become reject
+    rows with their line numbers, exactly as locally. Local paths only (a shared filesystem on a
+    cluster). With `max_rows`, the dataset (and those derived from it) preserve file/line order, set on
+    the dataset's own DataContext copy, so the rows are the same as `read_table`'s.
     """
     import ray.data
 
-    kind, files = resolve_source(path, fmt)
-    if kind == "hf":
-        dataset = _load_hf(files[0])
-        if max_rows is not None:
-            dataset = dataset.select(range(min(max_rows, len(dataset))))
-        return ray.data.from_huggingface(dataset)
+    kind, files = resolve_source(source, fmt)
+    if kind in ("hf", "dataset"):
+        return ray.data.from_arrow(_load_dataset(source, kind, files, max_rows).with_format("arrow")[:])
     paths = [str(f) for f in files]
     if kind == "parquet":
         ds = ray.data.read_parquet(paths)
@@ -389,14 +411,35 @@ def _truncate_prompt(ids: list[int], limit: int, bos_id: int | None) -> list[int
     return ids[len(ids) - limit :]
 
 
+def row_form(columns: Iterable[str], data_cfg) -> str:
+    """ "conversation" or "instruction": data.row_form, or for auto whether a fields.messages column is
+    among `columns` (a batch's, or a whole dataset's schema names)."""
+    if data_cfg.row_form != "auto":
+        return data_cfg.row_form
+    return "conversation" if any(c in columns for c in data_cfg.fields.messages) else "instruction"
+
+
+def _row_id(rows: _Rows, i: int, fields, error: str | None, raw: str | None, parts: Sequence[Any]) -> str:
+    """The id column's value, else the content id of an unparsable line or of the row's parts."""
+    id_value, id_column = rows.pick(fields.id, i)
+    if id_column is not None:
+        return _id_text(id_value)
+    if error:
+        return content_id(error, raw or "")
+    return content_id(*("" if p is None else _id_text(p) for p in parts))
+
+
 def prepare_batch(batch: Any, tokenizer, data_cfg) -> dict[str, list]:
     """Validate, template and tokenise a batch of raw rows; one output row per input row.
 
     `batch` is a dict of columns (lists or numpy arrays, as Ray's numpy batches) or a pandas
-    DataFrame; `data_cfg` is a `config.DataConfig` (fields, template, max_prompt_length,
-    max_length). Output columns: OUTPUT_COLUMNS. labels are -100 on the prompt tokens.
+    DataFrame; `data_cfg` is a `config.DataConfig` (fields, row_form, train_on, template,
+    max_prompt_length, max_length). Output columns: OUTPUT_COLUMNS. labels are -100 on every token
+    not scored: the prompt of an instruction row, all but the assistant turns of a conversation.
     """
     rows = _Rows(_columns(batch))
+    if row_form(rows.columns, data_cfg) == "conversation":
+        return _prepare_conversations(rows, tokenizer, data_cfg)
     fields = data_cfg.fields
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
@@ -416,14 +459,8 @@ def prepare_batch(batch: Any, tokenizer, data_cfg) -> dict[str, list]:
             context, reason = _text_field(rows, fields.context, "context", i, False)
         if not reason:
             response, reason = _text_field(rows, fields.response, "response", i, True)
-        id_value, id_column = rows.pick(fields.id, i)
-        if id_column is not None:
-            row_id = _id_text(id_value)
-        elif errors[i]:
-            row_id = content_id(errors[i], raws[i] or "")
-        else:
-            parts = (rows.pick(c, i)[0] for c in (fields.instruction, fields.context, fields.response))
-            row_id = content_id(*("" if p is None else _id_text(p) for p in parts))
+        parts = [rows.pick(c, i)[0] for c in (fields.instruction, fields.context, fields.response)]
+        row_id = _row_id(rows, i, fields, errors[i], raws[i], parts)
         prompt = "" if reason else build_prompt(instruction, context, data_cfg.template, tokenizer)
         out["id"].append(row_id)
         out["prompt"].append(prompt)
@@ -461,6 +498,58 @@ def prepare_batch(batch: Any, tokenizer, data_cfg) -> dict[str, list]:
         out["num_prompt_tokens"][i] = len(p_ids)
         out["num_response_tokens"][i] = len(r_ids)
     return out
+
+
+def _prepare_conversations(rows: _Rows, tokenizer, data_cfg) -> dict[str, list]:
+    """prepare_batch for conversation rows (`conversations.parse` / `encode`); labels on the assistant
+    turns data_cfg.train_on names, the prompt up to the last assistant turn's content."""
+    conversations.check_tokenizer(tokenizer)
+    fields = data_cfg.fields
+    errors = rows.columns.get(ERROR_COLUMN, [None] * rows.n)
+    raws = rows.columns.get(RAW_COLUMN, [None] * rows.n)
+    out: dict[str, list] = {name: [] for name in OUTPUT_COLUMNS}
+    for i in range(rows.n):
+        value, column = rows.pick(fields.messages, i)
+        messages: list[dict[str, str]] = []
+        reason = errors[i] or ""
+        if not reason:
+            if column is None:
+                reason = f"missing field 'messages' (no value in any of the columns {list(fields.messages)})"
+            else:
+                messages, reason = conversations.parse(value, column)
+        pairs = [[m["role"], m["content"]] for m in messages] if messages else value
+        out["id"].append(_row_id(rows, i, fields, errors[i], raws[i], [pairs]))
+        encoded = None
+        if not reason:
+            encoded, reason = conversations.encode(messages, tokenizer, data_cfg.max_length, data_cfg.max_prompt_length)
+        if encoded is None:
+            columns: dict[str, Any] = {"prompt": "", "response": "", "input_ids": [], "attention_mask": []}
+            columns |= {"labels": [], "num_prompt_tokens": 0, "num_response_tokens": 0}
+        else:
+            columns = _conversation_columns(encoded, messages[-1]["content"], data_cfg.train_on, tokenizer)
+        for name, column_value in columns.items():
+            out[name].append(column_value)
+        out["reject_reason"].append(reason)
+    return out
+
+
+def _conversation_columns(encoded: conversations.Encoded, response: str, train_on: str, tokenizer) -> dict[str, Any]:
+    """A prepared conversation's columns (OUTPUT_COLUMNS but id and reject_reason)."""
+    ids = encoded.input_ids
+    scored = encoded.turns if train_on == "all_assistant" else encoded.turns[-1:]
+    labels = [IGNORE_INDEX] * len(ids)
+    for start, end in scored:
+        labels[start:end] = ids[start:end]
+    prompt_end = encoded.turns[-1][0]
+    return {
+        "prompt": tokenizer.decode(ids[:prompt_end]),
+        "response": response,
+        "input_ids": ids,
+        "attention_mask": [1] * len(ids),
+        "labels": labels,
+        "num_prompt_tokens": prompt_end,
+        "num_response_tokens": sum(end - start for start, end in scored),
+    }
 
 
 def duplicate_reasons(ids: Sequence[str], skip: Sequence[bool] | None = None) -> list[str]:

@@ -37,7 +37,7 @@ import torch
 from rouge_score.rouge_scorer import RougeScorer
 
 from pocl_ray.config import ConfigError, EvalConfig, RunConfig
-from pocl_ray.data import collate, duplicate_reasons, prepare_batch, read_ray_dataset
+from pocl_ray.data import collate, duplicate_reasons, prepare_batch, read_ray_dataset, resolve_source
 from pocl_ray.eval_results import format_number, write_results
 from pocl_ray.measurers import greedy_responses, response_budgets, response_means, rouge_l_scorer
 from pocl_ray.models import TOKENIZER_CONFIG, check_model_folder, has_model_files, load_model, load_tokenizer
@@ -92,7 +92,8 @@ def generate(
 ) -> list[str]:
     """Decoded responses for token-id prompts (one batch, LEFT-padded). seeds: one per row, or
     None for greedy decoding (eval_cfg.temperature == 0). Each row gets eval_cfg.max_new_tokens,
-    capped to what its prompt leaves in the model's position range."""
+    capped to what its prompt leaves in the model's position range. Only the tokenizer's ids are
+    ever emitted (an LM head padded past them has rows no decoding may pick)."""
     budgets = [eval_cfg.max_new_tokens] * len(prompts)
     tokens = generate_tokens(
         model,
@@ -103,6 +104,7 @@ def generate(
         seeds=seeds,
         temperature=eval_cfg.temperature,
         top_p=eval_cfg.top_p,
+        vocab_size=len(tokenizer),
     )
     return [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
@@ -296,8 +298,12 @@ def _check_inputs(cfg: RunConfig, model_path: Path) -> Path:
     if not cfg.eval.seeds:
         raise ConfigError("eval.seeds is empty: list at least one seed")
     for i, s in enumerate(cfg.eval.sets):
-        if not Path(s.path).exists():
-            raise FileNotFoundError(f"eval.sets[{i}].path (set {s.name!r}) not found: {s.path}")
+        try:
+            resolve_source(s.path)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"eval.sets[{i}].path (set {s.name!r}): {err}") from None
+        except ValueError as err:
+            raise ConfigError(f"eval.sets[{i}].path (set {s.name!r}): {err}") from None
     check_model_folder(model_path, "model_path")
     if has_model_files(model_path, (TOKENIZER_CONFIG,)):
         return model_path
@@ -338,9 +344,10 @@ def evaluate(
     """Evaluate the model in `model_path` on cfg.eval.sets; write DIR/eval/<label>/ (see module doc).
 
     DIR is `output_dir`, default cfg.output.dir. Each set's format is detected from its path
-    (data.format is for the training data). Prompts use the run's template and lengths (cfg.data).
-    Rows the data layer rejects (and duplicate ids) are counted per set in results.json and listed
-    in rejected.jsonl.
+    (data.format is for the training data), and its row form (instruction or conversation) from its
+    columns unless data.row_form fixes it. Prompts use the run's template and lengths (cfg.data); a
+    conversation is scored on its last assistant turn, the one generated (CE included). Rows the data
+    layer rejects (and duplicate ids) are counted per set in results.json and listed in rejected.jsonl.
     """
     import ray
     import ray.data
@@ -352,6 +359,8 @@ def evaluate(
     tokenizer = load_tokenizer(tokenizer_path)
     ecfg = cfg.eval
 
+    # The CE of a conversation is taken on the turn that is generated and scored, the last one.
+    data_cfg = cfg.data.model_copy(update={"train_on": "last_assistant"})
     parts = []
     for s in ecfg.sets:
         ds = read_ray_dataset(s.path, "auto", s.max_rows)
@@ -359,7 +368,7 @@ def evaluate(
             ds.map_batches(
                 _prepare,
                 batch_format="numpy",
-                fn_kwargs={"tokenizer": tokenizer, "data_cfg": cfg.data, "set_name": s.name},
+                fn_kwargs={"tokenizer": tokenizer, "data_cfg": data_cfg, "set_name": s.name},
             )
         )
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
@@ -370,7 +379,7 @@ def evaluate(
 
     sets, rejected, scored = summarize(rows, [s.name for s in ecfg.sets], ecfg.seeds)
     for s in ecfg.sets:
-        sets[s.name]["path"] = s.path
+        sets[s.name]["path"] = s.path if isinstance(s.path, str) else s.path.model_dump()
     results = {
         "model": str(model_path),
         "label": label,

@@ -74,7 +74,8 @@ def local_folder(source: str | Path | ModelSource) -> Path:
 
 
 def load_tokenizer(source: str | Path | ModelSource) -> PreTrainedTokenizerBase:
-    """The tokenizer in a local folder or a resolved ModelSource; pad_token falls back to eos_token."""
+    """The tokenizer in a local folder or a resolved ModelSource; pad_token falls back to eos_token (Llama 3
+    has no pad token): padded positions are masked (attention 0, labels -100), so the pad id never enters a loss."""
     path = local_folder(source)
     tokenizer = AutoTokenizer.from_pretrained(str(check_model_folder(path, need=())))
     if tokenizer.pad_token is None:
@@ -332,6 +333,71 @@ def student_from_teacher(
     student.requires_grad_(True)
     student.train()
     return student
+
+
+def _special_tokens(tokenizer: PreTrainedTokenizerBase) -> set[str]:
+    return set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+
+
+def tokenizer_difference(
+    first: PreTrainedTokenizerBase, second: PreTrainedTokenizerBase, names: tuple[str, str] = ("first", "second")
+) -> str | None:
+    """None when two tokenizers are one for distillation: the same token at every id and the same
+    special tokens; else the first difference, in words, calling the two `names`. Which special token
+    plays eos or pad is not compared: a run uses one tokenizer (models.tokenizer or the teacher's) for
+    both models."""
+    by_id = [{i: t for t, i in tok.get_vocab().items()} for tok in (first, second)]
+    for i in sorted(by_id[0].keys() | by_id[1].keys()):
+        if by_id[0].get(i) != by_id[1].get(i):
+            a, b = (by_id[k].get(i, "(no token)") for k in (0, 1))
+            return f"token id {i} is {a!r} in the {names[0]} and {b!r} in the {names[1]}"
+    specials = [_special_tokens(tok) for tok in (first, second)]
+    if specials[0] != specials[1]:
+        token = sorted(specials[0] ^ specials[1])[0]
+        where = names[0] if token in specials[0] else names[1]
+        return f"{token!r} is a special token of the {where} only"
+    return None
+
+
+def _config_vocab(folder: str | Path) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(folder)).get_text_config().vocab_size
+
+
+def check_tokenizers(models_cfg) -> int:
+    """Before any Ray work: refuse a teacher and student whose tokenizers differ, naming both and the
+    first differing token, or a model whose LM head has fewer rows than the tokenizer has tokens;
+    returns the run's vocabulary, len(tokenizer), the one size every KD distribution is taken over.
+
+    Head sizes may differ (Qwen2.5-7B has 152,064 rows and Qwen2.5-0.5B 151,936 for one 151,665-token
+    tokenizer): the rows past the tokenizer are padding, sliced off by the losses and masked in
+    decoding. The run's tokenizer is models.tokenizer or the teacher's; a model folder's own tokenizer
+    is compared with it when the folder has one.
+    """
+    run_field = "models.tokenizer" if models_cfg.tokenizer is not None else "models.teacher"
+    run_path = models_cfg.tokenizer or models_cfg.teacher
+    tokenizer = load_tokenizer(run_path)
+    vocab = len(tokenizer)
+    folders = {"models.teacher": models_cfg.teacher, "models.student": models_cfg.student}
+    for field, folder in folders.items():
+        if folder is None:
+            continue
+        rows = _config_vocab(check_model_folder(folder, field))
+        if rows < vocab:
+            raise ConfigError(
+                f"{field}: its LM head has {rows} rows, fewer than the {vocab} tokens of the tokenizer ({run_path})"
+            )
+        if folder == run_path or not has_model_files(folder, (TOKENIZER_CONFIG,)):
+            continue
+        names = (f"{run_field} tokenizer ({run_path})", f"{field} tokenizer ({folder})")
+        difference = tokenizer_difference(tokenizer, load_tokenizer(folder), names)
+        if difference is not None:
+            raise ConfigError(
+                f"the {names[0]} and the {names[1]} differ: {difference}; token-level KD compares the two "
+                "models' distributions over the tokens of one tokenizer"
+            )
+    return vocab
 
 
 def _vocab_sizes(model: PreTrainedModel) -> tuple[int, int]:

@@ -18,6 +18,10 @@ Each row has its own budget of new tokens; a `StoppingCriteria` marks a row fini
 spent it, so the batch stops when every row has hit EOS or its budget. HF keeps finished rows in
 the batch (they emit padding) — the generation API has no way to drop them from the KV cache.
 
+Padded vocabularies: an LM head may have more rows than the tokenizer has tokens (Qwen2.5-7B: 152,064
+for 151,665 tokens). Given `vocab_size` (len(tokenizer)), every decoding, greedy or sampled, masks
+the ids >= vocab_size (`VocabularyMask`), so no model ever emits a padding id.
+
 Static KV cache / torch.compile: `generate_tokens(cache_implementation="static")` turns on HF's
 static cache, with which HF compiles the decoding step on CUDA. Off by default: not measured on a
 GPU yet (`benchmarks/generation.py --static-cache` measures it).
@@ -124,6 +128,17 @@ class RowSeededSampler(LogitsProcessor):
         return scores.fill_(float("-inf")).scatter_(1, picks[:, None], 0.0)
 
 
+class VocabularyMask(LogitsProcessor):
+    """-inf on the ids >= vocab_size: the padding rows of an LM head larger than the tokenizer."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        scores[:, self.vocab_size :] = float("-inf")
+        return scores
+
+
 class RowBudget(StoppingCriteria):
     """Marks row r finished once it has generated budgets[r] new tokens."""
 
@@ -158,16 +173,19 @@ def generate_tokens(
     budgets: Sequence[int],
     *,
     pad_token_id: int,
-    eos_token_id: int | None,
+    eos_token_id: int | Sequence[int] | None,
     seeds: Sequence[int] | None = None,
     temperature: float = 1.0,
     top_p: float = 1.0,
     cache_implementation: str | None = None,
+    vocab_size: int | None = None,
 ) -> list[list[int]]:
     """New token ids per prompt (one LEFT-padded batch): row r keeps at most budgets[r] tokens,
-    up to and including its first EOS (eos_token_id None: no EOS stop).
+    up to and including its first stop token (eos_token_id: one id, several, e.g. eos and a chat
+    template's end-of-turn token, or None: no stop).
 
     seeds None = greedy; else one seed per row, sampled at temperature / top-p (`RowSeededSampler`).
+    vocab_size (the tokenizer's size): ids >= it are never emitted (`VocabularyMask`); None: no mask.
     The batch runs at most as many steps as the longest prompt leaves in the model's position
     range, so a row gets its full budget whatever the batch when its budget fits after the batch's
     longest prompt (always true when max prompt + max new tokens <= max_position_embeddings).
@@ -189,16 +207,17 @@ def generate_tokens(
         cache_implementation=cache_implementation,
     )
     processors = LogitsProcessorList(
-        [] if seeds is None else [RowSeededSampler(seeds, temperature, top_p, width, steps)]
+        ([] if vocab_size is None else [VocabularyMask(vocab_size)])
+        + ([] if seeds is None else [RowSeededSampler(seeds, temperature, top_p, width, steps)])
     )
     stopping = StoppingCriteriaList([RowBudget(budgets, width)] if min(budgets) < steps else [])
     output = model.generate(**batch, generation_config=config, logits_processor=processors, stopping_criteria=stopping)
+    stops = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
     rows = []
     for new, budget in zip(output[:, width:].tolist(), budgets):
         new = new[:budget]
-        if eos_token_id is not None and eos_token_id in new:
-            new = new[: new.index(eos_token_id) + 1]
-        rows.append(new)
+        end = next((k for k, token in enumerate(new) if token in stops), None)
+        rows.append(new if end is None else new[: end + 1])
     return rows
 
 
@@ -207,14 +226,16 @@ def sample_on_policy(
     rows: list[Mapping[str, Any]],
     *,
     pad_token_id: int,
-    eos_token_id: int,
+    eos_token_id: int | Sequence[int],
     max_new_tokens: int,
     max_length: int,
     seed: int,
     row_offset: int = 0,
+    vocab_size: int | None = None,
 ) -> list[dict]:
-    """On-policy rows: the model samples a response to each row's prompt (temperature 1, full
-    vocabulary); the response, up to and including its first EOS, becomes the scored tokens.
+    """On-policy rows: the model samples a response to each row's prompt (temperature 1, the whole
+    vocabulary: the first vocab_size ids when given, so never a padding row of the head); the
+    response, up to and including its first EOS, becomes the scored tokens.
 
     Row i draws from the stream `stream_seed(seed, row_offset + i)`: pass the step's seed and the
     row's global rank offset, and a resumed run replays the same responses whatever the batching.
@@ -241,6 +262,7 @@ def sample_on_policy(
                 seeds=seeds,
                 temperature=1.0,
                 top_p=1.0,
+                vocab_size=vocab_size,
             )
     finally:
         model.train(was_training)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import yaml
 
-from pocl_ray.config import ConfigError, RunConfig, load_config, parse_config
+from pocl_ray.config import ConfigError, HFDataset, RunConfig, load_config, parse_config
+from pocl_ray.hf_datasets import requested_splits
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 MINIMAL = {"data": {"train": "data/train.jsonl"}, "models": {"teacher": "models/teacher"}}
 
@@ -229,3 +233,45 @@ def test_progressive_plan_needs_teacher_checkpoints():
         parse_config(_with("curriculum", plan="progressive"))
     cfg = parse_config(_with("curriculum", plan="progressive", progressive={"teacher_checkpoints": ["ck/1"]}))
     assert cfg.curriculum.progressive.teacher_checkpoints == ["ck/1"]
+
+
+def test_data_sources_are_paths_or_datasets_by_name_with_field_named_errors():
+    by_name = {"dataset": "org/chats", "split": "train[:100]", "subset": "multi-turn"}
+    cfg = parse_config(
+        {**MINIMAL, "data": {"train": by_name, "dev": "dev.jsonl"}, "eval": {"sets": [{"name": "e", "path": by_name}]}}
+    )
+    assert isinstance(cfg.data.train, HFDataset) and cfg.data.train.subset == "multi-turn"
+    assert cfg.data.dev == "dev.jsonl" and cfg.eval.sets[0].path == cfg.data.train
+    assert parse_config(yaml.safe_load(cfg.to_yaml())) == cfg
+    assert cfg.with_overrides({"data.train": "other.jsonl"}).data.train == "other.jsonl"
+    with pytest.raises(ConfigError) as err:
+        parse_config(
+            {**MINIMAL, "data": {"train": {"dataset": "org/chats"}}, "eval": {"sets": [{"name": "e", "path": 3}]}}
+        )
+    assert str(err.value).splitlines()[1:] == [
+        "  data.train.split: Field required",
+        "  eval.sets.0.path: Input should be a valid string (got 3)",
+    ]
+    with pytest.raises(ConfigError, match=r"data\.row_form: Input should be 'auto', 'instruction' or 'conversation'"):
+        parse_config(_with("data", row_form="sharegpt"))
+    with pytest.raises(ConfigError, match=r"data\.train_on: Input should be 'all_assistant' or 'last_assistant'"):
+        parse_config(_with("data", train_on="assistant"))
+
+
+def test_the_conversational_example_configs_load():
+    """The Qwen2.5 pair on datasets by name (it needs the Hub and GPUs, so only its config is checked
+    here) and the quickstart's conversational twin, which differs from the quickstart only in its data."""
+    qwen = load_config(CONFIGS / "qwen2.5-7b-to-0.5b-chat.yaml")
+    assert qwen.data.row_form == "conversation" and qwen.data.train_on == "all_assistant"
+    sources = [qwen.data.train, qwen.data.dev, *(s.path for s in qwen.eval.sets)]
+    assert all(isinstance(s, HFDataset) for s in sources)
+    assert [requested_splits(s.split) for s in sources] == [["train"], ["test"], ["test"], ["test_sft"]]
+    assert qwen.models.teacher.endswith("Qwen2.5-7B-Instruct") and qwen.models.student.endswith("Qwen2.5-0.5B-Instruct")
+    assert qwen.data.max_prompt_length < qwen.data.max_length
+
+    twin, quickstart = load_config(CONFIGS / "quickstart-chat.yaml"), load_config(CONFIGS / "quickstart.yaml")
+    for section in ("scoring", "curriculum", "kd", "training", "pipeline"):
+        assert getattr(twin, section) == getattr(quickstart, section), section
+    assert twin.eval.model_copy(update={"sets": []}) == quickstart.eval.model_copy(update={"sets": []})
+    for path in (twin.data.train, twin.data.dev, *(s.path for s in twin.eval.sets)):
+        assert (CONFIGS.parent / path).is_file(), path

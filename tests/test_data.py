@@ -1,9 +1,14 @@
-"""pocl_ray.data: readers, templates, validation/tokenisation, batching; one Ray reader test."""
+"""pocl_ray.data: readers (local files and folders, datasets by name), templates, validation/tokenisation,
+batching; Ray reader tests."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pandas as pd
@@ -14,7 +19,7 @@ import torch
 from conftest import synthetic_rows, write_jsonl
 
 from pocl_ray import data
-from pocl_ray.config import DataConfig, FieldMap
+from pocl_ray.config import ConfigError, DataConfig, FieldMap, HFDataset, parse_config
 from pocl_ray.models import build_tiny_tokenizer, load_tokenizer
 
 
@@ -103,6 +108,118 @@ def test_directory_of_files_reads_in_path_order_with_max_rows(tmp_path):
     with pytest.raises(ValueError, match="mixes JSONL and parquet"):
         data.read_table(shards)
     assert _user_columns(data.read_table(shards, fmt="parquet")) == ROWS
+
+
+# A dataset folder as `datasets.load_dataset` reads it: data files, and a README.md whose `configs` declare
+# the subsets and their splits (how Hub datasets declare theirs).
+DATASET_README = """---
+configs:
+- config_name: chat
+  data_files:
+  - split: train
+    path: chat/train.jsonl
+  - split: validation
+    path: chat/validation.jsonl
+- config_name: instructions
+  data_files:
+  - split: train
+    path: instructions/train.jsonl
+---
+"""
+
+CHATS = [
+    {
+        "id": f"c{i}",
+        "messages": [
+            {"role": "user", "content": f"What is {i} plus {i}?"},
+            {"role": "assistant", "content": f"{2 * i}."},
+            {"role": "user", "content": "And times two?"},
+            {"role": "assistant", "content": f"{4 * i}."},
+        ][: 2 + 2 * (i % 2)],
+    }
+    for i in range(8)
+]
+
+
+@pytest.fixture
+def datasets_cache(tmp_path, monkeypatch):
+    """A datasets cache of the test's own (load_dataset writes its Arrow copy there)."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    return tmp_path / "hf_cache"
+
+
+def _dataset_folder(root):
+    folder = root / "chatset"
+    (folder / "chat").mkdir(parents=True)
+    (folder / "instructions").mkdir()
+    (folder / "README.md").write_text(DATASET_README)
+    write_jsonl(folder / "chat" / "train.jsonl", CHATS[:5])
+    write_jsonl(folder / "chat" / "validation.jsonl", CHATS[5:])
+    write_jsonl(folder / "instructions" / "train.jsonl", ROWS)
+    return folder
+
+
+def test_a_dataset_by_name_gives_the_rows_of_the_jsonl_it_was_made_from(tmp_path, datasets_cache, tokenizer):
+    folder = _dataset_folder(tmp_path)
+    for subset, split, jsonl in (
+        ("chat", "validation", "chat/validation.jsonl"),
+        ("instructions", "train", "instructions/train.jsonl"),
+    ):
+        by_name = data.read_table(HFDataset(dataset=str(folder), subset=subset, split=split))
+        assert _user_columns(by_name) == _user_columns(data.read_table(folder / jsonl)), subset
+    assert datasets_cache.is_dir()
+    chat = HFDataset(dataset=str(folder), subset="chat", split="train")
+    assert _user_columns(data.read_table(chat, max_rows=2)) == CHATS[:2]
+    assert _user_columns(data.read_table(chat.model_copy(update={"split": "train[:3]+validation[:1]"}))) == (
+        CHATS[:3] + CHATS[5:6]
+    )
+    # Prepared as conversations, the same as the JSONL's rows.
+    cfg = _cfg()
+    by_name = data.validate_and_tokenize(data.read_table(chat).to_pylist(), tokenizer, cfg)
+    from_jsonl = data.validate_and_tokenize(
+        data.read_table(folder / "chat" / "train.jsonl").to_pylist(), tokenizer, cfg
+    )
+    assert by_name == from_jsonl and len(by_name[0]) == 5
+
+
+def test_a_missing_split_or_subset_fails_naming_the_available_ones(tmp_path, datasets_cache):
+    folder = _dataset_folder(tmp_path)
+    with pytest.raises(ConfigError, match=r"no split 'test'; the dataset has the splits \['train', 'validation'\]"):
+        data.resolve_source(HFDataset(dataset=str(folder), subset="chat", split="test"))
+    with pytest.raises(ConfigError, match=r"no split 'dev'"):
+        data.read_table(HFDataset(dataset=str(folder), subset="chat", split="train+dev[:5]"))
+    with pytest.raises(ConfigError, match=r"available configs: \['chat', 'instructions'\]"):
+        data.resolve_source(HFDataset(dataset=str(folder), split="train"))
+    assert not list(datasets_cache.rglob("*.arrow"))  # refused before any data was read
+    cfg = parse_config(
+        {"data": {"train": {"dataset": str(folder), "subset": "chat", "split": "train"}}, "models": {"teacher": "t"}}
+    )
+    assert data.resolve_source(cfg.data.train) == ("dataset", [])
+
+
+def test_offline_mode_reads_what_it_can_and_names_what_it_cannot(tmp_path):
+    """HF_DATASETS_OFFLINE=1 (read by `datasets` at import, hence a fresh interpreter): a local dataset
+    folder loads, into the cache HF_HOME names; a Hub dataset that is not cached is refused, saying so."""
+    folder = _dataset_folder(tmp_path)
+    script = textwrap.dedent(
+        f"""
+        from pocl_ray import hf_datasets
+        from pocl_ray.config import ConfigError, HFDataset
+        rows = len(hf_datasets.load(HFDataset(dataset={str(folder)!r}, subset="chat", split="train")))
+        try:
+            hf_datasets.check_split(HFDataset(dataset="pocl-ray-tests/not-cached", split="train"))
+        except ConfigError as err:
+            print(rows, err)
+        """
+    )
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("5 dataset 'pocl-ray-tests/not-cached', split 'train' cannot be found")
+    assert "HF_DATASETS_OFFLINE is set" in out.stdout
+    assert any((tmp_path / "hf_home" / "datasets").iterdir())
 
 
 def test_reader_errors_name_the_path(tmp_path):
@@ -373,3 +490,29 @@ def test_ray_reader_gives_the_same_rows_and_rejects_as_the_local_path(ray_local,
     assert sorted(r["id"] for r in data.read_ray_dataset(tmp_path / "rows.parquet").take_all()) == sorted(
         r["id"] for r in rows
     )
+
+
+@pytest.mark.ray
+def test_ray_reader_prepares_conversations_by_name_and_from_parquet_as_locally(
+    ray_local, tmp_path, datasets_cache, tokenizer
+):
+    """Conversations reach prepare_batch through Ray's numpy batches (arrays of arrays of dicts) and give the
+    rows they give locally: from a dataset by name (read by `datasets` on the driver) and from parquet."""
+    folder = _dataset_folder(tmp_path)
+    chats = CHATS + [{"id": "bad", "messages": [{"role": "robot", "content": "beep"}]}]
+    pq.write_table(pa.Table.from_pylist(chats), tmp_path / "chats.parquet")
+    write_jsonl(folder / "chat" / "train.jsonl", chats)
+    cfg = _cfg()
+    for source in (HFDataset(dataset=str(folder), subset="chat", split="train"), tmp_path / "chats.parquet"):
+        local = data.prepare_batch(data.read_table(source).to_pydict(), tokenizer, cfg)
+        ds = data.read_ray_dataset(source).map_batches(
+            data.prepare_batch, fn_kwargs={"tokenizer": tokenizer, "data_cfg": cfg}, batch_format="numpy", batch_size=3
+        )
+        remote = {r["id"]: r for r in ds.take_all()}
+        assert sorted(remote) == sorted(local["id"]) and len(remote) == 9
+        for i, row_id in enumerate(local["id"]):
+            got = remote[row_id]
+            assert got["reject_reason"] == local["reject_reason"][i] and got["response"] == local["response"][i]
+            assert list(got["input_ids"]) == local["input_ids"][i] and list(got["labels"]) == local["labels"][i]
+            assert got["num_prompt_tokens"] == local["num_prompt_tokens"][i]
+        assert "unknown role 'robot'" in remote["bad"]["reject_reason"]

@@ -17,7 +17,16 @@ import pytest
 import torch
 from rouge_score.rouge_scorer import RougeScorer
 
-from pocl_ray.config import ConfigError, DataConfig, EvalConfig, EvalSet, ModelsConfig, OutputConfig, RunConfig
+from pocl_ray.config import (
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    EvalSet,
+    HFDataset,
+    ModelsConfig,
+    OutputConfig,
+    RunConfig,
+)
 from pocl_ray.data import build_prompt, prepare_batch, read_table
 from pocl_ray.eval_results import load_results, results_markdown, write_results
 from pocl_ray.evaluation import (
@@ -30,7 +39,7 @@ from pocl_ray.evaluation import (
     row_seed,
     summarize,
 )
-from pocl_ray.models import build_tiny_model, load_model
+from pocl_ray.models import build_tiny_model, load_model, load_tokenizer
 from pocl_ray.report import compare_table
 
 WORDS = (
@@ -417,3 +426,68 @@ def test_evaluate_sampling_does_not_depend_on_batching_actors_or_ray(ray_local, 
     generations = [json.loads(line) for line in (result.output_dir / "generations.jsonl").read_text().splitlines()]
     assert [g["generation"] for g in generations] == [t for r in scored for t in r["generations"]]
     assert len(set(res["sets"]["chat"]["rougeL_per_seed"].values())) > 1 and res["sets"]["chat"]["rougeL_std"] > 0
+
+
+# A chat template over the word vocabulary: "tell me <user turn> write <assistant turn> <|endoftext|>".
+WORD_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ 'tell me ' + m['content'] + ' ' }}"
+    "{% else %}{{ 'write ' + m['content'] + ' <|endoftext|> ' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'write ' }}{% endif %}"
+)
+
+
+def test_evaluate_reads_conversation_sets_and_datasets_by_name(ray_local, tmp_path, word_model, monkeypatch):
+    """A ShareGPT JSONL set and a `messages` set read by datasets.load_dataset: each row's last assistant
+    turn is generated from the conversation before it and scored against it."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    root, tokenizer, model = word_model
+    chat_root = tmp_path / "chat_model"
+    model.save_pretrained(chat_root)
+    tokenizer.chat_template = WORD_CHAT_TEMPLATE
+    try:
+        tokenizer.save_pretrained(chat_root)
+    finally:
+        tokenizer.chat_template = None
+    chat_tokenizer = load_tokenizer(chat_root)
+    dialogs = [
+        [{"role": "user", "content": f"the {WORDS[i]}"}, {"role": "assistant", "content": f"a {WORDS[i + 1]} tree"}]
+        + [{"role": "user", "content": "and the sea"}, {"role": "assistant", "content": f"old {WORDS[i + 2]} road"}][
+            : 2 * (i % 2)
+        ]
+        for i in range(6)
+    ]
+    sharegpt = tmp_path / "sharegpt.jsonl"
+    role = {"user": "human", "assistant": "gpt"}
+    sharegpt.write_text(
+        "".join(
+            json.dumps({"id": f"d{i}", "conversations": [{"from": role[m["role"]], "value": m["content"]} for m in d]})
+            + "\n"
+            for i, d in enumerate(dialogs[:3])
+        )
+    )
+    folder = tmp_path / "dialogs"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "test.jsonl").write_text(
+        "".join(json.dumps({"id": f"m{i}", "messages": d}) + "\n" for i, d in enumerate(dialogs[3:]))
+    )
+    sets = [
+        EvalSet(name="sharegpt", path=str(sharegpt)),
+        EvalSet(name="by_name", path=HFDataset(dataset=str(folder), split="test")),
+    ]
+    cfg = _config(chat_root, sets[:1], tmp_path, seeds=[10], temperature=0.0).with_overrides({"eval.sets": sets})
+    res = load_results(evaluate(cfg, chat_root, label="chat").results_path)
+    assert res["sets"]["by_name"]["path"] == {"dataset": str(folder), "split": "test", "subset": None, "revision": None}
+    out = tmp_path / "eval" / "chat"
+    generations = {g["id"]: g for g in map(json.loads, (out / "generations.jsonl").read_text().splitlines())}
+    assert sorted(generations) == ["d0", "d1", "d2", "m0", "m1", "m2"]
+    for i, dialog in enumerate(dialogs):
+        prompt = chat_tokenizer.apply_chat_template(dialog[:-1], tokenize=False, add_generation_prompt=True)
+        ids = chat_tokenizer(prompt, return_tensors="pt")["input_ids"]
+        new = model.generate(ids, do_sample=False, max_new_tokens=MAX_NEW, pad_token_id=0, eos_token_id=0)
+        expected = chat_tokenizer.decode(new[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        g = generations[f"{'d' if i < 3 else 'm'}{i % 3}"]
+        assert g["generation"] == expected
+        assert g["rougeL"] == 100 * SCORER.score(dialog[-1]["content"], expected)["rougeL"].fmeasure
+    assert all(s["rows"] == 3 and s["rows_rejected"] == 0 and s["ce_mean"] > 0 for s in res["sets"].values())

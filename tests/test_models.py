@@ -187,6 +187,90 @@ def test_check_compatible(tokenizer, tiny_assets):
         models.check_compatible(small, small, tokenizer)
 
 
+def _thousand_token_tokenizer(texts_seed: int, save_dir=None):
+    """A 1,000-token tokenizer trained on JSON lines of synthetic rows (another seed: another vocabulary)."""
+    import json
+
+    from conftest import synthetic_rows
+
+    texts = [json.dumps(r) for r in synthetic_rows(300, seed=texts_seed)]
+    tok = models.build_tiny_tokenizer(texts, vocab_size=1000, save_dir=save_dir)
+    assert len(tok) == 1000
+    return tok
+
+
+def _model_folder(path, rows: int, tokenizer=None):
+    models.build_tiny_model(
+        "llama", rows, hidden_size=16, num_layers=1, num_heads=2, save_dir=path, tokenizer=tokenizer
+    )
+    return str(path)
+
+
+def test_one_tokenizer_with_padded_heads_is_a_pair_and_other_tokenizers_are_refused(tmp_path):
+    """Heads of 1,024 and 1,088 rows over one 1,000-token tokenizer pass (the vocabulary is 1,000); a
+    student whose tokenizer differs is refused naming both tokenizers and the first differing token."""
+    from pocl_ray.config import ModelsConfig
+
+    tok = _thousand_token_tokenizer(0)
+    teacher = _model_folder(tmp_path / "teacher", 1024, tok)
+    student = _model_folder(tmp_path / "student", 1088, tok)
+    assert models.check_tokenizers(ModelsConfig(teacher=teacher, student=student)) == 1000
+    bare = _model_folder(tmp_path / "bare_student", 1024)  # no tokenizer files: only its head is checked
+    assert models.check_tokenizers(ModelsConfig(teacher=teacher, student=bare)) == 1000
+
+    other = _model_folder(tmp_path / "other", 1088, _thousand_token_tokenizer(1))
+    with pytest.raises(ConfigError) as refused:
+        models.check_tokenizers(ModelsConfig(teacher=teacher, student=other))
+    message = str(refused.value)
+    assert f"models.teacher tokenizer ({teacher})" in message and f"models.student tokenizer ({other})" in message
+    first = next(
+        i for i in range(1000) if tok.convert_ids_to_tokens(i) != models.load_tokenizer(other).convert_ids_to_tokens(i)
+    )
+    assert f"token id {first} is {tok.convert_ids_to_tokens(first)!r} in the models.teacher tokenizer" in message
+
+    with pytest.raises(ConfigError, match=r"models.student: its LM head has 900 rows, fewer than the 1000 tokens"):
+        models.check_tokenizers(ModelsConfig(teacher=teacher, student=_model_folder(tmp_path / "small", 900)))
+    with pytest.raises(ConfigError, match=r"the models.tokenizer tokenizer \(.*\) and the models.teacher tokenizer"):
+        models.check_tokenizers(ModelsConfig(teacher=teacher, tokenizer=str(tmp_path / "other")))
+
+
+def test_a_token_special_in_one_tokenizer_only_is_a_difference(tmp_path):
+    tok = _thousand_token_tokenizer(0)
+    marked = _thousand_token_tokenizer(0)
+    word = marked.convert_ids_to_tokens(500)
+    marked.add_special_tokens({"additional_special_tokens": [word]})
+    assert marked.get_vocab() == tok.get_vocab()
+    assert (
+        models.tokenizer_difference(tok, marked, ("teacher", "student"))
+        == f"{word!r} is a special token of the student only"
+    )
+    assert models.tokenizer_difference(tok, _thousand_token_tokenizer(0)) is None
+
+
+def test_a_tokenizer_without_pad_token_works_for_collate_and_generation(tmp_path, tokenizer):
+    """Llama 3 style: no pad token. load_tokenizer pads with eos; padded positions stay out of the labels,
+    and left padding with the eos id changes no row's greedy tokens."""
+    from pocl_ray.data import IGNORE_INDEX, collate
+    from pocl_ray.sampling import generate_tokens
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    no_pad = models.load_tokenizer(tmp_path / "tok")
+    no_pad.pad_token = None
+    no_pad.save_pretrained(tmp_path / "no_pad")
+    loaded = models.load_tokenizer(tmp_path / "no_pad")
+    assert loaded.pad_token_id == loaded.eos_token_id
+    rows = [{"input_ids": [5, 6, 7, 8], "attention_mask": [1] * 4, "labels": [IGNORE_INDEX, IGNORE_INDEX, 7, 8]}]
+    rows.append({"input_ids": [9, 10], "attention_mask": [1, 1], "labels": [IGNORE_INDEX, 10]})
+    batch = collate(rows, loaded.pad_token_id)
+    assert batch["input_ids"][1].tolist() == [9, 10, loaded.eos_token_id, loaded.eos_token_id]
+    assert batch["labels"][1].tolist() == [IGNORE_INDEX, 10, IGNORE_INDEX, IGNORE_INDEX]
+    model = models.build_tiny_model("llama", len(loaded), hidden_size=32, num_layers=1, num_heads=4, seed=2).eval()
+    prompts = [loaded("Add the two numbers.\n\n2 + 3")["input_ids"], loaded("apple")["input_ids"]]
+    kwargs = {"pad_token_id": loaded.pad_token_id, "eos_token_id": loaded.eos_token_id, "vocab_size": len(loaded)}
+    together = generate_tokens(model, prompts, [6, 6], **kwargs)
+    assert together == [generate_tokens(model, [p], [6], **kwargs)[0] for p in prompts]
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_linear_head_of_plain_models_reproduces_the_logits(arch):
     model = models.build_tiny_model(arch, 97, hidden_size=16, num_layers=1, num_heads=2).eval()

@@ -1,7 +1,9 @@
 """Row-seeded sampling (pocl_ray.sampling): the draw's distribution, top-p, batch invariance,
-greedy = HF greedy, and on-policy rows. Tiny random Llama models, CPU, no Ray."""
+greedy = HF greedy, on-policy rows, padded heads and several stop ids. Tiny random Llama models, CPU, no Ray."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -187,3 +189,44 @@ def test_on_policy_rows_are_seeded_per_row_and_fit_max_length(model):
         assert 1 <= len(new) <= min(12, 16 - len(prompt))
         assert EOS not in new[:-1]
     assert sample_on_policy(model, [], seed=1, **kwargs) == []
+
+
+def test_no_decoding_emits_an_id_past_the_tokenizer_with_a_padded_head():
+    """A 1,088-row head over a 1,000-token tokenizer whose padding rows are made to dominate: unmasked
+    decoding picks them, while greedy, sampled and on-policy decoding given vocab_size never do."""
+    padded = build_tiny_model("llama", 1088, hidden_size=32, num_layers=1, num_heads=4, seed=8, max_positions=64).eval()
+    with torch.no_grad():
+        padded.lm_head.weight[1000:] *= 40
+    prompts = [[(7 * k + j) % 1000 for j in range(3 + k % 5)] for k in range(8)]
+    unmasked = generate_tokens(padded, prompts, [8] * 8, pad_token_id=0, eos_token_id=None)
+    assert max(max(row) for row in unmasked) >= 1000  # the check below can fail
+    common = {"pad_token_id": 0, "eos_token_id": None, "vocab_size": 1000}
+    greedy = generate_tokens(padded, prompts, [8] * 8, **common)
+    sampled = generate_tokens(padded, prompts, [8] * 8, seeds=range(8), temperature=1.0, top_p=0.9, **common)
+    hot = generate_tokens(padded, prompts, [8] * 8, seeds=range(8), temperature=3.0, **common)
+    for rows in (greedy, sampled, hot):
+        assert all(len(row) == 8 for row in rows) and max(max(row) for row in rows) < 1000
+    on_policy = sample_on_policy(
+        padded,
+        [{"input_ids": p, "num_prompt_tokens": len(p)} for p in prompts],
+        pad_token_id=0,
+        eos_token_id=1,
+        max_new_tokens=8,
+        max_length=24,
+        seed=3,
+        vocab_size=1000,
+    )
+    assert max(max(r["input_ids"]) for r in on_policy) < 1000
+
+
+def test_generation_stops_at_any_of_several_stop_ids(model):
+    model = copy.deepcopy(model)
+    model.generation_config.eos_token_id = None  # else HF stops at the config's eos when given None
+    prompts = _prompts(6)
+    free = generate_tokens(model, prompts, [10] * 6, pad_token_id=0, eos_token_id=None)
+    stops = {free[0][1], free[4][3]}
+    stopped = generate_tokens(model, prompts, [10] * 6, pad_token_id=0, eos_token_id=sorted(stops))
+    for row, full in zip(stopped, free):
+        end = next((k for k, t in enumerate(full) if t in stops), None)
+        assert row == (full if end is None else full[: end + 1])
+    assert len(stopped[0]) == 2 and len(stopped[4]) <= 4
