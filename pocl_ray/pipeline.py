@@ -103,9 +103,9 @@ def _run_stages(cfg: RunConfig, root: Path, parent: tracking.Run) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.yaml").write_text(cfg.to_yaml())  # the config as given
     parent.artifacts(root / "config.yaml", "config")
+    _log_teacher(parent, cfg, root)  # the config as given: the resolved one no longer asks for a fine-tuning
     cfg = resolved
     parent.params(tracked.loggable_params(cfg.model_dump(mode="json")))
-    _log_teacher(parent, cfg, root)
     runs = compared_runs(cfg)
 
     run_pipeline_step("score", root / "scores", fingerprint(cfg, SCORE_KEYS), lambda: score_dataset(cfg))

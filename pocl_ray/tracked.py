@@ -154,7 +154,8 @@ def eval_metrics(results: Mapping[str, Any]) -> dict[str, float]:
     """An evaluation's results.json: per set the ROUGE-L mean, std, each seed's and the response CE;
     the average over sets."""
     metrics: dict[str, float] = {}
-    for name, s in results["sets"].items():
+    for set_name, s in results["sets"].items():
+        name = re.sub(r"[^\w\-. ]", "_", set_name)  # a set name as a metric-name part every tracker takes
         for key, value in (
             ("rougeL", s.get("rougeL_mean")),
             ("rougeL_std", s.get("rougeL_std")),

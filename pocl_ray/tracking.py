@@ -379,7 +379,7 @@ def attach(handle: dict | None) -> Run:
 def start(cfg: RunConfig, kind: str = "pipeline") -> Run:
     """The parent run of one pipeline or sweep invocation, named after the config. A tracker that
     cannot create it (server unreachable, bad credentials) is warned about and left out."""
-    group = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    group = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     handle: dict[str, Any] = {"name": cfg.name, "group": group, "kind": kind}
     for tracker, conf in settings(cfg).items():
         try:
