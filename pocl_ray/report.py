@@ -53,7 +53,9 @@ class Metrics:
 
 
 def read_metrics(path: str | Path) -> Metrics:
-    records, probes, skipped = [], [], 0
+    records: list[dict] = []
+    probes: list[dict] = []
+    skipped = 0
     for line in Path(path).read_text().splitlines():
         if not line.strip():
             continue
@@ -191,7 +193,7 @@ def plot_bucket_probe(probes: Mapping[str, pd.DataFrame], path: Path) -> Path:
     bucket: are the easy buckets learned before the hard ones arrive, does each new one start harder."""
     fig, axes = plt.subplots(len(probes), 2, figsize=(10, 3.2 * len(probes)), squeeze=False)
     for row, (label, frame) in zip(axes, probes.items()):
-        colours = _bucket_colours(frame["bucket"].unique())
+        colours = _bucket_colours(frame["bucket"].unique().tolist())
         for ax, (key, title) in zip(row, (("kd_loss", "KD loss (FKL, T = 1)"), ("ce_loss", "response CE"))):
             for bucket, part in frame.sort_values("samples").groupby("bucket", sort=True):
                 ax.plot(

@@ -4,7 +4,7 @@ metrics.jsonl, selection.json, results.json and the report stay the record; a tr
 numbers in the tool users already compare runs in. `output.trackers` picks any of the three; what
 is logged is `pocl_ray.tracked`.
 
-Run tree. One pipeline (or sweep) invocation is one parent run (`start`); each stage (teacher
+Run tree. One pipeline (or sweep) invocation is one parent run (`start`); each step (teacher
 fine-tuning, scoring, each compared run, the teacher's evaluation) is a child under it:
   MLflow        a run tagged mlflow.parentRunId = the parent's id (nested under it in the UI)
   W&B           a run in the group named after the parent (the group view sets them side by side)
@@ -34,11 +34,15 @@ import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from pocl_ray.config import ConfigError, RunConfig
+
+if TYPE_CHECKING:  # Ray only where a sweep makes its callbacks
+    from ray.tune import Callback
 
 # The pip extra of each tracker and the module its library installs.
 EXTRAS = {"mlflow": "mlflow", "tensorboard": "tensorboard", "wandb": "wandb"}
@@ -280,7 +284,11 @@ def _wandb_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
-BACKENDS = {"mlflow": _MLflow, "tensorboard": _TensorBoard, "wandb": _Wandb}
+BACKENDS: dict[str, type[_MLflow | _TensorBoard | _Wandb]] = {
+    "mlflow": _MLflow,
+    "tensorboard": _TensorBoard,
+    "wandb": _Wandb,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,7 +296,7 @@ BACKENDS = {"mlflow": _MLflow, "tensorboard": _TensorBoard, "wandb": _Wandb}
 
 
 class Run:
-    """One run (a pipeline's, or a stage's under it) on the trackers its handle names.
+    """One run (a pipeline's, or a step's under it) on the trackers its handle names.
 
     Calls return at once: they run in order on the Run's one thread. A tracker that fails is warned
     about once and left out of every later call and child. With no tracker every call is a no-op.
@@ -301,7 +309,13 @@ class Run:
         self.off = _off_in(handle.get("group"))
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracking") if self.trackers else None
         for t in self.trackers:
-            self._submit(t, lambda t=t: self.backends.__setitem__(t, BACKENDS[t](handle[t])))
+            self._submit(t, partial(self._open, t, handle[t]))
+
+    def _open(self, tracker: str, part: dict) -> None:
+        self.backends[tracker] = BACKENDS[tracker](part)
+
+    def _call(self, tracker: str, method: str, *args: Any) -> Any:
+        return getattr(self.backends[tracker], method)(*args)
 
     def _submit(self, tracker: str, call: Callable[[], Any]) -> Future | None:
         if self.pool is None or tracker in self.off:
@@ -320,7 +334,7 @@ class Run:
 
     def _each(self, method: str, *args) -> None:
         for t in self.trackers:
-            self._submit(t, lambda t=t: getattr(self.backends[t], method)(*args))
+            self._submit(t, partial(self._call, t, method, *args))
 
     def params(self, values: Mapping[str, str]) -> None:
         if values:
@@ -338,7 +352,7 @@ class Run:
     def child(self, name: str, kind: str) -> dict:
         """A child run's handle (its MLflow run is created now; waits for the calls queued before)."""
         handle = {"name": name, "group": self.handle.get("group"), "kind": kind}
-        futures = {t: self._submit(t, lambda t=t: self.backends[t].child_part(name, kind)) for t in self.trackers}
+        futures = {t: self._submit(t, partial(self._call, t, "child_part", name, kind)) for t in self.trackers}
         for t, future in futures.items():
             part = future.result() if future is not None else None
             if part is not None:
@@ -350,7 +364,7 @@ class Run:
         process to go on (an MLflow run stays open); waits at most CLOSE_TIMEOUT_S for queued calls."""
         if self.pool is None:
             return
-        last = [f for f in (self._submit(t, lambda t=t: self.backends[t].close(status)) for t in self.trackers) if f]
+        last = [f for f in (self._submit(t, partial(self._call, t, "close", status)) for t in self.trackers) if f]
         self.pool.shutdown(wait=False)
         deadline = time.monotonic() + CLOSE_TIMEOUT_S
         try:
@@ -390,11 +404,11 @@ def start(cfg: RunConfig, kind: str = "pipeline") -> Run:
     return attach(handle)
 
 
-def tune_callbacks(handle: dict) -> list:
+def tune_callbacks(handle: dict) -> list[Callback]:
     """Ray Tune's own logger callbacks for the sweep's trials, one tracker run per trial, grouped
     under the sweep's run: MLflow trial runs are its children, W&B's are in its group. Tune writes
     TensorBoard event files into each trial's folder by itself (its default TBXLoggerCallback)."""
-    callbacks = []
+    callbacks: list[Callback] = []
     if "mlflow" in handle:
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
