@@ -8,7 +8,7 @@ With `pipeline.compare`, each label gets its own student under DIR/runs/<label>/
 while the scoring pass (DIR/scores) is shared: buckets are re-cut from the stored ranks.
 
 With `output.trackers`, the invocation is one parent run in each tracker (`tracking.start`) and
-each stage a child under it, logged from the stage's output files once the stage is done (also
+each step a child under it, logged from the step's output files once the step is done (also
 when it was done already): the teacher's preparation and fine-tuning, the scoring pass, each
 compared run (its config, plan, training steps, selection and evaluation, side by side in the
 tracker's UI), the teacher's evaluation; the report goes to the parent as artifacts.
@@ -58,21 +58,21 @@ def _evaluate_selected_student(run: RunConfig, run_dir: Path) -> None:
     evaluate(run, selected_student(run_dir / "train", run.eval.checkpoint), label=None)
 
 
-def _log_stage(parent: tracking.Run, name: str, kind: str, log) -> None:
+def _log_step(parent: tracking.Run, name: str, kind: str, log) -> None:
     """A child run of `parent` filled by log(run) and finished (FAILED when log raises)."""
     with tracking.attach(parent.child(name, kind)) as run:
         log(run)
 
 
 def _log_teacher(parent: tracking.Run, cfg: RunConfig, root: Path) -> None:
-    """The teacher's preparation and fine-tuning stages that ran for this config, as child runs."""
+    """The teacher's preparation and fine-tuning steps that ran for this config, as child runs."""
     for folder, name, asked in (
         ("teacher_prep", "teacher-prep", cfg.pipeline.prepare_teacher),
         ("teacher_sft", "teacher-sft", cfg.pipeline.sft_teacher),
     ):
         train_dir = root / folder / "train"
         if asked is not None and (train_dir / "metrics.jsonl").is_file():
-            _log_stage(parent, name, "teacher", lambda run, d=train_dir: tracked.log_training(run, d))
+            _log_step(parent, name, "teacher", lambda run, d=train_dir: tracked.log_training(run, d))
 
 
 def run_distill(cfg: RunConfig) -> Path:
@@ -85,10 +85,10 @@ def run_distill(cfg: RunConfig) -> Path:
         sft_overrides(cfg)  # and the fine-tuning's settings
     tracking.check_trackers(cfg)
     with tracking.start(cfg, kind="pipeline") as parent:
-        return _run_stages(cfg, root, parent)
+        return _run_steps(cfg, root, parent)
 
 
-def _run_stages(cfg: RunConfig, root: Path, parent: tracking.Run) -> Path:
+def _run_steps(cfg: RunConfig, root: Path, parent: tracking.Run) -> Path:
     from pocl_ray.evaluation import evaluate
     from pocl_ray.report import write_report
     from pocl_ray.scoring import score_dataset
@@ -109,7 +109,7 @@ def _run_stages(cfg: RunConfig, root: Path, parent: tracking.Run) -> Path:
     runs = compared_runs(cfg)
 
     run_pipeline_step("score", root / "scores", fingerprint(cfg, SCORE_KEYS), lambda: score_dataset(cfg))
-    _log_stage(parent, "score", "score", lambda run: tracked.log_scoring(run, root / "scores"))
+    _log_step(parent, "score", "score", lambda run: tracked.log_scoring(run, root / "scores"))
 
     scores_dir = root / "scores"
     for label, run in runs.items():
@@ -139,7 +139,7 @@ def _run_stages(cfg: RunConfig, root: Path, parent: tracking.Run) -> Path:
             fingerprint(cfg, ("data", "models", "eval")),
             lambda: evaluate(cfg, cfg.models.teacher, output_dir=teacher_dir, label=None),
         )
-        _log_stage(parent, "teacher", "eval", lambda run: tracked.log_eval(run, teacher_dir / "eval" / RESULTS_FILE))
+        _log_step(parent, "teacher", "eval", lambda run: tracked.log_eval(run, teacher_dir / "eval" / RESULTS_FILE))
         report_runs["teacher"] = "runs/teacher"
     report = write_report(root, report_runs)
     parent.artifacts(report.parent, "report")

@@ -12,7 +12,7 @@ The names, one family per source (every value is the record's own, never recompu
 Parameters: the resolved config, flattened to dotted keys, credentials left out (`loggable_params`),
 and the plan (`plan_params`).
 
-The pure functions map records to (step, {name: value}); the `log_*` functions read a stage's
+The pure functions map records to (step, {name: value}); the `log_*` functions read a pipeline step's
 output files and hand them to a `tracking.Run`.
 """
 
@@ -203,7 +203,7 @@ def scoring_metrics(
 
 
 # ---------------------------------------------------------------------------------------------
-# From a stage's files to a run
+# From a pipeline step's files to a run
 
 
 def read_records(path: Path) -> list[dict]:
@@ -220,7 +220,7 @@ def read_records(path: Path) -> list[dict]:
 
 
 def log_training(run, train_dir: Path) -> None:
-    """A finished training stage: its plan (parameters and plan.json), every metrics.jsonl record,
+    """A finished training step: its plan (parameters and plan.json), every metrics.jsonl record,
     the selection candidates and the selected one (selection.json)."""
     plan_path = train_dir / "plan.json"
     if plan_path.is_file():
