@@ -560,8 +560,57 @@ class TuneConfig(_Section):
     seed: int = Field(0, description="seed of the search algorithm's sampling")
 
 
+TrackerName = Literal["mlflow", "tensorboard", "wandb"]
+
+
+class MLflowConfig(_Section):
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (http(s)://server, sqlite:///file.db, databricks, ...); default "
+        "$MLFLOW_TRACKING_URI, else sqlite:///OUTPUT/mlflow.db. Credentials go in MLflow's own environment "
+        "variables (MLFLOW_TRACKING_TOKEN, ...), never here",
+    )
+    experiment: str | None = Field(None, description="experiment name; default $MLFLOW_EXPERIMENT_NAME, else `name`")
+
+
+class TensorBoardConfig(_Section):
+    log_dir: LocalPath | None = Field(
+        None, description="event files go under LOG_DIR/<run>/; default OUTPUT/tensorboard"
+    )
+
+
+class WandbConfig(_Section):
+    project: str | None = Field(None, description="default $WANDB_PROJECT, else pocl-ray")
+    entity: str | None = Field(None, description="default $WANDB_ENTITY, else the account's default entity")
+    mode: Literal["online", "offline", "disabled"] | None = Field(None, description="default $WANDB_MODE, else online")
+    dir: LocalPath | None = Field(
+        None, description="where W&B keeps its local run files; default $WANDB_DIR, else OUTPUT"
+    )
+
+
 class OutputConfig(_Section):
     dir: LocalPath = "runs/default"
+    trackers: list[TrackerName] = Field(
+        default_factory=list,
+        description="experiment trackers the run also logs to (pocl_ray/tracking.py); each needs its extra, "
+        "e.g. pip install 'pocl-ray[mlflow]'. metrics.jsonl and the report are written either way",
+    )
+    mlflow: MLflowConfig = MLflowConfig()
+    tensorboard: TensorBoardConfig = TensorBoardConfig()
+    wandb: WandbConfig = WandbConfig()
+    bucket_probe_rows: int = Field(
+        32,
+        ge=0,
+        description="rows per difficulty bucket in the fixed probe sample whose KD loss and response CE are "
+        "measured at every stage end and selection candidate (pocl_ray/probes.py); 0 = no probe",
+    )
+
+    @field_validator("trackers")
+    @classmethod
+    def _distinct_trackers(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"trackers has duplicates: {value}")
+        return value
 
 
 class TeacherPrepConfig(_Section):

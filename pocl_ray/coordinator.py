@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from pocl_ray import tracked, tracking
 from pocl_ray.curriculum import Plan, StageSpec, stage_specs
 from pocl_ray.shards import BLOCK_ROWS, WINDOW_ROWS, WorkerShard, blocks, worker_shard
 
@@ -63,6 +64,13 @@ class CurriculumCoordinator:
     The actor runs on the driver's node, so the file lands in the driver's output directory on any
     cluster; a restart truncates the file back to the checkpoint's step, so every step appears
     exactly once.
+
+    Trackers: given a tracking handle (`tracking.Run.child`), the coordinator also logs every record
+    it appends, and each selection candidate, to that run (`tracked.record_metrics`), so the
+    trackers' series are metrics.jsonl's. A resumed run first sends the records it kept (the steps
+    before the checkpoint, for a run the trackers have not seen); after a worker-group restart the
+    replayed steps already sent are not sent twice. Tracker calls run on a thread of their own and
+    never hold up a worker's `log` call. `close` detaches (the driver finishes the run).
     """
 
     def __init__(
@@ -75,6 +83,7 @@ class CurriculumCoordinator:
         metrics_path: str,
         world_size: int,
         row_group_bounds: list[int],
+        tracking_handle: dict | None = None,
     ):
         self.plan = Plan.from_dict(plan)
         self.num_rows = int(num_rows)
@@ -100,6 +109,11 @@ class CurriculumCoordinator:
         # {"stage", "best" (the stage's best dev loss or None), "bad" (evaluations since)}: in the checkpoint.
         self.plateau: dict[str, Any] = {"stage": 0, "best": None, "bad": 0}
         self.candidates: list[dict] = []
+        self.tracker = tracking.attach(tracking_handle)
+        # The highest step sent to the trackers (None before the first `restore`), and the one a
+        # restart replays up to: its steps and candidates were sent before the restart.
+        self.sent_until: int | None = None
+        self.skip_until = -1
 
     # -- position and state ------------------------------------------------------------------
 
@@ -134,7 +148,11 @@ class CurriculumCoordinator:
             self.position = {"stage": 0, "stage_step": 0, "step": 0, "samples": 0}
             self.plateau = {"stage": 0, "best": None, "bad": 0}
             self.candidates = []
-        self._truncate_metrics(self.position["step"])
+        kept = self._truncate_metrics(self.position["step"])
+        if self.sent_until is None:  # this actor's first start: the trackers have seen none of the kept steps
+            self.sent_until = -1
+            self._track(kept, self.candidates)
+        self.skip_until = self.sent_until
         return self.state()
 
     def _check_compatible(self, state: dict) -> None:
@@ -203,6 +221,7 @@ class CurriculumCoordinator:
         """Record a selection candidate (step, stage, samples, dev_rougeL, dev_kd_loss); True when
         it is the best so far, i.e. its weights are the ones to keep."""
         self.candidates.append(dict(candidate))
+        self._track([], [candidate])
         return best_candidate(self.candidates) is self.candidates[-1]
 
     # -- step records ------------------------------------------------------------------------
@@ -213,14 +232,37 @@ class CurriculumCoordinator:
         with open(self.metrics_path, "a") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
+        self._track(records, [])
 
-    def _truncate_metrics(self, step: int) -> None:
+    def _truncate_metrics(self, step: int) -> list[dict]:
+        """Drop the records past `step`; returns those kept."""
         path = Path(self.metrics_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if path.exists():
             kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
         path.write_text("".join(line + "\n" for line in kept))
+        return [json.loads(line) for line in kept]
+
+    # -- trackers ----------------------------------------------------------------------------
+
+    def _track(self, records: list[dict], candidates: list[dict]) -> None:
+        """Send the records and candidates past `skip_until` (what a restart replays was sent already)."""
+        fresh = [r for r in records if r["step"] > self.skip_until]
+        for step, metrics in tracked.series(fresh):
+            self.tracker.metrics(metrics, step)
+        fresh_candidates = [c for c in candidates if c["step"] > self.skip_until]
+        for c in fresh_candidates:
+            self.tracker.metrics(tracked.candidate_metrics(c), c["step"])
+        steps = [x["step"] for x in fresh + fresh_candidates]
+        self.sent_until = max([self.sent_until if self.sent_until is not None else -1, *steps])
+
+    def close(self) -> None:
+        """The selected candidate logged, then the trackers detached (their calls sent first)."""
+        best = best_candidate(self.candidates)
+        if best is not None:
+            self.tracker.metrics(tracked.selected_metrics(best), best["step"])
+        self.tracker.close()
 
 
 def coordinator(
@@ -234,6 +276,7 @@ def coordinator(
     metrics_path: str,
     world_size: int,
     row_group_bounds: list[int],
+    tracking_handle: dict | None = None,
 ):
     """Start the named coordinator actor on this (the driver's) node, so its files land here.
 
@@ -246,5 +289,13 @@ def coordinator(
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     actor = ray.remote(CurriculumCoordinator).options(name=name, num_cpus=0, scheduling_strategy=here, max_restarts=0)
     return actor.remote(
-        plan.to_dict(), num_rows, global_batch, micro_batch, seed, metrics_path, world_size, row_group_bounds
+        plan.to_dict(),
+        num_rows,
+        global_batch,
+        micro_batch,
+        seed,
+        metrics_path,
+        world_size,
+        row_group_bounds,
+        tracking_handle,
     )

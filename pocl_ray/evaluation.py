@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import torch
 from rouge_score.rouge_scorer import RougeScorer
@@ -41,11 +42,12 @@ from pocl_ray.data import collate, duplicate_reasons, prepare_batch, read_ray_da
 from pocl_ray.eval_results import format_number, write_results
 from pocl_ray.measurers import greedy_responses, response_budgets, response_means, rouge_l_scorer
 from pocl_ray.models import TOKENIZER_CONFIG, check_model_folder, has_model_files, load_model, load_tokenizer
-from pocl_ray.progress import row_progress
+from pocl_ray.progress import progress_line, row_progress
 from pocl_ray.ray_session import actor_pool, actor_resources
 from pocl_ray.sampling import generate_tokens, stream_seed
 
 log = logging.getLogger(__name__)
+PROGRESS_SECONDS = 10.0  # at most this long between greedy_rouge_sum's progress lines
 
 # One row of the actor's output; fixed so blocks holding only rejected rows still concatenate.
 ROW_SCHEMA = pa.schema(
@@ -119,16 +121,32 @@ def greedy_rouge_sum(
     max_length: int,
     batch_size: int,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
+    progress: str | None = None,
 ) -> float:
     """Sum over `rows` of ROUGE-L ×100 of the model's greedy responses: the dev ROUGE-L of checkpoint
     selection (METHODS.md §5). Rows hold input_ids, num_prompt_tokens and the reference "response"
     (data.validate_and_tokenize rows); each gets min(max_new_tokens, max_length - its prompt) new
     tokens, i.e. at most the response room it had in training, which keeps a selection point cheap.
-    Decoded as the student_rougeL difficulty metric is (`measurers.greedy_responses`)."""
+    Decoded as the student_rougeL difficulty metric is (`measurers.greedy_responses`), in its batches
+    (rows sorted by prompt length), one batch per call so that with `progress` (a label) a line
+    `[label] rows done/total, rows/s, ETA` is printed every PROGRESS_SECONDS and at the end."""
     prompts = [r["input_ids"][: r["num_prompt_tokens"]] for r in rows]
     budgets = response_budgets([r["num_prompt_tokens"] for r in rows], max_new_tokens, max_length)
+    order = np.argsort([len(p) for p in prompts], kind="stable")
+    texts = [""] * len(rows)
+    started = shown = time.perf_counter()
     with autocast():
-        texts = greedy_responses(model, tokenizer, prompts, budgets, batch_size)
+        for first in range(0, len(order), batch_size):
+            batch = order[first : first + batch_size]
+            decoded = greedy_responses(
+                model, tokenizer, [prompts[i] for i in batch], [budgets[i] for i in batch], batch_size
+            )
+            for i, text in zip(batch, decoded):
+                texts[i] = text
+            now, done = time.perf_counter(), first + len(batch)
+            if progress and (now - shown >= PROGRESS_SECONDS or done == len(order)):
+                print(progress_line(progress, done, len(order), now - started), flush=True)
+                shown = now
     scorer = rouge_l_scorer()
     return float(sum(rouge_l(text.strip(), row["response"], scorer) for row, text in zip(rows, texts)))
 

@@ -6,6 +6,12 @@ Each step is resumable and keyed by a fingerprint of the config it depends on (`
 
 With `pipeline.compare`, each label gets its own student under DIR/runs/<label>/{train,eval}
 while the scoring pass (DIR/scores) is shared: buckets are re-cut from the stored ranks.
+
+With `output.trackers`, the invocation is one parent run in each tracker (`tracking.start`) and
+each step a child under it, logged from the step's output files once the step is done (also
+when it was done already): the teacher's preparation and fine-tuning, the scoring pass, each
+compared run (its config, plan, training steps, selection and evaluation, side by side in the
+tracker's UI), the teacher's evaluation; the report goes to the parent as artifacts.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ import time
 from functools import partial
 from pathlib import Path
 
+from pocl_ray import tracked, tracking
 from pocl_ray.config import ConfigError, RunConfig
+from pocl_ray.eval_results import RESULTS_FILE
 from pocl_ray.pipeline_steps import EVAL_KEYS, SCORE_KEYS, TRAIN_KEYS, fingerprint, run_pipeline_step
 from pocl_ray.ray_session import init_ray
 
@@ -50,18 +58,43 @@ def _evaluate_selected_student(run: RunConfig, run_dir: Path) -> None:
     evaluate(run, selected_student(run_dir / "train", run.eval.checkpoint), label=None)
 
 
+def _log_step(parent: tracking.Run, name: str, kind: str, log) -> None:
+    """A child run of `parent` filled by log(run) and finished (FAILED when log raises)."""
+    with tracking.attach(parent.child(name, kind)) as run:
+        log(run)
+
+
+def _log_teacher(parent: tracking.Run, cfg: RunConfig, root: Path) -> None:
+    """The teacher's preparation and fine-tuning steps that ran for this config, as child runs."""
+    for folder, name, asked in (
+        ("teacher_prep", "teacher-prep", cfg.pipeline.prepare_teacher),
+        ("teacher_sft", "teacher-sft", cfg.pipeline.sft_teacher),
+    ):
+        train_dir = root / folder / "train"
+        if asked is not None and (train_dir / "metrics.jsonl").is_file():
+            _log_step(parent, name, "teacher", lambda run, d=train_dir: tracked.log_training(run, d))
+
+
 def run_distill(cfg: RunConfig) -> Path:
     """Run every step the config asks for; returns the report's path."""
-    from pocl_ray.evaluation import evaluate
-    from pocl_ray.report import write_report
-    from pocl_ray.scoring import score_dataset
-    from pocl_ray.teacher_prep import resolve_teacher, sft_overrides
-    from pocl_ray.training import train
-
     root = Path(cfg.output.dir)
     compared_runs(cfg)  # validates the compared configs before any work starts
     if cfg.pipeline.sft_teacher is not None:
+        from pocl_ray.teacher_prep import sft_overrides
+
         sft_overrides(cfg)  # and the fine-tuning's settings
+    tracking.check_trackers(cfg)
+    with tracking.start(cfg, kind="pipeline") as parent:
+        return _run_steps(cfg, root, parent)
+
+
+def _run_steps(cfg: RunConfig, root: Path, parent: tracking.Run) -> Path:
+    from pocl_ray.evaluation import evaluate
+    from pocl_ray.report import write_report
+    from pocl_ray.scoring import score_dataset
+    from pocl_ray.teacher_prep import resolve_teacher
+    from pocl_ray.training import train
+
     started = time.time()
     # Builds and / or fine-tunes the teacher when asked (each a step that starts Ray itself); a missing
     # teacher that nothing would build fails here, before Ray starts.
@@ -69,26 +102,34 @@ def run_distill(cfg: RunConfig) -> Path:
     init_ray(min_cpus=4)
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.yaml").write_text(cfg.to_yaml())  # the config as given
+    parent.artifacts(root / "config.yaml", "config")
+    _log_teacher(parent, cfg, root)  # the config as given: the resolved one no longer asks for a fine-tuning
     cfg = resolved
+    parent.params(tracked.loggable_params(cfg.model_dump(mode="json")))
     runs = compared_runs(cfg)
 
     run_pipeline_step("score", root / "scores", fingerprint(cfg, SCORE_KEYS), lambda: score_dataset(cfg))
+    _log_step(parent, "score", "score", lambda run: tracked.log_scoring(run, root / "scores"))
 
     scores_dir = root / "scores"
     for label, run in runs.items():
         run_dir = Path(run.output.dir)
         tag = f" [{label}]" if label else ""
-        # Training's checkpoint selection decodes the dev rows within eval.max_new_tokens.
-        train_key = fingerprint(run, TRAIN_KEYS, {"eval.max_new_tokens": run.eval.max_new_tokens})
-        run_pipeline_step(f"train{tag}", run_dir / "train", train_key, partial(train, run, scores_dir=scores_dir))
-        if run.eval.sets:
-            # EVAL_KEYS hold the eval section, eval.checkpoint (which student is evaluated) included.
-            run_pipeline_step(
-                f"eval{tag}",
-                run_dir / "eval",
-                fingerprint(run, EVAL_KEYS),
-                partial(_evaluate_selected_student, run, run_dir),
-            )
+        with tracking.attach(parent.child(label or cfg.name, "train")) as tracked_run:
+            tracked_run.params(tracked.loggable_params(run.model_dump(mode="json")))
+            # Training's checkpoint selection decodes the dev rows within eval.max_new_tokens.
+            train_key = fingerprint(run, TRAIN_KEYS, {"eval.max_new_tokens": run.eval.max_new_tokens})
+            run_pipeline_step(f"train{tag}", run_dir / "train", train_key, partial(train, run, scores_dir=scores_dir))
+            tracked.log_training(tracked_run, run_dir / "train")
+            if run.eval.sets:
+                # EVAL_KEYS hold the eval section, eval.checkpoint (which student is evaluated) included.
+                run_pipeline_step(
+                    f"eval{tag}",
+                    run_dir / "eval",
+                    fingerprint(run, EVAL_KEYS),
+                    partial(_evaluate_selected_student, run, run_dir),
+                )
+                tracked.log_eval(tracked_run, run_dir / "eval" / RESULTS_FILE)
     report_runs = {label or "student": f"runs/{label}" if label else "." for label in runs}
     if cfg.pipeline.evaluate_teacher and cfg.eval.sets:
         teacher_dir = root / "runs" / "teacher"
@@ -98,7 +139,9 @@ def run_distill(cfg: RunConfig) -> Path:
             fingerprint(cfg, ("data", "models", "eval")),
             lambda: evaluate(cfg, cfg.models.teacher, output_dir=teacher_dir, label=None),
         )
+        _log_step(parent, "teacher", "eval", lambda run: tracked.log_eval(run, teacher_dir / "eval" / RESULTS_FILE))
         report_runs["teacher"] = "runs/teacher"
     report = write_report(root, report_runs)
+    parent.artifacts(report.parent, "report")
     print(f"[pipeline] all steps done in {time.time() - started:.0f}s; report written to {report}", flush=True)
     return report

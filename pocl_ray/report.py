@@ -3,7 +3,8 @@
 Layout read (every part optional; a missing part gets a line saying so instead of its section):
 
     DIR/scores/manifest.json, DIR/scores/<manifest scores_path>   shared difficulty scores
-    <run>/train/metrics.jsonl                                      one JSON object per optimizer step
+    <run>/train/metrics.jsonl                                      one JSON object per optimizer step, and
+                                                                   bucket-probe records (pocl_ray.probes)
     <run>/train/selection.json                                     checkpoint-selection candidates
     <run>/eval/results.json, <run>/eval/<name>/results.json        pocl_ray.evaluation output
     DIR/eval/<name>/results.json                                   shared evaluations, e.g. the teacher
@@ -39,6 +40,7 @@ import pandas as pd
 import pyarrow.dataset as pads
 
 from pocl_ray.eval_results import RESULTS_FILE, load_results
+from pocl_ray.probes import is_probe
 
 SCHEDULE_KEYS = (("pool_rows", "pool size (rows)"), ("temperature", "temperature"), ("kd_weight", "KD weight"))
 
@@ -47,10 +49,13 @@ SCHEDULE_KEYS = (("pool_rows", "pool size (rows)"), ("temperature", "temperature
 class Metrics:
     frame: pd.DataFrame  # one row per step, sorted by step
     skipped: int  # lines that were not JSON objects with a step
+    probes: pd.DataFrame  # the bucket-probe records, one row per (measurement, bucket), in file order
 
 
 def read_metrics(path: str | Path) -> Metrics:
-    records, skipped = [], 0
+    records: list[dict] = []
+    probes: list[dict] = []
+    skipped = 0
     for line in Path(path).read_text().splitlines():
         if not line.strip():
             continue
@@ -60,13 +65,16 @@ def read_metrics(path: str | Path) -> Metrics:
             skipped += 1
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
-            records.append(record)
+            (probes if is_probe(record) else records).append(record)
         else:
             skipped += 1
     frame = pd.DataFrame.from_records(records)
     if not frame.empty:
         frame = frame.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
-    return Metrics(frame, skipped)
+    probe_frame = pd.DataFrame.from_records(probes)
+    if not probe_frame.empty:  # a restart's replayed measurement replaces the first one
+        probe_frame = probe_frame.drop_duplicates(["step", "bucket"], keep="last").reset_index(drop=True)
+    return Metrics(frame, skipped, probe_frame)
 
 
 def resolve_runs(run_dir: Path, runs: Mapping[str, str | Path] | None) -> dict[str, Path]:
@@ -171,6 +179,37 @@ def plot_selection(selections: Mapping[str, Mapping], path: Path) -> Path:
     axes[0].set_title("Checkpoint-selection candidates on the dev set (★ = best dev ROUGE-L)")
     axes[0].legend(loc="best", fontsize="small")
     axes[-1].set_xlabel("training samples seen")
+    return _save(fig, path)
+
+
+def _bucket_colours(buckets: Sequence[int]) -> dict[int, Any]:
+    """Bucket 0 (easiest) to the hardest along viridis, as in the difficulty histogram."""
+    ids = sorted(int(b) for b in buckets)
+    return {b: plt.get_cmap("viridis")(i / max(1, len(ids) - 1)) for i, b in enumerate(ids)}
+
+
+def plot_bucket_probe(probes: Mapping[str, pd.DataFrame], path: Path) -> Path:
+    """Per run, the probe's KD loss and response CE against samples seen, one line per difficulty
+    bucket: are the easy buckets learned before the hard ones arrive, does each new one start harder."""
+    fig, axes = plt.subplots(len(probes), 2, figsize=(10, 3.2 * len(probes)), squeeze=False)
+    for row, (label, frame) in zip(axes, probes.items()):
+        colours = _bucket_colours(frame["bucket"].unique().tolist())
+        for ax, (key, title) in zip(row, (("kd_loss", "KD loss (FKL, T = 1)"), ("ce_loss", "response CE"))):
+            for bucket, part in frame.sort_values("samples").groupby("bucket", sort=True):
+                ax.plot(
+                    part["samples"],
+                    part[key],
+                    marker="o",
+                    markersize=3,
+                    color=colours[int(bucket)],
+                    label=f"bucket {bucket}",
+                )
+            ax.set_title(f"{title}: {label}")
+            ax.set_ylabel(title)
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize="small")
+    for ax in axes[-1]:
+        ax.set_xlabel("training samples seen")
     return _save(fig, path)
 
 
@@ -452,6 +491,30 @@ def _training_section(runs: Mapping[str, Path], out_dir: Path) -> list[str]:
     return lines
 
 
+def _probe_section(runs: Mapping[str, Path], out_dir: Path) -> list[str]:
+    """The per-bucket probe plot of every run whose metrics.jsonl holds probe records; empty when none does."""
+    probes = {}
+    for label, folder in runs.items():
+        path = folder / "train" / "metrics.jsonl"
+        frame = read_metrics(path).probes if path.is_file() else pd.DataFrame()
+        if not frame.empty:
+            probes[label] = frame
+    if not probes:
+        return []
+    rows = probes[next(iter(probes))].groupby("bucket")["rows"].first()
+    plot_bucket_probe(probes, out_dir / "bucket_probe.png")
+    return [
+        "## Curriculum: the difficulty buckets",
+        "",
+        f"KD loss (forward KL at T = 1 against the final teacher) and response CE of the student on a fixed "
+        f"sample of each difficulty bucket ({', '.join(f'{b}: {n} rows' for b, n in rows.items())}), at every "
+        "stage end and selection candidate; bucket 0 is the easiest.",
+        "",
+        "![per-bucket probe against samples seen](bucket_probe.png)",
+        "",
+    ]
+
+
 def _selection_section(runs: Mapping[str, Path], out_dir: Path) -> list[str]:
     """Per run, its selection candidates (train/selection.json) with the best marked, and one plot of
     every run's dev curves against the samples seen; runs without candidates get a line saying so."""
@@ -577,6 +640,7 @@ def write_report(run_dir: str | Path, runs: Mapping[str, str | Path] | None = No
     lines += _scores_section(run_dir / "scores", out_dir)
     trained = {label: folder for label, folder in resolved.items() if not _evaluation_only(folder)}
     lines += _training_section(trained, out_dir)
+    lines += _probe_section(trained, out_dir)
     lines += _selection_section(trained, out_dir)
     lines += _eval_section(collect_evals(run_dir, resolved), out_dir)
     lines += _sweep_section(run_dir / "tune", out_dir)

@@ -35,6 +35,11 @@ Outputs in DIR/tune/:
   sweep/            the Tune experiment
   trials/<id>/      each trial's run: trial.json (its parameters), train/, eval/dev/ (dev_rougeL only)
 
+With `output.trackers`, the sweep is one parent run (`tracking.start`, its config as parameters and
+results.csv, best.yaml and objective.png as artifacts) and Ray Tune's own logger callbacks log each
+trial as one run under it (`tracking.tune_callbacks`): its searched parameters and every result it
+reported, the objective in its last.
+
 Re-running the same sweep (same config fingerprint) after an interruption restores the Tune
 experiment: ended trials are kept, unfinished ones start again and their Train runs resume from
 their last checkpoint. Tune does not save scheduler state, so after a restore ASHA's rungs start
@@ -59,6 +64,7 @@ import pandas as pd
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from pocl_ray import tracked, tracking
 from pocl_ray.config import ConfigError, ParamSpec, RunConfig, TuneConfig, parse_config
 from pocl_ray.curriculum import Plan
 from pocl_ray.pipeline_steps import SCORE_KEYS, TRAIN_KEYS, fingerprint, run_pipeline_step
@@ -487,8 +493,9 @@ def ended_trials(path: Path) -> set[str]:
     return {json.loads(line)["trial_id"] for line in path.read_text().splitlines() if line.strip()}
 
 
-def _sweep(cfg: RunConfig, root: Path, scores_dir: Path, budget: Budget | None) -> None:
-    """Run (or resume) the Tune experiment, then write results.csv, best.yaml and objective.png."""
+def _sweep(cfg: RunConfig, root: Path, scores_dir: Path, budget: Budget | None, callbacks: list) -> None:
+    """Run (or resume) the Tune experiment, then write results.csv, best.yaml and objective.png.
+    `callbacks`: more Tune callbacks (the trackers'); a resumed sweep keeps those it started with."""
     from ray import tune
 
     tc = cfg.tune
@@ -524,7 +531,7 @@ def _sweep(cfg: RunConfig, root: Path, scores_dir: Path, budget: Budget | None) 
                     name=SWEEP_NAME,
                     storage_path=str(tune_dir),
                     failure_config=tune.FailureConfig(max_failures=0),
-                    callbacks=[EndedTrials(str(ended_path))],
+                    callbacks=[EndedTrials(str(ended_path)), *callbacks],
                 ),
             )
         grid = tuner.fit()
@@ -596,12 +603,18 @@ def _total_steps(plans: list[tuple[RunConfig, Plan]], scores_dir: Path) -> list[
 def tune(cfg: RunConfig) -> TuneResult:
     """Sweep cfg.tune.search_space (module docstring); a re-run resumes an interrupted sweep, and a
     finished one is not run again for the same config."""
+    check_search_space(cfg)  # bad trial settings fail before the teacher is built or fine-tuned
+    _search_alg(cfg.tune)  # a missing optuna / hyperopt is reported before any Ray work
+    tracking.check_trackers(cfg)
+    with tracking.start(cfg, kind="sweep") as sweep:
+        return _tune(cfg, sweep)
+
+
+def _tune(cfg: RunConfig, sweep: tracking.Run) -> TuneResult:
     from pocl_ray.scoring import score_dataset
     from pocl_ray.teacher_prep import resolve_teacher
     from pocl_ray.training import run_plan
 
-    check_search_space(cfg)  # bad trial settings fail before the teacher is built or fine-tuned
-    _search_alg(cfg.tune)  # a missing optuna / hyperopt is reported before any Ray work
     root = Path(cfg.output.dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     # The same teacher as `pocl-ray run`: prepared and / or fine-tuned (pipeline.sft_teacher) first.
@@ -619,14 +632,19 @@ def tune(cfg: RunConfig) -> TuneResult:
 
     tune_dir = root / "tune"
     key = fingerprint(cfg, (*TRAIN_KEYS, "eval", "tune"), {"name": cfg.name})
+    sweep.params(tracked.loggable_params(cfg.model_dump(mode="json")))
+    callbacks = tracking.tune_callbacks(sweep.handle)
 
-    def sweep() -> None:
+    def run_sweep() -> None:
         init_ray(min_cpus=8)
-        _sweep(cfg, root, scores_dir, budget)
+        _sweep(cfg, root, scores_dir, budget, callbacks)
 
-    run_pipeline_step("tune", tune_dir, key, sweep)
+    run_pipeline_step("tune", tune_dir, key, run_sweep)
     frame = pd.read_csv(tune_dir / "results.csv", dtype={"trial_id": str})
     best = best_trial(frame, cfg.tune.objective)
+    sweep.metrics({f"best/{cfg.tune.objective}": float(best["objective"])}, 0)
+    for name in ("results.csv", "best.yaml", "objective.png"):
+        sweep.artifacts(tune_dir / name, "tune")
     return TuneResult(
         output_dir=tune_dir,
         results_csv=tune_dir / "results.csv",

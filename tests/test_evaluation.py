@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import statistics
 
 import pyarrow as pa
@@ -205,6 +206,29 @@ def test_greedy_rouge_sum_is_the_greedy_eval_within_each_rows_response_budget(wo
     assert greedy_rouge_sum(
         model, tokenizer, own, max_new_tokens=MAX_NEW, max_length=max_length, batch_size=3
     ) == pytest.approx(expected, abs=1e-9)
+
+
+def test_greedy_rouge_sum_prints_its_progress_and_decodes_the_same(word_model, capsys, monkeypatch):
+    """The dev work of a selection point is no silent minute: with a label it prints the progress line
+    of the other stages (rows done, rows/s, ETA), and decodes in the same batches (the same sum)."""
+    import pocl_ray.evaluation
+
+    _, tokenizer, model = word_model
+    rows = _prepared(tokenizer, _records(7, 5))
+    quiet = greedy_rouge_sum(model, tokenizer, rows, max_new_tokens=MAX_NEW, max_length=96, batch_size=3)
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(pocl_ray.evaluation, "PROGRESS_SECONDS", 0.0)  # a line after every batch
+    told = greedy_rouge_sum(
+        model, tokenizer, rows, max_new_tokens=MAX_NEW, max_length=96, batch_size=3, progress="train: dev ROUGE-L"
+    )
+    assert told == quiet
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" rows")[0] for line in lines] == [
+        "[train: dev ROUGE-L] 3/7",
+        "[train: dev ROUGE-L] 6/7",
+        "[train: dev ROUGE-L] 7/7",
+    ]
+    assert all(re.search(r"rows \(\d+%\), [\d.]+ rows/s, ETA \S+$", line) for line in lines), lines
 
 
 def test_evaluate_rows_sampling_is_independent_of_batching(word_model):

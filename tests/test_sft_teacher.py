@@ -4,7 +4,9 @@ on the sft plan), inside a real `run_distill` (scoring, two compared trainings, 
 the teacher's). The fine-tuning must lower the teacher's CE on the training rows, be skipped on a
 re-run, and be the teacher of every later stage: the scores record it and cache it (the hidden form,
 which the compared runs train from), each student is cut from it, and the teacher's evaluation
-evaluates it.
+evaluates it. The same run logs to MLflow (its default SQLite store beside the outputs) and
+TensorBoard: each invocation one parent run, each stage a child under it whose series are the
+stage's own files.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tracker_stores import mlflow_children, mlflow_series, tensorboard_scalars
 
 import pocl_ray.teacher_prep
 from pocl_ray.config import ConfigError, parse_config
@@ -55,7 +58,7 @@ def sft_config(assets, out: Path, **overrides):
                 "compare": {"pocl": {"curriculum.plan": "pocl"}, "baseline": {"curriculum.plan": "baseline"}},
                 "evaluate_teacher": True,
             },
-            "output": {"dir": str(out)},
+            "output": {"dir": str(out), "trackers": ["mlflow", "tensorboard"]},
         }
     )
     return cfg.with_overrides(overrides) if overrides else cfg
@@ -179,3 +182,53 @@ def test_tune_resolves_the_teacher_as_the_pipeline_does(tiny_assets, tmp_path, m
     with pytest.raises(Resolved) as raised:
         tune(cfg)
     assert raised.value.args == (cfg.pipeline.sft_teacher, tmp_path.resolve())
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.ray
+def test_every_stage_is_a_child_of_its_pipeline_run_in_the_trackers(pipeline_with_sft):
+    """Both invocations (the second skips every stage) log the whole run tree from the stages' files."""
+    from mlflow.tracking import MlflowClient
+
+    _, root, _ = pipeline_with_sft
+    root = root.resolve()
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sftt")
+    parents = client.search_runs([experiment.experiment_id], filter_string="tags.`pocl_ray.kind` = 'pipeline'")
+    assert len(parents) == 2
+    manifest = json.loads((root / "scores" / "manifest.json").read_text())
+    for parent in parents:
+        assert (
+            parent.info.status == "FINISHED" and parent.data.params["pipeline.compare.pocl.curriculum.plan"] == "pocl"
+        )
+        assert parent.data.params["models.teacher"] == str(root / "teacher_sft" / "model")  # the resolved config
+        assert "report/report.md" in [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
+        children = mlflow_children(client, parent.info.run_id)
+        assert set(children) == {"teacher-sft", "score", "pocl", "baseline", "teacher"}
+        assert {c.info.status for c in children.values()} == {"FINISHED"}
+        sft = _records(root / "teacher_sft" / "train" / "metrics.jsonl")
+        assert mlflow_series(client, children["teacher-sft"].info.run_id, "train/loss") == {
+            r["step"]: r["loss"] for r in sft
+        }
+        score = children["score"].data.metrics
+        assert score["scoring/rows_scored"] == manifest["rows_scored"]
+        assert score["scoring/bucket_1/rows"] == manifest["buckets"][1]["rows"]
+        for label in ("pocl", "baseline"):
+            child = children[label]
+            records = _records(root / "runs" / label / "train" / "metrics.jsonl")
+            for key in ("loss", "kd_loss", "ce_loss", "temperature", "kd_weight", "lr", "grad_norm", "data_wait"):
+                assert mlflow_series(client, child.info.run_id, f"train/{key}") == {r["step"]: r[key] for r in records}
+            assert child.data.params["curriculum.plan"] == label and child.data.params["plan.name"] == label
+            results = json.loads((root / "runs" / label / "eval" / "results.json").read_text())
+            assert child.data.metrics["eval/dev/rougeL"] == results["sets"]["dev"]["rougeL_mean"]
+        teacher = json.loads((root / "runs" / "teacher" / "eval" / "results.json").read_text())
+        assert children["teacher"].data.metrics["eval/dev/ce"] == teacher["sets"]["dev"]["ce_mean"]
+    groups = sorted(p for p in (root / "tensorboard").iterdir())
+    assert len(groups) == 2
+    records = _records(root / "runs" / "pocl" / "train" / "metrics.jsonl")
+    for group in groups:
+        scalars = tensorboard_scalars(group / "pocl")
+        assert scalars["train/loss"] == pytest.approx({r["step"]: r["loss"] for r in records})

@@ -429,6 +429,10 @@ def test_best_yaml_is_a_runnable_config_of_the_best_trial(grid_sweep):
 
 @pytest.mark.ray
 def test_asha_stops_the_clearly_worse_trial_and_rouge_picks_the_best(grid_sweep, tiny_assets, tmp_path):
+    """Also logged to MLflow (the default SQLite store beside the outputs): one run per trial, through
+    Tune's own MLflowLoggerCallback, under the sweep's run."""
+    from mlflow.tracking import MlflowClient
+
     from pocl_ray.tuning import tune
 
     _, first, _, _ = grid_sweep
@@ -452,6 +456,7 @@ def test_asha_stops_the_clearly_worse_trial_and_rouge_picks_the_best(grid_sweep,
             "eval.batch_size": 32,
             "scoring.teacher_hidden": True,
             "kd.teacher": "cached",
+            "output.trackers": ["mlflow"],
         },
     )
     result = tune(cfg)
@@ -472,3 +477,17 @@ def test_asha_stops_the_clearly_worse_trial_and_rouge_picks_the_best(grid_sweep,
     assert evaluated["sets"]["dev"]["rows"] == tiny_assets.num_dev and 0 <= good["objective"] <= 100
     assert math.isnan(bad["objective"]) and not (Path(bad["output_dir"]) / "eval").exists()
     assert result.best_objective == pytest.approx(good["objective"]) and result.objective == "dev_rougeL"
+
+    client = MlflowClient(f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(cfg.name)
+    (sweep,) = client.search_runs([experiment.experiment_id], filter_string="tags.`pocl_ray.kind` = 'sweep'")
+    assert sweep.info.status == "FINISHED" and sweep.data.metrics["best/dev_rougeL"] == result.best_objective
+    assert {a.path for a in client.list_artifacts(sweep.info.run_id, "tune")} >= {"tune/results.csv", "tune/best.yaml"}
+    trials = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{sweep.info.run_id}'"
+    )
+    by_lr = {float(t.data.params["training.lr"]): t for t in trials}
+    assert len(trials) == 2 and set(by_lr) == {1e-3, 0.5}
+    assert by_lr[1e-3].data.metrics["dev_rougeL"] == pytest.approx(good["objective"])
+    assert "dev_rougeL" not in by_lr[0.5].data.metrics  # stopped by ASHA: never evaluated
+    assert by_lr[0.5].data.metrics["dev_kd_loss"] == pytest.approx(bad["dev_kd_loss"])
