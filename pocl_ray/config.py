@@ -449,6 +449,11 @@ class PipelineConfig(_Section):
     evaluate_teacher: bool = False
 
 
+# Sections every run compared in one pipeline and every trial of a sweep shares: they define the one
+# scoring pass and the output layout (pipeline.compare and tune.search_space refuse them).
+SHARED_SECTIONS = ("data", "models", "scoring", "output", "pipeline")
+
+
 class RunConfig(_Section):
     name: str = "run"
     data: DataConfig

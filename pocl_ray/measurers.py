@@ -28,7 +28,6 @@ import torch
 from pocl_ray import data as data_mod
 from pocl_ray import teacher_cache
 from pocl_ray.config import ModelsConfig
-from pocl_ray.losses import teacher_top_k
 from pocl_ray.sampling import generate_tokens
 
 TEACHER_METRICS = frozenset({"teacher_ce", "teacher_student_kl"})
@@ -115,14 +114,14 @@ def response_means(
     teacher_logits: torch.Tensor | None = None,
     chunk_positions: int = 2048,
 ) -> dict[str, torch.Tensor]:
-    """Per-row means over each row's scored positions (HF shift: position t predicts labels[t + 1]),
+    """Per-row means over each row's scored positions (`data.predicted_labels`),
     float32 on the logits' device: "student_ce" / "teacher_ce" for the logits given, and
     "teacher_student_kl" = KL(teacher || student) at T = 1 when both are.
 
     Only the scored positions are gathered and cast to fp32, `chunk_positions` at a time, so the
     memory stays that of a chunk, not of the (rows, seq, vocab) logits in fp32.
     """
-    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=data_mod.IGNORE_INDEX)
+    targets = data_mod.predicted_labels(labels)
     rows, cols = (targets != data_mod.IGNORE_INDEX).nonzero(as_tuple=True)
     device = labels.device
     names = ([] if student_logits is None else ["student_ce"]) + ([] if teacher_logits is None else ["teacher_ce"])
@@ -142,84 +141,6 @@ def response_means(
             sums["teacher_student_kl"].index_add_(0, r, (logp.exp() * (logp - logq)).sum(-1))
     counts = torch.bincount(rows, minlength=labels.shape[0]).float()
     return {n: v / counts for n, v in sums.items()}
-
-
-def row_caches(
-    labels: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    k: int,
-    vocab_size: int,
-    row_ids: Sequence[str],
-    chunk_positions: int = 512,
-) -> list[tuple[np.ndarray, ...]]:
-    """Each row's teacher cache in the storage dtypes (`teacher_cache.storage_arrays`): one entry per
-    scored position (HF shift), in position order, its tail draws fixed by ``row_ids`` (one per row of
-    ``labels``); `chunk_positions` positions at a time (the draws hold a float64 (chunk, vocab) cdf)."""
-    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=data_mod.IGNORE_INDEX)
-    rows, cols = (targets != data_mod.IGNORE_INDEX).nonzero(as_tuple=True)  # row-major: each row's positions in order
-    counts = torch.bincount(rows, minlength=labels.shape[0]).cpu().numpy()
-    uniforms = torch.cat([teacher_cache.tail_uniforms(str(i), int(n)) for i, n in zip(row_ids, counts)]).to(
-        labels.device
-    )
-    chunks = [
-        teacher_cache.storage_arrays(
-            teacher_top_k(
-                teacher_logits[rows[a : a + chunk_positions], cols[a : a + chunk_positions]],
-                k,
-                uniforms[a : a + chunk_positions],
-            ),
-            vocab_size,
-        )
-        for a in range(0, rows.numel(), chunk_positions)
-    ] or [teacher_cache.storage_arrays(teacher_top_k(teacher_logits[:0, 0], k, uniforms), vocab_size)]  # nothing scored
-    ends = np.cumsum(counts)[:-1]
-    return list(
-        zip(*(np.split(np.concatenate([c[j] for c in chunks]), ends) for j in range(len(teacher_cache.CACHE_COLUMNS))))
-    )
-
-
-def row_hidden(labels: torch.Tensor, hidden: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Each row's hidden-form cache (`teacher_cache.hidden_arrays`): the teacher's final hidden state
-    (rows, seq, hidden) at each scored position (HF shift), in position order."""
-    scored = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=data_mod.IGNORE_INDEX) != data_mod.IGNORE_INDEX
-    values, scales = teacher_cache.hidden_arrays(hidden[scored])  # row-major: each row's positions in order
-    ends = np.cumsum(scored.sum(1).cpu().numpy())[:-1]
-    return list(zip(np.split(values, ends), np.split(scales, ends)))
-
-
-def teacher_outputs(teacher, inputs: Mapping[str, torch.Tensor], cache_form: int | str | None, logits: bool):
-    """(logits or None, final hidden states or None) of one teacher forward: the hidden form needs the
-    final hidden states, and the logits (when asked for) are then its head applied to them."""
-    if cache_form != "hidden":
-        return (teacher(**inputs).logits if logits else None), None
-    hidden = teacher.base_model(**inputs, use_cache=False).last_hidden_state
-    return (teacher.get_output_embeddings()(hidden) if logits else None), hidden
-
-
-def _row_cache(labels: torch.Tensor, t_logits, t_hidden, cache_form: int | str, vocab_size: int, row_ids) -> list:
-    if cache_form == "hidden":
-        return row_hidden(labels, t_hidden)
-    return row_caches(labels, t_logits, cache_form, vocab_size, row_ids)
-
-
-@torch.no_grad()
-def teacher_caches(
-    teacher, rows: Sequence[Mapping], pad_token_id: int, cache_form: int | str, batch_size: int = 16
-) -> list:
-    """Each row's teacher cache (as `row_caches` or `row_hidden`), from a forward of `teacher` over the
-    rows (dicts with id, input_ids, attention_mask and labels) in batches: for rows outside a scoring pass."""
-    vocab = teacher.config.get_text_config().vocab_size
-    out = []
-    for i in range(0, len(rows), batch_size):
-        batch = {
-            k: v.to(teacher.device) for k, v in data_mod.collate(list(rows[i : i + batch_size]), pad_token_id).items()
-        }
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        t_logits, t_hidden = teacher_outputs(teacher, inputs, cache_form, logits=cache_form != "hidden")
-        out += _row_cache(
-            batch["labels"], t_logits, t_hidden, cache_form, vocab, [r["id"] for r in rows[i : i + batch_size]]
-        )
-    return out
 
 
 def _forward_metrics(
@@ -252,7 +173,7 @@ def _forward_metrics(
         t_logits, t_hidden = (
             (None, None)
             if models.teacher is None
-            else teacher_outputs(
+            else teacher_cache.teacher_forward(
                 models.teacher,
                 inputs,
                 cache_form,
@@ -267,7 +188,9 @@ def _forward_metrics(
         if caches is not None:
             vocab = models.teacher.config.vocab_size
             ids = [rows["id"][i] for i in idx]
-            for i, cache in zip(idx, _row_cache(batch["labels"], t_logits, t_hidden, cache_form, vocab, ids)):
+            for i, cache in zip(
+                idx, teacher_cache.batch_caches(batch["labels"], t_logits, t_hidden, cache_form, vocab, ids)
+            ):
                 caches[i] = cache
     return out, caches
 
@@ -322,7 +245,7 @@ def measure(
     student's greedy response against the reference, the response given
     `response_budgets(num_prompt_tokens, max_new_tokens, max_length)` new tokens; length counts
     response tokens. With ``cache_form`` (``rows`` then also holds the row ``id``, which fixes the tail
-    draws) the result also holds "teacher_cache": per row, the arrays of `row_caches` or `row_hidden`,
+    draws) the result also holds "teacher_cache": per row, the arrays of `teacher_cache.batch_caches`,
     from the teacher forward that gives teacher_ce.
     """
     wanted = set(metrics)

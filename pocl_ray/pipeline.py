@@ -14,7 +14,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from pocl_ray.config import ConfigError, RunConfig
+from pocl_ray.config import SHARED_SECTIONS, ConfigError, RunConfig
 from pocl_ray.pipeline_steps import EVAL_KEYS, SCORE_KEYS, TRAIN_KEYS, fingerprint, run_pipeline_step
 from pocl_ray.ray_session import init_ray
 
@@ -28,7 +28,7 @@ def compared_runs(cfg: RunConfig) -> dict[str, RunConfig]:
     for label, overrides in cfg.pipeline.compare.items():
         if not label or "/" in label or label.startswith("."):
             raise ConfigError(f"pipeline.compare: {label!r} is not a usable run label")
-        bad = [k for k in overrides if k.split(".")[0] in ("data", "models", "scoring", "output", "pipeline")]
+        bad = [k for k in overrides if k.split(".")[0] in SHARED_SECTIONS]
         if bad:
             raise ConfigError(
                 f"pipeline.compare.{label}: {bad} change the shared scoring pass or layout; "

@@ -65,7 +65,6 @@ from pocl_ray.evaluation import greedy_rouge_sum
 from pocl_ray.extraction import hidden_match_loss, layer_projection
 from pocl_ray.losses import (
     KD_KINDS,
-    TeacherCache,
     cached_kd_and_ce,
     count_tokens,
     cross_entropy,
@@ -84,12 +83,14 @@ from pocl_ray.models import (
     student_from_teacher,
 )
 from pocl_ray.sampling import sample_on_policy
+from pocl_ray.scores import scores_path
 from pocl_ray.shards import ROW_COLUMNS, ScoresIndex, StepReader
 from pocl_ray.teacher_cache import (
     CACHE_COLUMNS,
     HIDDEN_COLUMNS,
     HiddenCache,
-    cache_form,
+    TeacherCache,
+    cache_rows,
     check_teacher_cache,
     collate_teacher_cache,
     load_head,
@@ -103,17 +104,6 @@ PRINT_SECONDS = 10.0  # at most this long between progress lines (and read-backs
 
 # ---------------------------------------------------------------------------------------------
 # Rows and batches
-
-
-def scores_path(scores_dir: Path) -> Path:
-    """The scored rows of a scoring output directory (a parquet file or a directory of them)."""
-    manifest = scores_dir / "manifest.json"
-    if not manifest.is_file():
-        raise FileNotFoundError(f"run `pocl-ray score` first: no scores at {scores_dir} (missing manifest.json)")
-    path = scores_dir / json.loads(manifest.read_text())["scores_path"]
-    if not path.exists():
-        raise FileNotFoundError(f"run `pocl-ray score` first: no scores at {path}")
-    return path
 
 
 def length_grouped(micro: list[list[dict]]) -> list[list[dict]]:
@@ -1159,20 +1149,9 @@ def _dev_rows(cfg: RunConfig, plan: Plan) -> tuple[list[dict], int]:
     keep = ("id", "input_ids", "labels", "attention_mask", "num_prompt_tokens", "response")
     rows = [{k: r[k] for k in keep} for r in good]
     if cfg.kd.teacher == "cached":
-        _cache_dev_rows(cfg, rows)
+        # The workers hold no teacher: the dev rows (never scored) get their cache here, once.
+        cache_rows(cfg, rows)
     return rows, len(rejects)
-
-
-def _cache_dev_rows(cfg: RunConfig, rows: list[dict]) -> None:
-    """With kd.teacher: cached the workers hold no teacher, so the dev rows (a few hundred, never
-    scored) get their teacher cache here on the driver, once, as the scoring pass stores it."""
-    from pocl_ray.measurers import teacher_caches
-
-    teacher = load_model(cfg.models.teacher, dtype=torch.float32, frozen=True)
-    pad_id = load_tokenizer(cfg.models.tokenizer or cfg.models.teacher).pad_token_id
-    columns = HIDDEN_COLUMNS if cfg.scoring.teacher_hidden else CACHE_COLUMNS
-    for row, cache in zip(rows, teacher_caches(teacher, rows, pad_id, cache_form(cfg.scoring))):
-        row.update(zip(columns, cache))
 
 
 def _storage_path(cfg: RunConfig, out: Path) -> str:

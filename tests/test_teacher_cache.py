@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from pocl_ray import losses as L
+from pocl_ray import teacher_cache as C
 from pocl_ray.config import ConfigError, parse_config
-from pocl_ray.measurers import row_caches, row_hidden
 from pocl_ray.shards import _row_dicts
 from pocl_ray.teacher_cache import (
     CACHE_COLUMNS,
@@ -31,6 +31,8 @@ from pocl_ray.teacher_cache import (
     hidden_groups,
     manifest_entry,
     quantize_hidden,
+    row_caches,
+    row_hidden,
     save_head,
 )
 
@@ -52,7 +54,7 @@ def _problem(seed=0):
 
 def _cache(t_hidden, t_head, labels, k):
     scored = L._next_labels(labels) != L.IGNORE_INDEX
-    return L.teacher_top_k((t_hidden @ t_head.T).flatten(0, 1)[scored], k)
+    return C.teacher_top_k((t_hidden @ t_head.T).flatten(0, 1)[scored], k)
 
 
 @pytest.mark.parametrize("kind", L.KD_KINDS)
@@ -107,7 +109,7 @@ def test_tail_draws_estimate_every_f_divergence_but_rkl(temperature):
     g = torch.Generator().manual_seed(0)
     for k in (4, 16):
         draws = [
-            L.teacher_top_k(t_rows, k, torch.rand((len(t_rows), L.TAIL_SAMPLES), generator=g, dtype=torch.float64))
+            C.teacher_top_k(t_rows, k, torch.rand((len(t_rows), C.TAIL_SAMPLES), generator=g, dtype=torch.float64))
             for _ in range(48)
         ]
         for kind in ("fkl", "js", "tvd", "skl", "srkl"):
@@ -127,14 +129,14 @@ def test_tail_draws_estimate_every_f_divergence_but_rkl(temperature):
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_rkl_takes_the_tail_mean_log_prob_and_akl_mixes_the_cached_fkl_and_rkl(temperature):
     labels, s_logits, t_logits, t_rows = _scored_logits(2)
-    cache = L.teacher_top_k(t_rows, 8)
+    cache = C.teacher_top_k(t_rows, 8)
     # The documented tail model written out: every tail token's log p̂ at T is β·(mean tail log p at T = 1) − log Z(β).
     logp = torch.log_softmax(t_rows, -1)
     tail = torch.ones_like(logp, dtype=torch.bool).scatter(-1, cache.top_ids, False)
     mean = logp.where(tail, 0.0).sum(-1, keepdim=True) / tail.sum(-1, keepdim=True)
     log_z = (logp / temperature).logsumexp(-1, keepdim=True)
     model = torch.where(tail, mean / temperature - log_z, logp / temperature - log_z)
-    q = L._log_probs(s_logits.flatten(0, 1)[L._next_labels(labels) != L.IGNORE_INDEX], temperature)
+    q = L.log_probs(s_logits.flatten(0, 1)[L._next_labels(labels) != L.IGNORE_INDEX], temperature)
     want = L.rkl(model, q).mean() * temperature**2
     got = L.cached_kd_loss("rkl", s_logits, cache, labels, temperature=temperature)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -150,7 +152,7 @@ def test_cached_loss_and_gradients_stay_finite_with_a_masked_vocabulary():
     t_logits = t_logits.clone()
     t_logits[..., V - 10 :] = float("-inf")  # padded vocabulary entries: probability exactly 0
     scored = L._next_labels(labels) != L.IGNORE_INDEX
-    cache = L.teacher_top_k(t_logits.flatten(0, 1)[scored], 4)
+    cache = C.teacher_top_k(t_logits.flatten(0, 1)[scored], 4)
     assert not (cache.sample_ids >= V - 10).any()  # never drawn
     for kind in L.KD_KINDS:
         for temperature in (0.5, 1.0, 2.0, 5.0):
@@ -162,12 +164,12 @@ def test_cached_loss_and_gradients_stay_finite_with_a_masked_vocabulary():
 
 def test_tail_between_stored_temperatures_is_an_upper_bound():
     t_logits = torch.randn(50, V) * 3
-    cache = L.teacher_top_k(t_logits, 8)
+    cache = C.teacher_top_k(t_logits, 8)
     rest = torch.log_softmax(t_logits, -1).scatter(-1, cache.top_ids, float("-inf"))
     for temperature in (1.0, 1.25, 2.0, 3.0):
         true = (rest / temperature).logsumexp(-1)
-        estimate = L._tail_at(cache.tail, temperature)
-        if temperature in L.TAIL_TEMPERATURES:
+        estimate = C._tail_at(cache.tail, temperature)
+        if temperature in C.TAIL_TEMPERATURES:
             torch.testing.assert_close(estimate, true)
         else:  # log Σ p^β is convex in β: the chord lies above it
             assert (estimate >= true - 1e-5).all() and not torch.allclose(estimate, true)

@@ -392,11 +392,10 @@ def _cached_and_online_steps(tiny_assets, tmp_path, cache_setting: dict, kind: s
     loss terms, the gradients, the dev losses (the dev rows' cache made on the driver, as `train` does)."""
     from pocl_ray.config import KDConfig
     from pocl_ray.curriculum import Stage
-    from pocl_ray.teacher_cache import CACHE_COLUMNS, HIDDEN_COLUMNS, load_head, save_head
+    from pocl_ray.teacher_cache import CACHE_COLUMNS, HIDDEN_COLUMNS, cache_rows, load_head, save_head
     from pocl_ray.training import (
         CacheReader,
         HiddenStatesLM,
-        _cache_dev_rows,
         accumulate_gradients,
         batch_of,
         dev_losses,
@@ -408,7 +407,7 @@ def _cached_and_online_steps(tiny_assets, tmp_path, cache_setting: dict, kind: s
         read_table(tiny_assets.dev_path).to_pylist()[:6], tokenizer, tiny_assets.data_config()
     )
     rows = [{k: r[k] for k in ("id", "input_ids", "labels", "attention_mask", "num_prompt_tokens")} for r in good]
-    _cache_dev_rows(cfg, rows)
+    cache_rows(cfg, rows)
     teacher = HiddenStatesLM(load_model(tiny_assets.teacher_dir, frozen=True))
     if cfg.scoring.teacher_hidden:
         save_head(teacher.lm.get_output_embeddings().weight, tmp_path)
