@@ -358,6 +358,7 @@ class _ChunkedTerms(torch.autograd.Function):
                 continue
             (grad_logits,) = torch.autograd.grad(loss, logits)
             if head is None:
+                assert grad_student is not None  # the loss needs a gradient only through the student
                 grad_student.index_copy_(0, chunk_rows, grad_logits)
                 continue
             if grad_student is not None:
@@ -448,6 +449,7 @@ def _fused_losses(
 
     scales, norms = [], []
     if kd_mask is not None and cache is None:
+        assert teacher is not None, "KD needs a teacher or a cache"
         teacher_rows = _row_logits(
             teacher.detach().flatten(0, 1), None if teacher_head is None else teacher_head.detach()
         )
@@ -558,7 +560,7 @@ def linear_kd_and_ce(
         raise ValueError("teacher_hidden and teacher_head must both be given, or both be None (CE only)")
     _check_linear("student", student_hidden, student_head, "ce_labels", ce_labels)
     divergence = None
-    if teacher_hidden is not None:
+    if teacher_hidden is not None and teacher_head is not None:
         divergence = _check_kd_options(kind, o)
         _check_positions("student_hidden", student_hidden, "hidden", "labels", labels)
         _check_linear("teacher", teacher_hidden, teacher_head, "labels", labels)

@@ -45,7 +45,7 @@ def compared_runs(cfg: RunConfig) -> dict[str, RunConfig]:
 def _evaluate_selected_student(run: RunConfig, run_dir: Path) -> None:
     """Evaluate the student of run_dir/train that eval.checkpoint names."""
     from pocl_ray.evaluation import evaluate
-    from pocl_ray.training import selected_student
+    from pocl_ray.training.driver import selected_student
 
     evaluate(run, selected_student(run_dir / "train", run.eval.checkpoint), label=None)
 
@@ -56,7 +56,7 @@ def run_distill(cfg: RunConfig) -> Path:
     from pocl_ray.report import write_report
     from pocl_ray.scoring import score_dataset
     from pocl_ray.teacher_prep import resolve_teacher, sft_overrides
-    from pocl_ray.training import train
+    from pocl_ray.training.driver import train
 
     root = Path(cfg.output.dir)
     compared_runs(cfg)  # validates the compared configs before any work starts

@@ -197,7 +197,7 @@ def generate_tokens(
 
 def sample_on_policy(
     model,
-    rows: list[Mapping[str, Any]],
+    rows: Sequence[Mapping[str, Any]],
     *,
     pad_token_id: int,
     eos_token_id: int,

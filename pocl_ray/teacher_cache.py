@@ -370,7 +370,7 @@ def row_hidden(labels: torch.Tensor, hidden: torch.Tensor) -> list[tuple[np.ndar
 
 def batch_caches(
     labels: torch.Tensor, teacher_logits, teacher_hidden, form: int | str, vocab_size: int, row_ids
-) -> list[tuple[np.ndarray, ...]]:
+) -> Sequence[tuple[np.ndarray, ...]]:
     """Each row's cache in ``form`` from one teacher forward (`teacher_forward`) over a batch."""
     if form == "hidden":
         return row_hidden(labels, teacher_hidden)
@@ -379,12 +379,12 @@ def batch_caches(
 
 @torch.no_grad()
 def teacher_caches(
-    teacher, rows: Sequence[Mapping], pad_token_id: int, form: int | str, batch_size: int = 16
+    teacher, rows: Sequence[dict], pad_token_id: int, form: int | str, batch_size: int = 16
 ) -> list[tuple[np.ndarray, ...]]:
     """Each row's cache (as `row_caches` or `row_hidden`), from a forward of `teacher` over the rows
     (dicts with id, input_ids, attention_mask and labels) in batches: for rows outside a scoring pass."""
     vocab = teacher.config.get_text_config().vocab_size
-    out = []
+    out: list[tuple[np.ndarray, ...]] = []
     for i in range(0, len(rows), batch_size):
         batch = {k: v.to(teacher.device) for k, v in collate(list(rows[i : i + batch_size]), pad_token_id).items()}
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -398,10 +398,13 @@ def teacher_caches(
 def cache_rows(cfg: RunConfig, rows: list[dict]) -> None:
     """Add cfg's teacher cache, in the form its scoring settings store, to each row (in place): for the
     dev rows of a kd.teacher: cached run, which are never scored (a few hundred, on the driver, once)."""
+    form = cache_form(cfg.scoring)
+    if form is None:
+        raise ValueError("kd.teacher: cached needs scoring.teacher_top_k or scoring.teacher_hidden")
     teacher = load_model(cfg.models.teacher, dtype=torch.float32, frozen=True)
     pad_id = load_tokenizer(cfg.models.tokenizer or cfg.models.teacher).pad_token_id
     columns = HIDDEN_COLUMNS if cfg.scoring.teacher_hidden else CACHE_COLUMNS
-    for row, cache in zip(rows, teacher_caches(teacher, rows, pad_id, cache_form(cfg.scoring))):
+    for row, cache in zip(rows, teacher_caches(teacher, rows, pad_id, form)):
         row.update(zip(columns, cache))
 
 

@@ -313,7 +313,7 @@ def run_trial(params: dict, *, base: dict, scores_dir: str, trials_dir: str) -> 
     report its final metrics and objective."""
     from ray import tune
 
-    from pocl_ray.training import run_plan, train
+    from pocl_ray.training.driver import run_plan, train
 
     cfg = parse_config(base)
     trial_id = tune.get_context().get_trial_id()
@@ -594,7 +594,7 @@ def tune(cfg: RunConfig) -> TuneResult:
     finished one is not run again for the same config."""
     from pocl_ray.scoring import score_dataset
     from pocl_ray.teacher_prep import resolve_teacher
-    from pocl_ray.training import run_plan
+    from pocl_ray.training.driver import run_plan
 
     check_search_space(cfg)  # bad trial settings fail before the teacher is built or fine-tuned
     _search_alg(cfg.tune)  # a missing optuna / hyperopt is reported before any Ray work

@@ -162,7 +162,7 @@ def test_storage_path_keeps_a_uri_and_local_paths_stay_local():
 
 
 def test_absolute_paths_never_turn_a_uri_into_none(tmp_path, monkeypatch):
-    from pocl_ray.training import _absolute_paths
+    from pocl_ray.training.driver import _absolute_paths
 
     monkeypatch.chdir(tmp_path)
     cfg = parse_config({**MINIMAL, "models": {"teacher": "t", "student": "s"}})

@@ -195,7 +195,7 @@ def _stored_rows(rows, logits, k):
 
 
 def test_stored_cache_collates_onto_the_batch_scored_positions():
-    from pocl_ray.training import build_batch
+    from pocl_ray.training.step import build_batch
 
     rows, logits = _rows_and_logits()
     stored = _stored_rows(rows, logits, V)
@@ -353,7 +353,8 @@ def _stored_hidden_rows(rows, hidden_states):
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_hidden_cache_gives_the_online_loss_of_the_rounded_teacher_state(temperature):
-    from pocl_ray.training import LMOutputs, build_batch, cached_teacher
+    from pocl_ray.training.step import build_batch
+    from pocl_ray.training.teacher import CachedHiddenTeacher, LMOutputs
 
     rows, _ = _rows_and_logits()
     g = torch.Generator().manual_seed(5)
@@ -363,30 +364,29 @@ def test_hidden_cache_gives_the_online_loss_of_the_rounded_teacher_state(tempera
     assert stored[0]["teacher_hidden"].dtype == np.int8 and stored[0]["teacher_hidden_scale"].dtype == np.float16
     batch = build_batch(stored, pad_token_id=0, device=torch.device("cpu"))
     batch["teacher_cache"] = collate_teacher_cache(stored, torch.device("cpu"), hidden=True)
-    batch["teacher_head"] = t_head
     seq = batch["labels"].shape[1]
     exact = torch.stack([torch.cat([h, torch.zeros(seq - len(h), H)]) for h in hidden])
     scored = (L._next_labels(batch["labels"]) != L.IGNORE_INDEX).view(exact.shape[:2])
     rounded = torch.zeros_like(exact)
     rounded[scored] = dequantize_hidden(*quantize_hidden(exact[scored]))
-    t_out = cached_teacher(batch, logits=False)
+    t_out = CachedHiddenTeacher(t_head).outputs(batch)
     assert isinstance(t_out, LMOutputs) and t_out.head is t_head
     s_hidden, s_head = torch.randn(len(rows), seq, H, generator=g), torch.randn(V, H, generator=g) * 0.5
     options = {"temperature": temperature, "scored_positions": batch["scored_positions"]}
     for kind in L.KD_KINDS:
         ref = L.linear_kd_loss(kind, s_hidden, s_head, rounded, t_head, batch["labels"], **options)
-        got = L.linear_kd_loss(kind, s_hidden, s_head, t_out.final, t_out.head, batch["labels"], **options)
+        got = L.linear_kd_loss(kind, s_hidden, s_head, t_out.hidden, t_out.head, batch["labels"], **options)
         torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
         # Against the unrounded teacher, every kind (RKL and AKL too) is off by the rounding alone.
         true = L.linear_kd_loss(kind, s_hidden, s_head, exact, t_head, batch["labels"], **options)
         assert float(abs(got - true) / true) < 1e-2, kind
     # A student whose head is not plain gets the teacher's logits instead.
-    logits = cached_teacher(batch, logits=True)
-    assert logits.head is None and torch.allclose(logits.final, t_out.final @ t_head.T)
+    logits = CachedHiddenTeacher(t_head, logits=True).outputs(batch)
+    assert logits.head is None and torch.allclose(logits.logits, t_out.hidden @ t_head.T)
     # The all-masked stand-in row of a worker with no rows: no cache, a zero teacher.
     empty = build_batch([], 0, torch.device("cpu"))
-    empty.update(teacher_cache=collate_teacher_cache([], torch.device("cpu"), hidden=True), teacher_head=t_head)
-    assert cached_teacher(empty, logits=False).final.shape == (*empty["labels"].shape, H)
+    empty.update(teacher_cache=collate_teacher_cache([], torch.device("cpu"), hidden=True))
+    assert CachedHiddenTeacher(t_head).outputs(empty).hidden.shape == (*empty["labels"].shape, H)
 
 
 def test_hidden_collate_refuses_rows_that_do_not_match():
