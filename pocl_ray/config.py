@@ -468,7 +468,7 @@ class RunConfig(_Section):
     pipeline: PipelineConfig = PipelineConfig()
 
     @model_validator(mode="after")
-    def _cached_teacher(self) -> RunConfig:
+    def _check_kd_teacher(self) -> RunConfig:
         if self.kd.teacher != "cached":
             return self
         if self.curriculum.plan in ("extraction", "progressive"):

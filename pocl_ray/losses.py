@@ -643,7 +643,7 @@ def _check_cache(cache: TeacherCache, vocab: int, labels: torch.Tensor) -> None:
     ):
         raise ValueError(
             f"teacher cache must be top_ids (N, K), top_logprobs (N, K), tail (N, {stats}), sample_ids (N, M), "
-            f"sample_logprobs (N, M); got {', '.join(str(tuple(t.shape)) for t in cache)}"
+            f"sample_logprobs (N, M); got {', '.join(str(tuple(x.shape)) for x in cache)}"
         )
     if ids.shape[1] > vocab or ids.dtype.is_floating_point or sample_ids.dtype.is_floating_point:
         raise ValueError(

@@ -203,7 +203,7 @@ def teacher_top_k(logits: torch.Tensor, k: int, uniforms: torch.Tensor | None = 
     logp = torch.log_softmax(logits.float(), dim=-1)
     top, ids = logp.topk(k, dim=-1)
     rest = logp.scatter(-1, ids, float("-inf"))
-    sums = [(rest / t).logsumexp(-1) for t in TAIL_TEMPERATURES]
+    sums = [(rest / temperature).logsumexp(-1) for temperature in TAIL_TEMPERATURES]
     mean = logp.clamp_min(LOG_FLOOR).scatter(-1, ids, 0.0).sum(-1) / max(logp.shape[-1] - k, 1)
     tail = torch.stack([*sums, mean], -1).clamp_min(LOG_FLOOR)
     # Inverse-CDF draws in float64: tail tokens far below 2^-24 of the proposal keep their probability.
@@ -228,7 +228,7 @@ def tail_uniforms(row_id: str, positions: int) -> torch.Tensor:
 
 def _tail_at(tail: torch.Tensor, temperature: float) -> torch.Tensor:
     """log Σ_tail p_j^(1/T) per row: the stored value at a grid temperature, else piecewise linear in 1/T."""
-    betas = [1.0 / t for t in TAIL_TEMPERATURES]  # decreasing
+    betas = [1.0 / temperature for temperature in TAIL_TEMPERATURES]  # decreasing
     beta = 1.0 / temperature
     i = next((i for i in range(len(betas) - 2) if beta >= betas[i + 1]), len(betas) - 2)
     w = (betas[i] - beta) / (betas[i] - betas[i + 1])
@@ -321,7 +321,7 @@ def teacher_forward(teacher, inputs: Mapping[str, torch.Tensor], form: int | str
 
 def storage_arrays(cache: TeacherCache, vocab_size: int) -> tuple[np.ndarray, ...]:
     """A top-K cache (any device/dtype) as the numpy arrays that are stored (CACHE_COLUMNS order)."""
-    return tuple(t.cpu().numpy().astype(dtype or id_dtype(vocab_size)) for t, (_, _, dtype) in zip(cache, _LAYOUT))
+    return tuple(x.cpu().numpy().astype(dtype or id_dtype(vocab_size)) for x, (_, _, dtype) in zip(cache, _LAYOUT))
 
 
 def hidden_arrays(hidden: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -637,8 +637,8 @@ def collate_teacher_cache(
         for p, c, (_, _, dtype) in zip(parts, names, shapes)
     ]
     if device.type == "cuda":
-        return kind(*(t.pin_memory().to(device, non_blocking=True) for t in tensors))
-    return kind(*(t.to(device) for t in tensors))
+        return kind(*(x.pin_memory().to(device, non_blocking=True) for x in tensors))
+    return kind(*(x.to(device) for x in tensors))
 
 
 def teacher_hidden_states(

@@ -338,7 +338,7 @@ def fit(cfg: RunConfig, out: Path, inputs: RunInputs, callbacks: list | None):
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
 
-    t = cfg.training
+    training = cfg.training
     if not ray.is_initialized():
         ray.init()
     # Ray Train's controller notices a finished (or failed) worker group at its next poll, every 2 s
@@ -353,11 +353,11 @@ def fit(cfg: RunConfig, out: Path, inputs: RunInputs, callbacks: list | None):
         name,
         plan=inputs.plan,
         num_rows=inputs.num_rows,
-        global_batch=t.global_batch_size,
-        micro_batch=t.micro_batch_size,
-        seed=t.seed,
+        global_batch=training.global_batch_size,
+        micro_batch=training.micro_batch_size,
+        seed=training.seed,
         metrics_path=str(out / "metrics.jsonl"),
-        world_size=t.num_workers,
+        world_size=training.num_workers,
         row_group_bounds=inputs.index.bounds.tolist(),
     )
     trainer = TorchTrainer(
@@ -372,13 +372,15 @@ def fit(cfg: RunConfig, out: Path, inputs: RunInputs, callbacks: list | None):
             "dev_rows": inputs.dev_rows,
         },
         scaling_config=ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
+            num_workers=training.num_workers,
+            use_gpu=training.use_gpu,
+            resources_per_worker={"CPU": training.cpus_per_worker},
         ),
         run_config=RayRunConfig(
             name=cfg.name,
             storage_path=_storage_path(cfg, out),
-            failure_config=FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=training.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=training.keep_checkpoints),
             callbacks=callbacks,
         ),
     )

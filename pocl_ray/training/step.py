@@ -201,10 +201,10 @@ class StepValues(NamedTuple):
     kd_tokens: torch.Tensor  # the tokens KD scored
 
 
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+def _all_reduce(x: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t
+        dist.all_reduce(x)
+    return x
 
 
 def accumulate_gradients(

@@ -202,12 +202,12 @@ def start_stage(
 
 def train_stage(w: Worker, run: StageRun, position: Position) -> Position:
     """The stage's steps from ``position`` on; returns the position after its last step (or plateau)."""
-    t = w.cfg.training
+    training = w.cfg.training
     step, samples = position.step, position.samples
     for stage_step in range(position.stage_step + 1, run.spec.steps + 1):
         values = train_step(w, run, step, stage_step)
         step += 1
-        samples += rows_in_step(run.spec, stage_step, t.global_batch_size)
+        samples += rows_in_step(run.spec, stage_step, training.global_batch_size)
         end = end_of_step(w, run, stage_step, step)
         done = Position(run.index + 1, 0, step, samples)
         position = done if end.stage_done else Position(run.index, stage_step, step, samples)
@@ -233,9 +233,9 @@ def train_step(w: Worker, run: StageRun, step: int, stage_step: int) -> StepValu
     """Step ``stage_step`` of the stage (``step`` steps of the run done before it): its rows, batched
     (with on-policy samples where the stage asks for them), forward and backward, the optimizer step;
     rank 0 logs it. Seeded by (run seed, step, rank), so a restart replays it."""
-    t, stage = w.cfg.training, run.stage
+    training, stage = w.cfg.training, run.stage
     started = (time.perf_counter(), time.thread_time())
-    seed = stream_seed(t.seed, step, w.rank)
+    seed = stream_seed(training.seed, step, w.rank)
     torch.manual_seed(seed)
     micro = next(run.rows)
     data_wait = time.perf_counter() - started[0]
@@ -250,8 +250,10 @@ def train_step(w: Worker, run: StageRun, step: int, stage_step: int) -> StepValu
         normalize=w.cfg.curriculum.extraction.normalize,
         autocast=w.autocast,
     )
-    lr = lr_at(run.spec.lr_offset + stage_step - 1, run.spec.lr_total, t.lr, t.min_lr, t.warmup_steps)
-    grad_norm = optimizer_step(w.student, run.optimizer, lr, t.grad_clip)
+    lr = lr_at(
+        run.spec.lr_offset + stage_step - 1, run.spec.lr_total, training.lr, training.min_lr, training.warmup_steps
+    )
+    grad_norm = optimizer_step(w.student, run.optimizer, lr, training.grad_clip)
     if w.log is not None:
         meta = step_meta(step + 1, stage_step, stage, run.spec, lr, started)
         w.log.add({**meta, "data_wait": data_wait}, values, grad_norm)
@@ -264,11 +266,11 @@ def end_of_step(w: Worker, run: StageRun, stage_step: int, step: int) -> StepEnd
     every training.select_every steps, a checkpoint at the stage's end and every
     training.checkpoint_every steps; the dev losses are measured at most once, when any of them needs
     them (with a dev set)."""
-    t, stage, last = w.cfg.training, run.stage, stage_step == run.spec.steps
+    training, stage, last = w.cfg.training, run.stage, stage_step == run.spec.steps
     has_dev = bool(w.dev_batches)
-    plateau_due = stage.until_plateau and has_dev and stage_step % t.eval_every == 0 and not last
-    checkpoint_due = step % t.checkpoint_every == 0
-    select_due = has_dev and t.select_every is not None and step % t.select_every == 0
+    plateau_due = stage.until_plateau and has_dev and stage_step % training.eval_every == 0 and not last
+    checkpoint_due = step % training.checkpoint_every == 0
+    select_due = has_dev and training.select_every is not None and step % training.select_every == 0
     dev = {}
     if has_dev and (plateau_due or last or checkpoint_due or select_due):
         dev = measure_dev(w, run)
@@ -406,9 +408,9 @@ def stage_optimizer(
 ) -> torch.optim.Optimizer:
     """The stage's AdamW: fresh where the stage restarts it, the checkpoint's state on a resume that
     lands inside the optimizer's segment (``steps_done`` steps of the stage done)."""
-    t = w.cfg.training
+    training = w.cfg.training
     if optimizer is None or stage.restart_optimizer:
-        optimizer = adamw(w.student, t.lr, t.weight_decay)
+        optimizer = adamw(w.student, training.lr, training.weight_decay)
     if resuming and w.optimizer_state is not None and not (steps_done == 0 and stage.restart_optimizer):
         optimizer.load_state_dict(w.optimizer_state)
     return optimizer
