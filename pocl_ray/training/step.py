@@ -2,9 +2,10 @@
 loss terms -> gradients (summed over workers) -> optimizer step; and the dev losses, the same forward
 and terms without gradients.
 
-Start from `bare_loop` in benchmarks/training.py: these functions in a plain loop, beside `hand_loop`,
-the same step written by hand in 20 lines (full logits, FKL + CE, AdamW), which it must match in
-speed. A Ray worker (`worker.py`) runs the same calls, with its rows, checkpoints and logging around.
+Start from `bare_loop` in benchmarks/training.py: a run of steps in about 20 lines, these functions
+in a plain loop without Ray; `hand_loop` beside it writes the same step by hand (full logits, FKL + CE,
+AdamW), and the benchmark holds this module to its speed. A Ray worker (`worker.py`) makes the same
+calls, with its rows, checkpoints and logging around them.
 
 Loss of one optimizer step (METHODS.md §1, §3):
     loss = (1 - kd_weight) * CE(reference) + kd_weight * KD_stage(T)    (METHODS.md's POCL alpha)
@@ -140,16 +141,20 @@ def output_terms(
     both = {**options, "kd_weight": kd_weight, "ce_num_tokens": counts[0]}
     labels, ce_labels = batch["labels"], batch["ce_labels"]
     if isinstance(t_out, TeacherCache):
-        return cached_kd_and_ce(stage.loss, s_out.scores, s_out.head, t_out, labels, ce_labels, **both)
+        return cached_kd_and_ce(stage.loss, s_out.loss_input, s_out.head, t_out, labels, ce_labels, **both)
     if s_out.head is not None:
         t_hidden, t_head = (None, None) if t_out is None else (t_out.hidden, t_out.head)
-        return linear_kd_and_ce(stage.loss, s_out.scores, s_out.head, t_hidden, t_head, labels, ce_labels, **both)
+        return linear_kd_and_ce(stage.loss, s_out.loss_input, s_out.head, t_hidden, t_head, labels, ce_labels, **both)
     ce_term = cross_entropy(
-        s_out.scores, ce_labels, num_tokens=counts[0], chunk_positions=kd.chunk_positions, scored_positions=positions
+        s_out.loss_input,
+        ce_labels,
+        num_tokens=counts[0],
+        chunk_positions=kd.chunk_positions,
+        scored_positions=positions,
     )
     if t_out is None:
         return ce_term, torch.zeros_like(ce_term), ce_term.detach()
-    kd_term = kd_loss(stage.loss, s_out.scores, t_out.scores, labels, **options)
+    kd_term = kd_loss(stage.loss, s_out.loss_input, t_out.loss_input, labels, **options)
     return kd_weight * kd_term + (1 - kd_weight) * ce_term, kd_term.detach(), ce_term.detach()
 
 

@@ -57,11 +57,11 @@ class LMOutputs(NamedTuple):
         return cls(None, None, logits, layers)
 
     @property
-    def scores(self) -> torch.Tensor:
-        """What the losses score: the hidden states (with `head`), or the logits (head None)."""
-        scores = self.logits if self.head is None else self.hidden
-        assert scores is not None
-        return scores
+    def loss_input(self) -> torch.Tensor:
+        """What the losses take: the hidden states (with `head`), or the logits (head None)."""
+        x = self.logits if self.head is None else self.hidden
+        assert x is not None
+        return x
 
 
 TeacherOutputs = LMOutputs | TeacherCache

@@ -6,7 +6,7 @@
         for each step of the stage:       # train_stage
             train_step(...)               # rows -> batches -> step.accumulate_gradients -> optimizer step
             end = end_of_step(...)        # dev losses, plateau, selection candidate, checkpoint: one decision
-            record_candidate / report_checkpoint / stop, as `end` says
+            record_candidate / report_checkpoint / end the stage, as `end` says
 
 The step itself is step.py (pure torch); this module is the Ray glue around it: the coordinator actor
 (stages, epoch shards, plateaus, selection candidates, step records), the read-ahead of the rows
@@ -149,8 +149,7 @@ class StepEnd(NamedTuple):
     """What the end of a step does, decided in one place (`end_of_step`)."""
 
     dev: dict[str, float]  # the dev losses, when measured this step
-    stop: bool  # a plateau stage's dev loss stopped improving: the stage ends here
-    stage_done: bool  # the stage's last step, or its plateau
+    stage_done: bool  # the stage's last step, or a plateau stage whose dev loss stopped improving
     select: bool  # a checkpoint-selection candidate
     checkpoint: bool  # a checkpoint
 
@@ -209,8 +208,9 @@ def train_stage(w: Worker, run: StageRun, position: Position) -> Position:
         step += 1
         samples += rows_in_step(run.spec, stage_step, training.global_batch_size)
         end = end_of_step(w, run, stage_step, step)
-        done = Position(run.index + 1, 0, step, samples)
-        position = done if end.stage_done else Position(run.index, stage_step, step, samples)
+        position = Position(run.index, stage_step, step, samples)
+        if end.stage_done:
+            position = Position(run.index + 1, 0, step, samples)
         if end.select:
             record_candidate(w, step, run.index, samples, end.dev)
         if end.checkpoint:
@@ -274,11 +274,9 @@ def end_of_step(w: Worker, run: StageRun, stage_step: int, step: int) -> StepEnd
     dev = {}
     if has_dev and (plateau_due or last or checkpoint_due or select_due):
         dev = measure_dev(w, run)
-    stop = plateau_due and plateaued(w, run.index, dev["dev_loss"])
-    stage_done = stop or last
+    stage_done = last or (plateau_due and plateaued(w, run.index, dev["dev_loss"]))
     return StepEnd(
         dev=dev,
-        stop=stop,
         stage_done=stage_done,
         select=has_dev and (stage_done or select_due),
         checkpoint=stage_done or checkpoint_due,
@@ -481,6 +479,7 @@ def with_on_policy(
 
 
 def measure_dev(w: Worker, run: StageRun) -> dict[str, float]:
+    """The stage's dev losses (`step.dev_losses`), over every worker's dev batches."""
     return dev_losses(
         w.student,
         run.teacher,
