@@ -31,8 +31,12 @@ LAYERS = [
     # The cached teacher, then the losses (which read it)
     "teacher_cache",
     "losses",
-    # Ray glue shared by the stages; the curriculum coordinator actor
-    "stages",
+    # Ray glue shared by the Ray stages (start or join Ray, actor pools; progress lines); the resumable
+    # pipeline steps; results.json; the curriculum coordinator actor
+    "ray_session",
+    "progress",
+    "pipeline_steps",
+    "eval_results",
     "coordinator",
     # `score`: the difficulty measurers, the scoring pass
     "measurers",
@@ -45,15 +49,16 @@ LAYERS = [
     "training.worker",
     "training.driver",
     "training",
-    # Everything over the stages
+    # Everything over the Ray stages
     "teacher_prep",
     "tuning",
     "report",
     "pipeline",
-    # The sparse-parity sandbox
-    "parity_config",
+    # The sparse-parity sandbox: its config, the pure sandbox, the Ray runner
+    "parity.config",
+    "parity.sandbox",
+    "parity.runner",
     "parity",
-    "parity_run",
     "cli",
 ]
 
