@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
+from transformers import PreTrainedModel
 
 from pocl_ray import data as data_mod
 from pocl_ray import teacher_cache
@@ -43,8 +44,8 @@ class MeasurerModels:
     """The models a set of metrics needs, loaded once per actor."""
 
     tokenizer: Any
-    student: torch.nn.Module | None
-    teacher: torch.nn.Module | None
+    student: PreTrainedModel | None
+    teacher: PreTrainedModel | None
     device: torch.device
     rouge: Any
 
@@ -89,6 +90,7 @@ def load_measurer_models(
         if models_cfg.student is not None:
             student = load_model(models_cfg.student, dtype=models_cfg.dtype, device=device, frozen=True)
         else:
+            assert teacher is not None  # need_teacher: student metrics without models.student
             student = student_from_teacher(
                 teacher, keep_layers=models_cfg.student_layers, keep_every=models_cfg.student_keep_every
             )
@@ -169,7 +171,10 @@ def _forward_metrics(
         )
         batch = {k: v.to(models.device) for k, v in batch.items()}
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        s_logits = models.student(**inputs).logits if metrics & {"student_ce", "teacher_student_kl"} else None
+        s_logits = None
+        if metrics & {"student_ce", "teacher_student_kl"}:
+            assert models.student is not None  # load_measurer_models: student metrics load the student
+            s_logits = models.student(**inputs).logits
         t_logits, t_hidden = (
             (None, None)
             if models.teacher is None
@@ -186,6 +191,7 @@ def _forward_metrics(
             for m, v in zip(wanted, values):
                 out[m][idx] = v
         if caches is not None:
+            assert models.teacher is not None and cache_form is not None  # a cache form keeps the teacher
             vocab = models.teacher.config.vocab_size
             ids = [rows["id"][i] for i in idx]
             for i, cache in zip(
@@ -198,13 +204,12 @@ def _forward_metrics(
 def response_budgets(num_prompt_tokens: Sequence[int], max_new_tokens: int | None, max_length: int | None) -> list[int]:
     """New tokens per row for the greedy response: max_length minus the prompt (at least 1),
     capped by max_new_tokens when set; max_new_tokens alone when max_length is None."""
-    if max_new_tokens is None and max_length is None:
-        raise ValueError("the greedy response length needs scoring.max_new_tokens or data.max_length")
-    budgets = []
-    for p in num_prompt_tokens:
-        room = max_new_tokens if max_length is None else max(1, max_length - int(p))
-        budgets.append(room if max_new_tokens is None else min(room, max_new_tokens))
-    return budgets
+    if max_length is None:
+        if max_new_tokens is None:
+            raise ValueError("the greedy response length needs scoring.max_new_tokens or data.max_length")
+        return [max_new_tokens] * len(num_prompt_tokens)
+    rooms = [max(1, max_length - int(p)) for p in num_prompt_tokens]
+    return rooms if max_new_tokens is None else [min(room, max_new_tokens) for room in rooms]
 
 
 def greedy_responses(
@@ -236,7 +241,7 @@ def measure(
     max_new_tokens: int | None,
     max_length: int | None = None,
     cache_form: int | str | None = None,
-) -> dict[str, np.ndarray]:
+) -> dict[str, np.ndarray | list]:
     """Every requested metric for each row (float64 arrays aligned with the rows).
 
     ``rows`` holds input_ids, labels (-100 on the prompt), num_prompt_tokens, num_response_tokens and
@@ -320,8 +325,9 @@ class Measurer:
         for m in self.metrics:
             batch = batch.append_column(m, pa.array(columns[m]))
         if self.cache_form is not None:
+            assert self.models.teacher is not None  # load_measurer_models keeps it for a cache form
             config = self.models.teacher.config.get_text_config()
-            k = None if self.cache_form == "hidden" else self.cache_form
+            k = None if self.cache_form == "hidden" else int(self.cache_form)
             for name, column in teacher_cache.arrow_columns(caches, k, config.vocab_size, config.hidden_size).items():
                 batch = batch.append_column(name, column)
         return batch
