@@ -21,8 +21,8 @@ Two teachers (--teacher):
   rows of tests/conftest.py, so its distributions are peaked as a trained LM's are (a random one is
   nearly flat and top-k would mean nothing); the student is cut from it (every 2nd layer), the
   quickstart's initial student; dev batch: 64 synthetic rows;
-- testbed: the testbed's SmolLM2-135M-Instruct (--teacher-path, built by
-  ../shared/testbed/build_teacher.sh; vocabulary 49,152) and its initial student, the teacher cut to
+- testbed: the testbed's SmolLM2-135M-Instruct (--teacher-path, the teacher
+  configs/testbed.yaml names; vocabulary 49,152) and its initial student, the teacher cut to
   every 3rd layer (configs/testbed.yaml); dev batch: the first --dev-rows rows of the testbed dev set,
   chat template, max_length 512. The training-step timing uses the first 256 dev rows; --speed-steps 0
   skips it (on CPU it takes minutes per step at this size).

@@ -267,7 +267,7 @@ class KDConfig(_Section):
         0.0, ge=0, le=1, description="GKD lambda: share of the batch the student generates"
     )
     on_policy_max_new_tokens: int = Field(128, gt=0)
-    # = losses.DEFAULT_CHUNK_POSITIONS (measured there; a test keeps the two equal).
+    # = losses.DEFAULT_CHUNK_POSITIONS (chosen there; a test keeps the two equal).
     chunk_positions: int = Field(256, gt=0, description="scored positions per loss chunk")
     teacher: Literal["online", "cached"] = Field(
         "online",

@@ -45,13 +45,9 @@ if TYPE_CHECKING:
 
 KD_KINDS = ("fkl", "rkl", "js", "tvd", "skl", "srkl", "akl")
 
-# Scored positions per chunk when the caller gives none. Measured on CPU (1 thread, fp32, JS at T = 2,
-# linear_kd_loss forward + backward, 511 scored positions, hidden 576, vocab 49,152; fastest of 4
-# interleaved runs on a shared machine): 32 -> 2.45 s, 64 -> 2.20 s, 128 -> 2.36 s, 256 -> 2.39 s,
-# 512 -> 3.14 s, 1024 -> 2.91 s; extra memory 187 / 265 / 421 / 732 / 1164 / 1164 MiB (benchmarks/
-# loss_memory.py --chunk-positions-sweep). Time is flat up to 256 and worse beyond, while memory grows with the
-# chunk, so 256 is the largest chunk before CPU time degrades: the fewest chunks (a GPU pays a kernel
-# launch per op per chunk) within about 0.75 GiB at this vocabulary. Liger-Kernel's fused-linear JSD
+# Scored positions per chunk when the caller gives none: the largest chunk before CPU time degrades
+# (benchmarks/README.md, loss_memory.py, has the sweep), so the fewest chunks (a GPU pays a kernel launch
+# per op per chunk) within about 0.75 GiB at a 49,152-token vocabulary. Liger-Kernel's fused-linear JSD
 # heuristic picks 256 at this shape too. Not yet measured on a GPU.
 DEFAULT_CHUNK_POSITIONS = 256
 

@@ -1,6 +1,6 @@
 """Difficulty scoring with Ray Data: read -> validate/tokenize -> measurer actor pool -> fuse -> buckets -> write.
 
-Layout written under ``cfg.output.dir``/scores (CONTRACTS.md): ``rows/`` (a directory of
+Layout written under ``cfg.output.dir``/scores (`scores.py`; docs/ARCHITECTURE.md): ``rows/`` (a directory of
 parquet files, one row per scored sample: id, text, tokens, labels, every metric, fused_score, rank,
 bucket; with scoring.teacher_top_k or scoring.teacher_hidden also the teacher cache columns of
 ``teacher_cache.py``, from the measurers' teacher forward), ``manifest.json`` (its "teacher_cache"

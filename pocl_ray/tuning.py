@@ -7,7 +7,7 @@ the scoring pass depends on.
 
 Per trial, a driver function (`run_trial`, the Tune trainable) builds the trial's RunConfig from
 the sampled dotted-path values, with its own output directory DIR/tune/trials/<trial id> and Train
-run name, and calls `training.train`, which builds the TorchTrainer: the trial's resources are its
+run name, and calls `training.driver.train`, which builds the TorchTrainer: the trial's resources are its
 own Train workers (training.num_workers, GPUs when training.use_gpu) plus a small CPU share for the
 driver function (tune.cpus_per_trial). `Tuner(trainer)` is not used: Train V2 refuses it.
 
