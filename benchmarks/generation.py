@@ -52,7 +52,8 @@ from pocl_ray.data import IGNORE_INDEX, generation_batch
 from pocl_ray.evaluation import _Evaluator
 from pocl_ray.measurers import Measurer
 from pocl_ray.models import load_model
-from pocl_ray.sampling import generate_tokens, stream_seed
+from pocl_ray.sampling import generate_tokens
+from pocl_ray.seeds import stream_seed
 
 DEFAULTS = {
     "cuda": {

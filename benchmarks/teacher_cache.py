@@ -11,7 +11,8 @@ forms (top-K: scoring.teacher_top_k; hidden: scoring.teacher_hidden):
   toward the teacher (logits (1 − a)·initial + a·teacher, a = 0.5 and 0.9), as training moves them;
   the hidden form's error (the teacher's head on its int8-rounded hidden states) for all of them;
 - training tokens/s of an online step and of a cached step in each form, each through the trainer's
-  own `batch_of`, `forward_pair` and `output_terms` (backward and AdamW in all three), taken in turn,
+  own `build_batch`, `model_outputs` and `output_terms` through its teacher interface (backward and
+  AdamW in all three), taken in turn,
   median over the timed steps. tokens/s counts non-pad input tokens.
 
 Two teachers (--teacher):
@@ -20,8 +21,8 @@ Two teachers (--teacher):
   rows of tests/conftest.py, so its distributions are peaked as a trained LM's are (a random one is
   nearly flat and top-k would mean nothing); the student is cut from it (every 2nd layer), the
   quickstart's initial student; dev batch: 64 synthetic rows;
-- testbed: the testbed's SmolLM2-135M-Instruct (--teacher-path, built by
-  ../shared/testbed/build_teacher.sh; vocabulary 49,152) and its initial student, the teacher cut to
+- testbed: the testbed's SmolLM2-135M-Instruct (--teacher-path, the teacher
+  configs/testbed.yaml names; vocabulary 49,152) and its initial student, the teacher cut to
   every 3rd layer (configs/testbed.yaml); dev batch: the first --dev-rows rows of the testbed dev set,
   chat template, max_length 512. The training-step timing uses the first 256 dev rows; --speed-steps 0
   skips it (on CPU it takes minutes per step at this size).
@@ -55,9 +56,13 @@ from conftest import synthetic_rows  # noqa: E402
 
 from pocl_ray.config import DataConfig, KDConfig  # noqa: E402
 from pocl_ray.curriculum import Stage  # noqa: E402
-from pocl_ray.data import build_prompt, read_table, validate_and_tokenize  # noqa: E402
-from pocl_ray.losses import KD_KINDS, _next_labels, cached_kd_loss, kd_loss  # noqa: E402
-from pocl_ray.measurers import row_caches, teacher_caches  # noqa: E402
+from pocl_ray.data import (  # noqa: E402
+    build_prompt,
+    read_table,
+    scored_mask,
+    validate_and_tokenize,
+)
+from pocl_ray.losses import KD_KINDS, cached_kd_loss, kd_loss  # noqa: E402
 from pocl_ray.models import build_tiny_model, build_tiny_tokenizer, load_model, load_tokenizer, student_from_teacher  # noqa: E402
 from pocl_ray.teacher_cache import (  # noqa: E402
     CACHE_COLUMNS,
@@ -67,15 +72,15 @@ from pocl_ray.teacher_cache import (  # noqa: E402
     collate_teacher_cache,
     dequantize_hidden,
     quantize_hidden,
+    row_caches,
+    teacher_caches,
 )
-from pocl_ray.training import (  # noqa: E402
-    CacheReader,
+from pocl_ray.training.step import build_batch, model_outputs, output_terms, token_counts  # noqa: E402
+from pocl_ray.training.teacher import (  # noqa: E402
+    CachedHiddenTeacher,
+    CachedTopKTeacher,
     HiddenStatesLM,
-    batch_of,
-    build_batch,
-    forward_pair,
-    output_terms,
-    token_counts,
+    OnlineTeacher,
 )
 
 KS = (8, 32, 128)
@@ -128,14 +133,14 @@ def loss_errors(
     (1 − a)·initial + a·teacher, a = 0.5 and 0.9, stand in for it. The hidden form's teacher is its
     head applied to the int8-rounded final hidden states, as training computes it."""
     dev = build_batch(dev_rows, pad_id, device)
-    scored = _next_labels(dev["labels"]) != -100
+    scored = scored_mask(dev["labels"]).flatten()
     models = {"teacher": HiddenStatesLM(teacher), "student": HiddenStatesLM(student)}
     with torch.no_grad():
         hidden = {
             name: torch.cat(
                 [
                     m(dev["input_ids"][i : i + 8], dev["attention_mask"][i : i + 8])
-                    .final.float()
+                    .hidden.float()
                     .flatten(0, 1)[scored.view(dev["labels"].shape)[i : i + 8].flatten()]
                     for i in range(0, len(dev_rows), 8)
                 ]
@@ -162,7 +167,7 @@ def loss_errors(
             cached = float(cached_kd_loss(kind, s_logits, cache, labels, temperature=t))
         return float(f"{abs(cached - exact) / exact:.3g}")
 
-    counts = (dev["labels"][:, 1:] != -100).sum(1).tolist()
+    counts = scored_mask(dev["labels"]).sum(1).tolist()
     errors, coverage, toward, hidden_form = {}, {}, {}, {}
     for t in TEMPERATURES:
         for kind in KD_KINDS:
@@ -209,25 +214,25 @@ def disk_bytes(rows: list[dict], teacher, form: int | str, pad_id: int) -> float
     )
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
-    tokens = sum(int((np.asarray(r["labels"])[1:] != -100).sum()) for r in rows)
+    tokens = sum(int(scored_mask(torch.as_tensor(r["labels"])).sum()) for r in rows)
     return round(buffer.tell() / tokens, 1)
 
 
 def step_speed(teacher, student, rows: list[dict], k: int, steps: int, device: torch.device, pad_id: int) -> dict:
     """Median tokens/s of an online training step and of the two cached ones (micro-batches of 16
-    rows), taken in turn, each through the trainer's own `batch_of`, `forward_pair` and `output_terms`.
+    rows), taken in turn, each through the trainer's own `build_batch`, `model_outputs` and `output_terms`
+    with the teacher of its kind (`training.teacher`).
     On a GPU as training runs there: the teacher and the cached head in bf16, the step under bf16 autocast."""
     stage = Stage(index=0, buckets=(0,), temperature=2.0, kd_weight=0.7, loss="fkl", steps=steps)
     kd = KDConfig()
     gpu = device.type == "cuda"
     teacher = copy.deepcopy(teacher).to(torch.bfloat16) if gpu else teacher
-    t_model = HiddenStatesLM(teacher)
     names = ("online", "top_k", "hidden")
     s_model = {name: HiddenStatesLM(copy.deepcopy(student).train().requires_grad_(True)) for name in names}
     optim = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in s_model.items()}
     micro = [rows[i : i + 16] for i in range(0, len(rows) - 15, 16)]
     head = teacher.get_output_embeddings().weight
-    readers = {"online": None, "top_k": CacheReader(CACHE_COLUMNS, None), "hidden": CacheReader(HIDDEN_COLUMNS, head)}
+    teachers = {"online": OnlineTeacher(teacher), "top_k": CachedTopKTeacher(), "hidden": CachedHiddenTeacher(head)}
     stored = {
         "online": micro,
         "top_k": [with_cache(m, teacher, k, pad_id) for m in micro],
@@ -239,11 +244,11 @@ def step_speed(teacher, student, rows: list[dict], k: int, steps: int, device: t
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         sync()
         start = time.perf_counter()
-        batch = batch_of(stored[name][i % len(micro)], pad_id, device, readers[name])
-        n_ce, n_kd = token_counts(batch, stage)
+        batch = build_batch(stored[name][i % len(micro)], pad_id, device, teachers[name])
+        counts = token_counts(batch, stage)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
-            s, t = forward_pair(model, t_model if name == "online" else None, batch, stage)
-            loss, _, _ = output_terms(s, t, batch, stage, kd, n_ce, n_kd)
+            s_out, t_out = model_outputs(model, teachers[name], batch, stage)
+            loss, _, _ = output_terms(s_out, t_out, batch, stage, kd, counts)
         loss.backward()
         optim[name].step()
         optim[name].zero_grad(set_to_none=True)
@@ -337,7 +342,7 @@ def main() -> None:
         "threads": args.threads,
         **about,
         "dev_rows": len(dev_rows),
-        "dev_scored_tokens": sum(int((np.asarray(r["labels"])[1:] != -100).sum()) for r in dev_rows),
+        "dev_scored_tokens": sum(int(scored_mask(torch.as_tensor(r["labels"])).sum()) for r in dev_rows),
         "bytes_per_scored_token": {
             **{
                 f"K={k}": {

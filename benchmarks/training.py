@@ -6,7 +6,7 @@ One process, one run, the same models, rows and batches on all three paths:
   and CE at the scored positions, AdamW, grad clipping, a `.item()` read of the loss every step.
 - `bare`: the project's step functions (`length_grouped`, `build_batch`, `accumulate_gradients`,
   `optimizer_step`) in a plain loop without Ray, step numbers read back every 20 steps.
-- `ray`: `pocl_ray.training.train` with one worker (the GPU when --device cuda), its step times from
+- `ray`: `pocl_ray.training.driver.train` with one worker (the GPU when --device cuda), its step times from
   metrics.jsonl; `fixed_seconds` is the fit's wall time outside its step loop (Ray Train start-up,
   model loading, checkpoints, shutdown).
 tokens/s counts every non-pad input token (both models read them all). Steady state: steps 2..N.
@@ -37,18 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pocl_ray.config import parse_config
 from pocl_ray.curriculum import lr_at, plan_from_config, stage_specs
 from pocl_ray.models import build_tiny_tokenizer, load_model, load_tokenizer, resolve_dtype
+from pocl_ray.seeds import stream_seed
 from pocl_ray.shards import ScoresIndex, blocks, worker_shard
-from pocl_ray.training import (
-    HiddenStatesLM,
-    accumulate_gradients,
-    adamw,
-    build_batch,
-    length_grouped,
-    optimizer_step,
-    plain_heads,
-    step_seed,
-    train,
-)
+from pocl_ray.training.driver import train
+from pocl_ray.training.step import accumulate_gradients, adamw, build_batch, length_grouped, optimizer_step
+from pocl_ray.training.teacher import HiddenStatesLM, OnlineTeacher, logits_form
 
 GIB = 2**30
 SHAPES = {
@@ -248,8 +241,8 @@ def bare_loop(cfg, rows: dict, steps: list, device: torch.device) -> list[float]
     from pocl_ray.curriculum import Stage
 
     teacher_lm, student_lm = _models(cfg, device)
-    student, teacher = HiddenStatesLM(student_lm), HiddenStatesLM(teacher_lm)
-    student.plain_head = teacher.plain_head = plain_heads(student, teacher)
+    logits = logits_form(student_lm, [teacher_lm])
+    student, teacher = HiddenStatesLM(student_lm, logits), OnlineTeacher(teacher_lm, logits)
     t, kd = cfg.training, cfg.kd
     stage = Stage(index=0, buckets=(0,), steps=len(steps), kd_weight=0.7, loss="fkl")
     optimizer = adamw(student, t.lr, t.weight_decay)
@@ -257,14 +250,11 @@ def bare_loop(cfg, rows: dict, steps: list, device: torch.device) -> list[float]
     pad = load_tokenizer(cfg.models.teacher).pad_token_id
     ends, pending = [], []
     for k, micro in enumerate(steps):
-        torch.manual_seed(step_seed(t.seed, k, 0))
+        torch.manual_seed(stream_seed(t.seed, k, 0))
         batches = [build_batch(m, pad, device) for m in length_grouped([[rows[int(r)] for r in m] for m in micro])]
-        out = accumulate_gradients(student, teacher, batches, stage, kd, autocast=autocast)
-        pending.append(
-            torch.cat(
-                [out, optimizer_step(student, optimizer, lr_at(k, len(steps), t.lr, t.min_lr), t.grad_clip).view(1)]
-            )
-        )
+        values = accumulate_gradients(student, teacher, batches, stage, kd, autocast=autocast)
+        grad_norm = optimizer_step(student, optimizer, lr_at(k, len(steps), t.lr, t.min_lr), t.grad_clip)
+        pending.append(torch.stack([*values, grad_norm]))
         if len(pending) == 20 or k == len(steps) - 1:
             torch.stack(pending).tolist()
             pending = []

@@ -31,7 +31,7 @@ def _score(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from pocl_ray.ray_session import init_ray
-    from pocl_ray.training import train
+    from pocl_ray.training.driver import train
 
     cfg = _config(args)
     init_ray()
@@ -42,7 +42,7 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from pocl_ray.evaluation import evaluate
     from pocl_ray.ray_session import init_ray
-    from pocl_ray.training import selected_student
+    from pocl_ray.training.driver import selected_student
 
     cfg = _config(args)
     init_ray()

@@ -395,7 +395,7 @@ class KDConfig(_Section):
         0.0, ge=0, le=1, description="GKD lambda: share of the batch the student generates"
     )
     on_policy_max_new_tokens: int = Field(128, gt=0)
-    # = losses.DEFAULT_CHUNK_POSITIONS (measured there; a test keeps the two equal).
+    # = losses.DEFAULT_CHUNK_POSITIONS (chosen there; a test keeps the two equal).
     chunk_positions: int = Field(256, gt=0, description="scored positions per loss chunk")
     teacher: Literal["online", "cached"] = Field(
         "online",
@@ -664,6 +664,11 @@ class PipelineConfig(_Section):
     evaluate_teacher: bool = False
 
 
+# Sections every run compared in one pipeline and every trial of a sweep shares: they define the one
+# scoring pass and the output layout (pipeline.compare and tune.search_space refuse them).
+SHARED_SECTIONS = ("data", "models", "scoring", "output", "pipeline")
+
+
 class RunConfig(_Section):
     name: str = "run"
     data: DataConfig
@@ -678,7 +683,7 @@ class RunConfig(_Section):
     pipeline: PipelineConfig = PipelineConfig()
 
     @model_validator(mode="after")
-    def _cached_teacher(self) -> RunConfig:
+    def _check_kd_teacher(self) -> RunConfig:
         if self.kd.teacher != "cached":
             return self
         if self.curriculum.plan in ("extraction", "progressive"):

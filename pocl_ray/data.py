@@ -46,7 +46,7 @@ import torch
 from pocl_ray import conversations, hf_datasets
 from pocl_ray.config import HFDataset
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # a label no loss scores: prompt tokens and padding
 
 # Marker columns added by the JSONL reader. ERROR_COLUMN holds "line N: invalid JSON: ..." for a
 # line that is not a JSON object (RAW_COLUMN keeps its text); JSON_COLUMN lists, per row, the
@@ -313,10 +313,11 @@ def build_prompt(instruction: str, context: str | None, template: str, tokenizer
 # Validation and tokenisation
 
 
-def _plain(value: Any) -> Any:
-    """numpy scalars/arrays (from Ray numpy batches) -> Python values."""
+def python_value(value: Any) -> Any:
+    """numpy scalars/arrays (from Ray numpy batches, or a search algorithm: pydantic rejects np.int64)
+    -> Python values."""
     if isinstance(value, np.ndarray):
-        return [_plain(v) for v in value.tolist()]
+        return [python_value(v) for v in value.tolist()]
     if isinstance(value, np.generic):
         return value.item()
     return value
@@ -330,7 +331,7 @@ def _columns(batch: Any) -> dict[str, list[Any]]:
     out = {}
     for name, values in batch.items():
         values = values.tolist() if hasattr(values, "tolist") else list(values)
-        out[name] = [_plain(v) for v in values]
+        out[name] = [python_value(v) for v in values]
     return out
 
 
@@ -630,6 +631,20 @@ def collate(
         "attention_mask": _pad(_sequences(rows, "attention_mask"), 0, "right", pad_to_multiple_of),
         "labels": _pad(_sequences(rows, "labels"), IGNORE_INDEX, "right", pad_to_multiple_of),
     }
+
+
+def predicted_labels(labels: torch.Tensor) -> torch.Tensor:
+    """The label each position is trained to predict: ``labels`` (a row (seq,) or a batch (..., seq))
+    shifted left by one, IGNORE_INDEX at the last position. Labels are stored unshifted, as Hugging
+    Face stores them: a causal LM's output at position t predicts token t + 1, so position t is a
+    *scored position* (its logits enter a loss) where ``predicted_labels(labels)[t] != IGNORE_INDEX``.
+    Every loss, measurer, cache and token count finds its positions here."""
+    return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def scored_mask(labels: torch.Tensor) -> torch.Tensor:
+    """True at the scored positions of ``labels`` (see `predicted_labels`)."""
+    return predicted_labels(labels) != IGNORE_INDEX
 
 
 def generation_batch(prompts_token_ids: Iterable[Sequence[int]], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ and streams the rows through an actor pool in which each actor holds one model r
 aggregation / formatting functions below, all usable without Ray.
 
 Sampling is seeded per row: row r of set s under seed k draws its tokens with the row seed
-`row_seed(k, s, id_r)` through `sampling.generate_tokens` (one vectorised draw per token for the
+`seeds.stream_seed(k, s, id_r)` through `sampling.generate_tokens` (one vectorised draw per token for the
 whole batch; see pocl_ray/sampling.py), so a row's generation depends neither on the rows it is
 batched with nor on the number of actors (up to float rounding differences between padded and
 unpadded forward passes). Every (row, seed) pair is one generation row: the pairs are sorted by
@@ -44,7 +44,8 @@ from pocl_ray.measurers import greedy_responses, response_budgets, response_mean
 from pocl_ray.models import TOKENIZER_CONFIG, check_model_folder, has_model_files, load_model, load_tokenizer
 from pocl_ray.progress import progress_line, row_progress
 from pocl_ray.ray_session import actor_pool, actor_resources
-from pocl_ray.sampling import generate_tokens, stream_seed
+from pocl_ray.sampling import generate_tokens
+from pocl_ray.seeds import stream_seed
 
 log = logging.getLogger(__name__)
 PROGRESS_SECONDS = 10.0  # at most this long between greedy_rouge_sum's progress lines
@@ -77,11 +78,6 @@ def rouge_l(prediction: str, reference: str, scorer: RougeScorer | None = None) 
     """ROUGE-L F1 ×100 of a generation against its reference (rouge-score, stemming on)."""
     scorer = scorer or rouge_l_scorer()
     return 100.0 * scorer.score(reference, prediction)["rougeL"].fmeasure
-
-
-def row_seed(seed: int, set_name: str, row_id: str) -> int:
-    """A 63-bit generator seed fixed by (seed, set, row id) alone."""
-    return stream_seed(seed, set_name, row_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +191,7 @@ def evaluate_rows(
     scores: dict[tuple[int, int], tuple[str, float]] = {}
     for chunk in _batches(pairs, eval_cfg.batch_size):
         prompts = [rows[i]["input_ids"][: rows[i]["num_prompt_tokens"]] for i, _ in chunk]
-        row_seeds = None if greedy else [row_seed(seeds[k], rows[i]["set"], rows[i]["id"]) for i, k in chunk]
+        row_seeds = None if greedy else [stream_seed(seeds[k], rows[i]["set"], rows[i]["id"]) for i, k in chunk]
         for (i, k), text in zip(chunk, generate(model, tokenizer, prompts, row_seeds, eval_cfg)):
             scores[i, k] = (text, rouge_l(text, rows[i]["response"], scorer))
     for i in good:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pocl_ray.data import IGNORE_INDEX
+from pocl_ray.seeds import stream_seed
 
 PROJECTION_KINDS = ("gaussian", "orthogonal")
 
@@ -52,12 +52,6 @@ def projection_matrix(
     return q.to(dtype)
 
 
-def derived_seed(seed: int, index: int) -> int:
-    """A generator seed per (run seed, index), e.g. a teacher layer or a named random stream; well
-    mixed, so nearby pairs do not collide."""
-    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
 def layer_projection(
     d_teacher: int,
     d_student: int,
@@ -70,7 +64,7 @@ def layer_projection(
     """The projection for one teacher layer; a function of (seed, teacher_layer) alone."""
     if teacher_layer < 0:
         raise ValueError(f"teacher_layer must be >= 0, got {teacher_layer}")
-    return projection_matrix(d_teacher, d_student, seed=derived_seed(seed, teacher_layer), kind=kind, dtype=dtype)
+    return projection_matrix(d_teacher, d_student, seed=stream_seed(seed, teacher_layer), kind=kind, dtype=dtype)
 
 
 def hidden_match_loss(

@@ -1,10 +1,11 @@
 """White-box KD losses of METHODS.md §3 and the reference cross-entropy, from causal-LM logits or
-from final hidden states and LM-head weights.
+from final hidden states and LM-head weights, against an online teacher or the cached one.
 
 Conventions: p = teacher, q = student, both softmax(logits / T); labels follow Hugging Face (unshifted,
--100 = ignored), so the logits at position t-1 are scored wherever labels[:, t] != -100. Every loss is
-a sum over scored positions divided by ``num_tokens``: the caller passes the global count under
-data parallelism / gradient accumulation so per-worker losses add up to the one-big-batch loss.
+-100 = ignored), so the logits at position t-1 are scored wherever labels[:, t] != -100
+(`data.predicted_labels`). Every loss is a sum over scored positions divided by ``num_tokens``: the
+caller passes the global count under data parallelism / gradient accumulation so per-worker losses add
+up to the one-big-batch loss. Every entry point takes the same keyword options (`KDOptions`).
 
 Memory: the scored positions are found first; then ``chunk_positions`` of them at a time are gathered,
 turned into logits (``hidden @ head.T`` on the hidden-state path, in the inputs' dtype), evaluated in
@@ -18,173 +19,37 @@ Finding the scored positions on a GPU (nonzero) makes the host wait for it; a tr
 them as ``scored_positions`` instead, found on the host while it builds the batch: the flattened
 (batch·seq) indices of the positions to visit, any superset of the scored ones (the rest add nothing).
 
-A cached teacher (`TeacherCache`, METHODS.md §4: top-K log-probs, tail statistics and a few tokens drawn
-from the tail per scored position, stored by the scoring pass) replaces the teacher's chunk logits in the
-same engine (`cached_kd_and_ce`): each divergence is exact on the top K and estimated on the tail.
+A cached teacher's top-K form (`teacher_cache.TeacherCache`, METHODS.md §4: top-K log-probs, tail
+statistics and a few tokens drawn from the tail per scored position, stored by the scoring pass)
+replaces the teacher's chunk logits in the same engine (`cached_kd_and_ce`): each divergence is exact on
+the top K and estimated on the tail (the tail estimators below; `teacher_cache.at_temperature` reads
+the stored tail at T).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypedDict
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from pocl_ray.data import IGNORE_INDEX
+from pocl_ray.data import IGNORE_INDEX, predicted_labels, scored_mask
+from pocl_ray.logprobs import LOG_FLOOR, log_mix, log_probs
+from pocl_ray.teacher_cache import TAIL_STATS, TeacherAtT, TeacherCache, at_temperature
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 KD_KINDS = ("fkl", "rkl", "js", "tvd", "skl", "srkl", "akl")
 
-# Scored positions per chunk when the caller gives none. Measured on CPU (1 thread, fp32, JS at T = 2,
-# linear_kd_loss forward + backward, 511 scored positions, hidden 576, vocab 49,152; fastest of 4
-# interleaved runs on a shared machine): 32 -> 2.45 s, 64 -> 2.20 s, 128 -> 2.36 s, 256 -> 2.39 s,
-# 512 -> 3.14 s, 1024 -> 2.91 s; extra memory 187 / 265 / 421 / 732 / 1164 / 1164 MiB (benchmarks/
-# loss_memory.py --chunk-positions-sweep). Time is flat up to 256 and worse beyond, while memory grows with the
-# chunk, so 256 is the largest chunk before CPU time degrades: the fewest chunks (a GPU pays a kernel
-# launch per op per chunk) within about 0.75 GiB at this vocabulary. Liger-Kernel's fused-linear JSD
+# Scored positions per chunk when the caller gives none: the largest chunk before CPU time degrades
+# (benchmarks/README.md, loss_memory.py, has the sweep), so the fewest chunks (a GPU pays a kernel launch
+# per op per chunk) within about 0.75 GiB at a 49,152-token vocabulary. Liger-Kernel's fused-linear JSD
 # heuristic picks 256 at this shape too. Not yet measured on a GPU.
 DEFAULT_CHUNK_POSITIONS = 256
-
-# Log-probs are floored far below fp32's exp underflow (about -104), so masked vocabulary entries
-# (-inf logits) have probability exactly 0 and their 0·log0 terms evaluate to 0 with no inf-inf or
-# 0·inf reaching a value or a gradient. A token one side masks and the other supports (a truly
-# infinite divergence) then costs at most ~1e4 nats: large, finite, and summable over a batch.
-_LOG_FLOOR = -1e4
-
-
-def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return torch.log_softmax(logits.float() / temperature, dim=-1).clamp_min(_LOG_FLOOR)
-
-
-def _log_mix(logp: torch.Tensor, logq: torch.Tensor, weight_p: float) -> torch.Tensor:
-    """log(weight_p·p + (1 − weight_p)·q), computed in log space."""
-    if weight_p == 0.0:
-        return logq
-    if weight_p == 1.0:
-        return logp
-    return torch.logaddexp(logp + math.log(weight_p), logq + math.log1p(-weight_p))
-
-
-# The cached teacher (METHODS.md §4), per scored position: the teacher's top-K log-probs at T = 1; the
-# log of its tail Σ_{j ∉ top-K} p_j^(1/T) at these temperatures; the tail's mean log p at T = 1; and
-# TAIL_SAMPLES tail tokens drawn (with replacement) from the teacher's tail at SAMPLE_TEMPERATURE, with
-# their log-probs at T = 1. A tail at another temperature is interpolated linearly in 1/T between the two
-# nearest (extrapolated from the end segments outside): log Σ p_j^β is convex in β, so between grid
-# points the estimate is an upper bound, outside a lower one. 1 and 2 are the default schedule's ends
-# (exact there); 1.5 halves the interpolation span between them.
-TAIL_TEMPERATURES = (1.0, 1.5, 2.0, 4.0)
-# 16 draws fill the 600-byte budget at K = 128 (METHODS.md §4). Drawing at T = 2 rather than 1 spreads
-# the draws over more of the tail, so the importance weights p̂/r stay bounded at every T ≤ 2 (they grow
-# like p^(1/T − 1/2) as p -> 0 only above T = 2); it must be a grid temperature, whose tail sum normalises r.
-TAIL_SAMPLES = 16
-SAMPLE_TEMPERATURE = 2.0
-
-
-class TeacherCache(NamedTuple):
-    """The teacher's distribution at N scored positions, in the order the KD mask visits them (row-major).
-
-    top_ids (N, K) integer token ids; top_logprobs (N, K) the teacher's log-softmax at T = 1 of those
-    tokens (any float dtype); tail (N, len(TAIL_TEMPERATURES) + 1): log Σ_{j ∉ top-K} p_j^(1/T) for each
-    T of TAIL_TEMPERATURES, then the mean of log p_j over the tail at T = 1, floored at _LOG_FLOOR (an
-    empty tail, K = vocab, has mass exactly 0); sample_ids (N, M) tail tokens drawn from the teacher's
-    tail at SAMPLE_TEMPERATURE, sample_logprobs (N, M) their log-softmax at T = 1 (_LOG_FLOOR when the
-    tail is empty, which makes their importance weight 0).
-    """
-
-    top_ids: torch.Tensor
-    top_logprobs: torch.Tensor
-    tail: torch.Tensor
-    sample_ids: torch.Tensor
-    sample_logprobs: torch.Tensor
-
-
-def teacher_top_k(logits: torch.Tensor, k: int, uniforms: torch.Tensor | None = None) -> TeacherCache:
-    """The cache of teacher ``logits`` (N, V): top-k log-probs at T = 1 (fp32, unfloored), the tail terms
-    and TAIL_SAMPLES tail draws, one per column of ``uniforms`` (N, M) in [0, 1) (float64 for resolution
-    below 2^-24; a fixed-seed stream when None, for callers without row ids)."""
-    if not 1 <= k <= logits.shape[-1]:
-        raise ValueError(f"top-k size must lie in 1..{logits.shape[-1]} (the vocabulary), got {k}")
-    if uniforms is None:
-        uniforms = torch.rand(
-            (logits.shape[0], TAIL_SAMPLES), generator=torch.Generator().manual_seed(0), dtype=torch.float64
-        ).to(logits.device)
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    top, ids = logp.topk(k, dim=-1)
-    rest = logp.scatter(-1, ids, float("-inf"))
-    sums = [(rest / t).logsumexp(-1) for t in TAIL_TEMPERATURES]
-    mean = logp.clamp_min(_LOG_FLOOR).scatter(-1, ids, 0.0).sum(-1) / max(logp.shape[-1] - k, 1)
-    tail = torch.stack([*sums, mean], -1).clamp_min(_LOG_FLOOR)
-    # Inverse-CDF draws in float64: tail tokens far below 2^-24 of the proposal keep their probability.
-    weights = (rest.double() / SAMPLE_TEMPERATURE).exp()
-    cdf = weights.cumsum(-1)
-    total = cdf[:, -1:]
-    # right=True lands on the first token whose cdf exceeds the target: one with positive mass (never a
-    # top-K token, whose cdf step is 0), so long as the tail has any mass at all.
-    sample_ids = torch.searchsorted(cdf, uniforms.to(cdf) * total, right=True).clamp_max(logp.shape[-1] - 1)
-    empty = total == 0
-    sample_ids = sample_ids.masked_fill(empty, 0)
-    sample_logprobs = logp.gather(-1, sample_ids).masked_fill(empty, _LOG_FLOOR).clamp_min(_LOG_FLOOR)
-    return TeacherCache(ids, top, tail, sample_ids, sample_logprobs)
-
-
-def _tail_at(tail: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log Σ_tail p_j^(1/T) per row: the stored value at a grid temperature, else piecewise linear in 1/T."""
-    betas = [1.0 / t for t in TAIL_TEMPERATURES]  # decreasing
-    beta = 1.0 / temperature
-    i = next((i for i in range(len(betas) - 2) if beta >= betas[i + 1]), len(betas) - 2)
-    w = (betas[i] - beta) / (betas[i] - betas[i + 1])
-    # At a grid point w is exactly 0 or 1, so the stored value comes back bit for bit.
-    return (
-        tail[:, i].float()
-        if w == 0.0
-        else tail[:, i + 1].float()
-        if w == 1.0
-        else ((1.0 - w) * tail[:, i].float() + w * tail[:, i + 1].float())
-    )
-
-
-class _TeacherAtT(NamedTuple):
-    """The cached teacher re-tempered to T, per position: what the cached divergences read."""
-
-    top_ids: torch.Tensor  # (N, K) long
-    top: torch.Tensor  # (N, K) log p̂_i(T) of the top-K tokens
-    rest: torch.Tensor  # (N,) log p̂_rest(T), the tail's mass
-    tail_logp: torch.Tensor  # (N,) the tail-uniform model of log p̂_j(T): β·mean log p − log Z(β)
-    sample_ids: torch.Tensor  # (N, M) long
-    sample: torch.Tensor  # (N, M) log p̂_s(T) of the drawn tail tokens
-    weight: torch.Tensor  # (N, M) importance weight of each draw, 1 / (M·r_s), r_s its draw probability
-
-
-def _cached_teacher(cache: TeacherCache, temperature: float) -> _TeacherAtT:
-    """The cache at T, each tensor with one extra last row, a benign finite dummy (uniform over the top,
-    draws of weight 0), that positions outside the KD mask index (their terms are masked)."""
-    beta = 1.0 / temperature
-    top = cache.top_logprobs.float() * beta
-    tail_sum = _tail_at(cache.tail, temperature)[:, None]
-    log_z = torch.cat([top, tail_sum], -1).logsumexp(-1, keepdim=True)
-    logp_s = cache.sample_logprobs.float()
-    gamma = 1.0 / SAMPLE_TEMPERATURE
-    log_r = gamma * logp_s - cache.tail[:, TAIL_TEMPERATURES.index(SAMPLE_TEMPERATURE), None].float()
-    m = logp_s.shape[1]
-    # log r ≫ 0 only for the floored draws of an empty tail: their weight underflows to exactly 0.
-    weight = (-log_r).exp() / m
-    k, device = top.shape[1], top.device
-    parts = (
-        (cache.top_ids.long(), torch.zeros((1, k), dtype=torch.long, device=device)),
-        ((top - log_z).clamp_min(_LOG_FLOOR), torch.full((1, k), -math.log(k + 1), device=device)),
-        ((tail_sum - log_z).squeeze(1).clamp_min(_LOG_FLOOR), torch.full((1,), -math.log(k + 1), device=device)),
-        (
-            (beta * cache.tail[:, -1].float() - log_z.squeeze(1)).clamp_min(_LOG_FLOOR),
-            torch.full((1,), _LOG_FLOOR, device=device),
-        ),
-        (cache.sample_ids.long(), torch.zeros((1, m), dtype=torch.long, device=device)),
-        ((beta * logp_s - log_z).clamp_min(_LOG_FLOOR), torch.full((1, m), _LOG_FLOOR, device=device)),
-        (weight, torch.zeros((1, m), device=device)),
-    )
-    return _TeacherAtT(*(torch.cat(p) for p in parts))
 
 
 class _StudentAtCache(NamedTuple):
@@ -201,7 +66,7 @@ def _student_buckets(logq: torch.Tensor, ids: torch.Tensor, sample_ids: torch.Te
     The top-K entries are overwritten with a finite value far below the floor rather than -inf, so an
     empty rest (K = V) has log-mass ~ 2·floor with a finite gradient (exp(-inf + inf) would be NaN).
     """
-    rest = logq.scatter(-1, ids, 2 * _LOG_FLOOR).logsumexp(-1).clamp_min(_LOG_FLOOR)
+    rest = logq.scatter(-1, ids, 2 * LOG_FLOOR).logsumexp(-1).clamp_min(LOG_FLOOR)
     neg_entropy = (logq.exp() * logq).scatter(-1, ids, 0.0).sum(-1)
     return _StudentAtCache(logq.gather(-1, ids), rest, neg_entropy, logq.gather(-1, sample_ids))
 
@@ -255,17 +120,17 @@ def _pointwise(kind: str, skew_alpha: float, beta: float) -> Callable[[torch.Ten
         return lq.exp() * (lq - lp)
 
     def js_terms(lp, lq):
-        lm = _log_mix(lp, lq, beta)
+        lm = log_mix(lp, lq, beta)
         return beta * lp.exp() * (lp - lm) + (1.0 - beta) * lq.exp() * (lq - lm)
 
     def tvd_terms(lp, lq):
         return 0.5 * (lp.exp() - lq.exp()).abs()
 
     def skl_terms(lp, lq):
-        return lp.exp() * (lp - _log_mix(lp, lq, skew_alpha))
+        return lp.exp() * (lp - log_mix(lp, lq, skew_alpha))
 
     def srkl_terms(lp, lq):
-        return lq.exp() * (lq - _log_mix(lp, lq, 1.0 - skew_alpha))
+        return lq.exp() * (lq - log_mix(lp, lq, 1.0 - skew_alpha))
 
     return {"fkl": fkl_terms, "rkl": rkl_terms, "js": js_terms, "tvd": tvd_terms, "skl": skl_terms, "srkl": srkl_terms}[
         kind
@@ -286,28 +151,28 @@ def _divergence(
     return lambda logp, logq: terms(logp, logq).sum(-1)
 
 
-def _sampled_tail(f, t: _TeacherAtT, s: _StudentAtCache) -> torch.Tensor:
+def _sampled_tail(f, teacher: TeacherAtT, student: _StudentAtCache) -> torch.Tensor:
     """Σ_{j ∉ top-K} f(p̂_j, q_j) for an f with f(0, q) linear in q (every kind but RKL): the student-only
     part f(0, Q_rest) exactly, plus the draws' importance-weighted f(p̂, q) − f(0, q) (unbiased), but
     never below f(p̂_rest, Q_rest)."""
-    floor = torch.full_like(s.sample, _LOG_FLOOR)
-    correction = ((f(t.sample, s.sample) - f(floor, s.sample)) * t.weight).sum(-1)
-    estimate = f(torch.full_like(s.rest, _LOG_FLOOR), s.rest) + correction
+    floor = torch.full_like(student.sample, LOG_FLOOR)
+    correction = ((f(teacher.sample, student.sample) - f(floor, student.sample)) * teacher.weight).sum(-1)
+    estimate = f(torch.full_like(student.rest, LOG_FLOOR), student.rest) + correction
     # The tail's divergence is at least that of its two totals (data processing), so a draw that lands
     # below it is lifted to it: that never moves a position's estimate away from the true value, and the
     # position's loss stays at least the rest-bucket divergence, which is >= 0.
-    return torch.maximum(estimate, f(t.rest, s.rest))
+    return torch.maximum(estimate, f(teacher.rest, student.rest))
 
 
-def _rkl_tail(t: _TeacherAtT, s: _StudentAtCache) -> torch.Tensor:
+def _rkl_tail(teacher: TeacherAtT, student: _StudentAtCache) -> torch.Tensor:
     """Σ_{j ∉ top-K} q_j (log q_j − log p̂_j) with every tail log p̂_j taken as the tail's mean (the
     student-weighted one is unknown without the student): Σ q log q − Q_rest·mean."""
-    return s.rest_neg_entropy - s.rest.exp() * t.tail_logp
+    return student.rest_neg_entropy - student.rest.exp() * teacher.tail_logp
 
 
 def _cached_divergence(
     kind: str, skew_alpha: float, beta: float, mu: float
-) -> Callable[[_TeacherAtT, _StudentAtCache], torch.Tensor]:
+) -> Callable[[TeacherAtT, _StudentAtCache], torch.Tensor]:
     """``kind`` against the cached teacher, per position (METHODS.md §4): exact on the top K, the tail by
     importance-weighted draws (RKL: the tail-mean model; AKL: its FKL and RKL parts so, its split with the
     tail as one outcome of mass p̂_rest and gap Σ_tail |p̂ − q| estimated as TVD's)."""
@@ -319,23 +184,85 @@ def _cached_divergence(
         )
         tvd_terms = _pointwise("tvd", skew_alpha, beta)
 
-        def akl_cached(t: _TeacherAtT, s: _StudentAtCache) -> torch.Tensor:
+        def akl_cached(teacher: TeacherAtT, student: _StudentAtCache) -> torch.Tensor:
             with torch.no_grad():
-                p = torch.cat([t.top, t.rest[:, None]], -1).exp()
-                gap_top = (p[:, :-1] - s.top.exp()).abs()
-                gap_rest = 2 * _sampled_tail(tvd_terms, t, s)
+                p = torch.cat([teacher.top, teacher.rest[:, None]], -1).exp()
+                gap_top = (p[:, :-1] - student.top.exp()).abs()
+                gap_rest = 2 * _sampled_tail(tvd_terms, teacher, student)
                 w_head = _akl_head_weight(p, torch.cat([gap_top, gap_rest[:, None]], -1), mu)
-            return w_head * fkl_div(t, s) + (1.0 - w_head) * rkl_div(t, s)
+            return w_head * fkl_div(teacher, student) + (1.0 - w_head) * rkl_div(teacher, student)
 
         return akl_cached
     f = _pointwise(kind, skew_alpha, beta)
     tail = _rkl_tail if kind == "rkl" else partial(_sampled_tail, f)
-    return lambda t, s: f(t.top, s.top).sum(-1) + tail(t, s)
+    return lambda teacher, student: f(teacher.top, student.top).sum(-1) + tail(teacher, student)
+
+
+# ---------------------------------------------------------------------------------------------
+# The keyword options every entry point takes
+
+
+class LossOptions(TypedDict, total=False):
+    """Keyword options of every loss below (an option not given takes its LOSS_DEFAULTS value)."""
+
+    num_tokens: int | torch.Tensor | None  # the count the sum is divided by; None: this batch's scored positions
+    chunk_positions: int | None  # scored positions per chunk; None: DEFAULT_CHUNK_POSITIONS
+    scored_positions: torch.Tensor | None  # flattened positions to visit, found on the host (module docstring)
+
+
+class KDOptions(LossOptions, total=False):
+    """Keyword options of the KD losses: LossOptions and the divergence's own."""
+
+    temperature: float  # T of both softmaxes
+    scale_by_t2: bool  # KD × T² (keeps the gradient's scale as T changes)
+    skew_alpha: float  # the SKL / SRKL skew
+    beta: float  # the generalised JSD's weight
+    mu: float  # AKL's head / tail split
+
+
+class KDAndCEOptions(KDOptions, total=False):
+    """Keyword options of the losses that return KD and CE in one pass: KDOptions and CE's own count."""
+
+    ce_num_tokens: int | torch.Tensor | None  # CE's count, as num_tokens is KD's
+
+
+LOSS_DEFAULTS = KDAndCEOptions(
+    num_tokens=None,
+    chunk_positions=None,
+    scored_positions=None,
+    temperature=1.0,
+    scale_by_t2=True,
+    skew_alpha=0.1,
+    beta=0.5,
+    mu=0.5,
+    ce_num_tokens=None,
+)
+
+
+class _Options(NamedTuple):
+    num_tokens: int | torch.Tensor | None
+    chunk_positions: int | None
+    scored_positions: torch.Tensor | None
+    temperature: float
+    scale_by_t2: bool
+    skew_alpha: float
+    beta: float
+    mu: float
+    ce_num_tokens: int | torch.Tensor | None
+
+
+def _options(entry: str, given: Mapping[str, object], accepted: type) -> _Options:
+    """The options an entry point was given, over LOSS_DEFAULTS; a key ``accepted`` lacks is a TypeError."""
+    keys = accepted.__required_keys__ | accepted.__optional_keys__  # type: ignore[attr-defined]
+    unknown = sorted(set(given) - keys)
+    if unknown:
+        raise TypeError(f"{entry}() got an unexpected keyword argument {unknown[0]!r}")
+    return _Options(**{**LOSS_DEFAULTS, **given})  # type: ignore[arg-type]
 
 
 def count_tokens(labels: torch.Tensor) -> torch.Tensor:
     """Number of scored positions (0-d int64 tensor, ready for an all-reduce across workers)."""
-    return (labels[:, 1:] != IGNORE_INDEX).sum()
+    return scored_mask(labels).sum()
 
 
 def _check_positions(name: str, tensor: torch.Tensor, last: str, labels_name: str, labels: torch.Tensor) -> None:
@@ -368,16 +295,21 @@ def _check_same_vocab(student_vocab: int, teacher_vocab: int) -> None:
         )
 
 
-def _check_kd_options(kind: str, temperature: float, skew_alpha: float, beta: float, mu: float):
-    divergence = _divergence(kind, skew_alpha, beta, mu)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+def _check_kd_options(kind: str, options: _Options):
+    divergence = _divergence(kind, options.skew_alpha, options.beta, options.mu)
+    if options.temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {options.temperature}")
     return divergence
 
 
+def _check_kd_weight(kd_weight: float) -> None:
+    if not 0.0 <= kd_weight <= 1.0:
+        raise ValueError(f"kd_weight must lie in [0, 1], got {kd_weight}")
+
+
 def _next_labels(labels: torch.Tensor) -> torch.Tensor:
-    """The label each position predicts (HF shift), flattened; the last position of a row predicts nothing."""
-    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
+    """`data.predicted_labels`, flattened to the (batch·seq) rows the chunks visit."""
+    return predicted_labels(labels).flatten()
 
 
 def _row_logits(x: torch.Tensor, head: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -388,7 +320,8 @@ def _row_logits(x: torch.Tensor, head: torch.Tensor | None) -> Callable[[torch.T
 
 
 class _ChunkedTerms(torch.autograd.Function):
-    """Σ_k scales[k]·Σ_chunks term_k over chunks of ``chunk_positions`` scored rows, with each chunk's backward done at once.
+    """Σ_k scales[k]·Σ_chunks term_k over chunks of ``chunk_positions`` scored rows, each chunk's backward
+    done at once.
 
     ``student`` is (N, D) flattened rows; a chunk's logits are ``student[rows] @ head.T`` (the rows
     themselves when head is None), made in the inputs' dtype. ``terms(logits, rows)`` returns the K fp32
@@ -421,6 +354,7 @@ class _ChunkedTerms(torch.autograd.Function):
                 continue
             (grad_logits,) = torch.autograd.grad(loss, logits)
             if head is None:
+                assert grad_student is not None  # the loss needs a gradient only through the student
                 grad_student.index_copy_(0, chunk_rows, grad_logits)
                 continue
             if grad_student is not None:
@@ -478,13 +412,8 @@ def _fused_losses(
     ce_labels: torch.Tensor | None,
     *,
     divergence,
-    temperature: float,
-    scale_by_t2: bool,
     kd_weight: float,
-    num_tokens: int | torch.Tensor | None,
-    ce_num_tokens: int | torch.Tensor | None,
-    chunk_positions: int | None,
-    positions: torch.Tensor | None = None,
+    options: _Options,
     cache: TeacherCache | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(kd_weight·KD + (1 − kd_weight)·CE, KD, CE) in one pass over the chunks; the last two detached.
@@ -494,7 +423,8 @@ def _fused_losses(
     no teacher) KD is taken against the cached teacher (METHODS.md §4) and ``divergence`` is a
     `_cached_divergence`, reading the cache at T and the student's log-probs at its tokens. Callers check shapes.
     """
-    chunk_positions = DEFAULT_CHUNK_POSITIONS if chunk_positions is None else chunk_positions
+    temperature, positions = options.temperature, options.scored_positions
+    chunk_positions = DEFAULT_CHUNK_POSITIONS if options.chunk_positions is None else options.chunk_positions
     if chunk_positions < 1:
         raise ValueError(f"chunk_positions must be >= 1, got {chunk_positions}")
     if not torch.is_grad_enabled():
@@ -515,23 +445,23 @@ def _fused_losses(
 
     scales, norms = [], []
     if kd_mask is not None and cache is None:
+        assert teacher is not None, "KD needs a teacher or a cache"
         teacher_rows = _row_logits(
             teacher.detach().flatten(0, 1), None if teacher_head is None else teacher_head.detach()
         )
     if kd_mask is not None and cache is not None:
-        cached = _cached_teacher(cache, temperature)
+        cached = at_temperature(cache, temperature)
         # Each flattened position's index among the KD-scored ones (row-major, the cache's order), found
         # on the device; positions before the first one get -1, the dummy last row of the cache.
         slot = kd_mask.cumsum(0) - 1
     if kd_mask is not None:
         # The pass may also visit rows KD does not score (CE-only ones, given positions); KD must not count them.
         kd_rows = kd_mask if ce_targets is not None or positions is not None else None
-        norms.append(
-            _inverse_count(num_tokens, local_count(kd_mask), device) * (temperature**2 if scale_by_t2 else 1.0)
-        )
+        t2 = temperature**2 if options.scale_by_t2 else 1.0
+        norms.append(_inverse_count(options.num_tokens, local_count(kd_mask), device) * t2)
         scales.append(kd_weight * norms[-1])
     if ce_targets is not None:
-        norms.append(_inverse_count(ce_num_tokens, local_count(ce_targets != IGNORE_INDEX), device))
+        norms.append(_inverse_count(options.ce_num_tokens, local_count(ce_targets != IGNORE_INDEX), device))
         scales.append((1.0 - kd_weight) * norms[-1])
 
     def terms(logits: torch.Tensor, chunk_rows: torch.Tensor) -> list[torch.Tensor]:
@@ -540,12 +470,12 @@ def _fused_losses(
         if kd_mask is not None:
             logq = torch.log_softmax(logits.float() / temperature, dim=-1)
             if cache is None:
-                per_row = divergence(_log_probs(teacher_rows(chunk_rows), temperature), logq.clamp_min(_LOG_FLOOR))
+                per_row = divergence(log_probs(teacher_rows(chunk_rows), temperature), logq.clamp_min(LOG_FLOOR))
             else:
                 at = slot[chunk_rows]
-                t_rows = _TeacherAtT(*(x[at] for x in cached))
+                teacher_at = TeacherAtT(*(x[at] for x in cached))
                 per_row = divergence(
-                    t_rows, _student_buckets(logq.clamp_min(_LOG_FLOOR), t_rows.top_ids, t_rows.sample_ids)
+                    teacher_at, _student_buckets(logq.clamp_min(LOG_FLOOR), teacher_at.top_ids, teacher_at.sample_ids)
                 )
             values.append((per_row if kd_rows is None else per_row.where(kd_rows[chunk_rows], 0.0)).sum())
         if ce_targets is not None:
@@ -565,74 +495,38 @@ def _fused_losses(
     return loss, kd_value, ce_value
 
 
+# ---------------------------------------------------------------------------------------------
+# Entry points
+
+
 def kd_loss(
     kind: str,
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     labels: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    scale_by_t2: bool = True,
-    skew_alpha: float = 0.1,
-    beta: float = 0.5,
-    mu: float = 0.5,
-    num_tokens: int | torch.Tensor | None = None,
-    chunk_positions: int | None = None,
-    scored_positions: torch.Tensor | None = None,
+    **options: Unpack[KDOptions],
 ) -> torch.Tensor:
     """Token-level KD divergence ``kind`` between teacher and student, a scalar fp32 tensor.
 
-    Gradients reach the student logits only; the teacher is a constant. ``skew_alpha`` is the SKL/SRKL
-    skew, ``beta`` the generalised-JSD weight, ``mu`` the AKL head/tail split.
+    Gradients reach the student logits only; the teacher is a constant.
     """
-    divergence = _check_kd_options(kind, temperature, skew_alpha, beta, mu)
+    o = _options("kd_loss", options, KDOptions)
+    divergence = _check_kd_options(kind, o)
     _check_logits("student_logits", student_logits, labels)
     _check_logits("teacher_logits", teacher_logits, labels)
     _check_same_vocab(student_logits.shape[-1], teacher_logits.shape[-1])
     loss, _, _ = _fused_losses(
-        student_logits,
-        None,
-        teacher_logits,
-        None,
-        labels,
-        None,
-        divergence=divergence,
-        temperature=temperature,
-        scale_by_t2=scale_by_t2,
-        kd_weight=1.0,
-        num_tokens=num_tokens,
-        ce_num_tokens=None,
-        chunk_positions=chunk_positions,
-        positions=scored_positions,
+        student_logits, None, teacher_logits, None, labels, None, divergence=divergence, kd_weight=1.0, options=o
     )
     return loss
 
 
-def cross_entropy(
-    student_logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    num_tokens: int | torch.Tensor | None = None,
-    chunk_positions: int | None = None,
-    scored_positions: torch.Tensor | None = None,
-) -> torch.Tensor:
+def cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, **options: Unpack[LossOptions]) -> torch.Tensor:
     """Causal-LM cross-entropy on the reference (HF shift, fp32), summed over scored positions / num_tokens."""
+    o = _options("cross_entropy", options, LossOptions)
     _check_logits("student_logits", student_logits, labels)
     loss, _, _ = _fused_losses(
-        student_logits,
-        None,
-        None,
-        None,
-        None,
-        labels,
-        divergence=None,
-        temperature=1.0,
-        scale_by_t2=False,
-        kd_weight=0.0,
-        num_tokens=None,
-        ce_num_tokens=num_tokens,
-        chunk_positions=chunk_positions,
-        positions=scored_positions,
+        student_logits, None, None, None, None, labels, divergence=None, kd_weight=0.0, options=_as_ce(o)
     )
     return loss
 
@@ -647,15 +541,7 @@ def linear_kd_and_ce(
     ce_labels: torch.Tensor,
     *,
     kd_weight: float,
-    temperature: float = 1.0,
-    scale_by_t2: bool = True,
-    skew_alpha: float = 0.1,
-    beta: float = 0.5,
-    mu: float = 0.5,
-    num_tokens: int | torch.Tensor | None = None,
-    ce_num_tokens: int | torch.Tensor | None = None,
-    chunk_positions: int | None = None,
-    scored_positions: torch.Tensor | None = None,
+    **options: Unpack[KDAndCEOptions],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, KD, CE) from hidden states in one pass: each chunk's student logits serve both terms.
 
@@ -664,32 +550,28 @@ def linear_kd_and_ce(
     KD is scored at ``labels`` over ``num_tokens``, CE at ``ce_labels`` over ``ce_num_tokens``. With no
     teacher (both ``teacher_hidden`` and ``teacher_head`` None) KD is 0 and ``kind`` is not used.
     """
-    if not 0.0 <= kd_weight <= 1.0:
-        raise ValueError(f"kd_weight must lie in [0, 1], got {kd_weight}")
+    o = _options("linear_kd_and_ce", options, KDAndCEOptions)
+    _check_kd_weight(kd_weight)
     if (teacher_hidden is None) != (teacher_head is None):
         raise ValueError("teacher_hidden and teacher_head must both be given, or both be None (CE only)")
     _check_linear("student", student_hidden, student_head, "ce_labels", ce_labels)
     divergence = None
-    if teacher_hidden is not None:
-        divergence = _check_kd_options(kind, temperature, skew_alpha, beta, mu)
+    if teacher_hidden is not None and teacher_head is not None:
+        divergence = _check_kd_options(kind, o)
         _check_positions("student_hidden", student_hidden, "hidden", "labels", labels)
         _check_linear("teacher", teacher_hidden, teacher_head, "labels", labels)
         _check_same_vocab(student_head.shape[0], teacher_head.shape[0])
+    kd_labels = None if divergence is None else labels
     return _fused_losses(
         student_hidden,
         student_head,
         teacher_hidden,
         teacher_head,
-        None if divergence is None else labels,
+        kd_labels,
         ce_labels,
         divergence=divergence,
-        temperature=temperature,
-        scale_by_t2=scale_by_t2,
         kd_weight=kd_weight,
-        num_tokens=num_tokens,
-        ce_num_tokens=ce_num_tokens,
-        chunk_positions=chunk_positions,
-        positions=scored_positions,
+        options=o,
     )
 
 
@@ -700,15 +582,7 @@ def linear_kd_loss(
     teacher_hidden: torch.Tensor,
     teacher_head: torch.Tensor,
     labels: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    scale_by_t2: bool = True,
-    skew_alpha: float = 0.1,
-    beta: float = 0.5,
-    mu: float = 0.5,
-    num_tokens: int | torch.Tensor | None = None,
-    chunk_positions: int | None = None,
-    scored_positions: torch.Tensor | None = None,
+    **options: Unpack[KDOptions],
 ) -> torch.Tensor:
     """``kd_loss`` on the logits ``hidden @ head.T`` of each side, without ever holding more than one chunk of them.
 
@@ -716,7 +590,8 @@ def linear_kd_loss(
     Gradients reach ``student_hidden`` and ``student_head`` (through autograd, so a head tied to the
     input embedding gets both gradients summed); the teacher is a constant.
     """
-    divergence = _check_kd_options(kind, temperature, skew_alpha, beta, mu)
+    o = _options("linear_kd_loss", options, KDOptions)
+    divergence = _check_kd_options(kind, o)
     _check_linear("student", student_hidden, student_head, "labels", labels)
     _check_linear("teacher", teacher_hidden, teacher_head, "labels", labels)
     _check_same_vocab(student_head.shape[0], teacher_head.shape[0])
@@ -728,50 +603,32 @@ def linear_kd_loss(
         labels,
         None,
         divergence=divergence,
-        temperature=temperature,
-        scale_by_t2=scale_by_t2,
         kd_weight=1.0,
-        num_tokens=num_tokens,
-        ce_num_tokens=None,
-        chunk_positions=chunk_positions,
-        positions=scored_positions,
+        options=o,
     )
     return loss
 
 
 def linear_cross_entropy(
-    student_hidden: torch.Tensor,
-    student_head: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    num_tokens: int | torch.Tensor | None = None,
-    chunk_positions: int | None = None,
-    scored_positions: torch.Tensor | None = None,
+    student_hidden: torch.Tensor, student_head: torch.Tensor, labels: torch.Tensor, **options: Unpack[LossOptions]
 ) -> torch.Tensor:
     """``cross_entropy`` on the logits ``student_hidden @ student_head.T``, one chunk of scored positions at a time."""
+    o = _options("linear_cross_entropy", options, LossOptions)
     _check_linear("student", student_hidden, student_head, "labels", labels)
     loss, _, _ = _fused_losses(
-        student_hidden,
-        student_head,
-        None,
-        None,
-        None,
-        labels,
-        divergence=None,
-        temperature=1.0,
-        scale_by_t2=False,
-        kd_weight=0.0,
-        num_tokens=None,
-        ce_num_tokens=num_tokens,
-        chunk_positions=chunk_positions,
-        positions=scored_positions,
+        student_hidden, student_head, None, None, None, labels, divergence=None, kd_weight=0.0, options=_as_ce(o)
     )
     return loss
 
 
+def _as_ce(options: _Options) -> _Options:
+    """A CE-only call's options: its count is CE's (the one term it has), at T = 1."""
+    return options._replace(num_tokens=None, ce_num_tokens=options.num_tokens, temperature=1.0, scale_by_t2=False)
+
+
 def _check_cache(cache: TeacherCache, vocab: int, labels: torch.Tensor) -> None:
     ids, values, tail, sample_ids, sample_values = cache
-    n, stats = ids.shape[0] if ids.dim() == 2 else -1, len(TAIL_TEMPERATURES) + 1
+    n, stats = ids.shape[0] if ids.dim() == 2 else -1, TAIL_STATS
     if (
         ids.dim() != 2
         or values.shape != ids.shape
@@ -782,11 +639,12 @@ def _check_cache(cache: TeacherCache, vocab: int, labels: torch.Tensor) -> None:
     ):
         raise ValueError(
             f"teacher cache must be top_ids (N, K), top_logprobs (N, K), tail (N, {stats}), sample_ids (N, M), "
-            f"sample_logprobs (N, M); got {', '.join(str(tuple(t.shape)) for t in cache)}"
+            f"sample_logprobs (N, M); got {', '.join(str(tuple(x.shape)) for x in cache)}"
         )
     if ids.shape[1] > vocab or ids.dtype.is_floating_point or sample_ids.dtype.is_floating_point:
         raise ValueError(
-            f"teacher cache top_ids must be integer ids, at most the vocabulary ({vocab}) per row; got {ids.dtype} K = {ids.shape[1]}"
+            f"teacher cache top_ids must be integer ids, at most the vocabulary ({vocab}) per row; "
+            f"got {ids.dtype} K = {ids.shape[1]}"
         )
     # Counting the scored positions makes a GPU host wait, so the alignment is checked on CPU only
     # (collate_teacher_cache checks it per row while building the batch).
@@ -803,28 +661,20 @@ def cached_kd_and_ce(
     ce_labels: torch.Tensor,
     *,
     kd_weight: float,
-    temperature: float = 1.0,
-    scale_by_t2: bool = True,
-    skew_alpha: float = 0.1,
-    beta: float = 0.5,
-    mu: float = 0.5,
-    num_tokens: int | torch.Tensor | None = None,
-    ce_num_tokens: int | torch.Tensor | None = None,
-    chunk_positions: int | None = None,
-    scored_positions: torch.Tensor | None = None,
+    **options: Unpack[KDAndCEOptions],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``linear_kd_and_ce`` against a cached teacher: (loss, KD, CE), the last two detached.
 
     ``student`` is hidden states (batch, seq, hidden) with ``student_head`` (vocab, hidden), or logits
     (batch, seq, vocab) with ``student_head`` None. ``cache`` holds one entry per KD-scored position
-    (labels[:, t + 1] != -100), row-major: the order of ``scored_positions`` from ``build_batch`` and of
+    (labels[:, t + 1] != -100), row-major: the order of the batch's ``scored_positions`` and of
     ``teacher_cache.collate_teacher_cache``. Each kind is exact on the teacher's top-K tokens and estimated
     on the rest of the vocabulary (METHODS.md §4); with K = vocab it is the online loss.
     """
-    if not 0.0 <= kd_weight <= 1.0:
-        raise ValueError(f"kd_weight must lie in [0, 1], got {kd_weight}")
-    _check_kd_options(kind, temperature, skew_alpha, beta, mu)
-    divergence = _cached_divergence(kind, skew_alpha, beta, mu)
+    o = _options("cached_kd_and_ce", options, KDAndCEOptions)
+    _check_kd_weight(kd_weight)
+    _check_kd_options(kind, o)
+    divergence = _cached_divergence(kind, o.skew_alpha, o.beta, o.mu)
     if student_head is None:
         _check_logits("student", student, ce_labels)
         _check_logits("student", student, labels)
@@ -842,52 +692,22 @@ def cached_kd_and_ce(
         labels,
         ce_labels,
         divergence=divergence,
-        temperature=temperature,
-        scale_by_t2=scale_by_t2,
         kd_weight=kd_weight,
-        num_tokens=num_tokens,
-        ce_num_tokens=ce_num_tokens,
-        chunk_positions=chunk_positions,
-        positions=scored_positions,
+        options=o,
         cache=cache,
     )
 
 
 def cached_kd_loss(
-    kind: str,
-    student_logits: torch.Tensor,
-    cache: TeacherCache,
-    labels: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    scale_by_t2: bool = True,
-    skew_alpha: float = 0.1,
-    beta: float = 0.5,
-    mu: float = 0.5,
-    num_tokens: int | torch.Tensor | None = None,
-    chunk_positions: int | None = None,
-    scored_positions: torch.Tensor | None = None,
+    kind: str, student_logits: torch.Tensor, cache: TeacherCache, labels: torch.Tensor, **options: Unpack[KDOptions]
 ) -> torch.Tensor:
     """``kd_loss`` against a cached teacher (see ``cached_kd_and_ce``), from student logits."""
-    _check_kd_options(kind, temperature, skew_alpha, beta, mu)
-    divergence = _cached_divergence(kind, skew_alpha, beta, mu)
+    o = _options("cached_kd_loss", options, KDOptions)
+    _check_kd_options(kind, o)
+    divergence = _cached_divergence(kind, o.skew_alpha, o.beta, o.mu)
     _check_logits("student_logits", student_logits, labels)
     _check_cache(cache, student_logits.shape[-1], labels)
     loss, _, _ = _fused_losses(
-        student_logits,
-        None,
-        None,
-        None,
-        labels,
-        None,
-        divergence=divergence,
-        temperature=temperature,
-        scale_by_t2=scale_by_t2,
-        kd_weight=1.0,
-        num_tokens=num_tokens,
-        ce_num_tokens=None,
-        chunk_positions=chunk_positions,
-        positions=scored_positions,
-        cache=cache,
+        student_logits, None, None, None, labels, None, divergence=divergence, kd_weight=1.0, options=o, cache=cache
     )
     return loss

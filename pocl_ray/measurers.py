@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
+from transformers import PreTrainedModel
 
 from pocl_ray import data as data_mod
 from pocl_ray import teacher_cache
 from pocl_ray.config import ModelsConfig
-from pocl_ray.losses import teacher_top_k
 from pocl_ray.sampling import generate_tokens
 
 TEACHER_METRICS = frozenset({"teacher_ce", "teacher_student_kl"})
@@ -44,8 +44,8 @@ class MeasurerModels:
     """The models a set of metrics needs, loaded once per actor."""
 
     tokenizer: Any
-    student: torch.nn.Module | None
-    teacher: torch.nn.Module | None
+    student: PreTrainedModel | None
+    teacher: PreTrainedModel | None
     device: torch.device
     rouge: Any
 
@@ -90,6 +90,7 @@ def load_measurer_models(
         if models_cfg.student is not None:
             student = load_model(models_cfg.student, dtype=models_cfg.dtype, device=device, frozen=True)
         else:
+            assert teacher is not None  # need_teacher: student metrics without models.student
             student = student_from_teacher(
                 teacher, keep_layers=models_cfg.student_layers, keep_every=models_cfg.student_keep_every
             )
@@ -115,14 +116,14 @@ def response_means(
     teacher_logits: torch.Tensor | None = None,
     chunk_positions: int = 2048,
 ) -> dict[str, torch.Tensor]:
-    """Per-row means over each row's scored positions (HF shift: position t predicts labels[t + 1]),
+    """Per-row means over each row's scored positions (`data.predicted_labels`),
     float32 on the logits' device: "student_ce" / "teacher_ce" for the logits given, and
     "teacher_student_kl" = KL(teacher || student) at T = 1 when both are.
 
     Only the scored positions are gathered and cast to fp32, `chunk_positions` at a time, so the
     memory stays that of a chunk, not of the (rows, seq, vocab) logits in fp32.
     """
-    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=data_mod.IGNORE_INDEX)
+    targets = data_mod.predicted_labels(labels)
     rows, cols = (targets != data_mod.IGNORE_INDEX).nonzero(as_tuple=True)
     device = labels.device
     names = ([] if student_logits is None else ["student_ce"]) + ([] if teacher_logits is None else ["teacher_ce"])
@@ -142,84 +143,6 @@ def response_means(
             sums["teacher_student_kl"].index_add_(0, r, (logp.exp() * (logp - logq)).sum(-1))
     counts = torch.bincount(rows, minlength=labels.shape[0]).float()
     return {n: v / counts for n, v in sums.items()}
-
-
-def row_caches(
-    labels: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    k: int,
-    vocab_size: int,
-    row_ids: Sequence[str],
-    chunk_positions: int = 512,
-) -> list[tuple[np.ndarray, ...]]:
-    """Each row's teacher cache in the storage dtypes (`teacher_cache.storage_arrays`): one entry per
-    scored position (HF shift), in position order, its tail draws fixed by ``row_ids`` (one per row of
-    ``labels``); `chunk_positions` positions at a time (the draws hold a float64 (chunk, vocab) cdf)."""
-    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=data_mod.IGNORE_INDEX)
-    rows, cols = (targets != data_mod.IGNORE_INDEX).nonzero(as_tuple=True)  # row-major: each row's positions in order
-    counts = torch.bincount(rows, minlength=labels.shape[0]).cpu().numpy()
-    uniforms = torch.cat([teacher_cache.tail_uniforms(str(i), int(n)) for i, n in zip(row_ids, counts)]).to(
-        labels.device
-    )
-    chunks = [
-        teacher_cache.storage_arrays(
-            teacher_top_k(
-                teacher_logits[rows[a : a + chunk_positions], cols[a : a + chunk_positions]],
-                k,
-                uniforms[a : a + chunk_positions],
-            ),
-            vocab_size,
-        )
-        for a in range(0, rows.numel(), chunk_positions)
-    ] or [teacher_cache.storage_arrays(teacher_top_k(teacher_logits[:0, 0], k, uniforms), vocab_size)]  # nothing scored
-    ends = np.cumsum(counts)[:-1]
-    return list(
-        zip(*(np.split(np.concatenate([c[j] for c in chunks]), ends) for j in range(len(teacher_cache.CACHE_COLUMNS))))
-    )
-
-
-def row_hidden(labels: torch.Tensor, hidden: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Each row's hidden-form cache (`teacher_cache.hidden_arrays`): the teacher's final hidden state
-    (rows, seq, hidden) at each scored position (HF shift), in position order."""
-    scored = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=data_mod.IGNORE_INDEX) != data_mod.IGNORE_INDEX
-    values, scales = teacher_cache.hidden_arrays(hidden[scored])  # row-major: each row's positions in order
-    ends = np.cumsum(scored.sum(1).cpu().numpy())[:-1]
-    return list(zip(np.split(values, ends), np.split(scales, ends)))
-
-
-def teacher_outputs(teacher, inputs: Mapping[str, torch.Tensor], cache_form: int | str | None, logits: bool):
-    """(logits or None, final hidden states or None) of one teacher forward: the hidden form needs the
-    final hidden states, and the logits (when asked for) are then its head applied to them."""
-    if cache_form != "hidden":
-        return (teacher(**inputs).logits if logits else None), None
-    hidden = teacher.base_model(**inputs, use_cache=False).last_hidden_state
-    return (teacher.get_output_embeddings()(hidden) if logits else None), hidden
-
-
-def _row_cache(labels: torch.Tensor, t_logits, t_hidden, cache_form: int | str, vocab_size: int, row_ids) -> list:
-    if cache_form == "hidden":
-        return row_hidden(labels, t_hidden)
-    return row_caches(labels, t_logits, cache_form, vocab_size, row_ids)
-
-
-@torch.no_grad()
-def teacher_caches(
-    teacher, rows: Sequence[Mapping], pad_token_id: int, cache_form: int | str, batch_size: int = 16
-) -> list:
-    """Each row's teacher cache (as `row_caches` or `row_hidden`), from a forward of `teacher` over the
-    rows (dicts with id, input_ids, attention_mask and labels) in batches: for rows outside a scoring pass."""
-    vocab = teacher.config.get_text_config().vocab_size
-    out = []
-    for i in range(0, len(rows), batch_size):
-        batch = {
-            k: v.to(teacher.device) for k, v in data_mod.collate(list(rows[i : i + batch_size]), pad_token_id).items()
-        }
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        t_logits, t_hidden = teacher_outputs(teacher, inputs, cache_form, logits=cache_form != "hidden")
-        out += _row_cache(
-            batch["labels"], t_logits, t_hidden, cache_form, vocab, [r["id"] for r in rows[i : i + batch_size]]
-        )
-    return out
 
 
 def _forward_metrics(
@@ -248,11 +171,14 @@ def _forward_metrics(
         )
         batch = {k: v.to(models.device) for k, v in batch.items()}
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        s_logits = models.student(**inputs).logits if metrics & {"student_ce", "teacher_student_kl"} else None
+        s_logits = None
+        if metrics & {"student_ce", "teacher_student_kl"}:
+            assert models.student is not None  # load_measurer_models: student metrics load the student
+            s_logits = models.student(**inputs).logits
         t_logits, t_hidden = (
             (None, None)
             if models.teacher is None
-            else teacher_outputs(
+            else teacher_cache.teacher_forward(
                 models.teacher,
                 inputs,
                 cache_form,
@@ -265,9 +191,12 @@ def _forward_metrics(
             for m, v in zip(wanted, values):
                 out[m][idx] = v
         if caches is not None:
+            assert models.teacher is not None and cache_form is not None  # a cache form keeps the teacher
             vocab = models.teacher.config.vocab_size
             ids = [rows["id"][i] for i in idx]
-            for i, cache in zip(idx, _row_cache(batch["labels"], t_logits, t_hidden, cache_form, vocab, ids)):
+            for i, cache in zip(
+                idx, teacher_cache.batch_caches(batch["labels"], t_logits, t_hidden, cache_form, vocab, ids)
+            ):
                 caches[i] = cache
     return out, caches
 
@@ -275,13 +204,12 @@ def _forward_metrics(
 def response_budgets(num_prompt_tokens: Sequence[int], max_new_tokens: int | None, max_length: int | None) -> list[int]:
     """New tokens per row for the greedy response: max_length minus the prompt (at least 1),
     capped by max_new_tokens when set; max_new_tokens alone when max_length is None."""
-    if max_new_tokens is None and max_length is None:
-        raise ValueError("the greedy response length needs scoring.max_new_tokens or data.max_length")
-    budgets = []
-    for p in num_prompt_tokens:
-        room = max_new_tokens if max_length is None else max(1, max_length - int(p))
-        budgets.append(room if max_new_tokens is None else min(room, max_new_tokens))
-    return budgets
+    if max_length is None:
+        if max_new_tokens is None:
+            raise ValueError("the greedy response length needs scoring.max_new_tokens or data.max_length")
+        return [max_new_tokens] * len(num_prompt_tokens)
+    rooms = [max(1, max_length - int(p)) for p in num_prompt_tokens]
+    return rooms if max_new_tokens is None else [min(room, max_new_tokens) for room in rooms]
 
 
 def greedy_responses(
@@ -313,7 +241,7 @@ def measure(
     max_new_tokens: int | None,
     max_length: int | None = None,
     cache_form: int | str | None = None,
-) -> dict[str, np.ndarray]:
+) -> dict[str, np.ndarray | list]:
     """Every requested metric for each row (float64 arrays aligned with the rows).
 
     ``rows`` holds input_ids, labels (-100 on the prompt), num_prompt_tokens, num_response_tokens and
@@ -322,7 +250,7 @@ def measure(
     student's greedy response against the reference, the response given
     `response_budgets(num_prompt_tokens, max_new_tokens, max_length)` new tokens; length counts
     response tokens. With ``cache_form`` (``rows`` then also holds the row ``id``, which fixes the tail
-    draws) the result also holds "teacher_cache": per row, the arrays of `row_caches` or `row_hidden`,
+    draws) the result also holds "teacher_cache": per row, the arrays of `teacher_cache.batch_caches`,
     from the teacher forward that gives teacher_ce.
     """
     wanted = set(metrics)
@@ -397,8 +325,9 @@ class Measurer:
         for m in self.metrics:
             batch = batch.append_column(m, pa.array(columns[m]))
         if self.cache_form is not None:
+            assert self.models.teacher is not None  # load_measurer_models keeps it for a cache form
             config = self.models.teacher.config.get_text_config()
-            k = None if self.cache_form == "hidden" else self.cache_form
+            k = None if self.cache_form == "hidden" else int(self.cache_form)
             for name, column in teacher_cache.arrow_columns(caches, k, config.vocab_size, config.hidden_size).items():
                 batch = batch.append_column(name, column)
         return batch

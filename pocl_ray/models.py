@@ -182,6 +182,15 @@ def load_model_split(
     return model
 
 
+def meta_model(path: str | Path) -> PreTrainedModel:
+    """The causal LM of a local folder built on the meta device: its modules and config without its
+    weights, for checks that need the structure only (its LM head, say) at no memory cost."""
+    from transformers import AutoConfig
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
+
+
 def build_tiny_tokenizer(
     texts: Iterable[str], vocab_size: int = 512, save_dir: str | Path | None = None
 ) -> PreTrainedTokenizerFast:
@@ -441,7 +450,7 @@ _LOGIT_TRANSFORMS = (
 
 def linear_head(model: PreTrainedModel) -> tuple[torch.Tensor | None, str]:
     """(LM-head weight, reason) when the model's logits are exactly ``final hidden states @ weight.T``,
-    so the KD loss can start from hidden states (``losses.linear_kd_loss``); else (None, one line saying
+    so the KD loss can start from hidden states (``losses.linear_kd_and_ce``); else (None, one line saying
     why it must use the logits instead)."""
     name = type(model).__name__
     head = model.get_output_embeddings()

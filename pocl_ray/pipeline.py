@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 
 from pocl_ray import tracked, tracking
-from pocl_ray.config import ConfigError, RunConfig
+from pocl_ray.config import SHARED_SECTIONS, ConfigError, RunConfig
 from pocl_ray.eval_results import RESULTS_FILE
 from pocl_ray.pipeline_steps import EVAL_KEYS, SCORE_KEYS, TRAIN_KEYS, fingerprint, run_pipeline_step
 from pocl_ray.ray_session import init_ray
@@ -36,7 +36,7 @@ def compared_runs(cfg: RunConfig) -> dict[str, RunConfig]:
     for label, overrides in cfg.pipeline.compare.items():
         if not label or "/" in label or label.startswith("."):
             raise ConfigError(f"pipeline.compare: {label!r} is not a usable run label")
-        bad = [k for k in overrides if k.split(".")[0] in ("data", "models", "scoring", "output", "pipeline")]
+        bad = [k for k in overrides if k.split(".")[0] in SHARED_SECTIONS]
         if bad:
             raise ConfigError(
                 f"pipeline.compare.{label}: {bad} change the shared scoring pass or layout; "
@@ -53,7 +53,7 @@ def compared_runs(cfg: RunConfig) -> dict[str, RunConfig]:
 def _evaluate_selected_student(run: RunConfig, run_dir: Path) -> None:
     """Evaluate the student of run_dir/train that eval.checkpoint names."""
     from pocl_ray.evaluation import evaluate
-    from pocl_ray.training import selected_student
+    from pocl_ray.training.driver import selected_student
 
     evaluate(run, selected_student(run_dir / "train", run.eval.checkpoint), label=None)
 
@@ -93,7 +93,7 @@ def _run_steps(cfg: RunConfig, root: Path, parent: tracking.Run) -> Path:
     from pocl_ray.report import write_report
     from pocl_ray.scoring import score_dataset
     from pocl_ray.teacher_prep import resolve_teacher
-    from pocl_ray.training import train
+    from pocl_ray.training.driver import train
 
     started = time.time()
     # Builds and / or fine-tunes the teacher when asked (each a step that starts Ray itself); a missing

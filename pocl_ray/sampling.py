@@ -30,7 +30,6 @@ GPU yet (`benchmarks/generation.py --static-cache` measures it).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
@@ -39,6 +38,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from pocl_ray.data import IGNORE_INDEX, generation_batch
+from pocl_ray.seeds import stream_seed
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -59,13 +59,6 @@ def row_uniforms(seeds: Sequence[int], num_steps: int) -> torch.Tensor:
     counters = np.arange(1, num_steps + 1, dtype=np.uint64) * _GAMMA
     bits = _mix64(keys[:, None] + counters[None, :]) >> np.uint64(40)
     return torch.from_numpy(bits.astype(np.float32) * np.float32(2.0**-24))
-
-
-def stream_seed(seed: int, *keys: int | str) -> int:
-    """A 63-bit row seed fixed by (seed, keys) alone, e.g. (on-policy step seed, global row rank) or
-    (eval seed, set name, row id)."""
-    digest = hashlib.sha256("\x00".join(map(str, (seed, *keys))).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -223,7 +216,7 @@ def generate_tokens(
 
 def sample_on_policy(
     model,
-    rows: list[Mapping[str, Any]],
+    rows: Sequence[Mapping[str, Any]],
     *,
     pad_token_id: int,
     eos_token_id: int | Sequence[int],

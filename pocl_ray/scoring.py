@@ -1,6 +1,6 @@
 """Difficulty scoring with Ray Data: read -> validate/tokenize -> measurer actor pool -> fuse -> buckets -> write.
 
-Layout written under ``cfg.output.dir``/scores (CONTRACTS.md): ``rows/`` (a directory of
+Layout written under ``cfg.output.dir``/scores (`scores.py`; docs/ARCHITECTURE.md): ``rows/`` (a directory of
 parquet files, one row per scored sample: id, text, tokens, labels, every metric, fused_score, rank,
 bucket; with scoring.teacher_top_k or scoring.teacher_hidden also the teacher cache columns of
 ``teacher_cache.py``, from the measurers' teacher forward), ``manifest.json`` (its "teacher_cache"
@@ -49,10 +49,7 @@ from pocl_ray.config import ConfigError, RunConfig
 from pocl_ray.measurers import STUDENT_METRICS, TEACHER_METRICS, Measurer
 from pocl_ray.progress import row_progress
 from pocl_ray.ray_session import actor_pool, actor_resources
-
-SCORES_DIR = "rows"
-MANIFEST_FILE = "manifest.json"
-REJECTED_FILE = "rejected.jsonl"
+from pocl_ray.scores import MANIFEST_FILE, REJECTED_FILE, SCORES_DIR
 
 _PREPARED_SCHEMA = pa.schema(
     [
@@ -184,7 +181,7 @@ def check_inputs(cfg: RunConfig):
             f"scoring.teacher_top_k: {k} exceeds the teacher's vocabulary ({vocab['models.teacher'].vocab_size} tokens)"
         )
     if cfg.scoring.teacher_hidden:
-        _check_plain_head(m.teacher)
+        teacher_cache.check_hidden_form(m.teacher)
     for field, model_cfg in vocab.items():
         if model_cfg.vocab_size < len(tokenizer):
             raise ConfigError(
@@ -196,32 +193,6 @@ def check_inputs(cfg: RunConfig):
             f"{vocab['models.teacher'].vocab_size}; teacher metrics need one shared vocabulary"
         )
     return tokenizer
-
-
-def _check_plain_head(teacher: str) -> None:
-    """scoring.teacher_hidden stores hidden states for training to apply the teacher's head to, which
-    is only the teacher when its logits are exactly hidden @ head.T (checked on an empty model)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from pocl_ray.models import linear_head
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(teacher))
-    weight, reason = linear_head(model)
-    if weight is None:
-        raise ConfigError(
-            f"scoring.teacher_hidden: {reason}, so its hidden states do not give its logits; "
-            f"use scoring.teacher_top_k instead"
-        )
-
-
-def _save_teacher_head(cfg: RunConfig, out_dir: Path) -> None:
-    """The other half of the hidden form: the teacher's LM head, once, beside the rows (float32)."""
-    from pocl_ray.models import load_model
-
-    teacher = load_model(cfg.models.teacher, dtype="float32")
-    teacher_cache.save_head(teacher.get_output_embeddings().weight, out_dir)
 
 
 def _models_manifest(cfg: RunConfig) -> dict:
@@ -413,7 +384,7 @@ def score_dataset(cfg: RunConfig) -> ScoreResult:
         text = AutoConfig.from_pretrained(cfg.models.teacher).get_text_config()
         cache = teacher_cache.manifest_entry(sc.teacher_top_k, text.vocab_size, text.hidden_size)
     if sc.teacher_hidden:
-        _save_teacher_head(cfg, out_dir)
+        teacher_cache.save_teacher_head(cfg.models.teacher, out_dir)
     per_file = rows_per_file(cfg, 0 if cache is None else cache["bytes_per_scored_token"])
     kept_columns = list(sc.metrics) + ([] if cache is None else cache["columns"])
     attach = {"lookup_ref": lookup_ref, "results_ref": ray.put(results), "metrics": kept_columns}
@@ -447,13 +418,6 @@ def score_dataset(cfg: RunConfig) -> ScoreResult:
     }
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return ScoreResult(output_dir=out_dir, manifest=manifest)
-
-
-def load_manifest(scores_dir: str | Path) -> dict:
-    path = Path(scores_dir) / MANIFEST_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no scoring manifest at {path}; run `pocl-ray score` first")
-    return json.loads(path.read_text())
 
 
 def format_summary(manifest: dict) -> str:

@@ -21,7 +21,7 @@ from pocl_ray.models import build_tiny_model, build_tiny_tokenizer, has_model_fi
 from pocl_ray.pipeline_steps import fingerprint, run_pipeline_step
 from pocl_ray.ray_session import init_ray
 from pocl_ray.scoring import score_dataset
-from pocl_ray.training import train
+from pocl_ray.training.driver import train
 
 
 def _texts_for_tokenizer(cfg: RunConfig) -> list[str]:

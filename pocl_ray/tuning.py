@@ -7,7 +7,7 @@ the scoring pass depends on.
 
 Per trial, a driver function (`run_trial`, the Tune trainable) builds the trial's RunConfig from
 the sampled dotted-path values, with its own output directory DIR/tune/trials/<trial id> and Train
-run name, and calls `training.train`, which builds the TorchTrainer: the trial's resources are its
+run name, and calls `training.driver.train`, which builds the TorchTrainer: the trial's resources are its
 own Train workers (training.num_workers, GPUs when training.use_gpu) plus a small CPU share for the
 driver function (tune.cpus_per_trial). `Tuner(trainer)` is not used: Train V2 refuses it.
 
@@ -65,14 +65,15 @@ from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from pocl_ray import tracked, tracking
-from pocl_ray.config import ConfigError, ParamSpec, RunConfig, TuneConfig, parse_config
+from pocl_ray.config import SHARED_SECTIONS, ConfigError, ParamSpec, RunConfig, TuneConfig, parse_config
 from pocl_ray.curriculum import Plan
+from pocl_ray.data import python_value
 from pocl_ray.pipeline_steps import SCORE_KEYS, TRAIN_KEYS, fingerprint, run_pipeline_step
 from pocl_ray.ray_session import init_ray
 
 SWEEP_NAME = "sweep"
-# Sections a trial may not change: they define the shared scoring pass or the sweep's own layout.
-FIXED_SECTIONS = ("data", "models", "scoring", "output", "pipeline", "tune", "name")
+# Sections a trial may not change: the shared ones, and the sweep's own settings and name.
+FIXED_SECTIONS = (*SHARED_SECTIONS, "tune", "name")
 MODES = {"dev_kd_loss": "min", "dev_rougeL": "max"}
 # ASHA's clock: training rows seen, the budget trials are compared at (module doc).
 TIME_ATTR = "samples_seen"
@@ -86,11 +87,6 @@ DEV_SET = "dev"
 
 # ---------------------------------------------------------------------------------------------
 # Search space (pure)
-
-
-def _plain(value: Any) -> Any:
-    """Numpy scalars from a search algorithm as Python values (pydantic rejects np.int64)."""
-    return value.item() if isinstance(value, np.generic) else value
 
 
 def _candidates(spec: ParamSpec) -> list[Any]:
@@ -171,7 +167,7 @@ def param_space(tc: TuneConfig) -> dict[str, Any]:
 
 def trial_config(cfg: RunConfig, params: Mapping[str, Any], trial_id: str, trials_dir: Path) -> RunConfig:
     """The trial's run: the sweep's config with the sampled values, its own output dir and run name."""
-    overrides = {p: _plain(v) for p, v in params.items()}
+    overrides = {p: python_value(v) for p, v in params.items()}
     return cfg.with_overrides(
         {
             **overrides,
@@ -190,7 +186,7 @@ def dev_eval_config(cfg: RunConfig) -> RunConfig:
 def best_config(cfg: RunConfig, params: Mapping[str, Any]) -> RunConfig:
     """A full run config for the best trial, runnable with `pocl-ray run` in the sweep's own
     output dir: its scoring fingerprint is the sweep's, so the scoring pass is reused."""
-    overrides = {p: _plain(v) for p, v in params.items()}
+    overrides = {p: python_value(v) for p, v in params.items()}
     return cfg.with_overrides({**overrides, "name": f"{cfg.name}-best", "pipeline.compare": {}})
 
 
@@ -219,7 +215,7 @@ def trial_row(
     return {
         "trial_id": trial_id,
         "status": status,
-        **{p: _plain(v) for p, v in params.items()},
+        **{p: python_value(v) for p, v in params.items()},
         "objective": float(value) if value is not None else math.nan,
         "dev_kd_loss": float(metrics["dev_kd_loss"]) if metrics.get("dev_kd_loss") is not None else math.nan,
         "steps": int(metrics.get("step", 0)),
@@ -323,7 +319,7 @@ def run_trial(params: dict, *, base: dict, scores_dir: str, trials_dir: str) -> 
     report its final metrics and objective."""
     from ray import tune
 
-    from pocl_ray.training import run_plan, train
+    from pocl_ray.training.driver import run_plan, train
 
     cfg = parse_config(base)
     trial_id = tune.get_context().get_trial_id()
@@ -331,7 +327,7 @@ def run_trial(params: dict, *, base: dict, scores_dir: str, trials_dir: str) -> 
     out = Path(trial_cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "trial.json").write_text(
-        json.dumps({"trial_id": trial_id, "params": {p: _plain(v) for p, v in params.items()}})
+        json.dumps({"trial_id": trial_id, "params": {p: python_value(v) for p, v in params.items()}})
     )
     num_stages = len(run_plan(trial_cfg).stages)
     gbs = trial_cfg.training.global_batch_size
@@ -585,7 +581,7 @@ def _total_steps(plans: list[tuple[RunConfig, Plan]], scores_dir: Path) -> list[
     """(config, planned optimizer steps) of every checked combination; each plan must cut the scored
     rows into non-empty steps."""
     from pocl_ray.curriculum import stage_specs
-    from pocl_ray.scoring import load_manifest
+    from pocl_ray.scores import load_manifest
 
     num_rows = load_manifest(scores_dir)["rows_scored"]
     totals = []
@@ -613,7 +609,7 @@ def tune(cfg: RunConfig) -> TuneResult:
 def _tune(cfg: RunConfig, sweep: tracking.Run) -> TuneResult:
     from pocl_ray.scoring import score_dataset
     from pocl_ray.teacher_prep import resolve_teacher
-    from pocl_ray.training import run_plan
+    from pocl_ray.training.driver import run_plan
 
     root = Path(cfg.output.dir).resolve()
     root.mkdir(parents=True, exist_ok=True)

@@ -185,7 +185,7 @@ def test_a_bad_uri_or_a_pending_setting_is_refused_naming_the_field(section, val
 
 
 def test_absolute_paths_never_turn_a_uri_into_none(tmp_path, monkeypatch):
-    from pocl_ray.training import _absolute_paths
+    from pocl_ray.training.driver import _absolute_paths
 
     monkeypatch.chdir(tmp_path)
     cfg = parse_config({**MINIMAL, "models": {"teacher": "t", "student": "s"}})

@@ -37,11 +37,11 @@ from pocl_ray.evaluation import (
     greedy_rouge_sum,
     response_ce,
     rouge_l,
-    row_seed,
     summarize,
 )
 from pocl_ray.models import build_tiny_model, load_model, load_tokenizer
 from pocl_ray.report import compare_table
+from pocl_ray.seeds import stream_seed
 
 WORDS = (
     "apple river stone cloud green quick brown fox lazy dog bright moon silver tree small house "
@@ -152,8 +152,8 @@ def test_the_rouge_scorer_is_built_without_a_log_line(caplog):
 
 
 def test_row_seed_depends_on_seed_set_and_id_only():
-    assert row_seed(10, "dolly", "a") == row_seed(10, "dolly", "a")
-    seeds = {row_seed(s, n, i) for s in (10, 20) for n in ("dolly", "vicuna") for i in ("a", "b")}
+    assert stream_seed(10, "dolly", "a") == stream_seed(10, "dolly", "a")
+    seeds = {stream_seed(s, n, i) for s in (10, 20) for n in ("dolly", "vicuna") for i in ("a", "b")}
     assert len(seeds) == 8
     assert all(0 <= s < 2**63 for s in seeds)
 

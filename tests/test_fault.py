@@ -40,7 +40,7 @@ def two_node_cluster():
 
 
 def test_node_removed_mid_run_resumes_from_checkpoint(two_node_cluster, tiny_assets, tmp_path):
-    from pocl_ray.training import train
+    from pocl_ray.training.driver import train
 
     cluster, worker_node = two_node_cluster
     scores = write_scores(tmp_path, tiny_assets)

@@ -14,7 +14,8 @@ from pocl_ray.curriculum import Stage
 from pocl_ray.data import read_table, validate_and_tokenize
 from pocl_ray.models import load_model, load_tokenizer
 from pocl_ray.sampling import sample_on_policy
-from pocl_ray.training import HiddenStatesLM, accumulate_gradients, build_batch
+from pocl_ray.training.step import accumulate_gradients, build_batch
+from pocl_ray.training.teacher import HiddenStatesLM, OnlineTeacher
 
 STAGE = Stage(index=0, buckets=(0,), steps=1, kd_weight=1.0, loss="fkl")
 KD = KDConfig(chunk_positions=16)
@@ -39,18 +40,18 @@ def _on_policy_batch(student_lm, assets, tokenizer):
 def _step_values(student, teacher, batch):
     """[loss, KD, CE, CE tokens, KD tokens] of one step; leaves the gradients on the student."""
     student.zero_grad(set_to_none=True)
-    return accumulate_gradients(student, teacher, [batch], STAGE, KD)
+    return torch.stack(accumulate_gradients(student, teacher, [batch], STAGE, KD))
 
 
 def test_on_policy_kd_is_nonzero_against_another_teacher_and_moves_the_student(tiny_assets):
     tokenizer = load_tokenizer(tiny_assets.tokenizer_dir)
     student = HiddenStatesLM(load_model(tiny_assets.student_dir))
     student.eval()  # no dropout: the before/after comparison below must see the same function
-    teacher = HiddenStatesLM(load_model(tiny_assets.teacher_dir, frozen=True))
+    teacher = OnlineTeacher(load_model(tiny_assets.teacher_dir, frozen=True))
     batch, sampled = _on_policy_batch(student.lm, tiny_assets, tokenizer)
 
     # A teacher with the student's own weights: the KD term vanishes (the control).
-    twin = HiddenStatesLM(load_model(tiny_assets.student_dir, frozen=True))
+    twin = OnlineTeacher(load_model(tiny_assets.student_dir, frozen=True))
     _, twin_kd, _, _, _ = _step_values(student, twin, batch).tolist()
     assert abs(twin_kd) < 1e-6
 

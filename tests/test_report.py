@@ -281,7 +281,7 @@ def test_evidence_configs_compare_six_runs_that_pair_per_loss(name):
 
 def test_selection_tables_and_dev_curves_of_every_compared_run(tmp_path):
     from pocl_ray.config import parse_config
-    from pocl_ray.training import write_selection
+    from pocl_ray.training.driver import write_selection
 
     run_dir = tmp_path / "cmp"
     cfg = parse_config({"data": {"train": "t.jsonl"}, "models": {"teacher": "t"}, "training": {"select_every": 4}})

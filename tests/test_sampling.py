@@ -17,8 +17,8 @@ from pocl_ray.sampling import (
     row_uniforms,
     sample_on_policy,
     sample_tokens,
-    stream_seed,
 )
+from pocl_ray.seeds import stream_seed
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -20,7 +20,8 @@ from pocl_ray.config import ConfigError, ModelsConfig, parse_config
 from pocl_ray.data import validate_and_tokenize
 from pocl_ray.measurers import Measurer, greedy_responses, load_measurer_models, measure
 from pocl_ray.models import load_model, load_tokenizer
-from pocl_ray.scoring import check_inputs, format_summary, load_manifest, measure_dataset, score_dataset
+from pocl_ray.scores import load_manifest
+from pocl_ray.scoring import check_inputs, format_summary, measure_dataset, score_dataset
 
 ALL_METRICS = ["student_ce", "student_rougeL", "teacher_ce", "teacher_student_kl", "length"]
 VENV_BIN = Path(sys.executable).parent
@@ -373,8 +374,14 @@ def test_teacher_top_k_writes_the_cache_from_the_scoring_forward(
     ray_local, tiny_assets, dataset, tmp_path, monkeypatch
 ):
     from pocl_ray import scoring
-    from pocl_ray.losses import TAIL_SAMPLES, teacher_top_k
-    from pocl_ray.teacher_cache import CACHE_COLUMNS, arrow_types, check_teacher_cache, tail_uniforms
+    from pocl_ray.teacher_cache import (
+        CACHE_COLUMNS,
+        TAIL_SAMPLES,
+        arrow_types,
+        check_teacher_cache,
+        tail_uniforms,
+        teacher_top_k,
+    )
 
     cfg = _config(
         tiny_assets,

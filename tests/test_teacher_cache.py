@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from pocl_ray import losses as L
+from pocl_ray import teacher_cache as C
 from pocl_ray.config import ConfigError, parse_config
-from pocl_ray.measurers import row_caches, row_hidden
 from pocl_ray.shards import _row_dicts
 from pocl_ray.teacher_cache import (
     CACHE_COLUMNS,
@@ -31,6 +31,8 @@ from pocl_ray.teacher_cache import (
     hidden_groups,
     manifest_entry,
     quantize_hidden,
+    row_caches,
+    row_hidden,
     save_head,
 )
 
@@ -52,7 +54,7 @@ def _problem(seed=0):
 
 def _cache(t_hidden, t_head, labels, k):
     scored = L._next_labels(labels) != L.IGNORE_INDEX
-    return L.teacher_top_k((t_hidden @ t_head.T).flatten(0, 1)[scored], k)
+    return C.teacher_top_k((t_hidden @ t_head.T).flatten(0, 1)[scored], k)
 
 
 @pytest.mark.parametrize("kind", L.KD_KINDS)
@@ -107,7 +109,7 @@ def test_tail_draws_estimate_every_f_divergence_but_rkl(temperature):
     g = torch.Generator().manual_seed(0)
     for k in (4, 16):
         draws = [
-            L.teacher_top_k(t_rows, k, torch.rand((len(t_rows), L.TAIL_SAMPLES), generator=g, dtype=torch.float64))
+            C.teacher_top_k(t_rows, k, torch.rand((len(t_rows), C.TAIL_SAMPLES), generator=g, dtype=torch.float64))
             for _ in range(48)
         ]
         for kind in ("fkl", "js", "tvd", "skl", "srkl"):
@@ -127,14 +129,14 @@ def test_tail_draws_estimate_every_f_divergence_but_rkl(temperature):
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_rkl_takes_the_tail_mean_log_prob_and_akl_mixes_the_cached_fkl_and_rkl(temperature):
     labels, s_logits, t_logits, t_rows = _scored_logits(2)
-    cache = L.teacher_top_k(t_rows, 8)
+    cache = C.teacher_top_k(t_rows, 8)
     # The documented tail model written out: every tail token's log p̂ at T is β·(mean tail log p at T = 1) − log Z(β).
     logp = torch.log_softmax(t_rows, -1)
     tail = torch.ones_like(logp, dtype=torch.bool).scatter(-1, cache.top_ids, False)
     mean = logp.where(tail, 0.0).sum(-1, keepdim=True) / tail.sum(-1, keepdim=True)
     log_z = (logp / temperature).logsumexp(-1, keepdim=True)
     model = torch.where(tail, mean / temperature - log_z, logp / temperature - log_z)
-    q = L._log_probs(s_logits.flatten(0, 1)[L._next_labels(labels) != L.IGNORE_INDEX], temperature)
+    q = L.log_probs(s_logits.flatten(0, 1)[L._next_labels(labels) != L.IGNORE_INDEX], temperature)
     want = L.rkl(model, q).mean() * temperature**2
     got = L.cached_kd_loss("rkl", s_logits, cache, labels, temperature=temperature)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -150,7 +152,7 @@ def test_cached_loss_and_gradients_stay_finite_with_a_masked_vocabulary():
     t_logits = t_logits.clone()
     t_logits[..., V - 10 :] = float("-inf")  # padded vocabulary entries: probability exactly 0
     scored = L._next_labels(labels) != L.IGNORE_INDEX
-    cache = L.teacher_top_k(t_logits.flatten(0, 1)[scored], 4)
+    cache = C.teacher_top_k(t_logits.flatten(0, 1)[scored], 4)
     assert not (cache.sample_ids >= V - 10).any()  # never drawn
     for kind in L.KD_KINDS:
         for temperature in (0.5, 1.0, 2.0, 5.0):
@@ -162,12 +164,12 @@ def test_cached_loss_and_gradients_stay_finite_with_a_masked_vocabulary():
 
 def test_tail_between_stored_temperatures_is_an_upper_bound():
     t_logits = torch.randn(50, V) * 3
-    cache = L.teacher_top_k(t_logits, 8)
+    cache = C.teacher_top_k(t_logits, 8)
     rest = torch.log_softmax(t_logits, -1).scatter(-1, cache.top_ids, float("-inf"))
     for temperature in (1.0, 1.25, 2.0, 3.0):
         true = (rest / temperature).logsumexp(-1)
-        estimate = L._tail_at(cache.tail, temperature)
-        if temperature in L.TAIL_TEMPERATURES:
+        estimate = C._tail_at(cache.tail, temperature)
+        if temperature in C.TAIL_TEMPERATURES:
             torch.testing.assert_close(estimate, true)
         else:  # log Σ p^β is convex in β: the chord lies above it
             assert (estimate >= true - 1e-5).all() and not torch.allclose(estimate, true)
@@ -193,7 +195,7 @@ def _stored_rows(rows, logits, k):
 
 
 def test_stored_cache_collates_onto_the_batch_scored_positions():
-    from pocl_ray.training import build_batch
+    from pocl_ray.training.step import build_batch
 
     rows, logits = _rows_and_logits()
     stored = _stored_rows(rows, logits, V)
@@ -351,7 +353,8 @@ def _stored_hidden_rows(rows, hidden_states):
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_hidden_cache_gives_the_online_loss_of_the_rounded_teacher_state(temperature):
-    from pocl_ray.training import LMOutputs, build_batch, cached_teacher
+    from pocl_ray.training.step import build_batch
+    from pocl_ray.training.teacher import CachedHiddenTeacher, LMOutputs
 
     rows, _ = _rows_and_logits()
     g = torch.Generator().manual_seed(5)
@@ -361,30 +364,29 @@ def test_hidden_cache_gives_the_online_loss_of_the_rounded_teacher_state(tempera
     assert stored[0]["teacher_hidden"].dtype == np.int8 and stored[0]["teacher_hidden_scale"].dtype == np.float16
     batch = build_batch(stored, pad_token_id=0, device=torch.device("cpu"))
     batch["teacher_cache"] = collate_teacher_cache(stored, torch.device("cpu"), hidden=True)
-    batch["teacher_head"] = t_head
     seq = batch["labels"].shape[1]
     exact = torch.stack([torch.cat([h, torch.zeros(seq - len(h), H)]) for h in hidden])
     scored = (L._next_labels(batch["labels"]) != L.IGNORE_INDEX).view(exact.shape[:2])
     rounded = torch.zeros_like(exact)
     rounded[scored] = dequantize_hidden(*quantize_hidden(exact[scored]))
-    t_out = cached_teacher(batch, logits=False)
+    t_out = CachedHiddenTeacher(t_head).outputs(batch)
     assert isinstance(t_out, LMOutputs) and t_out.head is t_head
     s_hidden, s_head = torch.randn(len(rows), seq, H, generator=g), torch.randn(V, H, generator=g) * 0.5
     options = {"temperature": temperature, "scored_positions": batch["scored_positions"]}
     for kind in L.KD_KINDS:
         ref = L.linear_kd_loss(kind, s_hidden, s_head, rounded, t_head, batch["labels"], **options)
-        got = L.linear_kd_loss(kind, s_hidden, s_head, t_out.final, t_out.head, batch["labels"], **options)
+        got = L.linear_kd_loss(kind, s_hidden, s_head, t_out.hidden, t_out.head, batch["labels"], **options)
         torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
         # Against the unrounded teacher, every kind (RKL and AKL too) is off by the rounding alone.
         true = L.linear_kd_loss(kind, s_hidden, s_head, exact, t_head, batch["labels"], **options)
         assert float(abs(got - true) / true) < 1e-2, kind
     # A student whose head is not plain gets the teacher's logits instead.
-    logits = cached_teacher(batch, logits=True)
-    assert logits.head is None and torch.allclose(logits.final, t_out.final @ t_head.T)
+    logits = CachedHiddenTeacher(t_head, logits=True).outputs(batch)
+    assert logits.head is None and torch.allclose(logits.logits, t_out.hidden @ t_head.T)
     # The all-masked stand-in row of a worker with no rows: no cache, a zero teacher.
     empty = build_batch([], 0, torch.device("cpu"))
-    empty.update(teacher_cache=collate_teacher_cache([], torch.device("cpu"), hidden=True), teacher_head=t_head)
-    assert cached_teacher(empty, logits=False).final.shape == (*empty["labels"].shape, H)
+    empty.update(teacher_cache=collate_teacher_cache([], torch.device("cpu"), hidden=True))
+    assert CachedHiddenTeacher(t_head).outputs(empty).hidden.shape == (*empty["labels"].shape, H)
 
 
 def test_hidden_collate_refuses_rows_that_do_not_match():

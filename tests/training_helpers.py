@@ -79,13 +79,12 @@ def _with_teacher_cache(
     table: pa.Table, rows: list[dict], assets, form: int | str, pad_id: int, scores: Path
 ) -> tuple[pa.Table, dict]:
     from pocl_ray import teacher_cache
-    from pocl_ray.measurers import teacher_caches
     from pocl_ray.models import load_model
 
     teacher = load_model(assets.teacher_dir, frozen=True)
     vocab, hidden = teacher.config.vocab_size, teacher.config.hidden_size
     k = None if form == "hidden" else form
-    per_row = teacher_caches(teacher, rows, pad_id, form)
+    per_row = teacher_cache.teacher_caches(teacher, rows, pad_id, form)
     for name, column in teacher_cache.arrow_columns(per_row, k, vocab, hidden).items():
         table = table.append_column(name, column)
     if k is None:

@@ -32,9 +32,10 @@ from torch import nn
 
 from pocl_ray.curriculum import Plan, baseline_plan, extraction_plan, progressive_plan
 from pocl_ray.data import IGNORE_INDEX
-from pocl_ray.extraction import derived_seed, hidden_match_loss, layer_projection
+from pocl_ray.extraction import hidden_match_loss, layer_projection
 from pocl_ray.losses import kd_loss
 from pocl_ray.parity.config import METHODS, ParityConfig
+from pocl_ray.seeds import stream_seed
 
 # Independent random streams derived from one replicate seed.
 _SUPPORT, _HELDOUT, _TEACHER_DATA, _TEACHER_INIT, _STUDENT_DATA, _STUDENT_INIT = range(6)
@@ -45,7 +46,7 @@ _SUPPORT, _HELDOUT, _TEACHER_DATA, _TEACHER_INIT, _STUDENT_DATA, _STUDENT_INIT =
 
 def generator(seed: int, stream: int) -> torch.Generator:
     """The generator of one named random stream of a replicate; streams never share a generator."""
-    return torch.Generator(device="cpu").manual_seed(derived_seed(seed, stream))
+    return torch.Generator(device="cpu").manual_seed(stream_seed(seed, stream))
 
 
 def secret_support(n: int, k: int, seed: int) -> list[int]:
@@ -132,7 +133,7 @@ def _run_setup(cfg: ParityConfig, seed: int, width: int, data_stream: int, init_
     torch.set_num_threads(cfg.torch_threads)
     device = resolve_device(cfg.device)
     heldout = tuple(t.to(device) for t in heldout_set(cfg, seed))
-    model = build_mlp(cfg.n, width, derived_seed(seed, init_stream)).to(device)
+    model = build_mlp(cfg.n, width, stream_seed(seed, init_stream)).to(device)
     return device, secret_support(cfg.n, cfg.k, seed), heldout, generator(seed, data_stream), model
 
 

@@ -1,0 +1,421 @@
+"""The driver of a distillation run (`train`): every check before any Ray work, then one
+CurriculumCoordinator actor and one Ray Train TorchTrainer whose workers run `worker.train_func`, then
+the exported students and train/selection.json.
+
+    train(cfg)
+      inputs = prepare(...)      # scores, plan, stage lengths, dev rows (with their cache): all checked
+      result = fit(...)          # the coordinator actor + TorchTrainer(train_func), resumed by name
+      export(...)                # student/, student_best/, selection.json, TrainResult
+
+A second call with the same config `name` and output directory resumes from the latest checkpoint
+(Ray Train restores it; the coordinator's state rides in it). The layout of OUTPUT/train is in
+docs/ARCHITECTURE.md.
+
+The training read is not Ray Data: each worker reads its own rows straight from the scores files
+(`shards.StepReader`), in an order the coordinator deals per epoch, so a resume replays the same data
+(docs/ARCHITECTURE.md says why).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from pocl_ray.config import ConfigError, RunConfig
+from pocl_ray.coordinator import best_candidate, coordinator
+from pocl_ray.curriculum import Plan, StageSpec, plan_from_config, stage_specs
+from pocl_ray.data import read_table, validate_and_tokenize
+from pocl_ray.losses import KD_KINDS
+from pocl_ray.models import has_model_files, load_tokenizer
+from pocl_ray.scores import scores_path
+from pocl_ray.shards import ScoresIndex
+from pocl_ray.teacher_cache import cache_rows, check_teacher_cache
+from pocl_ray.training.worker import train_func
+
+SCORE_COLUMNS = ("rank", "input_ids", "labels", "num_prompt_tokens")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    output_dir: Path  # DIR/train
+    student_dir: Path  # the final student
+    best_student_dir: Path | None  # the best selection candidate's student; None without a dev set
+    selection_path: Path
+    metrics_path: Path
+    plan_path: Path
+    checkpoint_path: str
+    steps: int
+    stages_completed: int
+    metrics: dict  # the last checkpoint's report (step, stage, loss, dev_loss, dev_kd_loss, ...)
+    dev_rejected: int
+    wall_seconds: float
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks and inputs
+
+
+def _layer_counts(cfg: RunConfig) -> tuple[int, int]:
+    """Teacher and student layer counts from the model configs, without loading weights."""
+    from transformers import AutoConfig
+
+    def layers(path: str) -> int:
+        return AutoConfig.from_pretrained(path).get_text_config().num_hidden_layers
+
+    teacher = layers(cfg.models.teacher)
+    if cfg.models.student is not None:
+        return teacher, layers(cfg.models.student)
+    if cfg.models.student_layers is not None:
+        return teacher, len(cfg.models.student_layers)
+    # models.student_from_teacher's default: every k-th layer counting back from the last.
+    return teacher, len(range(teacher - 1, -1, -cfg.models.student_keep_every))
+
+
+def _check_models(cfg: RunConfig, plan: Plan) -> None:
+    paths = {
+        "models.teacher": cfg.models.teacher,
+        "models.student": cfg.models.student,
+        "models.tokenizer": cfg.models.tokenizer,
+    }
+    paths.update({f"curriculum.progressive.teacher_checkpoints[{s.index}]": s.teacher for s in plan.stages})
+    for field, path in paths.items():
+        if path is not None and not Path(path).is_dir():
+            raise FileNotFoundError(f"{field}: model folder not found: {path}")
+
+
+def _absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Model paths made absolute here, on the driver: workers need not share its working directory."""
+    m, p = cfg.models, cfg.curriculum.progressive
+
+    def absolute(path: str | None) -> str | None:
+        # A URI stays as it is, never dropped: re-validation below refuses it, naming its field.
+        return path if path is None or "://" in path else str(Path(path).resolve())
+
+    return cfg.with_overrides(
+        {
+            "models.teacher": absolute(m.teacher),
+            "models.student": absolute(m.student),
+            "models.tokenizer": absolute(m.tokenizer),
+            "curriculum.progressive.teacher_checkpoints": [absolute(c) for c in p.teacher_checkpoints],
+        }
+    )
+
+
+def run_plan(cfg: RunConfig) -> Plan:
+    """The curriculum plan `train` follows for cfg (extraction plans read the models' layer counts)."""
+    counts = _layer_counts(cfg) if cfg.curriculum.plan == "extraction" else (None, None)
+    try:
+        return plan_from_config(cfg, *counts)
+    except ValueError as err:
+        raise ConfigError(f"curriculum: {err}") from None
+
+
+def cached_tail_warning(cfg: RunConfig, plan: Plan) -> str | None:
+    """The caveat a cached-teacher run with RKL or AKL stages needs (METHODS.md §4), else None."""
+    kinds = sorted({s.loss for s in plan.stages if s.target == "logits" and s.kd_weight > 0} & {"rkl", "akl"})
+    if cfg.kd.teacher != "cached" or cfg.scoring.teacher_hidden or not kinds:
+        return None
+    return (
+        f"kd.teacher: cached with {', '.join(kinds)}: RKL's cached tail (AKL's RKL part too) is a rough model, "
+        "far off once the student nears the teacher (METHODS.md §4, 'Near the teacher'); "
+        "scoring.teacher_hidden (the teacher's int8 hidden states) or kd.teacher: online compute it exactly"
+    )
+
+
+def _check_plan(cfg: RunConfig, plan: Plan) -> None:
+    """Stage settings the workers would only trip over mid-run: KD loss kinds and matched layers."""
+    for s in plan.stages:
+        if s.target == "logits" and s.kd_weight > 0 and s.loss not in KD_KINDS:
+            raise ConfigError(f"stage {s.index}: unknown KD loss {s.loss!r}; allowed: {', '.join(KD_KINDS)}")
+    hidden = [s for s in plan.stages if s.target == "hidden"]
+    if not hidden:
+        return
+    teacher_layers, student_layers = _layer_counts(cfg)
+    for s in hidden:
+        assert s.teacher_layer is not None and s.student_layer is not None  # a hidden Stage has both
+        if not 0 <= s.teacher_layer <= teacher_layers:
+            raise ConfigError(f"stage {s.index}: teacher layer {s.teacher_layer} outside 0..{teacher_layers}")
+        if not 0 <= s.student_layer <= student_layers:
+            raise ConfigError(
+                f"curriculum.extraction.layer_map: student layer {s.student_layer} (stage {s.index}) "
+                f"outside 0..{student_layers}"
+            )
+
+
+def _num_ranked_rows(dataset: pads.Dataset, scores_dir: Path) -> int:
+    missing = [c for c in SCORE_COLUMNS if c not in dataset.schema.names]
+    if missing:
+        raise ValueError(f"scores at {scores_dir} lack the columns {missing}; re-run `pocl-ray score`")
+    ranks = dataset.to_table(columns=["rank"]).column("rank")
+    n = len(ranks)
+    if n == 0:
+        raise ValueError(f"scores at {scores_dir} hold no rows")
+    lo, hi = pc.min_max(ranks).values()
+    if lo.as_py() != 0 or hi.as_py() != n - 1 or pc.count_distinct(ranks).as_py() != n:
+        raise ValueError(f"scores at {scores_dir}: the rank column must hold 0..{n - 1} once each")
+    return n
+
+
+def _dev_rows(cfg: RunConfig, plan: Plan) -> tuple[list[dict], int]:
+    """Tokenised dev rows (small; shipped to the workers with the config) and the rejected count."""
+    if cfg.data.dev is None:
+        if any(s.until_plateau for s in plan.stages):
+            raise ConfigError("curriculum.advance: 'plateau' needs a dev set (data.dev) to watch")
+        return [], 0
+    tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.teacher)
+    good, rejects = validate_and_tokenize(read_table(cfg.data.dev, cfg.data.format).to_pylist(), tokenizer, cfg.data)
+    if not good:
+        raise ValueError(
+            f"data.dev: no usable row in {cfg.data.dev} ({len(rejects)} rejected, "
+            f"e.g. {rejects[0]['reason'] if rejects else ''})"
+        )
+    keep = ("id", "input_ids", "labels", "attention_mask", "num_prompt_tokens", "response")
+    rows = [{k: r[k] for k in keep} for r in good]
+    if cfg.kd.teacher == "cached":
+        # The workers hold no teacher: the dev rows (never scored) get their cache here, once.
+        cache_rows(cfg, rows)
+    return rows, len(rejects)
+
+
+def _storage_path(cfg: RunConfig, out: Path) -> str:
+    path = cfg.training.storage_path
+    if path is None:
+        return str(out / "checkpoints")
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def write_selection(path: Path, cfg: RunConfig, candidates: list[dict], dev_rows: int) -> Path:
+    """train/selection.json: the protocol, every candidate, the best one (student_best/) and the final
+    one (student/). Which of the two the evaluation uses is eval.checkpoint's business (`selected_student`)."""
+    if not candidates:
+        print(
+            "[train] no dev set (data.dev): no checkpoint-selection candidates; the final student is the only one",
+            flush=True,
+        )
+    final_step = max((c["step"] for c in candidates), default=None)
+    path.write_text(
+        json.dumps(
+            {
+                "protocol": {
+                    "metric": "dev_rougeL",
+                    "decoding": "greedy",
+                    "dev_rows": dev_rows,
+                    "max_new_tokens": f"min(eval.max_new_tokens = {cfg.eval.max_new_tokens}, "
+                    f"data.max_length ({cfg.data.max_length}) - prompt tokens)",
+                    "candidates_at": "every stage end"
+                    + (f" and every {cfg.training.select_every} steps" if cfg.training.select_every else ""),
+                    "tie_break": "lower dev_kd_loss, then the later step",
+                },
+                "candidates": candidates,
+                "best": best_candidate(candidates),
+                "final": next((c for c in candidates if c["step"] == final_step), None),
+                "students": {"best": "student_best", "final": "student"},
+            },
+            indent=1,
+        )
+    )
+    return path
+
+
+def selected_student(train_dir: Path, checkpoint: str) -> Path:
+    """The student folder eval.checkpoint names: train/student (final) or train/student_best (the best
+    dev ROUGE-L). A training without selection candidates (no data.dev, or no selection.json: a run
+    from before checkpoint selection) falls back to the final student, saying so in one line."""
+    if checkpoint == "final":
+        return train_dir / "student"
+    path = train_dir / "selection.json"
+    if not path.is_file():
+        print(
+            f"[eval] eval.checkpoint: best_dev_rougeL found no {path} (training predates checkpoint "
+            "selection): evaluating the final student",
+            flush=True,
+        )
+        return train_dir / "student"
+    if json.loads(path.read_text())["best"] is None:
+        print(
+            "[eval] eval.checkpoint: best_dev_rougeL has no candidates to choose from (no data.dev in "
+            "training): evaluating the final student",
+            flush=True,
+        )
+        return train_dir / "student"
+    return train_dir / "student_best"
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """What `prepare` checked and `fit` hands to the workers."""
+
+    scores_dir: Path
+    scores: Path  # the ranked rows
+    teacher_cache: dict | None  # the manifest's cache entry (kd.teacher: cached)
+    num_rows: int
+    index: ScoresIndex
+    plan: Plan
+    specs: tuple[StageSpec, ...]
+    dev_rows: list[dict]
+    dev_rejected: int
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def train(
+    cfg: RunConfig, scores_dir: str | Path | None = None, *, plan: Plan | None = None, callbacks: list | None = None
+) -> TrainResult:
+    """Distil the student along the configured plan (or `plan`, any Plan); outputs under OUTPUT/train.
+
+    A second call with the same config `name` and output directory resumes from the latest
+    checkpoint. `callbacks` go to Ray Train's RunConfig (Tune passes its report callback here).
+    """
+    started = time.time()
+    cfg = _absolute_paths(cfg)
+    out = Path(cfg.output.dir).resolve() / "train"
+    inputs = prepare(cfg, out.parent / "scores" if scores_dir is None else Path(scores_dir).resolve(), plan)
+    out.mkdir(parents=True, exist_ok=True)
+    plan_path = write_plan(out / "plan.json", inputs, cfg.training.global_batch_size)
+    result = fit(cfg, out, inputs, callbacks)
+    return export(cfg, out, inputs, result, plan_path, started)
+
+
+def prepare(cfg: RunConfig, scores_dir: Path, plan: Plan | None) -> RunInputs:
+    """Everything a run needs, checked on the driver before any Ray work: the scores (and their teacher
+    cache), the plan and its stage lengths, the models, the dev rows."""
+    scores = scores_path(scores_dir)
+    cache_entry = check_teacher_cache(scores_dir, cfg)
+    num_rows = _num_ranked_rows(pads.dataset(str(scores), format="parquet"), scores_dir)
+    index = ScoresIndex(scores)
+    plan = plan if plan is not None else run_plan(cfg)
+    _check_plan(cfg, plan)
+    warning = cached_tail_warning(cfg, plan)
+    if warning:
+        print(f"[train] {warning}", flush=True)
+    _check_models(cfg, plan)
+    try:
+        specs = stage_specs(plan, num_rows, cfg.training.global_batch_size)
+    except ValueError as err:
+        raise ConfigError(f"curriculum.num_buckets: {err}") from None
+    dev_rows, dev_rejected = _dev_rows(cfg, plan)
+    return RunInputs(
+        scores_dir=scores_dir,
+        scores=scores,
+        teacher_cache=cache_entry,
+        num_rows=num_rows,
+        index=index,
+        plan=plan,
+        specs=specs,
+        dev_rows=dev_rows,
+        dev_rejected=dev_rejected,
+    )
+
+
+def write_plan(path: Path, inputs: RunInputs, global_batch_size: int) -> Path:
+    """train/plan.json: the plan and every stage's length, as the workers will follow them."""
+    stages = [{k: v for k, v in s.to_dict().items() if k != "stage"} for s in inputs.specs]
+    plan = {
+        "plan": inputs.plan.to_dict(),
+        "num_rows": inputs.num_rows,
+        "global_batch_size": global_batch_size,
+        "stages": stages,
+        "total_steps": sum(s.steps for s in inputs.specs),
+    }
+    path.write_text(json.dumps(plan, indent=1))
+    return path
+
+
+def fit(cfg: RunConfig, out: Path, inputs: RunInputs, callbacks: list | None):
+    """The coordinator actor and the TorchTrainer whose workers run `train_func`; Ray Train's result."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchTrainer
+
+    training = cfg.training
+    if not ray.is_initialized():
+        ray.init()
+    # Ray Train's controller notices a finished (or failed) worker group at its next poll, every 2 s
+    # by default: measured on 2 CPU cores, a 0.25 s poll cut 3-4 s from every fit's end and ~1 s from
+    # its start. The controller propagates this setting to itself from the driver's environment.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    # Ray Train reroutes a worker's print() to its logger, and also to the worker's stdout where that is
+    # wrapped (as in a Ray worker): every progress line reached the job log twice. Plain print, once.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    name = f"pocl-coordinator-{cfg.name}-{uuid.uuid4().hex[:8]}"
+    coord = coordinator(
+        name,
+        plan=inputs.plan,
+        num_rows=inputs.num_rows,
+        global_batch=training.global_batch_size,
+        micro_batch=training.micro_batch_size,
+        seed=training.seed,
+        metrics_path=str(out / "metrics.jsonl"),
+        world_size=training.num_workers,
+        row_group_bounds=inputs.index.bounds.tolist(),
+    )
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "coordinator": name,
+            "namespace": ray.get_runtime_context().namespace,
+            "scores_path": str(inputs.scores),
+            "scores_dir": str(inputs.scores_dir),
+            "teacher_cache": inputs.teacher_cache,
+            "dev_rows": inputs.dev_rows,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=training.num_workers,
+            use_gpu=training.use_gpu,
+            resources_per_worker={"CPU": training.cpus_per_worker},
+        ),
+        run_config=RayRunConfig(
+            name=cfg.name,
+            storage_path=_storage_path(cfg, out),
+            failure_config=FailureConfig(max_failures=training.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=training.keep_checkpoints),
+            callbacks=callbacks,
+        ),
+    )
+    try:
+        return trainer.fit()
+    finally:
+        ray.kill(coord)
+
+
+def export(cfg: RunConfig, out: Path, inputs: RunInputs, result, plan_path: Path, started: float) -> TrainResult:
+    """The students of the final checkpoint (in shared storage, so this works from any node) copied to
+    train/student and train/student_best, selection.json written; the run's TrainResult."""
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {cfg.name!r} ended without a checkpoint")
+    student_dir, best_dir = out / "student", out / "student_best"
+    for folder in (student_dir, best_dir):
+        shutil.rmtree(folder, ignore_errors=True)
+    with result.checkpoint.as_directory() as d:
+        shutil.copytree(Path(d) / "student", student_dir)
+        if has_model_files(Path(d) / "student_best"):
+            shutil.copytree(Path(d) / "student_best", best_dir)
+        candidates = json.loads((Path(d) / "coordinator.json").read_text())["candidates"]
+    selection_path = write_selection(out / "selection.json", cfg, candidates, len(inputs.dev_rows))
+    metrics = dict(result.metrics or {})
+    return TrainResult(
+        output_dir=out,
+        student_dir=student_dir,
+        best_student_dir=best_dir if has_model_files(best_dir) else None,
+        selection_path=selection_path,
+        metrics_path=out / "metrics.jsonl",
+        plan_path=plan_path,
+        checkpoint_path=result.checkpoint.path,
+        steps=int(metrics.get("step", 0)),
+        stages_completed=int(metrics.get("stages_completed", 0)),
+        metrics=metrics,
+        dev_rejected=inputs.dev_rejected,
+        wall_seconds=time.time() - started,
+    )
