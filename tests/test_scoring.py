@@ -397,7 +397,7 @@ def test_teacher_top_k_writes_the_cache_from_the_scoring_forward(
     result = score_dataset(cfg)
     entry = result.manifest["teacher_cache"]
     assert entry["top_k"] == 16 and entry["bytes_per_scored_token"] == per_token
-    assert check_teacher_cache(result.output_dir, cfg) == entry
+    assert check_teacher_cache(result.output_dir, cfg, tiny_assets.vocab_size) == entry
     assert f"teacher cache: top 16 + tail, {per_token} bytes per scored token" in format_summary(result.manifest)
     files = sorted(result.scores_path.glob("*.parquet"))
     groups = [
@@ -450,7 +450,7 @@ def test_teacher_hidden_writes_int8_hidden_states_and_the_head(ray_local, tiny_a
         entry["form"] == "hidden" and entry["hidden_size"] == hidden_size and entry["columns"] == list(HIDDEN_COLUMNS)
     )
     assert entry["bytes_per_scored_token"] == hidden_size + 2 * -(-hidden_size // 64)
-    assert check_teacher_cache(result.output_dir, cfg) == entry
+    assert check_teacher_cache(result.output_dir, cfg, tiny_assets.vocab_size) == entry
     summary = format_summary(result.manifest)
     assert f"teacher cache: hidden states (int8) + LM head, {entry['bytes_per_scored_token']} bytes" in summary
     assert HEAD_FILE in summary.splitlines()[-1]
