@@ -196,3 +196,37 @@ def test_decoding_never_emits_a_padding_id_and_stops_at_the_end_of_turn(pair):
     lm.set_output_embeddings(eager)
     for row, prompt in zip(with_on_policy(lm, rows, kd, tok, max_length=128, seed=0, row_offset=0), prompts):
         assert row["input_ids"] == [*prompt, end_of_turn]
+
+
+def test_scoring_and_training_check_the_tokenizer_pair_before_any_ray_work(pair, tmp_path):
+    """A padded pair passes scoring's input check (K up to the tokenizer's 1,000 tokens); a student whose
+    tokenizer differs is refused by scoring and by training, naming both tokenizers."""
+    from pocl_ray.config import ConfigError, parse_config
+    from pocl_ray.scoring import check_inputs
+    from pocl_ray.training.driver import train
+
+    tok, teacher_dir, _, student, _ = pair
+    student.save_pretrained(tmp_path / "student")
+    tok.save_pretrained(tmp_path / "student")
+    other = models.build_tiny_tokenizer([json.dumps(r) for r in synthetic_rows(300, seed=1)], vocab_size=V)
+    models.build_tiny_model("llama", STUDENT_ROWS, 32, 1, 4, tokenizer=other, save_dir=tmp_path / "other")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(4)))
+
+    def config(student_dir, **scoring):
+        models_cfg = {"teacher": str(teacher_dir), "student": str(student_dir)}
+        run = {"data": {"train": str(data)}, "models": models_cfg, "output": {"dir": str(tmp_path / "run")}}
+        return parse_config({**run, "scoring": scoring})
+
+    assert len(check_inputs(config(tmp_path / "student", teacher_top_k=V))) == V
+    with pytest.raises(ConfigError, match=rf"scoring.teacher_top_k: {V + 1} exceeds the tokenizer's .*\({V} tokens\)"):
+        check_inputs(config(tmp_path / "student", teacher_top_k=V + 1))
+    refused = rf"models.teacher tokenizer \({teacher_dir}\) and the models.student tokenizer \({tmp_path / 'other'}\)"
+    with pytest.raises(ConfigError, match=refused):
+        check_inputs(config(tmp_path / "other"))
+    scores = tmp_path / "run" / "scores"
+    (scores / "rows").mkdir(parents=True)
+    (scores / "manifest.json").write_text(json.dumps({"scores_path": "rows"}))
+    with pytest.raises(ConfigError, match=refused):
+        train(config(tmp_path / "other"), scores)
+    assert not (tmp_path / "run" / "train").exists()
