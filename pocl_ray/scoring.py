@@ -144,10 +144,11 @@ class ScoreResult:
 
 def check_inputs(cfg: RunConfig):
     """Fail before any Ray work on a missing data file or model folder, or models that do not fit
-    together (tokenizers that differ, a head smaller than the tokenizer: `models.check_tokenizers`);
-    return the tokenizer."""
+    together (tokenizers that differ, a head smaller than the tokenizer: `models.check_tokenizers`), or
+    conversation rows with a tokenizer that cannot render them (no chat template); return the tokenizer."""
     from transformers import AutoConfig
 
+    from pocl_ray.conversations import check_tokenizer
     from pocl_ray.models import check_model_folder, check_tokenizers, load_tokenizer
 
     try:
@@ -166,6 +167,11 @@ def check_inputs(cfg: RunConfig):
         tokenizer = load_tokenizer(m.tokenizer or m.teacher)
     except (OSError, ValueError) as err:
         raise ConfigError(f"{tokenizer_field}: cannot load a tokenizer: {err}") from None
+    if data_mod.pinned_row_form(cfg.data.train, cfg.data).row_form == "conversation":
+        try:
+            check_tokenizer(tokenizer)
+        except ValueError as err:
+            raise ConfigError(f"{tokenizer_field}: {err}") from None
     # The student's folder matters only where a student is measured.
     vocab = check_tokenizers(m if STUDENT_METRICS & metrics else m.model_copy(update={"student": None}))
     if STUDENT_METRICS & metrics and m.student is None and m.student_layers is not None:
@@ -269,12 +275,13 @@ def measure_dataset(cfg: RunConfig, tokenizer):
     use_gpu = sc.num_gpus_per_actor > 0
     window = sc.batch_size * sc.length_window
     source = data_mod.read_ray_dataset(cfg.data.train, cfg.data.format, cfg.data.max_rows)
+    data_cfg = data_mod.pinned_row_form(cfg.data.train, cfg.data)  # one row form for every batch
     source.context.execution_options.preserve_order = True
     # The total for the progress line: parquet metadata, or a read of the JSONL without the models.
     with row_progress("score", source.count()) as counter:
         return (
             source.map_batches(
-                _prepare, batch_format="pyarrow", fn_kwargs={"tokenizer": tokenizer, "data_cfg": cfg.data}
+                _prepare, batch_format="pyarrow", fn_kwargs={"tokenizer": tokenizer, "data_cfg": data_cfg}
             )
             .with_column("uid", monotonically_increasing_id())
             .repartition(target_num_rows_per_block=window)

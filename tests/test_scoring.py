@@ -161,6 +161,21 @@ def test_missing_inputs_name_the_field(tiny_assets, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_conversations_with_a_tokenizer_without_chat_template_fail_before_ray(tiny_assets, tmp_path):
+    from pocl_ray.models import load_tokenizer
+
+    plain = load_tokenizer(tiny_assets.tokenizer_dir)
+    plain.chat_template = None
+    plain.save_pretrained(tmp_path / "plain")
+    data = tmp_path / "chat.jsonl"
+    turns = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."}]
+    data.write_text(json.dumps({"id": "c", "messages": turns}) + "\n")
+    cfg = _config(tiny_assets, tmp_path, data, models={"tokenizer": str(tmp_path / "plain")})
+    with pytest.raises(ConfigError, match=r"^models.tokenizer: conversation rows are rendered by .* has none"):
+        score_dataset(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # The Ray Data pipeline
 
