@@ -46,7 +46,7 @@ import pyarrow as pa
 from pocl_ray import data as data_mod
 from pocl_ray import difficulty, teacher_cache
 from pocl_ray.config import ConfigError, RunConfig
-from pocl_ray.measurers import STUDENT_METRICS, TEACHER_METRICS, Measurer
+from pocl_ray.measurers import STUDENT_METRICS, Measurer
 from pocl_ray.progress import row_progress
 from pocl_ray.ray_session import actor_pool, actor_resources
 from pocl_ray.scores import MANIFEST_FILE, REJECTED_FILE, SCORES_DIR
@@ -144,10 +144,12 @@ class ScoreResult:
 
 def check_inputs(cfg: RunConfig):
     """Fail before any Ray work on a missing data file or model folder, or models that do not fit
-    together; return the tokenizer."""
+    together (tokenizers that differ, a head smaller than the tokenizer: `models.check_tokenizers`), or
+    conversation rows with a tokenizer that cannot render them (no chat template); return the tokenizer."""
     from transformers import AutoConfig
 
-    from pocl_ray.models import check_model_folder, load_tokenizer
+    from pocl_ray.conversations import check_tokenizer
+    from pocl_ray.models import check_model_folder, check_tokenizers, load_tokenizer
 
     try:
         data_mod.resolve_source(cfg.data.train, cfg.data.format)
@@ -165,33 +167,23 @@ def check_inputs(cfg: RunConfig):
         tokenizer = load_tokenizer(m.tokenizer or m.teacher)
     except (OSError, ValueError) as err:
         raise ConfigError(f"{tokenizer_field}: cannot load a tokenizer: {err}") from None
-
-    vocab = {"models.teacher": AutoConfig.from_pretrained(m.teacher).get_text_config()}
-    if STUDENT_METRICS & metrics and m.student is not None:
-        check_model_folder(m.student, "models.student")
-        vocab["models.student"] = AutoConfig.from_pretrained(m.student).get_text_config()
-    elif STUDENT_METRICS & metrics and m.student_layers is not None:
-        layers = vocab["models.teacher"].num_hidden_layers
+    if data_mod.pinned_row_form(cfg.data.train, cfg.data).row_form == "conversation":
+        try:
+            check_tokenizer(tokenizer)
+        except ValueError as err:
+            raise ConfigError(f"{tokenizer_field}: {err}") from None
+    # The student's folder matters only where a student is measured.
+    vocab = check_tokenizers(m if STUDENT_METRICS & metrics else m.model_copy(update={"student": None}))
+    if STUDENT_METRICS & metrics and m.student is None and m.student_layers is not None:
+        layers = AutoConfig.from_pretrained(m.teacher).get_text_config().num_hidden_layers
         bad = [i for i in m.student_layers if not 0 <= i < layers]
         if bad or not m.student_layers:
             raise ConfigError(f"models.student_layers: {bad or '[]'} out of range for a teacher with {layers} layers")
     k = cfg.scoring.teacher_top_k
-    if k is not None and k > vocab["models.teacher"].vocab_size:
-        raise ConfigError(
-            f"scoring.teacher_top_k: {k} exceeds the teacher's vocabulary ({vocab['models.teacher'].vocab_size} tokens)"
-        )
+    if k is not None and k > vocab:
+        raise ConfigError(f"scoring.teacher_top_k: {k} exceeds the tokenizer's vocabulary ({vocab} tokens)")
     if cfg.scoring.teacher_hidden:
         teacher_cache.check_hidden_form(m.teacher)
-    for field, model_cfg in vocab.items():
-        if model_cfg.vocab_size < len(tokenizer):
-            raise ConfigError(
-                f"{field}: vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens"
-            )
-    if TEACHER_METRICS & metrics and len({c.vocab_size for c in vocab.values()}) > 1:
-        raise ConfigError(
-            f"models.student: vocab_size {vocab['models.student'].vocab_size} differs from the teacher's "
-            f"{vocab['models.teacher'].vocab_size}; teacher metrics need one shared vocabulary"
-        )
     return tokenizer
 
 
@@ -283,12 +275,13 @@ def measure_dataset(cfg: RunConfig, tokenizer):
     use_gpu = sc.num_gpus_per_actor > 0
     window = sc.batch_size * sc.length_window
     source = data_mod.read_ray_dataset(cfg.data.train, cfg.data.format, cfg.data.max_rows)
+    data_cfg = data_mod.pinned_row_form(cfg.data.train, cfg.data)  # one row form for every batch
     source.context.execution_options.preserve_order = True
     # The total for the progress line: parquet metadata, or a read of the JSONL without the models.
     with row_progress("score", source.count()) as counter:
         return (
             source.map_batches(
-                _prepare, batch_format="pyarrow", fn_kwargs={"tokenizer": tokenizer, "data_cfg": cfg.data}
+                _prepare, batch_format="pyarrow", fn_kwargs={"tokenizer": tokenizer, "data_cfg": data_cfg}
             )
             .with_column("uid", monotonically_increasing_id())
             .repartition(target_num_rows_per_block=window)
@@ -382,9 +375,9 @@ def score_dataset(cfg: RunConfig) -> ScoreResult:
         from transformers import AutoConfig
 
         text = AutoConfig.from_pretrained(cfg.models.teacher).get_text_config()
-        cache = teacher_cache.manifest_entry(sc.teacher_top_k, text.vocab_size, text.hidden_size)
+        cache = teacher_cache.manifest_entry(sc.teacher_top_k, len(tokenizer), text.hidden_size)
     if sc.teacher_hidden:
-        teacher_cache.save_teacher_head(cfg.models.teacher, out_dir)
+        teacher_cache.save_teacher_head(cfg.models.teacher, out_dir, len(tokenizer))
     per_file = rows_per_file(cfg, 0 if cache is None else cache["bytes_per_scored_token"])
     kept_columns = list(sc.metrics) + ([] if cache is None else cache["columns"])
     attach = {"lookup_ref": lookup_ref, "results_ref": ray.put(results), "metrics": kept_columns}

@@ -70,7 +70,9 @@ def mean_train_ce(model_dir: Path, cfg) -> float:
     rows, _ = validate_and_tokenize(read_table(cfg.data.train, "auto").to_pylist(), tokenizer, cfg.data)
     model = load_model(model_dir, dtype=torch.float32, frozen=True)
     return statistics.fmean(
-        ce for i in range(0, len(rows), 64) for ce in response_ce(model, rows[i : i + 64], tokenizer.pad_token_id)
+        ce
+        for i in range(0, len(rows), 64)
+        for ce in response_ce(model, rows[i : i + 64], tokenizer.pad_token_id, len(tokenizer))
     )
 
 

@@ -84,7 +84,7 @@ def _with_teacher_cache(
     teacher = load_model(assets.teacher_dir, frozen=True)
     vocab, hidden = teacher.config.vocab_size, teacher.config.hidden_size
     k = None if form == "hidden" else form
-    per_row = teacher_cache.teacher_caches(teacher, rows, pad_id, form)
+    per_row = teacher_cache.teacher_caches(teacher, rows, pad_id, form, vocab)
     for name, column in teacher_cache.arrow_columns(per_row, k, vocab, hidden).items():
         table = table.append_column(name, column)
     if k is None:

@@ -34,7 +34,7 @@ from pocl_ray.coordinator import best_candidate, coordinator
 from pocl_ray.curriculum import Plan, StageSpec, plan_from_config, stage_specs
 from pocl_ray.data import read_table, validate_and_tokenize
 from pocl_ray.losses import KD_KINDS
-from pocl_ray.models import has_model_files, load_tokenizer
+from pocl_ray.models import check_tokenizers, has_model_files, load_tokenizer
 from pocl_ray.scores import scores_path
 from pocl_ray.shards import ScoresIndex
 from pocl_ray.teacher_cache import cache_rows, check_teacher_cache
@@ -79,16 +79,14 @@ def _layer_counts(cfg: RunConfig) -> tuple[int, int]:
     return teacher, len(range(teacher - 1, -1, -cfg.models.student_keep_every))
 
 
-def _check_models(cfg: RunConfig, plan: Plan) -> None:
-    paths = {
-        "models.teacher": cfg.models.teacher,
-        "models.student": cfg.models.student,
-        "models.tokenizer": cfg.models.tokenizer,
+def _check_stage_teachers(cfg: RunConfig, plan: Plan) -> None:
+    """A plan's stage teachers (a progressive plan's teacher checkpoints) are model folders whose heads
+    and tokenizers fit the run's tokenizer, as models.teacher's and models.student's do (`prepare`)."""
+    stage_teachers = {
+        f"curriculum.progressive.teacher_checkpoints[{s.index}]": s.teacher for s in plan.stages if s.teacher
     }
-    paths.update({f"curriculum.progressive.teacher_checkpoints[{s.index}]": s.teacher for s in plan.stages})
-    for field, path in paths.items():
-        if path is not None and not Path(path).is_dir():
-            raise FileNotFoundError(f"{field}: model folder not found: {path}")
+    if stage_teachers:
+        check_tokenizers(cfg.models.model_copy(update={"student": None}), stage_teachers)
 
 
 def _absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -290,7 +288,8 @@ def prepare(cfg: RunConfig, scores_dir: Path, plan: Plan | None) -> RunInputs:
     """Everything a run needs, checked on the driver before any Ray work: the scores (and their teacher
     cache), the plan and its stage lengths, the models, the dev rows."""
     scores = scores_path(scores_dir)
-    cache_entry = check_teacher_cache(scores_dir, cfg)
+    vocab = check_tokenizers(cfg.models)  # the model folders and their tokenizers, before anything reads them
+    cache_entry = check_teacher_cache(scores_dir, cfg, vocab)
     num_rows = _num_ranked_rows(pads.dataset(str(scores), format="parquet"), scores_dir)
     index = ScoresIndex(scores)
     plan = plan if plan is not None else run_plan(cfg)
@@ -298,7 +297,7 @@ def prepare(cfg: RunConfig, scores_dir: Path, plan: Plan | None) -> RunInputs:
     warning = cached_tail_warning(cfg, plan)
     if warning:
         print(f"[train] {warning}", flush=True)
-    _check_models(cfg, plan)
+    _check_stage_teachers(cfg, plan)
     try:
         specs = stage_specs(plan, num_rows, cfg.training.global_batch_size)
     except ValueError as err:

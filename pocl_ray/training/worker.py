@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from pocl_ray.config import KDConfig, RunConfig
+from pocl_ray.conversations import stop_token_ids
 from pocl_ray.curriculum import Stage, StageSpec, lr_at
 from pocl_ray.evaluation import greedy_rouge_sum
 from pocl_ray.extraction import layer_projection
@@ -314,7 +315,7 @@ def setup_worker(config: dict) -> Worker:
     # tables, masks) are constants in these models, so they are not re-synced every forward.
     hidden_stages = any(s.stage.target == "hidden" for s in specs)
     student = ray.train.torch.prepare_model(
-        HiddenStatesLM(student_lm, logits),
+        HiddenStatesLM(student_lm, logits, len(tokenizer)),
         parallel_strategy_kwargs={"find_unused_parameters": hidden_stages, **_NO_BUFFER_SYNC},
     )
     dev_rows = config["dev_rows"][rank::world]
@@ -390,12 +391,12 @@ def run_teachers(
         logits = logits_form(student_lm)
         if config["teacher_cache"].get("form") == "hidden":
             head = load_head(config["scores_dir"], dtype, device)
-            return CachedTeachers(CachedHiddenTeacher(head, logits)), logits
+            return CachedTeachers(CachedHiddenTeacher(head, logits, len(tokenizer))), logits
         return CachedTeachers(CachedTopKTeacher()), logits
     paths = dict.fromkeys([cfg.models.teacher, *(s.stage.teacher for s in specs if s.stage.teacher)])
     teacher_models = [cut_from if p == cfg.models.teacher and cut_from is not None else meta_model(p) for p in paths]
     logits = logits_form(student_lm, teacher_models)
-    teachers = OnlineTeachers(cfg.models.teacher, dtype, device, student_lm, tokenizer, logits)
+    teachers = OnlineTeachers(cfg.models.teacher, dtype, device, tokenizer, logits)
     if cut_from is not None:
         teachers.adopt(cfg.models.teacher, cut_from)
     return teachers, logits
@@ -459,17 +460,19 @@ def with_on_policy(
     model: Any, rows: list[dict], kd: KDConfig, tokenizer: Any, max_length: int, seed: int, row_offset: int
 ) -> list[dict]:
     """The first round(fraction x rows) rows of a micro-batch (already in random order) replaced by
-    the student's own samples for their prompts."""
+    the student's own samples for their prompts: tokenizer ids only (never a padding row of its head),
+    each ending at eos or the chat template's end of turn (`conversations.stop_token_ids`)."""
     n = math.floor(kd.on_policy_fraction * len(rows) + 0.5)
     sampled = sample_on_policy(
         model,
         rows[:n],
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_token_ids(tokenizer),
         max_new_tokens=kd.on_policy_max_new_tokens,
         max_length=max_length,
         seed=seed,
         row_offset=row_offset,
+        vocab_size=len(tokenizer),
     )
     return sampled + rows[n:]
 
