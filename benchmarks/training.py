@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pocl_ray.config import parse_config
 from pocl_ray.curriculum import lr_at, plan_from_config, stage_specs
 from pocl_ray.models import build_tiny_tokenizer, load_model, load_tokenizer, resolve_dtype
+from pocl_ray.probes import is_probe
 from pocl_ray.seeds import stream_seed
 from pocl_ray.shards import ScoresIndex, blocks, worker_shard
 from pocl_ray.training.driver import train
@@ -285,7 +286,8 @@ def ray_path(cfg, scores: Path, tokens_per_step: list[int]) -> dict:
     started = time.time()
     result = train(cfg, scores)
     fit = time.time() - started
-    records = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
+    # Step records only (the bucket probe's records, at stage ends, have no step time).
+    records = [r for r in map(json.loads, result.metrics_path.read_text().splitlines()) if not is_probe(r)]
     ends = [r["time"] for r in records]
     loop = ends[-1] - ends[0] + records[0]["seconds"]
     out = {

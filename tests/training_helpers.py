@@ -15,6 +15,7 @@ from pocl_ray.curriculum import plan_from_config, stage_specs
 from pocl_ray.data import read_table, validate_and_tokenize
 from pocl_ray.difficulty import bucket_of_rank
 from pocl_ray.models import load_tokenizer
+from pocl_ray.probes import is_probe
 from pocl_ray.shards import ScoresIndex, blocks, worker_shard
 
 
@@ -121,7 +122,12 @@ def run_config(assets, out: Path, name: str = "t", **overrides):
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """metrics.jsonl's step records (not its bucket-probe records: `read_probes`)."""
+    return [r for r in map(json.loads, path.read_text().splitlines()) if not is_probe(r)]
+
+
+def read_probes(path: Path) -> list[dict]:
+    return [r for r in map(json.loads, path.read_text().splitlines()) if is_probe(r)]
 
 
 def expected_tokens(cfg, scores: Path, plan=None) -> list[int]:

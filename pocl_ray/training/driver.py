@@ -26,6 +26,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
@@ -35,9 +36,11 @@ from pocl_ray.curriculum import Plan, StageSpec, plan_from_config, stage_specs
 from pocl_ray.data import read_table, validate_and_tokenize
 from pocl_ray.losses import KD_KINDS
 from pocl_ray.models import check_tokenizers, has_model_files, load_tokenizer
+from pocl_ray.probes import PROBE_SEED, probe_ranks, read_probe_rows
 from pocl_ray.scores import scores_path
 from pocl_ray.shards import ScoresIndex
 from pocl_ray.teacher_cache import cache_rows, check_teacher_cache
+from pocl_ray.tracking import CLOSE_TIMEOUT_S
 from pocl_ray.training.worker import train_func
 
 SCORE_COLUMNS = ("rank", "input_ids", "labels", "num_prompt_tokens")
@@ -260,6 +263,7 @@ class RunInputs:
     specs: tuple[StageSpec, ...]
     dev_rows: list[dict]
     dev_rejected: int
+    probe_ranks: list[list[int]]  # per difficulty bucket, the ranks of its fixed probe rows (none: no probe)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,12 +271,19 @@ class RunInputs:
 
 
 def train(
-    cfg: RunConfig, scores_dir: str | Path | None = None, *, plan: Plan | None = None, callbacks: list | None = None
+    cfg: RunConfig,
+    scores_dir: str | Path | None = None,
+    *,
+    plan: Plan | None = None,
+    callbacks: list | None = None,
+    tracking: dict | None = None,
 ) -> TrainResult:
     """Distil the student along the configured plan (or `plan`, any Plan); outputs under OUTPUT/train.
 
     A second call with the same config `name` and output directory resumes from the latest
     checkpoint. `callbacks` go to Ray Train's RunConfig (Tune passes its report callback here).
+    `tracking` (a `tracking.Run.child` handle, detached by its caller meanwhile) is the run the
+    coordinator logs every step record, candidate and the selected one to, as they come.
     """
     started = time.time()
     cfg = _absolute_paths(cfg)
@@ -280,7 +291,8 @@ def train(
     inputs = prepare(cfg, out.parent / "scores" if scores_dir is None else Path(scores_dir).resolve(), plan)
     out.mkdir(parents=True, exist_ok=True)
     plan_path = write_plan(out / "plan.json", inputs, cfg.training.global_batch_size)
-    result = fit(cfg, out, inputs, callbacks)
+    write_probe(out / "probe.json", inputs)
+    result = fit(cfg, out, inputs, callbacks, tracking)
     return export(cfg, out, inputs, result, plan_path, started)
 
 
@@ -303,6 +315,7 @@ def prepare(cfg: RunConfig, scores_dir: Path, plan: Plan | None) -> RunInputs:
     except ValueError as err:
         raise ConfigError(f"curriculum.num_buckets: {err}") from None
     dev_rows, dev_rejected = _dev_rows(cfg, plan)
+    probe = probe_ranks(num_rows, cfg.curriculum.num_buckets, cfg.output.bucket_probe_rows)
     return RunInputs(
         scores_dir=scores_dir,
         scores=scores,
@@ -313,6 +326,7 @@ def prepare(cfg: RunConfig, scores_dir: Path, plan: Plan | None) -> RunInputs:
         specs=specs,
         dev_rows=dev_rows,
         dev_rejected=dev_rejected,
+        probe_ranks=[r.tolist() for r in probe] if cfg.output.bucket_probe_rows else [],
     )
 
 
@@ -330,8 +344,17 @@ def write_plan(path: Path, inputs: RunInputs, global_batch_size: int) -> Path:
     return path
 
 
-def fit(cfg: RunConfig, out: Path, inputs: RunInputs, callbacks: list | None):
-    """The coordinator actor and the TorchTrainer whose workers run `train_func`; Ray Train's result."""
+def write_probe(path: Path, inputs: RunInputs) -> None:
+    """train/probe.json: the bucket probe's rows (ranks and ids per bucket), the same at every
+    measurement and in every run on these scores; none without a probe."""
+    rows = read_probe_rows(inputs.scores, [np.asarray(r, dtype=np.int64) for r in inputs.probe_ranks], [])
+    buckets = [{"bucket": b, "ranks": r, "ids": [x["id"] for x in rows[b]]} for b, r in enumerate(inputs.probe_ranks)]
+    path.write_text(json.dumps({"seed": PROBE_SEED, "buckets": buckets}, indent=1))
+
+
+def fit(cfg: RunConfig, out: Path, inputs: RunInputs, callbacks: list | None, tracking: dict | None = None):
+    """The coordinator actor (logging to the `tracking` run) and the TorchTrainer whose workers run
+    `train_func`; Ray Train's result."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
@@ -358,6 +381,7 @@ def fit(cfg: RunConfig, out: Path, inputs: RunInputs, callbacks: list | None):
         metrics_path=str(out / "metrics.jsonl"),
         world_size=training.num_workers,
         row_group_bounds=inputs.index.bounds.tolist(),
+        tracking_handle=tracking,
     )
     trainer = TorchTrainer(
         train_func,
@@ -369,6 +393,7 @@ def fit(cfg: RunConfig, out: Path, inputs: RunInputs, callbacks: list | None):
             "scores_dir": str(inputs.scores_dir),
             "teacher_cache": inputs.teacher_cache,
             "dev_rows": inputs.dev_rows,
+            "probe_ranks": inputs.probe_ranks,
         },
         scaling_config=ScalingConfig(
             num_workers=training.num_workers,
@@ -386,7 +411,20 @@ def fit(cfg: RunConfig, out: Path, inputs: RunInputs, callbacks: list | None):
     try:
         return trainer.fit()
     finally:
-        ray.kill(coord)
+        close_coordinator(coord)
+
+
+def close_coordinator(coord) -> None:
+    """The coordinator's tracker calls sent (and the selected candidate logged) before the actor is
+    killed: killing it drops what is still queued. A coordinator that cannot close (it died with the
+    run) is warned about, not raised: the run's own error, if any, is the one to see."""
+    import ray
+
+    try:
+        ray.get(coord.close.remote(), timeout=CLOSE_TIMEOUT_S + 30)
+    except ray.exceptions.RayError as err:  # the actor died, or close outlived its own time-out
+        print(f"[track] warning: the coordinator could not close its tracker run: {type(err).__name__}", flush=True)
+    ray.kill(coord)
 
 
 def export(cfg: RunConfig, out: Path, inputs: RunInputs, result, plan_path: Path, started: float) -> TrainResult:
