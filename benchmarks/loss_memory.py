@@ -47,11 +47,19 @@ MIB = 2**20
 def naive_kd_loss(
     kind: str, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float
 ) -> torch.Tensor:
-    """The textbook loss: the same divergence on the full (batch, seq-1, vocab) fp32 log-probs, masked afterwards."""
-    divergence = losses._divergence(kind, skew_alpha=0.1, beta=0.5, mu=0.5)
-    logq = torch.log_softmax(student[:, :-1].float() / temperature, dim=-1)
-    logp = torch.log_softmax(teacher[:, :-1].detach().float() / temperature, dim=-1)
-    per_pos = divergence(logp.flatten(0, 1), logq.flatten(0, 1)).view(labels.shape[0], -1)
+    """The textbook loss: the same divergence on the full (batch, seq-1, vocab) fp32 log-probs, masked
+    afterwards, its gradient by autograd through the divergence's terms."""
+    logq = torch.log_softmax(student[:, :-1].float() / temperature, dim=-1).flatten(0, 1)
+    logp = torch.log_softmax(teacher[:, :-1].detach().float() / temperature, dim=-1).flatten(0, 1)
+    if kind == "akl":
+        with torch.no_grad():
+            p = logp.exp()
+            w = losses._akl_head_weight(p, (p - logq.exp()).abs(), mu=0.5)
+        fkl, rkl = (losses._pointwise(k, 0.1, 0.5)(logp, logq).sum(-1) for k in ("fkl", "rkl"))
+        per_row = w * fkl + (1 - w) * rkl
+    else:
+        per_row = losses._pointwise(kind, skew_alpha=0.1, beta=0.5)(logp, logq).sum(-1)
+    per_pos = per_row.view(labels.shape[0], -1)
     scored = labels[:, 1:] != IGNORE_INDEX
     return (per_pos * scored).sum() * temperature**2 / scored.sum().clamp_min(1)
 
