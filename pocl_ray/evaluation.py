@@ -37,9 +37,16 @@ import pyarrow as pa
 import torch
 from rouge_score.rouge_scorer import RougeScorer
 
-from pocl_ray.config import ConfigError, EvalConfig, RunConfig
-from pocl_ray.conversations import stop_token_ids
-from pocl_ray.data import collate, duplicate_reasons, prepare_batch, read_ray_dataset, resolve_source
+from pocl_ray.config import ConfigError, DataConfig, EvalConfig, RunConfig
+from pocl_ray.conversations import check_tokenizer, stop_token_ids
+from pocl_ray.data import (
+    collate,
+    duplicate_reasons,
+    pinned_row_form,
+    prepare_batch,
+    read_ray_dataset,
+    resolve_source,
+)
 from pocl_ray.eval_results import format_number, write_results
 from pocl_ray.measurers import greedy_responses, response_budgets, response_means, rouge_l_scorer
 from pocl_ray.models import TOKENIZER_CONFIG, check_model_folder, has_model_files, load_model, load_tokenizer
@@ -331,6 +338,24 @@ def _check_inputs(cfg: RunConfig, model_path: Path) -> Path:
     return Path(fallback)
 
 
+def set_data_configs(cfg: RunConfig, tokenizer) -> list[DataConfig]:
+    """Per eval set, the data settings its rows are prepared with: cfg.data with the set's row form decided
+    once for the whole set (`data.pinned_row_form`, so every Ray Data batch of it reads its rows one way)
+    and, for a conversation, the CE taken on the last assistant turn, the one generated and scored. A
+    conversation set with a tokenizer that cannot render it (no chat template) fails here, before Ray."""
+    base = cfg.data.model_copy(update={"train_on": "last_assistant"})
+    configs = []
+    for i, s in enumerate(cfg.eval.sets):
+        data_cfg = pinned_row_form(s.path, base, "auto")
+        if data_cfg.row_form == "conversation":
+            try:
+                check_tokenizer(tokenizer)
+            except ValueError as err:
+                raise ConfigError(f"eval.sets[{i}] (set {s.name!r}): {err}") from None
+        configs.append(data_cfg)
+    return configs
+
+
 def _generate_and_score(
     ds, window: int, ecfg: EvalConfig, cfg: RunConfig, model_path: Path, tokenizer_path: Path, counter
 ) -> list[pa.Table]:
@@ -362,9 +387,10 @@ def evaluate(
 
     DIR is `output_dir`, default cfg.output.dir. Each set's format is detected from its path
     (data.format is for the training data), and its row form (instruction or conversation) from its
-    columns unless data.row_form fixes it. Prompts use the run's template and lengths (cfg.data); a
-    conversation is scored on its last assistant turn, the one generated (CE included). Rows the data
-    layer rejects (and duplicate ids) are counted per set in results.json and listed in rejected.jsonl.
+    columns, once per set, unless data.row_form fixes it (`set_data_configs`). Prompts use the run's
+    template and lengths (cfg.data); a conversation is scored on its last assistant turn, the one
+    generated (CE included). Rows the data layer rejects (and duplicate ids) are counted per set in
+    results.json and listed in rejected.jsonl.
     """
     import ray
     import ray.data
@@ -375,11 +401,10 @@ def evaluate(
     directory = eval_dir(output_dir or cfg.output.dir, label)
     tokenizer = load_tokenizer(tokenizer_path)
     ecfg = cfg.eval
+    set_cfgs = set_data_configs(cfg, tokenizer)
 
-    # The CE of a conversation is taken on the turn that is generated and scored, the last one.
-    data_cfg = cfg.data.model_copy(update={"train_on": "last_assistant"})
     parts = []
-    for s in ecfg.sets:
+    for s, data_cfg in zip(ecfg.sets, set_cfgs):
         ds = read_ray_dataset(s.path, "auto", s.max_rows)
         parts.append(
             ds.map_batches(

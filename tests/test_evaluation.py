@@ -6,6 +6,7 @@ a sequence of real words and ROUGE-L against references built from the same word
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ from pocl_ray.evaluation import (
     greedy_rouge_sum,
     response_ce,
     rouge_l,
+    set_data_configs,
     summarize,
 )
 from pocl_ray.models import build_tiny_model, load_model, load_tokenizer
@@ -363,6 +365,60 @@ def test_bad_inputs_name_the_field(tmp_path, word_model):
     with pytest.raises(ConfigError, match="duplicate set names"):
         evaluate(_config(root, [sets[0], sets[0]], tmp_path), root)
     assert not (tmp_path / "eval").exists()
+
+
+def _write_jsonl(path, records: list[dict]):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+DIALOG = [{"role": "user", "content": "the moon"}, {"role": "assistant", "content": "a silver tree"}]
+
+
+def test_a_conversation_set_without_chat_template_fails_before_ray(tmp_path, word_model):
+    """The word tokenizer has no chat template: evaluating a conversation set fails naming the set and the
+    tokenizer, before any Ray work (this test is not marked `ray`: starting Ray would fail it)."""
+    root, _, _ = word_model
+    sets = [
+        EvalSet(name="plain", path=str(_write_jsonl(tmp_path / "plain.jsonl", _records(2, 0)))),
+        EvalSet(name="talk", path=str(_write_jsonl(tmp_path / "talk.jsonl", [{"id": "t", "messages": DIALOG}]))),
+    ]
+    expected = (
+        r"^eval\.sets\[1\] \(set 'talk'\): conversation rows are rendered by the tokenizer's chat template; "
+        rf"tokenizer {re.escape(str(root))} has none$"
+    )
+    with pytest.raises(ConfigError, match=expected):
+        evaluate(_config(root, sets, tmp_path), root)
+    assert not (tmp_path / "eval").exists()
+
+
+def test_each_sets_row_form_is_decided_once_for_the_whole_set(tmp_path, word_model):
+    """A folder whose first file holds conversations and whose second lacks the messages column is read as
+    conversations throughout, so a batch holding only the second file's row rejects it rather than read
+    it as an instruction; an instruction set beside it stays one. Every set's CE is on its last turn."""
+    _, tokenizer, _ = word_model
+    chat_tokenizer = copy.deepcopy(tokenizer)
+    chat_tokenizer.chat_template = WORD_CHAT_TEMPLATE
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    _write_jsonl(mixed / "a.jsonl", [{"id": "a", "messages": DIALOG + DIALOG}])
+    lone = _write_jsonl(mixed / "b.jsonl", _records(1, 0))
+    plain = _write_jsonl(tmp_path / "plain.jsonl", _records(2, 0))
+    sets = [EvalSet(name="mixed", path=str(mixed)), EvalSet(name="plain", path=str(plain))]
+    cfg = _config(tmp_path / "model", sets, tmp_path)
+    mixed_cfg, plain_cfg = set_data_configs(cfg, chat_tokenizer)
+    assert (mixed_cfg.row_form, plain_cfg.row_form) == ("conversation", "instruction")
+    assert mixed_cfg.train_on == plain_cfg.train_on == "last_assistant"
+    out = prepare_batch(read_table(lone).to_pydict(), chat_tokenizer, mixed_cfg)
+    assert out["reject_reason"][0].startswith("missing field 'messages'")
+    assert not prepare_batch(read_table(lone).to_pydict(), chat_tokenizer, cfg.data)["reject_reason"][0]
+    talk = _write_jsonl(tmp_path / "talk.jsonl", [{"id": "t", "messages": DIALOG + DIALOG}])
+    last = set_data_configs(cfg.with_overrides({"eval.sets": [EvalSet(name="t", path=str(talk))]}), chat_tokenizer)
+    row = prepare_batch(read_table(talk).to_pydict(), chat_tokenizer, last[0])
+    scored = [t for t, label in zip(row["input_ids"][0], row["labels"][0]) if label != -100]
+    assert chat_tokenizer.decode(scored).split() == ["a", "silver", "tree", EOS]  # the last turn only
+    forced = set_data_configs(cfg.with_overrides({"data.row_form": "instruction"}), chat_tokenizer)
+    assert [c.row_form for c in forced] == ["instruction", "instruction"]
 
 
 # ---------------------------------------------------------------------------------------------
