@@ -16,7 +16,8 @@ import shutil
 from pathlib import Path
 
 from pocl_ray.config import ConfigError, RunConfig, TeacherPrepConfig
-from pocl_ray.data import build_prompt, read_table
+from pocl_ray.conversations import parse
+from pocl_ray.data import build_prompt, pinned_row_form, read_table, records_of
 from pocl_ray.models import build_tiny_model, build_tiny_tokenizer, has_model_files
 from pocl_ray.pipeline_steps import fingerprint, run_pipeline_step
 from pocl_ray.ray_session import init_ray
@@ -24,26 +25,34 @@ from pocl_ray.scoring import score_dataset
 from pocl_ray.training.driver import train
 
 
-def _texts_for_tokenizer(cfg: RunConfig) -> list[str]:
-    table = read_table(cfg.data.train, cfg.data.format, cfg.data.max_rows).to_pylist()
+def tokenizer_texts(cfg: RunConfig) -> list[str]:
+    """The stand-in tokenizer's training texts, one per row of data.train: an instruction row as the dolly
+    template renders it; a conversation as its turns' roles and contents, each on its own lines (the text
+    the ChatML template writes between its special tokens, which the tokenizer holds whole)."""
+    table = read_table(cfg.data.train, cfg.data.format, cfg.data.max_rows)
+    records = records_of(table.to_pydict())
     f = cfg.data.fields
 
     def first(row: dict, names: list[str]) -> str:
         return next((row[n] for n in names if isinstance(row.get(n), str)), "")
 
-    texts = []
-    for row in table:
-        instruction, context = first(row, f.instruction), first(row, f.context)
-        texts.append(build_prompt(instruction, context, "dolly") + first(row, f.response))
-    return texts
+    if pinned_row_form(cfg.data.train, cfg.data).row_form == "conversation":  # as scoring reads the rows
+        texts = []
+        for row in records:
+            column = next((c for c in f.messages if row.get(c) is not None), None)
+            turns = parse(row[column], column)[0] if column else []  # a malformed row: rejected later
+            texts.append("".join(f"{t['role']}\n{t['content']}\n" for t in turns))
+        return texts
+    return [
+        build_prompt(first(row, f.instruction), first(row, f.context), "dolly") + first(row, f.response)
+        for row in records
+    ]
 
 
-def prepare_teacher(cfg: RunConfig, prep: TeacherPrepConfig, work_dir: Path) -> None:
-    """Build a tiny teacher from scratch (`prep`: cfg.pipeline.prepare_teacher) and train it on the
-    references (SFT) with the same scoring and training steps the distillation uses; save it at
-    models.teacher."""
-    init_dir = work_dir / "init"
-    tokenizer = build_tiny_tokenizer(_texts_for_tokenizer(cfg), vocab_size=prep.vocab_size, save_dir=init_dir)
+def build_stand_in(cfg: RunConfig, prep: TeacherPrepConfig, save_dir: Path) -> None:
+    """The untrained stand-in teacher (`prep`: cfg.pipeline.prepare_teacher) in save_dir: a tokenizer
+    trained on data.train's texts (`tokenizer_texts`) and a randomly initialised model over it."""
+    tokenizer = build_tiny_tokenizer(tokenizer_texts(cfg), vocab_size=prep.vocab_size, save_dir=save_dir)
     build_tiny_model(
         prep.arch,
         vocab_size=len(tokenizer),
@@ -52,9 +61,16 @@ def prepare_teacher(cfg: RunConfig, prep: TeacherPrepConfig, work_dir: Path) -> 
         num_heads=prep.num_heads,
         seed=prep.seed,
         max_positions=cfg.data.max_length,
-        save_dir=init_dir,
+        save_dir=save_dir,
         tokenizer=tokenizer,
     )
+
+
+def prepare_teacher(cfg: RunConfig, prep: TeacherPrepConfig, work_dir: Path) -> None:
+    """Build a tiny teacher from scratch (`build_stand_in`) and train it on the references (SFT) with the
+    same scoring and training steps the distillation uses; save it at models.teacher."""
+    init_dir = work_dir / "init"
+    build_stand_in(cfg, prep, init_dir)
     trained = _sft_run(
         cfg,
         str(init_dir),
