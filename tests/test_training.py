@@ -3,7 +3,8 @@
 Ray runs are few and shared through module fixtures: one undisturbed POCL run (schedule, data,
 loss, saved student, checkpoint selection), one run killed after a checkpoint and re-run (exact
 resume, selection candidates kept), one curriculum-extraction run with on-policy rows. The loss
-algebra (2 workers = 1 worker on the combined batch) is checked with two gloo processes, without Ray.
+algebra (3 workers on an uneven split of a global batch of 16 = 1 worker on the combined batch) is
+checked with three gloo processes, without Ray.
 """
 
 from __future__ import annotations
@@ -553,7 +554,7 @@ def test_cached_hidden_teacher_gives_the_online_step_within_its_int8_rounding(ti
     assert cached[2] == pytest.approx(online[2], rel=2e-3)
 
 
-# -- loss algebra: 2 DDP workers give the gradient of 1 worker on the combined batch -------------
+# -- loss algebra: 3 DDP workers on an uneven split give the gradient of 1 worker on the combined batch
 
 
 def _stages():
@@ -582,7 +583,7 @@ def _gradients(student, teacher, micro_rows, stage, pad_id, projection):
     return out, grads
 
 
-def _ddp_worker(rank: int, world: int, init: str, assets, rows: list[dict], result_path: str) -> None:
+def _ddp_worker(rank: int, world: int, init: str, assets, micro_rows: list, result_path: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -600,8 +601,7 @@ def _ddp_worker(rank: int, world: int, init: str, assets, rows: list[dict], resu
         )
         student.eval()  # no dropout: both sides must compute the same function
         projection = layer_projection(64, 32, 3, seed=0) if stage.target == "hidden" else None
-        mine = rows[rank * 4 : (rank + 1) * 4]  # this worker's half, as two micro-batches of 2
-        results.append(_gradients(student, teacher, [mine[:2], mine[2:]], stage, pad_id, projection))
+        results.append(_gradients(student, teacher, micro_rows[rank], stage, pad_id, projection))
     if rank == 0:
         torch.save(results, result_path)
     dist.barrier()
@@ -611,21 +611,31 @@ def _ddp_worker(rank: int, world: int, init: str, assets, rows: list[dict], resu
     os._exit(0)
 
 
-def test_two_workers_match_one_worker_on_the_combined_batch(tiny_assets, tmp_path):
+def test_three_workers_on_an_uneven_split_match_one_worker_on_the_combined_batch(tiny_assets, tmp_path):
     import torch.multiprocessing as mp
 
     from pocl_ray.extraction import layer_projection
+    from pocl_ray.shards import blocks, worker_shard
     from pocl_ray.training.teacher import HiddenStatesLM, OnlineTeacher
 
     tokenizer = load_tokenizer(tiny_assets.tokenizer_dir)
     good, _ = validate_and_tokenize(
-        read_table(tiny_assets.train_path).to_pylist()[:8], tokenizer, tiny_assets.data_config()
+        read_table(tiny_assets.train_path).to_pylist()[:16], tokenizer, tiny_assets.data_config()
     )
     rows = [{k: r[k] for k in ("input_ids", "labels", "attention_mask")} for r in good]
     # Rows of very different lengths, so a per-worker mean would weigh tokens differently.
-    assert len({len(r["input_ids"]) for r in rows}) > 3
+    assert len(rows) == 16 and len({len(r["input_ids"]) for r in rows}) > 3
+    # A global batch of 16 dealt to 3 workers as training deals it: 6, 5 and 5 rows, 3 micro-batches each.
+    shards = [
+        worker_shard(
+            blocks([(0, 16)], [0, 16]), seed=0, stage=0, epoch=0, world_size=3, worker=r, global_batch=16, micro_batch=2
+        )
+        for r in range(3)
+    ]
+    micro_rows = [[[rows[i] for i in m] for m in s.step(0)] for s in shards]
+    assert [[len(m) for m in w] for w in micro_rows] == [[2, 2, 2], [2, 2, 1], [2, 2, 1]]
     result_path = tmp_path / "ddp.pt"
-    mp.spawn(_ddp_worker, args=(2, f"file://{tmp_path / 'pg'}", tiny_assets, rows, str(result_path)), nprocs=2)
+    mp.spawn(_ddp_worker, args=(3, f"file://{tmp_path / 'pg'}", tiny_assets, micro_rows, str(result_path)), nprocs=3)
     ddp = torch.load(result_path, weights_only=False)
 
     teacher = OnlineTeacher(load_model(tiny_assets.teacher_dir, frozen=True))
@@ -634,8 +644,8 @@ def test_two_workers_match_one_worker_on_the_combined_batch(tiny_assets, tmp_pat
         student = HiddenStatesLM(load_model(tiny_assets.student_dir))
         student.eval()
         projection = layer_projection(64, 32, 3, seed=0) if stage.target == "hidden" else None
-        # One worker, the same 8 rows as 4 micro-batches of 2 (gradient accumulation).
-        micro = [rows[i : i + 2] for i in range(0, 8, 2)]
+        # One worker, the same 16 rows as 8 micro-batches of 2 (gradient accumulation).
+        micro = [rows[i : i + 2] for i in range(0, 16, 2)]
         out, grads = _gradients(student, teacher, micro, stage, tokenizer.pad_token_id, projection)
         torch.testing.assert_close(ddp_out, out, rtol=1e-5, atol=1e-6)
         # The full-vocabulary logits path (heads that are not plain) computes the same step.
