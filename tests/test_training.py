@@ -22,7 +22,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from training_helpers import committed_checkpoints, expected_tokens, read_metrics, read_probes, run_config, write_scores
+from training_helpers import (
+    committed_checkpoints,
+    expected_tokens,
+    read_metrics,
+    read_probes,
+    read_resizes,
+    rows_per_epoch,
+    run_config,
+    write_scores,
+)
 
 from pocl_ray.config import ConfigError
 from pocl_ray.curriculum import lr_at, plan_from_config, stage_specs
@@ -745,6 +754,64 @@ def test_killed_run_resumes_at_the_same_step_with_the_same_data(pocl_run, tiny_a
         assert a["dev_kd_loss"] == pytest.approx(b["dev_kd_loss"], rel=1e-3), a["step"]
         assert a["dev_rougeL"] == pytest.approx(b["dev_rougeL"], abs=1.0), a["step"]
     assert result.best_student_dir is not None and (result.best_student_dir / "config.json").is_file()
+
+
+@ray_test
+@pytest.mark.slow
+def test_a_two_worker_checkpoint_resumes_on_one_worker_and_completes_its_epoch(ray_local, tiny_assets, tmp_path):
+    """A 2-worker run killed after a mid-epoch checkpoint, re-run with training.num_workers: 1: the plan's
+    steps and schedule go on, the interrupted epoch's other rows are trained once on 1 worker (each step's
+    tokens are those of the re-dealt rows), later epochs are 1-worker epochs, and the resize is recorded."""
+    from pocl_ray.training.driver import train
+
+    scores = write_scores(tmp_path, tiny_assets)
+    # Checkpoints every 2 steps: stage 0 has 5, so the first ones (steps 2 and 4) are mid-epoch.
+    cfg = run_config(tiny_assets, tmp_path / "run", name="shrink", **{"data.dev": None, "training.checkpoint_every": 2})
+    storage = tmp_path / "run" / "train" / "checkpoints" / cfg.name
+    failure: list[BaseException] = []
+
+    def first_attempt():
+        try:
+            train(cfg, scores)
+        except BaseException as err:
+            failure.append(err)
+
+    thread = threading.Thread(target=first_attempt)
+    thread.start()
+    deadline = time.time() + 300
+    while not committed_checkpoints(storage) and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.05)
+    pids = train_worker_pids()
+    assert pids and thread.is_alive(), "the run ended before a checkpoint could be taken"
+    killed_at = time.time()
+    os.kill(pids[-1], signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive() and failure, "max_failures=0: killing a worker must fail the run"
+
+    result = train(cfg.with_overrides({"training.num_workers": 1}), scores)  # same name: resumes on 1 worker
+    records, [resize] = read_metrics(result.metrics_path), read_resizes(result.metrics_path)
+    assert resize["kind"] == "resize" and (resize["workers_before"], resize["workers_after"]) == (2, 1)
+    assert resize["cause"] == "resume" and 0 < resize["seconds"] < 300
+    num_rows = pq.read_metadata(scores / "rows.parquet").num_rows
+    specs = stage_specs(plan_from_config(cfg), num_rows, cfg.training.global_batch_size)
+    assert resize["stage"] == 0 and resize["step"] in (2, 4), "resumed inside stage 0's only epoch"
+    assert [r["step"] for r in records] == list(range(1, sum(s.steps for s in specs) + 1))
+    assert [r["stage"] for r in records] == [i for i, s in enumerate(specs) for _ in range(s.steps)]
+    assert all(r["time"] < killed_at for r in records[: resize["step"]])
+    assert all(r["time"] > killed_at for r in records[resize["step"] :])
+    assert [r["tokens"] for r in records] == expected_tokens(cfg, scores, resizes=[resize])
+    assert all(math.isfinite(r["loss"]) for r in records)
+    # The schedule is the plan's, whatever the worker count: samples, LR, temperature.
+    samples = np.cumsum([min(16, s.pool_rows - (k % s.steps_per_epoch) * 16) for s in specs for k in range(s.steps)])
+    assert [r["samples"] for r in records] == samples.tolist()
+    lrs = [lr_at(s.lr_offset + k, s.lr_total, 1e-3, 1e-4, 0) for s in specs for k in range(s.steps)]
+    assert [r["lr"] for r in records] == pytest.approx(lrs)
+    assert [r["temperature"] for r in records] == [s.stage.temperature for s in specs for _ in range(s.steps)]
+    # The interrupted epoch as the run dealt it (the final checkpoint's coordinator state): its pool, once.
+    dealing = json.loads((Path(result.checkpoint_path) / "coordinator.json").read_text())["dealing"]
+    assert dealing == {"stage": 0, "epoch": 0, "history": [[0, 2], [resize["step"], 1]]}
+    for (stage, _), ranks in rows_per_epoch(cfg, scores, [resize]).items():
+        assert ranks == list(range(*specs[stage].pool_ranges[0])), stage
 
 
 # -- kd.teacher: cached: training reads the teacher's top-k from the scores --------------------
