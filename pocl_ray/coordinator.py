@@ -158,13 +158,15 @@ class CurriculumCoordinator:
         """
         first_start = self.sent_until is None
         world = self.world_size if world_size is None else int(world_size)
-        # A resize whose group failed before its first step is still the same outage: timed from its start.
+        # The count that trained last (a re-run: the checkpoint's); a resize whose group failed before
+        # its first step is still the same outage, timed from its start.
         pending, self.resize, self._dealt = self.resize, None, None
         if pending is not None:
-            cause, since = pending["cause"], pending["since"]
+            cause, since, before = pending["cause"], pending["since"], pending["workers_before"]
         else:
             cause = "resume" if first_start else "failure" if self.failed_at is not None else "resize"
             since = self.failed_at if self.failed_at is not None else time.time()
+            before = None if first_start else self.world_size
         self.failed_at = None
         if state is not None:
             self._check_compatible(state)
@@ -173,12 +175,23 @@ class CurriculumCoordinator:
             self.candidates = list(state["candidates"])
             self.dealing = state["dealing"]
             if world != state["world_size"]:
-                self._resized(state["world_size"], world, cause, since)
+                self.dealing = self._redealt(state["world_size"], world)
+            before = state["world_size"] if before is None else before
         else:
             self.position = {"stage": 0, "stage_step": 0, "step": 0, "samples": 0}
             self.plateau = {"stage": 0, "best": None, "bad": 0}
             self.candidates = []
             self.dealing = None
+        if before is not None and before != world:
+            self.resize = {
+                "kind": RESIZE_KIND,
+                "step": self.position["step"],
+                "stage": self.position["stage"],
+                "workers_before": before,
+                "workers_after": world,
+                "cause": cause,
+                "since": since,
+            }
         self.world_size = world
         kept = self._truncate_metrics(self.position["step"])
         if self.sent_until is None:  # this actor's first start: the trackers have seen none of the kept steps
@@ -187,24 +200,15 @@ class CurriculumCoordinator:
         self.skip_until = self.sent_until
         return {**self.state(), "resize": None if self.resize is None else dict(self.resize)}
 
-    def _resized(self, before: int, after: int, cause: str, since: float) -> None:
-        """The interrupted epoch's dealing history extended to `after` workers, and the resize record
-        that goes to metrics.jsonl with the first step on them."""
+    def _redealt(self, before: int, after: int) -> dict | None:
+        """The dealing history of the position's epoch, written on `before` workers, continued on `after`."""
         stage, stage_step = self.position["stage"], self.position["stage_step"]
-        if stage < len(self.specs):
-            epoch, done = divmod(stage_step, self.specs[stage].steps_per_epoch)
-            d = self.dealing
-            history = d["history"] if d is not None and (d["stage"], d["epoch"]) == (stage, epoch) else [(0, before)]
-            self.dealing = {"stage": stage, "epoch": epoch, "history": resized(history, done, after)}
-        self.resize = {
-            "kind": RESIZE_KIND,
-            "step": self.position["step"],
-            "stage": stage,
-            "workers_before": before,
-            "workers_after": after,
-            "cause": cause,
-            "since": since,
-        }
+        if stage >= len(self.specs):  # the run is complete
+            return self.dealing
+        epoch, done = divmod(stage_step, self.specs[stage].steps_per_epoch)
+        d = self.dealing
+        history = d["history"] if d is not None and (d["stage"], d["epoch"]) == (stage, epoch) else [(0, before)]
+        return {"stage": stage, "epoch": epoch, "history": resized(history, done, after)}
 
     def failed(self, at: float) -> None:
         """Ray Train reported a failed worker at `at` (epoch seconds): the next `restore` is its recovery."""
@@ -300,9 +304,8 @@ class CurriculumCoordinator:
             return
         if self.resize is not None:
             # The first step on the new worker count (always the first record after `restore`): the
-            # resize is complete, and timed to the step's end.
-            since = self.resize.pop("since")
-            records = [{**self.resize, "seconds": records[0]["time"] - since}, *records]
+            # resize is complete, and timed from `since` (epoch seconds) to the step's end.
+            records = [{**self.resize, "seconds": records[0]["time"] - self.resize["since"]}, *records]
             self.resize = None
         with open(self.metrics_path, "a") as f:
             for r in records:

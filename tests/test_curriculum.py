@@ -337,12 +337,26 @@ def test_coordinator_continues_an_epoch_on_another_worker_count(tmp_path):
     assert second.state()["dealing"]["history"] == [(0, 2), (2, 1), (3, 2)]
     trained += _rows([second.shard(1, 1, r) for r in range(2)], range(3, per_epoch))
     assert sorted(trained) == pool, "the interrupted epoch's pool, each row once"
-    # A restart on the same count changes nothing; the next epoch is a fresh 2-worker epoch.
+    # Once a step ran on 2, a restart on 2 changes nothing; the next epoch is a fresh 2-worker epoch.
+    second.log([{"step": 22, "stage": 1, "time": started + 20.0}])
     assert second.restore(second.state(), 2)["resize"] is None
     assert second.state()["dealing"]["history"] == [(0, 2), (2, 1), (3, 2)]
     fresh = _coordinator(tmp_path)
     fresh.restore(None, 2)
     assert all(np.array_equal(second.shard(1, 2, r).ranks, fresh.shard(1, 2, r).ranks) for r in range(2))
+
+
+def test_a_group_grown_back_before_its_next_checkpoint_is_recorded_and_replays_the_first_dealing(tmp_path):
+    c = _coordinator(tmp_path)
+    c.restore(None, 2)
+    state = c.checkpoint({"stage": 1, "stage_step": 2, "step": 9, "samples": 36}, [])
+    assert c.restore(state, 1)["resize"]["workers_after"] == 1  # a failure: 1 worker from the checkpoint on
+    c.log([{"step": 10, "stage": 1, "time": 1.0}])
+    # Grown back to 2 before a checkpoint on 1: the 2-worker checkpoint again, and its own dealing.
+    grown = c.restore(state, 2)
+    assert (grown["resize"]["workers_before"], grown["resize"]["workers_after"], grown["resize"]["step"]) == (1, 2, 9)
+    assert grown["dealing"] is None
+    assert [json.loads(line)["kind"] for line in (tmp_path / "m.jsonl").read_text().splitlines()] == ["resize"]
 
 
 def test_plateau_resets_per_stage(tmp_path):
