@@ -421,7 +421,11 @@ class FSDPConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    num_workers: int = Field(2, ge=1)
+    num_workers: Annotated[int, Field(ge=1)] | tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = Field(
+        2,
+        description="training workers: a count, or [min, max] for elastic training (Ray Train starts with what "
+        "the cluster holds, at least min, grows to max as nodes join, continues on fewer after a failure)",
+    )
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     global_batch_size: int = Field(64, gt=0)
@@ -439,7 +443,15 @@ class TrainingConfig(_Section):
         description="steps between checkpoint-selection candidates (dev ROUGE-L, METHODS.md §5); "
         "every stage end is one anyway; None = stage ends only",
     )
-    max_failures: int = Field(3, ge=-1)
+    max_failures: int = Field(
+        3, ge=-1, description="worker-group failures (a lost node or worker) Ray Train recovers from; -1: no limit"
+    )
+    resize_check_s: float = Field(
+        60.0,
+        gt=0,
+        description="with num_workers: [min, max], seconds between Ray Train's checks for room to grow the "
+        "worker group (growing restarts it from the latest checkpoint)",
+    )
     seed: int = 0
     storage_path: PathOrURI | None = Field(
         None,
@@ -473,8 +485,23 @@ class TrainingConfig(_Section):
             raise ValueError("training.strategy: fsdp is not available yet (the training worker runs ddp only)")
         return self
 
+    @field_validator("num_workers")
+    @classmethod
+    def _worker_range(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        if isinstance(value, tuple) and value[0] > value[1]:
+            raise ValueError(f"[min, max] needs min <= max, got {list(value)}")
+        return value
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
     @model_validator(mode="after")
     def _batch(self) -> TrainingConfig:
+        # A fixed count splits each step evenly; a range's counts split it unevenly where they do not
+        # divide it (shards.worker_shard), with the loss still over the global token count.
+        if not isinstance(self.num_workers, int):
+            return self
         per_step = self.micro_batch_size * self.num_workers
         if self.global_batch_size % per_step:
             raise ValueError(

@@ -9,6 +9,7 @@ state rides in every checkpoint.
 from __future__ import annotations
 
 import json
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,9 @@ import numpy as np
 
 from pocl_ray import tracked, tracking
 from pocl_ray.curriculum import Plan, StageSpec, stage_specs
+from pocl_ray.elastic import epoch_shards, resized
 from pocl_ray.shards import BLOCK_ROWS, WINDOW_ROWS, WorkerShard, blocks, worker_shard
+from pocl_ray.tracked import RESIZE_KIND
 
 
 def _plateaued(best: float | None, bad: int, loss: float, patience: int) -> tuple[float, int, bool]:
@@ -34,8 +37,9 @@ def best_candidate(candidates: list[dict]) -> dict | None:
 
 
 # 2: the epoch order of pocl_ray.shards (depends on the worker count and row groups);
-# 3: samples seen in the position, checkpoint-selection candidates.
-STATE_VERSION = 3
+# 3: samples seen in the position, checkpoint-selection candidates;
+# 4: elastic training: the worker count may change, the interrupted epoch's dealing history rides along.
+STATE_VERSION = 4
 
 
 class CurriculumCoordinator:
@@ -56,8 +60,12 @@ class CurriculumCoordinator:
     on a multi-node cluster.
 
     The epoch order depends on the worker count and on the scores' row groups (`row_group_bounds`,
-    from `shards.ScoresIndex`), so both are part of the state: a resume with another worker count
-    or re-written scores is refused rather than silently training other rows.
+    from `shards.ScoresIndex`), so both are part of the state. Re-written scores are refused. Another
+    worker count (Ray Train's elastic scaling after a failure or a resize, or a re-run with another
+    training.num_workers) is told to `restore`: the rows of the interrupted epoch not yet trained are
+    dealt to the new count (`elastic.redeal`; the epoch's dealing history rides in the state), later
+    epochs are dealt fresh, and the change goes to metrics.jsonl as a resize record, with the seconds
+    from the failure Ray Train reported (`failed`), or from the new group's start, to its first step.
 
     Step records: rank 0 sends its per-step records in batches (`log`, fire-and-forget between
     checkpoints, awaited at each checkpoint) and the coordinator appends them to metrics.jsonl.
@@ -114,6 +122,13 @@ class CurriculumCoordinator:
         # restart replays up to: its steps and candidates were sent before the restart.
         self.sent_until: int | None = None
         self.skip_until = -1
+        # The interrupted epoch's dealing history {"stage", "epoch", "history"} (None: every epoch is
+        # dealt fresh to world_size), the last dealing computed (every worker asks for its shard of it),
+        # the resize waiting for its first step, and when the failure that started it was reported.
+        self.dealing: dict | None = None
+        self._dealt: tuple[tuple, list[WorkerShard]] | None = None
+        self.resize: dict | None = None
+        self.failed_at: float | None = None
 
     # -- position and state ------------------------------------------------------------------
 
@@ -127,44 +142,85 @@ class CurriculumCoordinator:
             "global_batch": self.global_batch,
             "seed": self.seed,
             "world_size": self.world_size,
+            "dealing": self.dealing,
             "layout": self.layout,
             "position": dict(self.position),
             "plateau": dict(self.plateau),
             "candidates": list(self.candidates),
         }
 
-    def restore(self, state: dict | None) -> dict:
-        """Start from a checkpoint's state (None = from the beginning) and return the state.
+    def restore(self, state: dict | None, world_size: int | None = None) -> dict:
+        """Start from a checkpoint's state (None = from the beginning) on `world_size` workers (None: as
+        created) and return the state, with "resize" (the change of worker count, or None) added.
 
         Records in metrics.jsonl and selection candidates past the checkpoint's step are dropped:
         the steps after it are about to be trained (and their candidates evaluated) again.
         """
+        first_start = self.sent_until is None
+        world = self.world_size if world_size is None else int(world_size)
+        # The count that trained last (a re-run: the checkpoint's); a resize whose group failed before
+        # its first step is still the same outage, timed from its start.
+        pending, self.resize, self._dealt = self.resize, None, None
+        if pending is not None:
+            cause, since, before = pending["cause"], pending["since"], pending["workers_before"]
+        else:
+            cause = "resume" if first_start else "failure" if self.failed_at is not None else "resize"
+            since = self.failed_at if self.failed_at is not None else time.time()
+            before = None if first_start else self.world_size
+        self.failed_at = None
         if state is not None:
             self._check_compatible(state)
             self.position = dict(state["position"])
             self.plateau = dict(state["plateau"])
             self.candidates = list(state["candidates"])
+            self.dealing = state["dealing"]
+            if world != state["world_size"]:
+                self.dealing = self._redealt(state["world_size"], world)
+            before = state["world_size"] if before is None else before
         else:
             self.position = {"stage": 0, "stage_step": 0, "step": 0, "samples": 0}
             self.plateau = {"stage": 0, "best": None, "bad": 0}
             self.candidates = []
+            self.dealing = None
+        if before is not None and before != world:
+            self.resize = {
+                "kind": RESIZE_KIND,
+                "step": self.position["step"],
+                "stage": self.position["stage"],
+                "workers_before": before,
+                "workers_after": world,
+                "cause": cause,
+                "since": since,
+            }
+        self.world_size = world
         kept = self._truncate_metrics(self.position["step"])
         if self.sent_until is None:  # this actor's first start: the trackers have seen none of the kept steps
             self.sent_until = -1
             self._track(kept, self.candidates)
         self.skip_until = self.sent_until
-        return self.state()
+        return {**self.state(), "resize": None if self.resize is None else dict(self.resize)}
+
+    def _redealt(self, before: int, after: int) -> dict | None:
+        """The dealing history of the position's epoch, written on `before` workers, continued on `after`."""
+        stage, stage_step = self.position["stage"], self.position["stage_step"]
+        if stage >= len(self.specs):  # the run is complete
+            return self.dealing
+        epoch, done = divmod(stage_step, self.specs[stage].steps_per_epoch)
+        d = self.dealing
+        history = d["history"] if d is not None and (d["stage"], d["epoch"]) == (stage, epoch) else [(0, before)]
+        return {"stage": stage, "epoch": epoch, "history": resized(history, done, after)}
+
+    def failed(self, at: float) -> None:
+        """Ray Train reported a failed worker at `at` (epoch seconds): the next `restore` is its recovery."""
+        if self.failed_at is None:
+            self.failed_at = at
 
     def _check_compatible(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
             raise ValueError(
-                f"checkpoint coordinator state has version {state.get('version')}, expected {STATE_VERSION}"
-            )
-        if state["world_size"] != self.world_size:
-            raise ValueError(
-                f"the checkpoint being resumed was written by {state['world_size']} workers and this run has "
-                f"{self.world_size}: an epoch's data order depends on the worker count, so resume with "
-                f"training.num_workers: {state['world_size']}, or start a new run under another name"
+                f"the checkpoint being resumed holds coordinator state version {state.get('version')}, written "
+                f"by an older pocl-ray (this one reads version {STATE_VERSION}, which records how each epoch was "
+                "dealt to a changing worker count); finish it with that version, or start a new run under another name"
             )
         mismatches = [
             name
@@ -195,17 +251,34 @@ class CurriculumCoordinator:
         return self.specs[index]
 
     def shard(self, stage: int, epoch: int, worker: int) -> WorkerShard:
-        """Worker `worker`'s rows, steps and micro-batches for one epoch of a stage."""
-        return worker_shard(
-            self.blocks[stage],
-            seed=self.seed,
-            stage=stage,
-            epoch=epoch,
-            world_size=self.world_size,
-            worker=worker,
-            global_batch=self.global_batch,
-            micro_batch=self.micro_batch,
-        )
+        """Worker `worker`'s rows, steps and micro-batches for one epoch of a stage: the interrupted
+        epoch as its dealing history says (`elastic.epoch_shards`), any other dealt fresh."""
+        d = self.dealing
+        if d is None or (d["stage"], d["epoch"]) != (stage, epoch) or len(d["history"]) == 1:
+            return worker_shard(
+                self.blocks[stage],
+                seed=self.seed,
+                stage=stage,
+                epoch=epoch,
+                world_size=self.world_size,
+                worker=worker,
+                global_batch=self.global_batch,
+                micro_batch=self.micro_batch,
+            )
+        key = (stage, epoch, tuple(map(tuple, d["history"])))
+        if self._dealt is None or self._dealt[0] != key:
+            history = [(int(s), int(w)) for s, w in d["history"]]
+            shards = epoch_shards(
+                self.blocks[stage],
+                history,
+                seed=self.seed,
+                stage=stage,
+                epoch=epoch,
+                global_batch=self.global_batch,
+                micro_batch=self.micro_batch,
+            )
+            self._dealt = (key, shards)
+        return self._dealt[1][worker]
 
     def report_eval(self, stage: int, dev_loss: float) -> bool:
         """Record a dev-loss evaluation of `stage`; True when the stage has stopped improving."""
@@ -229,6 +302,11 @@ class CurriculumCoordinator:
     def log(self, records: list[dict]) -> None:
         if not records:
             return
+        if self.resize is not None:
+            # The first step on the new worker count (always the first record after `restore`): the
+            # resize is complete, and timed from `since` (epoch seconds) to the step's end.
+            records = [{**self.resize, "seconds": records[0]["time"] - self.resize["since"]}, *records]
+            self.resize = None
         with open(self.metrics_path, "a") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
@@ -263,6 +341,33 @@ class CurriculumCoordinator:
         if best is not None:
             self.tracker.metrics(tracked.selected_metrics(best), best["step"])
         self.tracker.close()
+
+
+def resize_line(resize: dict) -> str:
+    """The progress line of a change of worker count (`restore`'s "resize")."""
+    why = {"failure": "after a failure", "resize": "Ray Train resized the group", "resume": "a resumed run"}
+    return (
+        f"[train] {resize['workers_before']} -> {resize['workers_after']} workers at step {resize['step']} "
+        f"({why[resize['cause']]}): the rest of the interrupted epoch is dealt to {resize['workers_after']}, "
+        "later epochs as a fresh run on them"
+    )
+
+
+def failure_reporter(name: str, namespace: str):
+    """A Ray Train callback (it runs in Ray Train's controller) that tells the named coordinator when a
+    worker failed, so the resize that follows is timed from the failure (`CurriculumCoordinator.failed`)."""
+    import ray
+    from ray.train import UserCallback
+
+    class ReportFailures(UserCallback):
+        def after_exception(self, run_context, worker_exceptions) -> None:
+            try:
+                actor = ray.get_actor(name, namespace=namespace)
+            except ValueError:  # the coordinator is gone (the run is ending): nothing to time
+                return
+            actor.failed.remote(time.time())
+
+    return ReportFailures()
 
 
 def coordinator(

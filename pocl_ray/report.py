@@ -3,8 +3,9 @@
 Layout read (every part optional; a missing part gets a line saying so instead of its section):
 
     DIR/scores/manifest.json, DIR/scores/<manifest scores_path>   shared difficulty scores
-    <run>/train/metrics.jsonl                                      one JSON object per optimizer step, and
+    <run>/train/metrics.jsonl                                      one JSON object per optimizer step,
                                                                    bucket-probe records (pocl_ray.probes)
+                                                                   and resize records (elastic training)
     <run>/train/selection.json                                     checkpoint-selection candidates
     <run>/eval/results.json, <run>/eval/<name>/results.json        pocl_ray.evaluation output
     DIR/eval/<name>/results.json                                   shared evaluations, e.g. the teacher
@@ -41,6 +42,7 @@ import pyarrow.dataset as pads
 
 from pocl_ray.eval_results import RESULTS_FILE, load_results
 from pocl_ray.probes import is_probe
+from pocl_ray.tracked import RESIZE_KIND
 
 SCHEDULE_KEYS = (("pool_rows", "pool size (rows)"), ("temperature", "temperature"), ("kd_weight", "KD weight"))
 
@@ -50,11 +52,13 @@ class Metrics:
     frame: pd.DataFrame  # one row per step, sorted by step
     skipped: int  # lines that were not JSON objects with a step
     probes: pd.DataFrame  # the bucket-probe records, one row per (measurement, bucket), in file order
+    resizes: list[dict]  # the changes of worker count, in file order
 
 
 def read_metrics(path: str | Path) -> Metrics:
     records: list[dict] = []
     probes: list[dict] = []
+    resizes: list[dict] = []
     skipped = 0
     for line in Path(path).read_text().splitlines():
         if not line.strip():
@@ -65,7 +69,8 @@ def read_metrics(path: str | Path) -> Metrics:
             skipped += 1
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
-            (probes if is_probe(record) else records).append(record)
+            kind = record.get("kind")
+            (probes if is_probe(record) else resizes if kind == RESIZE_KIND else records).append(record)
         else:
             skipped += 1
     frame = pd.DataFrame.from_records(records)
@@ -74,7 +79,7 @@ def read_metrics(path: str | Path) -> Metrics:
     probe_frame = pd.DataFrame.from_records(probes)
     if not probe_frame.empty:  # a restart's replayed measurement replaces the first one
         probe_frame = probe_frame.drop_duplicates(["step", "bucket"], keep="last").reset_index(drop=True)
-    return Metrics(frame, skipped, probe_frame)
+    return Metrics(frame, skipped, probe_frame, resizes)
 
 
 def resolve_runs(run_dir: Path, runs: Mapping[str, str | Path] | None) -> dict[str, Path]:
@@ -434,6 +439,7 @@ def _evaluation_only(folder: Path) -> bool:
 def _training_section(runs: Mapping[str, Path], out_dir: Path) -> list[str]:
     lines = ["## Training", ""]
     frames: dict[str, pd.DataFrame] = {}
+    resizes = []
     notes = []
     for label, folder in runs.items():
         path = folder / "train" / "metrics.jsonl"
@@ -447,6 +453,10 @@ def _training_section(runs: Mapping[str, Path], out_dir: Path) -> list[str]:
             notes.append(f"{label}: {path} holds no steps.")
             continue
         frames[label] = metrics.frame
+        resizes += [
+            [label, r["step"], f"{r['workers_before']} → {r['workers_after']}", r["cause"], _fmt(r["seconds"])]
+            for r in metrics.resizes
+        ]
     if not frames:
         return lines + (notes or ["No training runs found."]) + [""]
     summary = []
@@ -476,6 +486,9 @@ def _training_section(runs: Mapping[str, Path], out_dir: Path) -> list[str]:
         "",
     ]
     lines += [f"- {n}" for n in notes] + ([""] if notes else [])
+    if resizes:
+        header = ["run", "after step", "workers", "cause", "seconds to the first step on them"]
+        lines += ["### Worker count changes (elastic training)", "", markdown_table(header, resizes), ""]
     plot_schedule(frames, out_dir / "schedule.png")
     plot_loss_by_stage(frames, out_dir / "loss.png")
     lines += ["![curriculum schedule](schedule.png)", "", "![training loss by stage](loss.png)", ""]

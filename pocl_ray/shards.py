@@ -18,7 +18,8 @@ never straddle a row group and hold at most `BLOCK_ROWS` rows. Each epoch:
 So the shards of an epoch are disjoint and cover the pool, and an epoch is a pure function of
 (seed, stage, epoch, world size, pool, row-group layout): a restart replays identical steps.
 Unlike a plain permutation of the pool, the order depends on the worker count; the coordinator
-records it in the checkpoint and refuses a resume with another one.
+records it in the checkpoint, and on another count the rest of an interrupted epoch is re-dealt
+(`elastic.redeal`).
 
 The trade-off: randomness of the order against read amplification and memory, measured by
 `benchmarks/data_path.py --order-sweep` (the table and its reading are in benchmarks/README.md). A

@@ -4,6 +4,8 @@ The names, one family per source (every value is the record's own, never recompu
   train/<key>                 a metrics.jsonl step record's numbers (STEP_KEYS), at its step, plus
                               train/tokens_per_s = tokens / seconds of that step
   probe/bucket_<b>/<key>      a bucket-probe record (`pocl_ray.probes`): kd_loss, ce_loss, at its step
+  resize/workers, resize/seconds  a change of worker count (RESIZE_KIND records): the new count and the
+                              seconds from the failure (or the new group's start) to its first step
   dev/rougeL, dev/kd_loss     a checkpoint-selection candidate, at its step
   selected/<key>              the best candidate (step, dev_rougeL, dev_kd_loss), at its step
   eval/<set>/<key>            eval results: rougeL (mean over seeds), rougeL_std, rougeL_seed_<seed>, ce
@@ -48,6 +50,7 @@ STEP_KEYS = (
     "peak_gpu_gib",
 )
 PROBE_KEYS = ("kd_loss", "ce_loss", "rows", "tokens")
+RESIZE_KIND = "resize"  # a metrics.jsonl record of a change of worker count (`coordinator`)
 QUANTILES = {"min": 0.0, "p10": 0.1, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p90": 0.9, "max": 1.0}
 # Name parts of config keys whose values are never logged (a credential set in a config by mistake).
 SECRET_PARTS = {"token", "secret", "password", "passwd", "credential", "credentials", "apikey", "auth", "key"}
@@ -114,10 +117,12 @@ def _number(value: Any) -> bool:
 
 
 def record_metrics(record: Mapping[str, Any]) -> dict[str, float]:
-    """A metrics.jsonl record (a step record or a bucket-probe record) as tracker metrics."""
+    """A metrics.jsonl record (a step, bucket-probe or resize record) as tracker metrics."""
     if record.get("kind") == PROBE_KIND:
         b = record["bucket"]
         return {f"probe/bucket_{b}/{k}": float(record[k]) for k in PROBE_KEYS if _number(record.get(k))}
+    if record.get("kind") == RESIZE_KIND:
+        return {"resize/workers": float(record["workers_after"]), "resize/seconds": float(record["seconds"])}
     metrics = {f"train/{k}": float(record[k]) for k in STEP_KEYS if _number(record.get(k))}
     if _number(record.get("tokens")) and _number(record.get("seconds")) and record["seconds"] > 0:
         metrics["train/tokens_per_s"] = record["tokens"] / record["seconds"]

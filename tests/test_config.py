@@ -85,6 +85,20 @@ def test_batch_size_must_divide():
     )
 
 
+def test_elastic_worker_range_and_its_settings():
+    cfg = parse_config(_with("training", num_workers=[1, 3], global_batch_size=16, micro_batch_size=4))
+    # A range splits the global batch unevenly where a count does not divide it (16 over 3 workers).
+    assert cfg.training.num_workers == (1, 3) and cfg.training.max_workers == 3
+    assert parse_config(cfg.model_dump(mode="json")).training.num_workers == (1, 3)
+    assert parse_config(_with("training", resize_check_s=5)).training.resize_check_s == 5
+    with pytest.raises(ConfigError, match=r"training\.num_workers: \[min, max\] needs min <= max, got \[3, 1\]"):
+        parse_config(_with("training", num_workers=[3, 1]))
+    with pytest.raises(ConfigError, match=r"training\.num_workers\b.*greater than or equal to 1"):
+        parse_config(_with("training", num_workers=[0, 2]))
+    with pytest.raises(ConfigError, match=r"training\.resize_check_s"):
+        parse_config(_with("training", resize_check_s=0))
+
+
 def test_prompt_must_leave_room_for_the_response():
     with pytest.raises(ConfigError, match=r"max_prompt_length \(512\) must be smaller than max_length \(512\)"):
         parse_config({**MINIMAL, "data": {"train": "x", "max_prompt_length": 512, "max_length": 512}})

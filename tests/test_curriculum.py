@@ -297,9 +297,66 @@ def test_coordinator_refuses_a_checkpoint_of_another_run(tmp_path):
         _coordinator(tmp_path, plan=pocl_plan(2, epochs_per_stage=1), global_batch=8).restore(state)
     with pytest.raises(ValueError, match="different scores layout"):
         _coordinator(tmp_path, row_group_bounds=[0, 20, 40]).restore(state)
-    # The epoch order depends on the worker count: another count cannot replay the same steps.
-    with pytest.raises(ValueError, match="written by 2 workers and this run has 4.*training.num_workers: 2"):
-        _coordinator(tmp_path, world_size=4, global_batch=8).restore(state)
+    # A checkpoint from before elastic training (state version 3) has no dealing history to continue from.
+    with pytest.raises(ValueError, match="version 3, written by an older pocl-ray .*reads version 4"):
+        _coordinator(tmp_path).restore({**state, "version": 3})
+
+
+def _rows(shards, steps) -> list[int]:
+    return [int(x) for s in shards for k in steps for m in s.step(k) for x in m]
+
+
+def test_coordinator_continues_an_epoch_on_another_worker_count(tmp_path):
+    """2 workers train 2 steps of stage 1's second epoch; a re-run resumes on 1 worker, trains a step,
+    then Ray Train grows the group back to 2 after a failure: the epoch's pool is trained once."""
+    first = _coordinator(tmp_path)
+    first.restore(None, 2)
+    spec = first.stage(1)
+    per_epoch, pool = spec.steps_per_epoch, list(range(*spec.pool_ranges[0]))
+    assert per_epoch >= 4 and len(spec.pool_ranges) == 1
+    trained = _rows([first.shard(1, 1, r) for r in range(2)], range(2))
+    state = first.checkpoint({"stage": 1, "stage_step": per_epoch + 2, "step": 20, "samples": 80}, [])
+
+    second = _coordinator(tmp_path)  # a re-run: a new coordinator, the checkpoint on 1 worker
+    restored = second.restore(json.loads(json.dumps(state)), 1)
+    assert restored["resize"] == {
+        **restored["resize"],
+        **{"kind": "resize", "step": 20, "stage": 1, "workers_before": 2, "workers_after": 1, "cause": "resume"},
+    }
+    assert restored["dealing"] == {"stage": 1, "epoch": 1, "history": [(0, 2), (2, 1)]}
+    trained += _rows([second.shard(1, 1, 0)], [2])
+    started = restored["resize"]["since"]
+    second.log([{"step": 21, "stage": 1, "time": started + 2.5}])
+    resize, step = map(json.loads, (tmp_path / "m.jsonl").read_text().splitlines())
+    assert resize["kind"] == "resize" and resize["seconds"] == pytest.approx(2.5) and step["step"] == 21
+    state = second.checkpoint({"stage": 1, "stage_step": per_epoch + 3, "step": 21, "samples": 84}, [])
+
+    second.failed(started + 10.0)  # the 1-worker group fails; Ray Train restarts it on 2
+    regrown = second.restore(state, 2)["resize"]
+    assert (regrown["cause"], regrown["since"], regrown["workers_after"]) == ("failure", started + 10.0, 2)
+    assert second.state()["dealing"]["history"] == [(0, 2), (2, 1), (3, 2)]
+    trained += _rows([second.shard(1, 1, r) for r in range(2)], range(3, per_epoch))
+    assert sorted(trained) == pool, "the interrupted epoch's pool, each row once"
+    # Once a step ran on 2, a restart on 2 changes nothing; the next epoch is a fresh 2-worker epoch.
+    second.log([{"step": 22, "stage": 1, "time": started + 20.0}])
+    assert second.restore(second.state(), 2)["resize"] is None
+    assert second.state()["dealing"]["history"] == [(0, 2), (2, 1), (3, 2)]
+    fresh = _coordinator(tmp_path)
+    fresh.restore(None, 2)
+    assert all(np.array_equal(second.shard(1, 2, r).ranks, fresh.shard(1, 2, r).ranks) for r in range(2))
+
+
+def test_a_group_grown_back_before_its_next_checkpoint_is_recorded_and_replays_the_first_dealing(tmp_path):
+    c = _coordinator(tmp_path)
+    c.restore(None, 2)
+    state = c.checkpoint({"stage": 1, "stage_step": 2, "step": 9, "samples": 36}, [])
+    assert c.restore(state, 1)["resize"]["workers_after"] == 1  # a failure: 1 worker from the checkpoint on
+    c.log([{"step": 10, "stage": 1, "time": 1.0}])
+    # Grown back to 2 before a checkpoint on 1: the 2-worker checkpoint again, and its own dealing.
+    grown = c.restore(state, 2)
+    assert (grown["resize"]["workers_before"], grown["resize"]["workers_after"], grown["resize"]["step"]) == (1, 2, 9)
+    assert grown["dealing"] is None
+    assert [json.loads(line)["kind"] for line in (tmp_path / "m.jsonl").read_text().splitlines()] == ["resize"]
 
 
 def test_plateau_resets_per_stage(tmp_path):

@@ -9,13 +9,22 @@ CPU, and those start-up retries do not count against max_failures); every wait i
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from training_helpers import committed_checkpoints, expected_tokens, read_metrics, run_config, write_scores
+from training_helpers import (
+    committed_checkpoints,
+    expected_tokens,
+    read_metrics,
+    read_resizes,
+    rows_per_epoch,
+    run_config,
+    write_scores,
+)
 
 from pocl_ray.curriculum import plan_from_config, stage_specs
 
@@ -82,3 +91,78 @@ def test_node_removed_mid_run_resumes_from_checkpoint(two_node_cluster, tiny_ass
     assert kept and kept == list(range(1, len(kept) + 1)) and len(kept) < len(records)
     stage_ends = np.cumsum([s.steps for s in specs]).tolist()
     assert kept[-1] % cfg.training.checkpoint_every == 0 or kept[-1] in stage_ends
+
+
+def _resizes_so_far(path) -> list[dict]:
+    """The resize records metrics.jsonl holds now (a line being written is skipped)."""
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("kind") == "resize":
+            out.append(record)
+    return out
+
+
+def test_elastic_run_goes_on_with_one_worker_and_grows_back_to_two(two_node_cluster, tiny_assets, tmp_path):
+    """training.num_workers: [1, 2]: the node of one worker is removed mid-stage, training goes on with 1
+    worker (the rest of the interrupted epoch re-dealt to it), the node comes back and Ray Train grows
+    the group to 2; the plan's steps are all trained, each epoch's rows once, the losses finite."""
+    from pocl_ray.training.driver import train
+
+    cluster, worker_node = two_node_cluster
+    scores = write_scores(tmp_path, tiny_assets)
+    settings = {"training.num_workers": [1, 2], "training.max_failures": 3, "training.resize_check_s": 1.0}
+    cfg = run_config(tiny_assets, tmp_path / "run", name="elastic", **settings, **{"data.dev": None})
+    storage = tmp_path / "run" / "train" / "checkpoints" / cfg.name
+    metrics = tmp_path / "run" / "train" / "metrics.jsonl"
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["result"] = train(cfg, scores)
+        except BaseException as err:
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.time() + 300
+    while not committed_checkpoints(storage) and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.05)
+    assert thread.is_alive() and committed_checkpoints(storage), f"no checkpoint before the run ended: {outcome}"
+    removed_at = time.time()
+    cluster.remove_node(worker_node)  # one of the two workers lived there
+    while not _resizes_so_far(metrics) and thread.is_alive() and time.time() < deadline + 120:
+        time.sleep(0.1)  # until the first step on 1 worker
+    assert thread.is_alive() and _resizes_so_far(metrics), f"no step on 1 worker: {outcome}"
+    cluster.add_node(num_cpus=1)  # the node is back: Ray Train grows the group at its next check
+    thread.join(timeout=420)
+    assert not thread.is_alive(), "the run did not finish within 7 minutes of the node's return"
+    assert "error" not in outcome, outcome.get("error")
+    result = outcome["result"]
+
+    resizes = read_resizes(result.metrics_path)
+    assert [(r["workers_before"], r["workers_after"], r["cause"]) for r in resizes] == [
+        (2, 1, "failure"),
+        (1, 2, "resize"),
+    ]
+    lost = resizes[0]
+    assert removed_at < lost["since"] and 0 < lost["seconds"] < time.time() - removed_at
+    print(
+        f"node removed -> failure reported: {lost['since'] - removed_at:.2f} s; failure reported -> first step on "
+        f"1 worker done: {lost['seconds']:.2f} s; node removed -> that step done: "
+        f"{lost['since'] + lost['seconds'] - removed_at:.2f} s"
+    )
+    num_rows = pq.read_metadata(scores / "rows.parquet").num_rows
+    specs = stage_specs(plan_from_config(cfg), num_rows, cfg.training.global_batch_size)
+    records = read_metrics(result.metrics_path)
+    assert [r["step"] for r in records] == list(range(1, sum(s.steps for s in specs) + 1))
+    assert [r["stage"] for r in records] == [i for i, s in enumerate(specs) for _ in range(s.steps)]
+    assert result.stages_completed == len(specs)
+    assert all(np.isfinite(r["loss"]) for r in records)
+    # Every step trained the rows its dealing gave it (its tokens), and each epoch's rows are its pool, once.
+    assert [r["tokens"] for r in records] == expected_tokens(cfg, scores, resizes=resizes)
+    for (stage, _), ranks in rows_per_epoch(cfg, scores, resizes).items():
+        assert ranks == list(range(*specs[stage].pool_ranges[0])), stage

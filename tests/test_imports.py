@@ -16,7 +16,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pocl_ray"
 # package also runs `pkg`.
 LAYERS = [
     # Foundations: the config, then plain Python / pyarrow / numpy on it (files on a disk or a bucket, rows,
-    # conversations, datasets by name, ranks and buckets, the probe rows, a worker's shard reader)
+    # conversations, datasets by name, ranks and buckets, the probe rows, a worker's shard reader, an epoch
+    # re-dealt to another worker count)
     "config",
     "seeds",
     "logprobs",
@@ -28,6 +29,7 @@ LAYERS = [
     "difficulty",
     "probes",
     "shards",
+    "elastic",
     # Plain torch / numpy on the foundations: where a model comes from, models, FSDP2 sharding and its checkpoints
     "model_source",
     "models",

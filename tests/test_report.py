@@ -137,8 +137,13 @@ def _check_png(path: Path) -> None:
 def test_full_report_with_compared_runs(tmp_path):
     run_dir = tmp_path / "quick"
     manifest = _write_scores(run_dir)
+    # After step 4, pocl lost a worker: a resize record at step 4 (it must not replace step 4's record).
+    resize = {"kind": "resize", "step": 4, "stage": 0, "workers_before": 2, "workers_after": 1, "cause": "failure"}
     pocl = _write_metrics(
-        run_dir / "runs" / "pocl", [(4, 1.0, 0.7, 30), (4, 1.5, 0.85, 60), (4, 2.0, 1.0, 90)], 5.0, extra="{not json\n"
+        run_dir / "runs" / "pocl",
+        [(4, 1.0, 0.7, 30), (4, 1.5, 0.85, 60), (4, 2.0, 1.0, 90)],
+        5.0,
+        extra="{not json\n" + json.dumps({**resize, "seconds": 3.25}) + "\n",
     )
     base = _write_metrics(run_dir / "runs" / "baseline", [(12, 1.0, 1.0, 90)], 6.0)
     _write_eval(run_dir / "runs" / "pocl", None, {"dolly": [(30.0, 34.0), (20.0, 22.0)], "vicuna": [(12.0, 14.0)]})
@@ -162,6 +167,8 @@ def test_full_report_with_compared_runs(tmp_path):
     assert f"| pocl | 12 | 3 | {pocl[-1]['loss']:.4g} | 6 | 11.5 | 1200 |" in text
     assert f"| baseline | 12 | 1 | {base[-1]['loss']:.4g} | 6 | 11.5 | 1200 |" in text
     assert "pocl: skipped 1 malformed line(s)" in text
+    assert "| run | after step | workers | cause | seconds to the first step on them |" in text
+    assert "| pocl | 4 | 2 → 1 | failure | 3.25 |" in text
     assert "| 1 | 4 | 60 | 1.5 | 0.85 |" in text  # pocl's stage table
     # Evaluation: runs and the shared teacher side by side.
     assert "| set | baseline | pocl | teacher |" in text

@@ -229,6 +229,8 @@ def test_metric_names_from_records_candidates_and_results():
         "probe/bucket_1/rows": 4.0,
         "probe/bucket_1/tokens": 40.0,
     }
+    resize = {"kind": "resize", "step": 8, "stage": 1, "workers_before": 2, "workers_after": 1, "seconds": 4.5}
+    assert tracked.record_metrics({**resize, "cause": "failure"}) == {"resize/workers": 1.0, "resize/seconds": 4.5}
     assert tracked.reason_kind("duplicate id 'a-1' (first seen at row 3)") == "duplicate_id"
     assert tracked.reason_kind("field 'response' (column 'output') must be a string, got int: 5") == (
         "field_must_be_a_string_got_int"

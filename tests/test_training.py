@@ -3,7 +3,8 @@
 Ray runs are few and shared through module fixtures: one undisturbed POCL run (schedule, data,
 loss, saved student, checkpoint selection), one run killed after a checkpoint and re-run (exact
 resume, selection candidates kept), one curriculum-extraction run with on-policy rows. The loss
-algebra (2 workers = 1 worker on the combined batch) is checked with two gloo processes, without Ray.
+algebra (3 workers on an uneven split of a global batch of 16 = 1 worker on the combined batch) is
+checked with three gloo processes, without Ray.
 """
 
 from __future__ import annotations
@@ -21,7 +22,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from training_helpers import committed_checkpoints, expected_tokens, read_metrics, read_probes, run_config, write_scores
+from training_helpers import (
+    committed_checkpoints,
+    expected_tokens,
+    read_metrics,
+    read_probes,
+    read_resizes,
+    rows_per_epoch,
+    run_config,
+    write_scores,
+)
 
 from pocl_ray.config import ConfigError
 from pocl_ray.curriculum import lr_at, plan_from_config, stage_specs
@@ -553,7 +563,7 @@ def test_cached_hidden_teacher_gives_the_online_step_within_its_int8_rounding(ti
     assert cached[2] == pytest.approx(online[2], rel=2e-3)
 
 
-# -- loss algebra: 2 DDP workers give the gradient of 1 worker on the combined batch -------------
+# -- loss algebra: 3 DDP workers on an uneven split give the gradient of 1 worker on the combined batch
 
 
 def _stages():
@@ -582,7 +592,7 @@ def _gradients(student, teacher, micro_rows, stage, pad_id, projection):
     return out, grads
 
 
-def _ddp_worker(rank: int, world: int, init: str, assets, rows: list[dict], result_path: str) -> None:
+def _ddp_worker(rank: int, world: int, init: str, assets, micro_rows: list, result_path: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -600,8 +610,7 @@ def _ddp_worker(rank: int, world: int, init: str, assets, rows: list[dict], resu
         )
         student.eval()  # no dropout: both sides must compute the same function
         projection = layer_projection(64, 32, 3, seed=0) if stage.target == "hidden" else None
-        mine = rows[rank * 4 : (rank + 1) * 4]  # this worker's half, as two micro-batches of 2
-        results.append(_gradients(student, teacher, [mine[:2], mine[2:]], stage, pad_id, projection))
+        results.append(_gradients(student, teacher, micro_rows[rank], stage, pad_id, projection))
     if rank == 0:
         torch.save(results, result_path)
     dist.barrier()
@@ -611,21 +620,31 @@ def _ddp_worker(rank: int, world: int, init: str, assets, rows: list[dict], resu
     os._exit(0)
 
 
-def test_two_workers_match_one_worker_on_the_combined_batch(tiny_assets, tmp_path):
+def test_three_workers_on_an_uneven_split_match_one_worker_on_the_combined_batch(tiny_assets, tmp_path):
     import torch.multiprocessing as mp
 
     from pocl_ray.extraction import layer_projection
+    from pocl_ray.shards import blocks, worker_shard
     from pocl_ray.training.teacher import HiddenStatesLM, OnlineTeacher
 
     tokenizer = load_tokenizer(tiny_assets.tokenizer_dir)
     good, _ = validate_and_tokenize(
-        read_table(tiny_assets.train_path).to_pylist()[:8], tokenizer, tiny_assets.data_config()
+        read_table(tiny_assets.train_path).to_pylist()[:16], tokenizer, tiny_assets.data_config()
     )
     rows = [{k: r[k] for k in ("input_ids", "labels", "attention_mask")} for r in good]
     # Rows of very different lengths, so a per-worker mean would weigh tokens differently.
-    assert len({len(r["input_ids"]) for r in rows}) > 3
+    assert len(rows) == 16 and len({len(r["input_ids"]) for r in rows}) > 3
+    # A global batch of 16 dealt to 3 workers as training deals it: 6, 5 and 5 rows, 3 micro-batches each.
+    shards = [
+        worker_shard(
+            blocks([(0, 16)], [0, 16]), seed=0, stage=0, epoch=0, world_size=3, worker=r, global_batch=16, micro_batch=2
+        )
+        for r in range(3)
+    ]
+    micro_rows = [[[rows[i] for i in m] for m in s.step(0)] for s in shards]
+    assert [[len(m) for m in w] for w in micro_rows] == [[2, 2, 2], [2, 2, 1], [2, 2, 1]]
     result_path = tmp_path / "ddp.pt"
-    mp.spawn(_ddp_worker, args=(2, f"file://{tmp_path / 'pg'}", tiny_assets, rows, str(result_path)), nprocs=2)
+    mp.spawn(_ddp_worker, args=(3, f"file://{tmp_path / 'pg'}", tiny_assets, micro_rows, str(result_path)), nprocs=3)
     ddp = torch.load(result_path, weights_only=False)
 
     teacher = OnlineTeacher(load_model(tiny_assets.teacher_dir, frozen=True))
@@ -634,8 +653,8 @@ def test_two_workers_match_one_worker_on_the_combined_batch(tiny_assets, tmp_pat
         student = HiddenStatesLM(load_model(tiny_assets.student_dir))
         student.eval()
         projection = layer_projection(64, 32, 3, seed=0) if stage.target == "hidden" else None
-        # One worker, the same 8 rows as 4 micro-batches of 2 (gradient accumulation).
-        micro = [rows[i : i + 2] for i in range(0, 8, 2)]
+        # One worker, the same 16 rows as 8 micro-batches of 2 (gradient accumulation).
+        micro = [rows[i : i + 2] for i in range(0, 16, 2)]
         out, grads = _gradients(student, teacher, micro, stage, tokenizer.pad_token_id, projection)
         torch.testing.assert_close(ddp_out, out, rtol=1e-5, atol=1e-6)
         # The full-vocabulary logits path (heads that are not plain) computes the same step.
@@ -735,6 +754,64 @@ def test_killed_run_resumes_at_the_same_step_with_the_same_data(pocl_run, tiny_a
         assert a["dev_kd_loss"] == pytest.approx(b["dev_kd_loss"], rel=1e-3), a["step"]
         assert a["dev_rougeL"] == pytest.approx(b["dev_rougeL"], abs=1.0), a["step"]
     assert result.best_student_dir is not None and (result.best_student_dir / "config.json").is_file()
+
+
+@ray_test
+@pytest.mark.slow
+def test_a_two_worker_checkpoint_resumes_on_one_worker_and_completes_its_epoch(ray_local, tiny_assets, tmp_path):
+    """A 2-worker run killed after a mid-epoch checkpoint, re-run with training.num_workers: 1: the plan's
+    steps and schedule go on, the interrupted epoch's other rows are trained once on 1 worker (each step's
+    tokens are those of the re-dealt rows), later epochs are 1-worker epochs, and the resize is recorded."""
+    from pocl_ray.training.driver import train
+
+    scores = write_scores(tmp_path, tiny_assets)
+    # Checkpoints every 2 steps: stage 0 has 5, so the first ones (steps 2 and 4) are mid-epoch.
+    cfg = run_config(tiny_assets, tmp_path / "run", name="shrink", **{"data.dev": None, "training.checkpoint_every": 2})
+    storage = tmp_path / "run" / "train" / "checkpoints" / cfg.name
+    failure: list[BaseException] = []
+
+    def first_attempt():
+        try:
+            train(cfg, scores)
+        except BaseException as err:
+            failure.append(err)
+
+    thread = threading.Thread(target=first_attempt)
+    thread.start()
+    deadline = time.time() + 300
+    while not committed_checkpoints(storage) and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.05)
+    pids = train_worker_pids()
+    assert pids and thread.is_alive(), "the run ended before a checkpoint could be taken"
+    killed_at = time.time()
+    os.kill(pids[-1], signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive() and failure, "max_failures=0: killing a worker must fail the run"
+
+    result = train(cfg.with_overrides({"training.num_workers": 1}), scores)  # same name: resumes on 1 worker
+    records, [resize] = read_metrics(result.metrics_path), read_resizes(result.metrics_path)
+    assert resize["kind"] == "resize" and (resize["workers_before"], resize["workers_after"]) == (2, 1)
+    assert resize["cause"] == "resume" and 0 < resize["seconds"] < 300
+    num_rows = pq.read_metadata(scores / "rows.parquet").num_rows
+    specs = stage_specs(plan_from_config(cfg), num_rows, cfg.training.global_batch_size)
+    assert resize["stage"] == 0 and resize["step"] in (2, 4), "resumed inside stage 0's only epoch"
+    assert [r["step"] for r in records] == list(range(1, sum(s.steps for s in specs) + 1))
+    assert [r["stage"] for r in records] == [i for i, s in enumerate(specs) for _ in range(s.steps)]
+    assert all(r["time"] < killed_at for r in records[: resize["step"]])
+    assert all(r["time"] > killed_at for r in records[resize["step"] :])
+    assert [r["tokens"] for r in records] == expected_tokens(cfg, scores, resizes=[resize])
+    assert all(math.isfinite(r["loss"]) for r in records)
+    # The schedule is the plan's, whatever the worker count: samples, LR, temperature.
+    samples = np.cumsum([min(16, s.pool_rows - (k % s.steps_per_epoch) * 16) for s in specs for k in range(s.steps)])
+    assert [r["samples"] for r in records] == samples.tolist()
+    lrs = [lr_at(s.lr_offset + k, s.lr_total, 1e-3, 1e-4, 0) for s in specs for k in range(s.steps)]
+    assert [r["lr"] for r in records] == pytest.approx(lrs)
+    assert [r["temperature"] for r in records] == [s.stage.temperature for s in specs for _ in range(s.steps)]
+    # The interrupted epoch as the run dealt it (the final checkpoint's coordinator state): its pool, once.
+    dealing = json.loads((Path(result.checkpoint_path) / "coordinator.json").read_text())["dealing"]
+    assert dealing == {"stage": 0, "epoch": 0, "history": [[0, 2], [resize["step"], 1]]}
+    for (stage, _), ranks in rows_per_epoch(cfg, scores, [resize]).items():
+        assert ranks == list(range(*specs[stage].pool_ranges[0])), stage
 
 
 # -- kd.teacher: cached: training reads the teacher's top-k from the scores --------------------

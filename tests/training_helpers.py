@@ -14,9 +14,11 @@ from pocl_ray.config import parse_config
 from pocl_ray.curriculum import plan_from_config, stage_specs
 from pocl_ray.data import read_table, validate_and_tokenize
 from pocl_ray.difficulty import bucket_of_rank
+from pocl_ray.elastic import epoch_shards, resized
 from pocl_ray.models import load_tokenizer
 from pocl_ray.probes import is_probe
-from pocl_ray.shards import ScoresIndex, blocks, worker_shard
+from pocl_ray.shards import ScoresIndex, blocks
+from pocl_ray.tracked import RESIZE_KIND
 
 
 def write_scores(directory: Path, assets, num_buckets: int = 4, cache_form: int | str | None = None) -> Path:
@@ -122,42 +124,63 @@ def run_config(assets, out: Path, name: str = "t", **overrides):
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl's step records (not its bucket-probe records: `read_probes`)."""
-    return [r for r in map(json.loads, path.read_text().splitlines()) if not is_probe(r)]
+    """metrics.jsonl's step records (not its bucket-probe records, `read_probes`, nor its resize records,
+    `read_resizes`)."""
+    return [r for r in map(json.loads, path.read_text().splitlines()) if not is_probe(r) and r.get("kind") is None]
+
+
+def read_resizes(path: Path) -> list[dict]:
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r.get("kind") == RESIZE_KIND]
 
 
 def read_probes(path: Path) -> list[dict]:
     return [r for r in map(json.loads, path.read_text().splitlines()) if is_probe(r)]
 
 
-def expected_tokens(cfg, scores: Path, plan=None) -> list[int]:
-    """Global response tokens of every planned step, from the seeded epoch shards of every worker:
-    what the workers together must have trained on if each step got exactly its planned rows."""
-    table = pq.read_table(scores / "rows.parquet", columns=["rank", "num_response_tokens"])
-    tokens = np.zeros(table.num_rows, dtype=np.int64)
-    tokens[table.column("rank").to_numpy()] = table.column("num_response_tokens").to_numpy()
+def planned_steps(cfg, scores: Path, plan=None, resizes: list[dict] = ()) -> list[tuple[int, int, np.ndarray]]:
+    """(stage, epoch, the ranks of all workers) of every planned step, from the seeded epoch shards: the
+    rows the workers together must have trained on if each step got exactly its planned rows. With
+    `resizes` (metrics.jsonl's resize records, in order: the run went on with workers_after workers
+    after its step `step`), the rest of an interrupted epoch is re-dealt and later epochs are dealt to
+    the new count (elastic.py); stages of planned length only."""
     t = cfg.training
+    num_rows = pq.read_metadata(scores / "rows.parquet").num_rows
     bounds = ScoresIndex(scores / "rows.parquet").bounds
-    out = []
-    for index, spec in enumerate(stage_specs(plan or plan_from_config(cfg), table.num_rows, t.global_batch_size)):
+    specs = stage_specs(plan or plan_from_config(cfg), num_rows, t.global_batch_size)
+
+    def world_after(step: int) -> int:  # the worker count training the steps after `step`
+        return next((r["workers_after"] for r in reversed(resizes) if r["step"] <= step), t.max_workers)
+
+    out: list[tuple[int, int, np.ndarray]] = []
+    for index, spec in enumerate(specs):
         pool = blocks(spec.pool_ranges, bounds)
         for k in range(spec.steps):
             epoch, j = divmod(k, spec.steps_per_epoch)
-            shards = [
-                worker_shard(
-                    pool,
-                    seed=t.seed,
-                    stage=index,
-                    epoch=epoch,
-                    world_size=t.num_workers,
-                    worker=r,
-                    global_batch=t.global_batch_size,
-                    micro_batch=t.micro_batch_size,
-                )
-                for r in range(t.num_workers)
-            ]
-            out.append(int(sum(tokens[m].sum() for s in shards for m in s.step(j))))
+            epoch_start = len(out) - j  # steps of the run done when this epoch began
+            history = [(0, world_after(epoch_start))]
+            for r in resizes:  # the resizes inside this epoch, up to this step
+                if epoch_start < r["step"] <= len(out):
+                    history = resized(history, r["step"] - epoch_start, r["workers_after"])
+            args = {"seed": t.seed, "stage": index, "epoch": epoch, "micro_batch": t.micro_batch_size}
+            shards = epoch_shards(pool, history, global_batch=t.global_batch_size, **args)
+            out.append((index, epoch, np.concatenate([m for s in shards for m in s.step(j)])))
     return out
+
+
+def expected_tokens(cfg, scores: Path, plan=None, resizes: list[dict] = ()) -> list[int]:
+    """Global response tokens of every planned step (`planned_steps`)."""
+    table = pq.read_table(scores / "rows.parquet", columns=["rank", "num_response_tokens"])
+    tokens = np.zeros(table.num_rows, dtype=np.int64)
+    tokens[table.column("rank").to_numpy()] = table.column("num_response_tokens").to_numpy()
+    return [int(tokens[ranks].sum()) for _, _, ranks in planned_steps(cfg, scores, plan, resizes)]
+
+
+def rows_per_epoch(cfg, scores: Path, resizes: list[dict]) -> dict[tuple[int, int], list[int]]:
+    """(stage, epoch) -> the ranks its planned steps train, sorted (`planned_steps`)."""
+    out: dict[tuple[int, int], list[int]] = {}
+    for stage, epoch, ranks in planned_steps(cfg, scores, resizes=resizes):
+        out.setdefault((stage, epoch), []).extend(ranks.tolist())
+    return {key: sorted(ranks) for key, ranks in out.items()}
 
 
 def committed_checkpoints(storage: Path) -> list[str]:

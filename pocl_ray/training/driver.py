@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from pocl_ray.config import ConfigError, RunConfig
-from pocl_ray.coordinator import best_candidate, coordinator
+from pocl_ray.coordinator import best_candidate, coordinator, failure_reporter
 from pocl_ray.curriculum import Plan, StageSpec, plan_from_config, stage_specs
 from pocl_ray.data import read_table, validate_and_tokenize
 from pocl_ray.losses import KD_KINDS
@@ -356,9 +356,12 @@ def fit(cfg: RunConfig, out: Path, inputs: RunInputs, callbacks: list | None, tr
     """The coordinator actor (logging to the `tracking` run) and the TorchTrainer whose workers run
     `train_func`; Ray Train's result."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
+
+    # Train V2's, with elastic scaling (the name ray.train exports is V2's at run time, V1's to a type checker).
+    from ray.train.v2.api.config import ScalingConfig
 
     training = cfg.training
     if not ray.is_initialized():
@@ -379,16 +382,17 @@ def fit(cfg: RunConfig, out: Path, inputs: RunInputs, callbacks: list | None, tr
         micro_batch=training.micro_batch_size,
         seed=training.seed,
         metrics_path=str(out / "metrics.jsonl"),
-        world_size=training.num_workers,
+        world_size=training.max_workers,
         row_group_bounds=inputs.index.bounds.tolist(),
         tracking_handle=tracking,
     )
+    namespace = ray.get_runtime_context().namespace
     trainer = TorchTrainer(
         train_func,
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"),
             "coordinator": name,
-            "namespace": ray.get_runtime_context().namespace,
+            "namespace": namespace,
             "scores_path": str(inputs.scores),
             "scores_dir": str(inputs.scores_dir),
             "teacher_cache": inputs.teacher_cache,
@@ -397,6 +401,7 @@ def fit(cfg: RunConfig, out: Path, inputs: RunInputs, callbacks: list | None, tr
         },
         scaling_config=ScalingConfig(
             num_workers=training.num_workers,
+            elastic_resize_monitor_interval_s=training.resize_check_s,
             use_gpu=training.use_gpu,
             resources_per_worker={"CPU": training.cpus_per_worker},
         ),
@@ -405,7 +410,7 @@ def fit(cfg: RunConfig, out: Path, inputs: RunInputs, callbacks: list | None, tr
             storage_path=_storage_path(cfg, out),
             failure_config=FailureConfig(max_failures=training.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=training.keep_checkpoints),
-            callbacks=callbacks,
+            callbacks=[*(callbacks or []), failure_reporter(name, namespace)],
         ),
     )
     try:

@@ -44,6 +44,7 @@ import torch
 
 from pocl_ray.config import KDConfig, RunConfig
 from pocl_ray.conversations import stop_token_ids
+from pocl_ray.coordinator import resize_line
 from pocl_ray.curriculum import Stage, StageSpec, lr_at
 from pocl_ray.evaluation import greedy_rouge_sum
 from pocl_ray.extraction import layer_projection
@@ -310,7 +311,7 @@ def setup_worker(config: dict) -> Worker:
     coord = ray.get_actor(config["coordinator"], namespace=config["namespace"])
     torch.manual_seed(cfg.training.seed)
     best_dir = Path(tempfile.mkdtemp(prefix="pocl-best-")) if rank == 0 else None
-    state, student_lm, optimizer_state = restore(coord, rank, best_dir)
+    state, student_lm, optimizer_state = restore(coord, rank, world, best_dir)
     specs: list[StageSpec] = ray.get([coord.stage.remote(i) for i in range(len(state["plan"]["stages"]))])
     tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.teacher)
     student_lm, cut_from = initial_student(cfg) if student_lm is None else (student_lm, None)
@@ -360,9 +361,10 @@ def setup_worker(config: dict) -> Worker:
     return w
 
 
-def restore(coord: Any, rank: int, best_dir: Path | None) -> tuple[dict, Any, dict | None]:
+def restore(coord: Any, rank: int, world: int, best_dir: Path | None) -> tuple[dict, Any, dict | None]:
     """(coordinator state, student or None, optimizer state or None): the latest checkpoint's (same
-    stage, step and data order), or the top of the run; every worker gets rank 0's state."""
+    stage, step and data order; on another worker count the rest of its epoch re-dealt, and one
+    progress line says so), or the top of the run; every worker gets rank 0's state."""
     import ray
     import ray.train
     from ray.train.collective import broadcast_from_rank_zero
@@ -371,7 +373,9 @@ def restore(coord: Any, rank: int, best_dir: Path | None) -> tuple[dict, Any, di
     saved_state, student_lm, optimizer_state = (
         load_checkpoint(checkpoint, best_dir) if checkpoint else (None, None, None)
     )
-    state = broadcast_from_rank_zero(ray.get(coord.restore.remote(saved_state)) if rank == 0 else None)
+    state = broadcast_from_rank_zero(ray.get(coord.restore.remote(saved_state, world)) if rank == 0 else None)
+    if rank == 0 and state["resize"] is not None:
+        print(resize_line(state["resize"]), flush=True)
     return state, student_lm, optimizer_state
 
 
