@@ -31,18 +31,23 @@ class Hung(AssertionError):
     pass
 
 
-def spawn(fn, world: int, *args, timeout: float = 180.0) -> None:
-    """fn(rank, world, port, *args) on `world` processes; AssertionError when one fails or they overrun."""
+def spawn(fn, world: int, *args, timeout: float = 180.0, done_file: Path | None = None, grace: float = 0.0) -> None:
+    """fn(rank, world, port, *args) on `world` processes; AssertionError when one fails or they overrun.
+
+    With `done_file` (a file a rank writes once its own work is done), they also overrun when they are not
+    all done `grace` seconds after it appears: the time the others need from there, not a slow start-up."""
     from conftest import free_port
 
     context = mp.start_processes(fn, args=(world, free_port(), *args), nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
+    deadline, limit = time.monotonic() + timeout, f"{timeout:.0f} s"
+    while not context.join(timeout=min(max(deadline - time.monotonic(), 0.1), 0.5)):
+        if done_file is not None and done_file.exists() and deadline - time.monotonic() > grace:
+            deadline, limit = time.monotonic() + grace, f"{grace:.0f} s of {done_file.name}"
         if time.monotonic() >= deadline:
             for process in context.processes:
                 if process.is_alive():
                     process.kill()
-            raise Hung(f"{fn.__name__} on {world} processes did not finish within {timeout:.0f} s")
+            raise Hung(f"{fn.__name__} on {world} processes did not finish within {limit}")
 
 
 def init(rank: int, world: int, port: int) -> None:

@@ -1,6 +1,7 @@
 """End to end as users run it: `ray start --head` locked with Ray's token authentication, then `ray
 job submit --working-dir` of the distill pipeline on a quickstart-sized config, then assertions on
-everything it wrote; and a submission without the token is refused.
+everything it wrote, the MLflow store the quickstart logs to included (read back with MLflow's own
+client); and a submission without the token is refused.
 
 The head runs in its own process session and is stopped by signalling it alone at the end
 (`ray stop` would stop every Ray cluster on the machine)."""
@@ -21,6 +22,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import free_port
+from tracker_stores import mlflow_children, mlflow_series
 
 from pocl_ray.probes import is_probe
 
@@ -223,7 +225,74 @@ def test_job_submit_runs_the_whole_pipeline(ray_head, tmp_path):
         image = mpimg.imread(png)
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100 and image.std() > 0
     assert "pocl" in text and "baseline" in text
+    _check_mlflow(out, live=True)
 
-    # A second submission of the same config finds every step done and only rewrites the report.
+    # A second submission of the same config finds every step done and only rewrites the report; it
+    # is a second pipeline run in MLflow, its stages logged from their files.
     again = _submit_and_wait(address, env, work, "pocl-e2e-again", tmp_path / "job2.log")
     assert again.count("skipped") >= 5, again[-3000:]
+    _check_mlflow(out, live=False)
+
+
+def _check_mlflow(out: Path, live: bool) -> None:
+    """The quickstart's MLflow store (output.trackers: [mlflow], the default SQLite store beside the
+    outputs) as a user opens it: the newest pipeline run, its config, its stages as children and their
+    numbers equal to the files the run wrote. live: the compared runs trained in this invocation, so
+    their steps reached MLflow while they trained (before selection.json was written)."""
+    from mlflow.tracking import MlflowClient
+
+    out = out.resolve()
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("e2e")  # the config's name
+    parents = client.search_runs([experiment.experiment_id], filter_string="tags.`pocl_ray.kind` = 'pipeline'")
+    assert len(parents) == (1 if live else 2), [p.info.run_id for p in parents]
+    parent = max(parents, key=lambda p: p.info.start_time)
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "e2e"
+    params = parent.data.params
+    assert Path(params["models.teacher"]).resolve() == out / "teacher" and params["data.max_rows"] == "96"
+    assert params["pipeline.compare.pocl.kd.teacher"] == "cached" and params["output.trackers"] == '["mlflow"]'
+    artifacts = {a.path for folder in ("config", "report") for a in client.list_artifacts(parent.info.run_id, folder)}
+    pngs = {f"report/{png.name}" for png in (out / "report").glob("*.png")}
+    assert {"config/config.yaml", "report/report.md", *pngs} <= artifacts and pngs
+
+    children = mlflow_children(client, parent.info.run_id)
+    assert set(children) == {"teacher-prep", "score", "pocl", "baseline", "teacher"}
+    assert {c.info.status for c in children.values()} == {"FINISHED"}
+    manifest = json.loads((out / "scores" / "manifest.json").read_text())
+    score = children["score"].data.metrics
+    assert score["scoring/rows_in"] == 96 and score["scoring/rows_scored"] == manifest["rows_scored"]
+    assert [score[f"scoring/bucket_{b['id']}/rows"] for b in manifest["buckets"]] == [
+        b["rows"] for b in manifest["buckets"]
+    ]
+    prep = map(json.loads, (out / "teacher_prep" / "train" / "metrics.jsonl").read_text().splitlines())
+    assert mlflow_series(client, children["teacher-prep"].info.run_id, "train/loss") == {
+        r["step"]: r["loss"] for r in prep if not is_probe(r)
+    }
+    for label in ("pocl", "baseline"):
+        run_id, run_dir = children[label].info.run_id, out / "runs" / label
+        assert children[label].data.params["curriculum.plan"] == label
+        lines = (run_dir / "train" / "metrics.jsonl").read_text().splitlines()
+        records = [r for r in map(json.loads, lines) if not is_probe(r)]
+        probes = [r for r in map(json.loads, lines) if is_probe(r)]
+        for key in ("loss", "kd_loss", "ce_loss", "temperature", "kd_weight", "lr", "samples", "stage"):
+            assert mlflow_series(client, run_id, f"train/{key}") == {r["step"]: r[key] for r in records}, key
+        assert probes and mlflow_series(client, run_id, "probe/bucket_0/kd_loss") == {
+            p["step"]: p["kd_loss"] for p in probes if p["bucket"] == 0
+        }
+        selection = json.loads((run_dir / "train" / "selection.json").read_text())
+        assert mlflow_series(client, run_id, "dev/rougeL") == {
+            c["step"]: c["dev_rougeL"] for c in selection["candidates"]
+        }
+        assert mlflow_series(client, run_id, "selected/step") == {selection["best"]["step"]: selection["best"]["step"]}
+        history = client.get_metric_history(run_id, "train/loss")
+        assert len(history) == len(records)  # each step logged once: live, or replayed, never both
+        if live:
+            written = (run_dir / "train" / "selection.json").stat().st_mtime
+            assert max(m.timestamp for m in history) <= 1000 * written + 1
+        results = json.loads((run_dir / "eval" / "results.json").read_text())
+        metrics = children[label].data.metrics
+        assert metrics["eval/kjv/rougeL"] == results["sets"]["kjv"]["rougeL_mean"]
+        assert metrics["eval/kjv/rougeL_seed_10"] == results["sets"]["kjv"]["rougeL_per_seed"]["10"]
+        assert {a.path for a in client.list_artifacts(run_id, "train")} >= {"train/plan.json", "train/selection.json"}
+    teacher = json.loads((out / "runs" / "teacher" / "eval" / "results.json").read_text())
+    assert children["teacher"].data.metrics["eval/kjv/ce"] == teacher["sets"]["kjv"]["ce_mean"]

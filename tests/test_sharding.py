@@ -91,9 +91,11 @@ def test_generation_of_very_different_lengths_stays_in_step(tmp_path):
 @pytest.mark.slow  # spawns gloo processes: minutes on 2 cores, kept out of make test-fast
 def test_generation_without_lockstep_hangs_and_is_stopped(tmp_path):
     # The control of the test above: the same ranks without in_lockstep wait for each other for ever. Rank 0
-    # got through its own batch, rank 1 never through its second: a hang, not a slow start.
-    with pytest.raises(workers.Hung):
-        workers.spawn(workers.generation_worker, 2, str(tmp_path), False, timeout=90)
+    # got through its own batch, rank 1 never through its second: a hang, not a slow start. Rank 1 is given
+    # 20 s from rank 0's end for what takes it well under a second (its two batches of 16 tokens).
+    with pytest.raises(workers.Hung, match="within 20 s of generated_0"):
+        done = tmp_path / "generated_0"
+        workers.spawn(workers.generation_worker, 2, str(tmp_path), False, timeout=300, done_file=done, grace=20)
     assert (tmp_path / "generated_0").exists() and not (tmp_path / "generated_1").exists()
 
 
