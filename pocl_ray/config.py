@@ -480,9 +480,6 @@ class TrainingConfig(_Section):
             raise ValueError("training.fsdp configures training.strategy: fsdp, but the strategy is ddp")
         if self.strategy != "fsdp" and self.teacher_sharding == "fsdp":
             raise ValueError("training.teacher_sharding: fsdp needs training.strategy: fsdp")
-        if self.strategy == "fsdp":
-            # The sharded worker (pocl_ray/sharding.py) is not wired into training yet: refuse, never run DDP instead.
-            raise ValueError("training.strategy: fsdp is not available yet (the training worker runs ddp only)")
         return self
 
     @field_validator("num_workers")
@@ -495,6 +492,11 @@ class TrainingConfig(_Section):
     @property
     def max_workers(self) -> int:
         return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def sharded_teacher(self) -> bool:
+        """Whether the online teacher is sharded over the workers (teacher_sharding, resolved by the strategy)."""
+        return (self.teacher_sharding or ("fsdp" if self.strategy == "fsdp" else "replicate")) == "fsdp"
 
     @model_validator(mode="after")
     def _batch(self) -> TrainingConfig:

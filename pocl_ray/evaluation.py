@@ -54,6 +54,7 @@ from pocl_ray.progress import progress_line, row_progress
 from pocl_ray.ray_session import actor_pool, actor_resources
 from pocl_ray.sampling import generate_tokens
 from pocl_ray.seeds import stream_seed
+from pocl_ray.sharding import in_lockstep
 
 log = logging.getLogger(__name__)
 PROGRESS_SECONDS = 10.0  # at most this long between greedy_rouge_sum's progress lines
@@ -127,6 +128,7 @@ def greedy_rouge_sum(
     batch_size: int,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     progress: str | None = None,
+    lockstep: bool = False,
 ) -> float:
     """Sum over `rows` of ROUGE-L ×100 of the model's greedy responses: the dev ROUGE-L of checkpoint
     selection (METHODS.md §5). Rows hold input_ids, num_prompt_tokens and the reference "response"
@@ -134,24 +136,36 @@ def greedy_rouge_sum(
     tokens, i.e. at most the response room it had in training, which keeps a selection point cheap.
     Decoded as the student_rougeL difficulty metric is (`measurers.greedy_responses`), in its batches
     (rows sorted by prompt length), one batch per call so that with `progress` (a label) a line
-    `[label] rows done/total, rows/s, ETA` is printed every PROGRESS_SECONDS and at the end."""
+    `[label] rows done/total, rows/s, ETA` is printed every PROGRESS_SECONDS and at the end.
+    lockstep (a model sharded over processes, `sharding.shard_model`): every process makes as many
+    generate calls as the process with the most batches (`sharding.in_lockstep`; an idle call decodes
+    one token after a one-token prompt), since each is a collective."""
     prompts = [r["input_ids"][: r["num_prompt_tokens"]] for r in rows]
     budgets = response_budgets([r["num_prompt_tokens"] for r in rows], max_new_tokens, max_length)
     order = np.argsort([len(p) for p in prompts], kind="stable")
-    texts = [""] * len(rows)
+    batches = [order[first : first + batch_size] for first in range(0, len(order), batch_size)]
     started = shown = time.perf_counter()
+    done = 0
+
+    def decode(batch: tuple[list, list]) -> list[str]:
+        nonlocal shown, done
+        decoded = greedy_responses(model, tokenizer, *batch, batch_size)
+        now, done = time.perf_counter(), min(done + len(decoded), len(order))
+        if progress and (now - shown >= PROGRESS_SECONDS or done == len(order)):
+            print(progress_line(progress, done, len(order), now - started), flush=True)
+            shown = now
+        return decoded
+
+    jobs = [([prompts[i] for i in batch], [budgets[i] for i in batch]) for batch in batches]
     with autocast():
-        for first in range(0, len(order), batch_size):
-            batch = order[first : first + batch_size]
-            decoded = greedy_responses(
-                model, tokenizer, [prompts[i] for i in batch], [budgets[i] for i in batch], batch_size
-            )
-            for i, text in zip(batch, decoded):
-                texts[i] = text
-            now, done = time.perf_counter(), first + len(batch)
-            if progress and (now - shown >= PROGRESS_SECONDS or done == len(order)):
-                print(progress_line(progress, done, len(order), now - started), flush=True)
-                shown = now
+        if lockstep:
+            decoded = in_lockstep(jobs, decode, ([[tokenizer.pad_token_id]], [1]))
+        else:
+            decoded = [decode(job) for job in jobs]
+    texts = [""] * len(rows)
+    for batch, batch_texts in zip(batches, decoded):
+        for i, text in zip(batch, batch_texts):
+            texts[i] = text
     scorer = rouge_l_scorer()
     return float(sum(rouge_l(text.strip(), row["response"], scorer) for row, text in zip(rows, texts)))
 

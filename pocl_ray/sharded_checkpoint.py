@@ -75,12 +75,14 @@ def full_state(model, optimizer=None) -> dict:
     return _state(model, optimizer, StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def export_pretrained(model, folder: str | Path) -> Path | None:
+def export_pretrained(model, folder: str | Path | None) -> Path | None:
     """The sharded model written by rank 0 as a Hugging Face folder (config, generation config, safetensors);
-    the folder on rank 0, None elsewhere. A collective."""
+    the folder on rank 0, None elsewhere (where `folder` may be None). A collective."""
     full = full_state(model)[MODEL]
     if dist.get_rank() != 0:
         return None
+    if folder is None:
+        raise ValueError("export_pretrained: rank 0 needs the folder to write")
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(model.config, dtype=next(iter(full.values())).dtype)
     # Tied weights come back as two entries of the gathered state: load both, then tie them again as the

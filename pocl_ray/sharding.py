@@ -179,6 +179,11 @@ def final_hidden_states(
     return captured[-1].last_hidden_state, out.hidden_states
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` is sharded with FSDP2 (`shard_model`)."""
+    return isinstance(model, FSDPModule)
+
+
 def release(model: nn.Module) -> None:
     """Free the root parameters a no-grad forward left gathered (a frozen teacher after the loss, the student
     after evaluation or sampling); nothing to do for an unsharded model."""

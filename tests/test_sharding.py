@@ -121,6 +121,11 @@ def test_fsdp_settings_without_the_fsdp_strategy_are_config_errors_naming_the_fi
         parse_config({**minimal, "training": {"teacher_sharding": "fsdp"}})
     with pytest.raises(ConfigError, match=r"training\.strategy:"):
         parse_config({**minimal, "training": {"strategy": "zero3"}})
-    # Until the training worker shards, asking for it is refused rather than silently run as ddp.
-    with pytest.raises(ConfigError, match=r"training\.strategy: fsdp is not available yet"):
-        parse_config({**minimal, "training": {"strategy": "fsdp", "fsdp": {"cpu_offload": True}}})
+    sharded = parse_config({**minimal, "training": {"strategy": "fsdp", "fsdp": {"cpu_offload": True}}}).training
+    assert sharded.strategy == "fsdp" and sharded.fsdp is not None and sharded.fsdp.cpu_offload
+    # The teacher follows the strategy unless set: sharded under fsdp, whole on every worker under ddp.
+    assert sharded.sharded_teacher
+    assert not parse_config(
+        {**minimal, "training": {"strategy": "fsdp", "teacher_sharding": "replicate"}}
+    ).training.sharded_teacher
+    assert not parse_config(minimal).training.sharded_teacher

@@ -30,6 +30,7 @@ from training_helpers import (
     read_resizes,
     rows_per_epoch,
     run_config,
+    train_worker_pids,
     write_scores,
 )
 
@@ -674,28 +675,6 @@ def test_three_workers_on_an_uneven_split_match_one_worker_on_the_combined_batch
 
 
 # -- exact resume: a run killed after a checkpoint, re-run with the same name --------------------
-
-
-def train_worker_pids() -> list[int]:
-    """PIDs of Ray Train workers among this test process's descendants (never another cluster's)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [os.getpid()]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            todo.append(child)
-            try:
-                if b"RayTrainWorker" in Path(f"/proc/{child}/cmdline").read_bytes():
-                    found.append(child)
-            except OSError:
-                continue
-    return found
 
 
 @ray_test

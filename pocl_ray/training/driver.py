@@ -38,6 +38,7 @@ from pocl_ray.losses import KD_KINDS
 from pocl_ray.models import check_tokenizers, has_model_files, load_tokenizer
 from pocl_ray.probes import PROBE_SEED, probe_ranks, read_probe_rows
 from pocl_ray.scores import scores_path
+from pocl_ray.sharding import check_shardable
 from pocl_ray.shards import ScoresIndex
 from pocl_ray.teacher_cache import cache_rows, check_teacher_cache
 from pocl_ray.tracking import CLOSE_TIMEOUT_S
@@ -90,6 +91,22 @@ def _check_stage_teachers(cfg: RunConfig, plan: Plan) -> None:
     }
     if stage_teachers:
         check_tokenizers(cfg.models.model_copy(update={"student": None}), stage_teachers)
+
+
+def _check_shardable(cfg: RunConfig, plan: Plan) -> None:
+    """With training.strategy: fsdp, the models to shard have decoder layers FSDP can shard one by one
+    (`sharding.check_shardable`: configs only, no weights read)."""
+    if cfg.training.strategy != "fsdp":
+        return
+    m = cfg.models
+    models = {"models.student": m.student} if m.student is not None else {"models.teacher": m.teacher}
+    if cfg.training.sharded_teacher and cfg.kd.teacher == "online":
+        models["models.teacher"] = m.teacher
+        models.update(
+            {f"curriculum.progressive.teacher_checkpoints[{s.index}]": s.teacher for s in plan.stages if s.teacher}
+        )
+    for field, path in models.items():
+        check_shardable(path, field)
 
 
 def _absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -310,6 +327,7 @@ def prepare(cfg: RunConfig, scores_dir: Path, plan: Plan | None) -> RunInputs:
     if warning:
         print(f"[train] {warning}", flush=True)
     _check_stage_teachers(cfg, plan)
+    _check_shardable(cfg, plan)
     try:
         specs = stage_specs(plan, num_rows, cfg.training.global_batch_size)
     except ValueError as err:

@@ -37,14 +37,16 @@ from typing import Any, NamedTuple, cast
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from pocl_ray.config import KDConfig
 from pocl_ray.curriculum import Stage
 from pocl_ray.data import IGNORE_INDEX, collate, scored_mask
 from pocl_ray.extraction import hidden_match_loss
 from pocl_ray.losses import KDOptions, cached_kd_and_ce, count_tokens, cross_entropy, kd_loss, linear_kd_and_ce
+from pocl_ray.sharding import release
 from pocl_ray.teacher_cache import TeacherCache
-from pocl_ray.training.teacher import HiddenStatesLM, LMOutputs, Teacher, TeacherOutputs
+from pocl_ray.training.teacher import HiddenStatesLM, LMOutputs, OnlineTeacher, Teacher, TeacherOutputs
 
 Autocast = Callable[[], AbstractContextManager]
 
@@ -224,7 +226,8 @@ def accumulate_gradients(
     autocast: Autocast = nullcontext,
 ) -> StepValues:
     """Forward + backward of this worker's micro-batches of one optimizer step; the step's global
-    values. Gradients are synchronised once, on the last micro-batch (DDP no_sync before it)."""
+    values. Gradients are synchronised once, on the last micro-batch (DDP no_sync before it); a sharded
+    student (FSDP2) reduce-scatters them after every micro-batch, which keeps its gradients sharded."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     counts = _all_reduce(torch.stack([token_counts(b, stage) for b in batches]).sum(0))
     sums = torch.zeros(3, device=counts.device)
@@ -235,9 +238,16 @@ def accumulate_gradients(
             with autocast():
                 s_out, t_out = model_outputs(student, teacher, batch, stage)
                 loss, kd_term, ce_term = loss_terms(s_out, t_out, batch, stage, kd, counts, projection, normalize)
+            release_teacher(teacher)
             (loss * world).backward()
         sums += torch.stack([loss, kd_term, ce_term]).detach().float()
     return StepValues(*torch.cat([_all_reduce(sums), counts.float()]).unbind())
+
+
+def release_teacher(teacher: Teacher) -> None:
+    """A sharded online teacher's gathered root freed once the loss has read its head."""
+    if isinstance(teacher, OnlineTeacher):
+        release(teacher.lm)
 
 
 def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -261,7 +271,8 @@ def optimizer_step(
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return norm
+    # Sharded gradients give the norm as a DTensor (the same value on every rank).
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def unwrap(model: torch.nn.Module) -> HiddenStatesLM:
@@ -308,10 +319,13 @@ def dev_losses(
             same = final_teacher is teacher and stage.target == "logits" and t_out is not None
             final = t_out if same else final_teacher.outputs(batch)
             _, fkl_term, _ = output_terms(s_out, final, batch, fkl, fkl_options, counts[::2])
+        release_teacher(teacher)
+        release_teacher(final_teacher)
         sums += torch.stack([loss, fkl_term]).float()
         if on_batch is not None:
             on_batch(len(batch["input_ids"]))
     dev_loss, dev_kd_loss = _all_reduce(sums).tolist()
+    release(student.lm)  # a sharded student's root, gathered by forwards without backward
     student.train(was_training)
     return {"dev_loss": dev_loss, "dev_kd_loss": dev_kd_loss}
 
@@ -342,7 +356,9 @@ def probe_losses(
             with autocast():
                 s_out, t_out = model_outputs(student, teacher, batch, fkl)
                 _, kd_term, ce_term = output_terms(s_out, t_out, batch, fkl, fkl_options, counts)
+            release_teacher(teacher)
             sums[index] += torch.stack([kd_term, ce_term]).float()
     values = _all_reduce(sums).tolist()
+    release(student.lm)
     student.train(was_training)
     return [(kd_mean, ce_mean, int(n)) for (kd_mean, ce_mean), n in zip(values, tokens.tolist())]

@@ -8,7 +8,7 @@ call the interface:
 - CachedTopKTeacher: the top-K form the scoring pass stored (teacher_cache.py), collated from the rows;
 - CachedHiddenTeacher: the hidden form: int8 final hidden states collated from the rows, the teacher's
   LM head (loaded once) applied on the device, so every loss is computed as online.
-A sharded (FSDP2) online teacher would be one more implementation of the same three members.
+An online teacher may be sharded over the workers (FSDP2, training.teacher_sharding): the same class.
 
 The losses never build full-vocabulary logits: a model gives them its final hidden states and its LM
 head (`LMOutputs.of_hidden`), and they apply the head chunk by chunk at the scored positions only.
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from pocl_ray.models import check_head_rows, linear_head, load_model
+from pocl_ray.sharding import final_hidden_states, is_sharded, load_sharded
 from pocl_ray.teacher_cache import (
     CACHE_COLUMNS,
     HIDDEN_COLUMNS,
@@ -105,9 +106,14 @@ class HiddenStatesLM(torch.nn.Module):
         if self.logits:
             out = self.lm(**inputs)
             return LMOutputs.of_logits(out.logits, out.hidden_states, self.vocab_size)
-        out = self.lm.base_model(**inputs)
+        if is_sharded(self.lm):
+            # Through the sharded root, which gathers the head for the loss (sharding.py's module doc).
+            hidden, layers = final_hidden_states(self.lm, input_ids, attention_mask, output_hidden_states)
+        else:
+            out = self.lm.base_model(**inputs)
+            hidden, layers = out.last_hidden_state, out.hidden_states
         head = self.lm.get_output_embeddings().weight
-        return LMOutputs.of_hidden(out.last_hidden_state, head.view_as(head), out.hidden_states, self.vocab_size)
+        return LMOutputs.of_hidden(hidden, head.view_as(head), layers, self.vocab_size)
 
 
 def logits_form(student: PreTrainedModel, teachers: Iterable[PreTrainedModel] = ()) -> bool:
@@ -221,17 +227,32 @@ class CachedTeachers:
 class OnlineTeachers:
     """The frozen online teachers on the device: the run's teacher (dev_kd_loss is always measured
     against it) and the current stage's checkpoint teacher when that differs; each checked, when it
-    is loaded, to have a head row for every token of the run's tokenizer (`models.check_head_rows`)."""
+    is loaded, to have a head row for every token of the run's tokenizer (`models.check_head_rows`).
+    With ``shard`` (training.teacher_sharding: fsdp; `sharding.shard_model`'s options) each is sharded
+    over the workers, read by rank 0 only: loading one is then a collective every worker makes."""
 
     columns: tuple[str, ...] = ()
 
-    def __init__(self, path: str, dtype: torch.dtype, device: torch.device, tokenizer, logits: bool):
+    def __init__(
+        self, path: str, dtype: torch.dtype, device: torch.device, tokenizer, logits: bool, shard: dict | None = None
+    ):
         self.path, self.dtype, self.device = path, dtype, device
-        self.tokenizer, self.logits = tokenizer, logits
+        self.tokenizer, self.logits, self.shard = tokenizer, logits, shard
         self.loaded: dict[str, OnlineTeacher] = {}
 
-    def adopt(self, path: str, lm: PreTrainedModel) -> None:
-        """A teacher already read from disk (the one a student was cut from), made frozen and moved."""
+    def adopt(self, path: str, lm: PreTrainedModel | None) -> None:
+        """A teacher already read from disk (the one a student was cut from), made frozen and moved;
+        sharded, only rank 0 holds it (None elsewhere)."""
+        if self.shard is not None:
+
+            def cast_on_rank_0() -> PreTrainedModel:
+                assert lm is not None
+                cast(torch.nn.Module, lm).to(dtype=self.dtype)
+                return lm
+
+            self._add(path, self._sharded(cast_on_rank_0))
+            return
+        assert lm is not None
         cast(torch.nn.Module, lm).to(self.device, dtype=self.dtype)
         lm.eval()
         lm.requires_grad_(False)
@@ -245,8 +266,14 @@ class OnlineTeachers:
         path = path or self.path
         if path not in self.loaded:
             self.loaded = {p: m for p, m in self.loaded.items() if p == self.path}
-            self._add(path, load_model(path, dtype=self.dtype, device=self.device, frozen=True))
+            if self.shard is not None:
+                self._add(path, self._sharded(lambda: load_model(path, dtype=self.dtype)))
+            else:
+                self._add(path, load_model(path, dtype=self.dtype, device=self.device, frozen=True))
         return self.loaded[path]
+
+    def _sharded(self, build) -> PreTrainedModel:
+        return load_sharded(build, device=self.device, trainable=False, **(self.shard or {}))
 
     def _add(self, path: str, lm: PreTrainedModel) -> None:
         check_head_rows(lm, self.vocab_size, f"teacher {path}")

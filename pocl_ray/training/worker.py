@@ -22,6 +22,12 @@ A checkpoint (docs/ARCHITECTURE.md): student/ (HF folder), student_best/ (once t
 candidate), optimizer.pt, coordinator.json (the coordinator's state: plan, position, candidates). Step
 records are handed to the coordinator before it, so metrics.jsonl always holds every step up to the
 latest checkpoint; the copy to storage runs in Ray Train's background thread.
+
+training.strategy: fsdp (sharding.py) shards the student over the workers, and the online teacher too
+(training.teacher_sharding): rank 0 alone reads weights, every forward and generate call is a collective
+(dev batches padded to one count, generation in lockstep), and a checkpoint holds student_shards/ (every
+worker's DCP shards of the student and its optimizer, each worker reporting its own) in place of student/
+and optimizer.pt; the final checkpoint and the best candidate also get the whole student as an HF folder.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -42,7 +49,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from pocl_ray.config import KDConfig, RunConfig
+from pocl_ray import sharded_checkpoint
+from pocl_ray.config import FSDPConfig, KDConfig, RunConfig
 from pocl_ray.conversations import stop_token_ids
 from pocl_ray.coordinator import resize_line
 from pocl_ray.curriculum import Stage, StageSpec, lr_at
@@ -62,6 +70,7 @@ from pocl_ray.probes import is_probe, probe_record
 from pocl_ray.progress import duration, progress_line
 from pocl_ray.sampling import sample_on_policy
 from pocl_ray.seeds import stream_seed
+from pocl_ray.sharding import in_lockstep, is_sharded, load_sharded, release
 from pocl_ray.shards import ROW_COLUMNS, ScoresIndex, StepReader, read_rows
 from pocl_ray.teacher_cache import load_head
 from pocl_ray.training.step import (
@@ -88,6 +97,7 @@ from pocl_ray.training.teacher import (
     logits_form,
 )
 
+SHARDS = "student_shards"  # a sharded run's checkpoint: every worker's DCP shards of the student and optimizer
 LOG_EVERY = 20  # at most this many steps between rank 0's read-backs of step records
 PRINT_SECONDS = 10.0  # at most this long between progress lines (and read-backs)
 # torch 2.13 renamed DDP's broadcast_buffers to forward_sync_buffers and warns on the old name.
@@ -121,17 +131,19 @@ class Worker:
     coord: Any  # the CurriculumCoordinator actor
     specs: list[StageSpec]
     start: Position  # where this attempt starts (the latest checkpoint's position, or the top)
-    student: torch.nn.Module  # HiddenStatesLM, DDP-wrapped when world > 1
+    student: torch.nn.Module  # HiddenStatesLM, DDP-wrapped when world > 1 (strategy ddp); its lm sharded (fsdp)
     optimizer_state: dict | None
     tokenizer: Any
     teachers: Teachers
     scores: ScoresIndex
     dev_rows: list[dict]  # this worker's share of the dev rows (with their reference "response")
-    dev_batches: list[dict[str, Any]]  # the same rows, batched for the dev losses
     log: StepLog | None  # rank 0 only
     best_dir: Path | None  # rank 0 only: a local copy of the best selection candidate's student
+    dev_batches: list[dict[str, Any]] = field(default_factory=list)  # the same rows, batched for the dev losses
     probe_batches: list[list[dict[str, Any]]] = field(default_factory=list)  # per bucket, this worker's probe rows
     probe_rows: list[int] = field(default_factory=list)  # per bucket, the probe rows of all workers
+    resume: Any = None  # strategy fsdp: the checkpoint resumed from (its optimizer shards are read per stage)
+    gloo: Any = None  # strategy fsdp: the process group the checkpoint shards are written over in the background
 
 
 @dataclass
@@ -298,8 +310,8 @@ def end_of_step(w: Worker, run: StageRun, stage_step: int, step: int) -> StepEnd
 
 
 def setup_worker(config: dict) -> Worker:
-    """Restore the run's position, build the student (wrapped for DDP) and the run's teachers, the dev
-    batches and rank 0's step log."""
+    """Restore the run's position, build the student (wrapped for DDP, or sharded) and the run's teachers,
+    the dev and probe batches and rank 0's step log."""
     import ray
     import ray.train
     import ray.train.torch
@@ -311,31 +323,14 @@ def setup_worker(config: dict) -> Worker:
     coord = ray.get_actor(config["coordinator"], namespace=config["namespace"])
     torch.manual_seed(cfg.training.seed)
     best_dir = Path(tempfile.mkdtemp(prefix="pocl-best-")) if rank == 0 else None
-    state, student_lm, optimizer_state = restore(coord, rank, world, best_dir)
+    sharded = cfg.training.strategy == "fsdp"
+    state, student_lm, optimizer_state, resume = restore(coord, rank, world, best_dir, sharded)
     specs: list[StageSpec] = ray.get([coord.stage.remote(i) for i in range(len(state["plan"]["stages"]))])
     tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.teacher)
-    student_lm, cut_from = initial_student(cfg) if student_lm is None else (student_lm, None)
-    if cfg.training.gradient_checkpointing:
-        checkpoint_activations(student_lm)
-    student_lm.train()
-    teachers, logits = run_teachers(cfg, config, device, student_lm, tokenizer, specs, cut_from)
-    del cut_from  # no copy of the teacher outside `teachers` (none at all with kd.teacher: cached)
-    # Hidden-state stages leave the layers above the matched one without gradient. Buffers (rotary
-    # tables, masks) are constants in these models, so they are not re-synced every forward.
-    hidden_stages = any(s.stage.target == "hidden" for s in specs)
-    student = ray.train.torch.prepare_model(
-        HiddenStatesLM(student_lm, logits, len(tokenizer)),
-        parallel_strategy_kwargs={"find_unused_parameters": hidden_stages, **_NO_BUFFER_SYNC},
-    )
-    dev_rows = config["dev_rows"][rank::world]
-    dev_batches = (
-        [
-            build_batch(dev_rows[i : i + cfg.training.micro_batch_size], tokenizer.pad_token_id, device, teachers.get())
-            for i in range(0, max(len(dev_rows), 1), cfg.training.micro_batch_size)
-        ]
-        if config["dev_rows"]
-        else []
-    )
+    student, teachers = build_models(cfg, config, device, student_lm, tokenizer, specs)
+    if resume is not None:
+        with resume.as_directory() as d:
+            sharded_checkpoint.load(Path(d) / SHARDS, unwrap(student).lm)
     start = Position(**state["position"])
     w = Worker(
         cfg=cfg,
@@ -351,32 +346,96 @@ def setup_worker(config: dict) -> Worker:
         tokenizer=tokenizer,
         teachers=teachers,
         scores=ScoresIndex(config["scores_path"]),
-        dev_rows=dev_rows,
-        dev_batches=dev_batches,
+        dev_rows=config["dev_rows"][rank::world],
         log=StepLog(coord, specs, start.step) if rank == 0 else None,
         best_dir=best_dir,
+        resume=resume,
+        gloo=torch.distributed.new_group(backend="gloo") if sharded else None,
     )
+    w.dev_batches = dev_share(w) if config["dev_rows"] else []
     w.probe_rows = [len(r) for r in config["probe_ranks"]]
     w.probe_batches = [probe_share(w, np.asarray(r)[rank::world]) for r in config["probe_ranks"]]
     return w
 
 
-def restore(coord: Any, rank: int, world: int, best_dir: Path | None) -> tuple[dict, Any, dict | None]:
-    """(coordinator state, student or None, optimizer state or None): the latest checkpoint's (same
-    stage, step and data order; on another worker count the rest of its epoch re-dealt, and one
-    progress line says so), or the top of the run; every worker gets rank 0's state."""
+def restore(
+    coord: Any, rank: int, world: int, best_dir: Path | None, sharded: bool
+) -> tuple[dict, Any, dict | None, Any]:
+    """(coordinator state, student or None, optimizer state or None, checkpoint or None): the latest
+    checkpoint's (same stage, step and data order; on another worker count the rest of its epoch
+    re-dealt, and one progress line says so), or the top of the run; every worker gets rank 0's state.
+    A sharded run's student and optimizer are read from the checkpoint (returned) once they exist."""
     import ray
     import ray.train
     from ray.train.collective import broadcast_from_rank_zero
 
     checkpoint = ray.train.get_checkpoint()
     saved_state, student_lm, optimizer_state = (
-        load_checkpoint(checkpoint, best_dir) if checkpoint else (None, None, None)
+        load_checkpoint(checkpoint, best_dir, sharded) if checkpoint else (None, None, None)
     )
     state = broadcast_from_rank_zero(ray.get(coord.restore.remote(saved_state, world)) if rank == 0 else None)
     if rank == 0 and state["resize"] is not None:
         print(resize_line(state["resize"]), flush=True)
-    return state, student_lm, optimizer_state
+    return state, student_lm, optimizer_state, checkpoint if sharded else None
+
+
+def build_models(
+    cfg: RunConfig, config: dict, device: torch.device, student_lm: Any, tokenizer: Any, specs: list[StageSpec]
+) -> tuple[torch.nn.Module, Teachers]:
+    """The student as the step takes it (`HiddenStatesLM`: DDP-wrapped, or its LM sharded with
+    training.strategy: fsdp) and the run's teachers. `student_lm`: a checkpoint's (DDP), else None."""
+    import ray.train.torch
+
+    sharded = cfg.training.strategy == "fsdp"
+    if sharded:
+        student_lm, cut_from = sharded_student(cfg, device)
+    else:
+        student_lm, cut_from = initial_student(cfg) if student_lm is None else (student_lm, None)
+        if cfg.training.gradient_checkpointing:
+            checkpoint_activations(student_lm)
+        student_lm.train()
+    teachers, logits = run_teachers(cfg, config, device, student_lm, tokenizer, specs, cut_from)
+    del cut_from  # no copy of the teacher outside `teachers` (none at all with kd.teacher: cached)
+    student = HiddenStatesLM(student_lm, logits, len(tokenizer))
+    if sharded:
+        return student, teachers
+    # Hidden-state stages leave the layers above the matched one without gradient. Buffers (rotary
+    # tables, masks) are constants in these models, so they are not re-synced every forward.
+    hidden_stages = any(s.stage.target == "hidden" for s in specs)
+    return ray.train.torch.prepare_model(
+        student, parallel_strategy_kwargs={"find_unused_parameters": hidden_stages, **_NO_BUFFER_SYNC}
+    ), teachers
+
+
+def shard_options(cfg: RunConfig, device: torch.device) -> dict[str, bool]:
+    """`sharding.shard_model`'s options from training.fsdp (mixed precision on CUDA only)."""
+    f = cfg.training.fsdp or FSDPConfig()
+    return {
+        "reshard_after_forward": f.reshard_after_forward,
+        "cpu_offload": f.cpu_offload,
+        "mixed_precision": f.mixed_precision and device.type == "cuda",
+    }
+
+
+def sharded_student(cfg: RunConfig, device: torch.device) -> tuple[Any, Any]:
+    """(the student sharded over every worker, the teacher it was cut from or None): only rank 0 reads
+    weights (`initial_student`) and holds the teacher it cut the student from; the others build the
+    student on the meta device and receive their shards (`sharding.load_sharded`)."""
+    cut: list[Any] = [None]
+
+    def build() -> Any:
+        student, cut[0] = initial_student(cfg)
+        return student
+
+    training = cfg.training
+    lm = load_sharded(
+        build,
+        device=device,
+        trainable=True,
+        gradient_checkpointing=training.gradient_checkpointing,
+        **shard_options(cfg, device),
+    )
+    return lm, cut[0]
 
 
 def initial_student(cfg: RunConfig) -> tuple[Any, Any]:
@@ -400,7 +459,8 @@ def run_teachers(
     cut_from: Any,
 ) -> tuple[Teachers, bool]:
     """The run's teachers, chosen here once, and whether every model gives the losses its logits
-    (`teacher.logits_form`, decided for the student and every teacher together)."""
+    (`teacher.logits_form`, decided for the student and every teacher together). A sharded teacher
+    (training.teacher_sharding) cut from on rank 0 is adopted on every worker: sharding it is a collective."""
     dtype = resolve_dtype(cfg.models.dtype, device)
     if cfg.kd.teacher == "cached":
         logits = logits_form(student_lm)
@@ -411,8 +471,9 @@ def run_teachers(
     paths = dict.fromkeys([cfg.models.teacher, *(s.stage.teacher for s in specs if s.stage.teacher)])
     teacher_models = [cut_from if p == cfg.models.teacher and cut_from is not None else meta_model(p) for p in paths]
     logits = logits_form(student_lm, teacher_models)
-    teachers = OnlineTeachers(cfg.models.teacher, dtype, device, tokenizer, logits)
-    if cut_from is not None:
+    shard = {**shard_options(cfg, device), "mixed_precision": False} if cfg.training.sharded_teacher else None
+    teachers = OnlineTeachers(cfg.models.teacher, dtype, device, tokenizer, logits, shard)
+    if cut_from is not None or (shard is not None and cfg.models.student is None):
         teachers.adopt(cfg.models.teacher, cut_from)
     return teachers, logits
 
@@ -425,8 +486,12 @@ def stage_optimizer(
     training = w.cfg.training
     if optimizer is None or stage.restart_optimizer:
         optimizer = adamw(w.student, training.lr, training.weight_decay)
-    if resuming and w.optimizer_state is not None and not (steps_done == 0 and stage.restart_optimizer):
-        optimizer.load_state_dict(w.optimizer_state)
+    if resuming and not (steps_done == 0 and stage.restart_optimizer):
+        if w.optimizer_state is not None:
+            optimizer.load_state_dict(w.optimizer_state)
+        elif w.resume is not None:  # sharded: each worker reads its shards (and the student's again, unchanged)
+            with w.resume.as_directory() as d:
+                sharded_checkpoint.load(Path(d) / SHARDS, unwrap(w.student).lm, optimizer)
     return optimizer
 
 
@@ -461,13 +526,14 @@ def step_batches(w: Worker, micro: list[list[dict]], stage: Stage, teacher: Teac
     """One step's device batches: on-policy rows sampled where the stage asks for them (row streams
     seeded by the step's seed, so a restart samples the same responses), then the step's rows
     regrouped by length so each micro-batch pads little."""
-    kd = w.cfg.kd
+    kd, lm = w.cfg.kd, unwrap(w.student).lm
     if kd.on_policy_fraction > 0 and stage.target == "logits":
         offsets = np.cumsum([0, *(len(m) for m in micro)])
         micro = [
-            with_on_policy(unwrap(w.student).lm, m, kd, w.tokenizer, w.cfg.data.max_length, seed, int(offset))
+            with_on_policy(lm, m, kd, w.tokenizer, w.cfg.data.max_length, seed, int(offset))
             for m, offset in zip(micro, offsets)
         ]
+        release(lm)  # a sharded student's root, gathered by generation
     return [build_batch(m, w.tokenizer.pad_token_id, w.device, teacher) for m in length_grouped(micro)]
 
 
@@ -476,11 +542,14 @@ def with_on_policy(
 ) -> list[dict]:
     """The first round(fraction x rows) rows of a micro-batch (already in random order) replaced by
     the student's own samples for their prompts: tokenizer ids only (never a padding row of its head),
-    each ending at eos or the chat template's end of turn (`conversations.stop_token_ids`)."""
+    each ending at eos or the chat template's end of turn (`conversations.stop_token_ids`).
+    A sharded student samples even with no row to sample (a one-token prompt, dropped): each generate
+    call is a collective, and every worker has as many micro-batches."""
     n = math.floor(kd.on_policy_fraction * len(rows) + 0.5)
+    idle = [{"input_ids": [tokenizer.pad_token_id], "num_prompt_tokens": 1}] if n == 0 and is_sharded(model) else []
     sampled = sample_on_policy(
         model,
-        rows[:n],
+        rows[:n] or idle,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=stop_token_ids(tokenizer),
         max_new_tokens=kd.on_policy_max_new_tokens,
@@ -489,7 +558,7 @@ def with_on_policy(
         row_offset=row_offset,
         vocab_size=len(tokenizer),
     )
-    return sampled + rows[n:]
+    return sampled[:n] + rows[n:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,15 +605,40 @@ def row_progress_printer(what: str, total: int, every_s: float = PRINT_SECONDS) 
     return advance
 
 
+def dev_share(w: Worker) -> list[dict[str, Any]]:
+    """This worker's dev rows batched for the dev losses (`in_step`)."""
+    micro, teacher = w.cfg.training.micro_batch_size, w.teachers.get()
+    return in_step(
+        w,
+        [
+            build_batch(w.dev_rows[i : i + micro], w.tokenizer.pad_token_id, w.device, teacher)
+            for i in range(0, max(len(w.dev_rows), 1), micro)
+        ],
+    )
+
+
 def probe_share(w: Worker, ranks: np.ndarray) -> list[dict[str, Any]]:
     """This worker's probe rows of one bucket (its share of the ranks), batched as the dev rows are;
-    no rows gives one all-masked batch that keeps the worker in the collectives."""
+    no rows gives one all-masked batch that keeps the worker in the collectives (`in_step`)."""
     rows = read_rows(w.scores, ranks, (*ROW_COLUMNS, *w.teachers.columns))
     micro, teacher = w.cfg.training.micro_batch_size, w.teachers.get()
-    return [
-        build_batch(rows[i : i + micro], w.tokenizer.pad_token_id, w.device, teacher)
-        for i in range(0, max(len(rows), 1), micro)
-    ]
+    return in_step(
+        w,
+        [
+            build_batch(rows[i : i + micro], w.tokenizer.pad_token_id, w.device, teacher)
+            for i in range(0, max(len(rows), 1), micro)
+        ],
+    )
+
+
+def in_step(w: Worker, batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`batches`, and with a sharded student as many all-masked ones (zero tokens) as make every worker's
+    count that of the worker with the most: each forward of a sharded model is a collective."""
+    if not is_sharded(unwrap(w.student).lm):
+        return batches
+    padded: list[dict[str, Any]] = []
+    in_lockstep(batches, padded.append, build_batch([], w.tokenizer.pad_token_id, w.device, w.teachers.get()))
+    return padded
 
 
 def probe_buckets(w: Worker, run: StageRun, step: int, samples: int, at: str) -> None:
@@ -601,7 +695,9 @@ def dev_rouge(w: Worker) -> float:
         batch_size=e.batch_size,
         autocast=w.autocast,
         progress=progress_label(w, "dev ROUGE-L") if w.rank == 0 else None,
+        lockstep=is_sharded(lm),
     )
+    release(lm)
     lm.train(was_training)
     sums = _all_reduce(torch.tensor([total, len(w.dev_rows)], dtype=torch.float64, device=w.device)).tolist()
     return sums[0] / sums[1]
@@ -610,7 +706,8 @@ def dev_rouge(w: Worker) -> float:
 def record_candidate(w: Worker, step: int, stage_index: int, samples: int, dev: dict[str, float]) -> None:
     """A selection candidate: every worker decodes its dev rows (`dev_rouge`); rank 0 hands the
     candidate to the coordinator and, when it is the best so far, saves the student's weights to its
-    local `best_dir` (later checkpoints copy them from there)."""
+    local `best_dir` (later checkpoints copy them from there); a sharded student is exported there by
+    every worker together."""
     import ray
 
     candidate = {
@@ -621,12 +718,19 @@ def record_candidate(w: Worker, step: int, stage_index: int, samples: int, dev: 
         "dev_kd_loss": dev["dev_kd_loss"],
         "dev_loss": dev["dev_loss"],
     }
+    is_best = ray.get(w.coord.select.remote(candidate)) if w.rank == 0 else None
+    lm = unwrap(w.student).lm
+    if is_sharded(lm):
+        from ray.train.collective import broadcast_from_rank_zero
+
+        # Exporting a sharded student gathers it from every worker; rank 0 writes it.
+        if broadcast_from_rank_zero(is_best):
+            sharded_checkpoint.export_pretrained(lm, w.best_dir)
     if w.rank != 0:
         return
     assert w.best_dir is not None  # rank 0's
-    is_best = ray.get(w.coord.select.remote(candidate))
-    if is_best:
-        unwrap(w.student).lm.save_pretrained(w.best_dir)
+    if is_best and not is_sharded(lm):
+        lm.save_pretrained(w.best_dir)
     print(
         f"[train] selection candidate at step {candidate['step']}: dev ROUGE-L {candidate['dev_rougeL']:.2f}, "
         f"dev KD loss {candidate['dev_kd_loss']:.4f}{' (best so far)' if is_best else ''}",
@@ -640,15 +744,18 @@ def record_candidate(w: Worker, step: int, stage_index: int, samples: int, dev: 
 
 def save_checkpoint(
     directory: Path,
-    student: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    student: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer | None,
     state: dict,
     best_dir: Path,
     tokenizer=None,
 ) -> None:
     """Student (HF folder), optimizer, coordinator state and the best candidate's student so far
-    (from `best_dir`, once there is one); the tokenizer rides with the final checkpoint's students."""
-    unwrap(student).lm.save_pretrained(directory / "student")
+    (from `best_dir`, once there is one); the tokenizer rides with the final checkpoint's students.
+    A sharded student and its optimizer (None here) are in `directory` already (`save_shards`)."""
+    if student is not None and optimizer is not None:
+        unwrap(student).lm.save_pretrained(directory / "student")
+        torch.save(optimizer.state_dict(), directory / "optimizer.pt")
     students = [directory / "student"]
     if has_model_files(best_dir):
         shutil.copytree(best_dir, directory / "student_best")
@@ -656,18 +763,33 @@ def save_checkpoint(
     if tokenizer is not None:
         for folder in students:
             tokenizer.save_pretrained(folder)
-    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
     (directory / "coordinator.json").write_text(json.dumps(state))
 
 
-def load_checkpoint(checkpoint: Any, best_dir: Path | None) -> tuple[dict, Any, dict]:
-    """(coordinator state, student in fp32, optimizer state) of a Ray Train checkpoint; its best
-    candidate's student, if it has one, is copied into `best_dir` (rank 0's; None elsewhere)."""
+def save_shards(w: Worker, directory: Path, optimizer: torch.optim.Optimizer, final: bool) -> Future:
+    """Every worker's part of a sharded checkpoint: its shards of the student and the optimizer (DCP,
+    student_shards/), written in the background over the gloo group while the loop goes on; in the final
+    checkpoint the whole student exported as an HF folder (student/, gathered to rank 0, which writes it).
+    The Future is done once the shards are on disk."""
+    lm = unwrap(w.student).lm
+    written = sharded_checkpoint.save(directory / SHARDS, lm, optimizer, asynchronous=True, process_group=w.gloo)
+    assert written is not None
+    if final:
+        sharded_checkpoint.export_pretrained(lm, directory / "student")
+    return written
+
+
+def load_checkpoint(checkpoint: Any, best_dir: Path | None, sharded: bool = False) -> tuple[dict, Any, dict | None]:
+    """(coordinator state, student in fp32, optimizer state) of a Ray Train checkpoint (a sharded one's
+    student and optimizer: None, read once they exist); its best candidate's student, if it has one, is
+    copied into `best_dir` (rank 0's; None elsewhere)."""
     with checkpoint.as_directory() as d:
         d = Path(d)
         state = json.loads((d / "coordinator.json").read_text())
-        student = load_model(d / "student", dtype=torch.float32)
-        optimizer_state = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True)
+        student, optimizer_state = None, None
+        if not sharded:
+            student = load_model(d / "student", dtype=torch.float32)
+            optimizer_state = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True)
         if best_dir is not None and has_model_files(d / "student_best"):
             shutil.copytree(d / "student_best", best_dir, dirs_exist_ok=True)
     return state, student, optimizer_state
@@ -676,20 +798,27 @@ def load_checkpoint(checkpoint: Any, best_dir: Path | None) -> tuple[dict, Any, 
 def report_checkpoint(
     w: Worker, metrics: dict, position: Position, optimizer: torch.optim.Optimizer, final: bool
 ) -> None:
-    """A checkpoint written by rank 0 and reported by every worker. Step records are handed over
-    first, so metrics.jsonl always holds every step up to the latest checkpoint. The copy to
-    storage runs in Ray Train's background thread, so the loop waits only for the local write."""
+    """A checkpoint reported by every worker: written by rank 0, and with a sharded student each worker's
+    shards too (Ray Train puts every worker's directory into the one checkpoint). Step records are handed
+    over first, so metrics.jsonl always holds every step up to the latest checkpoint. The copy to storage
+    runs in Ray Train's background thread, so the loop waits only for the local write."""
     import ray
     import ray.train
 
     mode = ray.train.CheckpointUploadMode.ASYNC
-    if w.rank != 0:
+    sharded = is_sharded(unwrap(w.student).lm)
+    if w.rank != 0 and not sharded:
         ray.train.report(metrics, checkpoint=None, checkpoint_upload_mode=mode)
         return
-    assert w.log is not None and w.best_dir is not None  # rank 0's
-    state = ray.get(w.coord.checkpoint.remote(asdict(position), w.log.take()))
     directory = Path(tempfile.mkdtemp(prefix="pocl-checkpoint-"))
-    save_checkpoint(directory, w.student, optimizer, state, w.best_dir, w.tokenizer if final else None)
+    written = save_shards(w, directory, optimizer, final) if sharded else None
+    if w.rank == 0:
+        assert w.log is not None and w.best_dir is not None  # rank 0's
+        state = ray.get(w.coord.checkpoint.remote(asdict(position), w.log.take()))
+        student, state_of = (None, None) if sharded else (w.student, optimizer)
+        save_checkpoint(directory, student, state_of, state, w.best_dir, w.tokenizer if final else None)
+    if written is not None:
+        written.result()
     ray.train.report(
         metrics,
         checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
