@@ -40,6 +40,9 @@ CHATML_TEMPLATE = (
 MODEL_CONFIG = "config.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
+# A model as the loaders take it: a local folder, or a ModelSource the driver resolved (preflight.py).
+ModelLocation = str | Path | ModelSource
+
 
 def _missing_files(folder: Path, need: Iterable[str]) -> list[str]:
     return [name for name in need if not (folder / name).is_file()]
@@ -67,16 +70,16 @@ def check_model_folder(path: str | Path, field: str | None = None, need: Iterabl
     return folder
 
 
-def local_folder(source: str | Path | ModelSource) -> Path:
+def local_folder(source: str | Path | ModelSource, weights: bool = True) -> Path:
     """A path as given; a ModelSource (a Hub id or a URI, pinned on the driver) as its folder in this
-    node's cache, fetched on first use (model_source.py)."""
-    return source.local_dir() if isinstance(source, ModelSource) else Path(source)
+    node's cache, fetched on first use (model_source.py; weights=False: config and tokenizer only)."""
+    return source.local_dir(weights) if isinstance(source, ModelSource) else Path(source)
 
 
 def load_tokenizer(source: str | Path | ModelSource) -> PreTrainedTokenizerBase:
     """The tokenizer in a local folder or a resolved ModelSource; pad_token falls back to eos_token (Llama 3
     has no pad token): padded positions are masked (attention 0, labels -100), so the pad id never enters a loss."""
-    path = local_folder(source)
+    path = local_folder(source, weights=False)
     tokenizer = AutoTokenizer.from_pretrained(str(check_model_folder(path, need=())))
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -182,13 +185,13 @@ def load_model_split(
     return model
 
 
-def meta_model(path: str | Path) -> PreTrainedModel:
-    """The causal LM of a local folder built on the meta device: its modules and config without its
-    weights, for checks that need the structure only (its LM head, say) at no memory cost."""
+def meta_model(source: str | Path | ModelSource) -> PreTrainedModel:
+    """The causal LM of a local folder or a ModelSource built on the meta device: its modules and config
+    without its weights, for checks that need the structure only (its LM head, say) at no memory cost."""
     from transformers import AutoConfig
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(local_folder(source, weights=False))))
 
 
 def build_tiny_tokenizer(

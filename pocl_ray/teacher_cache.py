@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from pocl_ray.config import ConfigError, RunConfig
 from pocl_ray.data import collate, scored_mask
 from pocl_ray.logprobs import LOG_FLOOR
-from pocl_ray.models import linear_head, load_model, load_tokenizer, meta_model
+from pocl_ray.model_source import ModelSource, resolve_model
+from pocl_ray.models import ModelLocation, linear_head, load_model, load_tokenizer, local_folder, meta_model
 from pocl_ray.sampling import row_uniforms
 from pocl_ray.scores import MANIFEST_FILE, scores_dir_of
 from pocl_ray.seeds import stream_seed
@@ -395,16 +396,16 @@ def teacher_caches(
     return out
 
 
-def cache_rows(cfg: RunConfig, rows: list[dict]) -> None:
-    """Add cfg's teacher cache, in the form its scoring settings store, to each row (in place): for the
+def cache_rows(cfg: RunConfig, rows: list[dict], teacher: ModelLocation, tokenizer: ModelLocation) -> None:
+    """Add the teacher's cache, in the form cfg's scoring settings store, to each row (in place): for the
     dev rows of a kd.teacher: cached run, which are never scored (a few hundred, on the driver, once)."""
     form = cache_form(cfg.scoring)
     if form is None:
         raise ValueError("kd.teacher: cached needs scoring.teacher_top_k or scoring.teacher_hidden")
-    teacher = load_model(cfg.models.teacher, dtype=torch.float32, frozen=True)
-    pad_id = load_tokenizer(cfg.models.tokenizer or cfg.models.teacher).pad_token_id
+    model = load_model(teacher, dtype=torch.float32, frozen=True)
+    pad_id = load_tokenizer(tokenizer).pad_token_id
     columns = HIDDEN_COLUMNS if cfg.scoring.teacher_hidden else CACHE_COLUMNS
-    for row, cache in zip(rows, teacher_caches(teacher, rows, pad_id, form)):
+    for row, cache in zip(rows, teacher_caches(model, rows, pad_id, form)):
         row.update(zip(columns, cache))
 
 
@@ -427,7 +428,7 @@ def arrow_columns(
 # The hidden form's LM-head file
 
 
-def check_hidden_form(teacher: str) -> None:
+def check_hidden_form(teacher: ModelLocation) -> None:
     """scoring.teacher_hidden stores hidden states for training to apply the teacher's head to, which
     is only the teacher when its logits are exactly hidden @ head.T (checked on an empty model)."""
     weight, reason = linear_head(meta_model(teacher))
@@ -447,7 +448,7 @@ def save_head(head: torch.Tensor, directory: str | Path) -> Path:
     return path
 
 
-def save_teacher_head(teacher: str, directory: str | Path) -> Path:
+def save_teacher_head(teacher: ModelLocation, directory: str | Path) -> Path:
     """The other half of the hidden form: the teacher's LM head, once, beside the rows (float32)."""
     return save_head(load_model(teacher, dtype="float32").get_output_embeddings().weight, directory)
 
@@ -520,18 +521,21 @@ def _check_form(entry: dict, directory: Path, cfg: RunConfig) -> None:
         _check_top_k_entry(entry, directory, cfg)
 
 
-def _check_models(manifest: dict, entry: dict, directory: Path, cfg: RunConfig) -> None:
-    """The cache is cfg's teacher's, and cfg's student shares its vocabulary."""
-    teacher = str(Path(cfg.models.teacher).resolve())
-    if manifest.get("models", {}).get("teacher") != teacher:
+def _check_models(manifest: dict, entry: dict, directory: Path, cfg: RunConfig, teacher: ModelSource) -> None:
+    """The cache is the run's teacher's (the same folder, Hub commit or URI version), and cfg's student
+    shares its vocabulary."""
+    cached = manifest.get("models", {}).get("teacher")
+    if isinstance(cached, str):  # a manifest from before model sources: the teacher's absolute folder
+        cached = ModelSource("local", cached).record()
+    if cached != teacher.record():
         raise ConfigError(
-            f"models.teacher: {teacher}, but the teacher cache at {directory} comes from "
-            f"{manifest.get('models', {}).get('teacher')}; {_FIX}"
+            f"models.teacher: {teacher.record()}, but the teacher cache at {directory} comes from {cached}; {_FIX}"
         )
     if cfg.models.student is not None:
         from transformers import AutoConfig
 
-        vocab = AutoConfig.from_pretrained(cfg.models.student).get_text_config().vocab_size
+        student = resolve_model(cfg.models.student, "models.student")
+        vocab = AutoConfig.from_pretrained(local_folder(student, weights=False)).get_text_config().vocab_size
         if vocab != entry["vocab_size"]:
             raise ConfigError(
                 f"models.student: vocab_size {vocab} differs from the {entry['vocab_size']} of the teacher "
@@ -555,9 +559,10 @@ def _check_columns(data: Path, entry: dict) -> None:
         raise ConfigError(f"kd.teacher: cached: the scores at {data} {problem}; {_FIX}")
 
 
-def check_teacher_cache(scores_path: str | Path, cfg: RunConfig) -> dict | None:
+def check_teacher_cache(scores_path: str | Path, cfg: RunConfig, teacher: ModelSource | None = None) -> dict | None:
     """For kd.teacher: cached, fail before any Ray work unless the scores at ``scores_path`` (the scores
-    directory or its rows/) hold a teacher cache of cfg's teacher in the form cfg asks for; returns the
+    directory or its rows/) hold a teacher cache of the run's teacher (``teacher`` as the preflight
+    resolved it; default: cfg's models.teacher as a local folder) in the form cfg asks for; returns the
     manifest's cache entry (None for kd.teacher: online)."""
     if cfg.kd.teacher != "cached":
         return None
@@ -575,7 +580,9 @@ def check_teacher_cache(scores_path: str | Path, cfg: RunConfig) -> dict | None:
             f"scoring.teacher_top_k or scoring.teacher_hidden); {_FIX}"
         )
     _check_form(entry, directory, cfg)
-    _check_models(manifest, entry, directory, cfg)
+    if teacher is None:
+        teacher = ModelSource("local", str(Path(cfg.models.teacher).resolve()))
+    _check_models(manifest, entry, directory, cfg, teacher)
     _check_columns(directory / manifest["scores_path"], entry)
     return entry
 

@@ -28,7 +28,8 @@ LAYERS = [
     "difficulty",
     "probes",
     "shards",
-    # Plain torch / numpy on the foundations: where a model comes from, models, FSDP2 sharding and its checkpoints
+    # Plain torch / numpy on the foundations: where a model comes from, models, FSDP2
+    # sharding and its checkpoints, plans, generation, projections; the driver's preflight of every input
     "model_source",
     "models",
     "sharding",
@@ -36,6 +37,7 @@ LAYERS = [
     "curriculum",
     "sampling",
     "extraction",
+    "preflight",
     # The cached teacher, then the losses (which read it)
     "teacher_cache",
     "losses",

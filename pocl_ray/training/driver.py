@@ -34,7 +34,19 @@ from pocl_ray.coordinator import best_candidate, coordinator
 from pocl_ray.curriculum import Plan, StageSpec, plan_from_config, stage_specs
 from pocl_ray.data import read_table, validate_and_tokenize
 from pocl_ray.losses import KD_KINDS
-from pocl_ray.models import has_model_files, load_tokenizer
+from pocl_ray.model_source import ModelSource
+from pocl_ray.models import has_model_files, load_tokenizer, local_folder
+from pocl_ray.preflight import (
+    STUDENT,
+    TEACHER,
+    TOKENIZER,
+    Sources,
+    check_inputs,
+    model_sources,
+    records,
+    stage_sources,
+    to_wire,
+)
 from pocl_ray.scores import scores_path
 from pocl_ray.shards import ScoresIndex
 from pocl_ray.teacher_cache import cache_rows, check_teacher_cache
@@ -63,55 +75,27 @@ class TrainResult:
 # Checks and inputs
 
 
-def _layer_counts(cfg: RunConfig) -> tuple[int, int]:
+def _layer_counts(cfg: RunConfig, sources: Sources) -> tuple[int, int]:
     """Teacher and student layer counts from the model configs, without loading weights."""
     from transformers import AutoConfig
 
-    def layers(path: str) -> int:
-        return AutoConfig.from_pretrained(path).get_text_config().num_hidden_layers
+    def layers(source: ModelSource) -> int:
+        return AutoConfig.from_pretrained(local_folder(source, weights=False)).get_text_config().num_hidden_layers
 
-    teacher = layers(cfg.models.teacher)
+    teacher = layers(sources[TEACHER])
     if cfg.models.student is not None:
-        return teacher, layers(cfg.models.student)
+        return teacher, layers(sources[STUDENT])
     if cfg.models.student_layers is not None:
         return teacher, len(cfg.models.student_layers)
     # models.student_from_teacher's default: every k-th layer counting back from the last.
     return teacher, len(range(teacher - 1, -1, -cfg.models.student_keep_every))
 
 
-def _check_models(cfg: RunConfig, plan: Plan) -> None:
-    paths = {
-        "models.teacher": cfg.models.teacher,
-        "models.student": cfg.models.student,
-        "models.tokenizer": cfg.models.tokenizer,
-    }
-    paths.update({f"curriculum.progressive.teacher_checkpoints[{s.index}]": s.teacher for s in plan.stages})
-    for field, path in paths.items():
-        if path is not None and not Path(path).is_dir():
-            raise FileNotFoundError(f"{field}: model folder not found: {path}")
-
-
-def _absolute_paths(cfg: RunConfig) -> RunConfig:
-    """Model paths made absolute here, on the driver: workers need not share its working directory."""
-    m, p = cfg.models, cfg.curriculum.progressive
-
-    def absolute(path: str | None) -> str | None:
-        # A URI stays as it is, never dropped: re-validation below refuses it, naming its field.
-        return path if path is None or "://" in path else str(Path(path).resolve())
-
-    return cfg.with_overrides(
-        {
-            "models.teacher": absolute(m.teacher),
-            "models.student": absolute(m.student),
-            "models.tokenizer": absolute(m.tokenizer),
-            "curriculum.progressive.teacher_checkpoints": [absolute(c) for c in p.teacher_checkpoints],
-        }
-    )
-
-
-def run_plan(cfg: RunConfig) -> Plan:
-    """The curriculum plan `train` follows for cfg (extraction plans read the models' layer counts)."""
-    counts = _layer_counts(cfg) if cfg.curriculum.plan == "extraction" else (None, None)
+def run_plan(cfg: RunConfig, sources: Sources | None = None) -> Plan:
+    """The curriculum plan `train` follows for cfg (extraction plans read the models' layer counts, of
+    `sources` or of the models cfg names, resolved here)."""
+    extraction = cfg.curriculum.plan == "extraction"
+    counts = _layer_counts(cfg, sources or model_sources(cfg)) if extraction else (None, None)
     try:
         return plan_from_config(cfg, *counts)
     except ValueError as err:
@@ -130,7 +114,7 @@ def cached_tail_warning(cfg: RunConfig, plan: Plan) -> str | None:
     )
 
 
-def _check_plan(cfg: RunConfig, plan: Plan) -> None:
+def _check_plan(cfg: RunConfig, plan: Plan, sources: Sources) -> None:
     """Stage settings the workers would only trip over mid-run: KD loss kinds and matched layers."""
     for s in plan.stages:
         if s.target == "logits" and s.kd_weight > 0 and s.loss not in KD_KINDS:
@@ -138,7 +122,7 @@ def _check_plan(cfg: RunConfig, plan: Plan) -> None:
     hidden = [s for s in plan.stages if s.target == "hidden"]
     if not hidden:
         return
-    teacher_layers, student_layers = _layer_counts(cfg)
+    teacher_layers, student_layers = _layer_counts(cfg, sources)
     for s in hidden:
         assert s.teacher_layer is not None and s.student_layer is not None  # a hidden Stage has both
         if not 0 <= s.teacher_layer <= teacher_layers:
@@ -164,13 +148,13 @@ def _num_ranked_rows(dataset: pads.Dataset, scores_dir: Path) -> int:
     return n
 
 
-def _dev_rows(cfg: RunConfig, plan: Plan) -> tuple[list[dict], int]:
+def _dev_rows(cfg: RunConfig, plan: Plan, sources: Sources) -> tuple[list[dict], int]:
     """Tokenised dev rows (small; shipped to the workers with the config) and the rejected count."""
     if cfg.data.dev is None:
         if any(s.until_plateau for s in plan.stages):
             raise ConfigError("curriculum.advance: 'plateau' needs a dev set (data.dev) to watch")
         return [], 0
-    tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.teacher)
+    tokenizer = load_tokenizer(sources[TOKENIZER])
     good, rejects = validate_and_tokenize(read_table(cfg.data.dev, cfg.data.format).to_pylist(), tokenizer, cfg.data)
     if not good:
         raise ValueError(
@@ -181,7 +165,7 @@ def _dev_rows(cfg: RunConfig, plan: Plan) -> tuple[list[dict], int]:
     rows = [{k: r[k] for k in keep} for r in good]
     if cfg.kd.teacher == "cached":
         # The workers hold no teacher: the dev rows (never scored) get their cache here, once.
-        cache_rows(cfg, rows)
+        cache_rows(cfg, rows, sources[TEACHER], sources[TOKENIZER])
     return rows, len(rejects)
 
 
@@ -253,6 +237,8 @@ def selected_student(train_dir: Path, checkpoint: str) -> Path:
 class RunInputs:
     """What `prepare` checked and `fit` hands to the workers."""
 
+    sources: Sources  # the models, resolved on the driver (preflight.py)
+    stage_teachers: Sources  # each stage teacher the plan names, resolved (preflight.stage_sources)
     scores_dir: Path
     scores: Path  # the ranked rows
     teacher_cache: dict | None  # the manifest's cache entry (kd.teacher: cached)
@@ -269,42 +255,50 @@ class RunInputs:
 
 
 def train(
-    cfg: RunConfig, scores_dir: str | Path | None = None, *, plan: Plan | None = None, callbacks: list | None = None
+    cfg: RunConfig,
+    scores_dir: str | Path | None = None,
+    *,
+    plan: Plan | None = None,
+    callbacks: list | None = None,
+    sources: Sources | None = None,
 ) -> TrainResult:
     """Distil the student along the configured plan (or `plan`, any Plan); outputs under OUTPUT/train.
 
     A second call with the same config `name` and output directory resumes from the latest
     checkpoint. `callbacks` go to Ray Train's RunConfig (Tune passes its report callback here).
+    `sources`: the models as the command's preflight resolved them; None: checked and resolved here.
     """
     started = time.time()
-    cfg = _absolute_paths(cfg)
+    sources = check_inputs(cfg) if sources is None else sources
     out = Path(cfg.output.dir).resolve() / "train"
-    inputs = prepare(cfg, out.parent / "scores" if scores_dir is None else Path(scores_dir).resolve(), plan)
+    scores_dir = out.parent / "scores" if scores_dir is None else Path(scores_dir).resolve()
+    inputs = prepare(cfg, scores_dir, plan, sources)
     out.mkdir(parents=True, exist_ok=True)
     plan_path = write_plan(out / "plan.json", inputs, cfg.training.global_batch_size)
     result = fit(cfg, out, inputs, callbacks)
     return export(cfg, out, inputs, result, plan_path, started)
 
 
-def prepare(cfg: RunConfig, scores_dir: Path, plan: Plan | None) -> RunInputs:
+def prepare(cfg: RunConfig, scores_dir: Path, plan: Plan | None, sources: Sources) -> RunInputs:
     """Everything a run needs, checked on the driver before any Ray work: the scores (and their teacher
-    cache), the plan and its stage lengths, the models, the dev rows."""
+    cache), the plan and its stage lengths, the dev rows; the models (`sources`) the preflight resolved."""
     scores = scores_path(scores_dir)
-    cache_entry = check_teacher_cache(scores_dir, cfg)
+    cache_entry = check_teacher_cache(scores_dir, cfg, sources[TEACHER])
     num_rows = _num_ranked_rows(pads.dataset(str(scores), format="parquet"), scores_dir)
     index = ScoresIndex(scores)
-    plan = plan if plan is not None else run_plan(cfg)
-    _check_plan(cfg, plan)
+    plan = plan if plan is not None else run_plan(cfg, sources)
+    _check_plan(cfg, plan, sources)
     warning = cached_tail_warning(cfg, plan)
     if warning:
         print(f"[train] {warning}", flush=True)
-    _check_models(cfg, plan)
     try:
         specs = stage_specs(plan, num_rows, cfg.training.global_batch_size)
     except ValueError as err:
         raise ConfigError(f"curriculum.num_buckets: {err}") from None
-    dev_rows, dev_rejected = _dev_rows(cfg, plan)
+    dev_rows, dev_rejected = _dev_rows(cfg, plan, sources)
     return RunInputs(
+        sources=sources,
+        stage_teachers=stage_sources(cfg, plan, sources),
         scores_dir=scores_dir,
         scores=scores,
         teacher_cache=cache_entry,
@@ -326,6 +320,7 @@ def write_plan(path: Path, inputs: RunInputs, global_batch_size: int) -> Path:
         "global_batch_size": global_batch_size,
         "stages": stages,
         "total_steps": sum(s.steps for s in inputs.specs),
+        "models": records(inputs.sources),
     }
     path.write_text(json.dumps(plan, indent=1))
     return path
@@ -364,6 +359,8 @@ def fit(cfg: RunConfig, out: Path, inputs: RunInputs, callbacks: list | None):
         train_func,
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"),
+            "models": to_wire(inputs.sources),
+            "stage_teachers": to_wire(inputs.stage_teachers),
             "coordinator": name,
             "namespace": ray.get_runtime_context().namespace,
             "scores_path": str(inputs.scores),

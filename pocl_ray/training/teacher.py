@@ -20,13 +20,14 @@ one place to cut a padded vocabulary down to the tokenizer's).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol, cast
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from pocl_ray.model_source import ModelSource
 from pocl_ray.models import check_compatible, linear_head, load_model
 from pocl_ray.teacher_cache import (
     CACHE_COLUMNS,
@@ -210,31 +211,39 @@ class CachedTeachers:
 class OnlineTeachers:
     """The frozen online teachers on the device: the run's teacher (dev_kd_loss is always measured
     against it) and the current stage's checkpoint teacher when that differs; each checked, when it
-    is loaded, to share the student's vocabulary."""
+    is loaded, to share the student's vocabulary. Stages name their teacher by its config value;
+    `stage_sources` maps each to the model the driver resolved (preflight.stage_sources)."""
 
     columns: tuple[str, ...] = ()
 
     def __init__(
-        self, path: str, dtype: torch.dtype, device: torch.device, student: PreTrainedModel, tokenizer, logits: bool
+        self,
+        teacher: ModelSource,
+        stage_sources: Mapping[str, ModelSource],
+        dtype: torch.dtype,
+        device: torch.device,
+        student: PreTrainedModel,
+        tokenizer,
+        logits: bool,
     ):
-        self.path, self.dtype, self.device = path, dtype, device
+        self.teacher, self.stage_sources, self.dtype, self.device = teacher, stage_sources, dtype, device
         self.student, self.tokenizer, self.logits = student, tokenizer, logits
-        self.loaded: dict[str, OnlineTeacher] = {}
+        self.loaded: dict[ModelSource, OnlineTeacher] = {}
 
-    def adopt(self, path: str, lm: PreTrainedModel) -> None:
-        """A teacher already read from disk (the one a student was cut from), made frozen and moved."""
+    def adopt(self, lm: PreTrainedModel) -> None:
+        """The run's teacher, already read from disk (the one a student was cut from), made frozen and moved."""
         cast(torch.nn.Module, lm).to(self.device, dtype=self.dtype)
         lm.eval()
         lm.requires_grad_(False)
-        self._add(path, lm)
+        self._add(self.teacher, lm)
 
     def get(self, path: str | None = None) -> OnlineTeacher:
-        path = path or self.path
-        if path not in self.loaded:
-            self.loaded = {p: m for p, m in self.loaded.items() if p == self.path}
-            self._add(path, load_model(path, dtype=self.dtype, device=self.device, frozen=True))
-        return self.loaded[path]
+        source = self.stage_sources[path] if path else self.teacher
+        if source not in self.loaded:
+            self.loaded = {s: m for s, m in self.loaded.items() if s == self.teacher}
+            self._add(source, load_model(source, dtype=self.dtype, device=self.device, frozen=True))
+        return self.loaded[source]
 
-    def _add(self, path: str, lm: PreTrainedModel) -> None:
+    def _add(self, source: ModelSource, lm: PreTrainedModel) -> None:
         check_compatible(lm, self.student, self.tokenizer)
-        self.loaded[path] = OnlineTeacher(lm, self.logits)
+        self.loaded[source] = OnlineTeacher(lm, self.logits)

@@ -56,6 +56,7 @@ from pocl_ray.models import (
     resolve_dtype,
     student_from_teacher,
 )
+from pocl_ray.preflight import STUDENT, TEACHER, TOKENIZER, Sources, from_wire
 from pocl_ray.progress import duration
 from pocl_ray.sampling import sample_on_policy
 from pocl_ray.seeds import stream_seed
@@ -303,8 +304,9 @@ def setup_worker(config: dict) -> Worker:
     best_dir = Path(tempfile.mkdtemp(prefix="pocl-best-")) if rank == 0 else None
     state, student_lm, optimizer_state = restore(coord, rank, best_dir)
     specs: list[StageSpec] = ray.get([coord.stage.remote(i) for i in range(len(state["plan"]["stages"]))])
-    tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.teacher)
-    student_lm, cut_from = initial_student(cfg) if student_lm is None else (student_lm, None)
+    sources = from_wire(config["models"])
+    tokenizer = load_tokenizer(sources[TOKENIZER])
+    student_lm, cut_from = initial_student(cfg, sources) if student_lm is None else (student_lm, None)
     if cfg.training.gradient_checkpointing:
         checkpoint_activations(student_lm)
     student_lm.train()
@@ -363,14 +365,14 @@ def restore(coord: Any, rank: int, best_dir: Path | None) -> tuple[dict, Any, di
     return state, student_lm, optimizer_state
 
 
-def initial_student(cfg: RunConfig) -> tuple[Any, Any]:
+def initial_student(cfg: RunConfig, sources: Sources) -> tuple[Any, Any]:
     """(the student models.student names, None), or (the student cut from the teacher, the teacher):
     the teacher is read once, in fp32 so the student starts from its exact weights, and then becomes
     the frozen online teacher (cast and moved tensor by tensor) instead of being read twice."""
     m = cfg.models
     if m.student is not None:
-        return load_model(m.student, dtype=torch.float32), None
-    teacher = load_model(m.teacher, dtype=torch.float32)
+        return load_model(sources[STUDENT], dtype=torch.float32), None
+    teacher = load_model(sources[TEACHER], dtype=torch.float32)
     return student_from_teacher(teacher, keep_layers=m.student_layers, keep_every=m.student_keep_every), teacher
 
 
@@ -392,12 +394,14 @@ def run_teachers(
             head = load_head(config["scores_dir"], dtype, device)
             return CachedTeachers(CachedHiddenTeacher(head, logits)), logits
         return CachedTeachers(CachedTopKTeacher()), logits
-    paths = dict.fromkeys([cfg.models.teacher, *(s.stage.teacher for s in specs if s.stage.teacher)])
-    teacher_models = [cut_from if p == cfg.models.teacher and cut_from is not None else meta_model(p) for p in paths]
+    teacher = from_wire(config["models"])[TEACHER]
+    stage_sources = from_wire(config["stage_teachers"])
+    distinct = dict.fromkeys([teacher, *stage_sources.values()])
+    teacher_models = [cut_from if s == teacher and cut_from is not None else meta_model(s) for s in distinct]
     logits = logits_form(student_lm, teacher_models)
-    teachers = OnlineTeachers(cfg.models.teacher, dtype, device, student_lm, tokenizer, logits)
+    teachers = OnlineTeachers(teacher, stage_sources, dtype, device, student_lm, tokenizer, logits)
     if cut_from is not None:
-        teachers.adopt(cfg.models.teacher, cut_from)
+        teachers.adopt(cut_from)
     return teachers, logits
 
 
