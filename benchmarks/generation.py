@@ -14,8 +14,8 @@ on an H100/H200 >= 1.5 for the sampler, >= 1.0 for greedy).
 
 Whole calls: `evaluation._Evaluator` (one seed: response CE, sampling, decoding, ROUGE-L) and
 `measurers.Measurer` (student_ce and student_rougeL, greedy response capped at --new-tokens) on all
-prompts as one Ray Data batch, rows/s. Their tokenizer's EOS is an id the model cannot emit, so
-these calls also generate the full length.
+prompts as one Ray Data batch, rows/s. Their tokenizer has no EOS either, so these calls also
+generate the full length.
 
 Timing: one warm-up batch per side, then --repeats rounds in alternating order; the best time per
 side is used and all times are listed with the load average (shared CPUs swing wall-clock figures).
@@ -88,8 +88,8 @@ DEFAULTS = {
 
 
 def build_assets(root: Path, args) -> tuple[Path, Path]:
-    """A random-init Llama without EOS and a word-level tokenizer ("w<id>" per model id) whose EOS
-    is one id past the model's vocabulary, so nothing stops generation early."""
+    """A random-init Llama and a word-level tokenizer ("w<id>" per model id), neither with an EOS, so
+    nothing stops generation early; the tokenizer has exactly the head's rows, as the project requires."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     config = LlamaConfig(
@@ -107,10 +107,10 @@ def build_assets(root: Path, args) -> tuple[Path, Path]:
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(root / "model")
-    vocab = {f"w{i}": i for i in range(args.vocab)} | {"<eos>": args.vocab}
+    vocab = {f"w{i}": i for i in range(args.vocab)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="w1"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="w0", unk_token="w1")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="w0", unk_token="w1")
     tokenizer.save_pretrained(root / "tokenizer")
     return root / "model", root / "tokenizer"
 

@@ -114,9 +114,9 @@ def with_cache(rows: list[dict], teacher, form: int | str, pad_id: int) -> list[
     """Rows as the trainer reads them from cached scores: each with its stored cache columns (top-K
     form for an int ``form``, the hidden form for "hidden")."""
     columns = HIDDEN_COLUMNS if form == "hidden" else CACHE_COLUMNS
-    return [
-        {**row, **dict(zip(columns, cache))} for row, cache in zip(rows, teacher_caches(teacher, rows, pad_id, form))
-    ]
+    vocab = teacher.config.get_text_config().vocab_size  # the benchmark's heads are the tokenizer's size
+    caches = teacher_caches(teacher, rows, pad_id, form, vocab)
+    return [{**row, **dict(zip(columns, cache))} for row, cache in zip(rows, caches)]
 
 
 def loss_errors(

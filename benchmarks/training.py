@@ -32,11 +32,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
+from transformers import PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pocl_ray.config import parse_config
 from pocl_ray.curriculum import lr_at, plan_from_config, stage_specs
-from pocl_ray.models import build_tiny_tokenizer, load_model, load_tokenizer, resolve_dtype
+from pocl_ray.models import load_model, load_tokenizer, resolve_dtype
+from pocl_ray.probes import is_probe
 from pocl_ray.seeds import stream_seed
 from pocl_ray.shards import ScoresIndex, blocks, worker_shard
 from pocl_ray.training.driver import train
@@ -79,12 +81,23 @@ SHAPES = {
 }
 
 
+def word_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer of exactly `vocab` tokens (pad, eos, unk, then "w<id>"): training scores the
+    tokenizer's vocabulary, so it must cover every id the random rows hold."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = {"<pad>": 0, "<eos>": 1, "<unk>": 2} | {f"w{i}": i for i in range(3, vocab)}
+    backend = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
 def make_assets(root: Path, a) -> tuple[Path, Path, Path, np.ndarray]:
     """Random-init Llama teacher and student, a tokenizer, and `rows` random rows (prompt a quarter
     to a half of each row) as a scores directory; returns the rows' lengths by rank too."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = build_tiny_tokenizer(["the quick brown fox jumps over the lazy dog"] * 4, vocab_size=300)
+    tokenizer = word_tokenizer(a.vocab)
     paths = []
     for name, layers, seed in (("teacher", a.teacher_layers, 0), ("student", a.student_layers, 1)):
         config = LlamaConfig(
@@ -285,7 +298,8 @@ def ray_path(cfg, scores: Path, tokens_per_step: list[int]) -> dict:
     started = time.time()
     result = train(cfg, scores)
     fit = time.time() - started
-    records = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
+    # Step records only (the bucket probe's records, at stage ends, have no step time).
+    records = [r for r in map(json.loads, result.metrics_path.read_text().splitlines()) if not is_probe(r)]
     ends = [r["time"] for r in records]
     loop = ends[-1] - ends[0] + records[0]["seconds"]
     out = {

@@ -460,6 +460,16 @@ def row_form(columns: Iterable[str], data_cfg) -> str:
     return "conversation" if any(c in columns for c in data_cfg.fields.messages) else "instruction"
 
 
+def pinned_row_form(source: str | Path | HFDataset, data_cfg):
+    """data_cfg with row_form decided once for the dataset at `source`: as set, or for auto by the columns
+    of its first rows (`row_form`). Every batch of the dataset then reads its rows one way, where a
+    decision per batch could differ between files (one JSONL file without the messages column)."""
+    if data_cfg.row_form != "auto":
+        return data_cfg
+    form = row_form(read_table(source, data_cfg.format, max_rows=64).column_names, data_cfg)
+    return data_cfg.model_copy(update={"row_form": form})
+
+
 def _row_id(rows: _Rows, i: int, fields, error: str | None, raw: str | None, parts: Sequence[Any]) -> str:
     """The id column's value, else the content id of an unparsable line or of the row's parts."""
     id_value, id_column = rows.pick(fields.id, i)

@@ -39,6 +39,7 @@ from rouge_score.rouge_scorer import RougeScorer
 
 from pocl_ray import preflight
 from pocl_ray.config import ConfigError, EvalConfig, RunConfig
+from pocl_ray.conversations import stop_token_ids
 from pocl_ray.data import collate, duplicate_reasons, prepare_batch, read_ray_dataset, resolve_source
 from pocl_ray.eval_results import format_number, write_results
 from pocl_ray.measurers import greedy_responses, response_budgets, response_means, rouge_l_scorer
@@ -102,14 +103,15 @@ def generate(
     """Decoded responses for token-id prompts (one batch, LEFT-padded). seeds: one per row, or
     None for greedy decoding (eval_cfg.temperature == 0). Each row gets eval_cfg.max_new_tokens,
     capped to what its prompt leaves in the model's position range. Only the tokenizer's ids are
-    ever emitted (an LM head padded past them has rows no decoding may pick)."""
+    ever emitted (an LM head padded past them has rows no decoding may pick); a response ends at eos or
+    at the chat template's end-of-turn token (`conversations.stop_token_ids`), as the dev ROUGE-L's do."""
     budgets = [eval_cfg.max_new_tokens] * len(prompts)
     tokens = generate_tokens(
         model,
         prompts,
         budgets,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_token_ids(tokenizer),
         seeds=seeds,
         temperature=eval_cfg.temperature,
         top_p=eval_cfg.top_p,
@@ -159,12 +161,13 @@ def greedy_rouge_sum(
 
 
 @torch.no_grad()
-def response_ce(model, rows: Sequence[Mapping[str, Any]], pad_token_id: int) -> list[float]:
+def response_ce(model, rows: Sequence[Mapping[str, Any]], pad_token_id: int, vocab_size: int) -> list[float]:
     """Per row: mean teacher-forced cross-entropy (nats/token) on the reference response tokens,
-    computed for the whole batch at once (one read-back)."""
+    computed for the whole batch at once (one read-back); over the tokenizer's `vocab_size` tokens
+    (the rows of a padded LM head past them are no token)."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collate(rows, pad_token_id).items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :vocab_size]
     return response_means(batch["labels"], student_logits=logits)["student_ce"].tolist()
 
 
@@ -193,7 +196,7 @@ def evaluate_rows(
     ]
     good = [i for i, r in enumerate(rows) if not r["reject_reason"]]
     for chunk in _batches(sorted(good, key=lambda i: len(rows[i]["input_ids"])), eval_cfg.batch_size):
-        for i, ce in zip(chunk, response_ce(model, [rows[i] for i in chunk], tokenizer.pad_token_id)):
+        for i, ce in zip(chunk, response_ce(model, [rows[i] for i in chunk], tokenizer.pad_token_id, len(tokenizer))):
             out[i]["ce"] = ce
     # Greedy decoding ignores the seed: decode once and repeat it for every seed.
     greedy = eval_cfg.temperature == 0

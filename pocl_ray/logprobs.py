@@ -17,9 +17,18 @@ import torch
 LOG_FLOOR = -1e4
 
 
-def log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(logits / T) in fp32, floored at LOG_FLOOR."""
-    return torch.log_softmax(logits.float() / temperature, dim=-1).clamp_min(LOG_FLOOR)
+def log_probs_(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / T) in fp32, floored at LOG_FLOOR, over the last dimension.
+
+    In place when ``logits`` are fp32 (else in their fp32 copy): the caller gives the buffer up, and no
+    (n, V) tensor is made beyond logsumexp's one temporary. Not differentiable by autograd.
+    """
+    x = logits.float()
+    if temperature != 1.0:
+        x.div_(temperature)
+    # As torch.log_softmax: the max off first, then log Σ exp, so each step rounds on the smaller scale.
+    x.sub_(x.amax(-1, keepdim=True))
+    return x.sub_(torch.logsumexp(x, -1, keepdim=True)).clamp_min_(LOG_FLOOR)
 
 
 def log_mix(logp: torch.Tensor, logq: torch.Tensor, weight_p: float) -> torch.Tensor:

@@ -28,6 +28,7 @@ the stored tail at T).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, NamedTuple, TypedDict
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from pocl_ray.data import IGNORE_INDEX, predicted_labels, scored_mask
-from pocl_ray.logprobs import LOG_FLOOR, log_mix, log_probs
+from pocl_ray.logprobs import LOG_FLOOR, log_mix, log_probs_
 from pocl_ray.teacher_cache import TAIL_STATS, TeacherAtT, TeacherCache, at_temperature
 
 if TYPE_CHECKING:
@@ -71,22 +72,6 @@ def _student_buckets(logq: torch.Tensor, ids: torch.Tensor, sample_ids: torch.Te
     return _StudentAtCache(logq.gather(-1, ids), rest, neg_entropy, logq.gather(-1, sample_ids))
 
 
-# Each divergence maps teacher and student log-probs, both (N, V) fp32, to per-position values (N,).
-
-
-def _kl(loga: torch.Tensor, logb: torch.Tensor) -> torch.Tensor:
-    """KL(a‖b) per row."""
-    return (loga.exp() * (loga - logb)).sum(-1)
-
-
-def fkl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    return _kl(logp, logq)
-
-
-def rkl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    return _kl(logq, logp)
-
-
 def _akl_head_weight(p: torch.Tensor, gap: torch.Tensor, mu: float) -> torch.Tensor:
     """AKL's weight on FKL per row: the share of Σ|p − q| (``gap`` per outcome) on the head, the outcomes
     left when the smallest teacher probabilities summing to < mu are set aside as the tail."""
@@ -102,16 +87,10 @@ def _akl_head_weight(p: torch.Tensor, gap: torch.Tensor, mu: float) -> torch.Ten
     return torch.where(total > 0, g_head / total, torch.full_like(total, 0.5))
 
 
-def akl(logp: torch.Tensor, logq: torch.Tensor, mu: float) -> torch.Tensor:
-    with torch.no_grad():
-        p = logp.exp()
-        w_head = _akl_head_weight(p, (p - logq.exp()).abs(), mu)
-    return w_head * fkl(logp, logq) + (1.0 - w_head) * rkl(logp, logq)
-
-
 def _pointwise(kind: str, skew_alpha: float, beta: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The f-divergence ``kind`` outcome by outcome: (log p, log q) -> f(p, q), summing to the divergence
-    (`_divergence`); the cached teacher sums them over its top K and estimates the tail (`_cached_divergence`)."""
+    (`_kd_rows` has the online one's values, with its gradient in closed form); the cached teacher sums them
+    over its top K and estimates the tail (`_cached_divergence`)."""
 
     def fkl_terms(lp, lq):
         return lp.exp() * (lp - lq)
@@ -137,18 +116,103 @@ def _pointwise(kind: str, skew_alpha: float, beta: float) -> Callable[[torch.Ten
     ]
 
 
-def _divergence(
+# Each online divergence maps teacher and student log-probs, both (n, V) fp32 and floored, to its value per
+# row and g = ∂value/∂log q (the student's log-probs taken as free; `_logit_gradient` turns g into the
+# gradient w.r.t. the logits, g - q·Σg, which a row's c·q does not change: RKL's + q is left out, as it
+# would only cancel there at fp32's cost). Closed forms, evaluated in place: the teacher's buffer is used up as work
+# space, the student's is left as it was, and at most two more (n, V) buffers are alive at any time, so a
+# chunk never holds an autograd graph's saved tensors and gradients (issue 22, item 7).
+
+
+def _mixture(logp: torch.Tensor, logq: torch.Tensor, weight_p: float) -> torch.Tensor:
+    """`logprobs.log_mix` in a buffer of its own (the callers overwrite it), with one temporary."""
+    if weight_p in (0.0, 1.0):
+        return (logq if weight_p == 0.0 else logp).clone()
+    mixed = logp + math.log(weight_p)
+    return torch.logaddexp(mixed, logq + math.log1p(-weight_p), out=mixed)
+
+
+def _fkl_rows(logp: torch.Tensor, logq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    diff = logp - logq
+    p = logp.exp_()
+    return diff.mul_(p).sum(-1), p.neg_()  # g = -p
+
+
+def _rkl_rows(logp: torch.Tensor, logq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    diff = logp.sub_(logq).neg_()  # log q - log p
+    q = logq.exp()
+    g = diff.mul_(q)  # q (log q - log p): the + q of ∂/∂log q drops out through the softmax (see above)
+    return g.sum(-1), g
+
+
+def _js_rows(logp: torch.Tensor, logq: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    logm = _mixture(logp, logq, beta)
+    teacher_side = (logp - logm).mul_(logp.exp_()).sum(-1)
+    g = logm.sub_(logq).neg_().mul_(logq.exp())  # q (log q - log m): the mixture's own terms cancel
+    return beta * teacher_side + (1.0 - beta) * g.sum(-1), g.mul_(1.0 - beta)
+
+
+def _tvd_rows(logp: torch.Tensor, logq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    q = logq.exp()
+    gap = logp.exp_().sub_(q).neg_()  # q - p
+    return 0.5 * gap.abs().sum(-1), gap.sign_().mul_(q).mul_(0.5)  # g = q sign(q - p) / 2
+
+
+def _skl_rows(logp: torch.Tensor, logq: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    logm = _mixture(logp, logq, alpha)
+    p_diff = logp - logm
+    p = logp.exp_()
+    value = p_diff.mul_(p).sum(-1)
+    if alpha == 1.0:  # m = p: the loss ignores the student (and q / m is unbounded)
+        return value, p.zero_()
+    return value, logm.sub_(logq).neg_().exp_().mul_(p).mul_(alpha - 1.0)  # g = -(1 - a) p q / m
+
+
+def _srkl_rows(logp: torch.Tensor, logq: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    logm = _mixture(logp, logq, 1.0 - alpha)
+    # (1 - a) p / m, the share of the mixture that does not move with q; 0 when a = 1 (m = q, p / m unbounded)
+    fixed = logp.zero_() if alpha == 1.0 else logp.sub_(logm).exp_().mul_(1.0 - alpha)
+    q = logq.exp()
+    own = logm.sub_(logq).neg_().mul_(q)  # q (log q - log m)
+    return own.sum(-1), own.add_(fixed.mul_(q))  # g = q (log q - log m) + (1 - a) p q / m
+
+
+def _akl_rows(logp: torch.Tensor, logq: torch.Tensor, mu: float) -> tuple[torch.Tensor, torch.Tensor]:
+    diff = logq - logp
+    p = logp.exp_()
+    fkl_value = -(p * diff).sum(-1)
+    q = logq.exp()
+    w = torch.cat([_akl_head_weight(pb, (pb - qb).abs(), mu) for pb, qb in zip(p.split(_AKL_ROWS), q.split(_AKL_ROWS))])
+    rkl_value = diff.mul_(q).sum(-1)
+    # g = (1 - w) q (log q - log p) - w p: RKL's gradient and FKL's, in AKL's proportions
+    g = diff.mul_((1.0 - w)[:, None]).sub_(p.mul_(w[:, None]))
+    return w * fkl_value + (1.0 - w) * rkl_value, g
+
+
+# AKL's weights sort each row: taken a few rows at a time, the sort's index and value copies stay small
+# next to the chunk's buffers.
+_AKL_ROWS = 16
+
+
+def _kd_rows(
     kind: str, skew_alpha: float, beta: float, mu: float
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The online divergence ``kind``: (log p, log q) -> (value per row, ∂value/∂log q); see above."""
     if kind not in KD_KINDS:
         raise ValueError(f"unknown KD loss kind {kind!r}; allowed kinds: {', '.join(KD_KINDS)}")
     for name, value in (("skew_alpha", skew_alpha), ("beta", beta), ("mu", mu)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got {value}")
-    if kind == "akl":
-        return partial(akl, mu=mu)
-    terms = _pointwise(kind, skew_alpha, beta)
-    return lambda logp, logq: terms(logp, logq).sum(-1)
+    rows: dict[str, Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
+        "fkl": _fkl_rows,
+        "rkl": _rkl_rows,
+        "js": partial(_js_rows, beta=beta),
+        "tvd": _tvd_rows,
+        "skl": partial(_skl_rows, alpha=skew_alpha),
+        "srkl": partial(_srkl_rows, alpha=skew_alpha),
+        "akl": partial(_akl_rows, mu=mu),
+    }
+    return rows[kind]
 
 
 def _sampled_tail(f, teacher: TeacherAtT, student: _StudentAtCache) -> torch.Tensor:
@@ -176,7 +240,7 @@ def _cached_divergence(
     """``kind`` against the cached teacher, per position (METHODS.md §4): exact on the top K, the tail by
     importance-weighted draws (RKL: the tail-mean model; AKL: its FKL and RKL parts so, its split with the
     tail as one outcome of mass p̂_rest and gap Σ_tail |p̂ − q| estimated as TVD's)."""
-    _divergence(kind, skew_alpha, beta, mu)  # validates kind and options
+    _kd_rows(kind, skew_alpha, beta, mu)  # validates kind and options
     if kind == "akl":
         fkl_div, rkl_div = (
             _cached_divergence("fkl", skew_alpha, beta, mu),
@@ -296,7 +360,7 @@ def _check_same_vocab(student_vocab: int, teacher_vocab: int) -> None:
 
 
 def _check_kd_options(kind: str, options: _Options):
-    divergence = _divergence(kind, options.skew_alpha, options.beta, options.mu)
+    divergence = _kd_rows(kind, options.skew_alpha, options.beta, options.mu)
     if options.temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {options.temperature}")
     return divergence
@@ -319,21 +383,32 @@ def _row_logits(x: torch.Tensor, head: torch.Tensor | None) -> Callable[[torch.T
     return lambda rows: F.linear(x.index_select(0, rows), head)
 
 
+# A chunk's losses: (its logits, its rows, whether to differentiate) -> (the K fp32 sums of the chunk, the
+# gradient of Σ_k scales[k]·sum_k w.r.t. the logits, in their dtype; None when not differentiating or when
+# the loss does not depend on the student). It may overwrite the logits, which nothing else holds.
+ChunkLosses = Callable[[torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]]
+
+
 class _ChunkedTerms(torch.autograd.Function):
-    """Σ_k scales[k]·Σ_chunks term_k over chunks of ``chunk_positions`` scored rows, each chunk's backward
-    done at once.
+    """Σ_k scales[k]·Σ_chunks term_k over chunks of ``chunk_positions`` scored rows, each chunk's gradient
+    taken at once.
 
     ``student`` is (N, D) flattened rows; a chunk's logits are ``student[rows] @ head.T`` (the rows
-    themselves when head is None), made in the inputs' dtype. ``terms(logits, rows)`` returns the K fp32
-    sums of the chunk. The chunk's gradient is taken right away into a buffer shaped like ``student``
-    (its dtype) and an fp32 one shaped like ``head``, so no chunk's logits or fp32 intermediates outlive
-    the chunk, and backward has nothing to recompute: it only scales the buffers. Returns the loss and
-    the K unscaled totals (not differentiable, for logging).
+    themselves when head is None), made in the inputs' dtype and handed to ``chunk_losses``. Their
+    gradient goes right away into a buffer shaped like ``student`` (its dtype) and an fp32 one shaped
+    like ``head``, so nothing of a chunk outlives it, and backward has nothing to recompute: it only
+    scales the buffers. Returns the loss and the K unscaled totals (not differentiable, for logging).
     """
 
     @staticmethod
     def forward(
-        ctx, terms, scales: torch.Tensor, chunk_positions: int, rows: torch.Tensor, student: torch.Tensor, head
+        ctx,
+        chunk_losses: ChunkLosses,
+        scales: torch.Tensor,
+        chunk_positions: int,
+        rows: torch.Tensor,
+        student: torch.Tensor,
+        head,
     ):
         grad_student = torch.zeros_like(student) if ctx.needs_input_grad[4] else None
         # At least fp32 because the head gradient sums over every chunk, which bf16 would round away.
@@ -343,16 +418,10 @@ class _ChunkedTerms(torch.autograd.Function):
         totals = torch.zeros(scales.shape, dtype=torch.float32, device=student.device)
         for chunk_rows in rows.split(chunk_positions):
             x = student.index_select(0, chunk_rows)
-            logits = x if head is None else F.linear(x, head)
-            with torch.set_grad_enabled(differentiate):
-                logits.requires_grad_(differentiate)
-                values = torch.stack(terms(logits, chunk_rows))
-                loss = (values * scales).sum()
-            totals += values.detach()
-            # A loss that ignores the student (SKL at skew_alpha = 1) leaves the zero gradients as they are.
-            if not loss.requires_grad:
+            values, grad_logits = chunk_losses(x if head is None else F.linear(x, head), chunk_rows, differentiate)
+            totals += values
+            if grad_logits is None:
                 continue
-            (grad_logits,) = torch.autograd.grad(loss, logits)
             if head is None:
                 assert grad_student is not None  # the loss needs a gradient only through the student
                 grad_student.index_copy_(0, chunk_rows, grad_logits)
@@ -381,6 +450,105 @@ class _ChunkedTerms(torch.autograd.Function):
         if grad_head is not None:
             grad_head = grad_head.mul_(grad_loss).to(ctx.head_dtype)
         return None, None, None, None, grad_student, grad_head
+
+
+def _logit_gradient(
+    logq: torch.Tensor,
+    g: torch.Tensor | None,
+    kd_scale: torch.Tensor | None,
+    ce_scale: torch.Tensor | None,
+    target: torch.Tensor | None,
+    temperature: float,
+) -> torch.Tensor:
+    """∂(kd_scale·KD + ce_scale·CE)/∂logits of one chunk, written over ``g`` (or, CE alone, over ``logq``).
+
+    ``logq`` = log softmax(logits / T), floored (used up); ``g`` = ∂KD/∂log q per outcome (None: no KD);
+    kd_scale, ce_scale per row (n, 1) or scalar, 0 where a term does not score the row; ``target`` (n, 1)
+    the CE labels (any valid id on rows CE skips).
+    """
+    if g is None:
+        assert ce_scale is not None
+        grad = logq.exp_().mul_(ce_scale)  # CE alone is taken at T = 1
+    else:
+        assert kd_scale is not None
+        # Floored log-probs are constants, as autograd's clamp_min has them.
+        g.masked_fill_(logq <= LOG_FLOOR, 0.0).mul_(kd_scale / temperature)
+        # Through log softmax(logits / T): (g - q Σg) / T, the 1 / T already in g.
+        grad = g.addcmul_(logq.exp(), g.sum(-1, keepdim=True), value=-1.0)
+        if ce_scale is not None:
+            # CE's softmax(logits) = softmax(T·log q): the floored entries stay 0.
+            q1 = logq.exp_() if temperature == 1.0 else log_probs_(logq.mul_(temperature), 1.0).exp_()
+            grad.addcmul_(q1, ce_scale)
+    if target is not None:
+        assert ce_scale is not None
+        grad.scatter_add_(-1, target, -ce_scale.expand_as(target))
+    return grad
+
+
+def _online_chunk_losses(
+    divergence,
+    teacher_rows: Callable[[torch.Tensor], torch.Tensor] | None,
+    kd_rows: torch.Tensor | None,
+    ce_targets: torch.Tensor | None,
+    scales: torch.Tensor,
+    temperature: float,
+) -> ChunkLosses:
+    """KD against an online teacher (``divergence`` a `_kd_rows`, None: no KD) and CE, in closed form.
+
+    Per chunk: the student's fp32 logits become log q in place, the teacher's log p in a buffer of
+    their own, which the divergence uses up while it forms its values and g (`_kd_rows`); the teacher's
+    buffers are gone before g becomes the logits' gradient (`_logit_gradient`). ``kd_rows`` (None:
+    every row) marks the rows KD scores.
+    """
+
+    def chunk_losses(logits: torch.Tensor, rows: torch.Tensor, differentiate: bool):
+        dtype, s = logits.dtype, logits.float()
+        del logits  # a bf16 chunk is not needed beside its fp32 copy
+        values, ce_scale, target = [], None, None
+        if ce_targets is not None:
+            target = ce_targets[rows]
+            on = (target != IGNORE_INDEX)[:, None]
+            target = target.where(target != IGNORE_INDEX, 0)[:, None]
+            # -log softmax(logits) at the label, unfloored so CE is exact
+            nll = torch.logsumexp(s, -1, keepdim=True) - s.gather(-1, target)
+            ce_value = torch.where(on, nll, 0.0).sum()
+            ce_scale = scales[-1] * on
+        logq = log_probs_(s, temperature if divergence is not None else 1.0)
+        g, kd_scale = None, None
+        if divergence is not None:
+            assert teacher_rows is not None
+            per_row, g = divergence(log_probs_(teacher_rows(rows), temperature), logq)
+            kd_scale = scales[0]
+            if kd_rows is not None:
+                per_row = per_row.where(kd_rows[rows], 0.0)
+                kd_scale = scales[0] * kd_rows[rows][:, None]
+            values.append(per_row.sum())
+        if ce_targets is not None:
+            values.append(ce_value)
+        if not differentiate:
+            return torch.stack(values), None
+        return torch.stack(values), _logit_gradient(logq, g, kd_scale, ce_scale, target, temperature).to(dtype)
+
+    return chunk_losses
+
+
+def _autograd_chunk_losses(
+    terms: Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]], scales: torch.Tensor
+) -> ChunkLosses:
+    """Chunk losses from ``terms(logits, rows)`` (the K sums, differentiable), their gradient by autograd."""
+
+    def chunk_losses(logits: torch.Tensor, rows: torch.Tensor, differentiate: bool):
+        with torch.set_grad_enabled(differentiate):
+            logits.requires_grad_(differentiate)
+            values = torch.stack(terms(logits, rows))
+            loss = (values * scales).sum()
+        # A loss that ignores the student (SKL at skew_alpha = 1) leaves the zero gradients as they are.
+        if not loss.requires_grad:
+            return values.detach(), None
+        (grad_logits,) = torch.autograd.grad(loss, logits)
+        return values.detach(), grad_logits
+
+    return chunk_losses
 
 
 def _inverse_count(
@@ -444,6 +612,7 @@ def _fused_losses(
         return lambda: int(mask.sum())
 
     scales, norms = [], []
+    teacher_rows = kd_rows = None
     if kd_mask is not None and cache is None:
         assert teacher is not None, "KD needs a teacher or a cache"
         teacher_rows = _row_logits(
@@ -464,29 +633,28 @@ def _fused_losses(
         norms.append(_inverse_count(options.ce_num_tokens, local_count(ce_targets != IGNORE_INDEX), device))
         scales.append((1.0 - kd_weight) * norms[-1])
 
-    def terms(logits: torch.Tensor, chunk_rows: torch.Tensor) -> list[torch.Tensor]:
-        values = []
-        logq = None
-        if kd_mask is not None:
-            logq = torch.log_softmax(logits.float() / temperature, dim=-1)
-            if cache is None:
-                per_row = divergence(log_probs(teacher_rows(chunk_rows), temperature), logq.clamp_min(LOG_FLOOR))
-            else:
-                at = slot[chunk_rows]
-                teacher_at = TeacherAtT(*(x[at] for x in cached))
-                per_row = divergence(
-                    teacher_at, _student_buckets(logq.clamp_min(LOG_FLOOR), teacher_at.top_ids, teacher_at.sample_ids)
-                )
-            values.append((per_row if kd_rows is None else per_row.where(kd_rows[chunk_rows], 0.0)).sum())
+    def cached_terms(logits: torch.Tensor, chunk_rows: torch.Tensor) -> list[torch.Tensor]:
+        logq = torch.log_softmax(logits.float() / temperature, dim=-1)
+        at = slot[chunk_rows]
+        teacher_at = TeacherAtT(*(x[at] for x in cached))
+        per_row = divergence(
+            teacher_at, _student_buckets(logq.clamp_min(LOG_FLOOR), teacher_at.top_ids, teacher_at.sample_ids)
+        )
+        values = [(per_row if kd_rows is None else per_row.where(kd_rows[chunk_rows], 0.0)).sum()]
         if ce_targets is not None:
             # At T = 1 the student log-probs of KD serve CE as they are (unfloored, so CE is exact).
-            if logq is None or temperature != 1.0:
+            if temperature != 1.0:
                 logq = torch.log_softmax(logits.float(), dim=-1)
             values.append(F.nll_loss(logq, ce_targets[chunk_rows], ignore_index=IGNORE_INDEX, reduction="sum"))
         return values
 
+    stacked = torch.stack(scales)
+    if cache is None:
+        chunk_losses = _online_chunk_losses(divergence, teacher_rows, kd_rows, ce_targets, stacked, temperature)
+    else:
+        chunk_losses = _autograd_chunk_losses(cached_terms, stacked)
     loss, totals = _ChunkedTerms.apply(
-        terms, torch.stack(scales), chunk_positions, rows, student.flatten(0, 1), student_head
+        chunk_losses, stacked, chunk_positions, rows, student.flatten(0, 1), student_head
     )
     values = totals * torch.stack(norms)
     zero = torch.zeros((), dtype=torch.float32, device=device)

@@ -29,6 +29,7 @@ from transformers import PreTrainedModel
 from pocl_ray import data as data_mod
 from pocl_ray import teacher_cache
 from pocl_ray.config import ModelsConfig
+from pocl_ray.conversations import stop_token_ids
 from pocl_ray.model_source import ModelSource
 from pocl_ray.preflight import STUDENT, TEACHER, TOKENIZER, from_wire
 from pocl_ray.sampling import generate_tokens
@@ -45,7 +46,7 @@ MEASURER_INPUT = ["id", "input_ids", "labels", "num_prompt_tokens", "num_respons
 class MeasurerModels:
     """The models a set of metrics needs, loaded once per actor."""
 
-    tokenizer: Any
+    tokenizer: Any  # len(tokenizer): the tokens every distribution and decoding covers (a head may be padded)
     student: PreTrainedModel | None
     teacher: PreTrainedModel | None
     device: torch.device
@@ -77,22 +78,22 @@ def load_measurer_models(
     dtype "auto" = bf16 on GPU, fp32 on CPU (``models.resolve_dtype``). ``sources``: the models as the
     driver resolved them (preflight.py); None: models_cfg's values are local folders.
     """
-    from pocl_ray.models import check_compatible, load_model, load_tokenizer, student_from_teacher
+    from pocl_ray.models import check_head_rows, load_model, load_tokenizer, student_from_teacher
 
     local = {TEACHER: models_cfg.teacher, STUDENT: models_cfg.student, TOKENIZER: models_cfg.tokenizer}
-    model = dict(sources) if sources is not None else {k: v or models_cfg.teacher for k, v in local.items()}
+    where = dict(sources) if sources is not None else {k: v or models_cfg.teacher for k, v in local.items()}
     device = torch.device(device)
-    tokenizer = load_tokenizer(model[TOKENIZER])
+    tokenizer = load_tokenizer(where[TOKENIZER])
     need_teacher = (
         bool(TEACHER_METRICS & set(metrics))
         or cache_form is not None
         or (bool(STUDENT_METRICS & set(metrics)) and models_cfg.student is None)
     )
-    teacher = load_model(model[TEACHER], dtype=models_cfg.dtype, device=device, frozen=True) if need_teacher else None
+    teacher = load_model(where[TEACHER], dtype=models_cfg.dtype, device=device, frozen=True) if need_teacher else None
     student = None
     if STUDENT_METRICS & set(metrics):
         if models_cfg.student is not None:
-            student = load_model(model[STUDENT], dtype=models_cfg.dtype, device=device, frozen=True)
+            student = load_model(where[STUDENT], dtype=models_cfg.dtype, device=device, frozen=True)
         else:
             assert teacher is not None  # need_teacher: student metrics without models.student
             student = student_from_teacher(
@@ -101,8 +102,9 @@ def load_measurer_models(
             student.eval().requires_grad_(False)
     if not TEACHER_METRICS & set(metrics) and cache_form is None:
         teacher = None
-    if teacher is not None and student is not None:
-        check_compatible(teacher, student, tokenizer)
+    for name, model in (("teacher", teacher), ("student", student)):
+        if model is not None:
+            check_head_rows(model, len(tokenizer), name)
     rouge = rouge_l_scorer() if "student_rougeL" in metrics else None
     return MeasurerModels(tokenizer=tokenizer, student=student, teacher=teacher, device=device, rouge=rouge)
 
@@ -157,8 +159,10 @@ def _forward_metrics(
     cache_form: int | str | None = None,
 ) -> tuple[dict[str, np.ndarray], list | None]:
     """The forward metrics of each row and, with ``cache_form``, each row's teacher cache from the
-    same teacher forward."""
+    same teacher forward. Every distribution is over the tokenizer's tokens (a padded head's extra
+    rows cut off, on both sides)."""
     n = len(rows["input_ids"])
+    vocab = len(models.tokenizer)
     wanted = sorted(metrics & _FORWARD_METRICS)
     out = {m: np.full(n, np.nan) for m in wanted}
     caches: list | None = None if cache_form is None else [None] * n
@@ -178,7 +182,7 @@ def _forward_metrics(
         s_logits = None
         if metrics & {"student_ce", "teacher_student_kl"}:
             assert models.student is not None  # load_measurer_models: student metrics load the student
-            s_logits = models.student(**inputs).logits
+            s_logits = models.student(**inputs).logits[..., :vocab]
         t_logits, t_hidden = (
             (None, None)
             if models.teacher is None
@@ -186,7 +190,8 @@ def _forward_metrics(
                 models.teacher,
                 inputs,
                 cache_form,
-                logits=bool(metrics & TEACHER_METRICS) or isinstance(cache_form, int),
+                bool(metrics & TEACHER_METRICS) or isinstance(cache_form, int),
+                vocab,
             )
         )
         if wanted:
@@ -196,7 +201,6 @@ def _forward_metrics(
                 out[m][idx] = v
         if caches is not None:
             assert models.teacher is not None and cache_form is not None  # a cache form keeps the teacher
-            vocab = models.teacher.config.vocab_size
             ids = [rows["id"][i] for i in idx]
             for i, cache in zip(
                 idx, teacher_cache.batch_caches(batch["labels"], t_logits, t_hidden, cache_form, vocab, ids)
@@ -221,7 +225,9 @@ def greedy_responses(
 ) -> list[str]:
     """`model`'s greedy continuation of each prompt (at most max_new_tokens[i] tokens for prompt i),
     decoded by `tok` without special tokens; batches of similar prompt length. The student_rougeL
-    metric and training's checkpoint selection (`evaluation.greedy_rouge_sum`) both decode with it."""
+    metric and training's checkpoint selection (`evaluation.greedy_rouge_sum`) both decode with it:
+    never a padding id of the head (ids >= len(tok)), and a turn ends at eos or at the chat template's
+    end-of-turn token (`conversations.stop_token_ids`)."""
     texts = [""] * len(prompts)
     for idx in _chunks(np.array([len(p) for p in prompts]), batch_size):
         tokens = generate_tokens(
@@ -229,7 +235,8 @@ def greedy_responses(
             [prompts[i] for i in idx],
             [int(max_new_tokens[i]) for i in idx],
             pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
+            eos_token_id=stop_token_ids(tok),
+            vocab_size=len(tok),
         )
         for i, text in zip(idx, tok.batch_decode(tokens, skip_special_tokens=True)):
             texts[i] = text
@@ -337,6 +344,7 @@ class Measurer:
             assert self.models.teacher is not None  # load_measurer_models keeps it for a cache form
             config = self.models.teacher.config.get_text_config()
             k = None if self.cache_form == "hidden" else int(self.cache_form)
-            for name, column in teacher_cache.arrow_columns(caches, k, config.vocab_size, config.hidden_size).items():
+            vocab = len(self.models.tokenizer)
+            for name, column in teacher_cache.arrow_columns(caches, k, vocab, config.hidden_size).items():
                 batch = batch.append_column(name, column)
         return batch

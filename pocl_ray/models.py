@@ -5,7 +5,7 @@ tiny offline builds, and students cut from a teacher's layers."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -377,32 +377,40 @@ def _config_vocab(folder: str | Path) -> int:
     return AutoConfig.from_pretrained(str(folder)).get_text_config().vocab_size
 
 
-def check_tokenizers(models_cfg) -> int:
+def check_tokenizers(
+    models_cfg, extra: Mapping[str, ModelLocation] | None = None, sources: Mapping[str, ModelSource] | None = None
+) -> int:
     """Before any Ray work: refuse a teacher and student whose tokenizers differ, naming both and the
     first differing token, or a model whose LM head has fewer rows than the tokenizer has tokens;
     returns the run's vocabulary, len(tokenizer), the one size every KD distribution is taken over.
+    ``extra`` names further models by their config field (a progressive plan's stage teachers),
+    checked the same way. ``sources`` (setting -> the ModelSource the driver's preflight resolved)
+    stand in for models_cfg's values: a Hub id or a URI is read from its node-local copy (config and
+    tokenizer files only).
 
     Head sizes may differ (Qwen2.5-7B has 152,064 rows and Qwen2.5-0.5B 151,936 for one 151,665-token
     tokenizer): the rows past the tokenizer are padding, sliced off by the losses and masked in
     decoding. The run's tokenizer is models.tokenizer or the teacher's; a model folder's own tokenizer
     is compared with it when the folder has one.
     """
+    resolved = sources or {}
     run_field = "models.tokenizer" if models_cfg.tokenizer is not None else "models.teacher"
-    run_path = models_cfg.tokenizer or models_cfg.teacher
-    tokenizer = load_tokenizer(run_path)
+    run = resolved.get(run_field, models_cfg.tokenizer or models_cfg.teacher)
+    run_dir = check_model_folder(local_folder(run, weights=False), run_field, need=())
+    tokenizer = load_tokenizer(run_dir)
     vocab = len(tokenizer)
-    folders = {"models.teacher": models_cfg.teacher, "models.student": models_cfg.student}
-    for field, folder in folders.items():
-        if folder is None:
-            continue
-        rows = _config_vocab(check_model_folder(folder, field))
+    named = {"models.teacher": models_cfg.teacher, "models.student": models_cfg.student}
+    models = {field: resolved.get(field, value) for field, value in named.items() if value is not None}
+    for field, model in {**models, **(extra or {})}.items():
+        folder = check_model_folder(local_folder(model, weights=False), field)
+        rows = _config_vocab(folder)
         if rows < vocab:
             raise ConfigError(
-                f"{field}: its LM head has {rows} rows, fewer than the {vocab} tokens of the tokenizer ({run_path})"
+                f"{field}: its LM head has {rows} rows, fewer than the {vocab} tokens of the tokenizer ({_shown(run)})"
             )
-        if folder == run_path or not has_model_files(folder, (TOKENIZER_CONFIG,)):
+        if folder == run_dir or not has_model_files(folder, (TOKENIZER_CONFIG,)):
             continue
-        names = (f"{run_field} tokenizer ({run_path})", f"{field} tokenizer ({folder})")
+        names = (f"{run_field} tokenizer ({_shown(run)})", f"{field} tokenizer ({_shown(model)})")
         difference = tokenizer_difference(tokenizer, load_tokenizer(folder), names)
         if difference is not None:
             raise ConfigError(
@@ -412,24 +420,18 @@ def check_tokenizers(models_cfg) -> int:
     return vocab
 
 
-def _vocab_sizes(model: PreTrainedModel) -> tuple[int, int]:
-    return model.config.get_text_config().vocab_size, model.get_output_embeddings().weight.shape[0]
+def _shown(model: ModelLocation) -> str:
+    """A model as its setting gave it (a Hub id, a URI, a folder), not as its cached copy's path."""
+    return model.location if isinstance(model, ModelSource) else str(model)
 
 
-def check_compatible(teacher: PreTrainedModel, student: PreTrainedModel, tokenizer=None) -> None:
-    """Raise ValueError unless teacher and student share one vocabulary that covers the tokenizer."""
-    t_config, t_rows = _vocab_sizes(teacher)
-    s_config, s_rows = _vocab_sizes(student)
-    if t_config != s_config or t_rows != s_rows:
-        raise ValueError(
-            f"teacher and student vocabularies differ: teacher vocab_size {t_config} "
-            f"(output embedding {t_rows} rows), student vocab_size {s_config} (output embedding "
-            f"{s_rows} rows); KD needs one shared vocabulary"
-        )
-    if tokenizer is not None and len(tokenizer) > min(t_config, t_rows):
-        raise ValueError(
-            f"the tokenizer has {len(tokenizer)} tokens but the models' vocabulary has only {min(t_config, t_rows)}"
-        )
+def check_head_rows(model: PreTrainedModel, vocab_size: int, name: str) -> None:
+    """Raise ValueError unless `name`'s LM head has a row for each of the tokenizer's `vocab_size`
+    tokens (what `check_tokenizers` checked on the driver, checked again where a model is loaded). Rows
+    past them are padding, excluded from every distribution (`training.teacher.LMOutputs`)."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows < vocab_size:
+        raise ValueError(f"the {name}'s LM head has {rows} rows, fewer than the tokenizer's {vocab_size} tokens")
 
 
 def hidden_size(model: PreTrainedModel) -> int:

@@ -8,10 +8,12 @@ With `pipeline.compare`, each label gets its own student under DIR/runs/<label>/
 while the scoring pass (DIR/scores) is shared: buckets are re-cut from the stored ranks.
 
 With `output.trackers`, the invocation is one parent run in each tracker (`tracking.start`) and
-each step a child under it, logged from the step's output files once the step is done (also
-when it was done already): the teacher's preparation and fine-tuning, the scoring pass, each
+each step a child under it: the teacher's preparation and fine-tuning, the scoring pass, each
 compared run (its config, plan, training steps, selection and evaluation, side by side in the
-tracker's UI), the teacher's evaluation; the report goes to the parent as artifacts.
+tracker's UI), the teacher's evaluation; the report goes to the parent as artifacts. A compared
+run's training steps and selection candidates are logged live, by the coordinator actor as they
+come; everything else (and a training done already in an earlier invocation) is logged from the
+step's output files once the step is done.
 """
 
 from __future__ import annotations
@@ -75,6 +77,26 @@ def _log_teacher(parent: tracking.Run, cfg: RunConfig, root: Path) -> None:
             _log_step(parent, name, "teacher", lambda run, d=train_dir: tracked.log_training(run, d))
 
 
+def _train_tracked(run: RunConfig, scores_dir: Path, label: str, handle: dict, sources: preflight.Sources) -> bool:
+    """The training step of one (compared) run, logging live to the tracker run `handle`: its config
+    as parameters, then detached while the coordinator actor logs the steps (a W&B run is held by one
+    process at a time). Returns whether it trained (False: done already); a failure finishes the run FAILED."""
+    from pocl_ray.training.driver import train
+
+    params = tracking.attach(handle)
+    params.params(tracked.loggable_params(run.model_dump(mode="json")))
+    params.close()
+    tag = f" [{label}]" if label else ""
+    # Training's checkpoint selection decodes the dev rows within eval.max_new_tokens.
+    key = fingerprint(run, TRAIN_KEYS, {"eval.max_new_tokens": run.eval.max_new_tokens})
+    fn = partial(train, run, scores_dir=scores_dir, sources=sources, tracking=handle)
+    try:
+        return run_pipeline_step(f"train{tag}", Path(run.output.dir) / "train", key, fn)
+    except BaseException:
+        tracking.attach(handle).close("FAILED")
+        raise
+
+
 def run_distill(cfg: RunConfig) -> Path:
     """Run every step the config asks for; returns the report's path."""
     root = Path(cfg.output.dir)
@@ -94,7 +116,6 @@ def _run_steps(cfg: RunConfig, root: Path, parent: tracking.Run) -> Path:
     from pocl_ray.report import write_report
     from pocl_ray.scoring import score_dataset
     from pocl_ray.teacher_prep import resolve_teacher
-    from pocl_ray.training.driver import train
 
     started = time.time()
     # Builds and / or fine-tunes the teacher when asked (each a step that starts Ray itself); a missing
@@ -115,21 +136,15 @@ def _run_steps(cfg: RunConfig, root: Path, parent: tracking.Run) -> Path:
     run_pipeline_step("score", root / "scores", fingerprint(cfg, SCORE_KEYS), lambda: score_dataset(cfg, sources))
     _log_step(parent, "score", "score", lambda run: tracked.log_scoring(run, root / "scores"))
 
-    scores_dir = root / "scores"
     for label, run in runs.items():
+        handle = parent.child(label or cfg.name, "train")
+        trained = _train_tracked(run, root / "scores", label, handle, run_sources[label])
         run_dir = Path(run.output.dir)
         tag = f" [{label}]" if label else ""
-        with tracking.attach(parent.child(label or cfg.name, "train")) as tracked_run:
-            tracked_run.params(tracked.loggable_params(run.model_dump(mode="json")))
-            # Training's checkpoint selection decodes the dev rows within eval.max_new_tokens.
-            train_key = fingerprint(run, TRAIN_KEYS, {"eval.max_new_tokens": run.eval.max_new_tokens})
-            run_pipeline_step(
-                f"train{tag}",
-                run_dir / "train",
-                train_key,
-                partial(train, run, scores_dir=scores_dir, sources=run_sources[label]),
-            )
-            tracked.log_training(tracked_run, run_dir / "train")
+        with tracking.attach(handle) as tracked_run:
+            # Steps trained in this invocation went to the run live (the coordinator's); a training done
+            # already (skipped) is replayed from its files.
+            tracked.log_training(tracked_run, run_dir / "train", live=trained)
             if run.eval.sets:
                 # EVAL_KEYS hold the eval section, eval.checkpoint (which student is evaluated) included.
                 run_pipeline_step(

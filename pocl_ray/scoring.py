@@ -46,8 +46,8 @@ import pyarrow as pa
 from pocl_ray import data as data_mod
 from pocl_ray import difficulty, preflight, teacher_cache
 from pocl_ray.config import ConfigError, RunConfig
-from pocl_ray.measurers import STUDENT_METRICS, TEACHER_METRICS, Measurer
-from pocl_ray.models import check_model_folder, load_tokenizer, local_folder
+from pocl_ray.measurers import STUDENT_METRICS, Measurer
+from pocl_ray.models import load_tokenizer, local_folder
 from pocl_ray.preflight import STUDENT, TEACHER, TOKENIZER, Sources, to_wire
 from pocl_ray.progress import row_progress
 from pocl_ray.ray_session import actor_pool, actor_resources
@@ -145,10 +145,14 @@ class ScoreResult:
 
 
 def check_inputs(cfg: RunConfig, sources: Sources):
-    """Fail before any Ray work on unreadable training data or models that do not fit together (the
-    models as the preflight resolved them: `sources`); return the tokenizer. Reads the models' configs
-    only, never their weights."""
+    """Fail before any Ray work on unreadable training data, models that do not fit together (tokenizers
+    that differ, a head smaller than the tokenizer: `models.check_tokenizers`), or conversation rows with
+    a tokenizer that cannot render them (no chat template); return the tokenizer. The models are those
+    the preflight resolved (`sources`); only their configs and tokenizers are read, never their weights."""
     from transformers import AutoConfig
+
+    from pocl_ray.conversations import check_tokenizer
+    from pocl_ray.models import check_model_folder, check_tokenizers
 
     try:
         data_mod.resolve_source(cfg.data.train, cfg.data.format)
@@ -159,42 +163,30 @@ def check_inputs(cfg: RunConfig, sources: Sources):
     metrics = set(cfg.scoring.metrics)
     m = cfg.models
     check_model_folder(local_folder(sources[TEACHER], weights=False), TEACHER)
+    tokenizer_field = TOKENIZER if m.tokenizer is not None else TEACHER
     try:
         tokenizer = load_tokenizer(sources[TOKENIZER])
     except (OSError, ValueError) as err:
-        raise ConfigError(
-            f"{TOKENIZER if m.tokenizer is not None else TEACHER}: cannot load a tokenizer: {err}"
-        ) from None
-
-    def text_config(setting: str):
-        return AutoConfig.from_pretrained(local_folder(sources[setting], weights=False)).get_text_config()
-
-    vocab = {TEACHER: text_config(TEACHER)}
-    if STUDENT_METRICS & metrics and m.student is not None:
-        check_model_folder(local_folder(sources[STUDENT], weights=False), STUDENT)
-        vocab[STUDENT] = text_config(STUDENT)
-    elif STUDENT_METRICS & metrics and m.student_layers is not None:
-        layers = vocab[TEACHER].num_hidden_layers
+        raise ConfigError(f"{tokenizer_field}: cannot load a tokenizer: {err}") from None
+    if data_mod.pinned_row_form(cfg.data.train, cfg.data).row_form == "conversation":
+        try:
+            check_tokenizer(tokenizer)
+        except ValueError as err:
+            raise ConfigError(f"{tokenizer_field}: {err}") from None
+    # The student's folder matters only where a student is measured.
+    measured = m if STUDENT_METRICS & metrics else m.model_copy(update={"student": None})
+    vocab = check_tokenizers(measured, sources=sources)
+    if STUDENT_METRICS & metrics and m.student is None and m.student_layers is not None:
+        teacher_dir = local_folder(sources[TEACHER], weights=False)
+        layers = AutoConfig.from_pretrained(teacher_dir).get_text_config().num_hidden_layers
         bad = [i for i in m.student_layers if not 0 <= i < layers]
         if bad or not m.student_layers:
             raise ConfigError(f"models.student_layers: {bad or '[]'} out of range for a teacher with {layers} layers")
     k = cfg.scoring.teacher_top_k
-    if k is not None and k > vocab[TEACHER].vocab_size:
-        raise ConfigError(
-            f"scoring.teacher_top_k: {k} exceeds the teacher's vocabulary ({vocab[TEACHER].vocab_size} tokens)"
-        )
+    if k is not None and k > vocab:
+        raise ConfigError(f"scoring.teacher_top_k: {k} exceeds the tokenizer's vocabulary ({vocab} tokens)")
     if cfg.scoring.teacher_hidden:
         teacher_cache.check_hidden_form(sources[TEACHER])
-    for field, model_cfg in vocab.items():
-        if model_cfg.vocab_size < len(tokenizer):
-            raise ConfigError(
-                f"{field}: vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens"
-            )
-    if TEACHER_METRICS & metrics and len({c.vocab_size for c in vocab.values()}) > 1:
-        raise ConfigError(
-            f"models.student: vocab_size {vocab[STUDENT].vocab_size} differs from the teacher's "
-            f"{vocab[TEACHER].vocab_size}; teacher metrics need one shared vocabulary"
-        )
     return tokenizer
 
 
@@ -287,12 +279,13 @@ def measure_dataset(cfg: RunConfig, tokenizer, sources: Sources):
     use_gpu = sc.num_gpus_per_actor > 0
     window = sc.batch_size * sc.length_window
     source = data_mod.read_ray_dataset(cfg.data.train, cfg.data.format, cfg.data.max_rows)
+    data_cfg = data_mod.pinned_row_form(cfg.data.train, cfg.data)  # one row form for every batch
     source.context.execution_options.preserve_order = True
     # The total for the progress line: parquet metadata, or a read of the JSONL without the models.
     with row_progress("score", source.count()) as counter:
         return (
             source.map_batches(
-                _prepare, batch_format="pyarrow", fn_kwargs={"tokenizer": tokenizer, "data_cfg": cfg.data}
+                _prepare, batch_format="pyarrow", fn_kwargs={"tokenizer": tokenizer, "data_cfg": data_cfg}
             )
             .with_column("uid", monotonically_increasing_id())
             .repartition(target_num_rows_per_block=window)
@@ -389,9 +382,9 @@ def score_dataset(cfg: RunConfig, sources: Sources | None = None) -> ScoreResult
         from transformers import AutoConfig
 
         text = AutoConfig.from_pretrained(local_folder(sources[TEACHER], weights=False)).get_text_config()
-        cache = teacher_cache.manifest_entry(sc.teacher_top_k, text.vocab_size, text.hidden_size)
+        cache = teacher_cache.manifest_entry(sc.teacher_top_k, len(tokenizer), text.hidden_size)
     if sc.teacher_hidden:
-        teacher_cache.save_teacher_head(sources[TEACHER], out_dir)
+        teacher_cache.save_teacher_head(sources[TEACHER], out_dir, len(tokenizer))
     per_file = rows_per_file(cfg, 0 if cache is None else cache["bytes_per_scored_token"])
     kept_columns = list(sc.metrics) + ([] if cache is None else cache["columns"])
     attach = {"lookup_ref": lookup_ref, "results_ref": ray.put(results), "metrics": kept_columns}

@@ -317,6 +317,12 @@ def _read_window(index: ScoresIndex, ranks: np.ndarray, columns: Sequence[str], 
     return [out[i] for i in range(len(ranks))]
 
 
+def read_rows(index: ScoresIndex, ranks: np.ndarray, columns: Sequence[str]) -> list[dict]:
+    """The rows of `ranks` (in that order) as the training reads them: row dicts of `columns`
+    (the bucket probe's rows, measured with the step's batches)."""
+    return _read_window(index, np.asarray(ranks, dtype=np.int64), columns, ReadStats())
+
+
 def _split(rows: list, parts: int) -> list[list]:
     """np.array_split for a list: `parts` runs whose sizes differ by at most one."""
     size, extra = divmod(len(rows), parts)

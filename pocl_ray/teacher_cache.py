@@ -49,8 +49,8 @@ import torch.nn.functional as F
 from pocl_ray.config import ConfigError, RunConfig
 from pocl_ray.data import collate, scored_mask
 from pocl_ray.logprobs import LOG_FLOOR
-from pocl_ray.model_source import ModelSource, resolve_model
-from pocl_ray.models import ModelLocation, linear_head, load_model, load_tokenizer, local_folder, meta_model
+from pocl_ray.model_source import ModelSource
+from pocl_ray.models import ModelLocation, linear_head, load_model, load_tokenizer, meta_model
 from pocl_ray.sampling import row_uniforms
 from pocl_ray.scores import MANIFEST_FILE, scores_dir_of
 from pocl_ray.seeds import stream_seed
@@ -311,13 +311,14 @@ def dequantize_hidden(values: torch.Tensor, scales: torch.Tensor, dtype: torch.d
 # Production: from a teacher forward, in the scoring pass (measurers.py) and for the dev rows
 
 
-def teacher_forward(teacher, inputs: Mapping[str, torch.Tensor], form: int | str | None, logits: bool):
+def teacher_forward(teacher, inputs: Mapping[str, torch.Tensor], form: int | str | None, logits: bool, vocab_size: int):
     """(logits or None, final hidden states or None) of one teacher forward: the hidden form needs the
-    final hidden states, and the logits (when asked for) are then its head applied to them."""
+    final hidden states, and the logits (when asked for) are then its head applied to them. The logits
+    cover the tokenizer's `vocab_size` tokens only (a padded head's extra rows are no token)."""
     if form != "hidden":
-        return (teacher(**inputs).logits if logits else None), None
+        return (teacher(**inputs).logits[..., :vocab_size] if logits else None), None
     hidden = teacher.base_model(**inputs, use_cache=False).last_hidden_state
-    return (teacher.get_output_embeddings()(hidden) if logits else None), hidden
+    return (teacher.get_output_embeddings()(hidden)[..., :vocab_size] if logits else None), hidden
 
 
 def storage_arrays(cache: TeacherCache, vocab_size: int) -> tuple[np.ndarray, ...]:
@@ -380,18 +381,18 @@ def batch_caches(
 
 @torch.no_grad()
 def teacher_caches(
-    teacher, rows: Sequence[dict], pad_token_id: int, form: int | str, batch_size: int = 16
+    teacher, rows: Sequence[dict], pad_token_id: int, form: int | str, vocab_size: int, batch_size: int = 16
 ) -> list[tuple[np.ndarray, ...]]:
     """Each row's cache (as `row_caches` or `row_hidden`), from a forward of `teacher` over the rows
-    (dicts with id, input_ids, attention_mask and labels) in batches: for rows outside a scoring pass."""
-    vocab = teacher.config.get_text_config().vocab_size
+    (dicts with id, input_ids, attention_mask and labels) in batches: for rows outside a scoring pass.
+    The top-K form is over the tokenizer's `vocab_size` tokens."""
     out: list[tuple[np.ndarray, ...]] = []
     for i in range(0, len(rows), batch_size):
         batch = {k: v.to(teacher.device) for k, v in collate(list(rows[i : i + batch_size]), pad_token_id).items()}
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        t_logits, t_hidden = teacher_forward(teacher, inputs, form, logits=form != "hidden")
+        t_logits, t_hidden = teacher_forward(teacher, inputs, form, form != "hidden", vocab_size)
         out += batch_caches(
-            batch["labels"], t_logits, t_hidden, form, vocab, [r["id"] for r in rows[i : i + batch_size]]
+            batch["labels"], t_logits, t_hidden, form, vocab_size, [r["id"] for r in rows[i : i + batch_size]]
         )
     return out
 
@@ -403,9 +404,9 @@ def cache_rows(cfg: RunConfig, rows: list[dict], teacher: ModelLocation, tokeniz
     if form is None:
         raise ValueError("kd.teacher: cached needs scoring.teacher_top_k or scoring.teacher_hidden")
     model = load_model(teacher, dtype=torch.float32, frozen=True)
-    pad_id = load_tokenizer(tokenizer).pad_token_id
+    tok = load_tokenizer(tokenizer)
     columns = HIDDEN_COLUMNS if cfg.scoring.teacher_hidden else CACHE_COLUMNS
-    for row, cache in zip(rows, teacher_caches(model, rows, pad_id, form)):
+    for row, cache in zip(rows, teacher_caches(model, rows, tok.pad_token_id, form, len(tok))):
         row.update(zip(columns, cache))
 
 
@@ -448,9 +449,10 @@ def save_head(head: torch.Tensor, directory: str | Path) -> Path:
     return path
 
 
-def save_teacher_head(teacher: ModelLocation, directory: str | Path) -> Path:
-    """The other half of the hidden form: the teacher's LM head, once, beside the rows (float32)."""
-    return save_head(load_model(teacher, dtype="float32").get_output_embeddings().weight, directory)
+def save_teacher_head(teacher: ModelLocation, directory: str | Path, vocab_size: int) -> Path:
+    """The other half of the hidden form: the teacher's LM head, once, beside the rows (float32); its
+    first `vocab_size` rows, the tokenizer's tokens (a padded head's extra rows are no token)."""
+    return save_head(load_model(teacher, dtype="float32").get_output_embeddings().weight[:vocab_size], directory)
 
 
 def load_head(directory: str | Path, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -521,9 +523,11 @@ def _check_form(entry: dict, directory: Path, cfg: RunConfig) -> None:
         _check_top_k_entry(entry, directory, cfg)
 
 
-def _check_models(manifest: dict, entry: dict, directory: Path, cfg: RunConfig, teacher: ModelSource) -> None:
-    """The cache is the run's teacher's (the same folder, Hub commit or URI version), and cfg's student
-    shares its vocabulary."""
+def _check_models(
+    manifest: dict, entry: dict, directory: Path, cfg: RunConfig, teacher: ModelSource, vocab_size: int
+) -> None:
+    """The cache is the run's teacher's (the same folder, Hub commit or URI version), over the run's
+    tokenizer (whose `vocab_size` tokens every model's head covers: `models.check_tokenizers`)."""
     cached = manifest.get("models", {}).get("teacher")
     if isinstance(cached, str):  # a manifest from before model sources: the teacher's absolute folder
         cached = ModelSource("local", cached).record()
@@ -531,16 +535,11 @@ def _check_models(manifest: dict, entry: dict, directory: Path, cfg: RunConfig, 
         raise ConfigError(
             f"models.teacher: {teacher.record()}, but the teacher cache at {directory} comes from {cached}; {_FIX}"
         )
-    if cfg.models.student is not None:
-        from transformers import AutoConfig
-
-        student = resolve_model(cfg.models.student, "models.student")
-        vocab = AutoConfig.from_pretrained(local_folder(student, weights=False)).get_text_config().vocab_size
-        if vocab != entry["vocab_size"]:
-            raise ConfigError(
-                f"models.student: vocab_size {vocab} differs from the {entry['vocab_size']} of the teacher "
-                f"cached at {directory}; KD needs one shared vocabulary"
-            )
+    if entry["vocab_size"] != vocab_size:
+        raise ConfigError(
+            f"the teacher cached at {directory} covers {entry['vocab_size']} tokens, the run's tokenizer "
+            f"({cfg.models.tokenizer or cfg.models.teacher}) has {vocab_size}; {_FIX}"
+        )
 
 
 def _check_columns(data: Path, entry: dict) -> None:
@@ -559,11 +558,14 @@ def _check_columns(data: Path, entry: dict) -> None:
         raise ConfigError(f"kd.teacher: cached: the scores at {data} {problem}; {_FIX}")
 
 
-def check_teacher_cache(scores_path: str | Path, cfg: RunConfig, teacher: ModelSource | None = None) -> dict | None:
+def check_teacher_cache(
+    scores_path: str | Path, cfg: RunConfig, vocab_size: int, teacher: ModelSource | None = None
+) -> dict | None:
     """For kd.teacher: cached, fail before any Ray work unless the scores at ``scores_path`` (the scores
     directory or its rows/) hold a teacher cache of the run's teacher (``teacher`` as the preflight
     resolved it; default: cfg's models.teacher as a local folder) in the form cfg asks for; returns the
-    manifest's cache entry (None for kd.teacher: online)."""
+    manifest's cache entry (None for kd.teacher: online). `vocab_size`: len(tokenizer) of the run, the
+    tokens the cache must cover (`models.check_tokenizers`)."""
     if cfg.kd.teacher != "cached":
         return None
     directory = scores_dir_of(scores_path)
@@ -582,7 +584,7 @@ def check_teacher_cache(scores_path: str | Path, cfg: RunConfig, teacher: ModelS
     _check_form(entry, directory, cfg)
     if teacher is None:
         teacher = ModelSource("local", str(Path(cfg.models.teacher).resolve()))
-    _check_models(manifest, entry, directory, cfg, teacher)
+    _check_models(manifest, entry, directory, cfg, teacher, vocab_size)
     _check_columns(directory / manifest["scores_path"], entry)
     return entry
 

@@ -219,22 +219,24 @@ def read_records(path: Path) -> list[dict]:
     return records
 
 
-def log_training(run, train_dir: Path) -> None:
+def log_training(run, train_dir: Path, live: bool = False) -> None:
     """A finished training step: its plan (parameters and plan.json), every metrics.jsonl record,
-    the selection candidates and the selected one (selection.json)."""
+    the selection candidates and the selected one (selection.json). With `live` the records,
+    candidates and selected one were logged as they came (by the coordinator), so only the plan and
+    the files are."""
     plan_path = train_dir / "plan.json"
     if plan_path.is_file():
         plan = json.loads(plan_path.read_text())
         run.params(plan_params(plan["plan"], plan["stages"]))
         run.artifacts(plan_path, "train")
-    for step, metrics in series(read_records(train_dir / "metrics.jsonl")):
+    for step, metrics in [] if live else series(read_records(train_dir / "metrics.jsonl")):
         run.metrics(metrics, step)
     selection_path = train_dir / "selection.json"
     if selection_path.is_file():
         selection = json.loads(selection_path.read_text())
-        for candidate in selection["candidates"]:
+        for candidate in [] if live else selection["candidates"]:
             run.metrics(candidate_metrics(candidate), candidate["step"])
-        if selection["best"] is not None:
+        if selection["best"] is not None and not live:
             run.metrics(selected_metrics(selection["best"]), selection["best"]["step"])
         run.artifacts(selection_path, "train")
 

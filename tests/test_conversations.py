@@ -277,6 +277,19 @@ def test_row_form_is_detected_per_dataset_or_set(tokenizer):
     assert not good and rejects[0]["reason"].startswith("missing field 'messages'")
 
 
+def test_the_row_form_is_pinned_once_per_dataset(tmp_path):
+    """A dataset whose first file holds conversations and whose second lacks the messages column is read
+    as conversations throughout (the rows of the second are then rejected, not read as instructions)."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(json.dumps({"id": "a", "messages": CONVERSATION}) + "\n")
+    (folder / "b.jsonl").write_text(json.dumps({"id": "b", "instruction": "Say hi.", "output": "hi"}) + "\n")
+    assert data.pinned_row_form(str(folder), _cfg()).row_form == "conversation"
+    assert data.row_form(data.read_table(str(folder / "b.jsonl")).column_names, _cfg()) == "instruction"
+    forced = _cfg(row_form="instruction")
+    assert data.pinned_row_form(str(folder), forced) is forced
+
+
 def test_templates_that_rewrite_earlier_turns_are_rejected_not_misread(tokenizer):
     counting = _with_template(tokenizer, "{{ messages | length }} turns\n" + QWEN_CHATML)
     good, rejects = data.validate_and_tokenize([{"messages": CONVERSATION}], counting, _cfg())

@@ -249,7 +249,7 @@ def test_evaluate_rows_sampling_is_independent_of_batching(word_model):
 def test_response_ce_matches_per_row_reference(word_model):
     _, tokenizer, model = word_model
     rows = _prepared(tokenizer, _records(6, 1))
-    got = response_ce(model, rows, tokenizer.pad_token_id)
+    got = response_ce(model, rows, tokenizer.pad_token_id, len(tokenizer))
     for row, ce in zip(rows, got):
         # The per-row reference: HF's own loss on the unpadded row (mean CE over the response labels).
         ids, labels = torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]])

@@ -7,8 +7,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from pocl_ray.logprobs import LOG_FLOOR
 from pocl_ray.losses import (
     KD_KINDS,
+    KDAndCEOptions,
+    _akl_head_weight,
+    _fused_losses,
+    _kd_rows,
+    _options,
+    _pointwise,
     count_tokens,
     cross_entropy,
     kd_loss,
@@ -643,3 +650,89 @@ def test_given_scored_positions_equal_found_ones_and_a_superset_adds_nothing():
         for a, b in zip(results[0], other):
             torch.testing.assert_close(a, b)
     assert results[0][1] > 0 and results[0][2] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The closed-form gradients (issue 22, item 7) against the autograd path they replaced: autograd through
+# each kind's per-outcome terms, in fp32, on the same floored log-probs.
+
+
+def autograd_kd_and_ce(kind, logits, t_logits, labels, ce_labels, *, kd_weight, temperature, **settings):
+    """(kd_weight·KD + (1 − kd_weight)·CE, KD, CE) as the chunked loss took them before, by autograd, on
+    full fp32 (batch, seq, vocab) logits."""
+    options = dict(skew_alpha=0.1, beta=0.5, mu=0.5) | settings
+    kd_on, ce_on = labels[:, 1:] != -100, ce_labels[:, 1:] != -100
+    logq = torch.log_softmax(logits[:, :-1][kd_on] / temperature, -1).clamp_min(LOG_FLOOR)
+    logp = torch.log_softmax(t_logits[:, :-1][kd_on] / temperature, -1).clamp_min(LOG_FLOOR)
+    if kind == "akl":
+        with torch.no_grad():
+            p = logp.exp()
+            w = _akl_head_weight(p, (p - logq.exp()).abs(), options["mu"])
+        fkl, rkl = (_pointwise(k, options["skew_alpha"], options["beta"])(logp, logq).sum(-1) for k in ("fkl", "rkl"))
+        per_row = w * fkl + (1 - w) * rkl
+    else:
+        per_row = _pointwise(kind, options["skew_alpha"], options["beta"])(logp, logq).sum(-1)
+    kd = per_row.sum() * temperature**2 / kd_on.sum()
+    ce = F.nll_loss(torch.log_softmax(logits[:, :-1][ce_on], -1), ce_labels[:, 1:][ce_on], reduction="sum")
+    ce = ce / ce_on.sum()
+    return kd_weight * kd + (1 - kd_weight) * ce, kd, ce
+
+
+def assert_equal_to_1e6(got, want, inputs):
+    """Values to 1e-6 relative; gradients to 1e-6 of their largest entry (entries near 0 differ in rounding)."""
+    for g_val, w_val in zip(got, want):
+        assert g_val.item() == pytest.approx(w_val.item(), rel=1e-6, abs=1e-7)
+    grads = grads_of(got[0], *inputs)
+    for g_got, g_want in zip(grads, grads_of(want[0], *inputs)):
+        assert g_got.dtype == g_want.dtype == torch.float32 and torch.isfinite(g_got).all()
+        torch.testing.assert_close(g_got, g_want, rtol=1e-6, atol=1e-6 * g_want.abs().max().item())
+    return grads
+
+
+CLOSED_FORM_SETTINGS = [dict(), dict(skew_alpha=0.3, beta=0.2, mu=0.3)]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_closed_form_kd_and_ce_equals_autograd_on_hidden_states(kind, temperature):
+    hidden, head, t_hidden, t_head, labels = make_linear_batch(50, torch.float32, v=37)
+    ce_labels = labels.clone()
+    ce_labels[2] = -100  # KD only
+    ce_labels[1, 5:] = 7  # CE only: rows the pass visits and KD must skip
+    for settings in CLOSED_FORM_SETTINGS:
+        got = linear_kd_and_ce(
+            kind, hidden, head, t_hidden, t_head, labels, ce_labels, kd_weight=0.6, temperature=temperature,
+            chunk_positions=4, **settings,
+        )  # fmt: skip
+        want = autograd_kd_and_ce(
+            kind, hidden @ head.T, t_hidden @ t_head.T, labels, ce_labels, kd_weight=0.6, temperature=temperature,
+            **settings,
+        )  # fmt: skip
+        assert_equal_to_1e6(got, want, (hidden, head))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_closed_form_equals_autograd_with_minus_inf_vocabulary_entries(kind, temperature):
+    # A shared padded tail of the vocabulary, plus entries each side masks on its own (the truly infinite
+    # divergences the floor keeps finite), on logits: the same engine with no head.
+    student, teacher, labels = make_batch(51, v=29)
+    g = torch.Generator().manual_seed(51)
+    s_inf = student.detach().masked_fill(torch.rand(student.shape, generator=g) < 0.2, float("-inf"))
+    t_inf = teacher.masked_fill(torch.rand(teacher.shape, generator=g) < 0.2, float("-inf"))
+    s_inf[..., -3:], t_inf[..., -3:] = float("-inf"), float("-inf")
+    s_inf[..., 0], t_inf[..., 1] = 0.0, 0.0  # no fully masked row
+    s_inf.requires_grad_()
+    ce_labels = labels.where(labels < 26, 0)  # labels in the padded tail cost inf
+    ce_labels[0, 4:] = 3  # rows KD skips
+    for settings in CLOSED_FORM_SETTINGS:
+        o = _options("test", dict(temperature=temperature, chunk_positions=5, **settings), KDAndCEOptions)
+        divergence = _kd_rows(kind, o.skew_alpha, o.beta, o.mu)
+        got = _fused_losses(
+            s_inf, None, t_inf, None, labels, ce_labels, divergence=divergence, kd_weight=0.7, options=o
+        )
+        want = autograd_kd_and_ce(
+            kind, s_inf, t_inf, labels, ce_labels, kd_weight=0.7, temperature=temperature, **settings
+        )
+        (grad,) = assert_equal_to_1e6(got, want, (s_inf,))
+        assert grad[..., -3:].abs().max().item() == 0.0

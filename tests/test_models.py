@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -171,20 +173,18 @@ def test_student_layer_errors(tokenizer):
         models.student_from_teacher(teacher, keep_every=0)
 
 
-def test_check_compatible(tokenizer, tiny_assets):
+def test_check_head_rows(tokenizer, tiny_assets):
+    """A loaded model needs a head row per token of the tokenizer; more rows (padding) are fine."""
     teacher = models.load_model(tiny_assets.teacher_dir, frozen=True)
-    student = models.load_model(tiny_assets.student_dir)
-    models.check_compatible(teacher, student, tokenizer)
+    models.check_head_rows(teacher, len(tokenizer), "teacher")
     assert (
-        models.hidden_size(student) == 32
+        models.hidden_size(models.load_model(tiny_assets.student_dir)) == 32
         and models.load_model(tiny_assets.cut_student_dir).config.num_hidden_layers == 2
     )
-    other = models.build_tiny_model("gpt2", 640, hidden_size=32, num_layers=1, num_heads=4)
-    with pytest.raises(ValueError, match="teacher vocab_size 512 .* student vocab_size 640"):
-        models.check_compatible(teacher, other)
+    models.check_head_rows(models.build_tiny_model("gpt2", 640, hidden_size=32, num_layers=1, num_heads=4), 512, "s")
     small = models.build_tiny_model("llama", 300, hidden_size=32, num_layers=1, num_heads=4)
-    with pytest.raises(ValueError, match="tokenizer has 512 tokens but the models' vocabulary has only 300"):
-        models.check_compatible(small, small, tokenizer)
+    with pytest.raises(ValueError, match="the student's LM head has 300 rows, fewer than the tokenizer's 512 tokens"):
+        models.check_head_rows(small, len(tokenizer), "student")
 
 
 def _thousand_token_tokenizer(texts_seed: int, save_dir=None):
@@ -232,6 +232,13 @@ def test_one_tokenizer_with_padded_heads_is_a_pair_and_other_tokenizers_are_refu
         models.check_tokenizers(ModelsConfig(teacher=teacher, student=_model_folder(tmp_path / "small", 900)))
     with pytest.raises(ConfigError, match=r"the models.tokenizer tokenizer \(.*\) and the models.teacher tokenizer"):
         models.check_tokenizers(ModelsConfig(teacher=teacher, tokenizer=str(tmp_path / "other")))
+    # A progressive plan's stage teachers are checked the same way, named by their field.
+    stage = "curriculum.progressive.teacher_checkpoints[1]"
+    assert models.check_tokenizers(ModelsConfig(teacher=teacher), {stage: student}) == 1000
+    with pytest.raises(ConfigError, match=rf"and the {re.escape(stage)} tokenizer \({other}\) differ: token id"):
+        models.check_tokenizers(ModelsConfig(teacher=teacher), {stage: other})
+    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(stage)}: model folder not found"):
+        models.check_tokenizers(ModelsConfig(teacher=teacher), {stage: str(tmp_path / "nope")})
 
 
 def test_a_token_special_in_one_tokenizer_only_is_a_difference(tmp_path):

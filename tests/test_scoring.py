@@ -162,6 +162,21 @@ def test_missing_inputs_name_the_field(tiny_assets, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_conversations_with_a_tokenizer_without_chat_template_fail_before_ray(tiny_assets, tmp_path):
+    from pocl_ray.models import load_tokenizer
+
+    plain = load_tokenizer(tiny_assets.tokenizer_dir)
+    plain.chat_template = None
+    plain.save_pretrained(tmp_path / "plain")
+    data = tmp_path / "chat.jsonl"
+    turns = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."}]
+    data.write_text(json.dumps({"id": "c", "messages": turns}) + "\n")
+    cfg = _config(tiny_assets, tmp_path, data, models={"tokenizer": str(tmp_path / "plain")})
+    with pytest.raises(ConfigError, match=r"^models.tokenizer: conversation rows are rendered by .* has none"):
+        score_dataset(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # The Ray Data pipeline
 
@@ -401,7 +416,7 @@ def test_teacher_top_k_writes_the_cache_from_the_scoring_forward(
     result = score_dataset(cfg)
     entry = result.manifest["teacher_cache"]
     assert entry["top_k"] == 16 and entry["bytes_per_scored_token"] == per_token
-    assert check_teacher_cache(result.output_dir, cfg) == entry
+    assert check_teacher_cache(result.output_dir, cfg, tiny_assets.vocab_size) == entry
     assert f"teacher cache: top 16 + tail, {per_token} bytes per scored token" in format_summary(result.manifest)
     files = sorted(result.scores_path.glob("*.parquet"))
     groups = [
@@ -454,7 +469,7 @@ def test_teacher_hidden_writes_int8_hidden_states_and_the_head(ray_local, tiny_a
         entry["form"] == "hidden" and entry["hidden_size"] == hidden_size and entry["columns"] == list(HIDDEN_COLUMNS)
     )
     assert entry["bytes_per_scored_token"] == hidden_size + 2 * -(-hidden_size // 64)
-    assert check_teacher_cache(result.output_dir, cfg) == entry
+    assert check_teacher_cache(result.output_dir, cfg, tiny_assets.vocab_size) == entry
     summary = format_summary(result.manifest)
     assert f"teacher cache: hidden states (int8) + LM head, {entry['bytes_per_scored_token']} bytes" in summary
     assert HEAD_FILE in summary.splitlines()[-1]

@@ -24,6 +24,7 @@ from pocl_ray.config import ConfigError, parse_config
 from pocl_ray.data import read_table, validate_and_tokenize
 from pocl_ray.evaluation import response_ce
 from pocl_ray.models import load_model, load_tokenizer
+from pocl_ray.probes import is_probe
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -70,7 +71,9 @@ def mean_train_ce(model_dir: Path, cfg) -> float:
     rows, _ = validate_and_tokenize(read_table(cfg.data.train, "auto").to_pylist(), tokenizer, cfg.data)
     model = load_model(model_dir, dtype=torch.float32, frozen=True)
     return statistics.fmean(
-        ce for i in range(0, len(rows), 64) for ce in response_ce(model, rows[i : i + 64], tokenizer.pad_token_id)
+        ce
+        for i in range(0, len(rows), 64)
+        for ce in response_ce(model, rows[i : i + 64], tokenizer.pad_token_id, len(tokenizer))
     )
 
 
@@ -136,7 +139,7 @@ def test_later_stages_get_the_fine_tuned_teacher(pipeline_with_sft, tiny_assets)
     assert manifest["teacher_cache"]["form"] == "hidden"
     head = load_file(str(root / "scores" / "teacher_head.safetensors"))["weight"]
     torch.testing.assert_close(head, load_model(tuned, dtype=torch.float32).get_output_embeddings().weight.detach())
-    pocl = [json.loads(line) for line in (root / "runs" / "pocl" / "train" / "metrics.jsonl").read_text().splitlines()]
+    pocl = _records(root / "runs" / "pocl" / "train" / "metrics.jsonl")
     kd_steps = [r["kd_loss"] for r in pocl if r["kd_weight"] > 0]
     assert kd_steps and all(v > 0 for v in kd_steps)
     # Each compared run's student was cut from the fine-tuned teacher (lr 1e-12 leaves it as cut):
@@ -185,12 +188,14 @@ def test_tune_resolves_the_teacher_as_the_pipeline_does(tiny_assets, tmp_path, m
 
 
 def _records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """metrics.jsonl's step records."""
+    return [r for r in map(json.loads, path.read_text().splitlines()) if not is_probe(r)]
 
 
 @pytest.mark.ray
 def test_every_stage_is_a_child_of_its_pipeline_run_in_the_trackers(pipeline_with_sft):
-    """Both invocations (the second skips every stage) log the whole run tree from the stages' files."""
+    """Both invocations log the whole run tree: the first logs the compared runs' training live (the
+    coordinator's), the second (which skips every stage) from the stages' files."""
     from mlflow.tracking import MlflowClient
 
     _, root, _ = pipeline_with_sft
@@ -199,8 +204,9 @@ def test_every_stage_is_a_child_of_its_pipeline_run_in_the_trackers(pipeline_wit
     experiment = client.get_experiment_by_name("sftt")
     parents = client.search_runs([experiment.experiment_id], filter_string="tags.`pocl_ray.kind` = 'pipeline'")
     assert len(parents) == 2
+    parents = sorted(parents, key=lambda p: p.info.start_time)
     manifest = json.loads((root / "scores" / "manifest.json").read_text())
-    for parent in parents:
+    for invocation, parent in enumerate(parents):
         assert (
             parent.info.status == "FINISHED" and parent.data.params["pipeline.compare.pocl.curriculum.plan"] == "pocl"
         )
@@ -221,6 +227,17 @@ def test_every_stage_is_a_child_of_its_pipeline_run_in_the_trackers(pipeline_wit
             records = _records(root / "runs" / label / "train" / "metrics.jsonl")
             for key in ("loss", "kd_loss", "ce_loss", "temperature", "kd_weight", "lr", "grad_norm", "data_wait"):
                 assert mlflow_series(client, child.info.run_id, f"train/{key}") == {r["step"]: r[key] for r in records}
+            assert mlflow_series(client, child.info.run_id, "train/samples") == {
+                r["step"]: r["samples"] for r in records
+            }
+            # Each step logged once: live, or replayed, never both.
+            history = client.get_metric_history(child.info.run_id, "train/loss")
+            assert len(history) == len(records)
+            if invocation == 0:
+                # Live: every step reached MLflow before the training wrote selection.json (a replay
+                # from the files would log them after it).
+                selection_written = (root / "runs" / label / "train" / "selection.json").stat().st_mtime
+                assert max(m.timestamp for m in history) <= 1000 * selection_written + 1
             assert child.data.params["curriculum.plan"] == label and child.data.params["plan.name"] == label
             results = json.loads((root / "runs" / label / "eval" / "results.json").read_text())
             assert child.data.metrics["eval/dev/rougeL"] == results["sets"]["dev"]["rougeL_mean"]

@@ -29,6 +29,7 @@ GRADIENT_CASES = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow  # spawns gloo processes: minutes on 2 cores, kept out of make test-fast
 def test_sharded_step_gradients_equal_single_process(tmp_path):
     workers.spawn(workers.gradient_worker, 2, str(tmp_path), GRADIENT_CASES, timeout=420)
     results = torch.load(tmp_path / "gradients.pt")
@@ -48,6 +49,7 @@ def saved_on_two(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # spawns gloo processes: minutes on 2 cores, kept out of make test-fast
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_checkpoint_saved_on_two_loads_on_two(saved_on_two, tied):
     saved = torch.load(saved_on_two / ("tied" if tied else "untied") / "saved_on_2.pt")
@@ -55,6 +57,7 @@ def test_checkpoint_saved_on_two_loads_on_two(saved_on_two, tied):
     assert workers.differences(saved["loaded"], saved["reference"]) == []
 
 
+@pytest.mark.slow  # spawns gloo processes: minutes on 2 cores, kept out of make test-fast
 def test_checkpoint_saved_on_two_loads_on_one(saved_on_two):
     workers.spawn(workers.checkpoint_load_worker, 1, str(saved_on_two), timeout=300)
     for tied in ("untied", "tied"):
@@ -62,6 +65,7 @@ def test_checkpoint_saved_on_two_loads_on_one(saved_on_two):
         assert workers.differences(torch.load(saved_on_two / tied / "loaded_on_1.pt"), reference) == [], tied
 
 
+@pytest.mark.slow  # spawns gloo processes: minutes on 2 cores, kept out of make test-fast
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_exported_folder_loads_with_from_pretrained(saved_on_two, tied):
     from transformers import AutoModelForCausalLM
@@ -75,6 +79,7 @@ def test_exported_folder_loads_with_from_pretrained(saved_on_two, tied):
     assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
 
 
+@pytest.mark.slow  # spawns gloo processes: minutes on 2 cores, kept out of make test-fast
 def test_generation_of_very_different_lengths_stays_in_step(tmp_path):
     workers.spawn(workers.generation_worker, 2, str(tmp_path), True, timeout=300)
     for rank, lengths in ((0, [[1]]), (1, [[16, 16]] * 2)):
@@ -83,6 +88,7 @@ def test_generation_of_very_different_lengths_stays_in_step(tmp_path):
         assert result["tokens"] == result["single"]  # the sharded model generates what the whole one does
 
 
+@pytest.mark.slow  # spawns gloo processes: minutes on 2 cores, kept out of make test-fast
 def test_generation_without_lockstep_hangs_and_is_stopped(tmp_path):
     # The control of the test above: the same ranks without in_lockstep wait for each other for ever. Rank 0
     # got through its own batch, rank 1 never through its second: a hang, not a slow start.

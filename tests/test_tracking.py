@@ -56,7 +56,7 @@ def mlflow_uri(tmp_path_factory) -> str:
 
 
 def step_records(steps: range, seed: int = 0) -> list[dict]:
-    """metrics.jsonl step records as the training loop writes them (`_step_meta` + the read-back)."""
+    """metrics.jsonl step records as the training loop writes them (`worker.step_meta` + the read-back)."""
     rng = random.Random(seed)
     return [
         {

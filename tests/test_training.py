@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from training_helpers import committed_checkpoints, expected_tokens, read_metrics, run_config, write_scores
+from training_helpers import committed_checkpoints, expected_tokens, read_metrics, read_probes, run_config, write_scores
 
 from pocl_ray.config import ConfigError
 from pocl_ray.curriculum import lr_at, plan_from_config, stage_specs
@@ -120,6 +120,11 @@ def test_pocl_schedule_in_metrics(pocl_run):
                 (1 - r["kd_weight"]) * r["ce_loss"] + r["kd_weight"] * r["kd_loss"], rel=1e-5
             )
     assert {"loss", "kd_loss", "ce_loss", "lr", "tokens", "seconds", "cpu_seconds", "epoch"} <= set(records[0])
+    # Samples seen: a global batch per step (an epoch's last step its remainder), one epoch per stage.
+    samples = [r["samples"] for r in records]
+    assert 0 < np.diff([0, *samples]).min() and np.diff([0, *samples]).max() == cfg.training.global_batch_size
+    ends = np.cumsum([s.steps for s in specs])
+    assert [samples[e - 1] for e in ends] == np.cumsum([s.pool_rows for s in specs]).tolist()
 
 
 @ray_test
@@ -166,6 +171,11 @@ def test_selection_candidates_and_the_kept_best_student(pocl_run, tiny_assets):
     assert [c["samples"] for c in candidates if c["step"] in ends] == np.cumsum([s.pool_rows for s in specs]).tolist()
     assert [c["samples"] for c in candidates if c["step"] == 20] == [75 + 150 + 5 * 16]
     assert all(0 <= c["dev_rougeL"] <= 100 for c in candidates)
+    # The step records agree on samples seen; dev_loss (the stage's objective) is the checkpoint's.
+    by_step = {r["step"]: r for r in read_metrics(result.metrics_path)}
+    assert all(c["samples"] == by_step[c["step"]]["samples"] for c in candidates)
+    assert candidates[-1]["dev_loss"] == pytest.approx(result.metrics["dev_loss"], rel=1e-6)
+    assert all(c["dev_loss"] > 0 for c in candidates)
     best = max(candidates, key=lambda c: (c["dev_rougeL"], -c["dev_kd_loss"], c["step"]))
     assert selection["best"] == best and selection["final"] == candidates[-1]
     assert selection["protocol"]["decoding"] == "greedy"
@@ -191,7 +201,56 @@ def test_selection_candidates_and_the_kept_best_student(pocl_run, tiny_assets):
     assert selected_student(result.output_dir, "final") == result.student_dir
 
 
-def test_dev_rouge_is_the_mean_greedy_rouge_over_the_dev_rows(tiny_assets, tmp_path):
+def probe_fkl_and_ce(model_dir, assets, scores: Path, ranks: list[int]) -> tuple[float, float]:
+    """Forward KL(teacher || student) at T = 1 and the student's CE per response token on the rows of `ranks`."""
+    from pocl_ray.data import collate
+    from pocl_ray.losses import cross_entropy, kd_loss
+
+    table = pq.read_table(scores / "rows.parquet", columns=["rank", "input_ids", "labels"]).to_pylist()
+    by_rank = {r["rank"]: r for r in table}
+    rows = [{**by_rank[r], "attention_mask": [1] * len(by_rank[r]["input_ids"])} for r in ranks]
+    batch = collate(rows, load_tokenizer(assets.tokenizer_dir).pad_token_id)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        s = load_model(model_dir, frozen=True)(**inputs).logits
+        t = load_model(assets.teacher_dir, frozen=True)(**inputs).logits
+        fkl = kd_loss("fkl", s, t, batch["labels"], scale_by_t2=False)
+        return float(fkl), float(cross_entropy(s, batch["labels"]))
+
+
+@ray_test
+def test_bucket_probe_at_every_stage_end_and_candidate_on_the_same_rows(pocl_run, tiny_assets):
+    from pocl_ray.probes import probe_ranks
+
+    cfg, scores, result = pocl_run
+    num_rows = pq.read_metadata(scores / "rows.parquet").num_rows
+    steps = {r["step"]: r for r in read_metrics(result.metrics_path)}
+    at = {5: "stage_end", 15: "stage_end", 20: "candidate", 30: "stage_end", 40: "candidate", 49: "stage_end"}
+    probes = read_probes(result.metrics_path)
+    # One record per bucket at every stage end and candidate, in step order with the step records.
+    assert [(p["step"], p["bucket"]) for p in probes] == [(s, b) for s in at for b in range(4)]
+    lines = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
+    assert [r["step"] for r in lines] == sorted(r["step"] for r in lines)
+    for p in probes:
+        assert p["at"] == at[p["step"]] and p["stage"] == steps[p["step"]]["stage"]
+        assert p["samples"] == steps[p["step"]]["samples"]
+        assert p["rows"] == cfg.output.bucket_probe_rows == 32 and p["tokens"] > 0
+    # The same rows every time: the fixed, seeded draw from each bucket's ranks, written once.
+    ranks = probe_ranks(num_rows, 4, 32)
+    probe = json.loads((result.output_dir / "probe.json").read_text())
+    assert [b["ranks"] for b in probe["buckets"]] == [r.tolist() for r in ranks]
+    id_of = dict(zip(*pq.read_table(scores / "rows.parquet", columns=["rank", "id"]).to_pydict().values()))
+    assert [b["ids"] for b in probe["buckets"]] == [[id_of[x] for x in r.tolist()] for r in ranks]
+    # The numbers are the student's: at the run's end, FKL at T = 1 against the teacher and response CE
+    # over each bucket's probe rows (both workers' shares together) of the final student.
+    for p in probes[-4:]:
+        fkl, ce = probe_fkl_and_ce(result.student_dir, tiny_assets, scores, ranks[p["bucket"]].tolist())
+        assert p["kd_loss"] == pytest.approx(fkl, rel=1e-3) and p["ce_loss"] == pytest.approx(ce, rel=1e-3)
+    # And they moved: the easiest bucket's KD fell from stage 0's end to the run's end.
+    assert probes[-4]["kd_loss"] < probes[0]["kd_loss"]
+
+
+def test_dev_rouge_is_the_mean_greedy_rouge_over_the_dev_rows(tiny_assets, tmp_path, capsys):
     from contextlib import nullcontext
     from types import SimpleNamespace
 
@@ -222,10 +281,15 @@ def test_dev_rouge_is_the_mean_greedy_rouge_over_the_dev_rows(tiny_assets, tmp_p
         autocast=nullcontext,
         device=torch.device("cpu"),
         dev_rows=scored + [r | {"response": "zzz"} for r in scored],
+        rank=0,
+        world=1,
     )
     teacher.train()
     assert dev_rouge(w) == pytest.approx(50.0)
     assert teacher.training, "dev_rouge leaves the model in the mode it found it in"
+    # Rank 0 says how far the decoding is (here once, at its end: it took less than PROGRESS_SECONDS).
+    n = len(w.dev_rows)
+    assert capsys.readouterr().out.startswith(f"[train: dev ROUGE-L] {n}/{n} rows (100%)")
 
 
 def test_checkpoints_carry_the_best_student_so_far_to_a_resumed_rank_0(tiny_assets, tmp_path):
@@ -389,6 +453,39 @@ def test_gradient_checkpointing_gives_the_same_step(tiny_assets):
     torch.testing.assert_close(results[0][0], results[1][0])
     for name, g in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_dev_losses_report_their_rows_and_rank_0_prints_progress_only_when_slow(tiny_assets, capsys):
+    """No silent minutes: dev_losses tells its hook each batch's rows (the same losses with or without
+    it); the printer says nothing for quick work, and for slow work a line every interval and at the end."""
+    from pocl_ray.config import KDConfig
+    from pocl_ray.curriculum import Stage
+    from pocl_ray.training.step import build_batch, dev_losses
+    from pocl_ray.training.teacher import HiddenStatesLM, OnlineTeacher
+    from pocl_ray.training.worker import row_progress_printer
+
+    tokenizer = load_tokenizer(tiny_assets.tokenizer_dir)
+    good, _ = validate_and_tokenize(read_table(tiny_assets.dev_path).to_pylist(), tokenizer, tiny_assets.data_config())
+    batches = [
+        build_batch(good[i : i + 4], tokenizer.pad_token_id, torch.device("cpu")) for i in range(0, len(good), 4)
+    ]
+    teacher = OnlineTeacher(load_model(tiny_assets.teacher_dir, frozen=True))
+    student = HiddenStatesLM(load_model(tiny_assets.student_dir))
+    stage = Stage(index=0, buckets=(0,), steps=1, temperature=2.0, kd_weight=0.7, loss="fkl")
+    seen: list[int] = []
+    with_hook = dev_losses(student, teacher, teacher, batches, stage, KDConfig(), on_batch=seen.append)
+    assert seen == [len(good[i : i + 4]) for i in range(0, len(good), 4)] and len(seen) > 1
+    assert with_hook == dev_losses(student, teacher, teacher, batches, stage, KDConfig())
+
+    quick = row_progress_printer("train: dev losses", len(good), every_s=3600)
+    for rows in seen:
+        quick(rows)
+    assert capsys.readouterr().out == ""
+    slow = row_progress_printer("train: dev losses", len(good), every_s=0)
+    for rows in seen:
+        slow(rows)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(seen) and lines[-1].startswith(f"[train: dev losses] {len(good)}/{len(good)} rows (100%)")
 
 
 def _cached_and_online_steps(tiny_assets, tmp_path, cache_setting: dict, kind: str):

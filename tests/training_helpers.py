@@ -15,6 +15,7 @@ from pocl_ray.curriculum import plan_from_config, stage_specs
 from pocl_ray.data import read_table, validate_and_tokenize
 from pocl_ray.difficulty import bucket_of_rank
 from pocl_ray.models import load_tokenizer
+from pocl_ray.probes import is_probe
 from pocl_ray.shards import ScoresIndex, blocks, worker_shard
 
 
@@ -84,7 +85,7 @@ def _with_teacher_cache(
     teacher = load_model(assets.teacher_dir, frozen=True)
     vocab, hidden = teacher.config.vocab_size, teacher.config.hidden_size
     k = None if form == "hidden" else form
-    per_row = teacher_cache.teacher_caches(teacher, rows, pad_id, form)
+    per_row = teacher_cache.teacher_caches(teacher, rows, pad_id, form, vocab)
     for name, column in teacher_cache.arrow_columns(per_row, k, vocab, hidden).items():
         table = table.append_column(name, column)
     if k is None:
@@ -121,7 +122,12 @@ def run_config(assets, out: Path, name: str = "t", **overrides):
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """metrics.jsonl's step records (not its bucket-probe records: `read_probes`)."""
+    return [r for r in map(json.loads, path.read_text().splitlines()) if not is_probe(r)]
+
+
+def read_probes(path: Path) -> list[dict]:
+    return [r for r in map(json.loads, path.read_text().splitlines()) if is_probe(r)]
 
 
 def expected_tokens(cfg, scores: Path, plan=None) -> list[int]:

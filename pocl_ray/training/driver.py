@@ -26,6 +26,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
@@ -35,7 +36,7 @@ from pocl_ray.curriculum import Plan, StageSpec, plan_from_config, stage_specs
 from pocl_ray.data import read_table, validate_and_tokenize
 from pocl_ray.losses import KD_KINDS
 from pocl_ray.model_source import ModelSource
-from pocl_ray.models import has_model_files, load_tokenizer, local_folder
+from pocl_ray.models import check_tokenizers, has_model_files, load_tokenizer, local_folder
 from pocl_ray.preflight import (
     STUDENT,
     TEACHER,
@@ -47,9 +48,11 @@ from pocl_ray.preflight import (
     stage_sources,
     to_wire,
 )
+from pocl_ray.probes import PROBE_SEED, probe_ranks, read_probe_rows
 from pocl_ray.scores import scores_path
 from pocl_ray.shards import ScoresIndex
 from pocl_ray.teacher_cache import cache_rows, check_teacher_cache
+from pocl_ray.tracking import CLOSE_TIMEOUT_S
 from pocl_ray.training.worker import train_func
 
 SCORE_COLUMNS = ("rank", "input_ids", "labels", "num_prompt_tokens")
@@ -89,6 +92,17 @@ def _layer_counts(cfg: RunConfig, sources: Sources) -> tuple[int, int]:
         return teacher, len(cfg.models.student_layers)
     # models.student_from_teacher's default: every k-th layer counting back from the last.
     return teacher, len(range(teacher - 1, -1, -cfg.models.student_keep_every))
+
+
+def _check_stage_teachers(cfg: RunConfig, plan: Plan, sources: Sources, teachers: Sources) -> None:
+    """A plan's stage teachers (a progressive plan's teacher checkpoints; `teachers`: each as the driver
+    resolved it, `preflight.stage_sources`) have heads and tokenizers that fit the run's tokenizer, as
+    models.teacher's and models.student's do (`prepare`)."""
+    named = {
+        f"curriculum.progressive.teacher_checkpoints[{s.index}]": teachers[s.teacher] for s in plan.stages if s.teacher
+    }
+    if named:
+        check_tokenizers(cfg.models.model_copy(update={"student": None}), named, sources)
 
 
 def run_plan(cfg: RunConfig, sources: Sources | None = None) -> Plan:
@@ -248,6 +262,7 @@ class RunInputs:
     specs: tuple[StageSpec, ...]
     dev_rows: list[dict]
     dev_rejected: int
+    probe_ranks: list[list[int]]  # per difficulty bucket, the ranks of its fixed probe rows (none: no probe)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,12 +276,15 @@ def train(
     plan: Plan | None = None,
     callbacks: list | None = None,
     sources: Sources | None = None,
+    tracking: dict | None = None,
 ) -> TrainResult:
     """Distil the student along the configured plan (or `plan`, any Plan); outputs under OUTPUT/train.
 
     A second call with the same config `name` and output directory resumes from the latest
     checkpoint. `callbacks` go to Ray Train's RunConfig (Tune passes its report callback here).
     `sources`: the models as the command's preflight resolved them; None: checked and resolved here.
+    `tracking` (a `tracking.Run.child` handle, detached by its caller meanwhile) is the run the
+    coordinator logs every step record, candidate and the selected one to, as they come.
     """
     started = time.time()
     sources = check_inputs(cfg) if sources is None else sources
@@ -275,7 +293,8 @@ def train(
     inputs = prepare(cfg, scores_dir, plan, sources)
     out.mkdir(parents=True, exist_ok=True)
     plan_path = write_plan(out / "plan.json", inputs, cfg.training.global_batch_size)
-    result = fit(cfg, out, inputs, callbacks)
+    write_probe(out / "probe.json", inputs)
+    result = fit(cfg, out, inputs, callbacks, tracking)
     return export(cfg, out, inputs, result, plan_path, started)
 
 
@@ -283,7 +302,9 @@ def prepare(cfg: RunConfig, scores_dir: Path, plan: Plan | None, sources: Source
     """Everything a run needs, checked on the driver before any Ray work: the scores (and their teacher
     cache), the plan and its stage lengths, the dev rows; the models (`sources`) the preflight resolved."""
     scores = scores_path(scores_dir)
-    cache_entry = check_teacher_cache(scores_dir, cfg, sources[TEACHER])
+    # The models and their tokenizers, before anything reads them.
+    vocab = check_tokenizers(cfg.models, sources=sources)
+    cache_entry = check_teacher_cache(scores_dir, cfg, vocab, sources[TEACHER])
     num_rows = _num_ranked_rows(pads.dataset(str(scores), format="parquet"), scores_dir)
     index = ScoresIndex(scores)
     plan = plan if plan is not None else run_plan(cfg, sources)
@@ -291,14 +312,17 @@ def prepare(cfg: RunConfig, scores_dir: Path, plan: Plan | None, sources: Source
     warning = cached_tail_warning(cfg, plan)
     if warning:
         print(f"[train] {warning}", flush=True)
+    stage_teachers = stage_sources(cfg, plan, sources)
+    _check_stage_teachers(cfg, plan, sources, stage_teachers)
     try:
         specs = stage_specs(plan, num_rows, cfg.training.global_batch_size)
     except ValueError as err:
         raise ConfigError(f"curriculum.num_buckets: {err}") from None
     dev_rows, dev_rejected = _dev_rows(cfg, plan, sources)
+    probe = probe_ranks(num_rows, cfg.curriculum.num_buckets, cfg.output.bucket_probe_rows)
     return RunInputs(
         sources=sources,
-        stage_teachers=stage_sources(cfg, plan, sources),
+        stage_teachers=stage_teachers,
         scores_dir=scores_dir,
         scores=scores,
         teacher_cache=cache_entry,
@@ -308,6 +332,7 @@ def prepare(cfg: RunConfig, scores_dir: Path, plan: Plan | None, sources: Source
         specs=specs,
         dev_rows=dev_rows,
         dev_rejected=dev_rejected,
+        probe_ranks=[r.tolist() for r in probe] if cfg.output.bucket_probe_rows else [],
     )
 
 
@@ -326,8 +351,17 @@ def write_plan(path: Path, inputs: RunInputs, global_batch_size: int) -> Path:
     return path
 
 
-def fit(cfg: RunConfig, out: Path, inputs: RunInputs, callbacks: list | None):
-    """The coordinator actor and the TorchTrainer whose workers run `train_func`; Ray Train's result."""
+def write_probe(path: Path, inputs: RunInputs) -> None:
+    """train/probe.json: the bucket probe's rows (ranks and ids per bucket), the same at every
+    measurement and in every run on these scores; none without a probe."""
+    rows = read_probe_rows(inputs.scores, [np.asarray(r, dtype=np.int64) for r in inputs.probe_ranks], [])
+    buckets = [{"bucket": b, "ranks": r, "ids": [x["id"] for x in rows[b]]} for b, r in enumerate(inputs.probe_ranks)]
+    path.write_text(json.dumps({"seed": PROBE_SEED, "buckets": buckets}, indent=1))
+
+
+def fit(cfg: RunConfig, out: Path, inputs: RunInputs, callbacks: list | None, tracking: dict | None = None):
+    """The coordinator actor (logging to the `tracking` run) and the TorchTrainer whose workers run
+    `train_func`; Ray Train's result."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
@@ -354,6 +388,7 @@ def fit(cfg: RunConfig, out: Path, inputs: RunInputs, callbacks: list | None):
         metrics_path=str(out / "metrics.jsonl"),
         world_size=training.num_workers,
         row_group_bounds=inputs.index.bounds.tolist(),
+        tracking_handle=tracking,
     )
     trainer = TorchTrainer(
         train_func,
@@ -367,6 +402,7 @@ def fit(cfg: RunConfig, out: Path, inputs: RunInputs, callbacks: list | None):
             "scores_dir": str(inputs.scores_dir),
             "teacher_cache": inputs.teacher_cache,
             "dev_rows": inputs.dev_rows,
+            "probe_ranks": inputs.probe_ranks,
         },
         scaling_config=ScalingConfig(
             num_workers=training.num_workers,
@@ -384,7 +420,20 @@ def fit(cfg: RunConfig, out: Path, inputs: RunInputs, callbacks: list | None):
     try:
         return trainer.fit()
     finally:
-        ray.kill(coord)
+        close_coordinator(coord)
+
+
+def close_coordinator(coord) -> None:
+    """The coordinator's tracker calls sent (and the selected candidate logged) before the actor is
+    killed: killing it drops what is still queued. A coordinator that cannot close (it died with the
+    run) is warned about, not raised: the run's own error, if any, is the one to see."""
+    import ray
+
+    try:
+        ray.get(coord.close.remote(), timeout=CLOSE_TIMEOUT_S + 30)
+    except ray.exceptions.RayError as err:  # the actor died, or close outlived its own time-out
+        print(f"[track] warning: the coordinator could not close its tracker run: {type(err).__name__}", flush=True)
+    ray.kill(coord)
 
 
 def export(cfg: RunConfig, out: Path, inputs: RunInputs, result, plan_path: Path, started: float) -> TrainResult:

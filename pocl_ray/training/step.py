@@ -285,11 +285,13 @@ def dev_losses(
     projection: torch.Tensor | None = None,
     normalize: bool = True,
     autocast: Autocast = nullcontext,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Global dev losses of this worker's dev batches (all workers together): `dev_loss`, the
     stage's own objective against the stage's teacher (what plateau detection watches), and
     `dev_kd_loss`, forward KL at T = 1 without T² against the run's final teacher (comparable across
-    stages, plans and KD losses: the tuning objective)."""
+    stages, plans and KD losses: the tuning objective). `on_batch(rows)` is called after each batch
+    (a progress line's hook; it gets no device value, so it never waits for the device)."""
     student = unwrap(student)
     was_training = student.training
     student.eval()
@@ -307,6 +309,40 @@ def dev_losses(
             final = t_out if same else final_teacher.outputs(batch)
             _, fkl_term, _ = output_terms(s_out, final, batch, fkl, fkl_options, counts[::2])
         sums += torch.stack([loss, fkl_term]).float()
+        if on_batch is not None:
+            on_batch(len(batch["input_ids"]))
     dev_loss, dev_kd_loss = _all_reduce(sums).tolist()
     student.train(was_training)
     return {"dev_loss": dev_loss, "dev_kd_loss": dev_kd_loss}
+
+
+@torch.no_grad()
+def probe_losses(
+    student: torch.nn.Module,
+    teacher: Teacher,
+    buckets: list[list[dict[str, Any]]],
+    stage: Stage,
+    kd: KDConfig,
+    *,
+    autocast: Autocast = nullcontext,
+) -> list[tuple[float, float, int]]:
+    """Per bucket (this worker's batches of its probe rows, all workers together): (KD, CE, tokens),
+    forward KL at T = 1 without T² against `teacher` (the run's final one, as `dev_kd_loss`) and the
+    student's response cross-entropy, each a global mean over the bucket's probe response tokens."""
+    student = unwrap(student)
+    was_training = student.training
+    student.eval()
+    fkl = replace(stage, temperature=1.0, kd_weight=1.0, loss="fkl", target="logits")
+    fkl_options = kd.model_copy(update={"scale_by_t2": False})
+    tokens = _all_reduce(torch.stack([torch.stack([count_tokens(b["labels"]) for b in bs]).sum() for bs in buckets]))
+    sums = torch.zeros(len(buckets), 2, device=tokens.device)
+    for index, batches in enumerate(buckets):
+        counts = tokens[index].clamp(min=1).expand(2)
+        for batch in batches:
+            with autocast():
+                s_out, t_out = model_outputs(student, teacher, batch, fkl)
+                _, kd_term, ce_term = output_terms(s_out, t_out, batch, fkl, fkl_options, counts)
+            sums[index] += torch.stack([kd_term, ce_term]).float()
+    values = _all_reduce(sums).tolist()
+    student.train(was_training)
+    return [(kd_mean, ce_mean, int(n)) for (kd_mean, ce_mean), n in zip(values, tokens.tolist())]

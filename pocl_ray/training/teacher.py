@@ -14,8 +14,11 @@ The losses never build full-vocabulary logits: a model gives them its final hidd
 head (`LMOutputs.of_hidden`), and they apply the head chunk by chunk at the scored positions only.
 When some model's logits are not `hidden @ head.T` (a bias, soft-capping), every model of the run gives
 its logits instead (`LMOutputs.of_logits`); `logits_form` decides that once, at set-up, for the student
-and every teacher together. The two constructors are where every model output enters the losses (the
-one place to cut a padded vocabulary down to the tokenizer's).
+and every teacher together. The two constructors are where every model output enters the losses, and
+the one place a padded vocabulary is cut down to the tokenizer's: given ``vocab`` (len(tokenizer)) they
+keep the head's first ``vocab`` rows (a view: the padding rows get no gradient) or the logits' first
+``vocab`` entries, so every distribution, on both sides, is over the tokenizer's tokens only (a
+Qwen2.5-7B head has 152,064 rows, a Qwen2.5-0.5B head 151,936, their tokenizer 151,665 tokens).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from pocl_ray.model_source import ModelSource
-from pocl_ray.models import check_compatible, linear_head, load_model
+from pocl_ray.models import check_head_rows, linear_head, load_model
 from pocl_ray.teacher_cache import (
     CACHE_COLUMNS,
     HIDDEN_COLUMNS,
@@ -49,13 +52,19 @@ class LMOutputs(NamedTuple):
 
     @classmethod
     def of_hidden(
-        cls, hidden: torch.Tensor, head: torch.Tensor, layers: tuple[torch.Tensor, ...] | None = None
+        cls,
+        hidden: torch.Tensor,
+        head: torch.Tensor,
+        layers: tuple[torch.Tensor, ...] | None = None,
+        vocab: int | None = None,
     ) -> LMOutputs:
-        return cls(hidden, head, None, layers)
+        return cls(hidden, head if vocab is None else head[:vocab], None, layers)
 
     @classmethod
-    def of_logits(cls, logits: torch.Tensor, layers: tuple[torch.Tensor, ...] | None = None) -> LMOutputs:
-        return cls(None, None, logits, layers)
+    def of_logits(
+        cls, logits: torch.Tensor, layers: tuple[torch.Tensor, ...] | None = None, vocab: int | None = None
+    ) -> LMOutputs:
+        return cls(None, None, logits if vocab is None else logits[..., :vocab], layers)
 
     @property
     def loss_input(self) -> torch.Tensor:
@@ -75,12 +84,14 @@ class HiddenStatesLM(torch.nn.Module):
     The student is wrapped in this before DDP, so its forward still runs through the DDP module and
     gradients synchronise. The head comes out of the forward as a view, so DDP sees it as used (its
     unused-parameter search starts from the outputs) although it enters the graph in the loss.
+    ``vocab_size`` (len(tokenizer)): the outputs cover those tokens only (`LMOutputs`); None: the whole head.
     """
 
-    def __init__(self, lm: PreTrainedModel, logits: bool = False):
+    def __init__(self, lm: PreTrainedModel, logits: bool = False, vocab_size: int | None = None):
         super().__init__()
         self.lm = lm
         self.logits = logits
+        self.vocab_size = vocab_size
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, output_hidden_states: bool = False
@@ -94,10 +105,10 @@ class HiddenStatesLM(torch.nn.Module):
         }
         if self.logits:
             out = self.lm(**inputs)
-            return LMOutputs.of_logits(out.logits, out.hidden_states)
+            return LMOutputs.of_logits(out.logits, out.hidden_states, self.vocab_size)
         out = self.lm.base_model(**inputs)
         head = self.lm.get_output_embeddings().weight
-        return LMOutputs.of_hidden(out.last_hidden_state, head.view_as(head), out.hidden_states)
+        return LMOutputs.of_hidden(out.last_hidden_state, head.view_as(head), out.hidden_states, self.vocab_size)
 
 
 def logits_form(student: PreTrainedModel, teachers: Iterable[PreTrainedModel] = ()) -> bool:
@@ -131,8 +142,8 @@ class OnlineTeacher:
 
     columns: tuple[str, ...] = ()
 
-    def __init__(self, lm: PreTrainedModel, logits: bool = False):
-        self.model = HiddenStatesLM(lm, logits)
+    def __init__(self, lm: PreTrainedModel, logits: bool = False, vocab_size: int | None = None):
+        self.model = HiddenStatesLM(lm, logits, vocab_size)
 
     @property
     def lm(self) -> PreTrainedModel:
@@ -166,8 +177,8 @@ class CachedHiddenTeacher:
 
     columns: tuple[str, ...] = HIDDEN_COLUMNS
 
-    def __init__(self, head: torch.Tensor, logits: bool = False):
-        self.head, self.logits = head, logits
+    def __init__(self, head: torch.Tensor, logits: bool = False, vocab_size: int | None = None):
+        self.head, self.logits, self.vocab_size = head, logits, vocab_size
 
     def collate(self, rows: Sequence[dict], device: torch.device) -> dict[str, Any]:
         return {"teacher_cache": collate_teacher_cache(rows, device, hidden=True)}
@@ -177,8 +188,8 @@ class CachedHiddenTeacher:
         shape = tuple(batch["labels"].shape)
         hidden = teacher_hidden_states(batch["teacher_cache"], batch["scored_positions"], shape, self.head)
         if self.logits:
-            return LMOutputs.of_logits(F.linear(hidden, self.head))
-        return LMOutputs.of_hidden(hidden, self.head)
+            return LMOutputs.of_logits(F.linear(hidden, self.head), vocab=self.vocab_size)
+        return LMOutputs.of_hidden(hidden, self.head, vocab=self.vocab_size)
 
 
 def _no_layers(layers: bool) -> None:
@@ -211,8 +222,9 @@ class CachedTeachers:
 class OnlineTeachers:
     """The frozen online teachers on the device: the run's teacher (dev_kd_loss is always measured
     against it) and the current stage's checkpoint teacher when that differs; each checked, when it
-    is loaded, to share the student's vocabulary. Stages name their teacher by its config value;
-    `stage_sources` maps each to the model the driver resolved (preflight.stage_sources)."""
+    is loaded, to have a head row for every token of the run's tokenizer (`models.check_head_rows`). Stages
+    name their teacher by its config value; `stage_sources` maps each to the model the driver resolved
+    (preflight.stage_sources)."""
 
     columns: tuple[str, ...] = ()
 
@@ -222,12 +234,11 @@ class OnlineTeachers:
         stage_sources: Mapping[str, ModelSource],
         dtype: torch.dtype,
         device: torch.device,
-        student: PreTrainedModel,
         tokenizer,
         logits: bool,
     ):
         self.teacher, self.stage_sources, self.dtype, self.device = teacher, stage_sources, dtype, device
-        self.student, self.tokenizer, self.logits = student, tokenizer, logits
+        self.tokenizer, self.logits = tokenizer, logits
         self.loaded: dict[ModelSource, OnlineTeacher] = {}
 
     def adopt(self, lm: PreTrainedModel) -> None:
@@ -237,6 +248,10 @@ class OnlineTeachers:
         lm.requires_grad_(False)
         self._add(self.teacher, lm)
 
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
     def get(self, path: str | None = None) -> OnlineTeacher:
         source = self.stage_sources[path] if path else self.teacher
         if source not in self.loaded:
@@ -245,5 +260,5 @@ class OnlineTeachers:
         return self.loaded[source]
 
     def _add(self, source: ModelSource, lm: PreTrainedModel) -> None:
-        check_compatible(lm, self.student, self.tokenizer)
-        self.loaded[source] = OnlineTeacher(lm, self.logits)
+        check_head_rows(lm, self.vocab_size, f"teacher {source.location}")
+        self.loaded[source] = OnlineTeacher(lm, self.logits, self.vocab_size)

@@ -1,12 +1,12 @@
 """One Ray Train worker of a distillation run (`train_func`), top to bottom:
 
     w = setup_worker(config)              # the restored position, the models, the run's teachers, dev batches
-    for each stage from the position on:
+    for each stage from the position on:  #   and the bucket probe's batches
         run = start_stage(...)            # its teacher, optimizer, projection and row reader
         for each step of the stage:       # train_stage
             train_step(...)               # rows -> batches -> step.accumulate_gradients -> optimizer step
             end = end_of_step(...)        # dev losses, plateau, selection candidate, checkpoint: one decision
-            record_candidate / report_checkpoint / end the stage, as `end` says
+            record_candidate / probe_buckets / report_checkpoint / end the stage, as `end` says
 
 The step itself is step.py (pure torch); this module is the Ray glue around it: the coordinator actor
 (stages, epoch shards, plateaus, selection candidates, step records), the read-ahead of the rows
@@ -34,7 +34,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from pocl_ray.config import KDConfig, RunConfig
+from pocl_ray.conversations import stop_token_ids
 from pocl_ray.curriculum import Stage, StageSpec, lr_at
 from pocl_ray.evaluation import greedy_rouge_sum
 from pocl_ray.extraction import layer_projection
@@ -57,10 +58,11 @@ from pocl_ray.models import (
     student_from_teacher,
 )
 from pocl_ray.preflight import STUDENT, TEACHER, TOKENIZER, Sources, from_wire
-from pocl_ray.progress import duration
+from pocl_ray.probes import is_probe, probe_record
+from pocl_ray.progress import duration, progress_line
 from pocl_ray.sampling import sample_on_policy
 from pocl_ray.seeds import stream_seed
-from pocl_ray.shards import ROW_COLUMNS, ScoresIndex, StepReader
+from pocl_ray.shards import ROW_COLUMNS, ScoresIndex, StepReader, read_rows
 from pocl_ray.teacher_cache import load_head
 from pocl_ray.training.step import (
     StepValues,
@@ -71,6 +73,7 @@ from pocl_ray.training.step import (
     dev_losses,
     length_grouped,
     optimizer_step,
+    probe_losses,
     unwrap,
 )
 from pocl_ray.training.teacher import (
@@ -127,6 +130,8 @@ class Worker:
     dev_batches: list[dict[str, Any]]  # the same rows, batched for the dev losses
     log: StepLog | None  # rank 0 only
     best_dir: Path | None  # rank 0 only: a local copy of the best selection candidate's student
+    probe_batches: list[list[dict[str, Any]]] = field(default_factory=list)  # per bucket, this worker's probe rows
+    probe_rows: list[int] = field(default_factory=list)  # per bucket, the probe rows of all workers
 
 
 @dataclass
@@ -192,8 +197,9 @@ def start_stage(
         index=index,
         spec=spec,
         teacher=teacher,
-        # Loaded (kept beside a stage's own) only for the dev losses: without a dev set nothing reads it.
-        final_teacher=w.teachers.get() if w.dev_batches else teacher,
+        # Loaded (kept beside a stage's own) only for the dev losses and the bucket probe: without
+        # either nothing reads it.
+        final_teacher=w.teachers.get() if w.dev_batches or w.probe_batches else teacher,
         optimizer=stage_optimizer(w, stage, position.stage_step, optimizer, resuming=index == w.start.stage),
         projection=None if projection is None else projection.to(w.device),
         rows=reader if reader is not None else stage_reader(w, index, position.stage_step),
@@ -205,15 +211,17 @@ def train_stage(w: Worker, run: StageRun, position: Position) -> Position:
     training = w.cfg.training
     step, samples = position.step, position.samples
     for stage_step in range(position.stage_step + 1, run.spec.steps + 1):
-        values = train_step(w, run, step, stage_step)
-        step += 1
         samples += rows_in_step(run.spec, stage_step, training.global_batch_size)
+        values = train_step(w, run, step, stage_step, samples)
+        step += 1
         end = end_of_step(w, run, stage_step, step)
         position = Position(run.index, stage_step, step, samples)
         if end.stage_done:
             position = Position(run.index + 1, 0, step, samples)
         if end.select:
             record_candidate(w, step, run.index, samples, end.dev)
+        if end.stage_done or end.select:
+            probe_buckets(w, run, step, samples, "stage_end" if end.stage_done else "candidate")
         if end.checkpoint:
             metrics = {
                 "step": step,
@@ -230,10 +238,11 @@ def train_stage(w: Worker, run: StageRun, position: Position) -> Position:
     return Position(run.index + 1, 0, step, samples)
 
 
-def train_step(w: Worker, run: StageRun, step: int, stage_step: int) -> StepValues:
-    """Step ``stage_step`` of the stage (``step`` steps of the run done before it): its rows, batched
-    (with on-policy samples where the stage asks for them), forward and backward, the optimizer step;
-    rank 0 logs it. Seeded by (run seed, step, rank), so a restart replays it."""
+def train_step(w: Worker, run: StageRun, step: int, stage_step: int, samples: int) -> StepValues:
+    """Step ``stage_step`` of the stage (``step`` steps of the run done before it, ``samples`` rows
+    of the run done with it): its rows, batched (with on-policy samples where the stage asks for them),
+    forward and backward, the optimizer step; rank 0 logs it. Seeded by (run seed, step, rank), so a
+    restart replays it."""
     training, stage = w.cfg.training, run.stage
     started = (time.perf_counter(), time.thread_time())
     seed = stream_seed(training.seed, step, w.rank)
@@ -256,7 +265,7 @@ def train_step(w: Worker, run: StageRun, step: int, stage_step: int) -> StepValu
     )
     grad_norm = optimizer_step(w.student, run.optimizer, lr, training.grad_clip)
     if w.log is not None:
-        meta = step_meta(step + 1, stage_step, stage, run.spec, lr, started)
+        meta = step_meta(step + 1, stage_step, samples, stage, run.spec, lr, started)
         w.log.add({**meta, "data_wait": data_wait}, values, grad_norm)
     return values
 
@@ -316,7 +325,7 @@ def setup_worker(config: dict) -> Worker:
     # tables, masks) are constants in these models, so they are not re-synced every forward.
     hidden_stages = any(s.stage.target == "hidden" for s in specs)
     student = ray.train.torch.prepare_model(
-        HiddenStatesLM(student_lm, logits),
+        HiddenStatesLM(student_lm, logits, len(tokenizer)),
         parallel_strategy_kwargs={"find_unused_parameters": hidden_stages, **_NO_BUFFER_SYNC},
     )
     dev_rows = config["dev_rows"][rank::world]
@@ -329,7 +338,7 @@ def setup_worker(config: dict) -> Worker:
         else []
     )
     start = Position(**state["position"])
-    return Worker(
+    w = Worker(
         cfg=cfg,
         rank=rank,
         world=world,
@@ -348,6 +357,9 @@ def setup_worker(config: dict) -> Worker:
         log=StepLog(coord, specs, start.step) if rank == 0 else None,
         best_dir=best_dir,
     )
+    w.probe_rows = [len(r) for r in config["probe_ranks"]]
+    w.probe_batches = [probe_share(w, np.asarray(r)[rank::world]) for r in config["probe_ranks"]]
+    return w
 
 
 def restore(coord: Any, rank: int, best_dir: Path | None) -> tuple[dict, Any, dict | None]:
@@ -392,14 +404,14 @@ def run_teachers(
         logits = logits_form(student_lm)
         if config["teacher_cache"].get("form") == "hidden":
             head = load_head(config["scores_dir"], dtype, device)
-            return CachedTeachers(CachedHiddenTeacher(head, logits)), logits
+            return CachedTeachers(CachedHiddenTeacher(head, logits, len(tokenizer))), logits
         return CachedTeachers(CachedTopKTeacher()), logits
     teacher = from_wire(config["models"])[TEACHER]
     stage_sources = from_wire(config["stage_teachers"])
     distinct = dict.fromkeys([teacher, *stage_sources.values()])
     teacher_models = [cut_from if s == teacher and cut_from is not None else meta_model(s) for s in distinct]
     logits = logits_form(student_lm, teacher_models)
-    teachers = OnlineTeachers(teacher, stage_sources, dtype, device, student_lm, tokenizer, logits)
+    teachers = OnlineTeachers(teacher, stage_sources, dtype, device, tokenizer, logits)
     if cut_from is not None:
         teachers.adopt(cut_from)
     return teachers, logits
@@ -463,17 +475,19 @@ def with_on_policy(
     model: Any, rows: list[dict], kd: KDConfig, tokenizer: Any, max_length: int, seed: int, row_offset: int
 ) -> list[dict]:
     """The first round(fraction x rows) rows of a micro-batch (already in random order) replaced by
-    the student's own samples for their prompts."""
+    the student's own samples for their prompts: tokenizer ids only (never a padding row of its head),
+    each ending at eos or the chat template's end of turn (`conversations.stop_token_ids`)."""
     n = math.floor(kd.on_policy_fraction * len(rows) + 0.5)
     sampled = sample_on_policy(
         model,
         rows[:n],
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_token_ids(tokenizer),
         max_new_tokens=kd.on_policy_max_new_tokens,
         max_length=max_length,
         seed=seed,
         row_offset=row_offset,
+        vocab_size=len(tokenizer),
     )
     return sampled + rows[n:]
 
@@ -483,7 +497,8 @@ def with_on_policy(
 
 
 def measure_dev(w: Worker, run: StageRun) -> dict[str, float]:
-    """The stage's dev losses (`step.dev_losses`), over every worker's dev batches."""
+    """The stage's dev losses (`step.dev_losses`), over every worker's dev batches; rank 0 prints a
+    progress line for its share when they take a while."""
     return dev_losses(
         w.student,
         run.teacher,
@@ -494,6 +509,68 @@ def measure_dev(w: Worker, run: StageRun) -> dict[str, float]:
         projection=run.projection,
         normalize=w.cfg.curriculum.extraction.normalize,
         autocast=w.autocast,
+        on_batch=row_progress_printer(progress_label(w, "dev losses"), len(w.dev_rows)) if w.rank == 0 else None,
+    )
+
+
+def progress_label(w: Worker, what: str) -> str:
+    """`train: what` for rank 0's progress lines of work every worker shares, whose rows are rank 0's share."""
+    return f"train: {what}" + (f", rank 0 of {w.world}" if w.world > 1 else "")
+
+
+def row_progress_printer(what: str, total: int, every_s: float = PRINT_SECONDS) -> Callable[[int], None]:
+    """A hook that counts rows done out of `total` and prints `progress.progress_line` every
+    `every_s` seconds, and once more at the end when it printed before: long work speaks, short
+    work stays quiet."""
+    started = time.perf_counter()
+    done, shown, printed = 0, started, False
+
+    def advance(rows: int) -> None:
+        nonlocal done, shown, printed
+        done += rows
+        now = time.perf_counter()
+        if now - shown >= every_s or (printed and done >= total):
+            print(progress_line(what, done, total, now - started), flush=True)
+            shown, printed = now, True
+
+    return advance
+
+
+def probe_share(w: Worker, ranks: np.ndarray) -> list[dict[str, Any]]:
+    """This worker's probe rows of one bucket (its share of the ranks), batched as the dev rows are;
+    no rows gives one all-masked batch that keeps the worker in the collectives."""
+    rows = read_rows(w.scores, ranks, (*ROW_COLUMNS, *w.teachers.columns))
+    micro, teacher = w.cfg.training.micro_batch_size, w.teachers.get()
+    return [
+        build_batch(rows[i : i + micro], w.tokenizer.pad_token_id, w.device, teacher)
+        for i in range(0, max(len(rows), 1), micro)
+    ]
+
+
+def probe_buckets(w: Worker, run: StageRun, step: int, samples: int, at: str) -> None:
+    """The bucket probe (probes.py), at a stage end or selection candidate: every worker measures its
+    share of each bucket's fixed rows (`step.probe_losses`) and rank 0 queues one record per bucket
+    behind the step records, so they reach metrics.jsonl and the trackers in step order."""
+    if not w.probe_batches:
+        return
+    values = probe_losses(w.student, run.final_teacher, w.probe_batches, run.stage, w.cfg.kd, autocast=w.autocast)
+    if w.log is None:
+        return
+    w.log.queue(
+        [
+            probe_record(
+                step=step,
+                stage=run.index,
+                samples=samples,
+                at=at,
+                bucket=b,
+                rows=rows,
+                tokens=n,
+                kd_loss=kd,
+                ce_loss=ce,
+            )
+            for b, (rows, (kd, ce, n)) in enumerate(zip(w.probe_rows, values))
+        ]
     )
 
 
@@ -523,6 +600,7 @@ def dev_rouge(w: Worker) -> float:
         max_length=w.cfg.data.max_length,
         batch_size=e.batch_size,
         autocast=w.autocast,
+        progress=progress_label(w, "dev ROUGE-L") if w.rank == 0 else None,
     )
     lm.train(was_training)
     sums = _all_reduce(torch.tensor([total, len(w.dev_rows)], dtype=torch.float64, device=w.device)).tolist()
@@ -541,6 +619,7 @@ def record_candidate(w: Worker, step: int, stage_index: int, samples: int, dev: 
         "samples": samples,
         "dev_rougeL": dev_rouge(w),
         "dev_kd_loss": dev["dev_kd_loss"],
+        "dev_loss": dev["dev_loss"],
     }
     if w.rank != 0:
         return
@@ -624,16 +703,18 @@ def report_checkpoint(
 
 
 def step_meta(
-    step: int, stage_step: int, stage: Stage, spec: StageSpec, lr: float, started: tuple[float, float]
+    step: int, stage_step: int, samples: int, stage: Stage, spec: StageSpec, lr: float, started: tuple[float, float]
 ) -> dict:
-    """A metrics.jsonl line without the numbers still on the device. `seconds` is the step's wall
-    time as the host saw it, `cpu_seconds` the training thread's CPU time in it (robust to other
-    processes on a shared machine), `time` its end."""
+    """A metrics.jsonl line without the numbers still on the device. `samples` is the rows of the run
+    trained on up to this step (with it), `seconds` the step's wall time as the host saw it,
+    `cpu_seconds` the training thread's CPU time in it (robust to other processes on a shared
+    machine), `time` its end."""
     record: dict[str, Any] = {
         "step": step,
         "stage": stage.index,
         "epoch": spec.epoch_of(stage_step - 1),
         "stage_step": stage_step,
+        "samples": samples,
         "temperature": stage.temperature,
         "kd_weight": stage.kd_weight,
         "pool_rows": spec.pool_rows,
@@ -677,6 +758,11 @@ class StepLog:
                 ray.get(self.in_flight)
             self.in_flight, self.unsent = self.coord.log.remote(self.unsent), []
 
+    def queue(self, records: list[dict]) -> None:
+        """Records measured between steps (the bucket probe), sent behind the steps before them."""
+        self._read_back()
+        self.unsent.extend(records)
+
     def take(self) -> list[dict]:
         """Every record not yet sent (for the checkpoint, which appends them itself)."""
         self._read_back()
@@ -711,12 +797,13 @@ class StepLog:
         self.last_flush = time.perf_counter()
 
     def _print(self) -> None:
-        if not self.unsent:
+        steps = [x for x in self.unsent if not is_probe(x)]
+        if not steps:
             return
-        r = self.unsent[-1]
+        r = steps[-1]
         done = r["step"] - self.first_step
         elapsed = time.perf_counter() - self.started
-        tokens = sum(x["tokens"] for x in self.unsent) / max(sum(x["seconds"] for x in self.unsent), 1e-9)
+        tokens = sum(x["tokens"] for x in steps) / max(sum(x["seconds"] for x in steps), 1e-9)
         eta = elapsed / max(done, 1) * (self.total_steps - r["step"])
         print(
             f"[train] stage {r['stage'] + 1}/{len(self.specs)} step {r['step']}/{self.total_steps} "
