@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -46,7 +47,8 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from pocl_ray.config import ConfigError, RunConfig
+from pocl_ray import storage
+from pocl_ray.config import ConfigError, RunConfig, is_uri
 from pocl_ray.data import collate, scored_mask
 from pocl_ray.logprobs import LOG_FLOOR
 from pocl_ray.model_source import ModelSource
@@ -456,28 +458,38 @@ def save_teacher_head(teacher: ModelLocation, directory: str | Path, vocab_size:
 
 
 def load_head(directory: str | Path, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    from safetensors.torch import load_file
+    """The stored head, from a local scores directory (memory-mapped) or one in object storage."""
+    from safetensors.torch import load, load_file
 
-    return load_file(str(Path(directory) / HEAD_FILE))["weight"].to(device, dtype)
+    path = storage.join(directory, HEAD_FILE)
+    weights = load(storage.read_bytes(path, "scores")) if is_uri(path) else load_file(path)
+    return weights["weight"].to(device, dtype)
+
+
+def _head_shape(path: str) -> tuple[int, ...] | None:
+    """The stored head's shape from the safetensors header alone (an 8-byte little-endian length, then
+    that many bytes of JSON): the driver checks a head in a bucket without downloading its weights."""
+    filesystem, inner = storage.resolve(path)
+    with filesystem.open_input_file(inner) as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    return tuple(header["weight"]["shape"]) if "weight" in header else None
 
 
 # ---------------------------------------------------------------------------------------------
 # Before training: the scores hold the cache the config asks for
 
 
-def _check_hidden_entry(entry: dict, directory: Path) -> None:
+def _check_hidden_entry(entry: dict, directory: str) -> None:
     if entry.get("group_size") != HIDDEN_GROUP:
         raise ConfigError(
             f"kd.teacher: cached: the teacher cache at {directory} groups {entry.get('group_size')} channels "
             f"per scale, this version reads {HIDDEN_GROUP}; {_FIX}"
         )
-    head = directory / HEAD_FILE
-    if not head.is_file():
+    head = storage.join(directory, HEAD_FILE)
+    if not storage.is_file(head, "scores"):
         raise ConfigError(f"kd.teacher: cached: the teacher's LM head {head} is missing; {_FIX}")
-    from safetensors import safe_open
-
-    with safe_open(str(head), "pt") as f:
-        shape = tuple(f.get_slice("weight").get_shape()) if "weight" in f.keys() else None
+    shape = _head_shape(head)
     if shape != (entry["vocab_size"], entry["hidden_size"]):
         raise ConfigError(
             f"kd.teacher: cached: the LM head {head} is {shape}, expected "
@@ -485,7 +497,7 @@ def _check_hidden_entry(entry: dict, directory: Path) -> None:
         )
 
 
-def _check_top_k_entry(entry: dict, directory: Path, cfg: RunConfig) -> None:
+def _check_top_k_entry(entry: dict, directory: str, cfg: RunConfig) -> None:
     if entry.get("tail_temperatures") != list(TAIL_TEMPERATURES):
         raise ConfigError(
             f"kd.teacher: cached: the teacher cache at {directory} stores its tail at temperatures "
@@ -504,7 +516,7 @@ def _check_top_k_entry(entry: dict, directory: Path, cfg: RunConfig) -> None:
         )
 
 
-def _check_form(entry: dict, directory: Path, cfg: RunConfig) -> None:
+def _check_form(entry: dict, directory: str, cfg: RunConfig) -> None:
     """The stored form, and its parameters, are the ones cfg asks for and this version reads."""
     form = entry.get("form", "top_k")
     if cfg.scoring.teacher_hidden and form != "hidden":
@@ -524,7 +536,7 @@ def _check_form(entry: dict, directory: Path, cfg: RunConfig) -> None:
 
 
 def _check_models(
-    manifest: dict, entry: dict, directory: Path, cfg: RunConfig, teacher: ModelSource, vocab_size: int
+    manifest: dict, entry: dict, directory: str, cfg: RunConfig, teacher: ModelSource, vocab_size: int
 ) -> None:
     """The cache is the run's teacher's (the same folder, Hub commit or URI version), over the run's
     tokenizer (whose `vocab_size` tokens every model's head covers: `models.check_tokenizers`)."""
@@ -542,10 +554,11 @@ def _check_models(
         )
 
 
-def _check_columns(data: Path, entry: dict) -> None:
+def _check_columns(data: str, entry: dict) -> None:
     import pyarrow.dataset as pds
 
-    schema = pds.dataset(str(data), format="parquet").schema
+    filesystem, inner = storage.resolve(data)
+    schema = pds.dataset(inner, filesystem=filesystem, format="parquet").schema
     expected = arrow_types(entry["top_k"], entry["vocab_size"], entry.get("hidden_size"))
     missing = [c for c in expected if c not in schema.names]
     wrong = [
@@ -569,12 +582,12 @@ def check_teacher_cache(
     if cfg.kd.teacher != "cached":
         return None
     directory = scores_dir_of(scores_path)
-    manifest_path = directory / MANIFEST_FILE
-    if not manifest_path.is_file():
+    manifest_path = storage.join(directory, MANIFEST_FILE)
+    if not storage.is_file(manifest_path, "scores"):
         raise FileNotFoundError(
             f"kd.teacher: cached: no scoring manifest at {manifest_path}; run `pocl-ray score` first"
         )
-    manifest = json.loads(manifest_path.read_text())
+    manifest = storage.read_json(manifest_path, "scores")
     entry = manifest.get("teacher_cache")
     if not entry:
         raise ConfigError(
@@ -585,7 +598,7 @@ def check_teacher_cache(
     if teacher is None:
         teacher = ModelSource("local", str(Path(cfg.models.teacher).resolve()))
     _check_models(manifest, entry, directory, cfg, teacher, vocab_size)
-    _check_columns(directory / manifest["scores_path"], entry)
+    _check_columns(storage.join(directory, manifest["scores_path"]), entry)
     return entry
 
 

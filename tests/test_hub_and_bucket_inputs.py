@@ -1,7 +1,8 @@
-"""Models by Hub id and data in a bucket, through the stages (issue 24, phase 2): the command's preflight
-checks the data and resolves each model once on the driver, before any Ray work; the scoring actors and
-the training workers load the models from the resolved sources; the manifest, plan and report record
-the pinned revision.
+"""Models by Hub id, data and scores in a bucket, checkpoints in a bucket (issue 24, phase 2): the
+command's preflight checks the data and resolves each model once on the driver, before any Ray work; the
+scoring actors and the training workers load the models from the resolved sources; the manifest, plan and
+report record the pinned revision; training reads its scores (rows, manifest, the cached teacher's head)
+from a bucket, writes its checkpoints to one (training.storage_path) and resumes from them.
 
 The Hub is huggingface_hub's real resolution and download code against a cache in the hub's own layout
 (conftest.put_in_hub_cache) under a temporary HF_HOME with HF_HUB_OFFLINE=1, set in the environment
@@ -11,12 +12,16 @@ S3 server (conftest `s3`)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 
 import pyarrow.dataset as pds
 import pytest
 import yaml
 from conftest import local_ray, put_in_hub_cache
-from training_helpers import run_config, write_scores
+from training_helpers import read_metrics, run_config, train_worker_pids, write_scores
 
 from pocl_ray import storage
 from pocl_ray.cli import main
@@ -163,3 +168,99 @@ def test_training_loads_the_teacher_by_hub_id_at_a_revision(hub_ray, tiny_assets
         steps = [r for r in map(json.loads, result.metrics_path.read_text().splitlines()) if "kd_loss" in r]
         losses[revision] = steps[0]["kd_loss"]  # the first step: the same student and rows, another teacher
     assert losses["v1"] != losses[None], "both revisions gave the same teacher"
+
+
+@pytest.mark.ray
+def test_training_reads_scores_and_the_cached_teacher_head_from_a_bucket(hub_ray, s3, tiny_assets, tmp_path):
+    """`pocl-ray train --scores s3://...`: the driver checks the manifest, the rows' columns and the
+    teacher head's shape in the bucket, and the workers read their rows and the head from it; the
+    steps are those of the same scores read from the local folder."""
+    from pocl_ray.training.driver import train
+
+    local = write_scores(tmp_path / "scores_run", tiny_assets, num_buckets=2, cache_form="hidden")
+    bucket = s3.bucket()
+    storage.copy_folder(local, f"{bucket}/scores")
+    overrides = {
+        "curriculum.num_buckets": 2,
+        "curriculum.epochs_per_stage": None,
+        "curriculum.steps_per_stage": 2,
+        "data.dev": None,
+        "kd.teacher": "cached",
+        "scoring.teacher_hidden": True,
+        "training.checkpoint_every": 100,
+    }
+    steps = {}
+    for name, scores in (("bucket", f"{bucket}/scores"), ("local", local)):
+        since = len(s3.requests)
+        result = train(run_config(tiny_assets, tmp_path / name, name=f"scores-{name}", **overrides), scores)
+        assert result.steps == 4
+        bucket_name = bucket.removeprefix("s3://")
+        for key in ("rows.parquet", "teacher_head.safetensors"):
+            read = s3.object_reads(f"{bucket_name}/scores/{key}", since)
+            assert bool(read) == (name == "bucket"), (name, key)
+        steps[name] = [(r["step"], r["tokens"], r["kd_loss"]) for r in read_metrics(result.metrics_path)]
+    assert steps["bucket"] == steps["local"]
+
+
+def _bucket_checkpoints(prefix: str) -> list[str]:
+    """The step_* checkpoints Ray Train has committed under prefix (its snapshot lists them)."""
+    files = storage.list_files(prefix)
+    if not any(f.endswith("/checkpoint_manager_snapshot.json") for f in files):
+        return []
+    return sorted({f.split("/")[-2] for f in files if f.split("/")[-2].startswith("step_")})
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_worker_resumes_from_its_checkpoint_in_a_bucket(hub_ray, s3, tiny_assets, tmp_path):
+    """training.storage_path in a bucket: the checkpoints are written there (nothing under the local
+    output folder), and after a training worker is killed the restarted worker group reads the last
+    checkpoint back from the bucket and finishes the plan."""
+    from pocl_ray.training.driver import train
+
+    scores = write_scores(tmp_path / "scores_run", tiny_assets, num_buckets=2)
+    checkpoints = f"{s3.bucket()}/checkpoints"
+    cfg = run_config(
+        tiny_assets,
+        tmp_path / "run",
+        name="bucket-resume",
+        **{
+            "curriculum.num_buckets": 2,
+            "data.dev": None,
+            "training.checkpoint_every": 2,
+            "training.max_failures": 1,
+            "training.storage_path": checkpoints,
+        },
+    )
+    run_prefix = f"{checkpoints}/{cfg.name}"
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["result"] = train(cfg, scores)
+        except BaseException as err:
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.time() + 300
+    while not _bucket_checkpoints(run_prefix) and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.2)
+    pids = train_worker_pids()
+    assert pids and thread.is_alive(), f"the run ended before a checkpoint was taken: {outcome}"
+    since = len(s3.requests)
+    killed_at = time.time()
+    os.kill(pids[-1], signal.SIGKILL)
+    thread.join(timeout=420)
+    assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
+    result = outcome["result"]
+
+    records = read_metrics(result.metrics_path)
+    assert [r["step"] for r in records] == list(range(1, result.steps + 1)) and result.stages_completed == 2
+    kept = [r["step"] for r in records if r["time"] < killed_at]
+    assert kept and len(kept) < len(records), "steps before the kill were kept, the rest trained after it"
+    bucket_name = checkpoints.removeprefix("s3://")
+    restored = s3.object_reads(f"{bucket_name}/{cfg.name}/step_", since)
+    assert any(r[1].endswith("/coordinator.json") for r in restored), "the restart read its checkpoint from the bucket"
+    assert result.checkpoint_path.startswith(run_prefix.removeprefix("s3://"))
+    assert not (tmp_path / "run" / "train" / "checkpoints").exists()

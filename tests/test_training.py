@@ -21,7 +21,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from training_helpers import committed_checkpoints, expected_tokens, read_metrics, read_probes, run_config, write_scores
+from training_helpers import (
+    committed_checkpoints,
+    expected_tokens,
+    read_metrics,
+    read_probes,
+    run_config,
+    train_worker_pids,
+    write_scores,
+)
 
 from pocl_ray.config import ConfigError
 from pocl_ray.curriculum import lr_at, plan_from_config, stage_specs
@@ -655,28 +663,6 @@ def test_two_workers_match_one_worker_on_the_combined_batch(tiny_assets, tmp_pat
 
 
 # -- exact resume: a run killed after a checkpoint, re-run with the same name --------------------
-
-
-def train_worker_pids() -> list[int]:
-    """PIDs of Ray Train workers among this test process's descendants (never another cluster's)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [os.getpid()]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            todo.append(child)
-            try:
-                if b"RayTrainWorker" in Path(f"/proc/{child}/cmdline").read_bytes():
-                    found.append(child)
-            except OSError:
-                continue
-    return found
 
 
 @ray_test

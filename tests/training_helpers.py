@@ -4,6 +4,7 @@ it, a small training config, and readers for what a training run leaves behind."
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -168,3 +169,25 @@ def committed_checkpoints(storage: Path) -> list[str]:
         return sorted(d.name for d in storage.glob("step_*")) if json.loads(snapshot.read_text()) else []
     except json.JSONDecodeError:
         return []
+
+
+def train_worker_pids() -> list[int]:
+    """PIDs of Ray Train workers among this test process's descendants (never another cluster's)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [os.getpid()]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            todo.append(child)
+            try:
+                if b"RayTrainWorker" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    found.append(child)
+            except OSError:
+                continue
+    return found

@@ -30,7 +30,8 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from pocl_ray.config import ConfigError, RunConfig
+from pocl_ray import storage
+from pocl_ray.config import ConfigError, RunConfig, is_uri
 from pocl_ray.coordinator import best_candidate, coordinator
 from pocl_ray.curriculum import Plan, StageSpec, plan_from_config, stage_specs
 from pocl_ray.data import read_table, validate_and_tokenize
@@ -148,7 +149,7 @@ def _check_plan(cfg: RunConfig, plan: Plan, sources: Sources) -> None:
             )
 
 
-def _num_ranked_rows(dataset: pads.Dataset, scores_dir: Path) -> int:
+def _num_ranked_rows(dataset: pads.Dataset, scores_dir: str | Path) -> int:
     missing = [c for c in SCORE_COLUMNS if c not in dataset.schema.names]
     if missing:
         raise ValueError(f"scores at {scores_dir} lack the columns {missing}; re-run `pocl-ray score`")
@@ -253,8 +254,8 @@ class RunInputs:
 
     sources: Sources  # the models, resolved on the driver (preflight.py)
     stage_teachers: Sources  # each stage teacher the plan names, resolved (preflight.stage_sources)
-    scores_dir: Path
-    scores: Path  # the ranked rows
+    scores_dir: str | Path  # a local folder or an object-storage URI
+    scores: str  # the ranked rows, in scores_dir's form
     teacher_cache: dict | None  # the manifest's cache entry (kd.teacher: cached)
     num_rows: int
     index: ScoresIndex
@@ -289,7 +290,10 @@ def train(
     started = time.time()
     sources = check_inputs(cfg) if sources is None else sources
     out = Path(cfg.output.dir).resolve() / "train"
-    scores_dir = out.parent / "scores" if scores_dir is None else Path(scores_dir).resolve()
+    if scores_dir is None:
+        scores_dir = out.parent / "scores"
+    elif not is_uri(scores_dir):
+        scores_dir = Path(scores_dir).resolve()
     inputs = prepare(cfg, scores_dir, plan, sources)
     out.mkdir(parents=True, exist_ok=True)
     plan_path = write_plan(out / "plan.json", inputs, cfg.training.global_batch_size)
@@ -298,14 +302,15 @@ def train(
     return export(cfg, out, inputs, result, plan_path, started)
 
 
-def prepare(cfg: RunConfig, scores_dir: Path, plan: Plan | None, sources: Sources) -> RunInputs:
+def prepare(cfg: RunConfig, scores_dir: str | Path, plan: Plan | None, sources: Sources) -> RunInputs:
     """Everything a run needs, checked on the driver before any Ray work: the scores (and their teacher
     cache), the plan and its stage lengths, the dev rows; the models (`sources`) the preflight resolved."""
     scores = scores_path(scores_dir)
     # The models and their tokenizers, before anything reads them.
     vocab = check_tokenizers(cfg.models, sources=sources)
     cache_entry = check_teacher_cache(scores_dir, cfg, vocab, sources[TEACHER])
-    num_rows = _num_ranked_rows(pads.dataset(str(scores), format="parquet"), scores_dir)
+    filesystem, inner = storage.resolve(scores)
+    num_rows = _num_ranked_rows(pads.dataset(inner, filesystem=filesystem, format="parquet"), scores_dir)
     index = ScoresIndex(scores)
     plan = plan if plan is not None else run_plan(cfg, sources)
     _check_plan(cfg, plan, sources)
