@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from pocl_ray.config import ConfigError, RunConfig, load_config
+from pocl_ray.preflight import check_inputs
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
@@ -24,8 +25,9 @@ def _score(args: argparse.Namespace) -> None:
     from pocl_ray.scoring import format_summary, score_dataset
 
     cfg = _config(args)
+    sources = check_inputs(cfg)
     init_ray()
-    result = score_dataset(cfg)
+    result = score_dataset(cfg, sources)
     print(format_summary(result.manifest))
 
 
@@ -34,8 +36,9 @@ def _train(args: argparse.Namespace) -> None:
     from pocl_ray.training.driver import train
 
     cfg = _config(args)
+    sources = check_inputs(cfg, args.scores)
     init_ray()
-    result = train(cfg, scores_dir=args.scores)
+    result = train(cfg, scores_dir=args.scores, sources=sources)
     print(f"student saved to {result.student_dir}")
 
 
@@ -45,9 +48,10 @@ def _eval(args: argparse.Namespace) -> None:
     from pocl_ray.training.driver import selected_student
 
     cfg = _config(args)
+    sources = check_inputs(cfg)
     init_ray()
     model = args.model or str(selected_student(Path(cfg.output.dir) / "train", cfg.eval.checkpoint))
-    result = evaluate(cfg, model, label=args.label)
+    result = evaluate(cfg, model, label=args.label, sources=sources)
     print(f"results written to {result.results_path}")
 
 

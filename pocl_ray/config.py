@@ -102,7 +102,7 @@ def _local_for_now(value: str) -> str:
         raise ValueError(
             "a URI is not supported here yet: this setting is still opened as a local file or folder (on a "
             "cluster: a shared filesystem mounted at the same path on every node); copy or mount it locally. "
-            "Of the path settings only training.storage_path takes a URI"
+            "Of the path settings data.*, eval.sets[].path, models.* and training.storage_path take URIs"
         )
     return value
 
@@ -151,10 +151,11 @@ def _source_kind(value: Any) -> str:
     return _SOURCE_TAGS[1] if isinstance(value, (dict, HFDataset)) else _SOURCE_TAGS[0]
 
 
-# A local file or folder (a string), or a dataset by name (a mapping: {dataset, split, subset}); the
-# discriminator picks the one branch whose errors are reported, so a bad mapping is not also "not a string".
+# A local file or folder or an object-storage URI (a string), or a dataset by name (a mapping: {dataset,
+# split, subset}); the discriminator picks the one branch whose errors are reported, so a bad mapping is
+# not also "not a string".
 DataSource = Annotated[
-    Annotated[LocalPath, Tag(_SOURCE_TAGS[0])] | Annotated[HFDataset, Tag(_SOURCE_TAGS[1])], Discriminator(_source_kind)
+    Annotated[PathOrURI, Tag(_SOURCE_TAGS[0])] | Annotated[HFDataset, Tag(_SOURCE_TAGS[1])], Discriminator(_source_kind)
 ]
 
 
@@ -203,31 +204,21 @@ class DataConfig(_Section):
 
 
 class ModelsConfig(_Section):
-    teacher: LocalPath = Field(description="path to a Hugging Face causal-LM folder")
-    student: LocalPath | None = Field(None, description="student folder; None = cut from the teacher")
+    # Each model is a local folder, a Hugging Face Hub id (org/name, optionally org/name@revision) or an
+    # object-storage URI, resolved and pinned on the driver before any Ray work (model_source.py).
+    teacher: PathOrURI = Field(description="a Hugging Face causal LM: a local folder, a Hub id org/name or a URI")
+    student: PathOrURI | None = Field(None, description="the student (as teacher); None = cut from the teacher")
     student_layers: list[int] | None = Field(
         None, description="teacher layers kept when the student is cut from the teacher"
     )
     student_keep_every: int = Field(2, ge=1, description="keep every k-th teacher layer when cutting")
-    tokenizer: LocalPath | None = Field(None, description="tokenizer folder; default: the teacher's")
+    tokenizer: PathOrURI | None = Field(None, description="the tokenizer (as teacher); default: the teacher's")
     revision: str | None = Field(
         None,
         description="branch, tag or commit of models.teacher (and of the default tokenizer, the teacher's) "
         "when it is a Hugging Face Hub id; resolved once on the driver to a commit (model_source.py)",
     )
     dtype: DType = "auto"
-
-    @field_validator("revision")
-    @classmethod
-    def _revision_for_now(cls, value: str | None) -> str | None:
-        # model_source.resolve_model pins Hub ids; no stage calls it yet (issue 24), so a revision
-        # would be silently ignored.
-        if value is not None:
-            raise ValueError(
-                "Hub ids are not resolved by the stages yet: download the model and set models.teacher "
-                "to its folder (e.g. `hf download ORG/NAME --revision REV --local-dir DIR`)"
-            )
-        return value
 
 
 class ScoringConfig(_Section):
@@ -311,10 +302,10 @@ class ExtractionConfig(_Section):
 
 
 class ProgressiveConfig(_Section):
-    teacher_checkpoints: list[LocalPath] = Field(
+    teacher_checkpoints: list[PathOrURI] = Field(
         default_factory=list,
-        description="teacher checkpoint folders, earliest first; the plan then ends on "
-        "models.teacher (the final teacher) unless this list already ends on it",
+        description="teacher checkpoints (folders, Hub ids or URIs, as models.teacher), earliest first; "
+        "the plan then ends on models.teacher (the final teacher) unless this list already ends on it",
     )
     steps_per_checkpoint: int = Field(100, gt=0)
     final_steps: int | None = Field(
@@ -515,7 +506,7 @@ class TrainingConfig(_Section):
 
 class EvalSet(_Section):
     name: str
-    path: DataSource = Field(description="as data.train: a local file or folder, or {dataset, split, subset}")
+    path: DataSource = Field(description="as data.train: a local file or folder, a URI, or {dataset, split, subset}")
     max_rows: int | None = Field(None, gt=0)
 
 

@@ -43,8 +43,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pocl_ray import conversations, hf_datasets
-from pocl_ray.config import HFDataset
+from pocl_ray import conversations, hf_datasets, storage
+from pocl_ray.config import HFDataset, is_uri
 
 IGNORE_INDEX = -100  # a label no loss scores: prompt tokens and padding
 
@@ -88,8 +88,8 @@ _HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 # Reading
 
 
-def _file_format(path: Path) -> str | None:
-    name = path.name.lower()
+def _file_format(path: str | Path) -> str | None:
+    name = _name(path).lower()
     if name.endswith(_JSONL_SUFFIXES):
         return "jsonl"
     if name.endswith(_PARQUET_SUFFIXES):
@@ -97,7 +97,7 @@ def _file_format(path: Path) -> str | None:
     return None
 
 
-def resolve_source(source: str | Path | HFDataset, fmt: str = "auto") -> tuple[str, list[Path]]:
+def resolve_source(source: str | Path | HFDataset, fmt: str = "auto") -> tuple[str, Sequence[str | Path]]:
     """The format of `source` ("jsonl", "parquet", "hf" or "dataset") and its data files in read order.
 
     A dataset by name (`config.HFDataset`) is "dataset" with no files; its split is checked here
@@ -109,9 +109,11 @@ def resolve_source(source: str | Path | HFDataset, fmt: str = "auto") -> tuple[s
     if isinstance(source, HFDataset):
         hf_datasets.check_split(source)
         return "dataset", []
-    path = Path(source)
     if fmt not in ("auto", "jsonl", "parquet", "hf"):
         raise ValueError(f"unknown data format {fmt!r}; use auto, jsonl, parquet or hf")
+    if is_uri(str(source)):
+        return _resolve_uri(str(source), fmt)
+    path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"data path not found: {path}")
     if path.is_dir() and (fmt == "hf" or (fmt == "auto" and any((path / m).exists() for m in _HF_MARKERS))):
@@ -216,12 +218,45 @@ def _load_hf(path: Path):
     return loaded
 
 
-def _load_dataset(source: str | Path | HFDataset, kind: str, files: list[Path], max_rows: int | None):
+def _load_dataset(source: str | Path | HFDataset, kind: str, files: Sequence[str | Path], max_rows: int | None):
     """A `datasets.Dataset` of a save_to_disk folder or of a dataset by name, first max_rows rows."""
     if isinstance(source, HFDataset):
         return hf_datasets.load(source, max_rows)
-    dataset = _load_hf(files[0])
+    dataset = _load_hf(Path(files[0]))
     return dataset if max_rows is None else dataset.select(range(min(max_rows, len(dataset))))
+
+
+def _name(path: str | Path) -> str:
+    """The file name of a local path or a URI (pathlib would read `s3://b/x` as `s3:/b/x`)."""
+    return str(path).rstrip("/").rsplit("/", 1)[-1]
+
+
+def _resolve_uri(uri: str, fmt: str) -> tuple[str, list[str]]:
+    """`resolve_source` for an object-storage URI: a file, or a prefix whose data files (recursive,
+    sorted) are of one format; the files stay URIs, read through `storage`."""
+    if not storage.exists(uri, "data"):
+        raise FileNotFoundError(f"data path not found: {uri}")
+    if fmt == "hf" or (fmt == "auto" and any(storage.exists(storage.join(uri, m), "data") for m in _HF_MARKERS)):
+        raise ValueError(
+            f"{uri}: a datasets save_to_disk folder is read from a local folder only; "
+            "write it as parquet (Dataset.to_parquet) into the bucket instead"
+        )
+    if storage.is_file(uri, "data"):
+        found = _file_format(uri)
+        if fmt == "auto" and found is None:
+            raise ValueError(
+                f"unknown data format of {uri}: expected .jsonl, .jsonl.gz or .parquet (or set data.format)"
+            )
+        return (fmt if fmt != "auto" or found is None else found), [uri]
+    by_file = {f: found for f in storage.list_files(uri, setting="data") if (found := _file_format(f)) is not None}
+    if fmt != "auto":
+        by_file = {f: found for f, found in by_file.items() if found == fmt}
+    if not by_file:
+        raise ValueError(f"no .jsonl, .jsonl.gz or .parquet data files under {uri}")
+    formats = set(by_file.values())
+    if len(formats) > 1:
+        raise ValueError(f"{uri} mixes JSONL and parquet files; set data.format to pick one")
+    return formats.pop(), list(by_file)
 
 
 def read_table(source: str | Path | HFDataset, fmt: str = "auto", max_rows: int | None = None) -> pa.Table:
@@ -235,10 +270,11 @@ def read_table(source: str | Path | HFDataset, fmt: str = "auto", max_rows: int 
         if remaining is not None and remaining <= 0:
             break
         if kind == "jsonl":
-            name = file.name if len(files) > 1 else None
-            table = parse_jsonl(file.read_bytes(), source_name=name, max_rows=remaining)
+            name = _name(file) if len(files) > 1 else None
+            table = parse_jsonl(storage.read_bytes(file, "data"), source_name=name, max_rows=remaining)
         else:
-            table = pq.read_table(file)
+            fs, inner = storage.resolve(file)
+            table = pq.read_table(inner, filesystem=fs)
             if remaining is not None:
                 table = table.slice(0, remaining)
         tables.append(table)
@@ -250,7 +286,7 @@ def read_table(source: str | Path | HFDataset, fmt: str = "auto", max_rows: int 
 def _parse_file_batch(batch: pa.Table, several_files: bool) -> pa.Table:
     tables = []
     for data, file_path in zip(batch.column("bytes").to_pylist(), batch.column("path").to_pylist()):
-        tables.append(parse_jsonl(data, source_name=Path(file_path).name if several_files else None))
+        tables.append(parse_jsonl(data, source_name=_name(file_path) if several_files else None))
     return pa.concat_tables(tables, promote_options="permissive")
 
 
@@ -265,20 +301,24 @@ def read_ray_dataset(source: str | Path | HFDataset, fmt: str = "auto", max_rows
     malformed line fails the whole read (ValueError from pandas), and without lines=True pyarrow fails
     and Ray's fallback `json.load` of the whole file fails too. Instead each file is read whole
     (`read_binary_files`, which also un-gzips) and parsed by `parse_jsonl`, so bad lines become reject
-    rows with their line numbers, exactly as locally. Local paths only (a shared filesystem on a
-    cluster). With `max_rows`, the dataset (and those derived from it) preserve file/line order, set on
-    the dataset's own DataContext copy, so the rows are the same as `read_table`'s.
+    rows with their line numbers, exactly as locally. Files may be local (a shared filesystem on a
+    cluster) or in object storage (`storage.py`). With `max_rows`, the dataset (and those derived from
+    it) preserve file/line order, set on the dataset's own DataContext copy, so the rows are the same as `read_table`'s.
     """
     import ray.data
 
     kind, files = resolve_source(source, fmt)
     if kind in ("hf", "dataset"):
         return ray.data.from_arrow(_load_dataset(source, kind, files, max_rows).with_format("arrow")[:])
-    paths = [str(f) for f in files]
+    # Object storage: Ray Data gets the filesystem storage.py resolved (AWS_ENDPOINT_URL and the other
+    # standard settings honoured) and the paths inside it; every file of one source is in one store.
+    fs, paths = None, [str(f) for f in files]
+    if files and is_uri(str(files[0])):
+        fs, paths = storage.resolve(files[0])[0], [storage.resolve(f)[1] for f in files]
     if kind == "parquet":
-        ds = ray.data.read_parquet(paths)
+        ds = ray.data.read_parquet(paths, filesystem=fs)
     else:
-        ds = ray.data.read_binary_files(paths, include_paths=True).map_batches(
+        ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs).map_batches(
             partial(_parse_file_batch, several_files=len(files) > 1), batch_size=1, batch_format="pyarrow"
         )
     if max_rows is not None:

@@ -37,6 +37,7 @@ import pyarrow as pa
 import torch
 from rouge_score.rouge_scorer import RougeScorer
 
+from pocl_ray import preflight
 from pocl_ray.config import ConfigError, DataConfig, EvalConfig, RunConfig
 from pocl_ray.conversations import check_tokenizer, stop_token_ids
 from pocl_ray.data import (
@@ -49,7 +50,17 @@ from pocl_ray.data import (
 )
 from pocl_ray.eval_results import format_number, write_results
 from pocl_ray.measurers import greedy_responses, response_budgets, response_means, rouge_l_scorer
-from pocl_ray.models import TOKENIZER_CONFIG, check_model_folder, has_model_files, load_model, load_tokenizer
+from pocl_ray.model_source import ModelSource
+from pocl_ray.models import (
+    TOKENIZER_CONFIG,
+    ModelLocation,
+    check_model_folder,
+    has_model_files,
+    load_model,
+    load_tokenizer,
+    local_folder,
+)
+from pocl_ray.preflight import TEACHER, TOKENIZER, Sources, describe
 from pocl_ray.progress import progress_line, row_progress
 from pocl_ray.ray_session import actor_pool, actor_resources
 from pocl_ray.sampling import generate_tokens
@@ -310,7 +321,9 @@ def _prepare(batch: dict, tokenizer, data_cfg, set_name: str) -> pa.Table:
 class _Evaluator:
     """Ray Data actor: one model replica, evaluate_rows over each batch it is handed."""
 
-    def __init__(self, model_path: str, tokenizer_path: str, dtype: str, eval_cfg: EvalConfig, counter=None):
+    def __init__(
+        self, model_path: ModelLocation, tokenizer_path: ModelLocation, dtype: str, eval_cfg: EvalConfig, counter=None
+    ):
         device = "cuda" if eval_cfg.num_gpus_per_actor > 0 else "cpu"
         self.counter = counter  # a progress.RowCounter: rows done, for the driver's progress line
         self.tokenizer = load_tokenizer(tokenizer_path)
@@ -325,8 +338,9 @@ class _Evaluator:
         return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 
-def _check_inputs(cfg: RunConfig, model_path: Path) -> Path:
-    """Fail before any Ray work on a bad model path or eval set; returns the tokenizer folder."""
+def _check_inputs(cfg: RunConfig, model: ModelLocation, sources: Sources) -> ModelLocation:
+    """Fail before any Ray work on a bad model or eval set; returns where the tokenizer is: the model's
+    own, else the run's (models.tokenizer or the teacher's, as `sources` resolved it)."""
     if not cfg.eval.sets:
         raise ConfigError("eval.sets is empty: list at least one {name, path} to evaluate on")
     names = [s.name for s in cfg.eval.sets]
@@ -342,14 +356,16 @@ def _check_inputs(cfg: RunConfig, model_path: Path) -> Path:
             raise FileNotFoundError(f"eval.sets[{i}].path (set {s.name!r}): {err}") from None
         except ValueError as err:
             raise ConfigError(f"eval.sets[{i}].path (set {s.name!r}): {err}") from None
-    check_model_folder(model_path, "model_path")
-    if has_model_files(model_path, (TOKENIZER_CONFIG,)):
-        return model_path
-    fallback = cfg.models.tokenizer or cfg.models.teacher
-    if not has_model_files(fallback, (TOKENIZER_CONFIG,)):
-        field = "models.tokenizer" if cfg.models.tokenizer else "models.teacher"
-        raise FileNotFoundError(f"no tokenizer in model_path {model_path} nor in {field} ({fallback})")
-    return Path(fallback)
+    model_dir = check_model_folder(local_folder(model, weights=False), "model_path")
+    if has_model_files(model_dir, (TOKENIZER_CONFIG,)):
+        return model
+    fallback = sources[TOKENIZER]
+    if not has_model_files(local_folder(fallback, weights=False), (TOKENIZER_CONFIG,)):
+        field = TOKENIZER if cfg.models.tokenizer else TEACHER
+        raise FileNotFoundError(
+            f"no tokenizer in model_path {model_dir} nor in {field} ({describe(fallback.record())})"
+        )
+    return fallback
 
 
 def set_data_configs(cfg: RunConfig, tokenizer) -> list[DataConfig]:
@@ -371,7 +387,7 @@ def set_data_configs(cfg: RunConfig, tokenizer) -> list[DataConfig]:
 
 
 def _generate_and_score(
-    ds, window: int, ecfg: EvalConfig, cfg: RunConfig, model_path: Path, tokenizer_path: Path, counter
+    ds, window: int, ecfg: EvalConfig, cfg: RunConfig, model: ModelLocation, tokenizer: ModelLocation, counter
 ) -> list[pa.Table]:
     """The evaluation actors over the prepared rows, in input order."""
     # A JSONL set is read as one block: blocks of one actor call each give every actor a share.
@@ -382,8 +398,8 @@ def _generate_and_score(
         compute=actor_pool(ecfg.num_actors),
         **actor_resources(ecfg.num_cpus_per_actor, ecfg.num_gpus_per_actor),
         fn_constructor_kwargs={
-            "model_path": str(model_path),
-            "tokenizer_path": str(tokenizer_path),
+            "model_path": model,
+            "tokenizer_path": tokenizer,
             "dtype": cfg.models.dtype,
             "eval_cfg": ecfg,
             "counter": counter,
@@ -395,9 +411,15 @@ def _generate_and_score(
 
 
 def evaluate(
-    cfg: RunConfig, model_path: str | Path, output_dir: str | Path | None = None, label: str | None = "student"
+    cfg: RunConfig,
+    model_path: ModelLocation,
+    output_dir: str | Path | None = None,
+    label: str | None = "student",
+    sources: Sources | None = None,
 ) -> EvalResult:
-    """Evaluate the model in `model_path` on cfg.eval.sets; write DIR/eval/<label>/ (see module doc).
+    """Evaluate the model in `model_path` (a local folder, or a ModelSource the driver resolved: the
+    teacher) on cfg.eval.sets; write DIR/eval/<label>/ (see module doc). `sources`: the run's models as
+    the command's preflight resolved them (the tokenizer fallback); None: resolved here.
 
     DIR is `output_dir`, default cfg.output.dir. Each set's format is detected from its path
     (data.format is for the training data), and its row form (instruction or conversation) from its
@@ -410,8 +432,9 @@ def evaluate(
     import ray.data
 
     started = time.time()
-    model_path = Path(model_path)
-    tokenizer_path = _check_inputs(cfg, model_path)
+    model = model_path if isinstance(model_path, ModelSource) else Path(model_path)
+    sources = preflight.model_sources(cfg) if sources is None else sources
+    tokenizer_path = _check_inputs(cfg, model, sources)
     directory = eval_dir(output_dir or cfg.output.dir, label)
     tokenizer = load_tokenizer(tokenizer_path)
     ecfg = cfg.eval
@@ -430,14 +453,14 @@ def evaluate(
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     window = ecfg.batch_size * ecfg.length_sort_batches
     with row_progress("eval", ds.count()) as counter:
-        tables = _generate_and_score(ds, window, ecfg, cfg, model_path, tokenizer_path, counter)
+        tables = _generate_and_score(ds, window, ecfg, cfg, model, tokenizer_path, counter)
     rows = pa.concat_tables(tables).to_pylist() if tables else []
 
     sets, rejected, scored = summarize(rows, [s.name for s in ecfg.sets], ecfg.seeds)
     for s in ecfg.sets:
         sets[s.name]["path"] = s.path if isinstance(s.path, str) else s.path.model_dump()
     results = {
-        "model": str(model_path),
+        "model": model.record() if isinstance(model, ModelSource) else str(model),
         "label": label,
         "sets": sets,
         "average": average(sets),

@@ -30,6 +30,8 @@ from pocl_ray import data as data_mod
 from pocl_ray import teacher_cache
 from pocl_ray.config import ModelsConfig
 from pocl_ray.conversations import stop_token_ids
+from pocl_ray.model_source import ModelSource
+from pocl_ray.preflight import STUDENT, TEACHER, TOKENIZER, from_wire
 from pocl_ray.sampling import generate_tokens
 
 TEACHER_METRICS = frozenset({"teacher_ce", "teacher_student_kl"})
@@ -66,30 +68,32 @@ def load_measurer_models(
     metrics: Sequence[str],
     device: str | torch.device,
     cache_form: int | str | None = None,
+    sources: Mapping[str, ModelSource] | None = None,
 ) -> MeasurerModels:
     """Tokenizer, initial student and teacher as the metrics need them, frozen, on ``device``.
 
     The initial student is ``models.student`` when set, else cut from the teacher
     (``student_layers`` / ``student_keep_every``); the teacher is kept only for teacher metrics or
     a teacher cache (``cache_form``).
-    dtype "auto" = bf16 on GPU, fp32 on CPU (``models.resolve_dtype``).
+    dtype "auto" = bf16 on GPU, fp32 on CPU (``models.resolve_dtype``). ``sources``: the models as the
+    driver resolved them (preflight.py); None: models_cfg's values are local folders.
     """
     from pocl_ray.models import check_head_rows, load_model, load_tokenizer, student_from_teacher
 
+    local = {TEACHER: models_cfg.teacher, STUDENT: models_cfg.student, TOKENIZER: models_cfg.tokenizer}
+    where = dict(sources) if sources is not None else {k: v or models_cfg.teacher for k, v in local.items()}
     device = torch.device(device)
-    tokenizer = load_tokenizer(models_cfg.tokenizer or models_cfg.teacher)
+    tokenizer = load_tokenizer(where[TOKENIZER])
     need_teacher = (
         bool(TEACHER_METRICS & set(metrics))
         or cache_form is not None
         or (bool(STUDENT_METRICS & set(metrics)) and models_cfg.student is None)
     )
-    teacher = (
-        load_model(models_cfg.teacher, dtype=models_cfg.dtype, device=device, frozen=True) if need_teacher else None
-    )
+    teacher = load_model(where[TEACHER], dtype=models_cfg.dtype, device=device, frozen=True) if need_teacher else None
     student = None
     if STUDENT_METRICS & set(metrics):
         if models_cfg.student is not None:
-            student = load_model(models_cfg.student, dtype=models_cfg.dtype, device=device, frozen=True)
+            student = load_model(where[STUDENT], dtype=models_cfg.dtype, device=device, frozen=True)
         else:
             assert teacher is not None  # need_teacher: student metrics without models.student
             student = student_from_teacher(
@@ -294,6 +298,7 @@ class Measurer:
         num_threads: int,
         max_length: int | None = None,
         cache_form: int | str | None = None,
+        sources: dict[str, dict] | None = None,
     ):
         if use_gpu and not torch.cuda.is_available():
             raise RuntimeError("scoring.num_gpus_per_actor > 0 but this actor sees no CUDA device")
@@ -302,7 +307,11 @@ class Measurer:
         if not use_gpu:
             torch.set_num_threads(num_threads)
         self.models = load_measurer_models(
-            ModelsConfig(**models_cfg), metrics, "cuda" if use_gpu else "cpu", cache_form
+            ModelsConfig(**models_cfg),
+            metrics,
+            "cuda" if use_gpu else "cpu",
+            cache_form,
+            None if sources is None else from_wire(sources),
         )
         self.cache_form = cache_form
         self.metrics = metrics

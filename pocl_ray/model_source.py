@@ -38,7 +38,18 @@ from pocl_ray.config import ConfigError, is_uri
 
 # org/name: what from_pretrained and the Hub take (huggingface_hub.utils.validate_repo_id has the full rule).
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_COMPLETE = "pocl-ray-source.json"  # written last into a cached copy: its presence means complete
+_COMPLETE = "pocl-ray-source.json"
+# What a model folder holds besides its config and tokenizer (snapshot_download's ignore_patterns).
+WEIGHT_FILES = [
+    "*.safetensors",
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.h5",
+    "*.msgpack",
+    "*.gguf",
+    "*.onnx",
+]  # written last into a cached copy: its presence means complete
 
 
 @dataclass(frozen=True)
@@ -55,12 +66,14 @@ class ModelSource:
         """What a manifest or report records about the model (no credential: a URI carries none)."""
         return {k: v for k, v in asdict(self).items() if k != "setting"}
 
-    def local_dir(self) -> Path:
-        """A local folder holding the model, fetched into this node's cache on first use."""
+    def local_dir(self, weights: bool = True) -> Path:
+        """A local folder holding the model, fetched into this node's cache on first use. weights=False:
+        a Hub model's config and tokenizer files only (the driver's checks, without pulling the weights
+        onto a CPU head); a URI model is always copied whole."""
         if self.kind == "local":
             return Path(self.location)
         if self.kind == "hub":
-            return _hub_snapshot(self.location, self.revision, self.setting)
+            return _hub_snapshot(self.location, self.revision, self.setting, None if weights else WEIGHT_FILES)
         return _cached_copy(self)
 
 
@@ -127,7 +140,7 @@ def _hub_commit(name: str, revision: str | None, setting: str) -> str:
     return commit
 
 
-def _hub_snapshot(name: str, commit: str | None, setting: str) -> Path:
+def _hub_snapshot(name: str, commit: str | None, setting: str, ignore: list[str] | None = None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
     from huggingface_hub.utils import disable_progress_bars
@@ -135,7 +148,7 @@ def _hub_snapshot(name: str, commit: str | None, setting: str) -> Path:
     # A bar per file from every worker would flood a job's log (as models._quiet_progress_bars says).
     disable_progress_bars()
     try:
-        return Path(snapshot_download(name, revision=commit))
+        return Path(snapshot_download(name, revision=commit, ignore_patterns=ignore))
     except LocalEntryNotFoundError:
         raise ConfigError(f"{setting} on node {socket.gethostname()}: {_offline_hint(name, commit)}") from None
 

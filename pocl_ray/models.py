@@ -40,6 +40,9 @@ CHATML_TEMPLATE = (
 MODEL_CONFIG = "config.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
+# A model as the loaders take it: a local folder, or a ModelSource the driver resolved (preflight.py).
+ModelLocation = str | Path | ModelSource
+
 
 def _missing_files(folder: Path, need: Iterable[str]) -> list[str]:
     return [name for name in need if not (folder / name).is_file()]
@@ -67,16 +70,16 @@ def check_model_folder(path: str | Path, field: str | None = None, need: Iterabl
     return folder
 
 
-def local_folder(source: str | Path | ModelSource) -> Path:
+def local_folder(source: str | Path | ModelSource, weights: bool = True) -> Path:
     """A path as given; a ModelSource (a Hub id or a URI, pinned on the driver) as its folder in this
-    node's cache, fetched on first use (model_source.py)."""
-    return source.local_dir() if isinstance(source, ModelSource) else Path(source)
+    node's cache, fetched on first use (model_source.py; weights=False: config and tokenizer only)."""
+    return source.local_dir(weights) if isinstance(source, ModelSource) else Path(source)
 
 
 def load_tokenizer(source: str | Path | ModelSource) -> PreTrainedTokenizerBase:
     """The tokenizer in a local folder or a resolved ModelSource; pad_token falls back to eos_token (Llama 3
     has no pad token): padded positions are masked (attention 0, labels -100), so the pad id never enters a loss."""
-    path = local_folder(source)
+    path = local_folder(source, weights=False)
     tokenizer = AutoTokenizer.from_pretrained(str(check_model_folder(path, need=())))
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -182,13 +185,13 @@ def load_model_split(
     return model
 
 
-def meta_model(path: str | Path) -> PreTrainedModel:
-    """The causal LM of a local folder built on the meta device: its modules and config without its
-    weights, for checks that need the structure only (its LM head, say) at no memory cost."""
+def meta_model(source: str | Path | ModelSource) -> PreTrainedModel:
+    """The causal LM of a local folder or a ModelSource built on the meta device: its modules and config
+    without its weights, for checks that need the structure only (its LM head, say) at no memory cost."""
     from transformers import AutoConfig
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(local_folder(source, weights=False))))
 
 
 def build_tiny_tokenizer(
@@ -374,34 +377,40 @@ def _config_vocab(folder: str | Path) -> int:
     return AutoConfig.from_pretrained(str(folder)).get_text_config().vocab_size
 
 
-def check_tokenizers(models_cfg, extra: Mapping[str, str] | None = None) -> int:
+def check_tokenizers(
+    models_cfg, extra: Mapping[str, ModelLocation] | None = None, sources: Mapping[str, ModelSource] | None = None
+) -> int:
     """Before any Ray work: refuse a teacher and student whose tokenizers differ, naming both and the
     first differing token, or a model whose LM head has fewer rows than the tokenizer has tokens;
     returns the run's vocabulary, len(tokenizer), the one size every KD distribution is taken over.
-    ``extra`` names further model folders by their config field (a progressive plan's stage teachers),
-    checked the same way.
+    ``extra`` names further models by their config field (a progressive plan's stage teachers),
+    checked the same way. ``sources`` (setting -> the ModelSource the driver's preflight resolved)
+    stand in for models_cfg's values: a Hub id or a URI is read from its node-local copy (config and
+    tokenizer files only).
 
     Head sizes may differ (Qwen2.5-7B has 152,064 rows and Qwen2.5-0.5B 151,936 for one 151,665-token
     tokenizer): the rows past the tokenizer are padding, sliced off by the losses and masked in
     decoding. The run's tokenizer is models.tokenizer or the teacher's; a model folder's own tokenizer
     is compared with it when the folder has one.
     """
+    resolved = sources or {}
     run_field = "models.tokenizer" if models_cfg.tokenizer is not None else "models.teacher"
-    run_path = models_cfg.tokenizer or models_cfg.teacher
-    tokenizer = load_tokenizer(check_model_folder(run_path, run_field, need=()))
+    run = resolved.get(run_field, models_cfg.tokenizer or models_cfg.teacher)
+    run_dir = check_model_folder(local_folder(run, weights=False), run_field, need=())
+    tokenizer = load_tokenizer(run_dir)
     vocab = len(tokenizer)
-    folders = {"models.teacher": models_cfg.teacher, "models.student": models_cfg.student, **(extra or {})}
-    for field, folder in folders.items():
-        if folder is None:
-            continue
-        rows = _config_vocab(check_model_folder(folder, field))
+    named = {"models.teacher": models_cfg.teacher, "models.student": models_cfg.student}
+    models = {field: resolved.get(field, value) for field, value in named.items() if value is not None}
+    for field, model in {**models, **(extra or {})}.items():
+        folder = check_model_folder(local_folder(model, weights=False), field)
+        rows = _config_vocab(folder)
         if rows < vocab:
             raise ConfigError(
-                f"{field}: its LM head has {rows} rows, fewer than the {vocab} tokens of the tokenizer ({run_path})"
+                f"{field}: its LM head has {rows} rows, fewer than the {vocab} tokens of the tokenizer ({_shown(run)})"
             )
-        if folder == run_path or not has_model_files(folder, (TOKENIZER_CONFIG,)):
+        if folder == run_dir or not has_model_files(folder, (TOKENIZER_CONFIG,)):
             continue
-        names = (f"{run_field} tokenizer ({run_path})", f"{field} tokenizer ({folder})")
+        names = (f"{run_field} tokenizer ({_shown(run)})", f"{field} tokenizer ({_shown(model)})")
         difference = tokenizer_difference(tokenizer, load_tokenizer(folder), names)
         if difference is not None:
             raise ConfigError(
@@ -409,6 +418,11 @@ def check_tokenizers(models_cfg, extra: Mapping[str, str] | None = None) -> int:
                 "models' distributions over the tokens of one tokenizer"
             )
     return vocab
+
+
+def _shown(model: ModelLocation) -> str:
+    """A model as its setting gave it (a Hub id, a URI, a folder), not as its cached copy's path."""
+    return model.location if isinstance(model, ModelSource) else str(model)
 
 
 def check_head_rows(model: PreTrainedModel, vocab_size: int, name: str) -> None:

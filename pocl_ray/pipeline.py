@@ -22,7 +22,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from pocl_ray import tracked, tracking
+from pocl_ray import preflight, tracked, tracking
 from pocl_ray.config import SHARED_SECTIONS, ConfigError, RunConfig
 from pocl_ray.eval_results import RESULTS_FILE
 from pocl_ray.pipeline_steps import EVAL_KEYS, SCORE_KEYS, TRAIN_KEYS, fingerprint, run_pipeline_step
@@ -52,12 +52,12 @@ def compared_runs(cfg: RunConfig) -> dict[str, RunConfig]:
     return runs
 
 
-def _evaluate_selected_student(run: RunConfig, run_dir: Path) -> None:
+def _evaluate_selected_student(run: RunConfig, run_dir: Path, sources: preflight.Sources) -> None:
     """Evaluate the student of run_dir/train that eval.checkpoint names."""
     from pocl_ray.evaluation import evaluate
     from pocl_ray.training.driver import selected_student
 
-    evaluate(run, selected_student(run_dir / "train", run.eval.checkpoint), label=None)
+    evaluate(run, selected_student(run_dir / "train", run.eval.checkpoint), label=None, sources=sources)
 
 
 def _log_step(parent: tracking.Run, name: str, kind: str, log) -> None:
@@ -77,7 +77,7 @@ def _log_teacher(parent: tracking.Run, cfg: RunConfig, root: Path) -> None:
             _log_step(parent, name, "teacher", lambda run, d=train_dir: tracked.log_training(run, d))
 
 
-def _train_tracked(run: RunConfig, scores_dir: Path, label: str, handle: dict) -> bool:
+def _train_tracked(run: RunConfig, scores_dir: Path, label: str, handle: dict, sources: preflight.Sources) -> bool:
     """The training step of one (compared) run, logging live to the tracker run `handle`: its config
     as parameters, then detached while the coordinator actor logs the steps (a W&B run is held by one
     process at a time). Returns whether it trained (False: done already); a failure finishes the run FAILED."""
@@ -89,7 +89,7 @@ def _train_tracked(run: RunConfig, scores_dir: Path, label: str, handle: dict) -
     tag = f" [{label}]" if label else ""
     # Training's checkpoint selection decodes the dev rows within eval.max_new_tokens.
     key = fingerprint(run, TRAIN_KEYS, {"eval.max_new_tokens": run.eval.max_new_tokens})
-    fn = partial(train, run, scores_dir=scores_dir, tracking=handle)
+    fn = partial(train, run, scores_dir=scores_dir, sources=sources, tracking=handle)
     try:
         return run_pipeline_step(f"train{tag}", Path(run.output.dir) / "train", key, fn)
     except BaseException:
@@ -101,6 +101,7 @@ def run_distill(cfg: RunConfig) -> Path:
     """Run every step the config asks for; returns the report's path."""
     root = Path(cfg.output.dir)
     compared_runs(cfg)  # validates the compared configs before any work starts
+    preflight.check_data(cfg)  # unreadable data fails here; the models once the teacher is there (_run_steps)
     if cfg.pipeline.sft_teacher is not None:
         from pocl_ray.teacher_prep import sft_overrides
 
@@ -120,6 +121,9 @@ def _run_steps(cfg: RunConfig, root: Path, parent: tracking.Run) -> Path:
     # Builds and / or fine-tunes the teacher when asked (each a step that starts Ray itself); a missing
     # teacher that nothing would build fails here, before Ray starts.
     resolved = resolve_teacher(cfg, root)
+    # Every model pinned once, before this run's Ray work (a compared run resolves its own teacher checkpoints).
+    sources = preflight.model_sources(resolved)
+    run_sources = {label: preflight.model_sources(run, sources) for label, run in compared_runs(resolved).items()}
     init_ray(min_cpus=4)
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.yaml").write_text(cfg.to_yaml())  # the config as given
@@ -129,12 +133,12 @@ def _run_steps(cfg: RunConfig, root: Path, parent: tracking.Run) -> Path:
     parent.params(tracked.loggable_params(cfg.model_dump(mode="json")))
     runs = compared_runs(cfg)
 
-    run_pipeline_step("score", root / "scores", fingerprint(cfg, SCORE_KEYS), lambda: score_dataset(cfg))
+    run_pipeline_step("score", root / "scores", fingerprint(cfg, SCORE_KEYS), lambda: score_dataset(cfg, sources))
     _log_step(parent, "score", "score", lambda run: tracked.log_scoring(run, root / "scores"))
 
     for label, run in runs.items():
         handle = parent.child(label or cfg.name, "train")
-        trained = _train_tracked(run, root / "scores", label, handle)
+        trained = _train_tracked(run, root / "scores", label, handle, run_sources[label])
         run_dir = Path(run.output.dir)
         tag = f" [{label}]" if label else ""
         with tracking.attach(handle) as tracked_run:
@@ -147,7 +151,7 @@ def _run_steps(cfg: RunConfig, root: Path, parent: tracking.Run) -> Path:
                     f"eval{tag}",
                     run_dir / "eval",
                     fingerprint(run, EVAL_KEYS),
-                    partial(_evaluate_selected_student, run, run_dir),
+                    partial(_evaluate_selected_student, run, run_dir, run_sources[label]),
                 )
                 tracked.log_eval(tracked_run, run_dir / "eval" / RESULTS_FILE)
     report_runs = {label or "student": f"runs/{label}" if label else "." for label in runs}
@@ -157,7 +161,7 @@ def _run_steps(cfg: RunConfig, root: Path, parent: tracking.Run) -> Path:
             "eval [teacher]",
             teacher_dir / "eval",
             fingerprint(cfg, ("data", "models", "eval")),
-            lambda: evaluate(cfg, cfg.models.teacher, output_dir=teacher_dir, label=None),
+            lambda: evaluate(cfg, sources[preflight.TEACHER], output_dir=teacher_dir, label=None, sources=sources),
         )
         _log_step(parent, "teacher", "eval", lambda run: tracked.log_eval(run, teacher_dir / "eval" / RESULTS_FILE))
         report_runs["teacher"] = "runs/teacher"

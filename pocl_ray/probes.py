@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pocl_ray import storage
 from pocl_ray.difficulty import bucket_bounds
 
 PROBE_KIND = "bucket_probe"
@@ -49,7 +50,8 @@ def read_probe_rows(scores_path: str | Path, ranks: Sequence[np.ndarray], column
 
     wanted = np.concatenate([np.asarray(r, dtype=np.int64) for r in ranks]) if ranks else np.zeros(0, np.int64)
     names = list(dict.fromkeys(["id", "rank", *columns]))
-    table = pads.dataset(str(scores_path), format="parquet").to_table(
+    filesystem, inner = storage.resolve(scores_path)
+    table = pads.dataset(inner, filesystem=filesystem, format="parquet").to_table(
         columns=names, filter=pc.field("rank").isin(wanted)
     )
     by_rank = {row["rank"]: row for row in table.to_pylist()}

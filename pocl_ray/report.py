@@ -41,6 +41,7 @@ import pandas as pd
 import pyarrow.dataset as pads
 
 from pocl_ray.eval_results import RESULTS_FILE, load_results
+from pocl_ray.preflight import describe
 from pocl_ray.probes import is_probe
 from pocl_ray.tracked import RESIZE_KIND
 
@@ -396,6 +397,9 @@ def _scores_section(scores_dir: Path, out_dir: Path) -> list[str]:
         ["buckets", manifest.get("num_buckets")],
         ["wall seconds", _fmt(manifest.get("wall_seconds"))],
     ]
+    # The models as scoring resolved them: a Hub id with the commit it was pinned to, a URI with its version.
+    models = manifest.get("models", {})
+    summary += [[name, describe(models[name])] for name in ("teacher", "student", "tokenizer") if models.get(name)]
     lines += [markdown_table(["", "value"], [[k, _fmt(v)] for k, v in summary]), ""]
     buckets = manifest.get("buckets", [])
     if buckets:

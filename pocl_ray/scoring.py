@@ -44,9 +44,11 @@ import numpy as np
 import pyarrow as pa
 
 from pocl_ray import data as data_mod
-from pocl_ray import difficulty, teacher_cache
+from pocl_ray import difficulty, preflight, teacher_cache
 from pocl_ray.config import ConfigError, RunConfig
 from pocl_ray.measurers import STUDENT_METRICS, Measurer
+from pocl_ray.models import load_tokenizer, local_folder
+from pocl_ray.preflight import STUDENT, TEACHER, TOKENIZER, Sources, to_wire
 from pocl_ray.progress import row_progress
 from pocl_ray.ray_session import actor_pool, actor_resources
 from pocl_ray.scores import MANIFEST_FILE, REJECTED_FILE, SCORES_DIR
@@ -142,14 +144,15 @@ class ScoreResult:
         return self.output_dir / REJECTED_FILE
 
 
-def check_inputs(cfg: RunConfig):
-    """Fail before any Ray work on a missing data file or model folder, or models that do not fit
-    together (tokenizers that differ, a head smaller than the tokenizer: `models.check_tokenizers`), or
-    conversation rows with a tokenizer that cannot render them (no chat template); return the tokenizer."""
+def check_inputs(cfg: RunConfig, sources: Sources):
+    """Fail before any Ray work on unreadable training data, models that do not fit together (tokenizers
+    that differ, a head smaller than the tokenizer: `models.check_tokenizers`), or conversation rows with
+    a tokenizer that cannot render them (no chat template); return the tokenizer. The models are those
+    the preflight resolved (`sources`); only their configs and tokenizers are read, never their weights."""
     from transformers import AutoConfig
 
     from pocl_ray.conversations import check_tokenizer
-    from pocl_ray.models import check_model_folder, check_tokenizers, load_tokenizer
+    from pocl_ray.models import check_model_folder, check_tokenizers
 
     try:
         data_mod.resolve_source(cfg.data.train, cfg.data.format)
@@ -159,12 +162,10 @@ def check_inputs(cfg: RunConfig):
         raise ConfigError(f"data.train: {err}") from None
     metrics = set(cfg.scoring.metrics)
     m = cfg.models
-    check_model_folder(m.teacher, "models.teacher")
-    tokenizer_field = "models.tokenizer" if m.tokenizer is not None else "models.teacher"
-    if m.tokenizer is not None:
-        check_model_folder(m.tokenizer, "models.tokenizer", need=())
+    check_model_folder(local_folder(sources[TEACHER], weights=False), TEACHER)
+    tokenizer_field = TOKENIZER if m.tokenizer is not None else TEACHER
     try:
-        tokenizer = load_tokenizer(m.tokenizer or m.teacher)
+        tokenizer = load_tokenizer(sources[TOKENIZER])
     except (OSError, ValueError) as err:
         raise ConfigError(f"{tokenizer_field}: cannot load a tokenizer: {err}") from None
     if data_mod.pinned_row_form(cfg.data.train, cfg.data).row_form == "conversation":
@@ -173,9 +174,11 @@ def check_inputs(cfg: RunConfig):
         except ValueError as err:
             raise ConfigError(f"{tokenizer_field}: {err}") from None
     # The student's folder matters only where a student is measured.
-    vocab = check_tokenizers(m if STUDENT_METRICS & metrics else m.model_copy(update={"student": None}))
+    measured = m if STUDENT_METRICS & metrics else m.model_copy(update={"student": None})
+    vocab = check_tokenizers(measured, sources=sources)
     if STUDENT_METRICS & metrics and m.student is None and m.student_layers is not None:
-        layers = AutoConfig.from_pretrained(m.teacher).get_text_config().num_hidden_layers
+        teacher_dir = local_folder(sources[TEACHER], weights=False)
+        layers = AutoConfig.from_pretrained(teacher_dir).get_text_config().num_hidden_layers
         bad = [i for i in m.student_layers if not 0 <= i < layers]
         if bad or not m.student_layers:
             raise ConfigError(f"models.student_layers: {bad or '[]'} out of range for a teacher with {layers} layers")
@@ -183,26 +186,27 @@ def check_inputs(cfg: RunConfig):
     if k is not None and k > vocab:
         raise ConfigError(f"scoring.teacher_top_k: {k} exceeds the tokenizer's vocabulary ({vocab} tokens)")
     if cfg.scoring.teacher_hidden:
-        teacher_cache.check_hidden_form(m.teacher)
+        teacher_cache.check_hidden_form(sources[TEACHER])
     return tokenizer
 
 
-def _models_manifest(cfg: RunConfig) -> dict:
+def _models_manifest(cfg: RunConfig, sources: Sources) -> dict:
+    """The models the pass scored with, as resolved (kind, location, revision: a Hub id's commit)."""
     m = cfg.models
     metrics = set(cfg.scoring.metrics)
     student = None
     if STUDENT_METRICS & metrics:
         student = (
-            str(Path(m.student).resolve())
+            sources[STUDENT].record()
             if m.student is not None
             else f"cut from teacher (layers {m.student_layers})"
             if m.student_layers is not None
             else f"cut from teacher (keep_every {m.student_keep_every}, counting back from the last layer)"
         )
     return {
-        "teacher": str(Path(m.teacher).resolve()),
+        "teacher": sources[TEACHER].record(),
         "student": student,
-        "tokenizer": str(Path(m.tokenizer or m.teacher).resolve()),
+        "tokenizer": sources[TOKENIZER].record(),
         "dtype": m.dtype,
         "device": "cuda" if cfg.scoring.num_gpus_per_actor > 0 else "cpu",
     }
@@ -261,7 +265,7 @@ class _CountingMeasurer(Measurer):
         return out
 
 
-def measure_dataset(cfg: RunConfig, tokenizer):
+def measure_dataset(cfg: RunConfig, tokenizer, sources: Sources):
     """Pass 1, materialised: every input row with its metric columns (NaN where rejected) and a uid.
 
     Input order is kept, so a row's position in the result is its input row number; the uid
@@ -290,6 +294,7 @@ def measure_dataset(cfg: RunConfig, tokenizer):
                 fn_constructor_kwargs={
                     "counter": counter,
                     "models_cfg": cfg.models.model_dump(mode="json"),
+                    "sources": to_wire(sources),
                     "metrics": list(sc.metrics),
                     "batch_size": sc.batch_size,
                     "max_new_tokens": sc.max_new_tokens,
@@ -307,13 +312,15 @@ def measure_dataset(cfg: RunConfig, tokenizer):
         )
 
 
-def score_dataset(cfg: RunConfig) -> ScoreResult:
-    """Score, rank and bucket ``cfg.data.train`` into ``cfg.output.dir``/scores (see module docstring)."""
+def score_dataset(cfg: RunConfig, sources: Sources | None = None) -> ScoreResult:
+    """Score, rank and bucket ``cfg.data.train`` into ``cfg.output.dir``/scores (see module docstring).
+    ``sources``: the models as the command's preflight resolved them; None: checked and resolved here."""
     import ray
 
     start = time.perf_counter()
     sc = cfg.scoring
-    tokenizer = check_inputs(cfg)
+    sources = preflight.check_inputs(cfg) if sources is None else sources
+    tokenizer = check_inputs(cfg, sources)
     directions = difficulty.metric_directions(sc.metrics, sc.directions)
     out_dir = Path(cfg.output.dir) / "scores"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -324,7 +331,7 @@ def score_dataset(cfg: RunConfig) -> ScoreResult:
         scores_path.unlink()
 
     # 1. One streaming pass: read, validate + tokenize (tasks), score (actor pool), materialised once.
-    scored = measure_dataset(cfg, tokenizer)
+    scored = measure_dataset(cfg, tokenizer, sources)
 
     # 2. On the driver: a few values per row. Rejects = the data layer's, every repeat of an id
     # (scored above, as duplicates are only known globally, and dropped here), and rows whose
@@ -374,10 +381,10 @@ def score_dataset(cfg: RunConfig) -> ScoreResult:
     if sc.teacher_top_k is not None or sc.teacher_hidden:
         from transformers import AutoConfig
 
-        text = AutoConfig.from_pretrained(cfg.models.teacher).get_text_config()
+        text = AutoConfig.from_pretrained(local_folder(sources[TEACHER], weights=False)).get_text_config()
         cache = teacher_cache.manifest_entry(sc.teacher_top_k, len(tokenizer), text.hidden_size)
     if sc.teacher_hidden:
-        teacher_cache.save_teacher_head(cfg.models.teacher, out_dir, len(tokenizer))
+        teacher_cache.save_teacher_head(sources[TEACHER], out_dir, len(tokenizer))
     per_file = rows_per_file(cfg, 0 if cache is None else cache["bytes_per_scored_token"])
     kept_columns = list(sc.metrics) + ([] if cache is None else cache["columns"])
     attach = {"lookup_ref": lookup_ref, "results_ref": ray.put(results), "metrics": kept_columns}
@@ -400,7 +407,7 @@ def score_dataset(cfg: RunConfig) -> ScoreResult:
         "rrf_k": sc.rrf_k,
         "num_buckets": cfg.curriculum.num_buckets,
         "buckets": difficulty.bucket_summary(fusion.fused_score, buckets, cfg.curriculum.num_buckets),
-        "models": _models_manifest(cfg),
+        "models": _models_manifest(cfg, sources),
         "config": cfg.model_dump(mode="json"),
         "ray_version": ray.__version__,
         "wall_seconds": round(time.perf_counter() - start, 3),
@@ -416,11 +423,12 @@ def score_dataset(cfg: RunConfig) -> ScoreResult:
 def format_summary(manifest: dict) -> str:
     """A one-screen summary of a scoring run."""
     metrics = ", ".join(f"{m['name']} ({m['direction']} = easier)" for m in manifest["metrics"])
+    models = manifest["models"]
     lines = [
         f"scored {manifest['rows_scored']} of {manifest['rows_in']} rows "
         f"({manifest['rows_rejected']} rejected, see {REJECTED_FILE}) in {manifest['wall_seconds']:.1f} s",
         f"metrics: {metrics}; reciprocal rank fusion k = {manifest['rrf_k']:g}",
-        f"student: {manifest['models']['student']}; teacher: {manifest['models']['teacher']}",
+        f"student: {preflight.describe(models['student'])}; teacher: {preflight.describe(models['teacher'])}",
         f"{manifest['num_buckets']} buckets, easiest first:",
         "  bucket      rows   fused score range",
     ]

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -46,10 +47,12 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from pocl_ray.config import ConfigError, RunConfig
+from pocl_ray import storage
+from pocl_ray.config import ConfigError, RunConfig, is_uri
 from pocl_ray.data import collate, scored_mask
 from pocl_ray.logprobs import LOG_FLOOR
-from pocl_ray.models import linear_head, load_model, load_tokenizer, meta_model
+from pocl_ray.model_source import ModelSource
+from pocl_ray.models import ModelLocation, linear_head, load_model, load_tokenizer, meta_model
 from pocl_ray.sampling import row_uniforms
 from pocl_ray.scores import MANIFEST_FILE, scores_dir_of
 from pocl_ray.seeds import stream_seed
@@ -396,16 +399,16 @@ def teacher_caches(
     return out
 
 
-def cache_rows(cfg: RunConfig, rows: list[dict]) -> None:
-    """Add cfg's teacher cache, in the form its scoring settings store, to each row (in place): for the
+def cache_rows(cfg: RunConfig, rows: list[dict], teacher: ModelLocation, tokenizer: ModelLocation) -> None:
+    """Add the teacher's cache, in the form cfg's scoring settings store, to each row (in place): for the
     dev rows of a kd.teacher: cached run, which are never scored (a few hundred, on the driver, once)."""
     form = cache_form(cfg.scoring)
     if form is None:
         raise ValueError("kd.teacher: cached needs scoring.teacher_top_k or scoring.teacher_hidden")
-    teacher = load_model(cfg.models.teacher, dtype=torch.float32, frozen=True)
-    tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.teacher)
+    model = load_model(teacher, dtype=torch.float32, frozen=True)
+    tok = load_tokenizer(tokenizer)
     columns = HIDDEN_COLUMNS if cfg.scoring.teacher_hidden else CACHE_COLUMNS
-    for row, cache in zip(rows, teacher_caches(teacher, rows, tokenizer.pad_token_id, form, len(tokenizer))):
+    for row, cache in zip(rows, teacher_caches(model, rows, tok.pad_token_id, form, len(tok))):
         row.update(zip(columns, cache))
 
 
@@ -428,7 +431,7 @@ def arrow_columns(
 # The hidden form's LM-head file
 
 
-def check_hidden_form(teacher: str) -> None:
+def check_hidden_form(teacher: ModelLocation) -> None:
     """scoring.teacher_hidden stores hidden states for training to apply the teacher's head to, which
     is only the teacher when its logits are exactly hidden @ head.T (checked on an empty model)."""
     weight, reason = linear_head(meta_model(teacher))
@@ -448,35 +451,45 @@ def save_head(head: torch.Tensor, directory: str | Path) -> Path:
     return path
 
 
-def save_teacher_head(teacher: str, directory: str | Path, vocab_size: int) -> Path:
+def save_teacher_head(teacher: ModelLocation, directory: str | Path, vocab_size: int) -> Path:
     """The other half of the hidden form: the teacher's LM head, once, beside the rows (float32); its
     first `vocab_size` rows, the tokenizer's tokens (a padded head's extra rows are no token)."""
     return save_head(load_model(teacher, dtype="float32").get_output_embeddings().weight[:vocab_size], directory)
 
 
 def load_head(directory: str | Path, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    from safetensors.torch import load_file
+    """The stored head, from a local scores directory (memory-mapped) or one in object storage."""
+    from safetensors.torch import load, load_file
 
-    return load_file(str(Path(directory) / HEAD_FILE))["weight"].to(device, dtype)
+    path = storage.join(directory, HEAD_FILE)
+    weights = load(storage.read_bytes(path, "scores")) if is_uri(path) else load_file(path)
+    return weights["weight"].to(device, dtype)
+
+
+def _head_shape(path: str) -> tuple[int, ...] | None:
+    """The stored head's shape from the safetensors header alone (an 8-byte little-endian length, then
+    that many bytes of JSON): the driver checks a head in a bucket without downloading its weights."""
+    filesystem, inner = storage.resolve(path)
+    with filesystem.open_input_file(inner) as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    return tuple(header["weight"]["shape"]) if "weight" in header else None
 
 
 # ---------------------------------------------------------------------------------------------
 # Before training: the scores hold the cache the config asks for
 
 
-def _check_hidden_entry(entry: dict, directory: Path) -> None:
+def _check_hidden_entry(entry: dict, directory: str) -> None:
     if entry.get("group_size") != HIDDEN_GROUP:
         raise ConfigError(
             f"kd.teacher: cached: the teacher cache at {directory} groups {entry.get('group_size')} channels "
             f"per scale, this version reads {HIDDEN_GROUP}; {_FIX}"
         )
-    head = directory / HEAD_FILE
-    if not head.is_file():
+    head = storage.join(directory, HEAD_FILE)
+    if not storage.is_file(head, "scores"):
         raise ConfigError(f"kd.teacher: cached: the teacher's LM head {head} is missing; {_FIX}")
-    from safetensors import safe_open
-
-    with safe_open(str(head), "pt") as f:
-        shape = tuple(f.get_slice("weight").get_shape()) if "weight" in f.keys() else None
+    shape = _head_shape(head)
     if shape != (entry["vocab_size"], entry["hidden_size"]):
         raise ConfigError(
             f"kd.teacher: cached: the LM head {head} is {shape}, expected "
@@ -484,7 +497,7 @@ def _check_hidden_entry(entry: dict, directory: Path) -> None:
         )
 
 
-def _check_top_k_entry(entry: dict, directory: Path, cfg: RunConfig) -> None:
+def _check_top_k_entry(entry: dict, directory: str, cfg: RunConfig) -> None:
     if entry.get("tail_temperatures") != list(TAIL_TEMPERATURES):
         raise ConfigError(
             f"kd.teacher: cached: the teacher cache at {directory} stores its tail at temperatures "
@@ -503,7 +516,7 @@ def _check_top_k_entry(entry: dict, directory: Path, cfg: RunConfig) -> None:
         )
 
 
-def _check_form(entry: dict, directory: Path, cfg: RunConfig) -> None:
+def _check_form(entry: dict, directory: str, cfg: RunConfig) -> None:
     """The stored form, and its parameters, are the ones cfg asks for and this version reads."""
     form = entry.get("form", "top_k")
     if cfg.scoring.teacher_hidden and form != "hidden":
@@ -522,14 +535,17 @@ def _check_form(entry: dict, directory: Path, cfg: RunConfig) -> None:
         _check_top_k_entry(entry, directory, cfg)
 
 
-def _check_models(manifest: dict, entry: dict, directory: Path, cfg: RunConfig, vocab_size: int) -> None:
-    """The cache is cfg's teacher's, over the run's tokenizer (whose `vocab_size` tokens every model's
-    head covers: `models.check_tokenizers`)."""
-    teacher = str(Path(cfg.models.teacher).resolve())
-    if manifest.get("models", {}).get("teacher") != teacher:
+def _check_models(
+    manifest: dict, entry: dict, directory: str, cfg: RunConfig, teacher: ModelSource, vocab_size: int
+) -> None:
+    """The cache is the run's teacher's (the same folder, Hub commit or URI version), over the run's
+    tokenizer (whose `vocab_size` tokens every model's head covers: `models.check_tokenizers`)."""
+    cached = manifest.get("models", {}).get("teacher")
+    if isinstance(cached, str):  # a manifest from before model sources: the teacher's absolute folder
+        cached = ModelSource("local", cached).record()
+    if cached != teacher.record():
         raise ConfigError(
-            f"models.teacher: {teacher}, but the teacher cache at {directory} comes from "
-            f"{manifest.get('models', {}).get('teacher')}; {_FIX}"
+            f"models.teacher: {teacher.record()}, but the teacher cache at {directory} comes from {cached}; {_FIX}"
         )
     if entry["vocab_size"] != vocab_size:
         raise ConfigError(
@@ -538,10 +554,11 @@ def _check_models(manifest: dict, entry: dict, directory: Path, cfg: RunConfig, 
         )
 
 
-def _check_columns(data: Path, entry: dict) -> None:
+def _check_columns(data: str, entry: dict) -> None:
     import pyarrow.dataset as pds
 
-    schema = pds.dataset(str(data), format="parquet").schema
+    filesystem, inner = storage.resolve(data)
+    schema = pds.dataset(inner, filesystem=filesystem, format="parquet").schema
     expected = arrow_types(entry["top_k"], entry["vocab_size"], entry.get("hidden_size"))
     missing = [c for c in expected if c not in schema.names]
     wrong = [
@@ -554,20 +571,23 @@ def _check_columns(data: Path, entry: dict) -> None:
         raise ConfigError(f"kd.teacher: cached: the scores at {data} {problem}; {_FIX}")
 
 
-def check_teacher_cache(scores_path: str | Path, cfg: RunConfig, vocab_size: int) -> dict | None:
+def check_teacher_cache(
+    scores_path: str | Path, cfg: RunConfig, vocab_size: int, teacher: ModelSource | None = None
+) -> dict | None:
     """For kd.teacher: cached, fail before any Ray work unless the scores at ``scores_path`` (the scores
-    directory or its rows/) hold a teacher cache of cfg's teacher in the form cfg asks for; returns the
+    directory or its rows/) hold a teacher cache of the run's teacher (``teacher`` as the preflight
+    resolved it; default: cfg's models.teacher as a local folder) in the form cfg asks for; returns the
     manifest's cache entry (None for kd.teacher: online). `vocab_size`: len(tokenizer) of the run, the
     tokens the cache must cover (`models.check_tokenizers`)."""
     if cfg.kd.teacher != "cached":
         return None
     directory = scores_dir_of(scores_path)
-    manifest_path = directory / MANIFEST_FILE
-    if not manifest_path.is_file():
+    manifest_path = storage.join(directory, MANIFEST_FILE)
+    if not storage.is_file(manifest_path, "scores"):
         raise FileNotFoundError(
             f"kd.teacher: cached: no scoring manifest at {manifest_path}; run `pocl-ray score` first"
         )
-    manifest = json.loads(manifest_path.read_text())
+    manifest = storage.read_json(manifest_path, "scores")
     entry = manifest.get("teacher_cache")
     if not entry:
         raise ConfigError(
@@ -575,8 +595,10 @@ def check_teacher_cache(scores_path: str | Path, cfg: RunConfig, vocab_size: int
             f"scoring.teacher_top_k or scoring.teacher_hidden); {_FIX}"
         )
     _check_form(entry, directory, cfg)
-    _check_models(manifest, entry, directory, cfg, vocab_size)
-    _check_columns(directory / manifest["scores_path"], entry)
+    if teacher is None:
+        teacher = ModelSource("local", str(Path(cfg.models.teacher).resolve()))
+    _check_models(manifest, entry, directory, cfg, teacher, vocab_size)
+    _check_columns(storage.join(directory, manifest["scores_path"]), entry)
     return entry
 
 

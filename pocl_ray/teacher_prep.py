@@ -123,9 +123,9 @@ def _copy_into_place(source: Path, target: Path) -> None:
 
 def ensure_teacher(cfg: RunConfig, root: Path, min_cpus: int = 4) -> None:
     """Build the stand-in teacher (pipeline.prepare_teacher) when models.teacher is missing."""
-    if has_model_files(cfg.models.teacher):
-        return
     prep = cfg.pipeline.prepare_teacher
+    if has_model_files(cfg.models.teacher) or (prep is None and not Path(cfg.models.teacher).is_absolute()):
+        return  # there, or maybe a Hub id or a URI: the preflight resolves it (or says it is missing)
     if prep is None:
         raise FileNotFoundError(
             f"models.teacher: {cfg.models.teacher} does not exist (set pipeline.prepare_teacher to build one)"

@@ -64,7 +64,7 @@ import pandas as pd
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from pocl_ray import tracked, tracking
+from pocl_ray import preflight, tracked, tracking
 from pocl_ray.config import SHARED_SECTIONS, ConfigError, ParamSpec, RunConfig, TuneConfig, parse_config
 from pocl_ray.curriculum import Plan
 from pocl_ray.data import python_value
@@ -314,9 +314,10 @@ class BudgetReport(TuneReportCallback):
             super().after_report(run_context, [report], checkpoint)
 
 
-def run_trial(params: dict, *, base: dict, scores_dir: str, trials_dir: str) -> None:
+def run_trial(params: dict, *, base: dict, models: dict, scores_dir: str, trials_dir: str) -> None:
     """The Tune trainable: train one trial's config (resuming its Train run if it has one), then
-    report its final metrics and objective."""
+    report its final metrics and objective. `models`: the sweep's models as its driver resolved them
+    (`preflight.to_wire`)."""
     from ray import tune
 
     from pocl_ray.training.driver import run_plan, train
@@ -329,9 +330,10 @@ def run_trial(params: dict, *, base: dict, scores_dir: str, trials_dir: str) -> 
     (out / "trial.json").write_text(
         json.dumps({"trial_id": trial_id, "params": {p: python_value(v) for p, v in params.items()}})
     )
-    num_stages = len(run_plan(trial_cfg).stages)
+    sources = preflight.model_sources(trial_cfg, preflight.from_wire(models))
+    num_stages = len(run_plan(trial_cfg, sources).stages)
     gbs = trial_cfg.training.global_batch_size
-    result = train(trial_cfg, scores_dir=scores_dir, callbacks=[BudgetReport(num_stages, gbs)])
+    result = train(trial_cfg, scores_dir=scores_dir, callbacks=[BudgetReport(num_stages, gbs)], sources=sources)
     final = {
         "step": result.steps,
         TIME_ATTR: result.steps * gbs,
@@ -343,7 +345,9 @@ def run_trial(params: dict, *, base: dict, scores_dir: str, trials_dir: str) -> 
     if cfg.tune.objective == "dev_rougeL":
         from pocl_ray.evaluation import evaluate
 
-        evaluated = evaluate(dev_eval_config(trial_cfg), result.student_dir, output_dir=out, label=DEV_SET)
+        evaluated = evaluate(
+            dev_eval_config(trial_cfg), result.student_dir, output_dir=out, label=DEV_SET, sources=sources
+        )
         final["dev_rougeL"] = evaluated.results["sets"][DEV_SET]["rougeL_mean"]
     tune.report(final)
 
@@ -489,7 +493,9 @@ def ended_trials(path: Path) -> set[str]:
     return {json.loads(line)["trial_id"] for line in path.read_text().splitlines() if line.strip()}
 
 
-def _sweep(cfg: RunConfig, root: Path, scores_dir: Path, budget: Budget | None, callbacks: list) -> None:
+def _sweep(
+    cfg: RunConfig, sources: preflight.Sources, root: Path, scores_dir: Path, budget: Budget | None, callbacks: list
+) -> None:
     """Run (or resume) the Tune experiment, then write results.csv, best.yaml and objective.png.
     `callbacks`: more Tune callbacks (the trackers'); a resumed sweep keeps those it started with."""
     from ray import tune
@@ -499,7 +505,11 @@ def _sweep(cfg: RunConfig, root: Path, scores_dir: Path, budget: Budget | None, 
     trials_dir = tune_dir / "trials"
     trainable = tune.with_resources(
         tune.with_parameters(
-            run_trial, base=cfg.model_dump(mode="json"), scores_dir=str(scores_dir), trials_dir=str(trials_dir)
+            run_trial,
+            base=cfg.model_dump(mode="json"),
+            models=preflight.to_wire(sources),
+            scores_dir=str(scores_dir),
+            trials_dir=str(trials_dir),
         ),
         {"CPU": tc.cpus_per_trial},
     )
@@ -600,6 +610,7 @@ def tune(cfg: RunConfig) -> TuneResult:
     """Sweep cfg.tune.search_space (module docstring); a re-run resumes an interrupted sweep, and a
     finished one is not run again for the same config."""
     check_search_space(cfg)  # bad trial settings fail before the teacher is built or fine-tuned
+    preflight.check_data(cfg)  # and unreadable data (the models: once the teacher is there, below)
     _search_alg(cfg.tune)  # a missing optuna / hyperopt is reported before any Ray work
     tracking.check_trackers(cfg)
     with tracking.start(cfg, kind="sweep") as sweep:
@@ -615,12 +626,14 @@ def _tune(cfg: RunConfig, sweep: tracking.Run) -> TuneResult:
     root.mkdir(parents=True, exist_ok=True)
     # The same teacher as `pocl-ray run`: prepared and / or fine-tuned (pipeline.sft_teacher) first.
     cfg = resolve_teacher(cfg, root, min_cpus=8)
-    plans = [(c, run_plan(c)) for c in check_search_space(cfg)]  # the trials, now on the resolved teacher
+    sources = preflight.model_sources(cfg)  # pinned once: every trial loads the same models
+    # The trials, now on the resolved teacher.
+    plans = [(c, run_plan(c, preflight.model_sources(c, sources))) for c in check_search_space(cfg)]
     scores_dir = root / "scores"
 
     def score() -> None:
         init_ray(min_cpus=8)
-        score_dataset(cfg)
+        score_dataset(cfg, sources)
 
     run_pipeline_step("score", scores_dir, fingerprint(cfg, SCORE_KEYS), score)
     totals = _total_steps(plans, scores_dir)
@@ -633,7 +646,7 @@ def _tune(cfg: RunConfig, sweep: tracking.Run) -> TuneResult:
 
     def run_sweep() -> None:
         init_ray(min_cpus=8)
-        _sweep(cfg, root, scores_dir, budget, callbacks)
+        _sweep(cfg, sources, root, scores_dir, budget, callbacks)
 
     run_pipeline_step("tune", tune_dir, key, run_sweep)
     frame = pd.read_csv(tune_dir / "results.csv", dtype={"trial_id": str})

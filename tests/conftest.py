@@ -34,8 +34,10 @@ without one of the three markers that calls `ray.init` anyway fails with a messa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import random
 import re
 import socket
@@ -162,6 +164,23 @@ def tiny_assets(tmp_path_factory) -> TinyAssets:
     student_from_teacher(teacher, keep_layers=[1, 3]).save_pretrained(assets.cut_student_dir)
     tokenizer.save_pretrained(assets.cut_student_dir)
     return assets
+
+
+def put_in_hub_cache(hub_cache: Path, repo_id: str, commit: str, folder: Path, refs: tuple[str, ...]) -> None:
+    """`folder`'s files as snapshot `commit` of `repo_id`, as huggingface_hub lays out its cache:
+    content-addressed blobs, a snapshot of symlinks to them, refs naming the commit."""
+    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = repo / "snapshots" / commit / file.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    for ref in refs:
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
 
 
 def local_ray(include_dashboard: bool):

@@ -142,23 +142,17 @@ def test_file_errors(tmp_path):
         load_config(typo)
 
 
-# -- paths: a URI is refused where the code opens local paths, kept where Ray Train takes one -----
+# -- paths: a URI is refused where the code writes local files, kept where storage.py / Ray read it --
 
 
 @pytest.mark.parametrize(
     ("section", "values", "field"),
     [
-        ("data", {"train": "s3://bucket/train.jsonl"}, "data.train"),
-        ("data", {"train": "x", "dev": "gs://bucket/dev.jsonl"}, "data.dev"),
-        ("models", {"teacher": "s3://bucket/teacher"}, "models.teacher"),
-        ("models", {"teacher": "t", "student": "s3://bucket/student"}, "models.student"),
-        ("models", {"teacher": "t", "tokenizer": "file:///models/tok"}, "models.tokenizer"),
-        ("eval", {"sets": [{"name": "dolly", "path": "gs://bucket/dolly.jsonl"}]}, "eval.sets.0.path"),
         ("output", {"dir": "s3://bucket/runs/x"}, "output.dir"),
         (
-            "curriculum",
-            {"plan": "progressive", "progressive": {"teacher_checkpoints": ["ck/1", "gs://b/ck/2"]}},
-            "curriculum.progressive.teacher_checkpoints.1",
+            "output",
+            {"trackers": ["tensorboard"], "tensorboard": {"log_dir": "s3://b/tb"}},
+            "output.tensorboard.log_dir",
         ),
     ],
 )
@@ -167,6 +161,30 @@ def test_a_uri_in_a_local_path_setting_is_refused_naming_the_field(section, valu
         parse_config({**MINIMAL, section: values})
     line = next(x for x in str(err.value).splitlines() if x.strip().startswith(f"{field}:"))
     assert "a URI is not supported here" in line and "://" in line  # the value is shown too
+
+
+def test_data_and_model_settings_keep_a_uri_or_a_hub_id():
+    cfg = parse_config(
+        {
+            **MINIMAL,
+            "data": {"train": "s3://bucket/train.jsonl", "dev": "gs://bucket/dev.jsonl"},
+            "models": {
+                "teacher": "org/teacher",
+                "revision": "v1",
+                "student": "s3://b/student",
+                "tokenizer": "file:///t",
+            },
+            "eval": {"sets": [{"name": "dolly", "path": "gs://bucket/dolly.jsonl"}]},
+            "curriculum": {"plan": "progressive", "progressive": {"teacher_checkpoints": ["ck/1", "gs://b/ck/2"]}},
+        }
+    )
+    assert (cfg.data.train, cfg.data.dev, cfg.eval.sets[0].path) == (
+        "s3://bucket/train.jsonl",
+        "gs://bucket/dev.jsonl",
+        "gs://bucket/dolly.jsonl",
+    )
+    assert (cfg.models.teacher, cfg.models.revision, cfg.models.student) == ("org/teacher", "v1", "s3://b/student")
+    assert cfg.curriculum.progressive.teacher_checkpoints == ["ck/1", "gs://b/ck/2"]
 
 
 def test_storage_path_keeps_a_uri_and_local_paths_stay_local():
@@ -187,7 +205,7 @@ def test_storage_path_keeps_a_uri_and_local_paths_stay_local():
         ("training", {"storage_path": "hdfs://namenode/ck"}, "training.storage_path", "unsupported URI scheme"),
         ("data", {"train": "hf://datasets/org/x"}, "data.train", "unsupported URI scheme 'hf'"),
         ("output", {"dir": "s3://AKIAFAKE:fake-secret@bucket/runs"}, "output.dir", "credential"),
-        ("models", {"teacher": "org/name", "revision": "v1"}, "models.revision", "not resolved by the stages yet"),
+        ("models", {"teacher": "s3://AKIAFAKE:fake-secret@bucket/teacher"}, "models.teacher", "credential"),
     ],
 )
 def test_a_bad_uri_or_a_pending_setting_is_refused_naming_the_field(section, values, field, error):
@@ -196,20 +214,6 @@ def test_a_bad_uri_or_a_pending_setting_is_refused_naming_the_field(section, val
     line = next(x for x in str(err.value).splitlines() if x.strip().startswith(f"{field}:"))
     assert error in line
     assert "fake-secret" not in str(err.value), "a refused credential is never echoed"
-
-
-def test_absolute_paths_never_turn_a_uri_into_none(tmp_path, monkeypatch):
-    from pocl_ray.training.driver import _absolute_paths
-
-    monkeypatch.chdir(tmp_path)
-    cfg = parse_config({**MINIMAL, "models": {"teacher": "t", "student": "s"}})
-    resolved = _absolute_paths(cfg)
-    assert (resolved.models.teacher, resolved.models.student) == (str(tmp_path / "t"), str(tmp_path / "s"))
-    # A config that skipped validation (model_copy does not validate) with a URI student: once it
-    # became None ("cut the student from the teacher"); now the field is named.
-    sneaked = cfg.model_copy(update={"models": cfg.models.model_copy(update={"student": "s3://bucket/student"})})
-    with pytest.raises(ConfigError, match=r"models\.student: a URI is not supported"):
-        _absolute_paths(sneaked)
 
 
 # -- curriculum: the extraction/progressive plans' own settings ---------------------------------

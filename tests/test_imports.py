@@ -21,8 +21,8 @@ LAYERS = [
     "config",
     "seeds",
     "logprobs",
-    "scores",
     "storage",
+    "scores",
     "conversations",
     "hf_datasets",
     "data",
@@ -30,7 +30,8 @@ LAYERS = [
     "probes",
     "shards",
     "elastic",
-    # Plain torch / numpy on the foundations: where a model comes from, models, FSDP2 sharding and its checkpoints
+    # Plain torch / numpy on the foundations: where a model comes from, models, FSDP2
+    # sharding and its checkpoints, plans, generation, projections; the driver's preflight of every input
     "model_source",
     "models",
     "sharding",
@@ -38,6 +39,7 @@ LAYERS = [
     "curriculum",
     "sampling",
     "extraction",
+    "preflight",
     # The cached teacher, then the losses (which read it)
     "teacher_cache",
     "losses",

@@ -7,7 +7,6 @@ with HF_HUB_OFFLINE=1: no network, the cache is the only source. URIs run agains
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import put_in_hub_cache
 
 from pocl_ray import models, storage
 from pocl_ray.config import ConfigError
@@ -23,23 +23,6 @@ from pocl_ray.model_source import ModelSource, resolve_model
 
 COMMIT_MAIN = "a" * 40
 COMMIT_V1 = "b" * 40
-
-
-def put_in_hub_cache(hub_cache: Path, repo_id: str, commit: str, folder: Path, refs: tuple[str, ...]) -> None:
-    """`folder`'s files as snapshot `commit` of `repo_id`, as huggingface_hub lays out its cache:
-    content-addressed blobs, a snapshot of symlinks to them, refs naming the commit."""
-    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-        data = file.read_bytes()
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = repo / "snapshots" / commit / file.relative_to(folder)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    for ref in refs:
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / ref).write_text(commit)
 
 
 @pytest.fixture(scope="module")

@@ -201,8 +201,8 @@ def test_decoding_never_emits_a_padding_id_and_stops_at_the_end_of_turn(pair):
 def test_scoring_and_training_check_the_tokenizer_pair_before_any_ray_work(pair, tmp_path):
     """A padded pair passes scoring's input check (K up to the tokenizer's 1,000 tokens); a student whose
     tokenizer differs is refused by scoring and by training, naming both tokenizers."""
+    from pocl_ray import preflight, scoring
     from pocl_ray.config import ConfigError, parse_config
-    from pocl_ray.scoring import check_inputs
     from pocl_ray.training.driver import train
 
     tok, teacher_dir, _, student, _ = pair
@@ -217,6 +217,9 @@ def test_scoring_and_training_check_the_tokenizer_pair_before_any_ray_work(pair,
         models_cfg = {"teacher": str(teacher_dir), "student": str(student_dir)}
         run = {"data": {"train": str(data)}, "models": models_cfg, "output": {"dir": str(tmp_path / "run")}}
         return parse_config({**run, "scoring": scoring})
+
+    def check_inputs(cfg):
+        return scoring.check_inputs(cfg, preflight.check_inputs(cfg))
 
     assert len(check_inputs(config(tmp_path / "student", teacher_top_k=V))) == V
     with pytest.raises(ConfigError, match=rf"scoring.teacher_top_k: {V + 1} exceeds the tokenizer's .*\({V} tokens\)"):

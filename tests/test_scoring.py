@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import synthetic_rows
 
+from pocl_ray import preflight
 from pocl_ray.config import ConfigError, ModelsConfig, parse_config
 from pocl_ray.data import validate_and_tokenize
 from pocl_ray.measurers import Measurer, greedy_responses, load_measurer_models, measure
@@ -152,7 +153,7 @@ def _config(tiny_assets, tmp_path, data_path, **sections):
 
 
 def test_missing_inputs_name_the_field(tiny_assets, tmp_path):
-    with pytest.raises(FileNotFoundError, match="data.train: data path not found"):
+    with pytest.raises(FileNotFoundError, match="data.train: not found"):
         score_dataset(_config(tiny_assets, tmp_path, tmp_path / "nope.jsonl"))
     with pytest.raises(FileNotFoundError, match="models.teacher: model folder not found"):
         score_dataset(_config(tiny_assets, tmp_path, tiny_assets.train_path, models={"teacher": str(tmp_path / "no")}))
@@ -282,7 +283,9 @@ def test_manifest_layout(scored):
     assert m == json.loads(json.dumps(result.manifest))
     assert m["rrf_k"] == 60 and m["num_buckets"] == 4 and m["scores_path"] == "rows"
     assert m["config"]["data"]["train"] == cfg.data.train and m["ray_version"]
-    assert m["models"]["teacher"].endswith("teacher") and "cut from teacher" in m["models"]["student"]
+    teacher = {"kind": "local", "location": str(Path(cfg.models.teacher).resolve()), "revision": None}
+    assert m["models"]["teacher"] == m["models"]["tokenizer"] == teacher
+    assert "cut from teacher" in m["models"]["student"]
     summary = format_summary(m)
     assert f"scored {m['rows_scored']} of {m['rows_in']} rows" in summary and len(summary.splitlines()) < 25
 
@@ -303,7 +306,8 @@ def test_rows_reach_the_actors_in_blocks_of_one_call(ray_local, tiny_assets, dat
     cfg = _config(
         tiny_assets, tmp_path, dataset["path"], scoring={"metrics": ["length"], "batch_size": 4, "length_window": 2}
     )
-    measured = measure_dataset(cfg, check_inputs(cfg))
+    sources = preflight.check_inputs(cfg)
+    measured = measure_dataset(cfg, check_inputs(cfg, sources), sources)
     sizes = [len(b["uid"]) for b in measured.iter_batches(batch_size=None, batch_format="numpy")]
     assert sum(sizes) == dataset["rows_in"] and max(sizes) <= 8 and len(sizes) >= dataset["rows_in"] // 8
 

@@ -132,7 +132,7 @@ def test_later_stages_get_the_fine_tuned_teacher(pipeline_with_sft, tiny_assets)
     tuned = root / "teacher_sft" / "model"
     assert "[pipeline] teacher fine-tuning: starting" in log
     manifest = json.loads((root / "scores" / "manifest.json").read_text())
-    assert manifest["models"]["teacher"] == str(tuned.resolve())
+    assert manifest["models"]["teacher"] == {"kind": "local", "location": str(tuned.resolve()), "revision": None}
     # The cached teacher is the fine-tuned one: its head, and the KD the compared runs trained on.
     from safetensors.torch import load_file
 

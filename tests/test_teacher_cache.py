@@ -317,6 +317,7 @@ def test_check_names_the_scores_path_and_the_setting(tmp_path):
         check_teacher_cache(tmp_path / "bad" / "scores", cfg, V)
     with pytest.raises(ConfigError, match=r"scoring.teacher_top_k: 16, but the scores .* cache the top 8"):
         check_teacher_cache(directory, cfg.with_overrides({"scoring.teacher_top_k": 16}), V)
+    (tmp_path / "other").mkdir()
     with pytest.raises(ConfigError, match=r"models.teacher: .* comes from"):
         check_teacher_cache(directory, cfg.with_overrides({"models.teacher": str(tmp_path / "other")}), V)
 

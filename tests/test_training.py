@@ -514,7 +514,7 @@ def _cached_and_online_steps(tiny_assets, tmp_path, cache_setting: dict, kind: s
         read_table(tiny_assets.dev_path).to_pylist()[:6], tokenizer, tiny_assets.data_config()
     )
     rows = [{k: r[k] for k in ("id", "input_ids", "labels", "attention_mask", "num_prompt_tokens")} for r in good]
-    cache_rows(cfg, rows)
+    cache_rows(cfg, rows, tiny_assets.teacher_dir, tiny_assets.tokenizer_dir)
     online = OnlineTeacher(load_model(tiny_assets.teacher_dir, frozen=True))
     if cfg.scoring.teacher_hidden:
         save_head(online.lm.get_output_embeddings().weight, tmp_path)

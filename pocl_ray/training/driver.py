@@ -30,12 +30,25 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from pocl_ray.config import ConfigError, RunConfig
+from pocl_ray import storage
+from pocl_ray.config import ConfigError, RunConfig, is_uri
 from pocl_ray.coordinator import best_candidate, coordinator, failure_reporter
 from pocl_ray.curriculum import Plan, StageSpec, plan_from_config, stage_specs
 from pocl_ray.data import read_table, validate_and_tokenize
 from pocl_ray.losses import KD_KINDS
-from pocl_ray.models import check_tokenizers, has_model_files, load_tokenizer
+from pocl_ray.model_source import ModelSource
+from pocl_ray.models import check_tokenizers, has_model_files, load_tokenizer, local_folder
+from pocl_ray.preflight import (
+    STUDENT,
+    TEACHER,
+    TOKENIZER,
+    Sources,
+    check_inputs,
+    model_sources,
+    records,
+    stage_sources,
+    to_wire,
+)
 from pocl_ray.probes import PROBE_SEED, probe_ranks, read_probe_rows
 from pocl_ray.scores import scores_path
 from pocl_ray.sharding import check_shardable
@@ -67,69 +80,52 @@ class TrainResult:
 # Checks and inputs
 
 
-def _layer_counts(cfg: RunConfig) -> tuple[int, int]:
+def _layer_counts(cfg: RunConfig, sources: Sources) -> tuple[int, int]:
     """Teacher and student layer counts from the model configs, without loading weights."""
     from transformers import AutoConfig
 
-    def layers(path: str) -> int:
-        return AutoConfig.from_pretrained(path).get_text_config().num_hidden_layers
+    def layers(source: ModelSource) -> int:
+        return AutoConfig.from_pretrained(local_folder(source, weights=False)).get_text_config().num_hidden_layers
 
-    teacher = layers(cfg.models.teacher)
+    teacher = layers(sources[TEACHER])
     if cfg.models.student is not None:
-        return teacher, layers(cfg.models.student)
+        return teacher, layers(sources[STUDENT])
     if cfg.models.student_layers is not None:
         return teacher, len(cfg.models.student_layers)
     # models.student_from_teacher's default: every k-th layer counting back from the last.
     return teacher, len(range(teacher - 1, -1, -cfg.models.student_keep_every))
 
 
-def _check_stage_teachers(cfg: RunConfig, plan: Plan) -> None:
-    """A plan's stage teachers (a progressive plan's teacher checkpoints) are model folders whose heads
-    and tokenizers fit the run's tokenizer, as models.teacher's and models.student's do (`prepare`)."""
-    stage_teachers = {
-        f"curriculum.progressive.teacher_checkpoints[{s.index}]": s.teacher for s in plan.stages if s.teacher
+def _check_stage_teachers(cfg: RunConfig, plan: Plan, sources: Sources, teachers: Sources) -> None:
+    """A plan's stage teachers (a progressive plan's teacher checkpoints; `teachers`: each as the driver
+    resolved it, `preflight.stage_sources`) have heads and tokenizers that fit the run's tokenizer, as
+    models.teacher's and models.student's do (`prepare`)."""
+    named = {
+        f"curriculum.progressive.teacher_checkpoints[{s.index}]": teachers[s.teacher] for s in plan.stages if s.teacher
     }
-    if stage_teachers:
-        check_tokenizers(cfg.models.model_copy(update={"student": None}), stage_teachers)
+    if named:
+        check_tokenizers(cfg.models.model_copy(update={"student": None}), named, sources)
 
 
-def _check_shardable(cfg: RunConfig, plan: Plan) -> None:
+def _check_shardable(cfg: RunConfig, sources: Sources, stage_teachers: Sources) -> None:
     """With training.strategy: fsdp, the models to shard have decoder layers FSDP can shard one by one
     (`sharding.check_shardable`: configs only, no weights read)."""
     if cfg.training.strategy != "fsdp":
         return
-    m = cfg.models
-    models = {"models.student": m.student} if m.student is not None else {"models.teacher": m.teacher}
+    student = STUDENT if cfg.models.student is not None else TEACHER
+    models = {student: sources[student]}
     if cfg.training.sharded_teacher and cfg.kd.teacher == "online":
-        models["models.teacher"] = m.teacher
-        models.update(
-            {f"curriculum.progressive.teacher_checkpoints[{s.index}]": s.teacher for s in plan.stages if s.teacher}
-        )
-    for field, path in models.items():
-        check_shardable(path, field)
+        models[TEACHER] = sources[TEACHER]
+        models.update({f"curriculum.progressive.teacher_checkpoints ({name})": s for name, s in stage_teachers.items()})
+    for field, source in models.items():
+        check_shardable(local_folder(source, weights=False), field)
 
 
-def _absolute_paths(cfg: RunConfig) -> RunConfig:
-    """Model paths made absolute here, on the driver: workers need not share its working directory."""
-    m, p = cfg.models, cfg.curriculum.progressive
-
-    def absolute(path: str | None) -> str | None:
-        # A URI stays as it is, never dropped: re-validation below refuses it, naming its field.
-        return path if path is None or "://" in path else str(Path(path).resolve())
-
-    return cfg.with_overrides(
-        {
-            "models.teacher": absolute(m.teacher),
-            "models.student": absolute(m.student),
-            "models.tokenizer": absolute(m.tokenizer),
-            "curriculum.progressive.teacher_checkpoints": [absolute(c) for c in p.teacher_checkpoints],
-        }
-    )
-
-
-def run_plan(cfg: RunConfig) -> Plan:
-    """The curriculum plan `train` follows for cfg (extraction plans read the models' layer counts)."""
-    counts = _layer_counts(cfg) if cfg.curriculum.plan == "extraction" else (None, None)
+def run_plan(cfg: RunConfig, sources: Sources | None = None) -> Plan:
+    """The curriculum plan `train` follows for cfg (extraction plans read the models' layer counts, of
+    `sources` or of the models cfg names, resolved here)."""
+    extraction = cfg.curriculum.plan == "extraction"
+    counts = _layer_counts(cfg, sources or model_sources(cfg)) if extraction else (None, None)
     try:
         return plan_from_config(cfg, *counts)
     except ValueError as err:
@@ -148,7 +144,7 @@ def cached_tail_warning(cfg: RunConfig, plan: Plan) -> str | None:
     )
 
 
-def _check_plan(cfg: RunConfig, plan: Plan) -> None:
+def _check_plan(cfg: RunConfig, plan: Plan, sources: Sources) -> None:
     """Stage settings the workers would only trip over mid-run: KD loss kinds and matched layers."""
     for s in plan.stages:
         if s.target == "logits" and s.kd_weight > 0 and s.loss not in KD_KINDS:
@@ -156,7 +152,7 @@ def _check_plan(cfg: RunConfig, plan: Plan) -> None:
     hidden = [s for s in plan.stages if s.target == "hidden"]
     if not hidden:
         return
-    teacher_layers, student_layers = _layer_counts(cfg)
+    teacher_layers, student_layers = _layer_counts(cfg, sources)
     for s in hidden:
         assert s.teacher_layer is not None and s.student_layer is not None  # a hidden Stage has both
         if not 0 <= s.teacher_layer <= teacher_layers:
@@ -168,7 +164,7 @@ def _check_plan(cfg: RunConfig, plan: Plan) -> None:
             )
 
 
-def _num_ranked_rows(dataset: pads.Dataset, scores_dir: Path) -> int:
+def _num_ranked_rows(dataset: pads.Dataset, scores_dir: str | Path) -> int:
     missing = [c for c in SCORE_COLUMNS if c not in dataset.schema.names]
     if missing:
         raise ValueError(f"scores at {scores_dir} lack the columns {missing}; re-run `pocl-ray score`")
@@ -182,13 +178,13 @@ def _num_ranked_rows(dataset: pads.Dataset, scores_dir: Path) -> int:
     return n
 
 
-def _dev_rows(cfg: RunConfig, plan: Plan) -> tuple[list[dict], int]:
+def _dev_rows(cfg: RunConfig, plan: Plan, sources: Sources) -> tuple[list[dict], int]:
     """Tokenised dev rows (small; shipped to the workers with the config) and the rejected count."""
     if cfg.data.dev is None:
         if any(s.until_plateau for s in plan.stages):
             raise ConfigError("curriculum.advance: 'plateau' needs a dev set (data.dev) to watch")
         return [], 0
-    tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.teacher)
+    tokenizer = load_tokenizer(sources[TOKENIZER])
     good, rejects = validate_and_tokenize(read_table(cfg.data.dev, cfg.data.format).to_pylist(), tokenizer, cfg.data)
     if not good:
         raise ValueError(
@@ -199,7 +195,7 @@ def _dev_rows(cfg: RunConfig, plan: Plan) -> tuple[list[dict], int]:
     rows = [{k: r[k] for k in keep} for r in good]
     if cfg.kd.teacher == "cached":
         # The workers hold no teacher: the dev rows (never scored) get their cache here, once.
-        cache_rows(cfg, rows)
+        cache_rows(cfg, rows, sources[TEACHER], sources[TOKENIZER])
     return rows, len(rejects)
 
 
@@ -271,8 +267,10 @@ def selected_student(train_dir: Path, checkpoint: str) -> Path:
 class RunInputs:
     """What `prepare` checked and `fit` hands to the workers."""
 
-    scores_dir: Path
-    scores: Path  # the ranked rows
+    sources: Sources  # the models, resolved on the driver (preflight.py)
+    stage_teachers: Sources  # each stage teacher the plan names, resolved (preflight.stage_sources)
+    scores_dir: str | Path  # a local folder or an object-storage URI
+    scores: str  # the ranked rows, in scores_dir's form
     teacher_cache: dict | None  # the manifest's cache entry (kd.teacher: cached)
     num_rows: int
     index: ScoresIndex
@@ -293,19 +291,25 @@ def train(
     *,
     plan: Plan | None = None,
     callbacks: list | None = None,
+    sources: Sources | None = None,
     tracking: dict | None = None,
 ) -> TrainResult:
     """Distil the student along the configured plan (or `plan`, any Plan); outputs under OUTPUT/train.
 
     A second call with the same config `name` and output directory resumes from the latest
     checkpoint. `callbacks` go to Ray Train's RunConfig (Tune passes its report callback here).
+    `sources`: the models as the command's preflight resolved them; None: checked and resolved here.
     `tracking` (a `tracking.Run.child` handle, detached by its caller meanwhile) is the run the
     coordinator logs every step record, candidate and the selected one to, as they come.
     """
     started = time.time()
-    cfg = _absolute_paths(cfg)
+    sources = check_inputs(cfg) if sources is None else sources
     out = Path(cfg.output.dir).resolve() / "train"
-    inputs = prepare(cfg, out.parent / "scores" if scores_dir is None else Path(scores_dir).resolve(), plan)
+    if scores_dir is None:
+        scores_dir = out.parent / "scores"
+    elif not is_uri(scores_dir):
+        scores_dir = Path(scores_dir).resolve()
+    inputs = prepare(cfg, scores_dir, plan, sources)
     out.mkdir(parents=True, exist_ok=True)
     plan_path = write_plan(out / "plan.json", inputs, cfg.training.global_batch_size)
     write_probe(out / "probe.json", inputs)
@@ -313,28 +317,33 @@ def train(
     return export(cfg, out, inputs, result, plan_path, started)
 
 
-def prepare(cfg: RunConfig, scores_dir: Path, plan: Plan | None) -> RunInputs:
+def prepare(cfg: RunConfig, scores_dir: str | Path, plan: Plan | None, sources: Sources) -> RunInputs:
     """Everything a run needs, checked on the driver before any Ray work: the scores (and their teacher
-    cache), the plan and its stage lengths, the models, the dev rows."""
+    cache), the plan and its stage lengths, the dev rows; the models (`sources`) the preflight resolved."""
     scores = scores_path(scores_dir)
-    vocab = check_tokenizers(cfg.models)  # the model folders and their tokenizers, before anything reads them
-    cache_entry = check_teacher_cache(scores_dir, cfg, vocab)
-    num_rows = _num_ranked_rows(pads.dataset(str(scores), format="parquet"), scores_dir)
+    # The models and their tokenizers, before anything reads them.
+    vocab = check_tokenizers(cfg.models, sources=sources)
+    cache_entry = check_teacher_cache(scores_dir, cfg, vocab, sources[TEACHER])
+    filesystem, inner = storage.resolve(scores)
+    num_rows = _num_ranked_rows(pads.dataset(inner, filesystem=filesystem, format="parquet"), scores_dir)
     index = ScoresIndex(scores)
-    plan = plan if plan is not None else run_plan(cfg)
-    _check_plan(cfg, plan)
+    plan = plan if plan is not None else run_plan(cfg, sources)
+    _check_plan(cfg, plan, sources)
     warning = cached_tail_warning(cfg, plan)
     if warning:
         print(f"[train] {warning}", flush=True)
-    _check_stage_teachers(cfg, plan)
-    _check_shardable(cfg, plan)
+    stage_teachers = stage_sources(cfg, plan, sources)
+    _check_stage_teachers(cfg, plan, sources, stage_teachers)
+    _check_shardable(cfg, sources, stage_teachers)
     try:
         specs = stage_specs(plan, num_rows, cfg.training.global_batch_size)
     except ValueError as err:
         raise ConfigError(f"curriculum.num_buckets: {err}") from None
-    dev_rows, dev_rejected = _dev_rows(cfg, plan)
+    dev_rows, dev_rejected = _dev_rows(cfg, plan, sources)
     probe = probe_ranks(num_rows, cfg.curriculum.num_buckets, cfg.output.bucket_probe_rows)
     return RunInputs(
+        sources=sources,
+        stage_teachers=stage_teachers,
         scores_dir=scores_dir,
         scores=scores,
         teacher_cache=cache_entry,
@@ -357,6 +366,7 @@ def write_plan(path: Path, inputs: RunInputs, global_batch_size: int) -> Path:
         "global_batch_size": global_batch_size,
         "stages": stages,
         "total_steps": sum(s.steps for s in inputs.specs),
+        "models": records(inputs.sources),
     }
     path.write_text(json.dumps(plan, indent=1))
     return path
@@ -409,6 +419,8 @@ def fit(cfg: RunConfig, out: Path, inputs: RunInputs, callbacks: list | None, tr
         train_func,
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"),
+            "models": to_wire(inputs.sources),
+            "stage_teachers": to_wire(inputs.stage_teachers),
             "coordinator": name,
             "namespace": namespace,
             "scores_path": str(inputs.scores),

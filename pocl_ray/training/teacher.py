@@ -23,13 +23,14 @@ Qwen2.5-7B head has 152,064 rows, a Qwen2.5-0.5B head 151,936, their tokenizer 1
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol, cast
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from pocl_ray.model_source import ModelSource
 from pocl_ray.models import check_head_rows, linear_head, load_model
 from pocl_ray.sharding import final_hidden_states, is_sharded, load_sharded
 from pocl_ray.teacher_cache import (
@@ -227,22 +228,31 @@ class CachedTeachers:
 class OnlineTeachers:
     """The frozen online teachers on the device: the run's teacher (dev_kd_loss is always measured
     against it) and the current stage's checkpoint teacher when that differs; each checked, when it
-    is loaded, to have a head row for every token of the run's tokenizer (`models.check_head_rows`).
-    With ``shard`` (training.teacher_sharding: fsdp; `sharding.shard_model`'s options) each is sharded
-    over the workers, read by rank 0 only: loading one is then a collective every worker makes."""
+    is loaded, to have a head row for every token of the run's tokenizer (`models.check_head_rows`). Stages
+    name their teacher by its config value; `stage_sources` maps each to the model the driver resolved
+    (preflight.stage_sources). With ``shard`` (training.teacher_sharding: fsdp; `sharding.shard_model`'s
+    options) each is sharded over the workers, read by rank 0 only: loading one is then a collective
+    every worker makes."""
 
     columns: tuple[str, ...] = ()
 
     def __init__(
-        self, path: str, dtype: torch.dtype, device: torch.device, tokenizer, logits: bool, shard: dict | None = None
+        self,
+        teacher: ModelSource,
+        stage_sources: Mapping[str, ModelSource],
+        dtype: torch.dtype,
+        device: torch.device,
+        tokenizer,
+        logits: bool,
+        shard: dict | None = None,
     ):
-        self.path, self.dtype, self.device = path, dtype, device
+        self.teacher, self.stage_sources, self.dtype, self.device = teacher, stage_sources, dtype, device
         self.tokenizer, self.logits, self.shard = tokenizer, logits, shard
-        self.loaded: dict[str, OnlineTeacher] = {}
+        self.loaded: dict[ModelSource, OnlineTeacher] = {}
 
-    def adopt(self, path: str, lm: PreTrainedModel | None) -> None:
-        """A teacher already read from disk (the one a student was cut from), made frozen and moved;
-        sharded, only rank 0 holds it (None elsewhere)."""
+    def adopt(self, lm: PreTrainedModel | None) -> None:
+        """The run's teacher, already read from disk (the one a student was cut from), made frozen and
+        moved; sharded, only rank 0 holds it (None elsewhere)."""
         if self.shard is not None:
 
             def cast_on_rank_0() -> PreTrainedModel:
@@ -250,31 +260,31 @@ class OnlineTeachers:
                 cast(torch.nn.Module, lm).to(dtype=self.dtype)
                 return lm
 
-            self._add(path, self._sharded(cast_on_rank_0))
+            self._add(self.teacher, self._sharded(cast_on_rank_0))
             return
         assert lm is not None
         cast(torch.nn.Module, lm).to(self.device, dtype=self.dtype)
         lm.eval()
         lm.requires_grad_(False)
-        self._add(path, lm)
+        self._add(self.teacher, lm)
 
     @property
     def vocab_size(self) -> int:
         return len(self.tokenizer)
 
     def get(self, path: str | None = None) -> OnlineTeacher:
-        path = path or self.path
-        if path not in self.loaded:
-            self.loaded = {p: m for p, m in self.loaded.items() if p == self.path}
+        source = self.stage_sources[path] if path else self.teacher
+        if source not in self.loaded:
+            self.loaded = {s: m for s, m in self.loaded.items() if s == self.teacher}
             if self.shard is not None:
-                self._add(path, self._sharded(lambda: load_model(path, dtype=self.dtype)))
+                self._add(source, self._sharded(lambda: load_model(source, dtype=self.dtype)))
             else:
-                self._add(path, load_model(path, dtype=self.dtype, device=self.device, frozen=True))
-        return self.loaded[path]
+                self._add(source, load_model(source, dtype=self.dtype, device=self.device, frozen=True))
+        return self.loaded[source]
 
     def _sharded(self, build) -> PreTrainedModel:
         return load_sharded(build, device=self.device, trainable=False, **(self.shard or {}))
 
-    def _add(self, path: str, lm: PreTrainedModel) -> None:
-        check_head_rows(lm, self.vocab_size, f"teacher {path}")
-        self.loaded[path] = OnlineTeacher(lm, self.logits, self.vocab_size)
+    def _add(self, source: ModelSource, lm: PreTrainedModel) -> None:
+        check_head_rows(lm, self.vocab_size, f"teacher {source.location}")
+        self.loaded[source] = OnlineTeacher(lm, self.logits, self.vocab_size)

@@ -66,6 +66,7 @@ from pocl_ray.models import (
     resolve_dtype,
     student_from_teacher,
 )
+from pocl_ray.preflight import STUDENT, TEACHER, TOKENIZER, Sources, from_wire
 from pocl_ray.probes import is_probe, probe_record
 from pocl_ray.progress import duration, progress_line
 from pocl_ray.sampling import sample_on_policy
@@ -326,8 +327,9 @@ def setup_worker(config: dict) -> Worker:
     sharded = cfg.training.strategy == "fsdp"
     state, student_lm, optimizer_state, resume = restore(coord, rank, world, best_dir, sharded)
     specs: list[StageSpec] = ray.get([coord.stage.remote(i) for i in range(len(state["plan"]["stages"]))])
-    tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.teacher)
-    student, teachers = build_models(cfg, config, device, student_lm, tokenizer, specs)
+    sources = from_wire(config["models"])
+    tokenizer = load_tokenizer(sources[TOKENIZER])
+    student, teachers = build_models(cfg, config, device, student_lm, tokenizer, specs, sources)
     if resume is not None:
         with resume.as_directory() as d:
             sharded_checkpoint.load(Path(d) / SHARDS, unwrap(student).lm)
@@ -380,7 +382,13 @@ def restore(
 
 
 def build_models(
-    cfg: RunConfig, config: dict, device: torch.device, student_lm: Any, tokenizer: Any, specs: list[StageSpec]
+    cfg: RunConfig,
+    config: dict,
+    device: torch.device,
+    student_lm: Any,
+    tokenizer: Any,
+    specs: list[StageSpec],
+    sources: Sources,
 ) -> tuple[torch.nn.Module, Teachers]:
     """The student as the step takes it (`HiddenStatesLM`: DDP-wrapped, or its LM sharded with
     training.strategy: fsdp) and the run's teachers. `student_lm`: a checkpoint's (DDP), else None."""
@@ -388,9 +396,9 @@ def build_models(
 
     sharded = cfg.training.strategy == "fsdp"
     if sharded:
-        student_lm, cut_from = sharded_student(cfg, device)
+        student_lm, cut_from = sharded_student(cfg, device, sources)
     else:
-        student_lm, cut_from = initial_student(cfg) if student_lm is None else (student_lm, None)
+        student_lm, cut_from = initial_student(cfg, sources) if student_lm is None else (student_lm, None)
         if cfg.training.gradient_checkpointing:
             checkpoint_activations(student_lm)
         student_lm.train()
@@ -417,14 +425,14 @@ def shard_options(cfg: RunConfig, device: torch.device) -> dict[str, bool]:
     }
 
 
-def sharded_student(cfg: RunConfig, device: torch.device) -> tuple[Any, Any]:
+def sharded_student(cfg: RunConfig, device: torch.device, sources: Sources) -> tuple[Any, Any]:
     """(the student sharded over every worker, the teacher it was cut from or None): only rank 0 reads
     weights (`initial_student`) and holds the teacher it cut the student from; the others build the
     student on the meta device and receive their shards (`sharding.load_sharded`)."""
     cut: list[Any] = [None]
 
     def build() -> Any:
-        student, cut[0] = initial_student(cfg)
+        student, cut[0] = initial_student(cfg, sources)
         return student
 
     training = cfg.training
@@ -438,14 +446,14 @@ def sharded_student(cfg: RunConfig, device: torch.device) -> tuple[Any, Any]:
     return lm, cut[0]
 
 
-def initial_student(cfg: RunConfig) -> tuple[Any, Any]:
+def initial_student(cfg: RunConfig, sources: Sources) -> tuple[Any, Any]:
     """(the student models.student names, None), or (the student cut from the teacher, the teacher):
     the teacher is read once, in fp32 so the student starts from its exact weights, and then becomes
     the frozen online teacher (cast and moved tensor by tensor) instead of being read twice."""
     m = cfg.models
     if m.student is not None:
-        return load_model(m.student, dtype=torch.float32), None
-    teacher = load_model(m.teacher, dtype=torch.float32)
+        return load_model(sources[STUDENT], dtype=torch.float32), None
+    teacher = load_model(sources[TEACHER], dtype=torch.float32)
     return student_from_teacher(teacher, keep_layers=m.student_layers, keep_every=m.student_keep_every), teacher
 
 
@@ -468,13 +476,15 @@ def run_teachers(
             head = load_head(config["scores_dir"], dtype, device)
             return CachedTeachers(CachedHiddenTeacher(head, logits, len(tokenizer))), logits
         return CachedTeachers(CachedTopKTeacher()), logits
-    paths = dict.fromkeys([cfg.models.teacher, *(s.stage.teacher for s in specs if s.stage.teacher)])
-    teacher_models = [cut_from if p == cfg.models.teacher and cut_from is not None else meta_model(p) for p in paths]
+    teacher = from_wire(config["models"])[TEACHER]
+    stage_sources = from_wire(config["stage_teachers"])
+    distinct = dict.fromkeys([teacher, *stage_sources.values()])
+    teacher_models = [cut_from if s == teacher and cut_from is not None else meta_model(s) for s in distinct]
     logits = logits_form(student_lm, teacher_models)
     shard = {**shard_options(cfg, device), "mixed_precision": False} if cfg.training.sharded_teacher else None
-    teachers = OnlineTeachers(cfg.models.teacher, dtype, device, tokenizer, logits, shard)
+    teachers = OnlineTeachers(teacher, stage_sources, dtype, device, tokenizer, logits, shard)
     if cut_from is not None or (shard is not None and cfg.models.student is None):
-        teachers.adopt(cfg.models.teacher, cut_from)
+        teachers.adopt(cut_from)
     return teachers, logits
 
 

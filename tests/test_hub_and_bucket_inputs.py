@@ -1,0 +1,266 @@
+"""Models by Hub id, data and scores in a bucket, checkpoints in a bucket (issue 24, phase 2): the
+command's preflight checks the data and resolves each model once on the driver, before any Ray work; the
+scoring actors and the training workers load the models from the resolved sources; the manifest, plan and
+report record the pinned revision; training reads its scores (rows, manifest, the cached teacher's head)
+from a bucket, writes its checkpoints to one (training.storage_path) and resumes from them.
+
+The Hub is huggingface_hub's real resolution and download code against a cache in the hub's own layout
+(conftest.put_in_hub_cache) under a temporary HF_HOME with HF_HUB_OFFLINE=1, set in the environment
+before this module's Ray starts, so that its workers resolve from the same cache. The bucket is moto's
+S3 server (conftest `s3`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pyarrow.dataset as pds
+import pytest
+import yaml
+from conftest import local_ray, put_in_hub_cache
+from training_helpers import read_metrics, run_config, train_worker_pids, write_scores
+
+from pocl_ray import storage
+from pocl_ray.cli import main
+from pocl_ray.config import parse_config
+
+COMMIT_MAIN = "c" * 40  # org/tiny at main: the 4-layer tiny teacher
+COMMIT_V1 = "d" * 40  # org/tiny at tag v1: the 2-layer student cut from it
+HUB_TEACHER = {"kind": "hub", "location": "org/tiny", "revision": COMMIT_MAIN}
+
+
+@pytest.fixture(scope="module")
+def hf_home(tiny_assets, tmp_path_factory):
+    home = tmp_path_factory.mktemp("hf_home")
+    put_in_hub_cache(home / "hub", "org/tiny", COMMIT_MAIN, tiny_assets.teacher_dir, refs=("main",))
+    put_in_hub_cache(home / "hub", "org/tiny", COMMIT_V1, tiny_assets.cut_student_dir, refs=("v1",))
+    return home
+
+
+def _offline(mp: pytest.MonkeyPatch, home) -> None:
+    """This process (and a Ray started afterwards) as under HF_HOME=home HF_HUB_OFFLINE=1 (huggingface_hub
+    reads both at import: its constants are set as the environment would have set them)."""
+    from huggingface_hub import constants
+
+    mp.setenv("HF_HOME", str(home))
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    mp.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def _score_config(tiny_assets, out, train, **models) -> dict:
+    return {
+        "name": "hub",
+        "data": {"train": str(train), "max_prompt_length": 96, "max_length": 128},
+        "models": {"teacher": "org/tiny", "student_layers": [1, 3], **models},
+        "scoring": {"metrics": ["student_ce", "teacher_ce"], "num_actors": 1, "batch_size": 8},
+        "curriculum": {"num_buckets": 2},
+        "output": {"dir": str(out)},
+    }
+
+
+# -- Before any Ray work (these tests carry no `ray` marker: a ray.init would fail them) --------------
+
+
+@pytest.mark.parametrize(
+    ("models", "expected"),
+    [
+        ({"teacher": "org/missing"}, "models.teacher: org/missing (revision main) is not in the Hugging Face cache"),
+        ({"revision": "v9"}, "models.teacher: org/tiny (revision v9) is not in the Hugging Face cache"),
+        ({"tokenizer": "org/missing-tok"}, "models.tokenizer: org/missing-tok (revision main) is not in"),
+    ],
+)
+def test_a_hub_id_missing_from_the_cache_fails_before_ray_naming_the_setting(
+    hf_home, tiny_assets, tmp_path, monkeypatch, capsys, models, expected
+):
+    _offline(monkeypatch, hf_home)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(_score_config(tiny_assets, tmp_path / "out", tiny_assets.train_path, **models)))
+    for command in ("score", "train", "eval"):
+        assert main([command, "--config", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "HF_HUB_OFFLINE=1 is set" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_data_in_a_bucket_fails_before_ray_naming_the_setting(s3, tiny_assets, tmp_path, capsys):
+    bucket = s3.bucket()
+    config = _score_config(
+        tiny_assets, tmp_path / "out", f"{bucket}/data/none.jsonl", teacher=str(tiny_assets.teacher_dir)
+    )
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["score", "--config", str(path)]) == 2
+    assert f"data.train: not found: {bucket}/data/none.jsonl" in capsys.readouterr().err
+    config["data"]["train"] = str(tiny_assets.train_path)
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", "--config", str(path), "--scores", f"{bucket}/scores"]) == 2
+    assert f"--scores: not found: {bucket}/scores" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# -- Through the stages ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hub_ray(s3, hf_home):
+    """Ray started with the offline Hub cache (and the bucket's endpoint, from `s3`) in its environment."""
+    with pytest.MonkeyPatch.context() as mp:
+        _offline(mp, hf_home)
+        yield from local_ray(include_dashboard=False)
+
+
+@pytest.mark.ray
+def test_scoring_reads_a_bucket_and_loads_the_teacher_by_hub_id(hub_ray, s3, tiny_assets, tmp_path):
+    """The same rows scored with the teacher by Hub id from data in a bucket, and with the teacher's
+    local folder from a local file, give the same metrics and ranks; the manifest, the summary and the
+    report name the commit the id was pinned to."""
+    from pocl_ray.report import write_report
+    from pocl_ray.scoring import format_summary, score_dataset
+
+    lines = tiny_assets.train_path.read_text().splitlines()[:48]
+    local = tmp_path / "train.jsonl"
+    local.write_text("\n".join(lines) + "\n")
+    bucket = s3.bucket()
+    storage.write_bytes(f"{bucket}/data/part-0.jsonl", local.read_bytes())
+    since = len(s3.requests)
+    by_id = score_dataset(parse_config(_score_config(tiny_assets, tmp_path / "hub", f"{bucket}/data")))
+    assert s3.object_reads(f"{bucket.removeprefix('s3://')}/data/part-0.jsonl", since), "the rows came from the bucket"
+    manifest = by_id.manifest
+    assert manifest["models"]["teacher"] == manifest["models"]["tokenizer"] == HUB_TEACHER
+    assert f"teacher: org/tiny (revision {COMMIT_MAIN})" in format_summary(manifest)
+    assert f"org/tiny (revision {COMMIT_MAIN})" in write_report(tmp_path / "hub").read_text()
+
+    by_folder = score_dataset(
+        parse_config(_score_config(tiny_assets, tmp_path / "local", local, teacher=str(tiny_assets.teacher_dir)))
+    )
+    columns = ["id", "student_ce", "teacher_ce", "rank", "bucket"]
+    hub_rows = pds.dataset(str(by_id.scores_path)).to_table(columns=columns).sort_by("id")
+    local_rows = pds.dataset(str(by_folder.scores_path)).to_table(columns=columns).sort_by("id")
+    assert hub_rows.num_rows == len(lines) and hub_rows.equals(local_rows)
+
+
+@pytest.mark.ray
+def test_training_loads_the_teacher_by_hub_id_at_a_revision(hub_ray, tiny_assets, tmp_path):
+    """models.revision v1 pins org/tiny to the 2-layer model: the workers distil from it (its loss
+    differs from main's 4-layer teacher's) and plan.json records the commit."""
+    from pocl_ray.training.driver import train
+
+    scores = write_scores(tmp_path / "scores_run", tiny_assets, num_buckets=2)
+    overrides = {
+        "curriculum.num_buckets": 2,
+        "curriculum.epochs_per_stage": None,
+        "curriculum.steps_per_stage": 2,
+        "data.dev": None,
+        "models.teacher": "org/tiny",
+    }
+    losses = {}
+    for revision, commit in (("v1", COMMIT_V1), (None, COMMIT_MAIN)):
+        cfg = run_config(tiny_assets, tmp_path / f"out-{revision}", name=f"hub-{revision}", **overrides)
+        result = train(cfg.with_overrides({"models.revision": revision}), scores)
+        plan = json.loads(result.plan_path.read_text())
+        assert plan["models"]["models.teacher"] == {"kind": "hub", "location": "org/tiny", "revision": commit}
+        assert plan["models"]["models.student"]["kind"] == "local"
+        assert result.steps == 4
+        steps = [r for r in map(json.loads, result.metrics_path.read_text().splitlines()) if "kd_loss" in r]
+        losses[revision] = steps[0]["kd_loss"]  # the first step: the same student and rows, another teacher
+    assert losses["v1"] != losses[None], "both revisions gave the same teacher"
+
+
+@pytest.mark.ray
+def test_training_reads_scores_and_the_cached_teacher_head_from_a_bucket(hub_ray, s3, tiny_assets, tmp_path):
+    """`pocl-ray train --scores s3://...`: the driver checks the manifest, the rows' columns and the
+    teacher head's shape in the bucket, and the workers read their rows and the head from it; the
+    steps are those of the same scores read from the local folder."""
+    from pocl_ray.training.driver import train
+
+    local = write_scores(tmp_path / "scores_run", tiny_assets, num_buckets=2, cache_form="hidden")
+    bucket = s3.bucket()
+    storage.copy_folder(local, f"{bucket}/scores")
+    overrides = {
+        "curriculum.num_buckets": 2,
+        "curriculum.epochs_per_stage": None,
+        "curriculum.steps_per_stage": 2,
+        "data.dev": None,
+        "kd.teacher": "cached",
+        "scoring.teacher_hidden": True,
+        "training.checkpoint_every": 100,
+    }
+    steps = {}
+    for name, scores in (("bucket", f"{bucket}/scores"), ("local", local)):
+        since = len(s3.requests)
+        result = train(run_config(tiny_assets, tmp_path / name, name=f"scores-{name}", **overrides), scores)
+        assert result.steps == 4
+        bucket_name = bucket.removeprefix("s3://")
+        for key in ("rows.parquet", "teacher_head.safetensors"):
+            read = s3.object_reads(f"{bucket_name}/scores/{key}", since)
+            assert bool(read) == (name == "bucket"), (name, key)
+        steps[name] = [(r["step"], r["tokens"], r["kd_loss"]) for r in read_metrics(result.metrics_path)]
+    assert steps["bucket"] == steps["local"]
+
+
+def _bucket_checkpoints(prefix: str) -> list[str]:
+    """The step_* checkpoints Ray Train has committed under prefix (its snapshot lists them)."""
+    files = storage.list_files(prefix)
+    if not any(f.endswith("/checkpoint_manager_snapshot.json") for f in files):
+        return []
+    return sorted({f.split("/")[-2] for f in files if f.split("/")[-2].startswith("step_")})
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_worker_resumes_from_its_checkpoint_in_a_bucket(hub_ray, s3, tiny_assets, tmp_path):
+    """training.storage_path in a bucket: the checkpoints are written there (nothing under the local
+    output folder), and after a training worker is killed the restarted worker group reads the last
+    checkpoint back from the bucket and finishes the plan."""
+    from pocl_ray.training.driver import train
+
+    scores = write_scores(tmp_path / "scores_run", tiny_assets, num_buckets=2)
+    checkpoints = f"{s3.bucket()}/checkpoints"
+    cfg = run_config(
+        tiny_assets,
+        tmp_path / "run",
+        name="bucket-resume",
+        **{
+            "curriculum.num_buckets": 2,
+            "data.dev": None,
+            "training.checkpoint_every": 2,
+            "training.max_failures": 1,
+            "training.storage_path": checkpoints,
+        },
+    )
+    run_prefix = f"{checkpoints}/{cfg.name}"
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["result"] = train(cfg, scores)
+        except BaseException as err:
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.time() + 300
+    while not _bucket_checkpoints(run_prefix) and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.2)
+    pids = train_worker_pids()
+    assert pids and thread.is_alive(), f"the run ended before a checkpoint was taken: {outcome}"
+    since = len(s3.requests)
+    killed_at = time.time()
+    os.kill(pids[-1], signal.SIGKILL)
+    thread.join(timeout=420)
+    assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
+    result = outcome["result"]
+
+    records = read_metrics(result.metrics_path)
+    assert [r["step"] for r in records] == list(range(1, result.steps + 1)) and result.stages_completed == 2
+    kept = [r["step"] for r in records if r["time"] < killed_at]
+    assert kept and len(kept) < len(records), "steps before the kill were kept, the rest trained after it"
+    bucket_name = checkpoints.removeprefix("s3://")
+    restored = s3.object_reads(f"{bucket_name}/{cfg.name}/step_", since)
+    assert any(r[1].endswith("/coordinator.json") for r in restored), "the restart read its checkpoint from the bucket"
+    assert result.checkpoint_path.startswith(run_prefix.removeprefix("s3://"))
+    assert not (tmp_path / "run" / "train" / "checkpoints").exists()
