@@ -380,6 +380,34 @@ def write_probe(path: Path, inputs: RunInputs) -> None:
     path.write_text(json.dumps({"seed": PROBE_SEED, "buckets": buckets}, indent=1))
 
 
+def _train_settings() -> None:
+    """Ray Train settings from the driver's environment (its controller and workers inherit them)."""
+    # Ray Train's controller notices a finished (or failed) worker group at its next poll, every 2 s
+    # by default: measured on 2 CPU cores, a 0.25 s poll cut 3-4 s from every fit's end and ~1 s from
+    # its start. The controller propagates this setting to itself from the driver's environment.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    # Ray Train reroutes a worker's print() to its logger, and also to the worker's stdout where that is
+    # wrapped (as in a Ray worker): every progress line reached the job log twice. Plain print, once.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
+
+def start_coordinator(name: str, cfg: RunConfig, out: Path, inputs: RunInputs, tracking: dict | None):
+    """The run's curriculum-coordinator actor, writing train/metrics.jsonl under `out` and logging to `tracking`."""
+    training = cfg.training
+    return coordinator(
+        name,
+        plan=inputs.plan,
+        num_rows=inputs.num_rows,
+        global_batch=training.global_batch_size,
+        micro_batch=training.micro_batch_size,
+        seed=training.seed,
+        metrics_path=str(out / "metrics.jsonl"),
+        world_size=training.max_workers,
+        row_group_bounds=inputs.index.bounds.tolist(),
+        tracking_handle=tracking,
+    )
+
+
 def fit(cfg: RunConfig, out: Path, inputs: RunInputs, callbacks: list | None, tracking: dict | None = None):
     """The coordinator actor (logging to the `tracking` run) and the TorchTrainer whose workers run
     `train_func`; Ray Train's result."""
@@ -394,26 +422,9 @@ def fit(cfg: RunConfig, out: Path, inputs: RunInputs, callbacks: list | None, tr
     training = cfg.training
     if not ray.is_initialized():
         ray.init()
-    # Ray Train's controller notices a finished (or failed) worker group at its next poll, every 2 s
-    # by default: measured on 2 CPU cores, a 0.25 s poll cut 3-4 s from every fit's end and ~1 s from
-    # its start. The controller propagates this setting to itself from the driver's environment.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-    # Ray Train reroutes a worker's print() to its logger, and also to the worker's stdout where that is
-    # wrapped (as in a Ray worker): every progress line reached the job log twice. Plain print, once.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    _train_settings()
     name = f"pocl-coordinator-{cfg.name}-{uuid.uuid4().hex[:8]}"
-    coord = coordinator(
-        name,
-        plan=inputs.plan,
-        num_rows=inputs.num_rows,
-        global_batch=training.global_batch_size,
-        micro_batch=training.micro_batch_size,
-        seed=training.seed,
-        metrics_path=str(out / "metrics.jsonl"),
-        world_size=training.max_workers,
-        row_group_bounds=inputs.index.bounds.tolist(),
-        tracking_handle=tracking,
-    )
+    coord = start_coordinator(name, cfg, out, inputs, tracking)
     namespace = ray.get_runtime_context().namespace
     trainer = TorchTrainer(
         train_func,
