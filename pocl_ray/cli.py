@@ -36,7 +36,7 @@ def _train(args: argparse.Namespace) -> None:
     from pocl_ray.training.driver import train
 
     cfg = _config(args)
-    sources = check_inputs(cfg, args.scores)
+    sources = check_inputs(cfg, args.scores, training=True)
     init_ray()
     result = train(cfg, scores_dir=args.scores, sources=sources)
     print(f"student saved to {result.student_dir}")

@@ -30,18 +30,21 @@ def checkpoint_setting(index: int) -> str:
     return f"curriculum.progressive.teacher_checkpoints[{index}]"
 
 
-def data_paths(cfg: RunConfig, scores: str | Path | None = None) -> dict[str, str]:
+def data_paths(cfg: RunConfig, scores: str | Path | None = None, training: bool = False) -> dict[str, str]:
     """setting -> the file or folder it names, for every data input cfg lists (datasets by name are
-    `hf_datasets`' to check)."""
-    paths: dict[str, object] = {"data.train": cfg.data.train, "data.dev": cfg.data.dev}
+    `hf_datasets`' to check). `training`: the training command, whose rows come from the scores, so it
+    does not read data.train."""
+    paths: dict[str, object] = (
+        {"data.dev": cfg.data.dev} if training else {"data.train": cfg.data.train, "data.dev": cfg.data.dev}
+    )
     paths.update({f"eval.sets[{i}].path": s.path for i, s in enumerate(cfg.eval.sets)})
     paths["--scores"] = scores
     return {setting: str(path) for setting, path in paths.items() if isinstance(path, (str, Path))}
 
 
-def check_data(cfg: RunConfig, scores: str | Path | None = None) -> None:
-    """Each data input exists and this process may read it, or an error naming its setting."""
-    for setting, path in data_paths(cfg, scores).items():
+def check_data(cfg: RunConfig, scores: str | Path | None = None, training: bool = False) -> None:
+    """Each data input the command reads exists and this process may read it, or an error naming its setting."""
+    for setting, path in data_paths(cfg, scores, training).items():
         storage.check_readable(path, setting)
 
 
@@ -64,9 +67,9 @@ def model_sources(cfg: RunConfig, known: Mapping[str, ModelSource] | None = None
     return sources
 
 
-def check_inputs(cfg: RunConfig, scores: str | Path | None = None) -> Sources:
+def check_inputs(cfg: RunConfig, scores: str | Path | None = None, training: bool = False) -> Sources:
     """`check_data`, then `model_sources`: the one preflight of a command."""
-    check_data(cfg, scores)
+    check_data(cfg, scores, training)
     return model_sources(cfg)
 
 

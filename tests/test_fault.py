@@ -115,7 +115,14 @@ def test_elastic_run_goes_on_with_one_worker_and_grows_back_to_two(two_node_clus
 
     cluster, worker_node = two_node_cluster
     scores = write_scores(tmp_path, tiny_assets)
-    settings = {"training.num_workers": [1, 2], "training.max_failures": 3, "training.resize_check_s": 1.0}
+    # 3 epochs per stage: enough steps left after the shrink for the returned node to register and Ray
+    # Train to grow the group before the plan ends (with 1 epoch a quiet machine finished first).
+    settings = {
+        "training.num_workers": [1, 2],
+        "training.max_failures": 3,
+        "training.resize_check_s": 1.0,
+        "curriculum.epochs_per_stage": 3.0,
+    }
     cfg = run_config(tiny_assets, tmp_path / "run", name="elastic", **settings, **{"data.dev": None})
     storage = tmp_path / "run" / "train" / "checkpoints" / cfg.name
     metrics = tmp_path / "run" / "train" / "metrics.jsonl"

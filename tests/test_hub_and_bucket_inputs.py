@@ -264,3 +264,22 @@ def test_a_killed_worker_resumes_from_its_checkpoint_in_a_bucket(hub_ray, s3, ti
     assert any(r[1].endswith("/coordinator.json") for r in restored), "the restart read its checkpoint from the bucket"
     assert result.checkpoint_path.startswith(run_prefix.removeprefix("s3://"))
     assert not (tmp_path / "run" / "train" / "checkpoints").exists()
+
+
+def test_training_reads_its_rows_from_the_scores_so_it_does_not_check_data_train(tmp_path):
+    from pocl_ray.preflight import data_paths
+
+    dev = tmp_path / "dev.jsonl"
+    cfg = parse_config(
+        {
+            "name": "t",
+            "data": {"train": str(tmp_path / "gone.jsonl"), "dev": str(dev)},
+            "models": {"teacher": str(tmp_path / "teacher")},
+            "output": {"dir": str(tmp_path / "out")},
+        }
+    )
+    assert data_paths(cfg, tmp_path / "scores", training=True) == {
+        "data.dev": str(dev),
+        "--scores": str(tmp_path / "scores"),
+    }
+    assert data_paths(cfg)["data.train"] == str(tmp_path / "gone.jsonl")

@@ -150,7 +150,9 @@ def test_later_stages_get_the_fine_tuned_teacher(pipeline_with_sft, tiny_assets)
         student = root / "runs" / label / "train" / "student"
         torch.testing.assert_close(_embeddings(student), fine_tuned, rtol=0, atol=1e-6)
         assert json.loads((root / "runs" / label / "eval" / "results.json").read_text())["model"] == str(student)
-    assert json.loads((root / "runs" / "teacher" / "eval" / "results.json").read_text())["model"] == str(tuned)
+    # The teacher is evaluated as the preflight resolved it: its source record.
+    teacher_eval = json.loads((root / "runs" / "teacher" / "eval" / "results.json").read_text())
+    assert teacher_eval["model"] == {"kind": "local", "location": str(tuned), "revision": None}
 
 
 @pytest.mark.ray

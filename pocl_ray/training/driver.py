@@ -303,7 +303,7 @@ def train(
     coordinator logs every step record, candidate and the selected one to, as they come.
     """
     started = time.time()
-    sources = check_inputs(cfg) if sources is None else sources
+    sources = check_inputs(cfg, training=True) if sources is None else sources
     out = Path(cfg.output.dir).resolve() / "train"
     if scores_dir is None:
         scores_dir = out.parent / "scores"
