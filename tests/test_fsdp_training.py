@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import threading
-import time
 
 import pytest
 import torch
 from training_helpers import (
     committed_checkpoints,
     expected_tokens,
+    kill_after_a_checkpoint,
     read_metrics,
     run_config,
-    train_worker_pids,
     write_scores,
 )
 
@@ -107,25 +104,7 @@ def test_killed_fsdp_run_resumes_from_its_sharded_checkpoint(runs, tmp_path):
     reference_cfg, undisturbed = results["fsdp"]
     cfg = reference_cfg.with_overrides({"output.dir": str(tmp_path / "run")})  # same name, seed and plan
     storage = tmp_path / "run" / "train" / "checkpoints" / cfg.name
-    failure: list[BaseException] = []
-
-    def first_attempt():
-        try:
-            train(cfg, scores)
-        except BaseException as err:
-            failure.append(err)
-
-    thread = threading.Thread(target=first_attempt)
-    thread.start()
-    deadline = time.time() + 300
-    while not committed_checkpoints(storage) and thread.is_alive() and time.time() < deadline:
-        time.sleep(0.05)
-    pids = train_worker_pids()
-    assert pids and thread.is_alive(), "the run ended before a checkpoint could be taken"
-    killed_at = time.time()
-    os.kill(pids[-1], signal.SIGKILL)
-    thread.join(timeout=300)
-    assert not thread.is_alive() and failure, "max_failures=0: killing a worker must fail the run"
+    killed_at = kill_after_a_checkpoint(train, cfg, scores, storage)
     # Every worker wrote its shards into the one checkpoint (DCP: a file per rank and rank 0's metadata).
     first = storage / committed_checkpoints(storage)[0] / "student_shards"
     assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= {p.name for p in first.iterdir()}

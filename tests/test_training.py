@@ -13,9 +13,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +20,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from training_helpers import (
-    committed_checkpoints,
     expected_tokens,
+    kill_after_a_checkpoint,
     read_metrics,
     read_probes,
     read_resizes,
     rows_per_epoch,
     run_config,
-    train_worker_pids,
     write_scores,
 )
 
@@ -685,25 +681,7 @@ def test_killed_run_resumes_at_the_same_step_with_the_same_data(pocl_run, tiny_a
     undisturbed_cfg, scores, undisturbed = pocl_run
     cfg = undisturbed_cfg.with_overrides({"output.dir": str(tmp_path / "run")})  # same name, seed and plan
     storage = tmp_path / "run" / "train" / "checkpoints" / cfg.name
-    failure: list[BaseException] = []
-
-    def first_attempt():
-        try:
-            train(cfg, scores)
-        except BaseException as err:
-            failure.append(err)
-
-    thread = threading.Thread(target=first_attempt)
-    thread.start()
-    deadline = time.time() + 300
-    while not committed_checkpoints(storage) and thread.is_alive() and time.time() < deadline:
-        time.sleep(0.05)
-    pids = train_worker_pids()
-    assert pids and thread.is_alive(), "the run ended before a checkpoint could be taken"
-    killed_at = time.time()
-    os.kill(pids[-1], signal.SIGKILL)
-    thread.join(timeout=300)
-    assert not thread.is_alive() and failure, "max_failures=0: killing a worker must fail the run"
+    killed_at = kill_after_a_checkpoint(train, cfg, scores, storage)
 
     result = train(cfg, scores)  # same RunConfig name and storage: resumes from the last checkpoint
     resumed, reference = read_metrics(result.metrics_path), read_metrics(undisturbed.metrics_path)
@@ -747,25 +725,7 @@ def test_a_two_worker_checkpoint_resumes_on_one_worker_and_completes_its_epoch(r
     # Checkpoints every 2 steps: stage 0 has 5, so the first ones (steps 2 and 4) are mid-epoch.
     cfg = run_config(tiny_assets, tmp_path / "run", name="shrink", **{"data.dev": None, "training.checkpoint_every": 2})
     storage = tmp_path / "run" / "train" / "checkpoints" / cfg.name
-    failure: list[BaseException] = []
-
-    def first_attempt():
-        try:
-            train(cfg, scores)
-        except BaseException as err:
-            failure.append(err)
-
-    thread = threading.Thread(target=first_attempt)
-    thread.start()
-    deadline = time.time() + 300
-    while not committed_checkpoints(storage) and thread.is_alive() and time.time() < deadline:
-        time.sleep(0.05)
-    pids = train_worker_pids()
-    assert pids and thread.is_alive(), "the run ended before a checkpoint could be taken"
-    killed_at = time.time()
-    os.kill(pids[-1], signal.SIGKILL)
-    thread.join(timeout=300)
-    assert not thread.is_alive() and failure, "max_failures=0: killing a worker must fail the run"
+    killed_at = kill_after_a_checkpoint(train, cfg, scores, storage)
 
     result = train(cfg.with_overrides({"training.num_workers": 1}), scores)  # same name: resumes on 1 worker
     records, [resize] = read_metrics(result.metrics_path), read_resizes(result.metrics_path)

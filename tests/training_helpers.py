@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -214,3 +217,28 @@ def train_worker_pids() -> list[int]:
             except OSError:
                 continue
     return found
+
+
+def kill_after_a_checkpoint(train, cfg, scores: Path, storage: Path) -> float:
+    """Run `train(cfg, scores)` (training.max_failures: 0) in a thread, SIGKILL one of its workers once a
+    checkpoint is committed under `storage`, and check that the run failed; the time of the kill."""
+    failure: list[BaseException] = []
+
+    def first_attempt():
+        try:
+            train(cfg, scores)
+        except BaseException as err:
+            failure.append(err)
+
+    thread = threading.Thread(target=first_attempt)
+    thread.start()
+    deadline = time.time() + 300
+    while not committed_checkpoints(storage) and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.05)
+    pids = train_worker_pids()
+    assert pids and thread.is_alive(), "the run ended before a checkpoint could be taken"
+    killed_at = time.time()
+    os.kill(pids[-1], signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive() and failure, "max_failures=0: killing a worker must fail the run"
+    return killed_at
