@@ -107,6 +107,16 @@ def _resizes_so_far(path) -> list[dict]:
     return out
 
 
+def _reread_cluster_now() -> None:
+    """Ray Train sizes an elastic group from what Ray's AutoscalingCoordinator has reserved for it, and that
+    actor re-reads the cluster's nodes only every 20 s: on a fast machine the 1-worker run finished the plan
+    before that tick (CI, 2026-12-02). Asking it for a fresh reading now is what its next tick does."""
+    import ray
+
+    coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    ray.get(coordinator.get_reserved_resources.remote("pocl-ray-test", recompute=True), timeout=30)
+
+
 def test_elastic_run_goes_on_with_one_worker_and_grows_back_to_two(two_node_cluster, tiny_assets, tmp_path):
     """training.num_workers: [1, 2]: the node of one worker is removed mid-stage, training goes on with 1
     worker (the rest of the interrupted epoch re-dealt to it), the node comes back and Ray Train grows
@@ -115,13 +125,13 @@ def test_elastic_run_goes_on_with_one_worker_and_grows_back_to_two(two_node_clus
 
     cluster, worker_node = two_node_cluster
     scores = write_scores(tmp_path, tiny_assets)
-    # 3 epochs per stage: enough steps left after the shrink for the returned node to register and Ray
-    # Train to grow the group before the plan ends (with 1 epoch a quiet machine finished first).
+    # 4 epochs per stage: steps left after the shrink for the returned node to be seen and the group grown
+    # before the plan ends (~65 ms a step on 1 worker here: 1 epoch per stage finished first).
     settings = {
         "training.num_workers": [1, 2],
         "training.max_failures": 3,
         "training.resize_check_s": 1.0,
-        "curriculum.epochs_per_stage": 3.0,
+        "curriculum.epochs_per_stage": 4.0,
     }
     cfg = run_config(tiny_assets, tmp_path / "run", name="elastic", **settings, **{"data.dev": None})
     storage = tmp_path / "run" / "train" / "checkpoints" / cfg.name
@@ -146,6 +156,7 @@ def test_elastic_run_goes_on_with_one_worker_and_grows_back_to_two(two_node_clus
         time.sleep(0.1)  # until the first step on 1 worker
     assert thread.is_alive() and _resizes_so_far(metrics), f"no step on 1 worker: {outcome}"
     cluster.add_node(num_cpus=1)  # the node is back: Ray Train grows the group at its next check
+    _reread_cluster_now()
     thread.join(timeout=420)
     assert not thread.is_alive(), "the run did not finish within 7 minutes of the node's return"
     assert "error" not in outcome, outcome.get("error")
