@@ -419,7 +419,9 @@ class TrainingConfig(_Section):
     )
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
-    global_batch_size: int = Field(64, gt=0)
+    global_batch_size: int = Field(
+        64, gt=0, description="rows per optimizer step, dealt over the workers (unevenly where they do not divide it)"
+    )
     micro_batch_size: int = Field(8, gt=0, description="rows per worker per forward pass")
     lr: float = Field(1e-4, gt=0)
     min_lr: float = Field(1e-7, ge=0)
@@ -488,20 +490,6 @@ class TrainingConfig(_Section):
     def sharded_teacher(self) -> bool:
         """Whether the online teacher is sharded over the workers (teacher_sharding, resolved by the strategy)."""
         return (self.teacher_sharding or ("fsdp" if self.strategy == "fsdp" else "replicate")) == "fsdp"
-
-    @model_validator(mode="after")
-    def _batch(self) -> TrainingConfig:
-        # A fixed count splits each step evenly; a range's counts split it unevenly where they do not
-        # divide it (shards.worker_shard), with the loss still over the global token count.
-        if not isinstance(self.num_workers, int):
-            return self
-        per_step = self.micro_batch_size * self.num_workers
-        if self.global_batch_size % per_step:
-            raise ValueError(
-                f"global_batch_size ({self.global_batch_size}) must be a multiple of "
-                f"micro_batch_size x num_workers ({per_step})"
-            )
-        return self
 
 
 class EvalSet(_Section):
