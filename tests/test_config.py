@@ -148,12 +148,12 @@ def test_file_errors(tmp_path):
 @pytest.mark.parametrize(
     ("section", "values", "field"),
     [
-        ("output", {"dir": "s3://bucket/runs/x"}, "output.dir"),
         (
             "output",
             {"trackers": ["tensorboard"], "tensorboard": {"log_dir": "s3://b/tb"}},
             "output.tensorboard.log_dir",
         ),
+        ("output", {"trackers": ["wandb"], "wandb": {"dir": "gs://b/wandb"}}, "output.wandb.dir"),
     ],
 )
 def test_a_uri_in_a_local_path_setting_is_refused_naming_the_field(section, values, field):
@@ -187,9 +187,11 @@ def test_data_and_model_settings_keep_a_uri_or_a_hub_id():
     assert cfg.curriculum.progressive.teacher_checkpoints == ["ck/1", "gs://b/ck/2"]
 
 
-def test_storage_path_keeps_a_uri_and_local_paths_stay_local():
-    cfg = parse_config({**MINIMAL, "training": {"storage_path": "s3://bucket/checkpoints"}})
-    assert cfg.training.storage_path == "s3://bucket/checkpoints"
+def test_storage_path_and_output_dir_keep_a_uri_and_local_paths_stay_local():
+    cfg = parse_config(
+        {**MINIMAL, "training": {"storage_path": "s3://bucket/checkpoints"}, "output": {"dir": "gs://b/runs/x"}}
+    )
+    assert (cfg.training.storage_path, cfg.output.dir) == ("s3://bucket/checkpoints", "gs://b/runs/x")
     # Not URIs: a colon elsewhere in a local path, a Windows drive.
     local = parse_config(
         {**MINIMAL, "output": {"dir": "runs/2026-11-30T20:00"}, "models": {"teacher": "C:\\models\\t"}}
