@@ -295,3 +295,17 @@ def test_the_conversational_example_configs_load():
     assert twin.eval.model_copy(update={"sets": []}) == quickstart.eval.model_copy(update={"sets": []})
     for path in (twin.data.train, twin.data.dev, *(s.path for s in twin.eval.sets)):
         assert (CONFIGS.parent / path).is_file(), path
+
+
+def test_the_bucket_example_config_names_every_path_in_a_bucket_and_models_by_hub_id():
+    """configs/qwen2.5-1.5b-to-0.5b-bucket.yaml (needs a bucket, the Hub and GPUs: its config only is checked
+    here; tests/test_hub_and_bucket_inputs.py runs the same layout against a local S3 server)."""
+    cfg = load_config(CONFIGS / "qwen2.5-1.5b-to-0.5b-bucket.yaml")
+    paths = [cfg.data.train, cfg.data.dev, cfg.output.dir, *(s.path for s in cfg.eval.sets)]
+    assert all(isinstance(p, str) and p.startswith("s3://my-bucket/") for p in paths), paths
+    assert (cfg.models.teacher, cfg.models.student, cfg.models.revision) == (
+        "Qwen/Qwen2.5-1.5B-Instruct",
+        "Qwen/Qwen2.5-0.5B-Instruct",
+        "main",
+    )
+    assert cfg.training.storage_path is None and not cfg.output.trackers  # checkpoints beside the outputs
