@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from pocl_ray import storage
 from pocl_ray.config import ConfigError, RunConfig, load_config
 from pocl_ray.preflight import check_inputs
 
@@ -50,7 +51,7 @@ def _eval(args: argparse.Namespace) -> None:
     cfg = _config(args)
     sources = check_inputs(cfg)
     init_ray()
-    model = args.model or str(selected_student(Path(cfg.output.dir) / "train", cfg.eval.checkpoint))
+    model = args.model or str(selected_student(storage.join(cfg.output.dir, "train"), cfg.eval.checkpoint))
     result = evaluate(cfg, model, label=args.label, sources=sources)
     print(f"results written to {result.results_path}")
 
@@ -72,7 +73,7 @@ def _run(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from pocl_ray.report import write_report
 
-    print(f"report: {write_report(Path(args.output))}")
+    print(f"report: {write_report(args.output)}")
 
 
 def _parity(args: argparse.Namespace) -> None:

@@ -102,7 +102,7 @@ def _local_for_now(value: str) -> str:
         raise ValueError(
             "a URI is not supported here yet: this setting is still opened as a local file or folder (on a "
             "cluster: a shared filesystem mounted at the same path on every node); copy or mount it locally. "
-            "Of the path settings data.*, eval.sets[].path, models.* and training.storage_path take URIs"
+            "Of the path settings data.*, eval.sets[].path, models.*, output.dir and training.storage_path take URIs"
         )
     return value
 
@@ -597,7 +597,12 @@ class WandbConfig(_Section):
 
 
 class OutputConfig(_Section):
-    dir: LocalPath = "runs/default"
+    dir: PathOrURI = Field(
+        "runs/default",
+        description="every output of the run: a local folder (shared by the nodes on a cluster) or an "
+        "object-storage URI (s3://, gs://, abfs://); `pocl-ray tune`, the teacher's preparation and fine-tuning "
+        "and the trackers' default locations need a local folder",
+    )
     trackers: list[TrackerName] = Field(
         default_factory=list,
         description="experiment trackers the run also logs to (pocl_ray/tracking.py); each needs its extra, "

@@ -2,7 +2,7 @@
 
 A Ray actor created by the driver (`coordinator`); the class itself is plain Python, so its logic is
 tested without Ray. It serves the plan's stages and each worker's epoch (`pocl_ray.shards`), tracks
-plateaus and the checkpoint-selection candidates, appends the step records to metrics.jsonl, and its
+plateaus and the checkpoint-selection candidates, writes the step records to metrics.jsonl, and its
 state rides in every checkpoint.
 """
 
@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import time
 import zlib
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pocl_ray import tracked, tracking
+from pocl_ray import storage, tracked, tracking
+from pocl_ray.config import is_uri
 from pocl_ray.curriculum import Plan, StageSpec, stage_specs
 from pocl_ray.elastic import epoch_shards, resized
 from pocl_ray.shards import BLOCK_ROWS, WINDOW_ROWS, WorkerShard, blocks, worker_shard
@@ -71,7 +71,9 @@ class CurriculumCoordinator:
     checkpoints, awaited at each checkpoint) and the coordinator appends them to metrics.jsonl.
     The actor runs on the driver's node, so the file lands in the driver's output directory on any
     cluster; a restart truncates the file back to the checkpoint's step, so every step appears
-    exactly once.
+    exactly once. An object store cannot append: with metrics.jsonl at a URI the coordinator keeps the
+    file's lines in memory and rewrites the whole object at every checkpoint and at `close` (so the
+    object, like the local file, holds every step up to the latest checkpoint).
 
     Trackers: given a tracking handle (`tracking.Run.child`), the coordinator also logs every record
     it appends, and each selection candidate, to that run (`tracked.record_metrics`), so the
@@ -113,6 +115,9 @@ class CurriculumCoordinator:
         self.specs = stage_specs(self.plan, self.num_rows, self.global_batch)
         self.blocks = [blocks(s.pool_ranges, bounds) for s in self.specs]
         self.metrics_path = metrics_path
+        # metrics.jsonl's lines when it is an object (rewritten whole by `_flush_metrics`); None: a local file.
+        self.metrics_lines: list[str] | None = [] if is_uri(metrics_path) else None
+        self.metrics_dirty = False
         self.position = {"stage": 0, "stage_step": 0, "step": 0, "samples": 0}
         # {"stage", "best" (the stage's best dev loss or None), "bad" (evaluations since)}: in the checkpoint.
         self.plateau: dict[str, Any] = {"stage": 0, "best": None, "bad": 0}
@@ -242,6 +247,7 @@ class CurriculumCoordinator:
     def checkpoint(self, position: dict, records: list[dict]) -> dict:
         """Append the last records, move to `position` (the next step to train) and return the state."""
         self.log(records)
+        self._flush_metrics()
         self.position = dict(position)
         return self.state()
 
@@ -307,19 +313,31 @@ class CurriculumCoordinator:
             # resize is complete, and timed from `since` (epoch seconds) to the step's end.
             records = [{**self.resize, "seconds": records[0]["time"] - self.resize["since"]}, *records]
             self.resize = None
-        with open(self.metrics_path, "a") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
+        lines = [json.dumps(r) + "\n" for r in records]
+        if self.metrics_lines is None:
+            with open(self.metrics_path, "a") as f:
+                f.writelines(lines)
+        else:
+            self.metrics_lines += lines
+            self.metrics_dirty = True
         self._track(records, [])
+
+    def _flush_metrics(self) -> None:
+        """metrics.jsonl at a URI rewritten whole with the records held (a local file is written as they come)."""
+        if self.metrics_lines is not None and self.metrics_dirty:
+            storage.write_text(self.metrics_path, "".join(self.metrics_lines), "output.dir")
+            self.metrics_dirty = False
 
     def _truncate_metrics(self, step: int) -> list[dict]:
         """Drop the records past `step`; returns those kept."""
-        path = Path(self.metrics_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+        if storage.exists(self.metrics_path, "output.dir"):
+            text = storage.read_text(self.metrics_path, "output.dir")
+            kept = [line for line in text.splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        lines = [line + "\n" for line in kept]
+        storage.write_text(self.metrics_path, "".join(lines), "output.dir")
+        if self.metrics_lines is not None:
+            self.metrics_lines, self.metrics_dirty = lines, False
         return [json.loads(line) for line in kept]
 
     # -- trackers ----------------------------------------------------------------------------
@@ -336,7 +354,8 @@ class CurriculumCoordinator:
         self.sent_until = max([self.sent_until if self.sent_until is not None else -1, *steps])
 
     def close(self) -> None:
-        """The selected candidate logged, then the trackers detached (their calls sent first)."""
+        """metrics.jsonl written, the selected candidate logged, then the trackers detached (their calls sent first)."""
+        self._flush_metrics()
         best = best_candidate(self.candidates)
         if best is not None:
             self.tracker.metrics(tracked.selected_metrics(best), best["step"])

@@ -1,6 +1,7 @@
 """An evaluation's results file (results.json) and its markdown twin: writing and reading them.
 
-No Ray and no torch: `pocl_ray.evaluation` writes these files, `pocl_ray.report` reads them.
+No Ray and no torch: `pocl_ray.evaluation` writes these files, `pocl_ray.report` reads them, in a local
+folder or in object storage (storage.py).
 The fields of results.json are listed in pocl_ray/evaluation.py's module doc.
 """
 
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from pocl_ray import storage
 
 RESULTS_FILE = "results.json"
 
@@ -64,23 +67,20 @@ def write_results(
     directory: str | Path,
     generations: Sequence[Mapping[str, Any]] = (),
     rejected: Sequence[Mapping[str, Any]] = (),
-) -> Path:
-    """Write results.json, results.md, generations.jsonl and rejected.jsonl; returns results.json's path."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / RESULTS_FILE
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    (directory / "results.md").write_text(results_markdown(results))
+) -> str | Path:
+    """Write results.json, results.md, generations.jsonl and rejected.jsonl (each whole, as an object
+    store takes it); returns results.json's path."""
+    path = storage.join(directory, RESULTS_FILE)
+    storage.write_text(path, json.dumps(results, indent=2) + "\n", "output.dir")
+    storage.write_text(storage.join(directory, "results.md"), results_markdown(results), "output.dir")
     for name, records in (("generations.jsonl", generations), ("rejected.jsonl", rejected)):
-        with open(directory / name, "w") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return path
+        lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        storage.write_text(storage.join(directory, name), lines, "output.dir")
+    return storage.as_path(path)
 
 
 def load_results(path: str | Path) -> dict:
     """A results.json (or the directory holding it)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / RESULTS_FILE
-    return json.loads(path.read_text())
+    if storage.is_dir(path):
+        path = storage.join(path, RESULTS_FILE)
+    return storage.read_json(path)

@@ -37,8 +37,8 @@ import pyarrow as pa
 import torch
 from rouge_score.rouge_scorer import RougeScorer
 
-from pocl_ray import preflight
-from pocl_ray.config import ConfigError, DataConfig, EvalConfig, RunConfig
+from pocl_ray import preflight, storage
+from pocl_ray.config import ConfigError, DataConfig, EvalConfig, RunConfig, is_uri
 from pocl_ray.conversations import check_tokenizer, stop_token_ids
 from pocl_ray.data import (
     collate,
@@ -50,7 +50,7 @@ from pocl_ray.data import (
 )
 from pocl_ray.eval_results import format_number, write_results
 from pocl_ray.measurers import greedy_responses, response_budgets, response_means, rouge_l_scorer
-from pocl_ray.model_source import ModelSource
+from pocl_ray.model_source import ModelSource, resolve_model
 from pocl_ray.models import (
     TOKENIZER_CONFIG,
     ModelLocation,
@@ -85,8 +85,8 @@ ROW_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class EvalResult:
-    output_dir: Path
-    results_path: Path
+    output_dir: str | Path  # a URI when output.dir is one
+    results_path: str | Path
     results: dict
 
 
@@ -287,9 +287,9 @@ def average(sets: Mapping[str, Mapping[str, Any]]) -> dict:
     return out
 
 
-def eval_dir(output_dir: str | Path, label: str | None) -> Path:
-    base = Path(output_dir) / "eval"
-    return base / label if label else base
+def eval_dir(output_dir: str | Path, label: str | None) -> str | Path:
+    base = storage.join(output_dir, "eval")
+    return storage.as_path(storage.join(base, label) if label else base)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,9 +417,9 @@ def evaluate(
     label: str | None = "student",
     sources: Sources | None = None,
 ) -> EvalResult:
-    """Evaluate the model in `model_path` (a local folder, or a ModelSource the driver resolved: the
-    teacher) on cfg.eval.sets; write DIR/eval/<label>/ (see module doc). `sources`: the run's models as
-    the command's preflight resolved them (the tokenizer fallback); None: resolved here.
+    """Evaluate the model in `model_path` (a local folder, an object-storage URI, or a ModelSource the
+    driver resolved: the teacher) on cfg.eval.sets; write DIR/eval/<label>/ (see module doc). `sources`:
+    the run's models as the command's preflight resolved them (the tokenizer fallback); None: resolved here.
 
     DIR is `output_dir`, default cfg.output.dir. Each set's format is detected from its path
     (data.format is for the training data), and its row form (instruction or conversation) from its
@@ -432,7 +432,14 @@ def evaluate(
     import ray.data
 
     started = time.time()
-    model = model_path if isinstance(model_path, ModelSource) else Path(model_path)
+    # A student in object storage (an output.dir URI's train/student) is pinned here, copied to each actor's node.
+    model = (
+        model_path
+        if isinstance(model_path, ModelSource)
+        else resolve_model(str(model_path), "model_path")
+        if is_uri(model_path)
+        else Path(model_path)
+    )
     sources = preflight.model_sources(cfg) if sources is None else sources
     tokenizer_path = _check_inputs(cfg, model, sources)
     directory = eval_dir(output_dir or cfg.output.dir, label)

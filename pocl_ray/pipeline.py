@@ -22,7 +22,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from pocl_ray import preflight, tracked, tracking
+from pocl_ray import preflight, storage, tracked, tracking
 from pocl_ray.config import SHARED_SECTIONS, ConfigError, RunConfig
 from pocl_ray.eval_results import RESULTS_FILE
 from pocl_ray.pipeline_steps import EVAL_KEYS, SCORE_KEYS, TRAIN_KEYS, fingerprint, run_pipeline_step
@@ -31,7 +31,7 @@ from pocl_ray.ray_session import init_ray
 
 def compared_runs(cfg: RunConfig) -> dict[str, RunConfig]:
     """label -> the run config of that label (its output.dir is its own run directory)."""
-    root = Path(cfg.output.dir)
+    root = cfg.output.dir
     if not cfg.pipeline.compare:
         return {"": cfg}
     runs = {}
@@ -45,19 +45,19 @@ def compared_runs(cfg: RunConfig) -> dict[str, RunConfig]:
                 "only curriculum, kd, training and eval settings may differ between compared runs"
             )
         try:
-            run = cfg.with_overrides({**overrides, "output.dir": str(root / "runs" / label)})
+            run = cfg.with_overrides({**overrides, "output.dir": storage.join(root, "runs", label)})
         except ConfigError as err:
             raise ConfigError(f"pipeline.compare.{label}: {err}") from None
         runs[label] = run
     return runs
 
 
-def _evaluate_selected_student(run: RunConfig, run_dir: Path, sources: preflight.Sources) -> None:
+def _evaluate_selected_student(run: RunConfig, run_dir: str, sources: preflight.Sources) -> None:
     """Evaluate the student of run_dir/train that eval.checkpoint names."""
     from pocl_ray.evaluation import evaluate
     from pocl_ray.training.driver import selected_student
 
-    evaluate(run, selected_student(run_dir / "train", run.eval.checkpoint), label=None, sources=sources)
+    evaluate(run, selected_student(storage.join(run_dir, "train"), run.eval.checkpoint), label=None, sources=sources)
 
 
 def _log_step(parent: tracking.Run, name: str, kind: str, log) -> None:
@@ -66,18 +66,18 @@ def _log_step(parent: tracking.Run, name: str, kind: str, log) -> None:
         log(run)
 
 
-def _log_teacher(parent: tracking.Run, cfg: RunConfig, root: Path) -> None:
+def _log_teacher(parent: tracking.Run, cfg: RunConfig, root: str) -> None:
     """The teacher's preparation and fine-tuning steps that ran for this config, as child runs."""
     for folder, name, asked in (
         ("teacher_prep", "teacher-prep", cfg.pipeline.prepare_teacher),
         ("teacher_sft", "teacher-sft", cfg.pipeline.sft_teacher),
     ):
-        train_dir = root / folder / "train"
-        if asked is not None and (train_dir / "metrics.jsonl").is_file():
+        train_dir = storage.join(root, folder, "train")
+        if asked is not None and storage.is_file(storage.join(train_dir, "metrics.jsonl")):
             _log_step(parent, name, "teacher", lambda run, d=train_dir: tracked.log_training(run, d))
 
 
-def _train_tracked(run: RunConfig, scores_dir: Path, label: str, handle: dict, sources: preflight.Sources) -> bool:
+def _train_tracked(run: RunConfig, scores_dir: str, label: str, handle: dict, sources: preflight.Sources) -> bool:
     """The training step of one (compared) run, logging live to the tracker run `handle`: its config
     as parameters, then detached while the coordinator actor logs the steps (a W&B run is held by one
     process at a time). Returns whether it trained (False: done already); a failure finishes the run FAILED."""
@@ -91,15 +91,15 @@ def _train_tracked(run: RunConfig, scores_dir: Path, label: str, handle: dict, s
     key = fingerprint(run, TRAIN_KEYS, {"eval.max_new_tokens": run.eval.max_new_tokens})
     fn = partial(train, run, scores_dir=scores_dir, sources=sources, tracking=handle)
     try:
-        return run_pipeline_step(f"train{tag}", Path(run.output.dir) / "train", key, fn)
+        return run_pipeline_step(f"train{tag}", storage.join(run.output.dir, "train"), key, fn)
     except BaseException:
         tracking.attach(handle).close("FAILED")
         raise
 
 
-def run_distill(cfg: RunConfig) -> Path:
-    """Run every step the config asks for; returns the report's path."""
-    root = Path(cfg.output.dir)
+def run_distill(cfg: RunConfig) -> str | Path:
+    """Run every step the config asks for; returns the report's path (a URI when output.dir is one)."""
+    root = cfg.output.dir
     compared_runs(cfg)  # validates the compared configs before any work starts
     preflight.check_data(cfg)  # unreadable data fails here; the models once the teacher is there (_run_steps)
     if cfg.pipeline.sft_teacher is not None:
@@ -111,7 +111,7 @@ def run_distill(cfg: RunConfig) -> Path:
         return _run_steps(cfg, root, parent)
 
 
-def _run_steps(cfg: RunConfig, root: Path, parent: tracking.Run) -> Path:
+def _run_steps(cfg: RunConfig, root: str, parent: tracking.Run) -> str | Path:
     from pocl_ray.evaluation import evaluate
     from pocl_ray.report import write_report
     from pocl_ray.scoring import score_dataset
@@ -125,47 +125,48 @@ def _run_steps(cfg: RunConfig, root: Path, parent: tracking.Run) -> Path:
     sources = preflight.model_sources(resolved)
     run_sources = {label: preflight.model_sources(run, sources) for label, run in compared_runs(resolved).items()}
     init_ray(min_cpus=4)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "config.yaml").write_text(cfg.to_yaml())  # the config as given
-    parent.artifacts(root / "config.yaml", "config")
+    storage.write_text(storage.join(root, "config.yaml"), cfg.to_yaml(), "output.dir")  # the config as given
+    parent.artifacts(storage.join(root, "config.yaml"), "config")
     _log_teacher(parent, cfg, root)  # the config as given: the resolved one no longer asks for a fine-tuning
     cfg = resolved
     parent.params(tracked.loggable_params(cfg.model_dump(mode="json")))
     runs = compared_runs(cfg)
 
-    run_pipeline_step("score", root / "scores", fingerprint(cfg, SCORE_KEYS), lambda: score_dataset(cfg, sources))
-    _log_step(parent, "score", "score", lambda run: tracked.log_scoring(run, root / "scores"))
+    scores = storage.join(root, "scores")
+    run_pipeline_step("score", scores, fingerprint(cfg, SCORE_KEYS), lambda: score_dataset(cfg, sources))
+    _log_step(parent, "score", "score", lambda run: tracked.log_scoring(run, scores))
 
     for label, run in runs.items():
         handle = parent.child(label or cfg.name, "train")
-        trained = _train_tracked(run, root / "scores", label, handle, run_sources[label])
-        run_dir = Path(run.output.dir)
+        trained = _train_tracked(run, scores, label, handle, run_sources[label])
+        run_dir = run.output.dir
         tag = f" [{label}]" if label else ""
         with tracking.attach(handle) as tracked_run:
             # Steps trained in this invocation went to the run live (the coordinator's); a training done
             # already (skipped) is replayed from its files.
-            tracked.log_training(tracked_run, run_dir / "train", live=trained)
+            tracked.log_training(tracked_run, storage.join(run_dir, "train"), live=trained)
             if run.eval.sets:
                 # EVAL_KEYS hold the eval section, eval.checkpoint (which student is evaluated) included.
                 run_pipeline_step(
                     f"eval{tag}",
-                    run_dir / "eval",
+                    storage.join(run_dir, "eval"),
                     fingerprint(run, EVAL_KEYS),
                     partial(_evaluate_selected_student, run, run_dir, run_sources[label]),
                 )
-                tracked.log_eval(tracked_run, run_dir / "eval" / RESULTS_FILE)
+                tracked.log_eval(tracked_run, storage.join(run_dir, "eval", RESULTS_FILE))
     report_runs = {label or "student": f"runs/{label}" if label else "." for label in runs}
     if cfg.pipeline.evaluate_teacher and cfg.eval.sets:
-        teacher_dir = root / "runs" / "teacher"
+        teacher_dir = storage.join(root, "runs", "teacher")
         run_pipeline_step(
             "eval [teacher]",
-            teacher_dir / "eval",
+            storage.join(teacher_dir, "eval"),
             fingerprint(cfg, ("data", "models", "eval")),
             lambda: evaluate(cfg, sources[preflight.TEACHER], output_dir=teacher_dir, label=None, sources=sources),
         )
-        _log_step(parent, "teacher", "eval", lambda run: tracked.log_eval(run, teacher_dir / "eval" / RESULTS_FILE))
+        teacher_results = storage.join(teacher_dir, "eval", RESULTS_FILE)
+        _log_step(parent, "teacher", "eval", lambda run: tracked.log_eval(run, teacher_results))
         report_runs["teacher"] = "runs/teacher"
     report = write_report(root, report_runs)
-    parent.artifacts(report.parent, "report")
+    parent.artifacts(storage.join(root, "report"), "report")
     print(f"[pipeline] all steps done in {time.time() - started:.0f}s; report written to {report}", flush=True)
     return report

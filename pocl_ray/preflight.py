@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pocl_ray import storage
-from pocl_ray.config import RunConfig
+from pocl_ray.config import RunConfig, is_uri
 from pocl_ray.curriculum import Plan
 from pocl_ray.model_source import ModelSource, resolve_model
 
@@ -43,9 +43,12 @@ def data_paths(cfg: RunConfig, scores: str | Path | None = None, training: bool 
 
 
 def check_data(cfg: RunConfig, scores: str | Path | None = None, training: bool = False) -> None:
-    """Each data input the command reads exists and this process may read it, or an error naming its setting."""
+    """Each data input the command reads exists and this process may read it, or an error naming its setting;
+    an output.dir in object storage takes a write (a local one is created by the first write)."""
     for setting, path in data_paths(cfg, scores, training).items():
         storage.check_readable(path, setting)
+    if is_uri(cfg.output.dir):
+        storage.check_writable(cfg.output.dir, "output.dir")
 
 
 def model_sources(cfg: RunConfig, known: Mapping[str, ModelSource] | None = None) -> Sources:

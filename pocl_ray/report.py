@@ -25,8 +25,9 @@ carry them.
 
 from __future__ import annotations
 
+import io
 import json
-import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
 
+from pocl_ray import storage
+from pocl_ray.config import is_uri
 from pocl_ray.eval_results import RESULTS_FILE, load_results
 from pocl_ray.preflight import describe
 from pocl_ray.probes import is_probe
@@ -61,7 +64,7 @@ def read_metrics(path: str | Path) -> Metrics:
     probes: list[dict] = []
     resizes: list[dict] = []
     skipped = 0
-    for line in Path(path).read_text().splitlines():
+    for line in storage.read_text(path).splitlines():
         if not line.strip():
             continue
         try:
@@ -83,32 +86,41 @@ def read_metrics(path: str | Path) -> Metrics:
     return Metrics(frame, skipped, probe_frame, resizes)
 
 
-def resolve_runs(run_dir: Path, runs: Mapping[str, str | Path] | None) -> dict[str, Path]:
+def _name(path: str) -> str:
+    """The last part of a local path or a URI."""
+    return path.rstrip("/").rsplit("/", 1)[-1] if is_uri(path) else Path(path).name
+
+
+def resolve_runs(run_dir: str, runs: Mapping[str, str | Path] | None) -> dict[str, str]:
+    """label -> the run's folder (a local path or a URI, in run_dir's form for a relative one)."""
     if runs is not None:
-        return {label: (run_dir / sub if not Path(sub).is_absolute() else Path(sub)) for label, sub in runs.items()}
-    found = sorted(p for p in (run_dir / "runs").glob("*") if p.is_dir()) if (run_dir / "runs").is_dir() else []
+        return {
+            label: str(sub) if is_uri(sub) or Path(sub).is_absolute() else storage.join(run_dir, str(sub))
+            for label, sub in runs.items()
+        }
+    found = storage.list_dirs(storage.join(run_dir, "runs"))
     if found:
-        return {p.name: p for p in found}
-    return {run_dir.name or "run": run_dir}
+        return {_name(p): p for p in found}
+    return {_name(run_dir) or "run": run_dir}
 
 
-def _eval_files(eval_root: Path) -> dict[str | None, Path]:
+def _eval_files(eval_root: str) -> dict[str | None, str]:
     """{None: eval/results.json, name: eval/<name>/results.json} for those that exist."""
-    out: dict[str | None, Path] = {}
-    if (eval_root / RESULTS_FILE).is_file():
-        out[None] = eval_root / RESULTS_FILE
-    for sub in sorted(p for p in eval_root.glob("*") if p.is_dir()):
-        if (sub / RESULTS_FILE).is_file():
-            out[sub.name] = sub / RESULTS_FILE
+    out: dict[str | None, str] = {}
+    if storage.is_file(storage.join(eval_root, RESULTS_FILE)):
+        out[None] = storage.join(eval_root, RESULTS_FILE)
+    for sub in storage.list_dirs(eval_root):
+        if storage.is_file(storage.join(sub, RESULTS_FILE)):
+            out[_name(sub)] = storage.join(sub, RESULTS_FILE)
     return out
 
 
-def collect_evals(run_dir: Path, runs: Mapping[str, Path]) -> dict[str, dict]:
+def collect_evals(run_dir: str, runs: Mapping[str, str]) -> dict[str, dict]:
     """Evaluation results by display name (see module doc for naming)."""
     out: dict[str, dict] = {}
     single = list(runs.values()) == [run_dir]
     for label, folder in runs.items():
-        files = _eval_files(folder / "eval")
+        files = _eval_files(storage.join(folder, "eval"))
         for name, path in files.items():
             results = load_results(path)
             if single:
@@ -119,7 +131,7 @@ def collect_evals(run_dir: Path, runs: Mapping[str, Path]) -> dict[str, dict]:
                 display = f"{label}/{name}"
             out[display] = results
     if not single:
-        for name, path in _eval_files(run_dir / "eval").items():
+        for name, path in _eval_files(storage.join(run_dir, "eval")).items():
             out[name or "shared"] = load_results(path)
     return out
 
@@ -381,12 +393,12 @@ def _fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
-def _scores_section(scores_dir: Path, out_dir: Path) -> list[str]:
+def _scores_section(scores_dir: str, out_dir: Path) -> list[str]:
     lines = ["## Difficulty scores", ""]
-    manifest_path = scores_dir / "manifest.json"
-    if not manifest_path.is_file():
+    manifest_path = storage.join(scores_dir, "manifest.json")
+    if not storage.is_file(manifest_path):
         return lines + [f"No scores yet (no {manifest_path}).", ""]
-    manifest = json.loads(manifest_path.read_text())
+    manifest = storage.read_json(manifest_path)
     metrics = ", ".join(f"{m['name']} ({m['direction']} = easier)" for m in manifest.get("metrics", []))
     summary = [
         ["rows in", manifest.get("rows_in")],
@@ -410,10 +422,12 @@ def _scores_section(scores_dir: Path, out_dir: Path) -> list[str]:
             ),
             "",
         ]
-    scores_path = scores_dir / manifest["scores_path"]
-    if not scores_path.exists():
+    scores_path = storage.join(scores_dir, manifest["scores_path"])
+    if not storage.exists(scores_path):
         return lines + [f"No per-row scores to plot ({scores_path} is missing).", ""]
-    table = pads.dataset(str(scores_path), format="parquet").to_table(columns=["fused_score", "bucket"])
+    filesystem, inner = storage.resolve(scores_path)
+    dataset = pads.dataset(inner, filesystem=filesystem, format="parquet")
+    table = dataset.to_table(columns=["fused_score", "bucket"])
     plot_difficulty(table["fused_score"].to_numpy(), table["bucket"].to_numpy(), out_dir / "difficulty.png")
     return lines + ["![fused difficulty per bucket](difficulty.png)", ""]
 
@@ -435,19 +449,19 @@ def _stage_rows(frame: pd.DataFrame) -> list[list[Any]]:
     return rows
 
 
-def _evaluation_only(folder: Path) -> bool:
+def _evaluation_only(folder: str) -> bool:
     """A run that only evaluates a model (the pipeline's runs/teacher): no training to report on."""
-    return (folder / "eval").is_dir() and not (folder / "train").exists()
+    return storage.is_dir(storage.join(folder, "eval")) and not storage.exists(storage.join(folder, "train"))
 
 
-def _training_section(runs: Mapping[str, Path], out_dir: Path) -> list[str]:
+def _training_section(runs: Mapping[str, str], out_dir: Path) -> list[str]:
     lines = ["## Training", ""]
     frames: dict[str, pd.DataFrame] = {}
     resizes = []
     notes = []
     for label, folder in runs.items():
-        path = folder / "train" / "metrics.jsonl"
-        if not path.is_file():
+        path = storage.join(folder, "train", "metrics.jsonl")
+        if not storage.is_file(path):
             notes.append(f"{label}: no training metrics yet (no {path}).")
             continue
         metrics = read_metrics(path)
@@ -508,12 +522,12 @@ def _training_section(runs: Mapping[str, Path], out_dir: Path) -> list[str]:
     return lines
 
 
-def _probe_section(runs: Mapping[str, Path], out_dir: Path) -> list[str]:
+def _probe_section(runs: Mapping[str, str], out_dir: Path) -> list[str]:
     """The per-bucket probe plot of every run whose metrics.jsonl holds probe records; empty when none does."""
     probes = {}
     for label, folder in runs.items():
-        path = folder / "train" / "metrics.jsonl"
-        frame = read_metrics(path).probes if path.is_file() else pd.DataFrame()
+        path = storage.join(folder, "train", "metrics.jsonl")
+        frame = read_metrics(path).probes if storage.is_file(path) else pd.DataFrame()
         if not frame.empty:
             probes[label] = frame
     if not probes:
@@ -532,17 +546,17 @@ def _probe_section(runs: Mapping[str, Path], out_dir: Path) -> list[str]:
     ]
 
 
-def _selection_section(runs: Mapping[str, Path], out_dir: Path) -> list[str]:
+def _selection_section(runs: Mapping[str, str], out_dir: Path) -> list[str]:
     """Per run, its selection candidates (train/selection.json) with the best marked, and one plot of
     every run's dev curves against the samples seen; runs without candidates get a line saying so."""
     lines = ["## Checkpoint selection", ""]
     selections, notes = {}, []
     for label, folder in runs.items():
-        path = folder / "train" / "selection.json"
-        if not path.is_file():
+        path = storage.join(folder, "train", "selection.json")
+        if not storage.is_file(path):
             notes.append(f"{label}: no selection yet (no {path}).")
             continue
-        selection = json.loads(path.read_text())
+        selection = storage.read_json(path)
         if selection["candidates"]:
             selections[label] = selection
         else:
@@ -618,49 +632,61 @@ def _eval_section(evals: Mapping[str, Mapping], out_dir: Path) -> list[str]:
     ]
 
 
-def _sweep_section(tune_dir: Path, out_dir: Path) -> list[str]:
+def _sweep_section(tune_dir: str, out_dir: Path) -> list[str]:
     """The sweep's trials table, its objective plot (copied into out_dir) and where best.yaml is;
     empty when there was no sweep (no tune_dir/results.csv, written by `pocl_ray.tuning`)."""
-    csv = tune_dir / "results.csv"
-    if not csv.is_file():
+    csv = storage.join(tune_dir, "results.csv")
+    if not storage.is_file(csv):
         return []
-    frame = pd.read_csv(csv, dtype={"trial_id": str})
-    lines = ["## Sweep", "", f"{len(frame)} trials (`{csv}`); best config: `{tune_dir / 'best.yaml'}`.", ""]
+    frame = pd.read_csv(io.BytesIO(storage.read_bytes(csv)), dtype={"trial_id": str})
+    best = storage.join(tune_dir, "best.yaml")
+    lines = ["## Sweep", "", f"{len(frame)} trials (`{csv}`); best config: `{best}`.", ""]
     shown = [c for c in frame.columns if c not in ("error", "output_dir")]
     rows = [[f"{v:.4g}" if isinstance(v, float) else v for v in row] for row in frame[shown].itertuples(index=False)]
     lines += [markdown_table(shown, rows), ""]
-    plot = tune_dir / "objective.png"
-    if plot.is_file():
-        shutil.copyfile(plot, out_dir / "tune_objective.png")
+    plot = storage.join(tune_dir, "objective.png")
+    if storage.is_file(plot):
+        (out_dir / "tune_objective.png").write_bytes(storage.read_bytes(plot))
         lines += ["![objective vs searched parameters](tune_objective.png)", ""]
     return lines
 
 
-def write_report(run_dir: str | Path, runs: Mapping[str, str | Path] | None = None) -> Path:
-    """Write run_dir/report/report.md and its PNGs from the parts that exist; returns report.md's path."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+def write_report(run_dir: str | Path, runs: Mapping[str, str | Path] | None = None) -> str | Path:
+    """Write run_dir/report/report.md and its PNGs from the parts that exist; returns report.md's path.
+    run_dir may be a URI: the report is then drawn in a local temporary folder and uploaded."""
+    run_dir = str(run_dir)
+    if not storage.is_dir(run_dir):
         raise FileNotFoundError(f"run directory not found: {run_dir}")
     resolved = resolve_runs(run_dir, runs)
-    missing = [f"{label} ({path})" for label, path in resolved.items() if not path.is_dir()]
+    missing = [f"{label} ({path})" for label, path in resolved.items() if not storage.is_dir(path)]
     if missing:
         raise FileNotFoundError(f"runs: folders not found: {', '.join(missing)}")
-    out_dir = run_dir / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    report_dir = storage.join(run_dir, "report")
+    if not is_uri(run_dir):
+        Path(report_dir).mkdir(parents=True, exist_ok=True)
+        return _write(run_dir, resolved, Path(report_dir))
+    with tempfile.TemporaryDirectory(prefix="pocl-report-") as tmp:
+        _write(run_dir, resolved, Path(tmp))
+        storage.copy_folder(tmp, report_dir, "output.dir")
+    return storage.join(report_dir, "report.md")
+
+
+def _write(run_dir: str, resolved: Mapping[str, str], out_dir: Path) -> Path:
+    """report.md and its PNGs into the local folder out_dir."""
     lines = [
-        f"# Report: {run_dir.name}",
+        f"# Report: {_name(run_dir)}",
         "",
         f"Run directory: `{run_dir}`; compared runs: "
         + ", ".join(f"{label} (`{path}`)" for label, path in resolved.items()),
         "",
     ]
-    lines += _scores_section(run_dir / "scores", out_dir)
+    lines += _scores_section(storage.join(run_dir, "scores"), out_dir)
     trained = {label: folder for label, folder in resolved.items() if not _evaluation_only(folder)}
     lines += _training_section(trained, out_dir)
     lines += _probe_section(trained, out_dir)
     lines += _selection_section(trained, out_dir)
     lines += _eval_section(collect_evals(run_dir, resolved), out_dir)
-    lines += _sweep_section(run_dir / "tune", out_dir)
+    lines += _sweep_section(storage.join(run_dir, "tune"), out_dir)
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -35,7 +35,7 @@ a float) can differ between runs, so near-equal metric values may swap ranks.
 from __future__ import annotations
 
 import json
-import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +44,7 @@ import numpy as np
 import pyarrow as pa
 
 from pocl_ray import data as data_mod
-from pocl_ray import difficulty, preflight, teacher_cache
+from pocl_ray import difficulty, preflight, storage, teacher_cache
 from pocl_ray.config import ConfigError, RunConfig
 from pocl_ray.measurers import STUDENT_METRICS, Measurer
 from pocl_ray.models import load_tokenizer, local_folder
@@ -132,16 +132,16 @@ def _collect(ds, columns: list[str]) -> dict[str, np.ndarray]:
 
 @dataclass(frozen=True)
 class ScoreResult:
-    output_dir: Path  # DIR/scores
+    output_dir: str | Path  # DIR/scores (a URI when output.dir is one)
     manifest: dict
 
     @property
-    def scores_path(self) -> Path:
-        return self.output_dir / self.manifest["scores_path"]
+    def scores_path(self) -> str | Path:
+        return storage.as_path(storage.join(self.output_dir, self.manifest["scores_path"]))
 
     @property
-    def rejected_path(self) -> Path:
-        return self.output_dir / REJECTED_FILE
+    def rejected_path(self) -> str | Path:
+        return storage.as_path(storage.join(self.output_dir, REJECTED_FILE))
 
 
 def check_inputs(cfg: RunConfig, sources: Sources):
@@ -212,14 +212,21 @@ def _models_manifest(cfg: RunConfig, sources: Sources) -> dict:
     }
 
 
-def _write_rejects(scored, lookup_ref, reasons: np.ndarray, path: Path) -> None:
-    """Stream the rejected rows' records from the object store into rejected.jsonl, in row order."""
+def _write_rejects(scored, lookup_ref, reasons: np.ndarray, path: str) -> None:
+    """Stream the rejected rows' records from Ray's object store into rejected.jsonl, in row order: into a
+    local temporary file, then to `path` in one upload (an object store takes a file whole)."""
+    with tempfile.TemporaryDirectory(prefix="pocl-rejects-") as tmp:
+        local = Path(tmp) / REJECTED_FILE
+        with local.open("w") as f:
+            _stream_rejects(scored, lookup_ref, reasons, f)
+        storage.upload_file(local, path, "output.dir")
+
+
+def _stream_rejects(scored, lookup_ref, reasons: np.ndarray, f) -> None:
     import ray
 
     bad = reasons != ""
-    with path.open("w") as f:
-        if not bad.any():
-            return
+    if bad.any():
         rejects = scored.map_batches(
             _take_rows, fn_kwargs={"lookup_ref": lookup_ref, "mask_ref": ray.put(bad)}, batch_format="pyarrow"
         )
@@ -322,13 +329,9 @@ def score_dataset(cfg: RunConfig, sources: Sources | None = None) -> ScoreResult
     sources = preflight.check_inputs(cfg) if sources is None else sources
     tokenizer = check_inputs(cfg, sources)
     directions = difficulty.metric_directions(sc.metrics, sc.directions)
-    out_dir = Path(cfg.output.dir) / "scores"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    scores_path = out_dir / SCORES_DIR
-    if scores_path.is_dir():
-        shutil.rmtree(scores_path)
-    elif scores_path.exists():
-        scores_path.unlink()
+    out_dir = storage.join(cfg.output.dir, "scores")
+    scores_path = storage.join(out_dir, SCORES_DIR)
+    storage.remove_tree(scores_path, "output.dir")
 
     # 1. One streaming pass: read, validate + tokenize (tasks), score (actor pool), materialised once.
     scored = measure_dataset(cfg, tokenizer, sources)
@@ -349,12 +352,12 @@ def score_dataset(cfg: RunConfig, sources: Sources | None = None) -> ScoreResult
         broken = (reasons == "") & ~np.isfinite(index[m].astype(np.float64))
         reasons[broken] = f"metric {m} is not finite"
     reasons = reasons.astype(str)
-    _write_rejects(scored, lookup_ref, reasons, out_dir / REJECTED_FILE)
+    _write_rejects(scored, lookup_ref, reasons, storage.join(out_dir, REJECTED_FILE))
     kept = np.flatnonzero(reasons == "")
     rows_scored = len(kept)
     if rows_scored == 0:
         raise ConfigError(
-            f"data.train: none of the {rows_in} rows could be scored; reasons in {out_dir / REJECTED_FILE}"
+            f"data.train: none of the {rows_in} rows could be scored; reasons in {storage.join(out_dir, REJECTED_FILE)}"
         )
 
     # 3. Fuse and cut buckets.
@@ -397,7 +400,8 @@ def score_dataset(cfg: RunConfig, sources: Sources | None = None) -> ScoreResult
         if sc.sort_output:
             final = final.sort("rank", boundaries=list(range(per_file, rows_scored, per_file)))
     groups = {} if cache is None else {"row_group_size": cache_row_group_rows(cfg, cache["bytes_per_scored_token"])}
-    final.write_parquet(str(scores_path), min_rows_per_file=None if sc.sort_output else per_file, **groups)
+    filesystem, inner = storage.resolve(scores_path)
+    final.write_parquet(inner, filesystem=filesystem, min_rows_per_file=None if sc.sort_output else per_file, **groups)
 
     manifest = {
         "rows_in": int(rows_in),
@@ -416,8 +420,8 @@ def score_dataset(cfg: RunConfig, sources: Sources | None = None) -> ScoreResult
         "rows_per_file": per_file,
         "teacher_cache": cache,
     }
-    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    return ScoreResult(output_dir=out_dir, manifest=manifest)
+    storage.write_text(storage.join(out_dir, MANIFEST_FILE), json.dumps(manifest, indent=2) + "\n", "output.dir")
+    return ScoreResult(output_dir=storage.as_path(out_dir), manifest=manifest)
 
 
 def format_summary(manifest: dict) -> str:

@@ -143,6 +143,36 @@ def write_bytes(path: str | Path, data: bytes, setting: str = "path") -> None:
         raise _describe(err, str(path), setting) from None
 
 
+def as_path(path: str | Path) -> str | Path:
+    """A local path as a Path (what callers open directly), a URI as its string."""
+    return str(path) if is_uri(path) else Path(path)
+
+
+def remove_tree(path: str | Path, setting: str = "path") -> None:
+    """Delete the file or the folder (a prefix: every object under it) at path; nothing there is fine."""
+    fs, inner = resolve(path)
+    try:
+        kind = fs.get_file_info(inner).type
+        if kind == pafs.FileType.Directory:
+            fs.delete_dir(inner)
+        elif kind == pafs.FileType.File:
+            fs.delete_file(inner)
+    except OSError as err:
+        raise _describe(err, str(path), setting) from None
+
+
+def upload_file(local: str | Path, path: str | Path, setting: str = "path") -> None:
+    """A local file to path (a URI or a local path), streamed: for files too large to hold in memory."""
+    src_fs, src = resolve(local)
+    dst_fs, dst = resolve(path)
+    try:
+        if isinstance(dst_fs, pafs.LocalFileSystem):
+            dst_fs.create_dir(str(Path(dst).parent), recursive=True)
+        pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
+    except OSError as err:
+        raise _describe(err, str(path), setting) from None
+
+
 def read_text(path: str | Path, setting: str = "path") -> str:
     return read_bytes(path, setting).decode()
 
@@ -170,6 +200,18 @@ def list_files(path: str | Path, suffix: str = "", setting: str = "path") -> lis
     base = str(path).rstrip("/") if is_uri(path) else inner
     names = sorted(i.path[len(inner.rstrip("/")) + 1 :] for i in infos if i.type == pafs.FileType.File)
     return [join(base, n) for n in names if n.endswith(suffix)]
+
+
+def list_dirs(path: str | Path, setting: str = "path") -> list[str]:
+    """The sub-folders directly under path (for a URI: the prefixes one level down), sorted, in path's
+    own form; [] when nothing is there."""
+    fs, inner = resolve(path)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(inner, recursive=False, allow_not_found=True))
+    except OSError as err:
+        raise _describe(err, str(path), setting) from None
+    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+    return [join(path, n) for n in names]
 
 
 def copy_folder(source: str | Path, destination: str | Path, setting: str = "path") -> None:

@@ -442,16 +442,22 @@ def check_hidden_form(teacher: ModelLocation) -> None:
         )
 
 
-def save_head(head: torch.Tensor, directory: str | Path) -> Path:
-    """The teacher's LM head (vocab, hidden) into the scores directory, for the hidden form."""
-    from safetensors.torch import save_file
+def save_head(head: torch.Tensor, directory: str | Path) -> str | Path:
+    """The teacher's LM head (vocab, hidden) into the scores directory (local, or a URI: one upload),
+    for the hidden form."""
+    from safetensors.torch import save, save_file
 
-    path = Path(directory) / HEAD_FILE
-    save_file({"weight": head.detach().cpu().contiguous()}, str(path))
-    return path
+    path = storage.join(directory, HEAD_FILE)
+    weights = {"weight": head.detach().cpu().contiguous()}
+    if is_uri(path):
+        storage.write_bytes(path, save(weights), "output.dir")
+    else:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        save_file(weights, path)
+    return storage.as_path(path)
 
 
-def save_teacher_head(teacher: ModelLocation, directory: str | Path, vocab_size: int) -> Path:
+def save_teacher_head(teacher: ModelLocation, directory: str | Path, vocab_size: int) -> str | Path:
     """The other half of the hidden form: the teacher's LM head, once, beside the rows (float32); its
     first `vocab_size` rows, the tokenizer's tokens (a padded head's extra rows are no token)."""
     return save_head(load_model(teacher, dtype="float32").get_output_embeddings().weight[:vocab_size], directory)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pocl_ray.config import ConfigError, RunConfig, TeacherPrepConfig
+from pocl_ray.config import ConfigError, RunConfig, TeacherPrepConfig, is_uri
 from pocl_ray.conversations import parse
 from pocl_ray.data import build_prompt, pinned_row_form, read_table, records_of
 from pocl_ray.models import build_tiny_model, build_tiny_tokenizer, has_model_files
@@ -110,7 +110,7 @@ def _sft_run(cfg: RunConfig, model: str, work_dir: Path, overrides: dict) -> Pat
         }
     )
     score_dataset(sft)
-    return train(sft).student_dir
+    return Path(train(sft).student_dir)  # work_dir is local (_local_root)
 
 
 def _copy_into_place(source: Path, target: Path) -> None:
@@ -121,7 +121,19 @@ def _copy_into_place(source: Path, target: Path) -> None:
     tmp.rename(target)
 
 
-def ensure_teacher(cfg: RunConfig, root: Path, min_cpus: int = 4) -> None:
+def _local_root(root: str | Path, setting: str) -> Path:
+    """The output folder a teacher is built or fine-tuned in: local only (its trained folder becomes
+    models.teacher, read by path); an output.dir in object storage is refused naming `setting`."""
+    if is_uri(root):
+        raise ConfigError(
+            f"{setting}: builds the teacher under output.dir, which must then be a local folder (got {root}); "
+            "build or fine-tune the teacher with a local output.dir, then point models.teacher at it (a folder, "
+            "a Hub id or a URI)"
+        )
+    return Path(root)
+
+
+def ensure_teacher(cfg: RunConfig, root: str | Path, min_cpus: int = 4) -> None:
     """Build the stand-in teacher (pipeline.prepare_teacher) when models.teacher is missing."""
     prep = cfg.pipeline.prepare_teacher
     if has_model_files(cfg.models.teacher) or (prep is None and not Path(cfg.models.teacher).is_absolute()):
@@ -130,6 +142,8 @@ def ensure_teacher(cfg: RunConfig, root: Path, min_cpus: int = 4) -> None:
         raise FileNotFoundError(
             f"models.teacher: {cfg.models.teacher} does not exist (set pipeline.prepare_teacher to build one)"
         )
+
+    root = _local_root(root, "pipeline.prepare_teacher")
 
     def build() -> None:
         init_ray(min_cpus=min_cpus)
@@ -183,7 +197,7 @@ def finetune_teacher(cfg: RunConfig, root: Path) -> Path:
     return target
 
 
-def resolve_teacher(cfg: RunConfig, root: Path, min_cpus: int = 4) -> RunConfig:
+def resolve_teacher(cfg: RunConfig, root: str | Path, min_cpus: int = 4) -> RunConfig:
     """The config every later step uses: the teacher built when missing (pipeline.prepare_teacher),
     then fine-tuned when pipeline.sft_teacher asks (a resumable pipeline step keyed by the fine-tuning's
     data, teacher and settings, and the stand-in's settings, which change the teacher it starts from)."""
@@ -191,6 +205,7 @@ def resolve_teacher(cfg: RunConfig, root: Path, min_cpus: int = 4) -> RunConfig:
     sft = cfg.pipeline.sft_teacher
     if sft is None:
         return cfg
+    root = _local_root(root, "pipeline.sft_teacher")
     prep = cfg.pipeline.prepare_teacher
     # Not the student's settings (curriculum, kd, eval, models.student): changing them keeps the teacher.
     key = fingerprint(

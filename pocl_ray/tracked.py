@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from pocl_ray import storage
 from pocl_ray.probes import PROBE_KIND
 
 # metrics.jsonl keys of a step record that are numbers worth a series.
@@ -211,10 +212,10 @@ def scoring_metrics(
 # From a pipeline step's files to a run
 
 
-def read_records(path: Path) -> list[dict]:
+def read_records(path: str | Path) -> list[dict]:
     """metrics.jsonl's records (a line that is not a JSON object is skipped, as the report skips it)."""
     records = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
+    for line in storage.read_text(path).splitlines() if storage.is_file(path) else []:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -224,21 +225,21 @@ def read_records(path: Path) -> list[dict]:
     return records
 
 
-def log_training(run, train_dir: Path, live: bool = False) -> None:
+def log_training(run, train_dir: str | Path, live: bool = False) -> None:
     """A finished training step: its plan (parameters and plan.json), every metrics.jsonl record,
     the selection candidates and the selected one (selection.json). With `live` the records,
     candidates and selected one were logged as they came (by the coordinator), so only the plan and
     the files are."""
-    plan_path = train_dir / "plan.json"
-    if plan_path.is_file():
-        plan = json.loads(plan_path.read_text())
+    plan_path = storage.join(train_dir, "plan.json")
+    if storage.is_file(plan_path):
+        plan = storage.read_json(plan_path)
         run.params(plan_params(plan["plan"], plan["stages"]))
         run.artifacts(plan_path, "train")
-    for step, metrics in [] if live else series(read_records(train_dir / "metrics.jsonl")):
+    for step, metrics in [] if live else series(read_records(storage.join(train_dir, "metrics.jsonl"))):
         run.metrics(metrics, step)
-    selection_path = train_dir / "selection.json"
-    if selection_path.is_file():
-        selection = json.loads(selection_path.read_text())
+    selection_path = storage.join(train_dir, "selection.json")
+    if storage.is_file(selection_path):
+        selection = storage.read_json(selection_path)
         for candidate in [] if live else selection["candidates"]:
             run.metrics(candidate_metrics(candidate), candidate["step"])
         if selection["best"] is not None and not live:
@@ -246,21 +247,22 @@ def log_training(run, train_dir: Path, live: bool = False) -> None:
         run.artifacts(selection_path, "train")
 
 
-def log_scoring(run, scores_dir: Path) -> None:
+def log_scoring(run, scores_dir: str | Path) -> None:
     """A finished scoring pass: scoring_metrics from manifest.json, rejected.jsonl and the scores'
     metric columns; the manifest as an artifact."""
     import pyarrow.dataset as pads
 
-    manifest = json.loads((scores_dir / "manifest.json").read_text())
-    rejected = read_records(scores_dir / "rejected.jsonl")
+    manifest = storage.read_json(storage.join(scores_dir, "manifest.json"))
+    rejected = read_records(storage.join(scores_dir, "rejected.jsonl"))
     columns = [m["name"] for m in manifest["metrics"]] + ["fused_score"]
-    table = pads.dataset(str(scores_dir / manifest["scores_path"]), format="parquet").to_table(columns=columns)
+    filesystem, inner = storage.resolve(storage.join(scores_dir, manifest["scores_path"]))
+    table = pads.dataset(inner, filesystem=filesystem, format="parquet").to_table(columns=columns)
     values = {name: table[name].to_numpy() for name in columns}
     run.metrics(scoring_metrics(manifest, [r.get("reason", "") for r in rejected], values), 0)
-    run.artifacts(scores_dir / "manifest.json", "scores")
+    run.artifacts(storage.join(scores_dir, "manifest.json"), "scores")
 
 
-def log_eval(run, results_path: Path) -> None:
-    if results_path.is_file():
-        run.metrics(eval_metrics(json.loads(results_path.read_text())), 0)
-        run.artifacts(results_path.parent / "results.md", "eval")
+def log_eval(run, results_path: str | Path) -> None:
+    if storage.is_file(results_path):
+        run.metrics(eval_metrics(storage.read_json(results_path)), 0)
+        run.artifacts(storage.join(str(results_path).rsplit("/", 1)[0], "results.md"), "eval")

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from pocl_ray.config import ConfigError, RunConfig
+from pocl_ray.config import ConfigError, RunConfig, is_uri
 
 if TYPE_CHECKING:  # Ray only where a sweep makes its callbacks
     from ray.tune import Callback
@@ -54,7 +54,13 @@ MLFLOW_PARAM_CHARS = 6000  # MLflow's longest param value
 
 
 def check_trackers(cfg: RunConfig) -> None:
-    """A ConfigError naming the extra to install for each tracker in output.trackers whose library is missing."""
+    """A ConfigError naming the extra to install for each tracker in output.trackers whose library is missing,
+    or when output.dir is in object storage (the trackers log the run's files as artifacts from a local folder)."""
+    if cfg.output.trackers and is_uri(cfg.output.dir):
+        raise ConfigError(
+            f"output.trackers: {cfg.output.trackers} need a local output.dir for now (got {cfg.output.dir}): "
+            "they log the step files and the report from a local folder; drop the trackers or write locally"
+        )
     missing = [t for t in cfg.output.trackers if importlib.util.find_spec(EXTRAS[t]) is None]
     if missing:
         raise ConfigError(

@@ -65,7 +65,7 @@ from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from pocl_ray import preflight, tracked, tracking
-from pocl_ray.config import SHARED_SECTIONS, ConfigError, ParamSpec, RunConfig, TuneConfig, parse_config
+from pocl_ray.config import SHARED_SECTIONS, ConfigError, ParamSpec, RunConfig, TuneConfig, is_uri, parse_config
 from pocl_ray.curriculum import Plan
 from pocl_ray.data import python_value
 from pocl_ray.pipeline_steps import SCORE_KEYS, TRAIN_KEYS, fingerprint, run_pipeline_step
@@ -609,6 +609,11 @@ def _total_steps(plans: list[tuple[RunConfig, Plan]], scores_dir: Path) -> list[
 def tune(cfg: RunConfig) -> TuneResult:
     """Sweep cfg.tune.search_space (module docstring); a re-run resumes an interrupted sweep, and a
     finished one is not run again for the same config."""
+    if is_uri(cfg.output.dir):
+        raise ConfigError(
+            f"output.dir: a sweep writes its trials under a local folder for now (got {cfg.output.dir}); "
+            "`pocl-ray run` and the score, train and eval commands take a URI"
+        )
     check_search_space(cfg)  # bad trial settings fail before the teacher is built or fine-tuned
     preflight.check_data(cfg)  # and unreadable data (the models: once the teacher is there, below)
     _search_alg(cfg.tune)  # a missing optuna / hyperopt is reported before any Ray work

@@ -151,12 +151,12 @@ def test_file_errors(tmp_path):
 @pytest.mark.parametrize(
     ("section", "values", "field"),
     [
-        ("output", {"dir": "s3://bucket/runs/x"}, "output.dir"),
         (
             "output",
             {"trackers": ["tensorboard"], "tensorboard": {"log_dir": "s3://b/tb"}},
             "output.tensorboard.log_dir",
         ),
+        ("output", {"trackers": ["wandb"], "wandb": {"dir": "gs://b/wandb"}}, "output.wandb.dir"),
     ],
 )
 def test_a_uri_in_a_local_path_setting_is_refused_naming_the_field(section, values, field):
@@ -190,9 +190,11 @@ def test_data_and_model_settings_keep_a_uri_or_a_hub_id():
     assert cfg.curriculum.progressive.teacher_checkpoints == ["ck/1", "gs://b/ck/2"]
 
 
-def test_storage_path_keeps_a_uri_and_local_paths_stay_local():
-    cfg = parse_config({**MINIMAL, "training": {"storage_path": "s3://bucket/checkpoints"}})
-    assert cfg.training.storage_path == "s3://bucket/checkpoints"
+def test_storage_path_and_output_dir_keep_a_uri_and_local_paths_stay_local():
+    cfg = parse_config(
+        {**MINIMAL, "training": {"storage_path": "s3://bucket/checkpoints"}, "output": {"dir": "gs://b/runs/x"}}
+    )
+    assert (cfg.training.storage_path, cfg.output.dir) == ("s3://bucket/checkpoints", "gs://b/runs/x")
     # Not URIs: a colon elsewhere in a local path, a Windows drive.
     local = parse_config(
         {**MINIMAL, "output": {"dir": "runs/2026-11-30T20:00"}, "models": {"teacher": "C:\\models\\t"}}
@@ -296,3 +298,17 @@ def test_the_conversational_example_configs_load():
     assert twin.eval.model_copy(update={"sets": []}) == quickstart.eval.model_copy(update={"sets": []})
     for path in (twin.data.train, twin.data.dev, *(s.path for s in twin.eval.sets)):
         assert (CONFIGS.parent / path).is_file(), path
+
+
+def test_the_bucket_example_config_names_every_path_in_a_bucket_and_models_by_hub_id():
+    """configs/qwen2.5-1.5b-to-0.5b-bucket.yaml (needs a bucket, the Hub and GPUs: its config only is checked
+    here; tests/test_hub_and_bucket_inputs.py runs the same layout against a local S3 server)."""
+    cfg = load_config(CONFIGS / "qwen2.5-1.5b-to-0.5b-bucket.yaml")
+    paths = [cfg.data.train, cfg.data.dev, cfg.output.dir, *(s.path for s in cfg.eval.sets)]
+    assert all(isinstance(p, str) and p.startswith("s3://my-bucket/") for p in paths), paths
+    assert (cfg.models.teacher, cfg.models.student, cfg.models.revision) == (
+        "Qwen/Qwen2.5-1.5B-Instruct",
+        "Qwen/Qwen2.5-0.5B-Instruct",
+        "main",
+    )
+    assert cfg.training.storage_path is None and not cfg.output.trackers  # checkpoints beside the outputs

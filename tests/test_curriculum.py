@@ -12,6 +12,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from pocl_ray import storage
 from pocl_ray.config import parse_config
 from pocl_ray.coordinator import CurriculumCoordinator
 from pocl_ray.curriculum import (
@@ -255,7 +256,7 @@ def _coordinator(tmp_path, plan=None, **kw):
         "global_batch": 4,
         "micro_batch": 2,
         "seed": 5,
-        "metrics_path": str(tmp_path / "m.jsonl"),
+        "metrics_path": storage.join(tmp_path, "m.jsonl"),
         "world_size": 2,
         "row_group_bounds": [0, 8, 16, 24, 32, 40],
     }
@@ -274,19 +275,34 @@ def test_coordinator_shards_are_disjoint_and_cover_each_pool(tmp_path):
             assert sorted(np.concatenate(ranks)) == list(range(lo, hi))
 
 
-def test_coordinator_state_roundtrip_and_metrics_truncation(tmp_path):
-    c = _coordinator(tmp_path)
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_coordinator_state_roundtrip_and_metrics_truncation(tmp_path, request, store):
+    """metrics.jsonl in a local folder (appended as records come) or in a bucket (an object store cannot
+    append: rewritten whole at each checkpoint and at close); either way a restore cuts it back to the
+    checkpoint's step."""
+    root = tmp_path if store == "local" else request.getfixturevalue("s3").bucket()
+
+    def steps() -> list[int]:
+        return [json.loads(line)["step"] for line in storage.read_text(storage.join(root, "m.jsonl")).splitlines()]
+
+    c = _coordinator(root)
     assert c.restore(None)["position"] == {"stage": 0, "stage_step": 0, "step": 0, "samples": 0}
     c.log([{"step": 1, "stage": 0}, {"step": 2, "stage": 0}])
+    assert steps() == ([1, 2] if store == "local" else [])
     state = c.checkpoint({"stage": 0, "stage_step": 3, "step": 3}, [{"step": 3, "stage": 0}])
     c.log([{"step": 4, "stage": 0}])
+    assert steps() == ([1, 2, 3, 4] if store == "local" else [1, 2, 3])
     assert not c.report_eval(0, 1.0) and not c.report_eval(0, 1.5) and c.report_eval(0, 1.2)
+    c.close()
+    assert steps() == [1, 2, 3, 4]
 
-    fresh = _coordinator(tmp_path)
+    fresh = _coordinator(root)
     restored = fresh.restore(json.loads(json.dumps(state)))
     assert restored["position"] == {"stage": 0, "stage_step": 3, "step": 3}
-    steps = [json.loads(line)["step"] for line in (tmp_path / "m.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3], "records after the checkpoint are dropped on restore"
+    assert steps() == [1, 2, 3], "records after the checkpoint are dropped on restore"
+    fresh.log([{"step": 4, "stage": 0}])
+    fresh.close()
+    assert steps() == [1, 2, 3, 4]
     # Plateau tracking restarts from the checkpoint's view: no evaluation had happened by then.
     assert not fresh.report_eval(0, 2.0)
 

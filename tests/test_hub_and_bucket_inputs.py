@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pyarrow.dataset as pds
 import pytest
@@ -26,6 +27,7 @@ from training_helpers import read_metrics, run_config, train_worker_pids, write_
 from pocl_ray import storage
 from pocl_ray.cli import main
 from pocl_ray.config import parse_config
+from pocl_ray.probes import is_probe
 
 COMMIT_MAIN = "c" * 40  # org/tiny at main: the 4-layer tiny teacher
 COMMIT_V1 = "d" * 40  # org/tiny at tag v1: the 2-layer student cut from it
@@ -100,6 +102,39 @@ def test_missing_data_in_a_bucket_fails_before_ray_naming_the_setting(s3, tiny_a
     assert main(["train", "--config", str(path), "--scores", f"{bucket}/scores"]) == 2
     assert f"--scores: not found: {bucket}/scores" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "extra", "expected"),
+    [
+        ("tune", {}, "output.dir: a sweep writes its trials under a local folder for now (got s3://"),
+        ("run", {"output": {"trackers": ["mlflow"]}}, "output.trackers: ['mlflow'] need a local output.dir"),
+        ("run", {"pipeline": {"sft_teacher": {}}}, "pipeline.sft_teacher: builds the teacher under output.dir"),
+        (
+            "run",
+            {"pipeline": {"prepare_teacher": {}}, "models": {"teacher": "/nonexistent/teacher"}},
+            "pipeline.prepare_teacher: builds the teacher under output.dir",
+        ),
+        ("run", {"output": {"dir": "s3://pocl-no-such-bucket/run"}}, "output.dir: s3://pocl-no-such-bucket/run: the"),
+    ],
+)
+def test_what_cannot_write_to_a_bucket_yet_fails_before_ray_naming_the_setting(
+    s3, tiny_assets, tmp_path, capsys, command, extra, expected
+):
+    """A sweep, the trackers and the teacher's fine-tuning still write local folders: with output.dir in a
+    bucket they are refused before any Ray work (a ray.init here would fail the test), naming the setting;
+    so is an output.dir in a bucket that does not exist."""
+    run = f"{s3.bucket()}/run"
+    config = _score_config(tiny_assets, run, tiny_assets.train_path, teacher=str(tiny_assets.teacher_dir))
+    for section, values in extra.items():
+        config[section] = {**config.get(section, {}), **values}
+    if command == "tune":
+        config["tune"] = {"search_space": {"kd.loss": {"type": "grid", "values": ["fkl", "rkl"]}}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main([command, "--config", str(path)]) == 2
+    assert expected in capsys.readouterr().err
+    assert storage.list_files(run) == []
 
 
 # -- Through the stages ----------------------------------------------------------------------------
@@ -213,23 +248,24 @@ def _bucket_checkpoints(prefix: str) -> list[str]:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_killed_worker_resumes_from_its_checkpoint_in_a_bucket(hub_ray, s3, tiny_assets, tmp_path):
-    """training.storage_path in a bucket: the checkpoints are written there (nothing under the local
-    output folder), and after a training worker is killed the restarted worker group reads the last
-    checkpoint back from the bucket and finishes the plan."""
+    """output.dir in a bucket, so the checkpoints too (training.storage_path unset: OUTPUT/train/checkpoints):
+    after a training worker is killed the restarted worker group reads the last checkpoint back from the
+    bucket and finishes the plan, and metrics.jsonl in the bucket (rewritten whole at each checkpoint,
+    cut back to the checkpoint's step on the restart) holds every step once."""
     from pocl_ray.training.driver import train
 
     scores = write_scores(tmp_path / "scores_run", tiny_assets, num_buckets=2)
-    checkpoints = f"{s3.bucket()}/checkpoints"
+    out = f"{s3.bucket()}/run"
+    checkpoints = f"{out}/train/checkpoints"
     cfg = run_config(
         tiny_assets,
-        tmp_path / "run",
+        out,
         name="bucket-resume",
         **{
             "curriculum.num_buckets": 2,
             "data.dev": None,
             "training.checkpoint_every": 2,
             "training.max_failures": 1,
-            "training.storage_path": checkpoints,
         },
     )
     run_prefix = f"{checkpoints}/{cfg.name}"
@@ -255,7 +291,8 @@ def test_a_killed_worker_resumes_from_its_checkpoint_in_a_bucket(hub_ray, s3, ti
     assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
     result = outcome["result"]
 
-    records = read_metrics(result.metrics_path)
+    assert result.metrics_path == f"{out}/train/metrics.jsonl"
+    records = [r for r in map(json.loads, storage.read_text(result.metrics_path).splitlines()) if not is_probe(r)]
     assert [r["step"] for r in records] == list(range(1, result.steps + 1)) and result.stages_completed == 2
     kept = [r["step"] for r in records if r["time"] < killed_at]
     assert kept and len(kept) < len(records), "steps before the kill were kept, the rest trained after it"
@@ -263,7 +300,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint_in_a_bucket(hub_ray, s3, ti
     restored = s3.object_reads(f"{bucket_name}/{cfg.name}/step_", since)
     assert any(r[1].endswith("/coordinator.json") for r in restored), "the restart read its checkpoint from the bucket"
     assert result.checkpoint_path.startswith(run_prefix.removeprefix("s3://"))
-    assert not (tmp_path / "run" / "train" / "checkpoints").exists()
+    assert storage.is_dir(result.student_dir) and [p.name for p in tmp_path.iterdir()] == ["scores_run"]
 
 
 def test_training_reads_its_rows_from_the_scores_so_it_does_not_check_data_train(tmp_path):
@@ -283,3 +320,128 @@ def test_training_reads_its_rows_from_the_scores_so_it_does_not_check_data_train
         "--scores": str(tmp_path / "scores"),
     }
     assert data_paths(cfg)["data.train"] == str(tmp_path / "gone.jsonl")
+
+
+# -- Everything in a bucket: `pocl-ray run` -------------------------------------------------------------
+
+# The files a run writes: any of them appearing on local disk during the bucket run is a stray output.
+OUTPUT_NAMES = {".stage.json", "config.yaml", "manifest.json", "rejected.jsonl", "plan.json", "probe.json"} | {
+    "metrics.jsonl",
+    "selection.json",
+    "results.json",
+    "results.md",
+    "generations.jsonl",
+    "report.md",
+    "coordinator.json",
+    "model.safetensors",
+}
+
+
+def _secret_forms(secret: str) -> set[bytes]:
+    """A secret as it could appear in a file or a log line: as is, base64 and URL-encoded."""
+    import base64
+    from urllib.parse import quote
+
+    return {secret.encode(), base64.b64encode(secret.encode()), quote(secret, safe="").encode()}
+
+
+def _local_files_since(root, since: float) -> list[str]:
+    return sorted(
+        str(p) for p in root.rglob("*") if p.is_file() and p.name in OUTPUT_NAMES and p.stat().st_mtime >= since - 1
+    )
+
+
+@pytest.mark.ray
+def test_a_run_with_data_output_and_checkpoints_in_a_bucket_leaves_nothing_local_and_no_secret(
+    hub_ray, s3, tiny_assets, tmp_path, tmp_path_factory, monkeypatch, capfd
+):
+    """`pocl-ray run` (score -> train -> eval -> report) with data, eval set, output.dir and so the
+    checkpoints in a bucket and the teacher by Hub id: the bucket holds the scores, the train outputs
+    (plan, probe, metrics, selection, both students), the checkpoints, the evaluation and the report, and
+    no run file was written to local disk (the working directory, the test's temporary folders). With fake
+    AWS credentials (and a fake HF_TOKEN for the driver) in the environment, no object in the bucket and
+    no line of the printed log or of Ray's session logs holds one of them."""
+    from conftest import FAKE_AWS_KEY_ID, FAKE_AWS_SECRET
+
+    from pocl_ray.config import load_config
+
+    hf_token = "hf_pocl_ray_fake_token_000"
+    monkeypatch.setenv("HF_TOKEN", hf_token)
+    bucket = s3.bucket()
+    lines = tiny_assets.train_path.read_text().splitlines()
+    dev = tiny_assets.dev_path.read_text().splitlines()
+    for name, rows in (("train", lines[:48]), ("dev", dev[:8]), ("test", dev[8:16])):
+        storage.write_text(f"{bucket}/data/{name}.jsonl", "\n".join(rows) + "\n")
+    run = f"{bucket}/run"
+    config = {
+        **_score_config(tiny_assets, run, f"{bucket}/data/train.jsonl"),
+        "name": "all-in-a-bucket",
+        "curriculum": {"plan": "pocl", "num_buckets": 2, "steps_per_stage": 1},
+        "training": {"num_workers": 1, "global_batch_size": 16, "micro_batch_size": 16, "checkpoint_every": 100},
+        "eval": {
+            "sets": [{"name": "test", "path": f"{bucket}/data/test.jsonl"}],
+            "seeds": [10],
+            "max_new_tokens": 8,
+            "batch_size": 8,
+        },
+        "pipeline": {"compare": {"pocl": {"curriculum.plan": "pocl"}}, "evaluate_teacher": False},
+        "output": {"dir": run, "bucket_probe_rows": 2},
+    }
+    config["data"]["dev"] = f"{bucket}/data/dev.jsonl"
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "run.yaml").write_text(yaml.safe_dump(config))
+    assert load_config(inputs / "run.yaml").output.dir == run
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    started = time.time()
+
+    assert main(["run", "--config", str(inputs / "run.yaml")]) == 0
+    printed = capfd.readouterr()
+    assert f"report: {run}/report/report.md" in printed.out
+
+    objects = storage.list_files(bucket)
+    names = {o.removeprefix(f"{run}/") for o in objects}
+    pocl = "runs/pocl"
+    expected = {"config.yaml", "scores/.stage.json", "scores/manifest.json", "scores/rejected.jsonl"} | {
+        f"{pocl}/train/{name}" for name in (".stage.json", "plan.json", "probe.json", "metrics.jsonl", "selection.json")
+    }
+    expected |= {
+        f"{pocl}/train/{s}/{f}" for s in ("student", "student_best") for f in ("config.json", "model.safetensors")
+    }
+    expected |= {f"{pocl}/eval/{f}" for f in (".stage.json", "results.json", "results.md", "generations.jsonl")}
+    expected |= {"report/report.md", "report/schedule.png", "report/difficulty.png", "report/rouge.png"}
+    assert expected <= names, sorted(expected - names)
+    assert any(n.startswith("scores/rows/") and n.endswith(".parquet") for n in names)
+    checkpoints = [n for n in names if n.startswith(f"{pocl}/train/checkpoints/all-in-a-bucket/")]
+    assert any(n.endswith("/coordinator.json") for n in checkpoints), "the checkpoints went to the bucket"
+
+    records = [json.loads(line) for line in storage.read_text(f"{run}/{pocl}/train/metrics.jsonl").splitlines()]
+    steps = [r for r in records if not is_probe(r)]
+    assert [r["step"] for r in steps] == [1, 2] and {r["stage"] for r in steps} == {0, 1}
+    assert any(is_probe(r) for r in records), "the bucket probe's records went to the bucket too"
+    results = storage.read_json(f"{run}/{pocl}/eval/results.json")
+    assert results["model"]["kind"] == "uri" and results["model"]["location"] == f"{run}/{pocl}/train/student_best"
+    assert results["sets"]["test"]["rows"] == 8
+    report = storage.read_text(f"{run}/report/report.md")
+    assert f"org/tiny (revision {COMMIT_MAIN})" in report and "### Selection: pocl" in report
+
+    assert workdir.exists() and not any(workdir.iterdir()), list(workdir.iterdir())
+    stray = _local_files_since(tmp_path_factory.getbasetemp(), started)
+    assert not stray, stray
+
+    import ray
+
+    session_logs = sorted(
+        p for p in (Path(ray._private.worker._global_node.get_session_dir_path()) / "logs").rglob("*")
+    )
+    texts = {o: storage.read_bytes(o) for o in objects}
+    texts |= {str(p): p.read_bytes() for p in session_logs if p.is_file()}
+    texts["printed log"] = (printed.out + printed.err).encode()
+    # The search sees what it should: the run's own config in the bucket and the worker logs of this session.
+    assert bucket.encode() in texts[f"{run}/config.yaml"] and bucket.encode() in texts["printed log"]
+    assert any(p.name.startswith("worker-") for p in session_logs) and any(p.name == "raylet.out" for p in session_logs)
+    for secret in (FAKE_AWS_KEY_ID, FAKE_AWS_SECRET, hf_token):
+        leaks = [where for where, text in texts.items() if any(form in text for form in _secret_forms(secret))]
+        assert not leaks, (secret, leaks)

@@ -50,6 +50,25 @@ def test_folder_copies_up_and_down(root, tmp_path):
     assert (back / "config.json").read_text() == '{"a": 1}'
 
 
+def test_sub_folders_uploads_and_a_removed_tree(root, tmp_path):
+    """What the run's writers use besides the small files: listing the runs/ and eval/ folders, a large
+    local file streamed up (rejected.jsonl), a step's folder cleared when its config changed."""
+    for name in ("b", "a"):
+        storage.write_text(storage.join(root, "runs", name, "eval", "results.json"), "{}")
+    storage.write_text(storage.join(root, "runs", "top.txt"), "x")
+    assert storage.list_dirs(storage.join(root, "runs")) == [storage.join(root, "runs", n) for n in ("a", "b")]
+    assert storage.list_dirs(storage.join(root, "nothing-here")) == []
+    local = tmp_path / "rejected.jsonl"
+    local.write_bytes(b'{"row": 1}\n' * 50_000)
+    storage.upload_file(local, storage.join(root, "scores", "rejected.jsonl"))
+    assert storage.read_bytes(storage.join(root, "scores", "rejected.jsonl")) == local.read_bytes()
+    storage.remove_tree(storage.join(root, "runs", "a"))
+    storage.remove_tree(storage.join(root, "runs", "top.txt"))
+    storage.remove_tree(storage.join(root, "runs", "never-there"))
+    assert storage.list_files(storage.join(root, "runs")) == [storage.join(root, "runs", "b", "eval", "results.json")]
+    assert storage.as_path(storage.join(root, "x")) == (root + "/x" if "://" in root else tmp_path / "run" / "x")
+
+
 def test_resolve_hands_pyarrow_dataset_the_filesystem(root):
     table = pa.table({"rank": list(range(10)), "x": [f"r{i}" for i in range(10)]})
     fs, inner = storage.resolve(storage.join(root, "rows"))

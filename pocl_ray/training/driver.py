@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -62,12 +61,13 @@ SCORE_COLUMNS = ("rank", "input_ids", "labels", "num_prompt_tokens")
 
 @dataclass(frozen=True)
 class TrainResult:
-    output_dir: Path  # DIR/train
-    student_dir: Path  # the final student
-    best_student_dir: Path | None  # the best selection candidate's student; None without a dev set
-    selection_path: Path
-    metrics_path: Path
-    plan_path: Path
+    # Paths are Paths for a local output.dir, URI strings for one in object storage.
+    output_dir: str | Path  # DIR/train
+    student_dir: str | Path  # the final student
+    best_student_dir: str | Path | None  # the best selection candidate's student; None without a dev set
+    selection_path: str | Path
+    metrics_path: str | Path
+    plan_path: str | Path
     checkpoint_path: str
     steps: int
     stages_completed: int
@@ -199,14 +199,14 @@ def _dev_rows(cfg: RunConfig, plan: Plan, sources: Sources) -> tuple[list[dict],
     return rows, len(rejects)
 
 
-def _storage_path(cfg: RunConfig, out: Path) -> str:
+def _storage_path(cfg: RunConfig, out: str) -> str:
     path = cfg.training.storage_path
     if path is None:
-        return str(out / "checkpoints")
-    return path if "://" in path else str(Path(path).resolve())
+        return storage.join(out, "checkpoints")
+    return path if is_uri(path) else str(Path(path).resolve())
 
 
-def write_selection(path: Path, cfg: RunConfig, candidates: list[dict], dev_rows: int) -> Path:
+def write_selection(path: str, cfg: RunConfig, candidates: list[dict], dev_rows: int) -> str | Path:
     """train/selection.json: the protocol, every candidate, the best one (student_best/) and the final
     one (student/). Which of the two the evaluation uses is eval.checkpoint's business (`selected_student`)."""
     if not candidates:
@@ -215,7 +215,8 @@ def write_selection(path: Path, cfg: RunConfig, candidates: list[dict], dev_rows
             flush=True,
         )
     final_step = max((c["step"] for c in candidates), default=None)
-    path.write_text(
+    storage.write_text(
+        path,
         json.dumps(
             {
                 "protocol": {
@@ -234,33 +235,35 @@ def write_selection(path: Path, cfg: RunConfig, candidates: list[dict], dev_rows
                 "students": {"best": "student_best", "final": "student"},
             },
             indent=1,
-        )
+        ),
+        "output.dir",
     )
-    return path
+    return storage.as_path(path)
 
 
-def selected_student(train_dir: Path, checkpoint: str) -> Path:
+def selected_student(train_dir: str | Path, checkpoint: str) -> str | Path:
     """The student folder eval.checkpoint names: train/student (final) or train/student_best (the best
     dev ROUGE-L). A training without selection candidates (no data.dev, or no selection.json: a run
     from before checkpoint selection) falls back to the final student, saying so in one line."""
+    final, best = (storage.as_path(storage.join(train_dir, name)) for name in ("student", "student_best"))
     if checkpoint == "final":
-        return train_dir / "student"
-    path = train_dir / "selection.json"
-    if not path.is_file():
+        return final
+    path = storage.join(train_dir, "selection.json")
+    if not storage.is_file(path):
         print(
             f"[eval] eval.checkpoint: best_dev_rougeL found no {path} (training predates checkpoint "
             "selection): evaluating the final student",
             flush=True,
         )
-        return train_dir / "student"
-    if json.loads(path.read_text())["best"] is None:
+        return final
+    if storage.read_json(path)["best"] is None:
         print(
             "[eval] eval.checkpoint: best_dev_rougeL has no candidates to choose from (no data.dev in "
             "training): evaluating the final student",
             flush=True,
         )
-        return train_dir / "student"
-    return train_dir / "student_best"
+        return final
+    return best
 
 
 @dataclass(frozen=True)
@@ -304,15 +307,15 @@ def train(
     """
     started = time.time()
     sources = check_inputs(cfg, training=True) if sources is None else sources
-    out = Path(cfg.output.dir).resolve() / "train"
+    root = cfg.output.dir if is_uri(cfg.output.dir) else str(Path(cfg.output.dir).resolve())
+    out = storage.join(root, "train")
     if scores_dir is None:
-        scores_dir = out.parent / "scores"
+        scores_dir = storage.join(root, "scores")
     elif not is_uri(scores_dir):
         scores_dir = Path(scores_dir).resolve()
     inputs = prepare(cfg, scores_dir, plan, sources)
-    out.mkdir(parents=True, exist_ok=True)
-    plan_path = write_plan(out / "plan.json", inputs, cfg.training.global_batch_size)
-    write_probe(out / "probe.json", inputs)
+    plan_path = write_plan(storage.join(out, "plan.json"), inputs, cfg.training.global_batch_size)
+    write_probe(storage.join(out, "probe.json"), inputs)
     result = fit(cfg, out, inputs, callbacks, tracking)
     return export(cfg, out, inputs, result, plan_path, started)
 
@@ -357,7 +360,7 @@ def prepare(cfg: RunConfig, scores_dir: str | Path, plan: Plan | None, sources: 
     )
 
 
-def write_plan(path: Path, inputs: RunInputs, global_batch_size: int) -> Path:
+def write_plan(path: str, inputs: RunInputs, global_batch_size: int) -> str | Path:
     """train/plan.json: the plan and every stage's length, as the workers will follow them."""
     stages = [{k: v for k, v in s.to_dict().items() if k != "stage"} for s in inputs.specs]
     plan = {
@@ -368,16 +371,16 @@ def write_plan(path: Path, inputs: RunInputs, global_batch_size: int) -> Path:
         "total_steps": sum(s.steps for s in inputs.specs),
         "models": records(inputs.sources),
     }
-    path.write_text(json.dumps(plan, indent=1))
-    return path
+    storage.write_json(path, plan, "output.dir")
+    return storage.as_path(path)
 
 
-def write_probe(path: Path, inputs: RunInputs) -> None:
+def write_probe(path: str, inputs: RunInputs) -> None:
     """train/probe.json: the bucket probe's rows (ranks and ids per bucket), the same at every
     measurement and in every run on these scores; none without a probe."""
     rows = read_probe_rows(inputs.scores, [np.asarray(r, dtype=np.int64) for r in inputs.probe_ranks], [])
     buckets = [{"bucket": b, "ranks": r, "ids": [x["id"] for x in rows[b]]} for b, r in enumerate(inputs.probe_ranks)]
-    path.write_text(json.dumps({"seed": PROBE_SEED, "buckets": buckets}, indent=1))
+    storage.write_json(path, {"seed": PROBE_SEED, "buckets": buckets}, "output.dir")
 
 
 def _train_settings() -> None:
@@ -391,7 +394,7 @@ def _train_settings() -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
-def start_coordinator(name: str, cfg: RunConfig, out: Path, inputs: RunInputs, tracking: dict | None):
+def start_coordinator(name: str, cfg: RunConfig, out: str, inputs: RunInputs, tracking: dict | None):
     """The run's curriculum-coordinator actor, writing train/metrics.jsonl under `out` and logging to `tracking`."""
     training = cfg.training
     return coordinator(
@@ -401,14 +404,14 @@ def start_coordinator(name: str, cfg: RunConfig, out: Path, inputs: RunInputs, t
         global_batch=training.global_batch_size,
         micro_batch=training.micro_batch_size,
         seed=training.seed,
-        metrics_path=str(out / "metrics.jsonl"),
+        metrics_path=storage.join(out, "metrics.jsonl"),
         world_size=training.max_workers,
         row_group_bounds=inputs.index.bounds.tolist(),
         tracking_handle=tracking,
     )
 
 
-def fit(cfg: RunConfig, out: Path, inputs: RunInputs, callbacks: list | None, tracking: dict | None = None):
+def fit(cfg: RunConfig, out: str, inputs: RunInputs, callbacks: list | None, tracking: dict | None = None):
     """The coordinator actor (logging to the `tracking` run) and the TorchTrainer whose workers run
     `train_func`; Ray Train's result."""
     import ray
@@ -473,27 +476,29 @@ def close_coordinator(coord) -> None:
     ray.kill(coord)
 
 
-def export(cfg: RunConfig, out: Path, inputs: RunInputs, result, plan_path: Path, started: float) -> TrainResult:
-    """The students of the final checkpoint (in shared storage, so this works from any node) copied to
-    train/student and train/student_best, selection.json written; the run's TrainResult."""
+def export(cfg: RunConfig, out: str, inputs: RunInputs, result, plan_path: str | Path, started: float) -> TrainResult:
+    """The students of the final checkpoint (in shared storage, so this works from any node; Ray downloads
+    a checkpoint in object storage to a local folder) copied to train/student and train/student_best
+    (uploaded when OUTPUT is a URI), selection.json written; the run's TrainResult."""
     if result.checkpoint is None:
         raise RuntimeError(f"training run {cfg.name!r} ended without a checkpoint")
-    student_dir, best_dir = out / "student", out / "student_best"
+    student_dir, best_dir = storage.join(out, "student"), storage.join(out, "student_best")
     for folder in (student_dir, best_dir):
-        shutil.rmtree(folder, ignore_errors=True)
+        storage.remove_tree(folder, "output.dir")
     with result.checkpoint.as_directory() as d:
-        shutil.copytree(Path(d) / "student", student_dir)
-        if has_model_files(Path(d) / "student_best"):
-            shutil.copytree(Path(d) / "student_best", best_dir)
+        storage.copy_folder(Path(d) / "student", student_dir, "output.dir")
+        has_best = has_model_files(Path(d) / "student_best")
+        if has_best:
+            storage.copy_folder(Path(d) / "student_best", best_dir, "output.dir")
         candidates = json.loads((Path(d) / "coordinator.json").read_text())["candidates"]
-    selection_path = write_selection(out / "selection.json", cfg, candidates, len(inputs.dev_rows))
+    selection_path = write_selection(storage.join(out, "selection.json"), cfg, candidates, len(inputs.dev_rows))
     metrics = dict(result.metrics or {})
     return TrainResult(
-        output_dir=out,
-        student_dir=student_dir,
-        best_student_dir=best_dir if has_model_files(best_dir) else None,
+        output_dir=storage.as_path(out),
+        student_dir=storage.as_path(student_dir),
+        best_student_dir=storage.as_path(best_dir) if has_best else None,
         selection_path=selection_path,
-        metrics_path=out / "metrics.jsonl",
+        metrics_path=storage.as_path(storage.join(out, "metrics.jsonl")),
         plan_path=plan_path,
         checkpoint_path=result.checkpoint.path,
         steps=int(metrics.get("step", 0)),
