@@ -5,6 +5,11 @@ with the plan's stage sequence, step count and data order, as an undisturbed run
 `Cluster.add_node` must run on the main thread, so `train` runs in a thread; a
 replacement node provides the capacity an autoscaler would (Train waits for 2 workers' worth of
 CPU, and those start-up retries do not count against max_failures); every wait is bounded.
+
+Ray Train gives a worker group's placement group RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by
+default) to be ready before it tries again, with the size the cluster then holds; after a lost node its
+first try still asks for the old size and waits that long (a full minute of each test here). The
+cluster here has the room or will not get it, so these tests wait START_TIMEOUT_S.
 """
 
 from __future__ import annotations
@@ -30,14 +35,18 @@ from pocl_ray.curriculum import plan_from_config, stage_specs
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
+START_TIMEOUT_S = 10
+
 
 @pytest.fixture
-def two_node_cluster():
+def two_node_cluster(monkeypatch):
     import ray
     from ray.cluster_utils import Cluster
 
     if ray.is_initialized():
         pytest.skip("needs its own Ray cluster; a Ray session is already running in this process")
+    # Read by the controller, which takes it from the driver's environment (this process).
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(START_TIMEOUT_S))
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     worker_node = cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address)
@@ -172,7 +181,7 @@ def test_elastic_run_goes_on_with_one_worker_and_grows_back_to_two(two_node_clus
     print(
         f"node removed -> failure reported: {lost['since'] - removed_at:.2f} s; failure reported -> first step on "
         f"1 worker done: {lost['seconds']:.2f} s; node removed -> that step done: "
-        f"{lost['since'] + lost['seconds'] - removed_at:.2f} s"
+        f"{lost['since'] + lost['seconds'] - removed_at:.2f} s (worker-group start timeout {START_TIMEOUT_S} s)"
     )
     num_rows = pq.read_metadata(scores / "rows.parquet").num_rows
     specs = stage_specs(plan_from_config(cfg), num_rows, cfg.training.global_batch_size)

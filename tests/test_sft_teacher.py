@@ -1,12 +1,17 @@
 """Teacher fine-tuning before distillation (`pipeline.sft_teacher`): a tiny random teacher is
 fine-tuned on the tiny training rows through the real stage (length-only scoring + one Ray Train run
-on the sft plan), inside a real `run_distill` (scoring, two compared trainings, their evaluations and
+on the sft plan), inside a real `run_distill` (scoring, one compared training, its evaluation and
 the teacher's). The fine-tuning must lower the teacher's CE on the training rows, be skipped on a
 re-run, and be the teacher of every later stage: the scores record it and cache it (the hidden form,
-which the compared runs train from), each student is cut from it, and the teacher's evaluation
+which the compared run trains from), the student is cut from it, and the teacher's evaluation
 evaluates it. The same run logs to MLflow (its default SQLite store beside the outputs) and
 TensorBoard: each invocation one parent run, each stage a child under it whose series are the
 stage's own files.
+
+One compared run (POCL), as in tests/test_quickstart_chat.py: every compared run is built by the same
+loop from the one resolved config (`pipeline.compared_runs`), and two of them side by side (trained,
+evaluated, each a tracker child, live and replayed) are tests/test_e2e.py's business. A second one here
+cost a Ray Train run and an evaluation.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ def sft_config(assets, out: Path, **overrides):
             },
             "pipeline": {
                 "sft_teacher": {"steps": 30, "lr": 3e-3, "min_lr": 3e-4},
-                "compare": {"pocl": {"curriculum.plan": "pocl"}, "baseline": {"curriculum.plan": "baseline"}},
+                "compare": {"pocl": {"curriculum.plan": "pocl"}},
                 "evaluate_teacher": True,
             },
             "output": {"dir": str(out), "trackers": ["mlflow", "tensorboard"]},
@@ -142,14 +147,13 @@ def test_later_stages_get_the_fine_tuned_teacher(pipeline_with_sft, tiny_assets)
     pocl = _records(root / "runs" / "pocl" / "train" / "metrics.jsonl")
     kd_steps = [r["kd_loss"] for r in pocl if r["kd_weight"] > 0]
     assert kd_steps and all(v > 0 for v in kd_steps)
-    # Each compared run's student was cut from the fine-tuned teacher (lr 1e-12 leaves it as cut):
+    # The compared run's student was cut from the fine-tuned teacher (lr 1e-12 leaves it as cut):
     # its embeddings are the fine-tuned teacher's, which the fine-tuning moved away from the original's.
     original, fine_tuned = _embeddings(tiny_assets.teacher_dir), _embeddings(tuned)
     assert not torch.allclose(original, fine_tuned, atol=1e-3)
-    for label in ("pocl", "baseline"):
-        student = root / "runs" / label / "train" / "student"
-        torch.testing.assert_close(_embeddings(student), fine_tuned, rtol=0, atol=1e-6)
-        assert json.loads((root / "runs" / label / "eval" / "results.json").read_text())["model"] == str(student)
+    student = root / "runs" / "pocl" / "train" / "student"
+    torch.testing.assert_close(_embeddings(student), fine_tuned, rtol=0, atol=1e-6)
+    assert json.loads((root / "runs" / "pocl" / "eval" / "results.json").read_text())["model"] == str(student)
     # The teacher is evaluated as the preflight resolved it: its source record.
     teacher_eval = json.loads((root / "runs" / "teacher" / "eval" / "results.json").read_text())
     assert teacher_eval["model"] == {"kind": "local", "location": str(tuned), "revision": None}
@@ -215,7 +219,7 @@ def test_every_stage_is_a_child_of_its_pipeline_run_in_the_trackers(pipeline_wit
         assert parent.data.params["models.teacher"] == str(root / "teacher_sft" / "model")  # the resolved config
         assert "report/report.md" in [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
         children = mlflow_children(client, parent.info.run_id)
-        assert set(children) == {"teacher-sft", "score", "pocl", "baseline", "teacher"}
+        assert set(children) == {"teacher-sft", "score", "pocl", "teacher"}
         assert {c.info.status for c in children.values()} == {"FINISHED"}
         sft = _records(root / "teacher_sft" / "train" / "metrics.jsonl")
         assert mlflow_series(client, children["teacher-sft"].info.run_id, "train/loss") == {
@@ -224,25 +228,23 @@ def test_every_stage_is_a_child_of_its_pipeline_run_in_the_trackers(pipeline_wit
         score = children["score"].data.metrics
         assert score["scoring/rows_scored"] == manifest["rows_scored"]
         assert score["scoring/bucket_1/rows"] == manifest["buckets"][1]["rows"]
-        for label in ("pocl", "baseline"):
-            child = children[label]
-            records = _records(root / "runs" / label / "train" / "metrics.jsonl")
-            for key in ("loss", "kd_loss", "ce_loss", "temperature", "kd_weight", "lr", "grad_norm", "data_wait"):
-                assert mlflow_series(client, child.info.run_id, f"train/{key}") == {r["step"]: r[key] for r in records}
-            assert mlflow_series(client, child.info.run_id, "train/samples") == {
-                r["step"]: r["samples"] for r in records
-            }
-            # Each step logged once: live, or replayed, never both.
-            history = client.get_metric_history(child.info.run_id, "train/loss")
-            assert len(history) == len(records)
-            if invocation == 0:
-                # Live: every step reached MLflow before the training wrote selection.json (a replay
-                # from the files would log them after it).
-                selection_written = (root / "runs" / label / "train" / "selection.json").stat().st_mtime
-                assert max(m.timestamp for m in history) <= 1000 * selection_written + 1
-            assert child.data.params["curriculum.plan"] == label and child.data.params["plan.name"] == label
-            results = json.loads((root / "runs" / label / "eval" / "results.json").read_text())
-            assert child.data.metrics["eval/dev/rougeL"] == results["sets"]["dev"]["rougeL_mean"]
+        label = "pocl"
+        child = children[label]
+        records = _records(root / "runs" / label / "train" / "metrics.jsonl")
+        for key in ("loss", "kd_loss", "ce_loss", "temperature", "kd_weight", "lr", "grad_norm", "data_wait"):
+            assert mlflow_series(client, child.info.run_id, f"train/{key}") == {r["step"]: r[key] for r in records}
+        assert mlflow_series(client, child.info.run_id, "train/samples") == {r["step"]: r["samples"] for r in records}
+        # Each step logged once: live, or replayed, never both.
+        history = client.get_metric_history(child.info.run_id, "train/loss")
+        assert len(history) == len(records)
+        if invocation == 0:
+            # Live: every step reached MLflow before the training wrote selection.json (a replay
+            # from the files would log them after it).
+            selection_written = (root / "runs" / label / "train" / "selection.json").stat().st_mtime
+            assert max(m.timestamp for m in history) <= 1000 * selection_written + 1
+        assert child.data.params["curriculum.plan"] == label and child.data.params["plan.name"] == label
+        results = json.loads((root / "runs" / label / "eval" / "results.json").read_text())
+        assert child.data.metrics["eval/dev/rougeL"] == results["sets"]["dev"]["rougeL_mean"]
         teacher = json.loads((root / "runs" / "teacher" / "eval" / "results.json").read_text())
         assert children["teacher"].data.metrics["eval/dev/ce"] == teacher["sets"]["dev"]["ce_mean"]
     groups = sorted(p for p in (root / "tensorboard").iterdir())
