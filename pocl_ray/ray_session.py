@@ -10,6 +10,8 @@ import socket
 
 import ray
 
+from pocl_ray.config import ConfigError
+
 
 def _live_head() -> str | None:
     """The address of a head `ray start` left on this machine, if its GCS still answers.
@@ -44,19 +46,43 @@ def init_ray(num_cpus: int | None = None, *, min_cpus: int = 1, include_dashboar
         return False
     address = os.environ.get("RAY_ADDRESS")
     if address and address != "local":  # "local" asks Ray for a fresh instance, as below
-        ray.init()
-        print(f"[ray] joined the cluster at RAY_ADDRESS={address}", flush=True)
+        _join(None, f"the cluster at RAY_ADDRESS={address}")
         return False
     head = None if address else _live_head()
     if head:
-        ray.init(address=head)
-        print(f"[ray] joined the running Ray head at {head}", flush=True)
+        _join(head, f"the running Ray head at {head}")
         return False
     cpus = num_cpus or max(min_cpus, os.cpu_count() or 1)
     # address="local": a stale head address left on disk must not be joined.
     ray.init(address="local", num_cpus=cpus, include_dashboard=include_dashboard)
     print(f"[ray] started a local Ray instance with {cpus} logical CPUs", flush=True)
     return True
+
+
+def _join(address: str | None, cluster: str) -> None:
+    """ray.init on a running cluster (None: RAY_ADDRESS's); a head that wants a token this process
+    lacks is a clear error instead of Ray's nested GCS traceback."""
+    try:
+        ray.init(address=address)
+    except Exception as err:
+        if not _token_refused(err):
+            raise
+        raise ConfigError(
+            f"{cluster} requires Ray's token authentication and this process has no token: export "
+            "RAY_AUTH_MODE=token, with the head's token in ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or "
+            "RAY_AUTH_TOKEN (`ray get-auth-token` on the head prints it)"
+        ) from None
+    print(f"[ray] joined {cluster}", flush=True)
+
+
+def _token_refused(err: BaseException | None) -> bool:
+    from ray.exceptions import AuthenticationError
+
+    while err is not None:  # Ray wraps the refusal in a ConnectionError over a RuntimeError
+        if isinstance(err, AuthenticationError) or "InvalidAuthToken" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def quiet_ray_data(verbose: bool = False) -> None:

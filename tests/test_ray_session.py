@@ -60,6 +60,18 @@ def test_stale_address_file_starts_a_local_instance(ray_tmpdir, capsys):
     assert _local_instance_started(capsys, cpus=3)
 
 
+def _init_ray_in_a_fresh_process(auth_mode: str | None) -> subprocess.CompletedProcess:
+    code = (
+        "import ray; from pocl_ray.ray_session import init_ray; started = init_ray(8); "
+        "cpus = ray.cluster_resources()['CPU']; "
+        "print(f'started={started} gcs={ray.get_runtime_context().gcs_address} cpus={cpus}')"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"} | (
+        {"RAY_AUTH_MODE": auth_mode} if auth_mode else {}
+    )
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
 @pytest.mark.ray
 def test_joins_a_live_head_then_starts_its_own_once_it_was_killed(ray_tmpdir, capsys):
     port = free_port()
@@ -89,11 +101,18 @@ def test_joins_a_live_head_then_starts_its_own_once_it_was_killed(ray_tmpdir, ca
             time.sleep(0.5)
         address = address_file.read_text().strip()  # the head's GCS, on this machine's address
         assert address.endswith(f":{port}")
-        assert init_ray(8) is False  # joined: the head's size, not the asked-for 8 CPUs
-        assert ray.get_runtime_context().gcs_address == address
-        assert ray.cluster_resources()["CPU"] == 1
-        assert f"[ray] joined the running Ray head at {address}" in capsys.readouterr().out
-        ray.shutdown()
+        # `ray start --head` turns Ray's token authentication on: a shell without RAY_AUTH_MODE=token is
+        # told so, one with it (as the README says) joins. Each in a fresh process: Ray fixes the mode
+        # once per process, and this one's was fixed by whatever Ray call came first.
+        refused = _init_ray_in_a_fresh_process(auth_mode=None)
+        assert refused.returncode != 0
+        assert f"ConfigError: the running Ray head at {address} requires Ray's token authentication" in refused.stderr
+        assert "export RAY_AUTH_MODE=token" in refused.stderr
+        joined = _init_ray_in_a_fresh_process(auth_mode="token")
+        assert joined.returncode == 0, joined.stderr
+        assert f"[ray] joined the running Ray head at {address}" in joined.stdout
+        # Joined: the head's size, not the asked-for 8 CPUs.
+        assert joined.stdout.splitlines()[-1] == f"started=False gcs={address} cpus=1.0"
     finally:
         # SIGTERM to `ray start --block` alone stops the processes it started.
         head.terminate()
