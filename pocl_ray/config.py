@@ -16,6 +16,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    ByteSize,
     ConfigDict,
     Discriminator,
     Field,
@@ -33,6 +34,35 @@ Schedule = Literal["linear", "constant", "cosine"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 # A fixed actor pool size, or "auto": an autoscaling pool (see `data.actor_pool`).
 ActorCount = Annotated[int, Field(ge=1)] | Literal["auto"]
+
+
+def _whole_above_one(n: float) -> float:
+    if n > 1 and n != int(n):
+        raise ValueError(f"more than 1 GPU per actor must be a whole number (the model is split over them), got {n}")
+    return n
+
+
+# GPUs per inference actor: a fraction shares one GPU; N > 1 (whole) splits the model over N (models.load_frozen).
+GPUsPerActor = Annotated[float, Field(ge=0), AfterValidator(_whole_above_one)]
+
+
+def _cap_needs_a_split(section: Any) -> Any:
+    if section.max_memory_per_gpu is not None and section.num_gpus_per_actor <= 1:
+        raise ValueError(
+            "max_memory_per_gpu caps a model split over several GPUs: it needs num_gpus_per_actor > 1, "
+            f"got {section.num_gpus_per_actor}"
+        )
+    return section
+
+
+# Bytes of weights per GPU for a model split over several ("40GiB", "70GB" or a number of bytes).
+MemoryCap = Annotated[
+    ByteSize | None,
+    Field(
+        description="with num_gpus_per_actor > 1: the most bytes of weights placed on each GPU (e.g. 40GiB); "
+        "None: 90% of the smallest GPU's memory"
+    ),
+]
 
 
 class ConfigError(ValueError):
@@ -244,7 +274,8 @@ class ScoringConfig(_Section):
         description="measurer actors (one model replica each); auto: Ray Data grows the pool from 1 to "
         "as many as the cluster's free CPUs/GPUs hold (with an autoscaler, as GPU nodes join)",
     )
-    num_gpus_per_actor: float = Field(0.0, ge=0)
+    num_gpus_per_actor: GPUsPerActor = 0.0
+    max_memory_per_gpu: MemoryCap = None
     num_cpus_per_actor: float = Field(1.0, gt=0)
     length_window: int = Field(
         8,
@@ -270,6 +301,8 @@ class ScoringConfig(_Section):
         "position and its LM head once, for kd.teacher: cached: every KD kind exact up to the int8 rounding, "
         "at hidden_size + hidden_size/32 bytes per token (METHODS.md §4)",
     )
+
+    _split = model_validator(mode="after")(_cap_needs_a_split)
 
     @model_validator(mode="after")
     def _one_cache_form(self) -> ScoringConfig:
@@ -514,8 +547,11 @@ class EvalConfig(_Section):
         8, ge=1, description="generation batches per actor call; rows are sorted by prompt length within it"
     )
     num_actors: ActorCount = Field(1, description="generation actors; auto as scoring.num_actors")
-    num_gpus_per_actor: float = Field(0.0, ge=0)
+    num_gpus_per_actor: GPUsPerActor = 0.0
+    max_memory_per_gpu: MemoryCap = None
     num_cpus_per_actor: float = Field(1.0, gt=0)
+
+    _split = model_validator(mode="after")(_cap_needs_a_split)
 
 
 class ParamSpec(_Section):

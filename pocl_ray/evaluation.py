@@ -54,9 +54,10 @@ from pocl_ray.model_source import ModelSource, resolve_model
 from pocl_ray.models import (
     TOKENIZER_CONFIG,
     ModelLocation,
+    actor_devices,
     check_model_folder,
     has_model_files,
-    load_model,
+    load_frozen,
     load_tokenizer,
     local_folder,
 )
@@ -327,7 +328,13 @@ class _Evaluator:
         device = "cuda" if eval_cfg.num_gpus_per_actor > 0 else "cpu"
         self.counter = counter  # a progress.RowCounter: rows done, for the driver's progress line
         self.tokenizer = load_tokenizer(tokenizer_path)
-        self.model = load_model(model_path, dtype=dtype, device=device, frozen=True)
+        self.model = load_frozen(  # N > 1 GPUs: split over them
+            model_path,
+            dtype=dtype,
+            device=device,
+            devices=actor_devices(eval_cfg.num_gpus_per_actor),
+            max_memory=eval_cfg.max_memory_per_gpu,
+        )
         self.eval_cfg = eval_cfg
         self.scorer = rouge_l_scorer()
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -69,8 +70,11 @@ def load_measurer_models(
     device: str | torch.device,
     cache_form: int | str | None = None,
     sources: Mapping[str, ModelSource] | None = None,
+    devices: Sequence[int | str] | None = None,
+    max_memory: int | None = None,
 ) -> MeasurerModels:
-    """Tokenizer, initial student and teacher as the metrics need them, frozen, on ``device``.
+    """Tokenizer, initial student and teacher as the metrics need them, frozen, on ``device`` (or, with
+    ``devices``, each split over them, at most ``max_memory`` bytes of weights on each: `models.load_frozen`).
 
     The initial student is ``models.student`` when set, else cut from the teacher
     (``student_layers`` / ``student_keep_every``); the teacher is kept only for teacher metrics or
@@ -78,7 +82,7 @@ def load_measurer_models(
     dtype "auto" = bf16 on GPU, fp32 on CPU (``models.resolve_dtype``). ``sources``: the models as the
     driver resolved them (preflight.py); None: models_cfg's values are local folders.
     """
-    from pocl_ray.models import check_head_rows, load_model, load_tokenizer, student_from_teacher
+    from pocl_ray.models import check_head_rows, load_frozen, load_tokenizer, student_from_teacher
 
     local = {TEACHER: models_cfg.teacher, STUDENT: models_cfg.student, TOKENIZER: models_cfg.tokenizer}
     where = dict(sources) if sources is not None else {k: v or models_cfg.teacher for k, v in local.items()}
@@ -89,12 +93,13 @@ def load_measurer_models(
         or cache_form is not None
         or (bool(STUDENT_METRICS & set(metrics)) and models_cfg.student is None)
     )
-    teacher = load_model(where[TEACHER], dtype=models_cfg.dtype, device=device, frozen=True) if need_teacher else None
+    load = partial(load_frozen, dtype=models_cfg.dtype, device=device, devices=devices, max_memory=max_memory)
+    teacher = load(where[TEACHER]) if need_teacher else None
     student = None
     if STUDENT_METRICS & set(metrics):
         if models_cfg.student is not None:
-            student = load_model(where[STUDENT], dtype=models_cfg.dtype, device=device, frozen=True)
-        else:
+            student = load(where[STUDENT])
+        else:  # a split teacher's cut keeps each of its layers on the teacher's device for it
             assert teacher is not None  # need_teacher: student metrics without models.student
             student = student_from_teacher(
                 teacher, keep_layers=models_cfg.student_layers, keep_every=models_cfg.student_keep_every
@@ -299,7 +304,11 @@ class Measurer:
         max_length: int | None = None,
         cache_form: int | str | None = None,
         sources: dict[str, dict] | None = None,
+        num_gpus: float = 0.0,
+        max_memory: int | None = None,
     ):
+        from pocl_ray.models import actor_devices
+
         if use_gpu and not torch.cuda.is_available():
             raise RuntimeError("scoring.num_gpus_per_actor > 0 but this actor sees no CUDA device")
         if "student_rougeL" in metrics:
@@ -312,6 +321,8 @@ class Measurer:
             "cuda" if use_gpu else "cpu",
             cache_form,
             None if sources is None else from_wire(sources),
+            devices=actor_devices(num_gpus),  # N > 1 GPUs: each model split over them
+            max_memory=max_memory,
         )
         self.cache_form = cache_form
         self.metrics = metrics

@@ -167,12 +167,17 @@ def split_device_map(
 
 
 def load_model_split(
-    path: str | Path, devices: Sequence[int | str], max_memory: int, *, dtype: str | torch.dtype = "auto"
+    source: str | Path | ModelSource,
+    devices: Sequence[int | str],
+    max_memory: int,
+    *,
+    dtype: str | torch.dtype = "auto",
 ) -> PreTrainedModel:
-    """A frozen causal LM from a local folder spread over exactly `devices` (e.g. the N GPUs a Ray actor was
-    given, as CUDA indices), at most `max_memory` bytes of weights on each (`split_device_map`). Inputs go to
-    the first device (where `next(model.parameters())` is); the forward hands activations on."""
-    folder = check_model_folder(path, need=())
+    """A frozen causal LM from a local folder or a resolved ModelSource spread over exactly `devices` (e.g.
+    the N GPUs a Ray actor was given, as CUDA indices), at most `max_memory` bytes of weights on each
+    (`split_device_map`). Inputs go to the first device (where `next(model.parameters())` is); the forward
+    hands activations on."""
+    folder = check_model_folder(local_folder(source), need=())
     first = f"cuda:{devices[0]}" if isinstance(devices[0], int) else devices[0]
     dtype = resolve_dtype(dtype, first)
     placement, _ = split_device_map(AutoConfig.from_pretrained(str(folder)), len(devices), max_memory, dtype)
@@ -183,6 +188,35 @@ def load_model_split(
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def actor_devices(num_gpus: float) -> list[int] | None:
+    """The CUDA devices an inference actor spreads its model over: all N that Ray gave it (indices
+    0..N-1 in its CUDA_VISIBLE_DEVICES) when num_gpus_per_actor is N > 1; None (one device) otherwise."""
+    if num_gpus <= 1:
+        return None
+    n = int(num_gpus)
+    if torch.cuda.device_count() < n:
+        raise RuntimeError(f"num_gpus_per_actor: {n}, but this actor sees {torch.cuda.device_count()} CUDA devices")
+    return list(range(n))
+
+
+def load_frozen(
+    source: str | Path | ModelSource,
+    *,
+    dtype: str | torch.dtype,
+    device: str | torch.device,
+    devices: Sequence[int | str] | None = None,
+    max_memory: int | None = None,
+) -> PreTrainedModel:
+    """A frozen causal LM for an inference actor (scoring, evaluation): whole on `device`, or with `devices`
+    (`actor_devices`) split over them, at most `max_memory` bytes of weights on each (None: 90% of the
+    smallest device's memory, the rest left to activations)."""
+    if devices is None:
+        return load_model(source, dtype=dtype, device=device, frozen=True)
+    if max_memory is None:
+        max_memory = int(0.9 * min(torch.cuda.get_device_properties(d).total_memory for d in devices))
+    return load_model_split(source, devices, max_memory, dtype=dtype)
 
 
 def meta_model(source: str | Path | ModelSource) -> PreTrainedModel:

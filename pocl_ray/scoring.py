@@ -309,6 +309,8 @@ def measure_dataset(cfg: RunConfig, tokenizer, sources: Sources):
                     "use_gpu": use_gpu,
                     "num_threads": max(1, int(sc.num_cpus_per_actor)),
                     "cache_form": teacher_cache.cache_form(sc),
+                    "num_gpus": sc.num_gpus_per_actor,
+                    "max_memory": sc.max_memory_per_gpu,
                 },
                 batch_size=window,
                 batch_format="pyarrow",

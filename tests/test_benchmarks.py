@@ -54,6 +54,7 @@ def test_every_benchmark_has_a_smoke_test():
         "scoring",
         "sharded_loading",
         "sharded_loss",
+        "sharding",
         "teacher_cache",
         "training",
     }
@@ -117,6 +118,36 @@ def test_sharded_loss_keeps_or_regathers_the_heads(tmp_path):
         assert out["kept"][measure] > 0 and out["regathered"][measure] > 0
         ratio = out["regathered"][measure] / out["kept"][measure]
         assert out[f"ratio_regathered_over_kept_{measure}"] == pytest.approx(ratio)
+
+
+def test_sharding_compares_ddp_and_fsdp_per_rank(tmp_path):
+    from conftest import free_port
+
+    world = 2
+    out, _ = run_benchmark(
+        "sharding.py",
+        *("--worlds", str(world), "--vocab", "256", "--hidden", "32", "--layers", "1", "--seq", "16"),
+        *("--micro-batch", "1", "--micro-batches", "1", "--steps", "1", "--port", str(free_port())),
+        cwd=tmp_path,
+    )
+    ddp, fsdp = out["runs"][f"ddp@{world}"], out["runs"][f"fsdp@{world}"]
+    assert [r["rank"] for r in ddp] == [r["rank"] for r in fsdp] == list(range(world))
+    # DDP: the whole student on every rank; FSDP: half of it on each (every dim 0 here splits evenly), and
+    # as much again in gradients, twice as much in AdamW moments (plus the step counts).
+    for r in ddp:
+        assert r["params_mib"] == pytest.approx(out["student_fp32_mib"])
+    for r in fsdp:
+        assert r["params_mib"] == pytest.approx(out["student_fp32_mib"] / world)
+        assert r["grads_mib"] == pytest.approx(r["params_mib"])
+        assert r["optimizer_mib"] == pytest.approx(2 * r["params_mib"], rel=0.01)
+    for r in ddp + fsdp:
+        assert r["tokens_per_second"] > 0 and r["loading_peak_growth_mib"] >= 0
+    ratios = out["ratios"][str(world)]
+    largest = [max(r["params_grads_optimizer_mib"] for r in runs) for runs in (fsdp, ddp)]
+    assert ratios["params_grads_optimizer_fsdp_over_ddp"] == pytest.approx(largest[0] / largest[1])
+    assert ratios["params_grads_optimizer_fsdp_over_ddp"] == pytest.approx(1 / world, rel=0.01)
+    speed = fsdp[0]["tokens_per_second"] / ddp[0]["tokens_per_second"]
+    assert ratios["tokens_per_second_fsdp_over_ddp"] == pytest.approx(speed)
 
 
 def test_sharded_loading_leaves_each_rank_its_shards(tmp_path):

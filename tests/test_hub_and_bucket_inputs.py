@@ -248,10 +248,12 @@ def _bucket_checkpoints(prefix: str) -> list[str]:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_killed_worker_resumes_from_its_checkpoint_in_a_bucket(hub_ray, s3, tiny_assets, tmp_path):
-    """output.dir in a bucket, so the checkpoints too (training.storage_path unset: OUTPUT/train/checkpoints):
-    after a training worker is killed the restarted worker group reads the last checkpoint back from the
-    bucket and finishes the plan, and metrics.jsonl in the bucket (rewritten whole at each checkpoint,
-    cut back to the checkpoint's step on the restart) holds every step once."""
+    """output.dir in a bucket, so the checkpoints too (training.storage_path unset: OUTPUT/train/checkpoints),
+    under training.strategy: fsdp, where every worker reads the checkpoint (its shards of the student and of
+    AdamW) at two points of its set-up (the student, then the optimizer with the stage): after a training
+    worker is killed the restarted worker group reads the last checkpoint back from the bucket, each worker
+    once, and finishes the plan, and metrics.jsonl in the bucket (rewritten whole at each checkpoint, cut
+    back to the checkpoint's step on the restart) holds every step once."""
     from pocl_ray.training.driver import train
 
     scores = write_scores(tmp_path / "scores_run", tiny_assets, num_buckets=2)
@@ -266,6 +268,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint_in_a_bucket(hub_ray, s3, ti
             "data.dev": None,
             "training.checkpoint_every": 2,
             "training.max_failures": 1,
+            "training.strategy": "fsdp",
         },
     )
     run_prefix = f"{checkpoints}/{cfg.name}"
@@ -298,7 +301,11 @@ def test_a_killed_worker_resumes_from_its_checkpoint_in_a_bucket(hub_ray, s3, ti
     assert kept and len(kept) < len(records), "steps before the kill were kept, the rest trained after it"
     bucket_name = checkpoints.removeprefix("s3://")
     restored = s3.object_reads(f"{bucket_name}/{cfg.name}/step_", since)
-    assert any(r[1].endswith("/coordinator.json") for r in restored), "the restart read its checkpoint from the bucket"
+    resumed_from = f"/step_{kept[-1]:08d}/"  # metrics.jsonl keeps the steps up to the checkpoint resumed from
+    downloads = [r for r in restored if r[1].endswith(resumed_from + "coordinator.json")]
+    assert downloads, "the restart read its checkpoint from the bucket"
+    assert len(downloads) <= cfg.training.max_workers, "every worker downloaded the checkpoint at most once"
+    assert any(resumed_from + "student_shards/" in r[1] for r in restored)
     assert result.checkpoint_path.startswith(run_prefix.removeprefix("s3://"))
     assert storage.is_dir(result.student_dir) and [p.name for p in tmp_path.iterdir()] == ["scores_run"]
 

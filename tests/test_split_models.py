@@ -1,5 +1,6 @@
 """A model split over N devices (models.split_device_map, models.load_model_split): the placement for N devices,
-and the outputs of a tiny model split over N "devices" that are all the CPU.
+and the outputs of a tiny model split over N "devices" that are all the CPU, alone and inside the scoring and
+evaluation actors' code (scoring.num_gpus_per_actor / eval.num_gpus_per_actor: N > 1, models.load_frozen).
 
 The CPU "devices": a map whose entries are all "cpu" is one device to transformers (it moves the model whole,
 no hooks), so the test names the CPU twice over, as "cpu" and as torch.device("cpu"): two map values, so
@@ -11,11 +12,12 @@ activations copied between two real GPUs.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers.integrations.accelerate import compute_module_sizes, expand_device_map
 
-from pocl_ray.models import build_tiny_model, load_model, load_model_split, split_device_map
+from pocl_ray.models import actor_devices, build_tiny_model, load_model, load_model_split, split_device_map
 
 LAYERS = 6
 
@@ -84,3 +86,87 @@ def test_split_model_outputs_equal_the_whole_model(tmp_path, tied):
     with torch.no_grad():
         torch.testing.assert_close(split(ids, attention_mask=mask).logits, whole(ids, attention_mask=mask).logits)
     assert not any(p.requires_grad for p in split.parameters()) and not split.training
+
+
+# -- the inference actors (scoring.num_gpus_per_actor / eval.num_gpus_per_actor: N > 1) ------------
+
+# Three "devices", all the CPU (module docstring); the first holds its weights (the middle one's are brought in
+# at each forward), so the model's device is the CPU, as a split model's is its first GPU, and generate runs.
+CPU_DEVICES = [torch.device("cpu"), "cpu", torch.device("cpu")]
+METRICS = ["student_ce", "student_rougeL", "teacher_ce", "teacher_student_kl", "length"]
+
+
+def test_a_scoring_actor_split_over_devices_measures_what_one_device_does(tiny_assets):
+    """The measurer actor's models (the teacher, and the student cut from it) split over 3 devices give
+    every metric of the whole models, the greedy student_rougeL included."""
+    from conftest import synthetic_rows
+
+    from pocl_ray.config import ModelsConfig
+    from pocl_ray.data import validate_and_tokenize
+    from pocl_ray.measurers import load_measurer_models, measure
+    from pocl_ray.models import load_tokenizer
+
+    models_cfg = ModelsConfig(teacher=str(tiny_assets.teacher_dir), dtype="float32")
+    cap = headroom_cap(load_model(tiny_assets.teacher_dir), 3)
+    whole = load_measurer_models(models_cfg, METRICS, "cpu")
+    split = load_measurer_models(models_cfg, METRICS, "cpu", devices=CPU_DEVICES, max_memory=cap)
+    assert split.teacher is not None and split.student is not None
+    assert all(hasattr(layer, "_hf_hook") for layer in split.teacher.model.layers)  # dispatched per module
+    assert all(hasattr(layer, "_hf_hook") for layer in split.student.model.layers)  # the cut keeps the placement
+    tokenizer = load_tokenizer(tiny_assets.tokenizer_dir)
+    good, _ = validate_and_tokenize(synthetic_rows(8, seed=5), tokenizer, tiny_assets.data_config())
+    rows = {k: [r[k] for r in good] for k in good[0]}
+    got, want = (measure(m, rows, METRICS, batch_size=3, max_new_tokens=6) for m in (split, whole))
+    for metric in METRICS:
+        np.testing.assert_allclose(got[metric], want[metric], rtol=1e-5, err_msg=metric)
+
+
+def test_an_evaluation_actor_split_over_devices_generates_what_one_device_does(tiny_assets):
+    from conftest import synthetic_rows
+
+    from pocl_ray.config import DataConfig, EvalConfig
+    from pocl_ray.data import prepare_batch
+    from pocl_ray.evaluation import evaluate_rows
+    from pocl_ray.models import load_frozen, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_assets.tokenizer_dir)
+    records = synthetic_rows(7, seed=6)
+    columns = prepare_batch(
+        {k: [r[k] for r in records] for k in records[0]},
+        tokenizer,
+        DataConfig(train="unused", max_prompt_length=64, max_length=96),
+    )
+    rows = [dict(zip(columns, values)) | {"set": "s"} for values in zip(*columns.values())]
+    cfg = EvalConfig(seeds=[1, 2], temperature=1.0, max_new_tokens=8, batch_size=3)
+    cap = headroom_cap(load_model(tiny_assets.teacher_dir), 3)
+    split = load_frozen(tiny_assets.teacher_dir, dtype="float32", device="cpu", devices=CPU_DEVICES, max_memory=cap)
+    whole = load_frozen(tiny_assets.teacher_dir, dtype="float32", device="cpu")
+    assert hasattr(split.model.layers[-1], "_hf_hook") and not hasattr(whole.model.layers[-1], "_hf_hook")
+    got, want = (evaluate_rows(m, tokenizer, rows, cfg) for m in (split, whole))
+    assert [r["generations"] for r in got] == [r["generations"] for r in want]
+    assert [r["ce"] for r in got] == pytest.approx([r["ce"] for r in want], rel=1e-5)
+
+
+def test_an_actor_splits_over_all_its_gpus_and_says_when_it_sees_fewer():
+    assert actor_devices(0) is None and actor_devices(0.5) is None and actor_devices(1) is None
+    if torch.cuda.device_count() >= 2:
+        assert actor_devices(2) == [0, 1]
+    else:
+        with pytest.raises(
+            RuntimeError, match=rf"num_gpus_per_actor: 2, but this actor sees {torch.cuda.device_count()}"
+        ):
+            actor_devices(2)
+
+
+def test_split_settings_are_config_errors_naming_the_field():
+    from pocl_ray.config import ConfigError, parse_config
+
+    base = {"name": "x", "data": {"train": "t.jsonl"}, "models": {"teacher": "t"}}
+    cfg = parse_config({**base, "scoring": {"num_gpus_per_actor": 4, "max_memory_per_gpu": "40GiB"}})
+    assert cfg.scoring.max_memory_per_gpu == 40 * 2**30 and cfg.eval.max_memory_per_gpu is None
+    with pytest.raises(ConfigError, match=r"scoring.num_gpus_per_actor: more than 1 GPU per actor must be a whole"):
+        parse_config({**base, "scoring": {"num_gpus_per_actor": 1.5}})
+    with pytest.raises(ConfigError, match=r"eval: max_memory_per_gpu caps a model split .* num_gpus_per_actor > 1"):
+        parse_config({**base, "eval": {"num_gpus_per_actor": 1, "max_memory_per_gpu": "4GiB"}})
+    with pytest.raises(ConfigError, match=r"eval.max_memory_per_gpu: could not parse"):
+        parse_config({**base, "eval": {"num_gpus_per_actor": 2, "max_memory_per_gpu": "lots"}})

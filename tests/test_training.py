@@ -300,8 +300,6 @@ def test_dev_rouge_is_the_mean_greedy_rouge_over_the_dev_rows(tiny_assets, tmp_p
 
 
 def test_checkpoints_carry_the_best_student_so_far_to_a_resumed_rank_0(tiny_assets, tmp_path):
-    from ray.train import Checkpoint
-
     from pocl_ray.training.step import adamw
     from pocl_ray.training.teacher import HiddenStatesLM
     from pocl_ray.training.worker import load_checkpoint, save_checkpoint
@@ -320,7 +318,7 @@ def test_checkpoints_carry_the_best_student_so_far_to_a_resumed_rank_0(tiny_asse
     assert (tmp_path / "ckpt" / "student_best" / "tokenizer_config.json").is_file()
     resumed_best = tmp_path / "resumed_best"
     resumed_best.mkdir()
-    _, resumed, _ = load_checkpoint(Checkpoint.from_directory(str(tmp_path / "ckpt")), resumed_best)
+    _, resumed, _ = load_checkpoint(tmp_path / "ckpt", resumed_best)
     assert torch.equal(load_model(resumed_best).lm_head.weight, best.lm_head.weight)
     assert torch.equal(resumed.lm_head.weight, student.lm.lm_head.weight)
 

@@ -188,13 +188,13 @@ def rows_per_epoch(cfg, scores: Path, resizes: list[dict]) -> dict[tuple[int, in
 
 
 def committed_checkpoints(storage: Path) -> list[str]:
-    snapshot = storage / "checkpoint_manager_snapshot.json"
-    if not snapshot.exists():
-        return []
+    """The checkpoints Ray Train has committed under `storage` (its checkpoint manager's snapshot): a
+    step_* folder still being written or uploaded is not one, and a resume would not start from it."""
     try:
-        return sorted(d.name for d in storage.glob("step_*")) if json.loads(snapshot.read_text()) else []
-    except json.JSONDecodeError:
+        snapshot = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, json.JSONDecodeError):  # none yet, or caught mid-write
         return []
+    return sorted(r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"])
 
 
 def train_worker_pids() -> list[int]:
@@ -219,9 +219,10 @@ def train_worker_pids() -> list[int]:
     return found
 
 
-def kill_after_a_checkpoint(train, cfg, scores: Path, storage: Path) -> float:
+def kill_after_a_checkpoint(train, cfg, scores: Path, storage: Path, at: str | None = None) -> float:
     """Run `train(cfg, scores)` (training.max_failures: 0) in a thread, SIGKILL one of its workers once a
-    checkpoint is committed under `storage`, and check that the run failed; the time of the kill."""
+    checkpoint (`at`: that one, e.g. "step_00000010") is committed under `storage`, and check that the
+    run failed; the time of the kill."""
     failure: list[BaseException] = []
 
     def first_attempt():
@@ -233,7 +234,10 @@ def kill_after_a_checkpoint(train, cfg, scores: Path, storage: Path) -> float:
     thread = threading.Thread(target=first_attempt)
     thread.start()
     deadline = time.time() + 300
-    while not committed_checkpoints(storage) and thread.is_alive() and time.time() < deadline:
+    while thread.is_alive() and time.time() < deadline:
+        committed = committed_checkpoints(storage)
+        if committed and (at is None or at in committed):
+            break
         time.sleep(0.05)
     pids = train_worker_pids()
     assert pids and thread.is_alive(), "the run ended before a checkpoint could be taken"

@@ -40,7 +40,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -143,7 +143,8 @@ class Worker:
     dev_batches: list[dict[str, Any]] = field(default_factory=list)  # the same rows, batched for the dev losses
     probe_batches: list[list[dict[str, Any]]] = field(default_factory=list)  # per bucket, this worker's probe rows
     probe_rows: list[int] = field(default_factory=list)  # per bucket, the probe rows of all workers
-    resume: Any = None  # strategy fsdp: the checkpoint resumed from (its optimizer shards are read per stage)
+    resume: Path | None = None  # strategy fsdp: the resumed checkpoint's local directory (optimizer shards read there)
+    resume_files: ExitStack = field(default_factory=ExitStack)  # holds `resume` (a bucket's: downloaded once)
     gloo: Any = None  # strategy fsdp: the process group the checkpoint shards are written over in the background
 
 
@@ -183,6 +184,7 @@ def train_func(config: dict) -> None:
     position, optimizer, reader = w.start, None, None
     for index in range(w.start.stage, len(w.specs)):
         run = start_stage(w, index, position, optimizer, reader)
+        w.resume_files.close()  # the resumed checkpoint is read by now: a downloaded copy is deleted
         # The next stage (always from its first step) is read while this one trains.
         reader = stage_reader(w, index + 1, 0) if index + 1 < len(w.specs) else None
         position = train_stage(w, run, position)
@@ -325,14 +327,14 @@ def setup_worker(config: dict) -> Worker:
     torch.manual_seed(cfg.training.seed)
     best_dir = Path(tempfile.mkdtemp(prefix="pocl-best-")) if rank == 0 else None
     sharded = cfg.training.strategy == "fsdp"
-    state, student_lm, optimizer_state, resume = restore(coord, rank, world, best_dir, sharded)
+    resume_files = ExitStack()
+    state, student_lm, optimizer_state, resume = restore(coord, rank, world, best_dir, sharded, resume_files)
     specs: list[StageSpec] = ray.get([coord.stage.remote(i) for i in range(len(state["plan"]["stages"]))])
     sources = from_wire(config["models"])
     tokenizer = load_tokenizer(sources[TOKENIZER])
     student, teachers = build_models(cfg, config, device, student_lm, tokenizer, specs, sources)
     if resume is not None:
-        with resume.as_directory() as d:
-            sharded_checkpoint.load(Path(d) / SHARDS, unwrap(student).lm)
+        sharded_checkpoint.load(resume / SHARDS, unwrap(student).lm)
     start = Position(**state["position"])
     w = Worker(
         cfg=cfg,
@@ -352,6 +354,7 @@ def setup_worker(config: dict) -> Worker:
         log=StepLog(coord, specs, start.step) if rank == 0 else None,
         best_dir=best_dir,
         resume=resume,
+        resume_files=resume_files,
         gloo=torch.distributed.new_group(backend="gloo") if sharded else None,
     )
     w.dev_batches = dev_share(w) if config["dev_rows"] else []
@@ -361,24 +364,28 @@ def setup_worker(config: dict) -> Worker:
 
 
 def restore(
-    coord: Any, rank: int, world: int, best_dir: Path | None, sharded: bool
-) -> tuple[dict, Any, dict | None, Any]:
-    """(coordinator state, student or None, optimizer state or None, checkpoint or None): the latest
-    checkpoint's (same stage, step and data order; on another worker count the rest of its epoch
+    coord: Any, rank: int, world: int, best_dir: Path | None, sharded: bool, files: ExitStack
+) -> tuple[dict, Any, dict | None, Path | None]:
+    """(coordinator state, student or None, optimizer state or None, checkpoint directory or None): the
+    latest checkpoint's (same stage, step and data order; on another worker count the rest of its epoch
     re-dealt, and one progress line says so), or the top of the run; every worker gets rank 0's state.
-    A sharded run's student and optimizer are read from the checkpoint (returned) once they exist."""
+    A sharded run's student and optimizer are read from the checkpoint's directory (returned, held open
+    by `files`: a checkpoint in a bucket is downloaded once per worker) once they exist."""
     import ray
     import ray.train
     from ray.train.collective import broadcast_from_rank_zero
 
     checkpoint = ray.train.get_checkpoint()
-    saved_state, student_lm, optimizer_state = (
-        load_checkpoint(checkpoint, best_dir, sharded) if checkpoint else (None, None, None)
-    )
+    saved_state, student_lm, optimizer_state, local = None, None, None, None
+    if checkpoint is not None:
+        local = Path(files.enter_context(checkpoint.as_directory()))
+        saved_state, student_lm, optimizer_state = load_checkpoint(local, best_dir, sharded)
+        if not sharded:
+            files.close()
     state = broadcast_from_rank_zero(ray.get(coord.restore.remote(saved_state, world)) if rank == 0 else None)
     if rank == 0 and state["resize"] is not None:
         print(resize_line(state["resize"]), flush=True)
-    return state, student_lm, optimizer_state, checkpoint if sharded else None
+    return state, student_lm, optimizer_state, local if sharded else None
 
 
 def build_models(
@@ -500,8 +507,7 @@ def stage_optimizer(
         if w.optimizer_state is not None:
             optimizer.load_state_dict(w.optimizer_state)
         elif w.resume is not None:  # sharded: each worker reads its shards (and the student's again, unchanged)
-            with w.resume.as_directory() as d:
-                sharded_checkpoint.load(Path(d) / SHARDS, unwrap(w.student).lm, optimizer)
+            sharded_checkpoint.load(w.resume / SHARDS, unwrap(w.student).lm, optimizer)
     return optimizer
 
 
@@ -789,19 +795,17 @@ def save_shards(w: Worker, directory: Path, optimizer: torch.optim.Optimizer, fi
     return written
 
 
-def load_checkpoint(checkpoint: Any, best_dir: Path | None, sharded: bool = False) -> tuple[dict, Any, dict | None]:
-    """(coordinator state, student in fp32, optimizer state) of a Ray Train checkpoint (a sharded one's
-    student and optimizer: None, read once they exist); its best candidate's student, if it has one, is
-    copied into `best_dir` (rank 0's; None elsewhere)."""
-    with checkpoint.as_directory() as d:
-        d = Path(d)
-        state = json.loads((d / "coordinator.json").read_text())
-        student, optimizer_state = None, None
-        if not sharded:
-            student = load_model(d / "student", dtype=torch.float32)
-            optimizer_state = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True)
-        if best_dir is not None and has_model_files(d / "student_best"):
-            shutil.copytree(d / "student_best", best_dir, dirs_exist_ok=True)
+def load_checkpoint(d: Path, best_dir: Path | None, sharded: bool = False) -> tuple[dict, Any, dict | None]:
+    """(coordinator state, student in fp32, optimizer state) of a Ray Train checkpoint's local directory
+    (a sharded one's student and optimizer: None, read once they exist); its best candidate's student, if
+    it has one, is copied into `best_dir` (rank 0's; None elsewhere)."""
+    state = json.loads((d / "coordinator.json").read_text())
+    student, optimizer_state = None, None
+    if not sharded:
+        student = load_model(d / "student", dtype=torch.float32)
+        optimizer_state = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True)
+    if best_dir is not None and has_model_files(d / "student_best"):
+        shutil.copytree(d / "student_best", best_dir, dirs_exist_ok=True)
     return state, student, optimizer_state
 
 
