@@ -155,7 +155,7 @@ def ensure_teacher(cfg: RunConfig, root: str | Path, min_cpus: int = 4) -> None:
 
 def sft_overrides(cfg: RunConfig) -> dict:
     """The settings of the teacher fine-tuning (pipeline.sft_teacher) as dotted overrides of cfg,
-    checked against the rest of cfg (a batch size the workers cannot split is refused here)."""
+    checked against the rest of cfg (an error names pipeline.sft_teacher)."""
     sft = cfg.pipeline.sft_teacher
     if sft is None:
         raise ConfigError("pipeline.sft_teacher: not set, so there is no fine-tuning to configure")

@@ -104,15 +104,15 @@ def test_search_space_errors_name_the_path(tiny_assets, tmp_path):
         check(**{"tune.search_space": {}})
     with pytest.raises(ConfigError, match=r"tune.objective: 'dev_kd_loss' is measured on a dev set; set data.dev"):
         check(**{"data.dev": None})
-    # Each value alone is valid; 16 rows x 2 workers does not divide the global batch of 16.
+    # Each value alone is valid (the base runs fsdp); a sharded teacher needs the fsdp strategy.
     clash = {
-        "training.micro_batch_size": {"type": "grid", "values": [8, 16]},
-        "training.num_workers": {"type": "grid", "values": [1, 2]},
+        "training.strategy": {"type": "grid", "values": ["fsdp", "ddp"]},
+        "training.teacher_sharding": {"type": "grid", "values": ["replicate", "fsdp"]},
     }
     with pytest.raises(
-        ConfigError, match=r"(?s)combination .*'training.micro_batch_size': 16, 'training.num_workers': 2"
+        ConfigError, match=r"(?s)combination .*'training.strategy': 'ddp', 'training.teacher_sharding': 'fsdp'"
     ):
-        check(clash, **{"training.micro_batch_size": 8})
+        check(clash, **{"training.strategy": "fsdp"})
 
 
 def test_missing_search_package_is_a_config_error(tiny_assets, tmp_path):
