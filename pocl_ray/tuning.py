@@ -45,10 +45,16 @@ experiment: ended trials are kept, unfinished ones start again and their Train r
 their last checkpoint. Tune does not save scheduler state, so after a restore ASHA's rungs start
 empty (trials ended before the interruption no longer set its cut-offs). A finished sweep is not
 run again; a changed config clears DIR/tune and starts over (pipeline_steps.run_pipeline_step).
+
+DIR may be a bucket (s3://, gs://, abfs://): the Tune experiment's storage_path is DIR/tune/sweep
+there (through storage.py's filesystem), the trials' runs, ended.jsonl, results.csv, objective.png and
+best.yaml are written there, and an interrupted sweep is restored from it. output.trackers and the
+teacher's preparation or fine-tuning need a local DIR (tracking, teacher_prep).
 """
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import math
@@ -64,7 +70,7 @@ import pandas as pd
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from pocl_ray import preflight, tracked, tracking
+from pocl_ray import preflight, storage, tracked, tracking
 from pocl_ray.config import SHARED_SECTIONS, ConfigError, ParamSpec, RunConfig, TuneConfig, is_uri, parse_config
 from pocl_ray.curriculum import Plan
 from pocl_ray.data import python_value
@@ -165,14 +171,14 @@ def param_space(tc: TuneConfig) -> dict[str, Any]:
     return space
 
 
-def trial_config(cfg: RunConfig, params: Mapping[str, Any], trial_id: str, trials_dir: Path) -> RunConfig:
+def trial_config(cfg: RunConfig, params: Mapping[str, Any], trial_id: str, trials_dir: str | Path) -> RunConfig:
     """The trial's run: the sweep's config with the sampled values, its own output dir and run name."""
     overrides = {p: python_value(v) for p, v in params.items()}
     return cfg.with_overrides(
         {
             **overrides,
             "name": f"{cfg.name}-{trial_id}",
-            "output.dir": str(Path(trials_dir) / trial_id),
+            "output.dir": storage.join(trials_dir, trial_id),
             "pipeline.compare": {},
         }
     )
@@ -201,7 +207,7 @@ def trial_row(
     error: str | None,
     objective: str,
     num_stages: int | None,
-    output_dir: Path,
+    output_dir: str | Path,
 ) -> dict[str, Any]:
     """One results.csv row from a trial's last reported metrics (None when it reported nothing).
 
@@ -241,7 +247,7 @@ def best_trial(frame: pd.DataFrame, objective: str) -> pd.Series:
     return done.loc[index]
 
 
-def plot_objective(frame: pd.DataFrame, tc: TuneConfig, path: Path) -> Path:
+def plot_objective(frame: pd.DataFrame, tc: TuneConfig, path: str | Path) -> str | Path:
     """Objective against each searched parameter; hollow markers are trials stopped early, at the
     value they had when stopped."""
     import matplotlib
@@ -279,10 +285,11 @@ def plot_objective(frame: pd.DataFrame, tc: TuneConfig, path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    return path
+    storage.write_bytes(path, png.getvalue(), "output.dir")
+    return storage.as_path(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,11 +331,12 @@ def run_trial(params: dict, *, base: dict, models: dict, scores_dir: str, trials
 
     cfg = parse_config(base)
     trial_id = tune.get_context().get_trial_id()
-    trial_cfg = trial_config(cfg, params, trial_id, Path(trials_dir))
-    out = Path(trial_cfg.output.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "trial.json").write_text(
-        json.dumps({"trial_id": trial_id, "params": {p: python_value(v) for p, v in params.items()}})
+    trial_cfg = trial_config(cfg, params, trial_id, trials_dir)
+    out = trial_cfg.output.dir
+    storage.write_json(
+        storage.join(out, "trial.json"),
+        {"trial_id": trial_id, "params": {p: python_value(v) for p, v in params.items()}},
+        "output.dir",
     )
     sources = preflight.model_sources(trial_cfg, preflight.from_wire(models))
     num_stages = len(run_plan(trial_cfg, sources).stages)
@@ -466,7 +474,7 @@ class SweepInterrupted(RuntimeError):
 
 class EndedTrials(Callback):
     """Appends each trial that ended (ran its plan, was stopped by the scheduler, or failed) to
-    a JSONL file in the driver.
+    a JSONL file in the driver (in a bucket: the object rewritten whole, object stores have no append).
 
     After an interruption Tune marks the trials it had to stop TERMINATED in the ResultGrid, like
     those the scheduler stopped (only its saved experiment state keeps them RUNNING, to be
@@ -477,8 +485,9 @@ class EndedTrials(Callback):
         self.path = path
 
     def _record(self, trial, how: str) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"trial_id": trial.trial_id, "ended": how}) + "\n")
+        before = storage.read_text(self.path, "output.dir") if storage.is_file(self.path, "output.dir") else ""
+        line = json.dumps({"trial_id": trial.trial_id, "ended": how})
+        storage.write_text(self.path, before + line + "\n", "output.dir")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._record(trial, "complete")
@@ -487,39 +496,59 @@ class EndedTrials(Callback):
         self._record(trial, "error")
 
 
-def ended_trials(path: Path) -> set[str]:
-    if not path.is_file():
+def ended_trials(path: str | Path) -> set[str]:
+    if not storage.is_file(path, "output.dir"):
         return set()
-    return {json.loads(line)["trial_id"] for line in path.read_text().splitlines() if line.strip()}
+    lines = storage.read_text(path, "output.dir").splitlines()
+    return {json.loads(line)["trial_id"] for line in lines if line.strip()}
+
+
+def _experiment_storage(tune_dir: str) -> tuple[str, Any]:
+    """Tune's (storage_path, storage_filesystem) for tune_dir: a bucket through storage.py's own
+    filesystem (the endpoint and credentials every other output uses), a local folder as a path."""
+    if not is_uri(tune_dir):
+        return tune_dir, None
+    filesystem, path = storage.resolve(tune_dir)
+    return path, filesystem
 
 
 def _sweep(
-    cfg: RunConfig, sources: preflight.Sources, root: Path, scores_dir: Path, budget: Budget | None, callbacks: list
+    cfg: RunConfig,
+    sources: preflight.Sources,
+    root: str | Path,
+    scores_dir: str | Path,
+    budget: Budget | None,
+    callbacks: list,
 ) -> None:
     """Run (or resume) the Tune experiment, then write results.csv, best.yaml and objective.png.
     `callbacks`: more Tune callbacks (the trackers'); a resumed sweep keeps those it started with."""
     from ray import tune
 
     tc = cfg.tune
-    tune_dir = root / "tune"
-    trials_dir = tune_dir / "trials"
+    tune_dir = storage.join(root, "tune")
+    trials_dir = storage.join(tune_dir, "trials")
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
             base=cfg.model_dump(mode="json"),
             models=preflight.to_wire(sources),
             scores_dir=str(scores_dir),
-            trials_dir=str(trials_dir),
+            trials_dir=trials_dir,
         ),
         {"CPU": tc.cpus_per_trial},
     )
-    experiment = tune_dir / SWEEP_NAME
-    ended_path = tune_dir / "ended.jsonl"
+    storage_path, filesystem = _experiment_storage(tune_dir)
+    experiment = f"{storage_path}/{SWEEP_NAME}"
+    ended_path = storage.join(tune_dir, "ended.jsonl")
     with _tune_env():
-        if tune.Tuner.can_restore(experiment):
-            print(f"[tune] resuming the interrupted sweep in {experiment}", flush=True)
+        if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
+            print(f"[tune] resuming the interrupted sweep in {storage.join(tune_dir, SWEEP_NAME)}", flush=True)
             tuner = tune.Tuner.restore(
-                str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True
+                experiment,
+                trainable=trainable,
+                resume_unfinished=True,
+                resume_errored=True,
+                storage_filesystem=filesystem,
             )
         else:
             tuner = tune.Tuner(
@@ -535,9 +564,10 @@ def _sweep(
                 ),
                 run_config=tune.RunConfig(
                     name=SWEEP_NAME,
-                    storage_path=str(tune_dir),
+                    storage_path=storage_path,
+                    storage_filesystem=filesystem,
                     failure_config=tune.FailureConfig(max_failures=0),
-                    callbacks=[EndedTrials(str(ended_path)), *callbacks],
+                    callbacks=[EndedTrials(ended_path), *callbacks],
                 ),
             )
         grid = tuner.fit()
@@ -553,41 +583,45 @@ def _sweep(
     rows, params_of = [], {}
     for result in results:
         trial_id = Path(result.path).name
-        trial_dir = trials_dir / trial_id
+        trial_dir = storage.join(trials_dir, trial_id)
         params = result.config
-        if params is None and (trial_dir / "trial.json").is_file():
-            params = json.loads((trial_dir / "trial.json").read_text())["params"]
+        if params is None and storage.is_file(storage.join(trial_dir, "trial.json")):
+            params = storage.read_json(storage.join(trial_dir, "trial.json"), "output.dir")["params"]
         params = {p: (params or {}).get(p) for p in tc.search_space}
         params_of[trial_id] = params
         error = str(result.error).strip().splitlines()[-1] if result.error else None
         num_stages = (result.metrics or {}).get("num_stages")
         rows.append(trial_row(trial_id, params, result.metrics, error, tc.objective, num_stages, trial_dir))
     frame = pd.DataFrame(rows).sort_values("trial_id", ignore_index=True)
-    frame.to_csv(tune_dir / "results.csv", index=False)
-    plot_objective(frame, tc, tune_dir / "objective.png")
+    storage.write_text(storage.join(tune_dir, "results.csv"), frame.to_csv(index=False), "output.dir")
+    plot_objective(frame, tc, storage.join(tune_dir, "objective.png"))
 
     best = best_trial(frame, tc.objective)
+    best_path = storage.join(tune_dir, "best.yaml")  # --config reads a local file
     header = (
         f"# Best trial {best['trial_id']} of the sweep in {tune_dir}: {tc.objective} = {best['objective']:.6g}\n"
         f"# swept: {json.dumps(params_of[best['trial_id']])}\n"
-        f"# run it with: pocl-ray run --config {tune_dir / 'best.yaml'}\n"
+        f"# run it with: pocl-ray run --config {best_path}" + (" (a local copy of it)\n" if is_uri(best_path) else "\n")
     )
-    (tune_dir / "best.yaml").write_text(header + best_config(cfg, params_of[best["trial_id"]]).to_yaml())
+    best_yaml = header + best_config(cfg, params_of[best["trial_id"]]).to_yaml()
+    storage.write_text(best_path, best_yaml, "output.dir")
 
 
 @dataclass(frozen=True)
 class TuneResult:
-    output_dir: Path  # DIR/tune
-    results_csv: Path
-    best_config_path: Path
-    plot_path: Path
+    """Paths in output.dir's own form: Paths for a local folder, URIs for a bucket."""
+
+    output_dir: str | Path  # DIR/tune
+    results_csv: str | Path
+    best_config_path: str | Path
+    plot_path: str | Path
     best_trial_id: str
     best_objective: float
     objective: str
     trials: pd.DataFrame  # results.csv
 
 
-def _total_steps(plans: list[tuple[RunConfig, Plan]], scores_dir: Path) -> list[tuple[RunConfig, int]]:
+def _total_steps(plans: list[tuple[RunConfig, Plan]], scores_dir: str | Path) -> list[tuple[RunConfig, int]]:
     """(config, planned optimizer steps) of every checked combination; each plan must cut the scored
     rows into non-empty steps."""
     from pocl_ray.curriculum import stage_specs
@@ -608,12 +642,8 @@ def _total_steps(plans: list[tuple[RunConfig, Plan]], scores_dir: Path) -> list[
 
 def tune(cfg: RunConfig) -> TuneResult:
     """Sweep cfg.tune.search_space (module docstring); a re-run resumes an interrupted sweep, and a
-    finished one is not run again for the same config."""
-    if is_uri(cfg.output.dir):
-        raise ConfigError(
-            f"output.dir: a sweep writes its trials under a local folder for now (got {cfg.output.dir}); "
-            "`pocl-ray run` and the score, train and eval commands take a URI"
-        )
+    finished one is not run again for the same config. output.dir may be a bucket: the Tune experiment,
+    every trial's run and the results are written there."""
     check_search_space(cfg)  # bad trial settings fail before the teacher is built or fine-tuned
     preflight.check_data(cfg)  # and unreadable data (the models: once the teacher is there, below)
     _search_alg(cfg.tune)  # a missing optuna / hyperopt is reported before any Ray work
@@ -627,14 +657,16 @@ def _tune(cfg: RunConfig, sweep: tracking.Run) -> TuneResult:
     from pocl_ray.teacher_prep import resolve_teacher
     from pocl_ray.training.driver import run_plan
 
-    root = Path(cfg.output.dir).resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    root: str | Path = cfg.output.dir
+    if not is_uri(root):
+        root = Path(root).resolve()
+        root.mkdir(parents=True, exist_ok=True)
     # The same teacher as `pocl-ray run`: prepared and / or fine-tuned (pipeline.sft_teacher) first.
     cfg = resolve_teacher(cfg, root, min_cpus=8)
     sources = preflight.model_sources(cfg)  # pinned once: every trial loads the same models
     # The trials, now on the resolved teacher.
     plans = [(c, run_plan(c, preflight.model_sources(c, sources))) for c in check_search_space(cfg)]
-    scores_dir = root / "scores"
+    scores_dir = storage.join(root, "scores")
 
     def score() -> None:
         init_ray(min_cpus=8)
@@ -644,7 +676,7 @@ def _tune(cfg: RunConfig, sweep: tracking.Run) -> TuneResult:
     totals = _total_steps(plans, scores_dir)
     budget = sweep_budget(cfg.tune, totals) if cfg.tune.scheduler == "asha" else None
 
-    tune_dir = root / "tune"
+    tune_dir = storage.join(root, "tune")
     key = fingerprint(cfg, (*TRAIN_KEYS, "eval", "tune"), {"name": cfg.name})
     sweep.params(tracked.loggable_params(cfg.model_dump(mode="json")))
     callbacks = tracking.tune_callbacks(sweep.handle)
@@ -654,16 +686,17 @@ def _tune(cfg: RunConfig, sweep: tracking.Run) -> TuneResult:
         _sweep(cfg, sources, root, scores_dir, budget, callbacks)
 
     run_pipeline_step("tune", tune_dir, key, run_sweep)
-    frame = pd.read_csv(tune_dir / "results.csv", dtype={"trial_id": str})
+    csv = storage.join(tune_dir, "results.csv")
+    frame = pd.read_csv(io.StringIO(storage.read_text(csv, "output.dir")), dtype={"trial_id": str})
     best = best_trial(frame, cfg.tune.objective)
     sweep.metrics({f"best/{cfg.tune.objective}": float(best["objective"])}, 0)
     for name in ("results.csv", "best.yaml", "objective.png"):
-        sweep.artifacts(tune_dir / name, "tune")
+        sweep.artifacts(storage.join(tune_dir, name), "tune")  # trackers need a local output.dir (tracking)
     return TuneResult(
-        output_dir=tune_dir,
-        results_csv=tune_dir / "results.csv",
-        best_config_path=tune_dir / "best.yaml",
-        plot_path=tune_dir / "objective.png",
+        output_dir=storage.as_path(tune_dir),
+        results_csv=storage.as_path(csv),
+        best_config_path=storage.as_path(storage.join(tune_dir, "best.yaml")),
+        plot_path=storage.as_path(storage.join(tune_dir, "objective.png")),
         best_trial_id=str(best["trial_id"]),
         best_objective=float(best["objective"]),
         objective=cfg.tune.objective,

@@ -107,7 +107,6 @@ def test_missing_data_in_a_bucket_fails_before_ray_naming_the_setting(s3, tiny_a
 @pytest.mark.parametrize(
     ("command", "extra", "expected"),
     [
-        ("tune", {}, "output.dir: a sweep writes its trials under a local folder for now (got s3://"),
         ("run", {"output": {"trackers": ["mlflow"]}}, "output.trackers: ['mlflow'] need a local output.dir"),
         ("run", {"pipeline": {"sft_teacher": {}}}, "pipeline.sft_teacher: builds the teacher under output.dir"),
         (
@@ -121,15 +120,13 @@ def test_missing_data_in_a_bucket_fails_before_ray_naming_the_setting(s3, tiny_a
 def test_what_cannot_write_to_a_bucket_yet_fails_before_ray_naming_the_setting(
     s3, tiny_assets, tmp_path, capsys, command, extra, expected
 ):
-    """A sweep, the trackers and the teacher's fine-tuning still write local folders: with output.dir in a
-    bucket they are refused before any Ray work (a ray.init here would fail the test), naming the setting;
+    """The trackers and the teacher's preparation and fine-tuning still write local folders: with output.dir
+    in a bucket they are refused before any Ray work (a ray.init here would fail the test), naming the setting;
     so is an output.dir in a bucket that does not exist."""
     run = f"{s3.bucket()}/run"
     config = _score_config(tiny_assets, run, tiny_assets.train_path, teacher=str(tiny_assets.teacher_dir))
     for section, values in extra.items():
         config[section] = {**config.get(section, {}), **values}
-    if command == "tune":
-        config["tune"] = {"search_space": {"kd.loss": {"type": "grid", "values": ["fkl", "rkl"]}}}
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main([command, "--config", str(path)]) == 2

@@ -1,8 +1,10 @@
 """Ray Tune sweeps: the search space and results as plain functions, then two real sweeps on local
 Ray over the tiny assets (1 Train worker per trial, 2 steps per stage).
 
-The 4-trial grid sweep is interrupted (SIGUSR1, Tune's own stop signal) once two trials finished,
-then run again: it must resume with those two kept, not re-score, and end with all four trials.
+The 4-trial grid sweep writes into a bucket (moto's S3 server, conftest `s3`): it is interrupted
+(SIGUSR1, Tune's own stop signal) once two trials finished, then run again: it must restore the Tune
+experiment from the bucket with those two kept, not re-score, end with all four trials, and leave
+nothing in the local working folder.
 The ASHA sweep pits a sane learning rate against a wrecking one and must stop the latter at its
 first rung (ASHA's clock is samples seen, the rungs checked to fall on the trials' report points).
 
@@ -12,6 +14,7 @@ through it), so this module starts its own Ray with the dashboard instead of `ra
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -23,9 +26,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from conftest import local_ray
 
-from pocl_ray.config import ConfigError, load_config, parse_config
+from pocl_ray import storage
+from pocl_ray.config import ConfigError, parse_config
 from pocl_ray.curriculum import schedule
 from pocl_ray.probes import is_probe
 from pocl_ray.report import write_report
@@ -317,21 +322,26 @@ def test_rows_best_trial_plot_and_report_section(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ray_tune():
-    # Tune over Train needs the dashboard: without it, sweeps hung.
+def ray_tune(s3):
+    # Tune over Train needs the dashboard: without it, sweeps hung. Started after `s3`: its workers
+    # reach the bucket through the endpoint and credentials `s3` put in the environment.
     yield from local_ray(include_dashboard=True)
 
 
-def _finished_trials(experiment: Path) -> list[str]:
+def _finished_trials(experiment: str) -> list[str]:
     """Trials whose final result Tune has recorded (result.json lines are written by the driver)."""
     done = []
-    for path in experiment.glob("*/result.json"):
-        if any(json.loads(line).get("finished") for line in path.read_text().splitlines() if line.strip()):
-            done.append(path.parent.name)
+    for path in storage.list_files(experiment, "/result.json"):
+        if any(json.loads(line).get("finished") for line in storage.read_text(path).splitlines() if line.strip()):
+            done.append(path.split("/")[-2])
     return sorted(done)
 
 
-def _interrupt_after(experiment: Path, finished: int, stop: threading.Event) -> threading.Thread:
+def _csv(path) -> pd.DataFrame:
+    return pd.read_csv(io.StringIO(storage.read_text(path)), dtype={"trial_id": str})
+
+
+def _interrupt_after(experiment: str, finished: int, stop: threading.Event) -> threading.Thread:
     """SIGUSR1 (Tune's stop signal, installed while Tuner.fit runs) once `finished` trials ended."""
 
     def watch():
@@ -346,39 +356,47 @@ def _interrupt_after(experiment: Path, finished: int, stop: threading.Event) -> 
 
 
 @pytest.fixture(scope="module")
-def grid_sweep(ray_tune, tiny_assets, tmp_path_factory):
-    """The 4-trial grid, interrupted after 2 finished trials and run again; (cfg, result, log, kept).
-    Its trials train from one cached teacher (the hidden form), written by the sweep's one scoring pass."""
-    import io
+def grid_sweep(ray_tune, s3, tiny_assets, tmp_path_factory):
+    """The 4-trial grid with output.dir in a bucket, interrupted after 2 finished trials and run again
+    from an empty working folder; (cfg, result, log, kept, workdir, resumed): kept, the trials finished
+    before the interruption; resumed, the trials the second run wrote objects under. Its trials train
+    from one cached teacher (the hidden form), written by the sweep's one scoring pass."""
     from contextlib import redirect_stdout
 
     from pocl_ray.tuning import SweepInterrupted, tune
 
-    root = tmp_path_factory.mktemp("grid_sweep")
+    root = f"{s3.bucket()}/grid"
     cfg = sweep_config(tiny_assets, root, **{"scoring.teacher_hidden": True, "kd.teacher": "cached"})
-    experiment = root / "tune" / "sweep"
+    experiment = f"{root}/tune/sweep"
+    workdir = tmp_path_factory.mktemp("grid_cwd")
     log = io.StringIO()
     stop = threading.Event()
-    watcher = _interrupt_after(experiment, 2, stop)
-    try:
-        with redirect_stdout(log), pytest.raises(SweepInterrupted, match="run the same command again to resume"):
-            tune(cfg)
-    finally:
-        stop.set()
-        watcher.join()
-    kept = {
-        t: (root / "tune" / "trials" / t / "train" / "student" / "config.json").stat().st_mtime_ns
-        for t in _finished_trials(experiment)
-    }
-    with redirect_stdout(log):
-        result = tune(cfg)
-    return cfg, result, log.getvalue(), kept
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(workdir)
+        watcher = _interrupt_after(experiment, 2, stop)
+        try:
+            with redirect_stdout(log), pytest.raises(SweepInterrupted, match="run the same command again to resume"):
+                tune(cfg)
+        finally:
+            stop.set()
+            watcher.join()
+        kept = _finished_trials(experiment)
+        since = len(s3.requests)
+        with redirect_stdout(log):
+            result = tune(cfg)
+    trials = f"/{root.removeprefix('s3://')}/tune/trials/"
+    resumed = {
+        path.removeprefix(trials).split("/")[0]
+        for method, path, _ in s3.requests[since:]
+        if method == "PUT" and path.startswith(trials)
+    } - {""}  # "" is the trials/ folder's own marker object
+    return cfg, result, log.getvalue(), kept, workdir, resumed
 
 
 @pytest.mark.ray
 def test_grid_sweep_runs_every_trial_with_its_settings(grid_sweep):
-    cfg, result, _, _ = grid_sweep
-    frame = pd.read_csv(result.results_csv)
+    cfg, result, _, _, _, _ = grid_sweep
+    frame = _csv(result.results_csv)
     assert len(frame) == 4 and set(frame["status"]) == {"finished"} and not frame["stopped_early"].any()
     assert sorted(zip(frame["curriculum.num_buckets"], frame["curriculum.temperature_end"])) == [
         (2, 1.0),
@@ -388,7 +406,8 @@ def test_grid_sweep_runs_every_trial_with_its_settings(grid_sweep):
     ]
     for _, row in frame.iterrows():
         n, t_end = int(row["curriculum.num_buckets"]), float(row["curriculum.temperature_end"])
-        lines = (Path(row.output_dir) / "train" / "metrics.jsonl").read_text().splitlines()
+        assert row.output_dir == f"{cfg.output.dir}/tune/trials/{row.trial_id}"
+        lines = storage.read_text(f"{row.output_dir}/train/metrics.jsonl").splitlines()
         records = [r for r in map(json.loads, lines) if not is_probe(r)]
         # The trial's own plan ran: n stages of 2 steps, temperatures rising from 1 to its T_end.
         assert [r["stage"] for r in records] == [s for s in range(n) for _ in range(2)]
@@ -398,29 +417,46 @@ def test_grid_sweep_runs_every_trial_with_its_settings(grid_sweep):
         assert row.num_stages == n and row.stages_completed == n and row.steps == 2 * n
         assert np.isfinite(row.objective) and row.objective == pytest.approx(row.dev_kd_loss)
     assert result.best_objective == frame["objective"].min()
-    assert result.plot_path.is_file()
+    assert storage.read_bytes(result.plot_path)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.ray
+def test_grid_sweep_writes_everything_into_the_bucket(grid_sweep):
+    cfg, result, _, _, workdir, _ = grid_sweep
+    tune_dir = f"{cfg.output.dir}/tune"
+    assert result.output_dir == tune_dir and result.results_csv == f"{tune_dir}/results.csv"
+    names = {p.removeprefix(f"{tune_dir}/") for p in storage.list_files(tune_dir)}
+    assert {"results.csv", "best.yaml", "objective.png", "ended.jsonl", ".stage.json"} <= names
+    trials = _csv(result.results_csv)["trial_id"].tolist()
+    ended = [json.loads(line) for line in storage.read_text(f"{tune_dir}/ended.jsonl").splitlines()]
+    assert sorted(e["trial_id"] for e in ended) == sorted(trials) and {e["ended"] for e in ended} == {"complete"}
+    for t in trials:
+        # Tune's experiment (storage_path in the bucket) and the trial's own run, side by side.
+        assert {f"sweep/{t}/result.json", f"trials/{t}/trial.json", f"trials/{t}/train/metrics.jsonl"} <= names
+        assert f"trials/{t}/train/student/model.safetensors" in names
+    assert any(n.startswith("sweep/experiment_state") for n in names), sorted(names)
+    assert storage.is_file(f"{cfg.output.dir}/scores/manifest.json")
+    assert not any(workdir.iterdir()), list(workdir.iterdir())
 
 
 @pytest.mark.ray
 def test_grid_sweep_scores_once_and_resumes_keeping_finished_trials(grid_sweep):
-    cfg, result, log, kept = grid_sweep
+    cfg, result, log, kept, _, resumed = grid_sweep
     assert log.count("[pipeline] score: starting") == 1
     assert log.count("[pipeline] score: done already") == 1
-    manifest = json.loads((result.output_dir.parent / "scores" / "manifest.json").read_text())
+    manifest = storage.read_json(f"{cfg.output.dir}/scores/manifest.json")
     assert manifest["teacher_cache"]["form"] == "hidden"  # the one pass every trial trained from
-    assert "[tune] resuming the interrupted sweep" in log
+    assert f"[tune] resuming the interrupted sweep in {cfg.output.dir}/tune/sweep" in log
     assert len(kept) == 2
-    trials = result.output_dir / "trials"
-    for trial_id, mtime in kept.items():
-        # Not trained again: the student saved before the interruption is untouched.
-        assert (trials / trial_id / "train" / "student" / "config.json").stat().st_mtime_ns == mtime
+    # Not trained again: the second run wrote under the other two trials' folders only.
+    assert resumed == set(_csv(result.results_csv)["trial_id"]) - set(kept) and len(resumed) == 2
 
 
 @pytest.mark.ray
 def test_best_yaml_is_a_runnable_config_of_the_best_trial(grid_sweep):
-    cfg, result, _, _ = grid_sweep
-    best = load_config(result.best_config_path)
-    frame = pd.read_csv(result.results_csv, dtype={"trial_id": str})
+    cfg, result, _, _, _, _ = grid_sweep
+    best = parse_config(yaml.safe_load(storage.read_text(result.best_config_path)))
+    frame = _csv(result.results_csv)
     row = frame.set_index("trial_id").loc[result.best_trial_id]
     assert best.curriculum.num_buckets == row["curriculum.num_buckets"]
     assert best.curriculum.temperature_end == row["curriculum.temperature_end"]
@@ -435,8 +471,8 @@ def test_asha_stops_the_clearly_worse_trial_and_rouge_picks_the_best(grid_sweep,
 
     from pocl_ray.tuning import tune
 
-    _, first, _, _ = grid_sweep
-    shutil.copytree(first.output_dir.parent / "scores", tmp_path / "scores")  # the same scoring pass
+    first, _, _, _, _, _ = grid_sweep
+    storage.copy_folder(f"{first.output.dir}/scores", tmp_path / "scores")  # the same scoring pass
     # Sequential trials in grid order: the sane learning rate sets the first rung (its dev KD loss
     # after 32 samples, one report interval), the wrecking one falls below it there. The objective
     # is dev ROUGE-L, generated after training.
