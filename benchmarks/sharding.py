@@ -27,6 +27,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sharded_loading import peak_rss_mib, reset_peak_rss, rss_mib  # this folder: the script's own
+
 from pocl_ray.config import KDConfig
 from pocl_ray.curriculum import Stage
 from pocl_ray.data import IGNORE_INDEX
@@ -37,21 +39,6 @@ from pocl_ray.training.teacher import HiddenStatesLM, OnlineTeacher
 
 MIB = 2**20
 PAD = 0
-
-
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
-
-
-def reset_peak_rss() -> None:
-    # Linux: "5" resets this process's peak RSS (VmHWM); ru_maxrss keeps the parent's peak across exec.
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_rss_mib() -> float:
-    status = Path("/proc/self/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
 
 
 def local_bytes(tensors) -> int:
