@@ -5,6 +5,7 @@ tiny offline builds, and students cut from a teacher's layers."""
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -503,6 +504,37 @@ def linear_head(model: PreTrainedModel) -> tuple[torch.Tensor | None, str]:
         if value is not None and value != neutral:
             return None, f"{name}'s logits are transformed after the LM head (config.{field} = {value})"
     return head.weight, f"{name}'s logits are hidden states @ lm_head.weight.T"
+
+
+def _safetensors_files(folder: Path) -> dict[str, Path]:
+    """Each tensor name of the folder's safetensors checkpoint and the file that holds it ({} without one)."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        return {}
+    with safe_open(str(single), framework="pt") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+def output_embedding_rows(source: str | Path | ModelSource, rows: int) -> torch.Tensor:
+    """The first `rows` rows of the model's LM-head weight in float32, read from its safetensors files
+    alone: a 70B teacher's head is ~2 GB, the whole model in float32 ~280 GB. A tied head is stored under
+    the input embedding's name, so every name the head's parameter goes by is looked up. A checkpoint
+    without safetensors, or whose keys transformers renames on load, is loaded whole."""
+    from safetensors import safe_open
+
+    model = meta_model(source)
+    head = model.get_output_embeddings().weight
+    files = _safetensors_files(local_folder(source))
+    stored = [name for name, p in model.named_parameters(remove_duplicate=False) if p is head and name in files]
+    if not stored:
+        return load_model(source, dtype="float32").get_output_embeddings().weight[:rows].detach()
+    with safe_open(str(files[stored[0]]), framework="pt") as f:
+        return f.get_slice(stored[0])[:rows].to(torch.float32)
 
 
 def checkpoint_activations(model: PreTrainedModel) -> None:

@@ -52,7 +52,7 @@ from pocl_ray.config import ConfigError, RunConfig, is_uri
 from pocl_ray.data import collate, scored_mask
 from pocl_ray.logprobs import LOG_FLOOR
 from pocl_ray.model_source import ModelSource
-from pocl_ray.models import ModelLocation, linear_head, load_model, load_tokenizer, meta_model
+from pocl_ray.models import ModelLocation, linear_head, load_model, load_tokenizer, meta_model, output_embedding_rows
 from pocl_ray.sampling import row_uniforms
 from pocl_ray.scores import MANIFEST_FILE, scores_dir_of
 from pocl_ray.seeds import stream_seed
@@ -460,7 +460,7 @@ def save_head(head: torch.Tensor, directory: str | Path) -> str | Path:
 def save_teacher_head(teacher: ModelLocation, directory: str | Path, vocab_size: int) -> str | Path:
     """The other half of the hidden form: the teacher's LM head, once, beside the rows (float32); its
     first `vocab_size` rows, the tokenizer's tokens (a padded head's extra rows are no token)."""
-    return save_head(load_model(teacher, dtype="float32").get_output_embeddings().weight[:vocab_size], directory)
+    return save_head(output_embedding_rows(teacher, vocab_size), directory)
 
 
 def load_head(directory: str | Path, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -364,3 +364,32 @@ def test_loading_and_saving_turn_the_progress_bars_off(tmp_path):
         assert not hf_logging.is_progress_bar_enabled()
     finally:
         (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_lm_head_is_read_from_its_own_safetensors_file_alone(tied, tmp_path, tokenizer):
+    """The hidden form's head (teacher_cache.save_teacher_head) from a sharded checkpoint whose other
+    shards are gone: loading the model whole would fail, so the rows come from the head's file only."""
+    import json
+
+    model = models.build_tiny_model("llama", vocab_size=len(tokenizer) + 8, tie_embeddings=tied)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())["weight_map"]
+    head_file = index["model.embed_tokens.weight" if tied else "lm_head.weight"]
+    assert len(set(index.values())) > 2  # the test means something only when most weights are elsewhere
+    for file in set(index.values()) - {head_file}:
+        (tmp_path / "sharded" / file).unlink()
+    rows = models.output_embedding_rows(tmp_path / "sharded", len(tokenizer))
+    assert rows.dtype == torch.float32
+    assert torch.equal(rows, model.get_output_embeddings().weight[: len(tokenizer)])
+    with pytest.raises(FileNotFoundError):
+        models.load_model(tmp_path / "sharded")
+
+    model.save_pretrained(tmp_path / "single")
+    assert not (tmp_path / "single" / "model.safetensors.index.json").exists()
+    assert torch.equal(models.output_embedding_rows(tmp_path / "single", 5), model.get_output_embeddings().weight[:5])
+
+    # Without safetensors (a pickled state dict) the model is loaded whole, and the rows are the same.
+    model.config.save_pretrained(tmp_path / "pickled")
+    torch.save(model.state_dict(), tmp_path / "pickled" / "pytorch_model.bin")
+    assert torch.equal(models.output_embedding_rows(tmp_path / "pickled", 5), model.get_output_embeddings().weight[:5])
