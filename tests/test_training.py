@@ -860,3 +860,23 @@ def test_extraction_stages_then_plateau_kd_with_on_policy_rows(ray_local, tiny_a
     assert all(0 < r["ce_tokens"] < plan_tokens[8 + i] for i, r in enumerate(records[8:]))
     assert result.stages_completed == 5
     assert (result.student_dir / "config.json").exists()
+
+
+def test_a_restarted_worker_empties_what_its_killed_predecessor_left_on_the_node(tmp_path, monkeypatch):
+    """A SIGKILLed worker leaves its best-student copy and half-uploaded checkpoints behind; its replacement
+    (same run, same rank, same node) starts from an empty folder, and other ranks' folders are untouched."""
+    import tempfile
+
+    from pocl_ray.training.worker import worker_scratch
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    first = worker_scratch("run-0123456789ab", 0)
+    other = worker_scratch("run-0123456789ab", 1)
+    (first / "best").mkdir()
+    (first / "best" / "model.safetensors").write_bytes(b"x" * 1024)
+    (first / "step_00000010-abc").mkdir()
+    (other / "step_00000010-def").mkdir()
+    again = worker_scratch("run-0123456789ab", 0)
+    assert again == first and again.is_dir() and list(again.iterdir()) == []
+    assert [p.name for p in other.iterdir()] == ["step_00000010-def"]
+    assert first.parent.parent == tmp_path / "pocl-ray"

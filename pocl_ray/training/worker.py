@@ -139,6 +139,7 @@ class Worker:
     scores: ScoresIndex
     dev_rows: list[dict]  # this worker's share of the dev rows (with their reference "response")
     log: StepLog | None  # rank 0 only
+    scratch: Path  # this worker's local folder for the run (worker_scratch)
     best_dir: Path | None  # rank 0 only: a local copy of the best selection candidate's student
     dev_batches: list[dict[str, Any]] = field(default_factory=list)  # the same rows, batched for the dev losses
     probe_batches: list[list[dict[str, Any]]] = field(default_factory=list)  # per bucket, this worker's probe rows
@@ -182,16 +183,29 @@ def train_func(config: dict) -> None:
     """One training worker: set-up, then each stage's steps from the restored position on."""
     w = setup_worker(config)
     position, optimizer, reader = w.start, None, None
-    for index in range(w.start.stage, len(w.specs)):
-        run = start_stage(w, index, position, optimizer, reader)
-        w.resume_files.close()  # the resumed checkpoint is read by now: a downloaded copy is deleted
-        # The next stage (always from its first step) is read while this one trains.
-        reader = stage_reader(w, index + 1, 0) if index + 1 < len(w.specs) else None
-        position = train_stage(w, run, position)
-        optimizer = run.optimizer
-        run.rows.close()
-    if w.best_dir is not None:
-        shutil.rmtree(w.best_dir)
+    try:
+        for index in range(w.start.stage, len(w.specs)):
+            run = start_stage(w, index, position, optimizer, reader)
+            w.resume_files.close()  # the resumed checkpoint is read by now: a downloaded copy is deleted
+            # The next stage (always from its first step) is read while this one trains.
+            reader = stage_reader(w, index + 1, 0) if index + 1 < len(w.specs) else None
+            position = train_stage(w, run, position)
+            optimizer = run.optimizer
+            run.rows.close()
+    finally:
+        if w.best_dir is not None:
+            shutil.rmtree(w.best_dir, ignore_errors=True)
+
+
+def worker_scratch(run: str, rank: int) -> Path:
+    """The local folder of `rank` on this node for the run's output (the best student's copy, checkpoints
+    being written), emptied first. A killed worker (a lost node, a preemption, a killed job) cannot delete
+    its own; the next worker of that rank on the node, in a restart or a resume, does, so a run leaves at
+    most one per rank and node instead of one copy of the student per kill."""
+    folder = Path(tempfile.gettempdir()) / "pocl-ray" / run / f"rank{rank}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
 
 
 def start_stage(
@@ -325,7 +339,10 @@ def setup_worker(config: dict) -> Worker:
     device = ray.train.torch.get_device()
     coord = ray.get_actor(config["coordinator"], namespace=config["namespace"])
     torch.manual_seed(cfg.training.seed)
-    best_dir = Path(tempfile.mkdtemp(prefix="pocl-best-")) if rank == 0 else None
+    scratch = worker_scratch(config["scratch"], rank)
+    best_dir = scratch / "best" if rank == 0 else None
+    if best_dir is not None:
+        best_dir.mkdir()
     sharded = cfg.training.strategy == "fsdp"
     resume_files = ExitStack()
     state, student_lm, optimizer_state, resume = restore(coord, rank, world, best_dir, sharded, resume_files)
@@ -352,6 +369,7 @@ def setup_worker(config: dict) -> Worker:
         scores=ScoresIndex(config["scores_path"]),
         dev_rows=config["dev_rows"][rank::world],
         log=StepLog(coord, specs, start.step) if rank == 0 else None,
+        scratch=scratch,
         best_dir=best_dir,
         resume=resume,
         resume_files=resume_files,
@@ -824,7 +842,7 @@ def report_checkpoint(
     if w.rank != 0 and not sharded:
         ray.train.report(metrics, checkpoint=None, checkpoint_upload_mode=mode)
         return
-    directory = Path(tempfile.mkdtemp(prefix="pocl-checkpoint-"))
+    directory = Path(tempfile.mkdtemp(prefix=f"step_{metrics['step']:08d}-", dir=w.scratch))
     written = save_shards(w, directory, optimizer, final) if sharded else None
     if w.rank == 0:
         assert w.log is not None and w.best_dir is not None  # rank 0's
