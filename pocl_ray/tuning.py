@@ -691,7 +691,7 @@ def _tune(cfg: RunConfig, sweep: tracking.Run) -> TuneResult:
     best = best_trial(frame, cfg.tune.objective)
     sweep.metrics({f"best/{cfg.tune.objective}": float(best["objective"])}, 0)
     for name in ("results.csv", "best.yaml", "objective.png"):
-        sweep.artifacts(storage.join(tune_dir, name), "tune")  # trackers need a local output.dir (tracking)
+        sweep.artifacts(storage.join(tune_dir, name), "tune")
     return TuneResult(
         output_dir=storage.as_path(tune_dir),
         results_csv=storage.as_path(csv),

@@ -107,7 +107,15 @@ def test_missing_data_in_a_bucket_fails_before_ray_naming_the_setting(s3, tiny_a
 @pytest.mark.parametrize(
     ("command", "extra", "expected"),
     [
-        ("run", {"output": {"trackers": ["mlflow"]}}, "output.trackers: ['mlflow'] need a local output.dir"),
+        ("run", {"output": {"trackers": ["mlflow"]}}, "output.mlflow.tracking_uri: not set, and its default lies"),
+        (
+            "tune",
+            {
+                "output": {"trackers": ["tensorboard"]},
+                "tune": {"search_space": {"training.lr": {"type": "grid", "values": [1e-3, 2e-3]}}},
+            },
+            "output.tensorboard.log_dir: not set, and its default",
+        ),
         ("run", {"pipeline": {"sft_teacher": {}}}, "pipeline.sft_teacher: builds the teacher under output.dir"),
         (
             "run",
@@ -118,13 +126,16 @@ def test_missing_data_in_a_bucket_fails_before_ray_naming_the_setting(s3, tiny_a
     ],
 )
 def test_what_cannot_write_to_a_bucket_yet_fails_before_ray_naming_the_setting(
-    s3, tiny_assets, tmp_path, capsys, command, extra, expected
+    s3, tiny_assets, tmp_path, capsys, monkeypatch, command, extra, expected
 ):
-    """The trackers and the teacher's preparation and fine-tuning still write local folders: with output.dir
-    in a bucket they are refused before any Ray work (a ray.init here would fail the test), naming the setting;
-    so is an output.dir in a bucket that does not exist."""
+    """The teacher's preparation and fine-tuning still write local folders, and a tracker's default store lies
+    beside the outputs (MLflow's SQLite file, TensorBoard's event files): with output.dir in a bucket they are
+    refused before any Ray work (a ray.init here would fail the test), naming the setting (for a tracker: the
+    one to give); so is an output.dir in a bucket that does not exist."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run = f"{s3.bucket()}/run"
     config = _score_config(tiny_assets, run, tiny_assets.train_path, teacher=str(tiny_assets.teacher_dir))
+    config["data"]["dev"] = str(tiny_assets.dev_path)  # the sweep's objective is measured on it
     for section, values in extra.items():
         config[section] = {**config.get(section, {}), **values}
     path = tmp_path / "cfg.yaml"
