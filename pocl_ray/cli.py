@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from pocl_ray import storage
 from pocl_ray.config import ConfigError, RunConfig, load_config
@@ -80,7 +79,7 @@ def _parity(args: argparse.Namespace) -> None:
     from pocl_ray.parity.config import load_parity_config
     from pocl_ray.parity.runner import run_parity
 
-    run_parity(load_parity_config(args.config), Path(args.output))
+    run_parity(load_parity_config(args.config), args.output)  # a folder or a URI
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -636,8 +636,8 @@ class OutputConfig(_Section):
     dir: PathOrURI = Field(
         "runs/default",
         description="every output of the run: a local folder (shared by the nodes on a cluster) or an "
-        "object-storage URI (s3://, gs://, abfs://); `pocl-ray tune`, the teacher's preparation and fine-tuning "
-        "and the trackers' default locations need a local folder",
+        "object-storage URI (s3://, gs://, abfs://); the trackers' default stores (output.mlflow.tracking_uri, "
+        "output.tensorboard.log_dir, output.wandb.dir) need a local folder, so with a URI they must be set",
     )
     trackers: list[TrackerName] = Field(
         default_factory=list,

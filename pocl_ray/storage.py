@@ -229,6 +229,16 @@ def copy_folder(source: str | Path, destination: str | Path, setting: str = "pat
         raise _describe(err, str(destination if is_uri(destination) else source), setting) from None
 
 
+def download(path: str | Path, local_dir: str | Path, setting: str = "path") -> Path:
+    """The file or the folder at path copied into local_dir under its own name; returns the local copy."""
+    target = Path(local_dir) / str(path).rstrip("/").rsplit("/", 1)[-1]
+    if is_dir(path, setting):
+        copy_folder(path, target, setting)
+    else:
+        upload_file(path, target, setting)
+    return target
+
+
 def check_readable(path: str | Path, setting: str) -> None:
     """Before any Ray work: path exists and this process may read it, or an error naming `setting`,
     the path and what to fix (StorageError; FileNotFoundError when the store answers "no such object")."""

@@ -5,6 +5,11 @@
 - `pipeline.sft_teacher`: models.teacher (prepared or given) is fine-tuned on data.train, as the
   paper's teacher is, into OUTPUT/teacher_sft/model, which then replaces models.teacher.
 
+With output.dir in object storage both work there too: the stand-in is built in a local temporary folder
+and uploaded, the runs write their scores, checkpoints and trained folder to the bucket, and the teacher
+(OUTPUT/teacher_prep/model or OUTPUT/teacher_sft/model) replaces models.teacher as a URI, which every node
+copies into its own cache (model_source).
+
 Both train with the same scoring and training steps the distillation uses (a length-only scoring
 pass, then Ray Train on the `sft` plan: one stage, CE only), each as a resumable pipeline step: skipped when
 done for the same settings, resumed from its last checkpoint when interrupted.
@@ -13,8 +18,10 @@ done for the same settings, resumed from its last checkpoint when interrupted.
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 
+from pocl_ray import storage
 from pocl_ray.config import ConfigError, RunConfig, TeacherPrepConfig, is_uri
 from pocl_ray.conversations import parse
 from pocl_ray.data import build_prompt, pinned_row_form, read_table, records_of
@@ -66,26 +73,29 @@ def build_stand_in(cfg: RunConfig, prep: TeacherPrepConfig, save_dir: Path) -> N
     )
 
 
-def prepare_teacher(cfg: RunConfig, prep: TeacherPrepConfig, work_dir: Path) -> None:
-    """Build a tiny teacher from scratch (`build_stand_in`) and train it on the references (SFT) with the
-    same scoring and training steps the distillation uses; save it at models.teacher."""
-    init_dir = work_dir / "init"
-    build_stand_in(cfg, prep, init_dir)
+def prepare_teacher(cfg: RunConfig, prep: TeacherPrepConfig, work_dir: str | Path, target: str | Path) -> None:
+    """Build a tiny teacher from scratch (`build_stand_in`, in a temporary folder, then copied to
+    work_dir/init, where every worker reads it) and train it on the references (SFT) with the same scoring
+    and training steps the distillation uses; save it at target."""
+    init_dir = storage.join(work_dir, "init")
+    with tempfile.TemporaryDirectory(prefix="pocl-teacher-") as tmp:
+        build_stand_in(cfg, prep, Path(tmp))
+        storage.copy_folder(tmp, init_dir, "output.dir")
     trained = _sft_run(
         cfg,
-        str(init_dir),
+        init_dir,
         work_dir,
         {
-            "models.tokenizer": str(init_dir),
+            "models.tokenizer": init_dir,
             "curriculum.steps_per_stage": prep.steps,
             "training.lr": prep.lr,
             "training.min_lr": prep.lr / 100,
         },
     )
-    _copy_into_place(trained, Path(cfg.models.teacher))
+    _copy_into_place(trained, target)
 
 
-def _sft_run(cfg: RunConfig, model: str, work_dir: Path, overrides: dict) -> Path:
+def _sft_run(cfg: RunConfig, model: str, work_dir: str | Path, overrides: dict) -> str | Path:
     """Train `model` on the references alone (the sft plan) in work_dir; returns the trained folder.
 
     The model is both the trained "student" and the run's teacher (only its dev KD loss reads it).
@@ -110,47 +120,44 @@ def _sft_run(cfg: RunConfig, model: str, work_dir: Path, overrides: dict) -> Pat
         }
     )
     score_dataset(sft)
-    return Path(train(sft).student_dir)  # work_dir is local (_local_root)
+    return train(sft).student_dir  # under work_dir: a local folder, or a URI when output.dir is one
 
 
-def _copy_into_place(source: Path, target: Path) -> None:
-    """A model folder copied to target whole or not at all (a crash leaves no half-written teacher)."""
-    tmp = target.with_name(target.name + ".partial")
+def _copy_into_place(source: str | Path, target: str | Path) -> None:
+    """A model folder copied to target whole or not at all: locally through a folder renamed at the end
+    (a crash leaves no half-written teacher); in object storage, which has no rename, the pipeline step's
+    marker, written once the copy is done, is what says the teacher is whole."""
+    if is_uri(target):
+        storage.remove_tree(target, "output.dir")
+        storage.copy_folder(source, target, "output.dir")
+        return
+    tmp = Path(target).with_name(Path(target).name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp)
     tmp.rename(target)
 
 
-def _local_root(root: str | Path, setting: str) -> Path:
-    """The output folder a teacher is built or fine-tuned in: local only (its trained folder becomes
-    models.teacher, read by path); an output.dir in object storage is refused naming `setting`."""
-    if is_uri(root):
-        raise ConfigError(
-            f"{setting}: builds the teacher under output.dir, which must then be a local folder (got {root}); "
-            "build or fine-tune the teacher with a local output.dir, then point models.teacher at it (a folder, "
-            "a Hub id or a URI)"
-        )
-    return Path(root)
-
-
-def ensure_teacher(cfg: RunConfig, root: str | Path, min_cpus: int = 4) -> None:
-    """Build the stand-in teacher (pipeline.prepare_teacher) when models.teacher is missing."""
+def ensure_teacher(cfg: RunConfig, root: str | Path, min_cpus: int = 4) -> RunConfig:
+    """Build the stand-in teacher (pipeline.prepare_teacher) when models.teacher is missing: at
+    models.teacher, or with output.dir in object storage at OUTPUT/teacher_prep/model, which then replaces
+    models.teacher in the config returned."""
     prep = cfg.pipeline.prepare_teacher
     if has_model_files(cfg.models.teacher) or (prep is None and not Path(cfg.models.teacher).is_absolute()):
-        return  # there, or maybe a Hub id or a URI: the preflight resolves it (or says it is missing)
+        return cfg  # there, or maybe a Hub id or a URI: the preflight resolves it (or says it is missing)
     if prep is None:
         raise FileNotFoundError(
             f"models.teacher: {cfg.models.teacher} does not exist (set pipeline.prepare_teacher to build one)"
         )
-
-    root = _local_root(root, "pipeline.prepare_teacher")
+    work_dir = storage.join(root, "teacher_prep")
+    target = storage.join(work_dir, "model") if is_uri(root) else cfg.models.teacher
 
     def build() -> None:
         init_ray(min_cpus=min_cpus)
-        prepare_teacher(cfg, prep, root / "teacher_prep")
+        prepare_teacher(cfg, prep, work_dir, target)
 
     key = fingerprint(cfg, ("data",), {"prep": prep.model_dump(), "teacher": cfg.models.teacher})
-    run_pipeline_step("prepare teacher", root / "teacher_prep", key, build)
+    run_pipeline_step("prepare teacher", work_dir, key, build)
+    return cfg.with_overrides({"models.teacher": target})
 
 
 def sft_overrides(cfg: RunConfig) -> dict:
@@ -179,20 +186,22 @@ def sft_overrides(cfg: RunConfig) -> dict:
     return overrides
 
 
-def sft_teacher_config(cfg: RunConfig, root: Path) -> RunConfig:
+def sft_teacher_config(cfg: RunConfig, root: str | Path) -> RunConfig:
     """cfg with models.teacher replaced by the fine-tuned teacher (pipeline.sft_teacher cleared: that
     teacher is the fine-tuned one). A student cut from the teacher (models.student unset) is cut
     from the fine-tuned one; tokenizer: the given one, else the fine-tuned folder's copy."""
-    return cfg.with_overrides({"models.teacher": str(root / "teacher_sft" / "model"), "pipeline.sft_teacher": None})
+    return cfg.with_overrides(
+        {"models.teacher": storage.join(root, "teacher_sft", "model"), "pipeline.sft_teacher": None}
+    )
 
 
-def finetune_teacher(cfg: RunConfig, root: Path) -> Path:
+def finetune_teacher(cfg: RunConfig, root: str | Path) -> str:
     """Fine-tune models.teacher on the references of data.train (pipeline.sft_teacher) into
-    root/teacher_sft/model; returns that folder."""
-    work_dir = root / "teacher_sft"
+    root/teacher_sft/model (a URI when root is one); returns that folder."""
+    work_dir = storage.join(root, "teacher_sft")
     trained = _sft_run(cfg, cfg.models.teacher, work_dir, sft_overrides(cfg))
-    target = work_dir / "model"
-    shutil.rmtree(target, ignore_errors=True)
+    target = storage.join(work_dir, "model")
+    storage.remove_tree(target, "output.dir")
     _copy_into_place(trained, target)
     return target
 
@@ -201,11 +210,10 @@ def resolve_teacher(cfg: RunConfig, root: str | Path, min_cpus: int = 4) -> RunC
     """The config every later step uses: the teacher built when missing (pipeline.prepare_teacher),
     then fine-tuned when pipeline.sft_teacher asks (a resumable pipeline step keyed by the fine-tuning's
     data, teacher and settings, and the stand-in's settings, which change the teacher it starts from)."""
-    ensure_teacher(cfg, root, min_cpus=min_cpus)
+    cfg = ensure_teacher(cfg, root, min_cpus=min_cpus)
     sft = cfg.pipeline.sft_teacher
     if sft is None:
         return cfg
-    root = _local_root(root, "pipeline.sft_teacher")
     prep = cfg.pipeline.prepare_teacher
     # Not the student's settings (curriculum, kd, eval, models.student): changing them keeps the teacher.
     key = fingerprint(
@@ -224,5 +232,5 @@ def resolve_teacher(cfg: RunConfig, root: str | Path, min_cpus: int = 4) -> RunC
         init_ray(min_cpus=min_cpus)
         finetune_teacher(cfg, root)
 
-    run_pipeline_step("teacher fine-tuning", root / "teacher_sft", key, finetune)
+    run_pipeline_step("teacher fine-tuning", storage.join(root, "teacher_sft"), key, finetune)
     return sft_teacher_config(cfg, root)

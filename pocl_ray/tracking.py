@@ -28,7 +28,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
 import socket
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from pocl_ray import storage
 from pocl_ray.config import ConfigError, RunConfig, is_uri
 
 if TYPE_CHECKING:  # Ray only where a sweep makes its callbacks
@@ -53,14 +56,11 @@ MLFLOW_BATCH = 100  # params (MLflow's limit per log_batch; metrics allow 1000)
 MLFLOW_PARAM_CHARS = 6000  # MLflow's longest param value
 
 
-def check_trackers(cfg: RunConfig) -> None:
+def check_trackers(cfg: RunConfig, env: Mapping[str, str] = os.environ) -> None:
     """A ConfigError naming the extra to install for each tracker in output.trackers whose library is missing,
-    or when output.dir is in object storage (the trackers log the run's files as artifacts from a local folder)."""
-    if cfg.output.trackers and is_uri(cfg.output.dir):
-        raise ConfigError(
-            f"output.trackers: {cfg.output.trackers} need a local output.dir for now (got {cfg.output.dir}): "
-            "they log the step files and the report from a local folder; drop the trackers or write locally"
-        )
+    or, when output.dir is in object storage, the setting of a tracker whose default store would be there."""
+    if is_uri(cfg.output.dir):
+        settings(cfg, env)
     missing = [t for t in cfg.output.trackers if importlib.util.find_spec(EXTRAS[t]) is None]
     if missing:
         raise ConfigError(
@@ -71,29 +71,42 @@ def check_trackers(cfg: RunConfig) -> None:
 
 def settings(cfg: RunConfig, env: Mapping[str, str] = os.environ) -> dict[str, dict]:
     """Each configured tracker's settings: the config's value, else the tool's own environment
-    variable, else the default beside the run's outputs. Resolved once, on the driver: Ray workers
-    need not share the driver's environment."""
-    out = Path(cfg.output.dir).resolve()
+    variable, else the default beside the run's outputs (`_beside`). Resolved once, on the driver: Ray
+    workers need not share the driver's environment."""
     resolved: dict[str, dict] = {}
     for tracker in cfg.output.trackers:
         if tracker == "mlflow":
             m = cfg.output.mlflow
+            tracking_uri = m.tracking_uri or env.get("MLFLOW_TRACKING_URI")
             resolved[tracker] = {
-                "tracking_uri": m.tracking_uri or env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}",
+                "tracking_uri": tracking_uri or f"sqlite:///{_beside(cfg, 'mlflow.db', 'output.mlflow.tracking_uri')}",
                 "experiment": m.experiment or env.get("MLFLOW_EXPERIMENT_NAME") or cfg.name,
             }
         elif tracker == "tensorboard":
             log_dir = cfg.output.tensorboard.log_dir
-            resolved[tracker] = {"log_dir": str(Path(log_dir).resolve() if log_dir else out / "tensorboard")}
+            default = _beside(cfg, "tensorboard", "output.tensorboard.log_dir") if not log_dir else None
+            resolved[tracker] = {"log_dir": str(Path(log_dir).resolve() if log_dir else default)}
         else:
             w = cfg.output.wandb
             resolved[tracker] = {
                 "project": w.project or env.get("WANDB_PROJECT") or "pocl-ray",
                 "entity": w.entity or env.get("WANDB_ENTITY"),
                 "mode": w.mode or env.get("WANDB_MODE") or "online",
-                "dir": str(Path(w.dir or env.get("WANDB_DIR") or out).resolve()),
+                "dir": str(Path(w.dir or env.get("WANDB_DIR") or _beside(cfg, "", "output.wandb.dir")).resolve()),
             }
     return resolved
+
+
+def _beside(cfg: RunConfig, name: str, setting: str) -> Path:
+    """OUTPUT/name: a tracker's default store beside a local output.dir. An output.dir in object storage
+    cannot hold it (a database, event files appended to): a ConfigError naming the setting to give."""
+    if is_uri(cfg.output.dir):
+        raise ConfigError(
+            f"{setting}: not set, and its default lies beside the outputs, in output.dir ({cfg.output.dir}), "
+            "which is in object storage; set a local folder"
+            + (" or a server's URI (or $MLFLOW_TRACKING_URI)" if "mlflow" in setting else "")
+        )
+    return Path(cfg.output.dir).resolve() / name
 
 
 def _reachable(uri: str) -> None:
@@ -351,9 +364,19 @@ class Run:
             self._each("metrics", dict(values), step)
 
     def artifacts(self, path: str | Path, folder: str) -> None:
-        """A file or a folder (with everything under it), kept under `folder`."""
-        if Path(path).exists():
+        """A file or a folder (with everything under it), kept under `folder`. One in object storage is
+        downloaded to a temporary folder first, removed once every tracker has logged it. The steps log
+        files they have written: nothing at path is an error (FileNotFoundError naming it)."""
+        if self.pool is None:
+            return
+        if not storage.exists(path, "output.dir"):
+            raise FileNotFoundError(f"tracker artifact ({folder}): nothing at {path}")
+        if not is_uri(path):
             self._each("artifacts", Path(path), folder)
+            return
+        local = tempfile.mkdtemp(prefix="pocl-artifact-")
+        self._each("artifacts", storage.download(path, local, "output.dir"), folder)
+        self.pool.submit(shutil.rmtree, local, True)  # after those calls: the pool runs them in order
 
     def child(self, name: str, kind: str) -> dict:
         """A child run's handle (its MLflow run is created now; waits for the calls queued before)."""

@@ -48,8 +48,8 @@ run again; a changed config clears DIR/tune and starts over (pipeline_steps.run_
 
 DIR may be a bucket (s3://, gs://, abfs://): the Tune experiment's storage_path is DIR/tune/sweep
 there (through storage.py's filesystem), the trials' runs, ended.jsonl, results.csv, objective.png and
-best.yaml are written there, and an interrupted sweep is restored from it. output.trackers and the
-teacher's preparation or fine-tuning need a local DIR (tracking, teacher_prep).
+best.yaml are written there, and an interrupted sweep is restored from it; so is the teacher prepared or
+fine-tuned (teacher_prep). The trackers' default stores need a local DIR, else their settings (tracking).
 """
 
 from __future__ import annotations
@@ -691,7 +691,7 @@ def _tune(cfg: RunConfig, sweep: tracking.Run) -> TuneResult:
     best = best_trial(frame, cfg.tune.objective)
     sweep.metrics({f"best/{cfg.tune.objective}": float(best["objective"])}, 0)
     for name in ("results.csv", "best.yaml", "objective.png"):
-        sweep.artifacts(storage.join(tune_dir, name), "tune")  # trackers need a local output.dir (tracking)
+        sweep.artifacts(storage.join(tune_dir, name), "tune")
     return TuneResult(
         output_dir=storage.as_path(tune_dir),
         results_csv=storage.as_path(csv),

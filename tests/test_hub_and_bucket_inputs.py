@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,7 +23,7 @@ from pathlib import Path
 import pyarrow.dataset as pds
 import pytest
 import yaml
-from conftest import local_ray, put_in_hub_cache
+from conftest import put_in_hub_cache
 from training_helpers import read_metrics, run_config, train_worker_pids, write_scores
 
 from pocl_ray import storage
@@ -107,24 +109,28 @@ def test_missing_data_in_a_bucket_fails_before_ray_naming_the_setting(s3, tiny_a
 @pytest.mark.parametrize(
     ("command", "extra", "expected"),
     [
-        ("run", {"output": {"trackers": ["mlflow"]}}, "output.trackers: ['mlflow'] need a local output.dir"),
-        ("run", {"pipeline": {"sft_teacher": {}}}, "pipeline.sft_teacher: builds the teacher under output.dir"),
+        ("run", {"output": {"trackers": ["mlflow"]}}, "output.mlflow.tracking_uri: not set, and its default lies"),
         (
-            "run",
-            {"pipeline": {"prepare_teacher": {}}, "models": {"teacher": "/nonexistent/teacher"}},
-            "pipeline.prepare_teacher: builds the teacher under output.dir",
+            "tune",
+            {
+                "output": {"trackers": ["tensorboard"]},
+                "tune": {"search_space": {"training.lr": {"type": "grid", "values": [1e-3, 2e-3]}}},
+            },
+            "output.tensorboard.log_dir: not set, and its default",
         ),
         ("run", {"output": {"dir": "s3://pocl-no-such-bucket/run"}}, "output.dir: s3://pocl-no-such-bucket/run: the"),
     ],
 )
-def test_what_cannot_write_to_a_bucket_yet_fails_before_ray_naming_the_setting(
-    s3, tiny_assets, tmp_path, capsys, command, extra, expected
+def test_what_cannot_write_to_a_bucket_fails_before_ray_naming_the_setting(
+    s3, tiny_assets, tmp_path, capsys, monkeypatch, command, extra, expected
 ):
-    """The trackers and the teacher's preparation and fine-tuning still write local folders: with output.dir
-    in a bucket they are refused before any Ray work (a ray.init here would fail the test), naming the setting;
-    so is an output.dir in a bucket that does not exist."""
+    """A tracker whose default store lies beside the outputs (MLflow's SQLite file, TensorBoard's event files),
+    with output.dir in a bucket and no location of its own, is refused before any Ray work (a ray.init here
+    would fail the test), naming the setting to give; so is an output.dir in a bucket that does not exist."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run = f"{s3.bucket()}/run"
     config = _score_config(tiny_assets, run, tiny_assets.train_path, teacher=str(tiny_assets.teacher_dir))
+    config["data"]["dev"] = str(tiny_assets.dev_path)  # the sweep's objective is measured on it
     for section, values in extra.items():
         config[section] = {**config.get(section, {}), **values}
     path = tmp_path / "cfg.yaml"
@@ -137,12 +143,34 @@ def test_what_cannot_write_to_a_bucket_yet_fails_before_ray_naming_the_setting(
 # -- Through the stages ----------------------------------------------------------------------------
 
 
+# The module's cluster: 2 nodes of NODE_CPUS; a training worker of TRAIN_CPUS has a node to itself.
+NODE_CPUS = 4
+TRAIN_CPUS = 3
+
+
 @pytest.fixture(scope="module")
 def hub_ray(s3, hf_home):
-    """Ray started with the offline Hub cache (and the bucket's endpoint, from `s3`) in its environment."""
+    """A local Ray cluster of 2 nodes (ray.cluster_utils.Cluster), the second with a temp dir of its own (so
+    its own session logs, and no folder shared with the head's, Ray's default), started with the offline Hub
+    cache (and the bucket's endpoint, from `s3`) in its environment. OMP_NUM_THREADS=1: a worker given
+    TRAIN_CPUS would otherwise run that many torch threads on this machine's 2 cores."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    assert not ray.is_initialized(), "this module starts its own 2-node cluster; a Ray session is still running"
+    node_temp = tempfile.mkdtemp(prefix="rn")  # short: Ray's socket paths are under it
     with pytest.MonkeyPatch.context() as mp:
         _offline(mp, hf_home)
-        yield from local_ray(include_dashboard=False)
+        mp.setenv("OMP_NUM_THREADS", "1")
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": NODE_CPUS, "include_dashboard": False})
+        try:
+            cluster.add_node(num_cpus=NODE_CPUS, temp_dir=node_temp)
+            ray.init(address=cluster.address)
+            yield cluster
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+            shutil.rmtree(node_temp, ignore_errors=True)
 
 
 @pytest.mark.ray
@@ -360,11 +388,14 @@ def test_a_run_with_data_output_and_checkpoints_in_a_bucket_leaves_nothing_local
     hub_ray, s3, tiny_assets, tmp_path, tmp_path_factory, monkeypatch, capfd
 ):
     """`pocl-ray run` (score -> train -> eval -> report) with data, eval set, output.dir and so the
-    checkpoints in a bucket and the teacher by Hub id: the bucket holds the scores, the train outputs
-    (plan, probe, metrics, selection, both students), the checkpoints, the evaluation and the report, and
-    no run file was written to local disk (the working directory, the test's temporary folders). With fake
-    AWS credentials (and a fake HF_TOKEN for the driver) in the environment, no object in the bucket and
-    no line of the printed log or of Ray's session logs holds one of them."""
+    checkpoints in a bucket and the teacher by Hub id, fine-tuned first (pipeline.sft_teacher), on the module's
+    2-node cluster whose nodes share no folder, with one training worker on each node (each asks for more than
+    half a node's CPUs; each node's session logs show a Ray Train worker): the bucket holds the fine-tuned
+    teacher, which the later stages load from it by URI, the scores, the train outputs (plan, probe, metrics,
+    selection, both students), the checkpoints, the evaluation and the report, and no run file was written
+    to local disk (the working directory, the test's temporary folders, either node's temp dir).
+    With fake AWS credentials (and a fake HF_TOKEN for the driver) in the environment, no object in the
+    bucket and no line of the printed log or of either node's Ray session logs holds one of them."""
     from conftest import FAKE_AWS_KEY_ID, FAKE_AWS_SECRET
 
     from pocl_ray.config import load_config
@@ -381,14 +412,24 @@ def test_a_run_with_data_output_and_checkpoints_in_a_bucket_leaves_nothing_local
         **_score_config(tiny_assets, run, f"{bucket}/data/train.jsonl"),
         "name": "all-in-a-bucket",
         "curriculum": {"plan": "pocl", "num_buckets": 2, "steps_per_stage": 1},
-        "training": {"num_workers": 1, "global_batch_size": 16, "micro_batch_size": 16, "checkpoint_every": 100},
+        "training": {
+            "num_workers": 2,
+            "cpus_per_worker": TRAIN_CPUS,
+            "global_batch_size": 16,
+            "micro_batch_size": 8,
+            "checkpoint_every": 100,
+        },
         "eval": {
             "sets": [{"name": "test", "path": f"{bucket}/data/test.jsonl"}],
             "seeds": [10],
             "max_new_tokens": 8,
             "batch_size": 8,
         },
-        "pipeline": {"compare": {"pocl": {"curriculum.plan": "pocl"}}, "evaluate_teacher": False},
+        "pipeline": {
+            "compare": {"pocl": {"curriculum.plan": "pocl"}},
+            "evaluate_teacher": False,
+            "sft_teacher": {"steps": 1, "lr": 1e-3},
+        },
         "output": {"dir": run, "bucket_probe_rows": 2},
     }
     config["data"]["dev"] = f"{bucket}/data/dev.jsonl"
@@ -416,6 +457,8 @@ def test_a_run_with_data_output_and_checkpoints_in_a_bucket_leaves_nothing_local
     }
     expected |= {f"{pocl}/eval/{f}" for f in (".stage.json", "results.json", "results.md", "generations.jsonl")}
     expected |= {"report/report.md", "report/schedule.png", "report/difficulty.png", "report/rouge.png"}
+    expected |= {"teacher_sft/.stage.json", "teacher_sft/train/plan.json", "teacher_sft/model/config.json"}
+    expected |= {"teacher_sft/model/model.safetensors"}
     assert expected <= names, sorted(expected - names)
     assert any(n.startswith("scores/rows/") and n.endswith(".parquet") for n in names)
     checkpoints = [n for n in names if n.startswith(f"{pocl}/train/checkpoints/all-in-a-bucket/")]
@@ -429,19 +472,30 @@ def test_a_run_with_data_output_and_checkpoints_in_a_bucket_leaves_nothing_local
     assert results["model"]["kind"] == "uri" and results["model"]["location"] == f"{run}/{pocl}/train/student_best"
     assert results["sets"]["test"]["rows"] == 8
     report = storage.read_text(f"{run}/report/report.md")
-    assert f"org/tiny (revision {COMMIT_MAIN})" in report and "### Selection: pocl" in report
+    assert "### Selection: pocl" in report
+    # The fine-tuning started from the Hub id pinned to its commit; every later stage read the teacher it
+    # wrote to the bucket (the report naming the pinned revision: test_scoring_reads_a_bucket_...).
+    sft_plan = storage.read_json(f"{run}/teacher_sft/train/plan.json")
+    assert sft_plan["models"]["models.teacher"] == HUB_TEACHER
+    fine_tuned = storage.read_json(f"{run}/scores/manifest.json")["models"]["teacher"]
+    assert fine_tuned["kind"] == "uri" and fine_tuned["location"] == f"{run}/teacher_sft/model", fine_tuned
+    assert storage.read_json(f"{run}/{pocl}/train/plan.json")["models"]["models.teacher"] == fine_tuned
+
+    nodes = hub_ray.list_all_nodes()
+    node_logs = [sorted(p for p in (Path(n.get_session_dir_path()) / "logs").rglob("*") if p.is_file()) for n in nodes]
+    assert len(nodes) == 2 and len({n.get_temp_dir_path() for n in nodes}) == 2
+    for logs in node_logs:  # Ray marks an actor's log files with the actor's class
+        worker_logs = [p for p in logs if p.name.startswith("worker-")]
+        assert any(b":actor_name:RayTrainWorker" in p.read_bytes() for p in worker_logs), "no training worker here"
 
     assert workdir.exists() and not any(workdir.iterdir()), list(workdir.iterdir())
-    stray = _local_files_since(tmp_path_factory.getbasetemp(), started)
-    assert not stray, stray
+    for root in [tmp_path_factory.getbasetemp()] + [Path(n.get_temp_dir_path()) for n in nodes]:
+        stray = _local_files_since(root, started)
+        assert not stray, stray
 
-    import ray
-
-    session_logs = sorted(
-        p for p in (Path(ray._private.worker._global_node.get_session_dir_path()) / "logs").rglob("*")
-    )
+    session_logs = [p for logs in node_logs for p in logs]
     texts = {o: storage.read_bytes(o) for o in objects}
-    texts |= {str(p): p.read_bytes() for p in session_logs if p.is_file()}
+    texts |= {str(p): p.read_bytes() for p in session_logs}
     texts["printed log"] = (printed.out + printed.err).encode()
     # The search sees what it should: the run's own config in the bucket and the worker logs of this session.
     assert bucket.encode() in texts[f"{run}/config.yaml"] and bucket.encode() in texts["printed log"]

@@ -9,9 +9,10 @@ import jsonschema
 import pytest
 import torch
 
+from pocl_ray import storage
 from pocl_ray.config import ConfigError
 from pocl_ray.parity.config import METHODS, ParityConfig, load_parity_config, parse_parity_config
-from pocl_ray.parity.runner import run_parity
+from pocl_ray.parity.runner import run_parity, write_results
 from pocl_ray.parity.sandbox import (
     build_mlp,
     check_claims,
@@ -293,8 +294,17 @@ RESULTS_SCHEMA = {
 }
 
 
+def test_parity_output_in_a_bucket_that_does_not_exist_fails_before_ray(s3, capsys):
+    from pocl_ray.cli import main
+
+    assert main(["parity", "--output", "s3://pocl-no-such-bucket/sweep"]) == 2  # a ray.init would fail the test
+    assert "--output: s3://pocl-no-such-bucket/sweep/parity: the" in capsys.readouterr().err
+
+
 @pytest.mark.ray
-def test_short_parity_run_on_ray(ray_local, tmp_path, capsys):
+def test_short_parity_run_on_ray(ray_local, s3, tmp_path, capsys):
+    """The run's results and plot on disk; the same written to a bucket (`pocl-ray parity --output s3://...`)
+    read back the same."""
     cfg = tiny()
     results = run_parity(cfg, tmp_path)
     out = tmp_path / "parity"
@@ -315,3 +325,7 @@ def test_short_parity_run_on_ray(ray_local, tmp_path, capsys):
     assert results["runs"] == on_disk["runs"]
     printed = capsys.readouterr().out
     assert "extraction/one_shot" in printed and "extraction/progressive" in printed
+    bucket = f"{s3.bucket()}/parity"
+    assert write_results(results, bucket) == (f"{bucket}/results.json", f"{bucket}/curves.png")
+    assert json.loads(storage.read_text(f"{bucket}/results.json")) == on_disk
+    assert storage.read_bytes(f"{bucket}/curves.png")[:8] == png[:8]

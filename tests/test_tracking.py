@@ -193,6 +193,72 @@ def test_settings_take_the_config_then_the_tools_environment_then_defaults(tmp_p
     assert resolved["wandb"]["entity"] == "team"
 
 
+def test_with_output_dir_in_a_bucket_a_default_store_beside_it_is_refused_naming_the_setting(tmp_path):
+    def bucket_config(**output):
+        cfg = run_config(tmp_path, "b", ["mlflow", "tensorboard", "wandb"], **output)
+        return cfg.with_overrides({"output.dir": "s3://pocl-bucket/run"})
+
+    given = {
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'm.db'}"},
+        "tensorboard": {"log_dir": str(tmp_path / "tb")},
+        "wandb": {"dir": str(tmp_path / "wb")},
+    }
+    for setting in ("output.mlflow.tracking_uri", "output.tensorboard.log_dir", "output.wandb.dir"):
+        tool = setting.split(".")[1]
+        cfg = bucket_config(**{k: v for k, v in given.items() if k != tool})
+        with pytest.raises(ConfigError, match=rf"^{re.escape(setting)}: not set, and its default lies beside the"):
+            tracking.check_trackers(cfg, env={})
+    tracking.check_trackers(bucket_config(**given), env={})
+    # The tools' own environment variables are settings given too.
+    from_env = {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "WANDB_DIR": str(tmp_path / "wb")}
+    tracking.check_trackers(bucket_config(tensorboard=given["tensorboard"]), env=from_env)
+    assert tracking.settings(bucket_config(tensorboard=given["tensorboard"]), env=from_env)["wandb"]["dir"] == str(
+        tmp_path / "wb"
+    )
+
+
+def test_artifacts_in_a_bucket_are_logged_from_a_download_and_a_missing_one_is_an_error(s3, mlflow_uri, tmp_path):
+    """With output.dir in a bucket, the files a step logs (a folder: the report; a file: the manifest) are read
+    from the bucket into a temporary folder, logged to MLflow's store and TensorBoard's event files as a local
+    file is, and the temporary folder is removed. A path with nothing there is an error naming it, for a
+    bucket's and a local path alike (never a silent skip)."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    from pocl_ray import storage
+
+    bucket = s3.bucket()
+    report_md = "# Report\nall in a bucket\n"
+    storage.write_text(f"{bucket}/run/report/report.md", report_md)
+    storage.write_text(f"{bucket}/run/report/data.csv", "a,b\n1,2\n")
+    storage.write_json(f"{bucket}/run/scores/manifest.json", {"rows": 3})
+    cfg = run_config(
+        tmp_path, "in-bucket", ["mlflow", "tensorboard"], mlflow={"tracking_uri": mlflow_uri}
+    ).with_overrides({"output.dir": f"{bucket}/run", "output.tensorboard.log_dir": str(tmp_path / "tb")})
+    tracking.check_trackers(cfg, env={})
+    temp = Path(tempfile.gettempdir())
+    before = set(temp.glob("pocl-artifact-*"))
+    with tracking.start(cfg) as parent:
+        parent.artifacts(f"{bucket}/run/report", "report")
+        parent.artifacts(f"{bucket}/run/scores/manifest.json", "scores")
+        for missing in (f"{bucket}/run/report/none.md", tmp_path / "none.md"):
+            with pytest.raises(
+                FileNotFoundError, match=f"tracker artifact \\(x\\): nothing at {re.escape(str(missing))}"
+            ):
+                parent.artifacts(missing, "x")
+
+    client = MlflowClient(mlflow_uri)
+    run_id = parent.handle["mlflow"]["run_id"]
+    assert [a.path for a in client.list_artifacts(run_id, "report")] == ["report/data.csv", "report/report.md"]
+    assert [a.path for a in client.list_artifacts(run_id, "scores")] == ["scores/manifest.json"]
+    logged = Path(client.download_artifacts(run_id, "report/report.md", str(tmp_path / "back")))
+    assert logged.read_text() == report_md
+    tags = tensorboard_tags(tmp_path / "tb" / parent.handle["group"])
+    assert {"report/report.md/text_summary", "scores/manifest.json/text_summary"} <= set(tags["tensors"])
+    assert set(temp.glob("pocl-artifact-*")) == before, "the downloads were removed"
+
+
 def test_params_leave_credentials_out():
     params = tracked.loggable_params(
         {

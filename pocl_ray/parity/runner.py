@@ -1,5 +1,6 @@
 """The sparse-parity sandbox's Ray runner (`pocl-ray parity`): one task per teacher, one per
-(seed, method) student, at most `max_concurrent_tasks` in flight; results and plot on disk.
+(seed, method) student, at most `max_concurrent_tasks` in flight; results and plot in the output folder (a
+local one or an object-storage URI, through storage.py).
 
 The tasks run the pure sandbox of `pocl_ray.parity.sandbox`; the config is `pocl_ray.parity.config`.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import platform
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 import ray
 import torch
 
+from pocl_ray import storage
 from pocl_ray.parity.config import ParityConfig
 from pocl_ray.parity.sandbox import distill_student, format_summary, plot_curves, summarize, train_teacher
 from pocl_ray.ray_session import init_ray
@@ -39,9 +42,10 @@ def _bounded(thunks: Sequence[Callable[[], Any]], limit: int) -> list[Any]:
 
 
 def run_parity(cfg: ParityConfig, output_dir: str | Path) -> dict:
-    """Teachers, then every (seed, method) student, as Ray tasks; writes DIR/parity/{results.json, curves.png}."""
-    out = Path(output_dir) / "parity"
-    out.mkdir(parents=True, exist_ok=True)
+    """Teachers, then every (seed, method) student, as Ray tasks; writes DIR/parity/{results.json, curves.png}
+    (DIR: a local folder or a URI, checked writable before any Ray work)."""
+    out = storage.join(output_dir, "parity")
+    storage.check_writable(out, "--output")
     started = time.perf_counter()
     we_started = init_ray(cfg.num_cpus, include_dashboard=False)
     try:
@@ -89,8 +93,18 @@ def run_parity(cfg: ParityConfig, output_dir: str | Path) -> dict:
         "torch_version": torch.__version__,
         "host": platform.node(),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    plot_curves(runs, cfg.target_accuracy, results["config"], out / "curves.png")
+    results_path, plot_path = write_results(results, out)
     print(format_summary(results))
-    print(f"results: {out / 'results.json'}\nplot:    {out / 'curves.png'}")
+    print(f"results: {results_path}\nplot:    {plot_path}")
     return results
+
+
+def write_results(results: dict, out: str | Path) -> tuple[str, str]:
+    """out/results.json and out/curves.png (drawn from the results' curves in a temporary folder, then
+    copied), out a local folder or a URI; returns their paths."""
+    results_path, plot_path = storage.join(out, "results.json"), storage.join(out, "curves.png")
+    storage.write_text(results_path, json.dumps(results, indent=1), "--output")
+    with tempfile.TemporaryDirectory(prefix="pocl-parity-") as tmp:
+        drawn = plot_curves(results["curves"], results["target_accuracy"], results["config"], Path(tmp) / "curves.png")
+        storage.upload_file(drawn, plot_path, "--output")
+    return results_path, plot_path
