@@ -450,39 +450,6 @@ def eval_sets(tmp_path_factory, word_model):
     return sets, [EvalSet(name="chat", path=str(chat)), EvalSet(name="facts", path=str(facts))]
 
 
-def test_evaluate_greedy_matches_rouge_score(ray_local, tmp_path, word_model, eval_sets):
-    root, tokenizer, model = word_model
-    records, sets = eval_sets
-    cfg = _config(root, sets, tmp_path, seeds=[10, 20], temperature=0.0, batch_size=2, length_sort_batches=2)
-    result = evaluate(cfg, root, label="student")
-    assert result.results_path == tmp_path / "eval" / "student" / "results.json"
-    res = load_results(result.results_path)
-    assert res["label"] == "student" and res["model"] == str(root)
-    for name, rows in records.items():
-        expected = [100 * SCORER.score(r["output"], _greedy(model, tokenizer, r))["rougeL"].fmeasure for r in rows]
-        s = res["sets"][name]
-        assert 0 < statistics.fmean(expected) < 100
-        assert s["rougeL_per_seed"] == {"10": statistics.fmean(expected), "20": statistics.fmean(expected)}
-        assert s["rougeL_mean"] == statistics.fmean(expected) and s["rougeL_std"] == 0.0
-        assert s["rows"] == len(rows) and s["ce_mean"] > 0
-    assert (res["sets"]["chat"]["rows_rejected"], res["sets"]["facts"]["rows_rejected"]) == (3, 0)
-    assert res["average"]["rougeL_mean"] == statistics.fmean(
-        [res["sets"]["chat"]["rougeL_mean"], res["sets"]["facts"]["rougeL_mean"]]
-    )
-    generations = [json.loads(line) for line in (result.output_dir / "generations.jsonl").read_text().splitlines()]
-    assert len(generations) == 2 * (5 + 4)
-    by_id = {(g["set"], g["id"], g["seed"]): g for g in generations}
-    for r in records["chat"]:
-        g = by_id[("chat", r["id"], 20)]
-        assert g["generation"] == _greedy(model, tokenizer, r)
-        assert g["rougeL"] == 100 * SCORER.score(r["output"], g["generation"])["rougeL"].fmeasure
-    rejected = [json.loads(line) for line in (result.output_dir / "rejected.jsonl").read_text().splitlines()]
-    reasons = sorted(r["reason"].split(" ")[0] + " " + r["reason"].split(" ")[1] for r in rejected)
-    assert len(rejected) == 3 and {r["set"] for r in rejected} == {"chat"}
-    assert reasons == ["duplicate id", "empty field", "line 7:"]
-    assert f"{res['sets']['chat']['rougeL_mean']:.2f}" in (result.output_dir / "results.md").read_text()
-
-
 def test_evaluate_sampling_does_not_depend_on_batching_actors_or_ray(ray_local, tmp_path, word_model, eval_sets):
     """Two actors with one row per batch give exactly what one process gives with batches of 4."""
     root, tokenizer, model = word_model
@@ -516,21 +483,11 @@ WORD_CHAT_TEMPLATE = (
 )
 
 
-def test_evaluate_reads_conversation_sets_and_datasets_by_name(ray_local, tmp_path, word_model, monkeypatch):
-    """A ShareGPT JSONL set and a `messages` set read by datasets.load_dataset: each row's last assistant
-    turn is generated from the conversation before it and scored against it."""
-    import datasets
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
-    root, tokenizer, model = word_model
-    chat_root = tmp_path / "chat_model"
-    model.save_pretrained(chat_root)
-    tokenizer.chat_template = WORD_CHAT_TEMPLATE
-    try:
-        tokenizer.save_pretrained(chat_root)
-    finally:
-        tokenizer.chat_template = None
-    chat_tokenizer = load_tokenizer(chat_root)
+@pytest.fixture(scope="module")
+def conversation_sets(tmp_path_factory):
+    """Set "sharegpt" (ShareGPT JSONL) and set "by_name" (a `messages` folder read by datasets.load_dataset),
+    3 dialogs each, and the dialogs (the last assistant turn is the one generated and scored)."""
+    root = tmp_path_factory.mktemp("conversation_sets")
     dialogs = [
         [{"role": "user", "content": f"the {WORDS[i]}"}, {"role": "assistant", "content": f"a {WORDS[i + 1]} tree"}]
         + [{"role": "user", "content": "and the sea"}, {"role": "assistant", "content": f"old {WORDS[i + 2]} road"}][
@@ -538,7 +495,7 @@ def test_evaluate_reads_conversation_sets_and_datasets_by_name(ray_local, tmp_pa
         ]
         for i in range(6)
     ]
-    sharegpt = tmp_path / "sharegpt.jsonl"
+    sharegpt = root / "sharegpt.jsonl"
     role = {"user": "human", "assistant": "gpt"}
     sharegpt.write_text(
         "".join(
@@ -547,7 +504,7 @@ def test_evaluate_reads_conversation_sets_and_datasets_by_name(ray_local, tmp_pa
             for i, d in enumerate(dialogs[:3])
         )
     )
-    folder = tmp_path / "dialogs"
+    folder = root / "dialogs"
     (folder / "data").mkdir(parents=True)
     (folder / "data" / "test.jsonl").write_text(
         "".join(json.dumps({"id": f"m{i}", "messages": d}) + "\n" for i, d in enumerate(dialogs[3:]))
@@ -556,11 +513,79 @@ def test_evaluate_reads_conversation_sets_and_datasets_by_name(ray_local, tmp_pa
         EvalSet(name="sharegpt", path=str(sharegpt)),
         EvalSet(name="by_name", path=HFDataset(dataset=str(folder), split="test")),
     ]
-    cfg = _config(chat_root, sets[:1], tmp_path, seeds=[10], temperature=0.0).with_overrides({"eval.sets": sets})
-    res = load_results(evaluate(cfg, chat_root, label="chat").results_path)
-    assert res["sets"]["by_name"]["path"] == {"dataset": str(folder), "split": "test", "subset": None, "revision": None}
-    out = tmp_path / "eval" / "chat"
-    generations = {g["id"]: g for g in map(json.loads, (out / "generations.jsonl").read_text().splitlines())}
+    return dialogs, sets
+
+
+@pytest.fixture(scope="module")
+def greedy_eval(ray_local, tmp_path_factory, word_model, eval_sets, conversation_sets):
+    """(output dir, model folder, result) of one greedy `evaluate` of the word model, saved with
+    WORD_CHAT_TEMPLATE, on the instruction sets (`eval_sets`) and the conversation sets together: instruction
+    rows use the run's template (dolly), so the chat template changes only the conversation sets' prompts."""
+    import datasets
+
+    root = tmp_path_factory.mktemp("greedy_eval")
+    _, tokenizer, model = word_model
+    chat_root = root / "chat_model"
+    model.save_pretrained(chat_root)
+    tokenizer.chat_template = WORD_CHAT_TEMPLATE
+    try:
+        tokenizer.save_pretrained(chat_root)
+    finally:
+        tokenizer.chat_template = None
+    sets = eval_sets[1] + conversation_sets[1]
+    cfg = _config(chat_root, sets[:1], root, seeds=[10, 20], temperature=0.0, batch_size=2, length_sort_batches=2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", root / "hf_cache")
+        result = evaluate(cfg.with_overrides({"eval.sets": sets}), chat_root, label="student")
+    return root, chat_root, result
+
+
+def test_evaluate_greedy_matches_rouge_score(greedy_eval, word_model, eval_sets):
+    _, tokenizer, model = word_model
+    out, chat_root, result = greedy_eval
+    records, _ = eval_sets
+    assert result.results_path == out / "eval" / "student" / "results.json"
+    res = load_results(result.results_path)
+    assert res["label"] == "student" and res["model"] == str(chat_root)
+    for name, rows in records.items():
+        expected = [100 * SCORER.score(r["output"], _greedy(model, tokenizer, r))["rougeL"].fmeasure for r in rows]
+        s = res["sets"][name]
+        assert 0 < statistics.fmean(expected) < 100
+        assert s["rougeL_per_seed"] == {"10": statistics.fmean(expected), "20": statistics.fmean(expected)}
+        assert s["rougeL_mean"] == statistics.fmean(expected) and s["rougeL_std"] == 0.0
+        assert s["rows"] == len(rows) and s["ce_mean"] > 0
+    assert [s["rows_rejected"] for s in res["sets"].values()] == [3, 0, 0, 0]
+    assert list(res["sets"]) == ["chat", "facts", "sharegpt", "by_name"]
+    assert res["average"]["rougeL_mean"] == statistics.fmean([s["rougeL_mean"] for s in res["sets"].values()])
+    generations = [json.loads(line) for line in (result.output_dir / "generations.jsonl").read_text().splitlines()]
+    assert len(generations) == 2 * (5 + 4 + 3 + 3)
+    by_id = {(g["set"], g["id"], g["seed"]): g for g in generations}
+    for r in records["chat"]:
+        g = by_id[("chat", r["id"], 20)]
+        assert g["generation"] == _greedy(model, tokenizer, r)
+        assert g["rougeL"] == 100 * SCORER.score(r["output"], g["generation"])["rougeL"].fmeasure
+    rejected = [json.loads(line) for line in (result.output_dir / "rejected.jsonl").read_text().splitlines()]
+    reasons = sorted(r["reason"].split(" ")[0] + " " + r["reason"].split(" ")[1] for r in rejected)
+    assert len(rejected) == 3 and {r["set"] for r in rejected} == {"chat"}
+    assert reasons == ["duplicate id", "empty field", "line 7:"]
+    assert f"{res['sets']['chat']['rougeL_mean']:.2f}" in (result.output_dir / "results.md").read_text()
+
+
+def test_evaluate_reads_conversation_sets_and_datasets_by_name(greedy_eval, word_model, conversation_sets):
+    """A ShareGPT JSONL set and a `messages` set read by datasets.load_dataset: each row's last assistant
+    turn is generated from the conversation before it and scored against it."""
+    _, _, model = word_model
+    _, chat_root, result = greedy_eval
+    dialogs, _ = conversation_sets
+    chat_tokenizer = load_tokenizer(chat_root)
+    res = load_results(result.results_path)
+    folder = str(conversation_sets[1][1].path.dataset)
+    assert res["sets"]["by_name"]["path"] == {"dataset": folder, "split": "test", "subset": None, "revision": None}
+    generations = {
+        g["id"]: g
+        for g in map(json.loads, (result.output_dir / "generations.jsonl").read_text().splitlines())
+        if g["set"] in ("sharegpt", "by_name") and g["seed"] == 10
+    }
     assert sorted(generations) == ["d0", "d1", "d2", "m0", "m1", "m2"]
     for i, dialog in enumerate(dialogs):
         prompt = chat_tokenizer.apply_chat_template(dialog[:-1], tokenize=False, add_generation_prompt=True)
@@ -570,4 +595,5 @@ def test_evaluate_reads_conversation_sets_and_datasets_by_name(ray_local, tmp_pa
         g = generations[f"{'d' if i < 3 else 'm'}{i % 3}"]
         assert g["generation"] == expected
         assert g["rougeL"] == 100 * SCORER.score(dialog[-1]["content"], expected)["rougeL"].fmeasure
-    assert all(s["rows"] == 3 and s["rows_rejected"] == 0 and s["ce_mean"] > 0 for s in res["sets"].values())
+    conversations = [res["sets"][name] for name in ("sharegpt", "by_name")]
+    assert all(s["rows"] == 3 and s["rows_rejected"] == 0 and s["ce_mean"] > 0 for s in conversations)

@@ -290,15 +290,25 @@ def test_manifest_layout(scored):
     assert f"scored {m['rows_scored']} of {m['rows_in']} rows" in summary and len(summary.splitlines()) < 25
 
 
-def test_two_runs_give_identical_buckets(ray_local, scored, tiny_assets, dataset, tmp_path):
+@pytest.fixture(scope="module")
+def rescored(ray_local, scored, tiny_assets, dataset, tmp_path_factory):
+    """The same input scored again, unsorted and by an actor pool that grows from one ("auto")."""
+    cfg = _config(
+        tiny_assets,
+        tmp_path_factory.mktemp("score_b"),
+        dataset["path"],
+        scoring={"sort_output": False, "num_actors": "auto"},
+    )
+    return score_dataset(cfg)
+
+
+def test_two_runs_give_identical_buckets(scored, rescored):
     _, first = scored
-    cfg = _config(tiny_assets, tmp_path, dataset["path"], scoring={"sort_output": False})
-    second = score_dataset(cfg)
     a = _scores(first).set_index("id").sort_index()
-    b = _scores(second).set_index("id").sort_index()
+    b = _scores(rescored).set_index("id").sort_index()
     assert a[["rank", "bucket"]].equals(b[["rank", "bucket"]])
     assert a[["student_ce", "student_rougeL", "fused_score"]].equals(b[["student_ce", "student_rougeL", "fused_score"]])
-    assert second.manifest["buckets"] == first.manifest["buckets"]
+    assert rescored.manifest["buckets"] == first.manifest["buckets"]
 
 
 def test_rows_reach_the_actors_in_blocks_of_one_call(ray_local, tiny_assets, dataset, tmp_path):
@@ -312,15 +322,15 @@ def test_rows_reach_the_actors_in_blocks_of_one_call(ray_local, tiny_assets, dat
     assert sum(sizes) == dataset["rows_in"] and max(sizes) <= 8 and len(sizes) >= dataset["rows_in"] // 8
 
 
-def test_auto_actor_pool_grows_from_one_and_scores_the_same(ray_local, scored, tiny_assets, dataset, tmp_path):
+def test_auto_actor_pool_grows_from_one_and_scores_the_same(scored, rescored):
     from pocl_ray.ray_session import actor_pool
 
     auto, fixed = actor_pool("auto"), actor_pool(3)
     assert (auto.min_size, auto.max_size) == (1, float("inf")) and (fixed.min_size, fixed.max_size) == (3, 3)
-    _, first = scored
-    result = score_dataset(_config(tiny_assets, tmp_path, dataset["path"], scoring={"num_actors": "auto"}))
+    cfg, first = scored
+    assert cfg.scoring.num_actors == 1 and rescored.manifest["config"]["scoring"]["num_actors"] == "auto"
     a = _scores(first).set_index("id").sort_index()
-    b = _scores(result).set_index("id").sort_index()
+    b = _scores(rescored).set_index("id").sort_index()
     assert a[["rank", "bucket", "student_ce", "student_rougeL"]].equals(
         b[["rank", "bucket", "student_ce", "student_rougeL"]]
     )

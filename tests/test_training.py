@@ -1,8 +1,9 @@
 """Training on Ray Train: 2 CPU workers (gloo), tiny Llama teacher/student, scores written here.
 
 Ray runs are few and shared through module fixtures: one undisturbed POCL run (schedule, data,
-loss, saved student, checkpoint selection), one run killed after a checkpoint and re-run (exact
-resume, selection candidates kept), one curriculum-extraction run with on-policy rows. The loss
+loss, saved student, checkpoint selection), one run of its plan killed after a mid-epoch checkpoint and
+re-run on 2 workers (exact resume, selection candidates kept) and, from a copy, on 1 worker (the epoch
+re-dealt), one curriculum-extraction run with on-policy rows. The loss
 algebra (3 workers on an uneven split of a global batch of 16 = 1 worker on the combined batch) is
 checked with three gloo processes, without Ray.
 """
@@ -670,17 +671,32 @@ def test_three_workers_on_an_uneven_split_match_one_worker_on_the_combined_batch
 
 # -- exact resume: a run killed after a checkpoint, re-run with the same name --------------------
 
+CHECKPOINT = "step_00000010"  # stage 1 (steps 6-15) is one epoch: its 5th step is mid-epoch
+
+
+@pytest.fixture(scope="module")
+def killed(pocl_run, tmp_path_factory):
+    """(run config, time of the kill, a copy of the run's output as the kill left it): the undisturbed run's
+    plan, name and seed killed once its checkpoint at step 10 (mid-epoch) is committed. The run resumes on
+    2 workers, its copy on 1 (one killed first attempt for both)."""
+    from pocl_ray.training.driver import train
+
+    undisturbed_cfg, scores, _ = pocl_run
+    root = tmp_path_factory.mktemp("killed")
+    cfg = undisturbed_cfg.with_overrides({"output.dir": str(root / "run")})  # same name, seed and plan
+    storage = root / "run" / "train" / "checkpoints" / cfg.name
+    killed_at = kill_after_a_checkpoint(train, cfg, scores, storage, at=CHECKPOINT)
+    shutil.copytree(root / "run", root / "copy")  # for the 1-worker resume, before the 2-worker one moves on
+    return cfg, killed_at, root / "copy"
+
 
 @ray_test
 @pytest.mark.slow
-def test_killed_run_resumes_at_the_same_step_with_the_same_data(pocl_run, tiny_assets, tmp_path):
+def test_killed_run_resumes_at_the_same_step_with_the_same_data(pocl_run, killed):
     from pocl_ray.training.driver import train
 
-    undisturbed_cfg, scores, undisturbed = pocl_run
-    cfg = undisturbed_cfg.with_overrides({"output.dir": str(tmp_path / "run")})  # same name, seed and plan
-    storage = tmp_path / "run" / "train" / "checkpoints" / cfg.name
-    killed_at = kill_after_a_checkpoint(train, cfg, scores, storage)
-
+    _, scores, undisturbed = pocl_run
+    cfg, killed_at, _ = killed
     result = train(cfg, scores)  # same RunConfig name and storage: resumes from the last checkpoint
     resumed, reference = read_metrics(result.metrics_path), read_metrics(undisturbed.metrics_path)
     assert [r["step"] for r in resumed] == [r["step"] for r in reference]
@@ -691,10 +707,10 @@ def test_killed_run_resumes_at_the_same_step_with_the_same_data(pocl_run, tiny_a
         assert a["lr"] == pytest.approx(b["lr"])
     # Steps up to the checkpoint were kept from the first attempt, the rest trained after the kill.
     before = [r["step"] for r in resumed if r["time"] < killed_at]
-    assert before and before == list(range(1, len(before) + 1))
+    assert before == list(range(1, 11)), "resumed from the checkpoint at step 10"
     num_rows = pq.read_metadata(scores / "rows.parquet").num_rows
     stage_ends = np.cumsum([s.steps for s in stage_specs(plan_from_config(cfg), num_rows, 16)]).tolist()
-    assert before[-1] % cfg.training.checkpoint_every == 0 or before[-1] in stage_ends
+    assert before[-1] % cfg.training.checkpoint_every == 0 and before[-1] not in stage_ends
     assert all(r["time"] > killed_at for r in resumed[len(before) :])
     assert len(before) < len(resumed)
     assert result.steps == undisturbed.steps and result.stages_completed == 4
@@ -713,25 +729,22 @@ def test_killed_run_resumes_at_the_same_step_with_the_same_data(pocl_run, tiny_a
 
 @ray_test
 @pytest.mark.slow
-def test_a_two_worker_checkpoint_resumes_on_one_worker_and_completes_its_epoch(ray_local, tiny_assets, tmp_path):
-    """A 2-worker run killed after a mid-epoch checkpoint, re-run with training.num_workers: 1: the plan's
-    steps and schedule go on, the interrupted epoch's other rows are trained once on 1 worker (each step's
-    tokens are those of the re-dealt rows), later epochs are 1-worker epochs, and the resize is recorded."""
+def test_a_two_worker_checkpoint_resumes_on_one_worker_and_completes_its_epoch(pocl_run, killed):
+    """The 2-worker run killed after its mid-epoch checkpoint (its copy), re-run with training.num_workers: 1:
+    the plan's steps and schedule go on, the interrupted epoch's other rows are trained once on 1 worker (each
+    step's tokens are those of the re-dealt rows), later epochs are 1-worker epochs, and the resize is recorded."""
     from pocl_ray.training.driver import train
 
-    scores = write_scores(tmp_path, tiny_assets)
-    # Checkpoints every 2 steps: stage 0 has 5, so the first ones (steps 2 and 4) are mid-epoch.
-    cfg = run_config(tiny_assets, tmp_path / "run", name="shrink", **{"data.dev": None, "training.checkpoint_every": 2})
-    storage = tmp_path / "run" / "train" / "checkpoints" / cfg.name
-    killed_at = kill_after_a_checkpoint(train, cfg, scores, storage)
-
-    result = train(cfg.with_overrides({"training.num_workers": 1}), scores)  # same name: resumes on 1 worker
+    _, scores, _ = pocl_run
+    cfg, killed_at, copy = killed
+    # Same name: resumes on 1 worker.
+    result = train(cfg.with_overrides({"output.dir": str(copy), "training.num_workers": 1}), scores)
     records, [resize] = read_metrics(result.metrics_path), read_resizes(result.metrics_path)
     assert resize["kind"] == "resize" and (resize["workers_before"], resize["workers_after"]) == (2, 1)
     assert resize["cause"] == "resume" and 0 < resize["seconds"] < 300
     num_rows = pq.read_metadata(scores / "rows.parquet").num_rows
     specs = stage_specs(plan_from_config(cfg), num_rows, cfg.training.global_batch_size)
-    assert resize["stage"] == 0 and resize["step"] in (2, 4), "resumed inside stage 0's only epoch"
+    assert (resize["stage"], resize["step"]) == (1, 10), "resumed inside stage 1's only epoch"
     assert [r["step"] for r in records] == list(range(1, sum(s.steps for s in specs) + 1))
     assert [r["stage"] for r in records] == [i for i, s in enumerate(specs) for _ in range(s.steps)]
     assert all(r["time"] < killed_at for r in records[: resize["step"]])
@@ -745,8 +758,9 @@ def test_a_two_worker_checkpoint_resumes_on_one_worker_and_completes_its_epoch(r
     assert [r["lr"] for r in records] == pytest.approx(lrs)
     assert [r["temperature"] for r in records] == [s.stage.temperature for s in specs for _ in range(s.steps)]
     # The interrupted epoch as the run dealt it (the final checkpoint's coordinator state): its pool, once.
+    # Stage 1 began at step 6: 5 of its steps on 2 workers, the rest on 1.
     dealing = json.loads((Path(result.checkpoint_path) / "coordinator.json").read_text())["dealing"]
-    assert dealing == {"stage": 0, "epoch": 0, "history": [[0, 2], [resize["step"], 1]]}
+    assert dealing == {"stage": 1, "epoch": 0, "history": [[0, 2], [resize["step"] - specs[0].steps, 1]]}
     for (stage, _), ranks in rows_per_epoch(cfg, scores, [resize]).items():
         assert ranks == list(range(*specs[stage].pool_ranges[0])), stage
 
