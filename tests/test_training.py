@@ -34,7 +34,8 @@ from training_helpers import (
 from pocl_ray.config import ConfigError
 from pocl_ray.curriculum import lr_at, plan_from_config, stage_specs
 from pocl_ray.data import read_table, validate_and_tokenize
-from pocl_ray.models import load_model, load_tokenizer
+from pocl_ray.models import has_model_files, load_model, load_tokenizer
+from pocl_ray.training.worker import scratch_folder
 
 ray_test = pytest.mark.ray
 
@@ -687,6 +688,8 @@ def killed(pocl_run, tmp_path_factory):
     storage = root / "run" / "train" / "checkpoints" / cfg.name
     killed_at = kill_after_a_checkpoint(train, cfg, scores, storage, at=CHECKPOINT)
     shutil.copytree(root / "run", root / "copy")  # for the 1-worker resume, before the 2-worker one moves on
+    # The killed rank 0 left its copy of the best student on this node (stage 0's end was a candidate).
+    assert has_model_files(scratch_folder(str(root / "run" / "train"), cfg.name, 0) / "best")
     return cfg, killed_at, root / "copy"
 
 
@@ -725,6 +728,9 @@ def test_killed_run_resumes_at_the_same_step_with_the_same_data(pocl_run, killed
         assert a["dev_kd_loss"] == pytest.approx(b["dev_kd_loss"], rel=1e-3), a["step"]
         assert a["dev_rougeL"] == pytest.approx(b["dev_rougeL"], abs=1.0), a["step"]
     assert result.best_student_dir is not None and (result.best_student_dir / "config.json").is_file()
+    # The resumed workers emptied what the killed ones left on the node, and removed their own copy at the end.
+    train_dir = str(Path(cfg.output.dir).resolve() / "train")
+    assert [list(scratch_folder(train_dir, cfg.name, rank).rglob("*")) for rank in (0, 1)] == [[], []]
 
 
 @ray_test
@@ -884,13 +890,15 @@ def test_a_restarted_worker_empties_what_its_killed_predecessor_left_on_the_node
     from pocl_ray.training.worker import worker_scratch
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    first = worker_scratch("run-0123456789ab", 0)
-    other = worker_scratch("run-0123456789ab", 1)
+    first = worker_scratch("/runs/a/train", "run", 0)
+    other = worker_scratch("/runs/a/train", "run", 1)
     (first / "best").mkdir()
     (first / "best" / "model.safetensors").write_bytes(b"x" * 1024)
     (first / "step_00000010-abc").mkdir()
     (other / "step_00000010-def").mkdir()
-    again = worker_scratch("run-0123456789ab", 0)
+    again = worker_scratch("/runs/a/train", "run", 0)
     assert again == first and again.is_dir() and list(again.iterdir()) == []
     assert [p.name for p in other.iterdir()] == ["step_00000010-def"]
     assert first.parent.parent == tmp_path / "pocl-ray"
+    assert worker_scratch("/runs/b/train", "run", 0).parent != first.parent  # another output: another run
+    assert worker_scratch("/runs/a/train", "other", 0).parent != first.parent  # another name there: too

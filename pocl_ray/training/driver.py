@@ -18,7 +18,6 @@ The training read is not Ray Data: each worker reads its own rows straight from 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -437,8 +436,7 @@ def fit(cfg: RunConfig, out: str, inputs: RunInputs, callbacks: list | None, tra
             "models": to_wire(inputs.sources),
             "stage_teachers": to_wire(inputs.stage_teachers),
             "coordinator": name,
-            # The same for every attempt at this output (a resumed run's too): the workers' local folders.
-            "scratch": hashlib.sha256(out.encode()).hexdigest()[:16],
+            "train_dir": out,
             "namespace": namespace,
             "scores_path": str(inputs.scores),
             "scores_dir": str(inputs.scores_dir),

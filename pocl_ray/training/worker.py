@@ -32,6 +32,7 @@ and optimizer.pt; the final checkpoint and the best candidate also get the whole
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import math
@@ -197,12 +198,19 @@ def train_func(config: dict) -> None:
             shutil.rmtree(w.best_dir, ignore_errors=True)
 
 
-def worker_scratch(run: str, rank: int) -> Path:
-    """The local folder of `rank` on this node for the run's output (the best student's copy, checkpoints
-    being written), emptied first. A killed worker (a lost node, a preemption, a killed job) cannot delete
-    its own; the next worker of that rank on the node, in a restart or a resume, does, so a run leaves at
-    most one per rank and node instead of one copy of the student per kill."""
-    folder = Path(tempfile.gettempdir()) / "pocl-ray" / run / f"rank{rank}"
+def scratch_folder(train_dir: str, name: str, rank: int) -> Path:
+    """`rank`'s local folder on this node for the run `name` writing to `train_dir`: the same for every
+    attempt at that run (a restart's, a resume's), as its checkpoints are."""
+    run = hashlib.sha256(f"{train_dir}\n{name}".encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "pocl-ray" / run / f"rank{rank}"
+
+
+def worker_scratch(train_dir: str, name: str, rank: int) -> Path:
+    """The run's local folder of `rank` on this node (the best student's copy, checkpoints being written),
+    emptied first. A killed worker (a lost node, a preemption, a killed job) cannot delete its own; the next
+    worker of that rank on the node, in a restart or a resume, does, so a run leaves at most one per rank
+    and node instead of one copy of the student per kill."""
+    folder = scratch_folder(train_dir, name, rank)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     return folder
@@ -339,7 +347,7 @@ def setup_worker(config: dict) -> Worker:
     device = ray.train.torch.get_device()
     coord = ray.get_actor(config["coordinator"], namespace=config["namespace"])
     torch.manual_seed(cfg.training.seed)
-    scratch = worker_scratch(config["scratch"], rank)
+    scratch = worker_scratch(config["train_dir"], cfg.name, rank)
     best_dir = scratch / "best" if rank == 0 else None
     if best_dir is not None:
         best_dir.mkdir()
