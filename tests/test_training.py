@@ -34,7 +34,7 @@ from training_helpers import (
 from pocl_ray.config import ConfigError
 from pocl_ray.curriculum import lr_at, plan_from_config, stage_specs
 from pocl_ray.data import read_table, validate_and_tokenize
-from pocl_ray.models import has_model_files, load_model, load_tokenizer
+from pocl_ray.models import load_model, load_tokenizer
 from pocl_ray.training.worker import scratch_folder
 
 ray_test = pytest.mark.ray
@@ -688,8 +688,11 @@ def killed(pocl_run, tmp_path_factory):
     storage = root / "run" / "train" / "checkpoints" / cfg.name
     killed_at = kill_after_a_checkpoint(train, cfg, scores, storage, at=CHECKPOINT)
     shutil.copytree(root / "run", root / "copy")  # for the 1-worker resume, before the 2-worker one moves on
-    # The killed rank 0 left its copy of the best student on this node (stage 0's end was a candidate).
-    assert has_model_files(scratch_folder(str(root / "run" / "train"), cfg.name, 0) / "best")
+    # What a SIGKILLed worker leaves behind, whatever this kill did: the resume must clear it (below).
+    for rank in (0, 1):
+        left = scratch_folder(str((root / "run" / "train").resolve()), cfg.name, rank) / "step_00000012-x"
+        left.mkdir(parents=True, exist_ok=True)
+        (left / "model.safetensors").write_bytes(b"left by a killed worker")
     return cfg, killed_at, root / "copy"
 
 
@@ -728,7 +731,7 @@ def test_killed_run_resumes_at_the_same_step_with_the_same_data(pocl_run, killed
         assert a["dev_kd_loss"] == pytest.approx(b["dev_kd_loss"], rel=1e-3), a["step"]
         assert a["dev_rougeL"] == pytest.approx(b["dev_rougeL"], abs=1.0), a["step"]
     assert result.best_student_dir is not None and (result.best_student_dir / "config.json").is_file()
-    # The resumed workers emptied what the killed ones left on the node, and removed their own copy at the end.
+    # The resumed workers emptied what the killed ones left on the node, and removed their own best copy at the end.
     train_dir = str(Path(cfg.output.dir).resolve() / "train")
     assert [list(scratch_folder(train_dir, cfg.name, rank).rglob("*")) for rank in (0, 1)] == [[], []]
 
