@@ -48,6 +48,12 @@ from pathlib import Path
 
 import pytest
 
+# Ray Train starts a preemption watcher with every worker group: one more actor process, polling for node
+# drains (cloud preemption notices), which the tests' local clusters never get. Off for every Ray the tests
+# start (ray.init here; `ray start` heads and benchmark subprocesses inherit the environment): a minimal
+# TorchTrainer fit took 21.8 s without it against 23.3 s with it (mean of 4 fits each, alternating runs).
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
 WORDS = (
     "apple river stone cloud green quick brown fox lazy dog bright moon silver tree small house "
     "north wind cold fire blue sea old road"

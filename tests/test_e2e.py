@@ -159,8 +159,7 @@ def test_a_submission_without_the_token_is_refused(ray_head, tmp_path):
         assert "ran" not in done.stdout
     listed = subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True, text=True)
     assert listed.returncode == 0 and "no-token" not in listed.stdout and "wrong-token" not in listed.stdout
-    done = _submit(address, env, "with-token", "python", "-c", "print('ran with the token')")
-    assert done.returncode == 0 and "ran with the token" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    # The same head runs a submission that carries the token: test_job_submit_runs_the_whole_pipeline's two jobs.
 
 
 def _config(tmp_path: Path) -> dict:
