@@ -134,6 +134,7 @@ def _copy_into_place(source: str | Path, target: str | Path) -> None:
     tmp = Path(target).with_name(Path(target).name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp)
+    shutil.rmtree(target, ignore_errors=True)  # an earlier teacher there stays until the new one is whole
     tmp.rename(target)
 
 
@@ -201,7 +202,6 @@ def finetune_teacher(cfg: RunConfig, root: str | Path) -> str:
     work_dir = storage.join(root, "teacher_sft")
     trained = _sft_run(cfg, cfg.models.teacher, work_dir, sft_overrides(cfg))
     target = storage.join(work_dir, "model")
-    storage.remove_tree(target, "output.dir")
     _copy_into_place(trained, target)
     return target
 
