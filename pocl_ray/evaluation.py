@@ -465,6 +465,10 @@ def evaluate(
             )
         )
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    # Input order in, input order out: duplicate-id detection keeps the first occurrence.
+    ds.context.execution_options.preserve_order = True
+    # Read and prepared once: the progress line's total is then the materialised count, not a second pass.
+    ds = ds.materialize()
     window = ecfg.batch_size * ecfg.length_sort_batches
     with row_progress("eval", ds.count()) as counter:
         tables = _generate_and_score(ds, window, ecfg, cfg, model, tokenizer_path, counter)
