@@ -454,9 +454,12 @@ def _tune_env() -> Iterator[None]:
     config paths like every other command does, not against Tune's trial folder.
     TUNE_DISABLE_STRICT_METRIC_CHECKING=1: stage reports carry the dev KD loss only, the final
     report carries the objective too; Tune would otherwise demand every metric in every report.
+    MLFLOW_TRACKING_URI is put back too: Ray's MLflowLoggerCallback (output.trackers) calls
+    mlflow.set_tracking_uri, which exports it, and a later run in this process, or a process it
+    starts, would then log into the sweep's store instead of its own (`tracking.settings` reads it).
     """
     wanted = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
-    saved = {k: os.environ.get(k) for k in wanted}
+    saved = {k: os.environ.get(k) for k in (*wanted, "MLFLOW_TRACKING_URI")}
     os.environ.update(wanted)
     try:
         yield

@@ -469,7 +469,8 @@ def test_best_yaml_is_a_runnable_config_of_the_best_trial(grid_sweep):
 @pytest.mark.ray
 def test_asha_stops_the_clearly_worse_trial_and_rouge_picks_the_best(grid_sweep, tiny_assets, tmp_path):
     """Also logged to MLflow (the default SQLite store beside the outputs): one run per trial, through
-    Tune's own MLflowLoggerCallback, under the sweep's run."""
+    Tune's own MLflowLoggerCallback, under the sweep's run; the process's MLFLOW_TRACKING_URI is left
+    as it was."""
     from mlflow.tracking import MlflowClient
 
     from pocl_ray.tuning import tune
@@ -496,7 +497,11 @@ def test_asha_stops_the_clearly_worse_trial_and_rouge_picks_the_best(grid_sweep,
             "output.trackers": ["mlflow"],
         },
     )
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
     result = tune(cfg)
+    # Ray's MLflow callback exports the sweep's store as MLFLOW_TRACKING_URI; a later run in this
+    # process (or a job it submits) must not log there.
+    assert os.environ.get("MLFLOW_TRACKING_URI") == uri
     frame = pd.read_csv(result.results_csv).set_index("training.lr")
     good, bad = frame.loc[1e-3], frame.loc[0.5]
     assert good["status"] == "finished" and good["stages_completed"] == 2 and not good["stopped_early"]
