@@ -246,13 +246,13 @@ def test_teacher_cache(tmp_path):
 def test_scoring(tmp_path):
     out, proc = run_benchmark(
         "scoring.py",
-        *("--sizes", "8,16", "--vocab", "300", "--hidden", "32", "--layers", "1", "--heads", "2"),
+        *("--sizes", "16,32", "--vocab", "300", "--hidden", "32", "--layers", "1", "--heads", "2"),
         *("--batch-size", "4", "--max-new-tokens", "4", "--repeats", "1"),
         cwd=tmp_path,
     )
-    assert out["sizes"] == [8, 16] and out["metrics"] == ["student_ce", "student_rougeL"]
+    assert out["sizes"] == [16, 32] and out["metrics"] == ["student_ce", "student_rougeL"]
     for path in ("bare", "ray"):
-        for size in (8, 16):
+        for size in (16, 32):
             run = out[path][f"{size}_rows"]
             # Both are printed to 2 decimals: rows_per_s is size over the seconds within those roundings
             # (which exceed 2 % on a slow machine's 0.16 rows/s, or on a fast bare loop's 0.1 s).
@@ -260,8 +260,8 @@ def test_scoring(tmp_path):
             slowest, fastest = size / (run["seconds"] + 0.005), size / (run["seconds"] - 0.005)
             assert slowest - 0.005 <= run["rows_per_s"] <= fastest + 0.005, (size, run)
         assert "fixed_seconds" in out[path] and "rows_per_s_marginal" in out[path]  # None when the fit fails
-    assert set(out["ratio_end_to_end"]) == {"8", "16"} and min(out["ratio_end_to_end"].values()) > 0
-    assert "[score] 16/16 rows (100%)" in proc.stdout
+    assert set(out["ratio_end_to_end"]) == {"16", "32"} and min(out["ratio_end_to_end"].values()) > 0
+    assert "[score] 32/32 rows (100%)" in proc.stdout
 
 
 @pytest.mark.ray

@@ -292,10 +292,6 @@ def test_a_killed_worker_resumes_from_its_checkpoint_in_a_bucket(hub_ray, s3, ti
         name="bucket-resume",
         **{
             "curriculum.num_buckets": 2,
-            # 8 steps, a checkpoint every 2: the run outlives the kill after its first checkpoint by 3
-            # more (an epoch of the 300 rows per stage, 29 steps and 14 uploads, proved no more)
-            "curriculum.epochs_per_stage": None,
-            "curriculum.steps_per_stage": 4,
             "data.dev": None,
             "training.checkpoint_every": 2,
             "training.max_failures": 1,
