@@ -216,6 +216,7 @@ def test_training_loads_the_teacher_by_hub_id_at_a_revision(hub_ray, tiny_assets
         "curriculum.steps_per_stage": 2,
         "data.dev": None,
         "models.teacher": "org/tiny",
+        "training.num_workers": 1,  # a worker's loss tells the teachers apart; a second one only costs its start
     }
     losses = {}
     for revision, commit in (("v1", COMMIT_V1), (None, COMMIT_MAIN)):
@@ -248,6 +249,7 @@ def test_training_reads_scores_and_the_cached_teacher_head_from_a_bucket(hub_ray
         "kd.teacher": "cached",
         "scoring.teacher_hidden": True,
         "training.checkpoint_every": 100,
+        "training.num_workers": 1,  # one worker's reads show where the rows and the head came from
     }
     steps = {}
     for name, scores in (("bucket", f"{bucket}/scores"), ("local", local)):
