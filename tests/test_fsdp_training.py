@@ -5,8 +5,8 @@ selection): the plan under ddp (the reference) and, under fsdp (student and teac
 killed after its mid-stage checkpoint (step 10), re-run from its sharded checkpoint on 2 workers and, from
 a copy of it, on 1 worker. The killed and re-run fsdp run is the one compared with the ddp run: its steps
 1-10 (first attempt) and 11-20 (after the resume) must each be the ddp run's, so it checks fsdp = ddp and
-the exact resume at once (an undisturbed fsdp run beside it was one more Ray Train run). The step-level algebra (one sharded step = one unsharded step) is tests/test_sharding.py's,
-without Ray.
+the exact resume at once (an undisturbed fsdp run beside it was one more Ray Train run). The step-level
+algebra (one sharded step = one unsharded step) is tests/test_sharding.py's, without Ray.
 """
 
 from __future__ import annotations
