@@ -38,47 +38,29 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 START_TIMEOUT_S = 10
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """One Ray cluster for the module (its start and shutdown cost seconds a test): a 1-CPU head and
-    1-CPU worker nodes."""
+@pytest.fixture
+def two_node_cluster(monkeypatch):
     import ray
     from ray.cluster_utils import Cluster
 
     if ray.is_initialized():
         pytest.skip("needs its own Ray cluster; a Ray session is already running in this process")
-    with pytest.MonkeyPatch.context() as mp:
-        # Read by the controller, which takes it from the driver's environment (this process).
-        mp.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(START_TIMEOUT_S))
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-        ray.init(address=cluster.address)
-        try:
-            yield cluster
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
-
-
-@pytest.fixture
-def two_node_cluster(cluster):
-    """The module's cluster with exactly one worker node besides the head (a test before may have
-    removed its node and added another, or, failing, not)."""
-    if not cluster.worker_nodes:
-        cluster.add_node(num_cpus=1)
-    assert len(cluster.worker_nodes) == 1
-    return cluster
-
-
-def worker_node(cluster):
-    """The node of one of the two training workers (the other is on the head)."""
-    [node] = cluster.worker_nodes
-    return node
+    # Read by the controller, which takes it from the driver's environment (this process).
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(START_TIMEOUT_S))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    worker_node = cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address)
+    try:
+        yield cluster, worker_node
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def test_node_removed_mid_run_resumes_from_checkpoint(two_node_cluster, tiny_assets, tmp_path):
     from pocl_ray.training.driver import train
 
-    cluster = two_node_cluster
+    cluster, worker_node = two_node_cluster
     scores = write_scores(tmp_path, tiny_assets)
     # No dev set: the claim is the restart's steps and data, and no dev decoding slows the run down.
     cfg = run_config(tiny_assets, tmp_path / "run", name="fault", **{"training.max_failures": 3, "data.dev": None})
@@ -99,7 +81,7 @@ def test_node_removed_mid_run_resumes_from_checkpoint(two_node_cluster, tiny_ass
     assert thread.is_alive() and committed_checkpoints(storage), f"no checkpoint before the run ended: {outcome}"
 
     removed_at = time.time()
-    cluster.remove_node(worker_node(cluster))  # one of the two workers lived there
+    cluster.remove_node(worker_node)  # one of the two workers lived there
     cluster.add_node(num_cpus=1)  # the replacement capacity an autoscaler would bring
     thread.join(timeout=420)
     assert not thread.is_alive(), "the run did not finish within 7 minutes of losing a node"
@@ -150,7 +132,7 @@ def test_elastic_run_goes_on_with_one_worker_and_grows_back_to_two(two_node_clus
     the group to 2; the plan's steps are all trained, each epoch's rows once, the losses finite."""
     from pocl_ray.training.driver import train
 
-    cluster = two_node_cluster
+    cluster, worker_node = two_node_cluster
     scores = write_scores(tmp_path, tiny_assets)
     # 4 epochs per stage: steps left after the shrink for the returned node to be seen and the group grown
     # before the plan ends (~65 ms a step on 1 worker here: 1 epoch per stage finished first).
@@ -178,7 +160,7 @@ def test_elastic_run_goes_on_with_one_worker_and_grows_back_to_two(two_node_clus
         time.sleep(0.05)
     assert thread.is_alive() and committed_checkpoints(storage), f"no checkpoint before the run ended: {outcome}"
     removed_at = time.time()
-    cluster.remove_node(worker_node(cluster))  # one of the two workers lived there
+    cluster.remove_node(worker_node)  # one of the two workers lived there
     while not _resizes_so_far(metrics) and thread.is_alive() and time.time() < deadline + 120:
         time.sleep(0.1)  # until the first step on 1 worker
     assert thread.is_alive() and _resizes_so_far(metrics), f"no step on 1 worker: {outcome}"
