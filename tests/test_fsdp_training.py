@@ -1,10 +1,12 @@
 """training.strategy: fsdp in the running pipeline: Ray Train, 2 CPU workers (gloo), the tiny Llama pair.
 
 One Ray session and runs of one 20-step POCL plan (2 stages of 7 and 13 steps, dev set, checkpoint
-selection): the same plan under ddp and under fsdp (student and teacher sharded), and an fsdp run killed
-after its mid-stage checkpoint (step 10), re-run from its sharded checkpoint on 2 workers and, from a copy
-of it, on 1 worker. The step-level algebra (one sharded step = one unsharded step) is
-tests/test_sharding.py's, without Ray.
+selection): the plan under ddp (the reference) and, under fsdp (student and teacher sharded), a run
+killed after its mid-stage checkpoint (step 10), re-run from its sharded checkpoint on 2 workers and, from
+a copy of it, on 1 worker. The killed and re-run fsdp run is the one compared with the ddp run: its steps
+1-10 (first attempt) and 11-20 (after the resume) must each be the ddp run's, so it checks fsdp = ddp and
+the exact resume at once (an undisturbed fsdp run beside it was one more Ray Train run). The step-level
+algebra (one sharded step = one unsharded step) is tests/test_sharding.py's, without Ray.
 """
 
 from __future__ import annotations
@@ -41,22 +43,31 @@ SETTINGS = {
 
 
 @pytest.fixture(scope="module")
-def runs(ray_local, tiny_assets, tmp_path_factory):
-    """(scores, {strategy: (cfg, result)}) of the undisturbed ddp and fsdp runs."""
+def ddp_run(ray_local, tiny_assets, tmp_path_factory):
+    """(scores, cfg, result) of the undisturbed ddp run."""
     from pocl_ray.training.driver import train
 
-    root = tmp_path_factory.mktemp("fsdp")
+    root = tmp_path_factory.mktemp("ddp")
     scores = write_scores(root, tiny_assets, num_buckets=2)
-    results = {}
-    for strategy in ("ddp", "fsdp"):
-        cfg = run_config(tiny_assets, root / strategy, **SETTINGS, **{"training.strategy": strategy})
-        results[strategy] = (cfg, train(cfg, scores))
-    return scores, results
+    cfg = run_config(tiny_assets, root / "run", **SETTINGS, **{"training.strategy": "ddp"})
+    return scores, cfg, train(cfg, scores)
 
 
-def test_fsdp_steps_equal_ddp_steps_on_the_same_data(runs):
-    scores, results = runs
-    (_, ddp), (fsdp_cfg, fsdp) = results["ddp"], results["fsdp"]
+@pytest.fixture(scope="module")
+def fsdp_run(ddp_run, killed):
+    """(cfg, result) of the fsdp run: the killed run (`killed`) re-run on 2 workers with the same RunConfig
+    name and storage, so it resumes from its sharded step-10 checkpoint. The fsdp = ddp claims and the
+    exact-resume claims both read it."""
+    from pocl_ray.training.driver import train
+
+    scores, _, _ = ddp_run
+    cfg, _, _ = killed
+    return cfg, train(cfg, scores)
+
+
+def test_fsdp_steps_equal_ddp_steps_on_the_same_data(ddp_run, fsdp_run):
+    scores, _, ddp = ddp_run
+    fsdp_cfg, fsdp = fsdp_run
     a, b = read_metrics(ddp.metrics_path), read_metrics(fsdp.metrics_path)
     assert [r["step"] for r in b] == list(range(1, 21)) and fsdp.stages_completed == 2
     # The same rows in the same steps: every step's token counts are the plan's, under both strategies.
@@ -76,14 +87,13 @@ def test_fsdp_steps_equal_ddp_steps_on_the_same_data(runs):
         assert y["dev_rougeL"] == pytest.approx(x["dev_rougeL"], abs=1.0)
 
 
-def test_fsdp_students_are_exported_as_hugging_face_folders_equal_to_the_sharded_state(runs):
+def test_fsdp_students_are_exported_as_hugging_face_folders_equal_to_the_sharded_state(fsdp_run):
     from transformers import AutoModelForCausalLM
 
     from pocl_ray import sharded_checkpoint
     from pocl_ray.models import load_model
 
-    _, results = runs
-    _, fsdp = results["fsdp"]
+    _, fsdp = fsdp_run
     final = fsdp.checkpoint_path
     student = AutoModelForCausalLM.from_pretrained(fsdp.student_dir)
     assert (fsdp.student_dir / "tokenizer_config.json").is_file()
@@ -103,15 +113,16 @@ def test_fsdp_students_are_exported_as_hugging_face_folders_equal_to_the_sharded
 
 
 @pytest.fixture(scope="module")
-def killed(runs, tmp_path_factory):
+def killed(ddp_run, tmp_path_factory):
     """(run config, time of the kill, a copy of the run's output as the kill left it): an fsdp run of the
     plan killed once its checkpoint at step 10 is committed. Stage 1 began at step 8 with a fresh AdamW,
     so a resume from there must restore the AdamW shards as well as the student's, mid-epoch."""
     from pocl_ray.training.driver import train
 
-    scores, results = runs
+    scores, ddp_cfg, _ = ddp_run
     root = tmp_path_factory.mktemp("killed")
-    cfg = results["fsdp"][0].with_overrides({"output.dir": str(root / "run")})  # same name, seed and plan
+    # Same name, seed and plan as the ddp run.
+    cfg = ddp_cfg.with_overrides({"output.dir": str(root / "run"), "training.strategy": "fsdp"})
     storage = root / "run" / "train" / "checkpoints" / cfg.name
     killed_at = kill_after_a_checkpoint(train, cfg, scores, storage, at=CHECKPOINT)
     # Every worker wrote its shards into the one checkpoint (DCP: a file per rank and rank 0's metadata).
@@ -124,14 +135,12 @@ def killed(runs, tmp_path_factory):
 CHECKPOINT = "step_00000010"
 
 
-def test_killed_fsdp_run_resumes_from_its_sharded_checkpoint(runs, killed):
+def test_killed_fsdp_run_resumes_from_its_sharded_checkpoint(ddp_run, killed, fsdp_run):
     from pocl_ray.models import load_model
-    from pocl_ray.training.driver import train
 
-    scores, results = runs
-    cfg, killed_at, _ = killed
-    undisturbed = results["fsdp"][1]
-    result = train(cfg, scores)  # same RunConfig name and storage: resumes from the sharded checkpoint
+    _, _, undisturbed = ddp_run
+    _, killed_at, _ = killed
+    _, result = fsdp_run
     resumed, reference = read_metrics(result.metrics_path), read_metrics(undisturbed.metrics_path)
     assert [(r["step"], r["stage"], r["tokens"]) for r in resumed] == [
         (r["step"], r["stage"], r["tokens"]) for r in reference
@@ -140,7 +149,7 @@ def test_killed_fsdp_run_resumes_from_its_sharded_checkpoint(runs, killed):
     assert before == list(range(1, 11)), "resumed from the checkpoint at step 10"
     assert all(r["time"] > killed_at for r in resumed[10:])
     # Steps 11-20 trained from the restored student and AdamW shards: the same losses, gradient norms and
-    # learning rates as the undisturbed run, and the same student at the end.
+    # learning rates as the undisturbed (ddp) run, and the same student at the end.
     for a, b in zip(resumed, reference):
         for key in ("loss", "kd_loss", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a["step"])
@@ -151,7 +160,7 @@ def test_killed_fsdp_run_resumes_from_its_sharded_checkpoint(runs, killed):
         torch.testing.assert_close(finals[0][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_a_two_worker_fsdp_checkpoint_resumes_on_one_worker_and_completes_its_epoch(runs, killed, tiny_assets):
+def test_a_two_worker_fsdp_checkpoint_resumes_on_one_worker_and_completes_its_epoch(ddp_run, killed, tiny_assets):
     """The killed run's copy re-run with training.num_workers: 1: DCP re-shards the 2 workers' shards to
     one; its first step's loss is the one the checkpoint's weights give on that step's rows (computed here,
     unsharded); the rest of stage 1's only epoch is re-dealt to 1 worker, each row once; the plan goes on."""
@@ -160,7 +169,7 @@ def test_a_two_worker_fsdp_checkpoint_resumes_on_one_worker_and_completes_its_ep
     from pocl_ray.curriculum import plan_from_config, stage_specs
     from pocl_ray.training.driver import train
 
-    scores, _ = runs
+    scores, _, _ = ddp_run
     cfg, killed_at, copy = killed
     num_rows = pq.read_metadata(scores / "rows.parquet").num_rows
     specs = stage_specs(plan_from_config(cfg), num_rows, cfg.training.global_batch_size)

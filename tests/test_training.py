@@ -844,13 +844,16 @@ def test_extraction_stages_then_plateau_kd_with_on_policy_rows(ray_local, tiny_a
     )
     plan = Plan("extraction", 1, extraction.stages[:-1] + (final,))
     # An LR of 1e-30 leaves the weights unchanged, so the dev loss never improves after the final
-    # stage's first evaluation: it must stop at its third one (patience 2), stage step 6 of 50.
+    # stage's first evaluation: it must stop at its third one (patience 2), stage step 6 of 50. Its 5
+    # stage ends are selection candidates: the untrained student's dev responses run to max_length
+    # unless eval.max_new_tokens stops them, and no claim here reads their ROUGE-L.
     cfg = run_config(
         tiny_assets,
         tmp_path / "run",
         **{
             "kd.on_policy_fraction": 0.5,
             "kd.on_policy_max_new_tokens": 8,
+            "eval.max_new_tokens": 8,
             "training.eval_every": 2,
             "training.lr": 1e-30,
             "training.min_lr": 0.0,
